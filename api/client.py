@@ -1,0 +1,152 @@
+"""Python client for the rewardq HTTP API; the CLI is built on it."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+_FINISHED = ("succeeded", "failed", "cancelled")
+
+
+class ClientError(RuntimeError):
+    def __init__(self, status: int, body: Any):
+        self.status = status
+        self.body = body
+        detail = body.get("detail") if isinstance(body, dict) else body
+        super().__init__(f"HTTP {status}: {detail}")
+
+
+class Client:
+    def __init__(self, base_url: str | None = None, api_key: str | None = None, timeout: float = 120.0):
+        self.base_url = (base_url or os.environ.get("REWARDQ_API_URL") or DEFAULT_URL).rstrip("/")
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def _request(self, method: str, path: str, **kw: Any) -> Any:
+        resp = self._http.request(method, path, **kw)
+        if resp.status_code >= 400:
+            try:
+                body = resp.json()
+            except ValueError:
+                body = resp.text
+            raise ClientError(resp.status_code, body)
+        return resp.json() if resp.content else None
+
+    # -- jobs --------------------------------------------------------------------------------
+
+    def submit(
+        self,
+        items: Iterable[Mapping[str, Any]] | str | Path,
+        *,
+        model_version: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
+    ) -> str:
+        """Create a job from a list of {id?, prompt, response} dicts or a JSON Lines file; return its id."""
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        if isinstance(items, str | Path):
+            params = {"model_version": model_version} if model_version else {}
+            with open(items, "rb") as fh:
+                body = self._request("POST", "/v1/jobs", content=fh.read(), params=params,
+                                     headers={**headers, "Content-Type": "application/x-ndjson"})  # fmt: skip
+        else:
+            payload: dict[str, Any] = {"items": list(items), "metadata": metadata or {}}
+            if model_version:
+                payload["model_version"] = model_version
+            body = self._request("POST", "/v1/jobs", json=payload, headers=headers)
+        return str(body["job_id"])
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return dict(self._request("GET", f"/v1/jobs/{job_id}"))
+
+    def jobs(self, status: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        params: dict[str, Any] = {"limit": limit, **({"status": status} if status else {})}
+        return list(self._request("GET", "/v1/jobs", params=params)["jobs"])
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        return dict(self._request("POST", f"/v1/jobs/{job_id}/cancel"))
+
+    def wait(
+        self, job_id: str, progress: bool = True, poll: float = 0.5, timeout: float | None = None
+    ) -> dict[str, Any]:
+        """Poll until the job finishes (or ``timeout`` seconds pass); show a progress bar on stderr."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        bar = None
+        try:
+            while True:
+                job = self.job(job_id)
+                p = job["progress"]
+                if progress:
+                    if bar is None:
+                        from tqdm import tqdm
+
+                        bar = tqdm(total=p["total"], unit="pair", desc=f"job {job_id[:8]}", dynamic_ncols=True)
+                    bar.n = p["done"] + p["failed"]
+                    bar.set_postfix_str(job["status"])
+                    bar.refresh()
+                if job["status"] in _FINISHED:
+                    return job
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"job {job_id} still {job['status']} after {timeout}s")
+                time.sleep(poll)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def results(self, job_id: str, sort: str = "index", page: int = 1000) -> Iterator[dict[str, Any]]:
+        """Every result of a job, following the cursor page by page."""
+        cursor: str | None = None
+        while True:
+            params: dict[str, Any] = {"sort": sort, "limit": page, **({"cursor": cursor} if cursor else {})}
+            body = self._request("GET", f"/v1/jobs/{job_id}/results", params=params)
+            yield from body["results"]
+            cursor = body["next_cursor"]
+            if not cursor:
+                return
+
+    def download(self, job_id: str, path: str | Path, fmt: str = "jsonl", progress: bool = False) -> int:
+        """Stream the job's results as jsonl or csv into ``path``; return the bytes written."""
+        total = self.job(job_id)["progress"]["done"] if progress else 0
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, unit="row", desc="results", dynamic_ncols=True)
+        written = 0
+        try:
+            with self._http.stream("GET", f"/v1/jobs/{job_id}/results", params={"format": fmt}) as resp:
+                if resp.status_code >= 400:
+                    resp.read()
+                    raise ClientError(resp.status_code, json.loads(resp.text or "null"))
+                with open(path, "wb") as out:
+                    for chunk in resp.iter_bytes():
+                        out.write(chunk)
+                        written += len(chunk)
+                        if bar is not None:
+                            bar.update(chunk.count(b"\n"))
+        finally:
+            if bar is not None:
+                bar.close()
+        return written
+
+    def health(self) -> bool:
+        try:
+            return self._http.get("/healthz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False

@@ -1,0 +1,48 @@
+"""The FastAPI application factory: routers, error handlers, health."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from api.errors import ApiError, FieldError
+from api.routes import jobs
+
+
+def _field_error(err: dict[str, Any]) -> FieldError:
+    loc = [p for p in err.get("loc", ()) if p not in ("body", "query", "path", "header")]
+    index = next((p for p in loc if isinstance(p, int)), None)
+    names = [str(p) for p in loc if not isinstance(p, int)]
+    return FieldError(names[-1] if names else "body", err.get("msg", "invalid"), index)
+
+
+def create_app() -> FastAPI:
+    app = FastAPI(
+        title="rewardq",
+        version="0.1.0",
+        description="Queue-based batch scoring and retraining for reward models.",
+    )
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [_field_error(dict(e)) for e in exc.errors()]
+        first = errors[0] if errors else FieldError("body", "invalid")
+        body = {"detail": f"{first.field}: {first.message}", "errors": [e.as_dict() for e in errors]}
+        return JSONResponse(body, status_code=422)
+
+    @app.get("/healthz", tags=["ops"])
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    app.include_router(jobs.router)
+    return app
+
+
+app = create_app()

@@ -1,0 +1,244 @@
+"""/v1/jobs: create scoring jobs, follow them, cancel them, read their results."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from api.deps import SessionDep, SettingsDep, TenantDep
+from api.errors import ApiError, FieldError, invalid
+from api.parsing import JobRequest, parse_json_job, parse_ndjson_items
+from api.schemas import JobCreated, JobList, JobOut, Progress, ResultOut, ResultPage, ScoreSummary
+from storage import repository as repo
+from storage.db import get_sessionmaker
+from storage.models import Item, Job, Result
+from storage.settings import Settings
+from workers.messages import ScoreBatch, enqueue_score_batches
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+NDJSON_TYPES = (
+    "application/x-ndjson",
+    "application/jsonl",
+    "application/jsonlines",
+    "application/x-jsonlines",
+)
+_CREATE_DOC: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/JobCreate"}},
+            "application/x-ndjson": {
+                "schema": {
+                    "type": "string",
+                    "description": "one item object per line: {id?, prompt, response}",
+                }
+            },
+        },
+    }
+}
+
+
+def _job_out(job: Job, summary: dict[str, Any] | None = None) -> JobOut:
+    end = job.finished_at or datetime.now(timezone.utc)
+    elapsed = None
+    if job.started_at is not None:
+        start = job.started_at if job.started_at.tzinfo else job.started_at.replace(tzinfo=timezone.utc)
+        end = end if end.tzinfo else end.replace(tzinfo=timezone.utc)
+        elapsed = max((end - start).total_seconds(), 0.0)
+    return JobOut(
+        job_id=job.id,
+        status=job.status,
+        model_version=job.model_version,
+        progress=Progress(done=job.n_done, failed=job.n_failed, total=job.n_items,
+                          fraction=(job.n_done + job.n_failed) / job.n_items if job.n_items else 1.0),
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        elapsed_s=elapsed,
+        pairs_per_s=(job.n_done / elapsed) if elapsed else None,
+        metadata=job.meta,
+        error=job.error,
+        summary=ScoreSummary(**summary) if summary is not None else None,
+    )  # fmt: skip
+
+
+def _load_job(session: Session, job_id: str, tenant: str) -> Job:
+    job = repo.get_job(session, job_id=job_id, tenant=tenant)
+    if job is None:
+        raise ApiError(404, f"job {job_id!r} not found", [FieldError("job_id", "not found")])
+    return job
+
+
+def _create(
+    session: Session, settings: Settings, tenant: str, req: JobRequest, idem_key: str | None, body_hash: str
+) -> tuple[JobCreated, bool]:
+    if idem_key:
+        prior = repo.find_job_by_idempotency_key(session, tenant=tenant, key=idem_key)
+        if prior is not None:
+            if prior.request_hash != body_hash:
+                raise ApiError(409, "Idempotency-Key was already used with a different request body",
+                               [FieldError("Idempotency-Key", "reused with another payload")])  # fmt: skip
+            return JobCreated(job_id=prior.id, status=prior.status, n_items=prior.n_items,
+                              model_version=prior.model_version), False  # fmt: skip
+    if req.model_version is None:
+        active = repo.active_model_version(session)
+        if active is None:
+            raise ApiError(503, "no model version is registered yet: run 'rewardq db upgrade' or start a worker")
+        version = active.version
+    else:
+        if repo.get_model_version(session, version=req.model_version) is None:
+            raise invalid([FieldError("model_version", f"unknown model version {req.model_version!r}")])
+        version = req.model_version
+    job, batches = repo.create_job(
+        session, tenant=tenant, items=req.items, model_version=version, batch_size=settings.batch_size,
+        metadata=req.metadata, idempotency_key=idem_key, request_hash=body_hash,
+    )  # fmt: skip
+    try:
+        session.commit()
+    except IntegrityError:
+        # Another request with the same Idempotency-Key won the race: answer as it did.
+        session.rollback()
+        if idem_key:
+            return _create(session, settings, tenant, req, idem_key, body_hash)
+        raise
+    items = req.items
+    messages = [
+        ScoreBatch(job_id=job.id, batch_no=b.batch_no, start_idx=b.start_idx, model_version=version,
+                   prompts=[it.prompt for it in items[b.start_idx : b.end_idx]],
+                   responses=[it.response for it in items[b.start_idx : b.end_idx]])
+        for b in batches
+    ]  # fmt: skip
+    try:
+        enqueue_score_batches(messages)
+    except Exception as exc:
+        # Nothing half-created: without its messages the job could never finish.
+        session.delete(job)
+        session.commit()
+        raise ApiError(503, f"could not enqueue the job's batches (is Redis up?): {exc}") from exc
+    return JobCreated(job_id=job.id, status=job.status, n_items=job.n_items, model_version=version), True
+
+
+@router.post("", status_code=202, response_model=JobCreated, openapi_extra=_CREATE_DOC,
+             responses={422: {"model": dict}, 409: {"model": dict}, 413: {"model": dict}, 415: {"model": dict}})  # fmt: skip
+async def create_job(
+    request: Request,
+    response: Response,
+    session: SessionDep,
+    settings: SettingsDep,
+    tenant: TenantDep,
+    model_version: Annotated[str | None, Query(description="for ndjson bodies; JSON bodies carry it inline")] = None,
+    idempotency_key: Annotated[str | None, Header(max_length=256)] = None,
+) -> JobCreated:
+    """Create a scoring job from `{"items": [...]}` JSON or from an ndjson body (one item a line)."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype not in ("application/json", *NDJSON_TYPES):
+        raise ApiError(415, f"unsupported content type {ctype or '(none)'!r}; use application/json or "
+                            "application/x-ndjson", [FieldError("content-type", "unsupported")])  # fmt: skip
+    body = await request.body()
+    limits = {"max_items": settings.max_items_per_job, "max_chars": settings.max_text_chars}
+
+    def build() -> tuple[JobCreated, bool]:
+        if ctype == "application/json":
+            req = parse_json_job(body, **limits)
+        else:
+            req = JobRequest(parse_ndjson_items(body, **limits), model_version, {})
+        if ctype == "application/json" and model_version and req.model_version is None:
+            req.model_version = model_version
+        body_hash = hashlib.sha256(ctype.encode() + b"\0" + body).hexdigest()
+        return _create(session, settings, tenant, req, idempotency_key, body_hash)
+
+    created, is_new = await run_in_threadpool(build)
+    if not is_new:
+        response.status_code = 200
+    return created
+
+
+@router.get("", response_model=JobList)
+def list_jobs(
+    session: SessionDep,
+    tenant: TenantDep,
+    status: Annotated[str | None, Query(pattern="^(queued|running|succeeded|failed|cancelled)$")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+) -> JobList:
+    return JobList(jobs=[_job_out(j) for j in repo.list_jobs(session, tenant=tenant, limit=limit, status=status)])
+
+
+@router.get("/{job_id}", response_model=JobOut)
+def get_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobOut:
+    job = _load_job(session, job_id, tenant)
+    return _job_out(job, repo.score_summary(session, job_id=job.id))
+
+
+@router.post("/{job_id}/cancel", response_model=JobOut)
+def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobOut:
+    job = repo.cancel_job(session, job=_load_job(session, job_id, tenant))
+    session.commit()
+    return _job_out(job, repo.score_summary(session, job_id=job.id))
+
+
+def _row(r: Result, it: Item) -> dict[str, Any]:
+    return {"index": r.idx, "id": it.item_id, "prompt": it.prompt, "response": it.response,
+            "score": r.score, "cos": r.cos, "model_version": r.model_version}  # fmt: skip
+
+
+_CSV_FIELDS = ["index", "id", "prompt", "response", "score", "cos", "model_version"]
+
+
+def _stream(url: str, job_id: str, sort: repo.Sort, fmt: str) -> Iterator[str]:
+    # A fresh session: the request's one is closed once the response starts streaming.
+    with get_sessionmaker(url)() as session:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=_CSV_FIELDS, lineterminator="\n")
+        if fmt == "csv":
+            writer.writeheader()
+        n = 0
+        for r, it in repo.iter_results(session, job_id=job_id, sort=sort):
+            row = _row(r, it)
+            if fmt == "csv":
+                row["cos"] = json.dumps(row["cos"])
+                writer.writerow(row)
+            else:
+                buf.write(json.dumps(row, ensure_ascii=False) + "\n")
+            n += 1
+            if n % 1000 == 0:
+                yield buf.getvalue()
+                buf.seek(0)
+                buf.truncate()
+        yield buf.getvalue()
+
+
+@router.get("/{job_id}/results", response_model=ResultPage)
+def job_results(
+    job_id: str,
+    session: SessionDep,
+    settings: SettingsDep,
+    tenant: TenantDep,
+    format: Annotated[Literal["json", "jsonl", "csv"], Query()] = "json",
+    sort: Annotated[Literal["index", "score", "-score"], Query()] = "index",
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+) -> Any:
+    """Results: one cursor page as JSON, or the whole job streamed as jsonl or csv."""
+    job = _load_job(session, job_id, tenant)
+    if format != "json":
+        media = "text/csv" if format == "csv" else "application/x-ndjson"
+        headers = {"Content-Disposition": f'attachment; filename="{job.id}.{format}"'}
+        return StreamingResponse(_stream(settings.database_url, job.id, sort, format), media_type=media,
+                                 headers=headers)  # fmt: skip
+    try:
+        rows, nxt = repo.results_page(session, job_id=job.id, sort=sort, cursor=cursor, limit=limit)
+    except repo.CursorError as exc:
+        raise invalid([FieldError("cursor", str(exc))]) from exc
+    return ResultPage(job_id=job.id, results=[ResultOut(**_row(r, it)) for r, it in rows], next_cursor=nxt)

@@ -1,0 +1,295 @@
+"""Repository functions over the tables: session first, keyword-only arguments, no commits inside."""
+
+from __future__ import annotations
+
+import base64
+import math
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from storage.models import FINISHED, Batch, Item, Job, JobStatus, ModelVersion, Result, utcnow
+
+Sort = Literal["index", "score", "-score"]
+_CHUNK = 5000
+
+
+class CursorError(ValueError):
+    """A results cursor that this sort order did not produce."""
+
+
+@dataclass(frozen=True)
+class NewItem:
+    item_id: str
+    prompt: str
+    response: str
+
+
+@dataclass(frozen=True)
+class BatchRef:
+    batch_no: int
+    start_idx: int
+    end_idx: int
+
+
+# -- model versions ---------------------------------------------------------------------------
+
+
+def ensure_model_version(
+    session: Session, *, version: str, base_model: str, n_heads: int = 1, config: dict[str, Any] | None = None
+) -> ModelVersion:
+    """Register ``version`` if absent; the first version ever registered becomes active."""
+    mv = session.get(ModelVersion, version)
+    if mv is None:
+        has_active = session.scalar(select(func.count()).select_from(ModelVersion).where(ModelVersion.active))
+        mv = ModelVersion(
+            version=version,
+            base_model=base_model,
+            n_heads=n_heads,
+            config=config or {},
+            active=not has_active,
+        )
+        session.add(mv)
+        session.flush()
+    return mv
+
+
+def active_model_version(session: Session) -> ModelVersion | None:
+    return session.scalar(select(ModelVersion).where(ModelVersion.active).limit(1))
+
+
+def get_model_version(session: Session, *, version: str) -> ModelVersion | None:
+    return session.get(ModelVersion, version)
+
+
+# -- jobs ---------------------------------------------------------------------------------------
+
+
+def create_job(
+    session: Session,
+    *,
+    tenant: str,
+    items: Sequence[NewItem],
+    model_version: str,
+    batch_size: int,
+    metadata: dict[str, Any] | None = None,
+    idempotency_key: str | None = None,
+    request_hash: str | None = None,
+) -> tuple[Job, list[BatchRef]]:
+    """Insert a job, its items and its batch ledger; the caller commits, then enqueues the batches."""
+    job = Job(
+        id=uuid.uuid4().hex,
+        tenant=tenant,
+        model_version=model_version,
+        n_items=len(items),
+        meta=metadata or {},
+        idempotency_key=idempotency_key,
+        request_hash=request_hash,
+    )
+    batches = [
+        BatchRef(n, start, min(start + batch_size, len(items)))
+        for n, start in enumerate(range(0, len(items), batch_size))
+    ]
+    job.n_batches = len(batches)
+    session.add(job)
+    session.flush()
+    for lo in range(0, len(items), _CHUNK):
+        rows = [
+            {"job_id": job.id, "idx": i, "item_id": it.item_id, "prompt": it.prompt, "response": it.response}
+            for i, it in enumerate(items[lo : lo + _CHUNK], start=lo)
+        ]
+        session.execute(Item.__table__.insert(), rows)
+    batch_rows = [
+        {"job_id": job.id, "batch_no": b.batch_no, "start_idx": b.start_idx, "end_idx": b.end_idx} for b in batches
+    ]
+    for lo in range(0, len(batch_rows), _CHUNK):
+        session.execute(Batch.__table__.insert(), batch_rows[lo : lo + _CHUNK])
+    return job, batches
+
+
+def get_job(session: Session, *, job_id: str, tenant: str | None = None) -> Job | None:
+    job = session.get(Job, job_id)
+    if job is None or (tenant is not None and job.tenant != tenant):
+        return None
+    return job
+
+
+def find_job_by_idempotency_key(session: Session, *, tenant: str, key: str) -> Job | None:
+    return session.scalar(select(Job).where(Job.tenant == tenant, Job.idempotency_key == key))
+
+
+def list_jobs(session: Session, *, tenant: str | None, limit: int = 50, status: str | None = None) -> list[Job]:
+    q = select(Job).order_by(Job.created_at.desc(), Job.id).limit(limit)
+    if tenant is not None:
+        q = q.where(Job.tenant == tenant)
+    if status is not None:
+        q = q.where(Job.status == status)
+    return list(session.scalars(q))
+
+
+def batch_texts(session: Session, *, job_id: str, start_idx: int, end_idx: int) -> list[Item]:
+    q = select(Item).where(Item.job_id == job_id, Item.idx >= start_idx, Item.idx < end_idx).order_by(Item.idx)
+    return list(session.scalars(q))
+
+
+def cancel_job(session: Session, *, job: Job) -> Job:
+    if job.status not in FINISHED:
+        job.status = JobStatus.cancelled.value
+        job.finished_at = utcnow()
+    return job
+
+
+def mark_failed(session: Session, *, job_id: str, error: str) -> None:
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status.not_in(FINISHED))
+        .values(status=JobStatus.failed.value, error=error, finished_at=utcnow())
+    )
+
+
+def job_status(session: Session, *, job_id: str) -> str | None:
+    return session.scalar(select(Job.status).where(Job.id == job_id))
+
+
+def mark_running(session: Session, *, job_id: str) -> None:
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.queued.value)
+        .values(status=JobStatus.running.value, started_at=utcnow())
+    )
+
+
+def save_results(
+    session: Session,
+    *,
+    job_id: str,
+    batch_no: int,
+    start_idx: int,
+    scores: Sequence[float],
+    cos: Sequence[Sequence[float]],
+    model_version: str,
+) -> int:
+    """Upsert one batch's results and advance the job's progress in the caller's transaction.
+
+    Idempotent: a redelivered batch inserts nothing new and counts nothing twice. Returns the
+    number of rows actually inserted.
+    """
+    now = utcnow()
+    rows = [
+        {"job_id": job_id, "idx": start_idx + i, "score": s, "cos": list(c), "model_version": model_version,
+         "created_at": now}
+        for i, (s, c) in enumerate(zip(scores, cos, strict=True))
+    ]  # fmt: skip
+    dialect = session.get_bind().dialect.name
+    ins = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(Result)
+    stmt = ins.values(rows).on_conflict_do_nothing(index_elements=["job_id", "idx"]).returning(Result.idx)
+    inserted = len(session.execute(stmt).all()) if rows else 0
+    session.execute(
+        update(Batch).where(Batch.job_id == job_id, Batch.batch_no == batch_no).values(done=True, done_at=now)
+    )
+    if inserted:
+        session.execute(update(Job).where(Job.id == job_id).values(n_done=Job.n_done + inserted))
+    session.execute(
+        update(Job)
+        .where(
+            Job.id == job_id,
+            Job.status.in_((JobStatus.queued.value, JobStatus.running.value)),
+            Job.n_done + Job.n_failed >= Job.n_items,
+        )
+        .values(status=JobStatus.succeeded.value, finished_at=now, started_at=func.coalesce(Job.started_at, now))
+    )
+    return inserted
+
+
+# -- results ------------------------------------------------------------------------------------
+
+
+def score_summary(session: Session, *, job_id: str) -> dict[str, float | int | None]:
+    n, mean, mean_sq, lo, hi = session.execute(
+        select(
+            func.count(Result.idx), func.avg(Result.score), func.avg(Result.score * Result.score),
+            func.min(Result.score), func.max(Result.score),
+        ).where(Result.job_id == job_id)
+    ).one()  # fmt: skip
+    out: dict[str, float | int | None] = {
+        "count": int(n or 0),
+        "mean": mean,
+        "std": None,
+        "min": lo,
+        "max": hi,
+    }
+    if n:
+        out["std"] = math.sqrt(max(float(mean_sq) - float(mean) ** 2, 0.0))
+        # Quantiles by offset on the (job_id, score) index: no rows leave the database.
+        for name, q in (("p10", 0.1), ("p50", 0.5), ("p90", 0.9)):
+            off = min(int(q * (n - 1) + 0.5), n - 1)
+            out[name] = session.scalar(
+                select(Result.score).where(Result.job_id == job_id).order_by(Result.score).offset(off).limit(1)
+            )
+    return out
+
+
+def _encode_cursor(sort: Sort, score: float, idx: int) -> str:
+    raw = f"{idx}" if sort == "index" else f"{score!r}|{idx}"
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def _decode_cursor(sort: Sort, cursor: str) -> tuple[float, int]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        if sort == "index":
+            return 0.0, int(raw)
+        s, i = raw.split("|")
+        return float(s), int(i)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CursorError(f"cursor {cursor!r} is not valid for sort={sort}") from exc
+
+
+def results_page(
+    session: Session, *, job_id: str, sort: Sort = "index", cursor: str | None = None, limit: int = 1000
+) -> tuple[list[tuple[Result, Item]], str | None]:
+    """One keyset page of (result, item) rows and the cursor of the next page (None at the end)."""
+    q = select(Result, Item).join(Item, and_(Item.job_id == Result.job_id, Item.idx == Result.idx))
+    q = q.where(Result.job_id == job_id)
+    if sort == "index":
+        q = q.order_by(Result.idx)
+    elif sort == "score":
+        q = q.order_by(Result.score, Result.idx)
+    else:
+        q = q.order_by(Result.score.desc(), Result.idx)
+    if cursor:
+        s, i = _decode_cursor(sort, cursor)
+        if sort == "index":
+            q = q.where(Result.idx > i)
+        elif sort == "score":
+            q = q.where(or_(Result.score > s, and_(Result.score == s, Result.idx > i)))
+        else:
+            q = q.where(or_(Result.score < s, and_(Result.score == s, Result.idx > i)))
+    rows = [(r, it) for r, it in session.execute(q.limit(limit + 1)).tuples()]
+    nxt = None
+    if len(rows) > limit:
+        rows = rows[:limit]
+        last = rows[-1][0]
+        nxt = _encode_cursor(sort, last.score, last.idx)
+    return rows, nxt
+
+
+def iter_results(
+    session: Session, *, job_id: str, sort: Sort = "index", page: int = 2000
+) -> Iterator[tuple[Result, Item]]:
+    """Every result of a job in ``sort`` order, fetched page by page."""
+    cursor: str | None = None
+    while True:
+        rows, cursor = results_page(session, job_id=job_id, sort=sort, cursor=cursor, limit=page)
+        yield from rows
+        if cursor is None:
+            return
+
+
+def pending_batches(session: Session, *, job_id: str) -> Iterable[Batch]:
+    return session.scalars(select(Batch).where(Batch.job_id == job_id, Batch.done.is_(False)))

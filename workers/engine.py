@@ -1,0 +1,75 @@
+"""Batch scoring: the per-process model cache and the score-then-upsert step behind each task."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from typing import TYPE_CHECKING
+
+from storage import repository as repo
+from storage.db import session_scope
+from storage.models import FINISHED
+from storage.settings import get_settings
+from workers.messages import ScoreBatch
+from workers.registry import resolve_encoder
+
+if TYPE_CHECKING:
+    from workers.model import RewardModel
+
+log = logging.getLogger(__name__)
+
+_MAX_LOADED = 2
+_models: OrderedDict[str, RewardModel] = OrderedDict()
+_lock = threading.Lock()
+
+
+class UnknownModelVersion(LookupError):
+    pass
+
+
+def get_model(version: str) -> RewardModel:
+    """The loaded model for ``version``: loaded on first use in this process, kept in a small LRU."""
+    with _lock:
+        if version in _models:
+            _models.move_to_end(version)
+            return _models[version]
+        from workers.model import RewardModel
+
+        settings = get_settings()
+        with session_scope() as s:
+            mv = repo.get_model_version(s, version=version)
+            if mv is None:
+                raise UnknownModelVersion(version)
+            path = mv.path
+        encoder_path, _ = resolve_encoder(settings.model)
+        if path is not None:
+            raise UnknownModelVersion(f"{version}: fine-tuned versions are not loadable yet")
+        t0 = time.perf_counter()
+        model = RewardModel(version, encoder_path, max_length=settings.max_length,
+                            encode_batch_size=settings.encode_batch_size)  # fmt: skip
+        log.info("loaded model %s in %.1fs on %s", version, time.perf_counter() - t0, model.device)
+        _models[version] = model
+        while len(_models) > _MAX_LOADED:
+            _models.popitem(last=False)
+        return model
+
+
+def score_batch(msg: ScoreBatch) -> int:
+    """Score one message and upsert its results with the job's progress in one transaction.
+
+    Returns the number of new result rows (0 for a redelivered or cancelled batch).
+    """
+    with session_scope() as s:
+        status = repo.job_status(s, job_id=msg.job_id)
+        if status is None or status in FINISHED:
+            log.info("skipping batch %s/%d: job is %s", msg.job_id, msg.batch_no, status or "gone")
+            return 0
+        repo.mark_running(s, job_id=msg.job_id)
+    scores = get_model(msg.model_version).score(msg.prompts, msg.responses)
+    with session_scope() as s:
+        return repo.save_results(
+            s, job_id=msg.job_id, batch_no=msg.batch_no, start_idx=msg.start_idx,
+            scores=scores.reward, cos=scores.cos, model_version=msg.model_version,
+        )  # fmt: skip

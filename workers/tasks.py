@@ -1,0 +1,42 @@
+"""Thin Celery tasks: validate the payload, call the engine."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery.signals import worker_process_init
+from sqlalchemy.exc import OperationalError
+
+from workers import engine
+from workers.celery_app import SCORE_BATCH, app
+from workers.messages import ScoreBatch
+
+log = logging.getLogger(__name__)
+
+
+@worker_process_init.connect
+def _preload(**_: Any) -> None:
+    # Load the active model in each child after the fork, before the first batch arrives.
+    from storage import repository as repo
+    from storage.db import session_scope
+
+    try:
+        with session_scope() as s:
+            mv = repo.active_model_version(s)
+            version = mv.version if mv else None
+        if version:
+            engine.get_model(version)
+    except Exception:  # a missing DB here must not kill the worker; the first task retries
+        log.exception("could not preload the active model")
+
+
+@app.task(
+    name=SCORE_BATCH,
+    autoretry_for=(OperationalError, ConnectionError, TimeoutError),
+    retry_backoff=True,
+    retry_backoff_max=60,
+    max_retries=20,
+)
+def score_batch(payload: dict[str, Any]) -> int:
+    return engine.score_batch(ScoreBatch.model_validate(payload))
