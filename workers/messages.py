@@ -20,8 +20,8 @@ class ScoreBatch(BaseModel):
     responses: list[str]
 
 
-def enqueue_score_batches(messages: Sequence[ScoreBatch]) -> None:
-    """Publish the batches over one broker connection."""
+def enqueue_score_batches(messages: Sequence[ScoreBatch], queue: str) -> None:
+    """Publish the batches to ``queue`` over one broker connection."""
     with app.producer_or_acquire() as producer:
         for msg in messages:
-            app.send_task(SCORE_BATCH, kwargs={"payload": msg.model_dump()}, producer=producer)
+            app.send_task(SCORE_BATCH, kwargs={"payload": msg.model_dump()}, queue=queue, producer=producer)

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from api.deps import SessionDep, SettingsDep, TenantDep
 from api.errors import ApiError, FieldError, invalid
 from api.parsing import JobRequest, parse_json_job, parse_ndjson_items
-from api.schemas import JobCreated, JobList, JobOut, Progress, ResultOut, ResultPage, ScoreSummary
+from api.schemas import ErrorOut, JobCreated, JobList, JobOut, Progress, ResultOut, ResultPage, ScoreSummary
 from storage import repository as repo
 from storage.db import get_sessionmaker
 from storage.models import Item, Job, Result
@@ -121,7 +121,7 @@ def _create(
         for b in batches
     ]  # fmt: skip
     try:
-        enqueue_score_batches(messages)
+        enqueue_score_batches(messages, queue=settings.scoring_queue)
     except Exception as exc:
         # Nothing half-created: without its messages the job could never finish.
         session.delete(job)
@@ -130,8 +130,10 @@ def _create(
     return JobCreated(job_id=job.id, status=job.status, n_items=job.n_items, model_version=version), True
 
 
-@router.post("", status_code=202, response_model=JobCreated, openapi_extra=_CREATE_DOC,
-             responses={422: {"model": dict}, 409: {"model": dict}, 413: {"model": dict}, 415: {"model": dict}})  # fmt: skip
+_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorOut} for code in (409, 413, 415, 422, 503)}
+
+
+@router.post("", status_code=202, response_model=JobCreated, openapi_extra=_CREATE_DOC, responses=_ERRORS)
 async def create_job(
     request: Request,
     response: Response,

@@ -1,0 +1,131 @@
+"""Real services for the tests: Redis, PostgreSQL (a throwaway database), SQLite, worker subprocesses.
+
+Locally a missing service skips the tests that need it; under CI=true it fails them.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+# Before anything imports triton or reads settings.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+RUN_ID = uuid.uuid4().hex[:8]
+TEST_REDIS_URL = os.environ.get("REWARDQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+TEST_PG_ADMIN_URL = os.environ.get("REWARDQ_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+os.environ["REWARDQ_REDIS_URL"] = TEST_REDIS_URL
+os.environ["REWARDQ_DATABASE_URL"] = "sqlite:///:memory:"  # each test picks its own database below
+
+import pytest  # noqa: E402
+from fastapi.testclient import TestClient  # noqa: E402
+
+from api.procs import redis_answers, start_worker  # noqa: E402
+from tests.support import Stack, need  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    need(redis_answers(TEST_REDIS_URL), f"Redis at {TEST_REDIS_URL}")
+    return TEST_REDIS_URL
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for this test session, dropped at the end."""
+    import psycopg
+
+    try:
+        admin = psycopg.connect(TEST_PG_ADMIN_URL, autocommit=True, connect_timeout=3)
+    except psycopg.Error:
+        need(False, f"PostgreSQL at {TEST_PG_ADMIN_URL}")
+        raise
+    name = f"rewardq_test_{RUN_ID}"
+    admin.execute(f'CREATE DATABASE "{name}"')
+    base = TEST_PG_ADMIN_URL.rsplit("/", 1)[0]
+    try:
+        yield f"{base}/{name}".replace("postgresql://", "postgresql+psycopg://", 1)
+    finally:
+        from storage.db import get_engine
+
+        get_engine(f"{base}/{name}".replace("postgresql://", "postgresql+psycopg://", 1)).dispose()
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+def migrated(url: str) -> str:
+    from storage.migrate import upgrade
+    from workers.registry import register_base_version
+
+    upgrade(url)
+    os.environ["REWARDQ_DATABASE_URL"] = url
+    _reset_settings()
+    register_base_version()
+    return url
+
+
+def _reset_settings() -> None:
+    from storage.settings import get_settings
+
+    get_settings.cache_clear()
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A migrated database with the base model version registered, on each backend."""
+    if request.param == "sqlite":
+        return migrated(f"sqlite:///{tmp_path_factory.mktemp('sqlite') / 'rewardq.db'}")
+    return migrated(request.getfixturevalue("pg_url"))
+
+
+def make_client(db: str, queue: str, **extra: object) -> TestClient:
+    from api.main import create_app
+    from storage.settings import Settings, get_settings
+
+    settings = Settings(database_url=db, redis_url=TEST_REDIS_URL, scoring_queue=queue, **extra)  # type: ignore[arg-type]
+    app = create_app()
+    app.dependency_overrides[get_settings] = lambda: settings
+    return TestClient(app)
+
+
+@pytest.fixture()
+def api(db_url: str, redis_url: str) -> Iterator[TestClient]:
+    """The API in-process over ``db_url``; its queue has no worker (for validation tests)."""
+    import redis
+
+    queue = f"test-idle-{RUN_ID}"
+    with make_client(db_url, queue) as client:
+        yield client
+    redis.Redis.from_url(redis_url).delete(queue)
+
+
+def worker_env(db: str, queue: str, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(REWARDQ_DATABASE_URL=db, REWARDQ_REDIS_URL=TEST_REDIS_URL, REWARDQ_SCORING_QUEUE=queue, **extra)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+@pytest.fixture(scope="session")
+def stack(db_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The API in-process plus a real Celery worker subprocess, per backend.
+
+    The SQLite worker runs the Triton kernel under the interpreter, the PostgreSQL one the
+    torch reference, so both kernel paths serve real jobs.
+    """
+    backend = db_url.split(":", 1)[0].split("+")[0]
+    queue = f"test-{backend}-{RUN_ID}"
+    kernel = "triton" if backend == "sqlite" else "torch"
+    env = worker_env(db_url, queue, REWARDQ_KERNEL=kernel, TRITON_INTERPRET="1")
+    log = tmp_path_factory.mktemp("logs") / f"worker-{backend}.log"
+    worker = start_worker(env, log, queues=queue)
+    try:
+        with make_client(db_url, queue) as client:
+            yield Stack(db_url, queue, client, worker, env)
+    finally:
+        worker.stop()
+        print(f"--- worker log ({backend}) ---\n{worker.tail(20)}")

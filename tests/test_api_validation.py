@@ -1,0 +1,111 @@
+"""Bad input gets a 4xx whose JSON names the field (and the item index), and leaves no job behind."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from storage.db import get_sessionmaker
+from storage.models import Item, Job
+
+GOOD = {"prompt": "p", "response": "r"}
+
+
+def _counts(db_url: str) -> tuple[int, int]:
+    with get_sessionmaker(db_url)() as s:
+        return s.query(Job).count(), s.query(Item).count()
+
+
+def _first_error(resp) -> dict:
+    body = resp.json()
+    assert isinstance(body["detail"], str) and body["detail"]
+    assert body["errors"], body
+    return body["errors"][0]
+
+
+@pytest.mark.parametrize(
+    ("payload", "field", "index"),
+    [
+        ({"items": [GOOD, {"response": "r"}]}, "prompt", 1),
+        ({"items": [GOOD, GOOD, {"prompt": "p"}]}, "response", 2),
+        ({"items": [{"prompt": 3, "response": "r"}]}, "prompt", 0),
+        ({"items": [GOOD, {"prompt": "p", "response": ["r"]}]}, "response", 1),
+        ({"items": [GOOD, "not an object"]}, "item", 1),
+        ({"items": []}, "items", None),
+        ({"items": "nope"}, "items", None),
+        ({}, "items", None),
+        ({"items": [{"id": "a", **GOOD}, {"id": "b", **GOOD}, {"id": "a", **GOOD}]}, "id", 2),
+        ({"items": [{"id": 7, **GOOD}, {"id": "7", **GOOD}]}, "id", 1),
+        ({"items": [{"id": True, **GOOD}]}, "id", 0),
+        ({"items": [GOOD, {"prompt": "a\x00b", "response": "r"}]}, "prompt", 1),
+        ({"items": [GOOD], "model_version": "no-such-version"}, "model_version", None),
+        ({"items": [GOOD], "metadata": [1]}, "metadata", None),
+    ],
+)
+def test_bad_json_items_are_refused_with_field_and_index(api: TestClient, db_url: str, payload, field, index):
+    before = _counts(db_url)
+    resp = api.post("/v1/jobs", json=payload)
+    assert resp.status_code == 422, resp.text
+    err = _first_error(resp)
+    assert err["field"] == field
+    assert err.get("index") == index
+    assert _counts(db_url) == before
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "index"),
+    [
+        (b'{"prompt": "p", "response": "r"}\n{"prompt": "p", "response": \n', "line", 1),
+        (b'{"prompt": "p", "response": "r"}\n\n{"prompt": "p"}\n', "response", 1),
+        (b'{"prompt": "p", "response": NaN}\n', "line", 0),
+        (b"\xff\xfe not utf-8\n", "line", 0),
+        (b"", "items", None),
+    ],
+)
+def test_bad_ndjson_is_refused(api: TestClient, db_url: str, body: bytes, field: str, index):
+    before = _counts(db_url)
+    resp = api.post("/v1/jobs", content=body, headers={"Content-Type": "application/x-ndjson"})
+    assert resp.status_code == 422, resp.text
+    err = _first_error(resp)
+    assert err["field"] == field
+    assert err.get("index") == index
+    assert _counts(db_url) == before
+
+
+def test_not_json_and_wrong_content_type(api: TestClient, db_url: str):
+    before = _counts(db_url)
+    resp = api.post("/v1/jobs", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert resp.status_code == 422 and _first_error(resp)["field"] == "body"
+    resp = api.post("/v1/jobs", content=b"prompt=p", headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert resp.status_code == 415 and _first_error(resp)["field"] == "content-type"
+    resp = api.post("/v1/jobs", content=json.dumps({"items": [GOOD]}).replace('"r"', "Infinity"),
+                    headers={"Content-Type": "application/json"})  # fmt: skip
+    assert resp.status_code == 422
+    assert _counts(db_url) == before
+
+
+def test_unknown_job_is_404(api: TestClient):
+    for method, path in (("GET", "/v1/jobs/nope"), ("GET", "/v1/jobs/nope/results"), ("POST", "/v1/jobs/nope/cancel")):
+        resp = api.request(method, path)
+        assert resp.status_code == 404, (path, resp.text)
+        assert _first_error(resp)["field"] == "job_id"
+
+
+def test_bad_query_parameters_are_422(api: TestClient):
+    resp = api.get("/v1/jobs", params={"status": "bogus"})
+    assert resp.status_code == 422 and _first_error(resp)["field"] == "status"
+    resp = api.get("/v1/jobs", params={"limit": 0})
+    assert resp.status_code == 422 and _first_error(resp)["field"] == "limit"
+
+
+def test_bad_results_parameters_are_422(api: TestClient):
+    resp = api.post("/v1/jobs", json={"items": [GOOD]})
+    assert resp.status_code == 202, resp.text
+    job_id = resp.json()["job_id"]
+    for params, field in (({"format": "xml"}, "format"), ({"sort": "prompt"}, "sort"),
+                          ({"cursor": "!!!"}, "cursor"), ({"limit": 10**6}, "limit")):  # fmt: skip
+        resp = api.get(f"/v1/jobs/{job_id}/results", params=params)
+        assert resp.status_code == 422, (params, resp.text)
+        assert _first_error(resp)["field"] == field

