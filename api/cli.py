@@ -65,6 +65,15 @@ def worker(queues: str, concurrency: int, pool: str, loglevel: str) -> None:
 
 
 @main.command()
+@click.option("--loglevel", default="info", show_default=True)
+def beat(loglevel: str) -> None:
+    """Run Celery beat, the clock behind periodic work (run exactly one per deployment)."""
+    from workers.celery_app import app
+
+    app.start(["beat", "--loglevel", loglevel])
+
+
+@main.command()
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
 @click.option("--wait", is_flag=True, help="follow the job with a progress bar until it finishes")
 @click.option("--model-version", default=None, help="defaults to the active version")

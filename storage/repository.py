@@ -9,7 +9,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -103,12 +103,12 @@ def create_job(
             {"job_id": job.id, "idx": i, "item_id": it.item_id, "prompt": it.prompt, "response": it.response}
             for i, it in enumerate(items[lo : lo + _CHUNK], start=lo)
         ]
-        session.execute(Item.__table__.insert(), rows)
+        session.execute(insert(Item), rows)
     batch_rows = [
         {"job_id": job.id, "batch_no": b.batch_no, "start_idx": b.start_idx, "end_idx": b.end_idx} for b in batches
     ]
     for lo in range(0, len(batch_rows), _CHUNK):
-        session.execute(Batch.__table__.insert(), batch_rows[lo : lo + _CHUNK])
+        session.execute(insert(Batch), batch_rows[lo : lo + _CHUNK])
     return job, batches
 
 

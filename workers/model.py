@@ -29,7 +29,8 @@ class Heads(nn.Module):
         if self.identity:
             return emb.unsqueeze(1).expand(-1, self.n_heads, -1)
         lin = self.prompt if side == "prompt" else self.response
-        return lin(emb).view(emb.shape[0], self.n_heads, self.head_dim)
+        out: torch.Tensor = lin(emb)
+        return out.view(emb.shape[0], self.n_heads, self.head_dim)
 
 
 @dataclass
