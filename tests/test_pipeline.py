@@ -15,7 +15,7 @@ import redis
 from api.procs import free_port, start_api, wait_for
 from api.samples import load_sts
 from storage.db import get_sessionmaker
-from storage.models import Result
+from storage.models import ModelVersion, Result
 from tests.support import Stack, need, wait_job
 
 pytestmark = pytest.mark.slow
@@ -153,3 +153,40 @@ def test_cli_submit_wait_status_and_export(stack: Stack, tmp_path):
         assert bad.returncode != 0 and "not found" in bad.stderr
     finally:
         api.stop()
+
+
+def test_a_batch_that_cannot_be_scored_fails_the_job_with_its_reason(stack: Stack):
+    from storage import repository as repo
+    from storage.db import session_scope
+
+    with session_scope(stack.db_url) as s:
+        repo.ensure_model_version(s, version="broken-v1", base_model="none", config={})
+        s.get(ModelVersion, "broken-v1").path = "/nonexistent/artifacts/broken-v1"
+    resp = stack.client.post(
+        "/v1/jobs", json={"items": [{"prompt": "p", "response": "r"}], "model_version": "broken-v1"}
+    )
+    assert resp.status_code == 202, resp.text
+    job = wait_job(stack.client, resp.json()["job_id"], timeout=120)
+    assert job["status"] == "failed"
+    assert "broken-v1" in job["error"]
+    assert job["progress"]["done"] == 0
+
+
+def test_demo_starts_its_own_redis_when_none_answers(tmp_path):
+    """The newcomer path: `rewardq demo` with nothing listening at REWARDQ_REDIS_URL."""
+    env = {**stack_free_env(), "REWARDQ_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    out = subprocess.run([sys.executable, "-m", "api.cli", "demo", "--limit", "40"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "started redis-server" in out.stdout
+    assert "scored 40 pairs" in out.stdout and "Spearman" in out.stdout and "demo OK" in out.stdout
+    assert not (tmp_path / "demo-run").exists()
+
+
+def stack_free_env() -> dict[str, str]:
+    import os
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REWARDQ_")}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+    return env

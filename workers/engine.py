@@ -73,3 +73,9 @@ def score_batch(msg: ScoreBatch) -> int:
             s, job_id=msg.job_id, batch_no=msg.batch_no, start_idx=msg.start_idx,
             scores=scores.reward, cos=scores.cos, model_version=msg.model_version,
         )  # fmt: skip
+
+
+def fail_job(job_id: str, error: str) -> None:
+    log.error("job %s failed: %s", job_id, error)
+    with session_scope() as s:
+        repo.mark_failed(s, job_id=job_id, error=error[:2000])
