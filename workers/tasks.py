@@ -31,7 +31,7 @@ def _preload(**_: Any) -> None:
         log.exception("could not preload the active model")
 
 
-class _ScoringTask(app.Task):  # type: ignore[name-defined,misc]
+class _ScoringTask(app.Task):  # type: ignore[misc]
     def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
         # Retries are spent or the error is not transient: say so on the job instead of leaving it running.
         job_id = (kwargs.get("payload") or {}).get("job_id")
