@@ -5,6 +5,7 @@ median times from triton.testing.do_bench; writes benchmarks/results/sim_exp_<gp
 Without a GPU: checks the kernel against the reference under the Triton interpreter at a small size.
 
     python benchmarks/benchmark_sim_exp.py [--quick] [--max-gb 16]
+    python benchmarks/benchmark_sim_exp.py --dry-run   # the GPU code path on CPU at toy sizes (tests use it)
 """
 
 from __future__ import annotations
@@ -59,12 +60,28 @@ def cpu_check() -> int:
     return 0 if worst < 1e-4 else 1
 
 
-def copy_bandwidth() -> float:
-    """Device-to-device copy of a 2 GiB buffer, GB/s counting the read and the write."""
-    import torch
-    from triton.testing import do_bench
+DEVICE = "cuda"
 
-    src = torch.empty(2**30, dtype=torch.float16, device="cuda")
+
+def do_bench(fn, warmup: int = 10, rep: int = 100) -> float:
+    """Median milliseconds: triton's do_bench on CUDA; a perf_counter median in --dry-run on CPU."""
+    if DEVICE == "cuda":
+        from triton.testing import do_bench as triton_bench
+
+        return float(triton_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[1]
+
+
+def copy_bandwidth(numel: int = 2**30) -> float:
+    """Device-to-device copy of a 2 GiB fp16 buffer, GB/s counting the read and the write."""
+    import torch
+
+    src = torch.empty(numel, dtype=torch.float16, device=DEVICE)
     dst = torch.empty_like(src)
     ms = do_bench(lambda: dst.copy_(src), warmup=25, rep=200)
     return 2 * src.numel() * src.element_size() / ms / 1e6
@@ -73,12 +90,11 @@ def copy_bandwidth() -> float:
 def bench_case(dtype, k: int, d: int, bsz: int, impls: dict, copy_gbs: float) -> dict:
     """Forward and forward+backward of every implementation on one shape; GB/s and ratios for ours."""
     import torch
-    from triton.testing import do_bench
 
-    a = torch.randn(bsz, k, d, device="cuda", dtype=dtype)
-    b = torch.randn(bsz, k, d, device="cuda", dtype=dtype)
-    alpha = torch.rand(k, device="cuda")
-    weight = torch.rand(k, device="cuda")
+    a = torch.randn(bsz, k, d, device=DEVICE, dtype=dtype)
+    b = torch.randn(bsz, k, d, device=DEVICE, dtype=dtype)
+    alpha = torch.rand(k, device=DEVICE)
+    weight = torch.rand(k, device=DEVICE)
     elt = a.element_size()
     in_bytes = 2 * bsz * k * d * elt
     out_bytes = 4 * bsz + 4 * bsz * k
@@ -110,36 +126,42 @@ def bench_case(dtype, k: int, d: int, bsz: int, impls: dict, copy_gbs: float) ->
     return row
 
 
-def gpu_bench(quick: bool, max_gb: float) -> int:
+def gpu_bench(quick: bool, max_gb: float, dry_run: bool = False, out_dir: Path = RESULTS) -> int:
     import torch
     import torch._dynamo
 
     from kernels.sim_exp import sim_exp_reward_triton
 
-    name = torch.cuda.get_device_name(0)
-    copy_gbs = copy_bandwidth()
+    name = torch.cuda.get_device_name(0) if not dry_run else "dry-run-cpu"
+    copy_gbs = copy_bandwidth(2**30 if not dry_run else 2**20)
     print(f"{name}: device-to-device copy {copy_gbs:.0f} GB/s")
     torch._dynamo.config.cache_size_limit = 256  # one graph per dtype/K/d, never a silent fallback to eager
-    impls = {"triton": sim_exp_reward_triton, "eager": eager, "compile": torch.compile(eager, dynamic=True)}
+    # The dry run checks the script's logic, not inductor's CPU codegen: dynamo with the eager backend.
+    compiled = torch.compile(eager, dynamic=True, backend="eager" if dry_run else "inductor")
+    impls = {"triton": sim_exp_reward_triton, "eager": eager, "compile": compiled}
     sizes = [1 << 14, 1 << 20] if quick else [1 << 10, 1 << 14, 1 << 17, 1 << 20, 1 << 22]
+    dtypes, ks, ds = (torch.float16, torch.bfloat16, torch.float32), (1, 4), (384, 1024)
+    if dry_run:
+        sizes, dtypes, ds = [33], (torch.float16, torch.float32), (384,)
     rows = []
-    for dtype in (torch.float16, torch.bfloat16, torch.float32):
-        for k in (1, 4):
-            for d in (384, 1024):
+    for dtype in dtypes:
+        for k in ks:
+            for d in ds:
                 for bsz in sizes:
                     if 4 * 2 * bsz * k * d * (torch.finfo(dtype).bits // 8) > max_gb * 1e9:
                         continue  # fwd+bwd holds a, b and their grads
                     row = bench_case(dtype, k, d, bsz, impls, copy_gbs)
                     rows.append(row)
-                    torch.cuda.empty_cache()
+                    if not dry_run:
+                        torch.cuda.empty_cache()
                     print(f"{row['dtype']:8s} K={k} d={d:4d} B={bsz:8d}  fwd {row['fwd_triton_ms']:.3f} ms "
                           f"{row['fwd_gbs']:6.0f} GB/s {row['fwd_pct_copy']:5.1f}% copy  x{row['fwd_x_eager']:.1f} "
                           f"eager x{row['fwd_x_compile']:.2f} compile | fwd+bwd {row['fwdbwd_gbs']:6.0f} GB/s "
                           f"{row['fwdbwd_pct_copy']:5.1f}% copy  x{row['fwdbwd_x_eager']:.1f} eager "
                           f"x{row['fwdbwd_x_compile']:.2f} compile  err {row['max_err']:.1e}", flush=True)  # fmt: skip
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
     slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
-    out = RESULTS / f"sim_exp_{slug}.json"
+    out = out_dir / f"sim_exp_{slug}.json"
     meta = {"gpu": name, "copy_gbs": copy_gbs, "torch": torch.__version__, "python": platform.python_version()}
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print(f"wrote {out}")
@@ -150,13 +172,20 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="two batch sizes only")
     p.add_argument("--max-gb", type=float, default=40.0, help="skip shapes whose fwd+bwd tensors exceed this")
+    p.add_argument("--dry-run", action="store_true", help="run the GPU code path on CPU at toy sizes")
+    p.add_argument("--out-dir", type=Path, default=RESULTS)
     args = p.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    if args.dry_run:
+        global DEVICE
+        DEVICE = "cpu"
+        os.environ["TRITON_INTERPRET"] = "1"
+        return gpu_bench(quick=True, max_gb=args.max_gb, dry_run=True, out_dir=args.out_dir)
     import torch
 
     if not torch.cuda.is_available():
         return cpu_check()
-    return gpu_bench(args.quick, args.max_gb)
+    return gpu_bench(args.quick, args.max_gb, out_dir=args.out_dir)
 
 
 if __name__ == "__main__":

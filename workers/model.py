@@ -12,25 +12,34 @@ import kernels
 
 
 class Heads(nn.Module):
-    """K heads per side. Untrained: K=1, identity heads, alpha=1, weight=1/K (the seed formula)."""
+    """K heads per side, alpha[K] and weight[K].
 
-    def __init__(self, dim: int, n_heads: int = 1, head_dim: int | None = None, identity: bool = True):
+    Untrained (``trained=False``): K=1, identity heads, alpha=1, weight=1/K: the seed formula.
+    Trained: each head rescales the D embedding dimensions separately for prompt and
+    response (a learned diagonal metric; full D x D heads overfit the few thousand pairs a
+    feedback set usually has).
+    """
+
+    def __init__(self, dim: int, n_heads: int = 1, trained: bool = False, init_noise: float = 0.0):
         super().__init__()
         self.n_heads = n_heads
-        self.identity = identity
-        self.head_dim = dim if identity else (head_dim or dim)
-        if not identity:
-            self.prompt = nn.Linear(dim, n_heads * self.head_dim, bias=False)
-            self.response = nn.Linear(dim, n_heads * self.head_dim, bias=False)
+        self.trained = trained
+        if trained:
+            scale = torch.ones(n_heads, dim) + init_noise * torch.randn(n_heads, dim)
+            self.prompt_scale = nn.Parameter(scale.clone())
+            self.response_scale = nn.Parameter(scale.clone())
         self.alpha = nn.Parameter(torch.ones(n_heads))
         self.weight = nn.Parameter(torch.full((n_heads,), 1.0 / n_heads))
 
     def project(self, emb: torch.Tensor, side: str) -> torch.Tensor:
-        if self.identity:
+        if not self.trained:
             return emb.unsqueeze(1).expand(-1, self.n_heads, -1)
-        lin = self.prompt if side == "prompt" else self.response
-        out: torch.Tensor = lin(emb)
-        return out.view(emb.shape[0], self.n_heads, self.head_dim)
+        scale = self.prompt_scale if side == "prompt" else self.response_scale
+        return emb.unsqueeze(1) * scale.unsqueeze(0)
+
+    def reward(self, emb_p: torch.Tensor, emb_r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return kernels.sim_exp_reward(self.project(emb_p, "prompt"), self.project(emb_r, "response"),
+                                      self.alpha, self.weight)  # fmt: skip
 
 
 @dataclass
@@ -55,19 +64,26 @@ class RewardModel:
         self.max_length = min(max_length, int(getattr(self.tokenizer, "model_max_length", max_length) or max_length))
         self.encode_batch_size = encode_batch_size
 
+    @property
+    def dim(self) -> int:
+        return int(self.encoder.config.hidden_size)
+
+    def encode(self, texts: Sequence[str]) -> torch.Tensor:
+        """Mean pooling over the attention mask, float32 [N, D], on the model's device; autograd-aware."""
+        tok = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
+                             return_tensors="pt").to(self.device)  # fmt: skip
+        hidden = self.encoder(**tok).last_hidden_state.float()
+        mask = tok["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+
     @torch.inference_mode()
     def embed(self, texts: Sequence[str]) -> torch.Tensor:
-        """Mean-pooled float32 embeddings [N, D]; texts are sorted by length so padding stays small."""
+        """Embeddings [N, D] on the CPU; texts are sorted by length so padding stays small."""
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        out = torch.empty((len(texts), int(self.encoder.config.hidden_size)), dtype=torch.float32)
+        out = torch.empty((len(texts), self.dim), dtype=torch.float32)
         for lo in range(0, len(order), self.encode_batch_size):
             idx = order[lo : lo + self.encode_batch_size]
-            tok = self.tokenizer([texts[i] for i in idx], padding=True, truncation=True,
-                                 max_length=self.max_length, return_tensors="pt").to(self.device)  # fmt: skip
-            hidden = self.encoder(**tok).last_hidden_state.float()
-            mask = tok["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
-            out[torch.tensor(idx)] = pooled.cpu()
+            out[torch.tensor(idx)] = self.encode([texts[i] for i in idx]).cpu()
         return out
 
     @torch.inference_mode()
@@ -78,7 +94,5 @@ class RewardModel:
         uniq = list(dict.fromkeys([*prompts, *responses]))
         pos = {t: i for i, t in enumerate(uniq)}
         emb = self.embed(uniq).to(self.device)
-        a = self.heads.project(emb[[pos[p] for p in prompts]], "prompt")
-        b = self.heads.project(emb[[pos[r] for r in responses]], "response")
-        reward, cos = kernels.sim_exp_reward(a, b, self.heads.alpha, self.heads.weight)
+        reward, cos = self.heads.reward(emb[[pos[p] for p in prompts]], emb[[pos[r] for r in responses]])
         return Scores(reward=reward.cpu().tolist(), cos=cos.cpu().tolist())
