@@ -72,9 +72,10 @@ class RewardModel:
         """Mean pooling over the attention mask, float32 [N, D], on the model's device; autograd-aware."""
         tok = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
                              return_tensors="pt").to(self.device)  # fmt: skip
-        hidden = self.encoder(**tok).last_hidden_state.float()
-        mask = tok["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+        hidden: torch.Tensor = self.encoder(**tok).last_hidden_state.float()
+        mask: torch.Tensor = tok["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        pooled: torch.Tensor = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+        return pooled
 
     @torch.inference_mode()
     def embed(self, texts: Sequence[str]) -> torch.Tensor:

@@ -103,13 +103,14 @@ def _warm_start(heads: Heads, emb: torch.Tensor, data: Feedback, index: dict[str
         batch = rng.sample(rows, min(256, len(rows)))
         loss = _bt_loss(heads, emb, batch, index)
         opt.zero_grad()
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         opt.step()
 
 
 def _batches(data: Feedback, size: int, rng: random.Random) -> list[list[Rating | Preference]]:
     out: list[list[Rating | Preference]] = []
-    for rows in (list(data.ratings), list(data.preferences)):
+    kinds: tuple[list[Rating | Preference], ...] = (list(data.ratings), list(data.preferences))
+    for rows in kinds:
         rng.shuffle(rows)
         out += [rows[i : i + size] for i in range(0, len(rows), size)]
     rng.shuffle(out)
@@ -154,7 +155,7 @@ def fit(model: RewardModel, data: Feedback, params: TrainParams, progress: Progr
             else:
                 loss = _bt_loss(model.heads, frozen_emb, batch, index)
             opt.zero_grad()
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
             running += float(loss.detach())
             n += 1
