@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import click
@@ -18,6 +20,15 @@ def _client(ctx: click.Context) -> Client:
 
 def _print(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=2, default=str))
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    """API errors become a clean CLI error with the server's JSON, not a traceback."""
+    try:
+        yield
+    except ClientError as exc:
+        raise click.ClickException(json.dumps(exc.body)) from exc
 
 
 @click.group()
@@ -67,10 +78,11 @@ def worker(queues: str, concurrency: int, pool: str, loglevel: str) -> None:
 @main.command()
 @click.option("--loglevel", default="info", show_default=True)
 def beat(loglevel: str) -> None:
-    """Run Celery beat, the clock behind periodic work (run exactly one per deployment)."""
+    """Run Celery beat: fires the retraining schedules stored in SQL (safe to run more than one)."""
     from workers.celery_app import app
 
-    app.start(["beat", "--loglevel", loglevel])
+    app.start(["beat", "--loglevel", loglevel, "--scheduler", "workers.schedule:SqlScheduler",
+               "--max-interval", "1"])  # fmt: skip
 
 
 @main.command()
@@ -122,6 +134,103 @@ def results(ctx: click.Context, job_id: str, fmt: str, output: str | None) -> No
                 c.download(job_id, "/dev/stdout", fmt=fmt)
         except ClientError as exc:
             raise click.ClickException(json.dumps(exc.body)) from exc
+
+
+@main.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.pass_context
+def feedback(ctx: click.Context, file: str) -> None:
+    """Add feedback from a JSON Lines FILE: {prompt, chosen, rejected} or {prompt, response, rating}."""
+    with _client(ctx) as c, _errors():
+        _print(c.add_feedback(file))
+
+
+_TRAIN_OPTIONS = [
+    click.option("--epochs", type=int, default=None),
+    click.option("--lr", type=float, default=None, help="learning rate of the trained encoder layers"),
+    click.option("--head-lr", type=float, default=None),
+    click.option("--n-heads", type=int, default=None, help="K"),
+    click.option("--train-layers", type=int, default=None, help="top encoder layers to train (0: heads only)"),
+    click.option("--heldout-fraction", type=float, default=None),
+    click.option("--seed", type=int, default=None),
+    click.option("--gate-margin", type=float, default=None),
+]
+
+
+def _train_options(f: Any) -> Any:
+    for opt in reversed(_TRAIN_OPTIONS):
+        f = opt(f)
+    return f
+
+
+def _given(params: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in params.items() if v is not None}
+
+
+@main.command()
+@click.option("--wait", is_flag=True, help="follow the run with a progress bar until it ends")
+@_train_options
+@click.pass_context
+def retrain(ctx: click.Context, /, wait: bool, **params: Any) -> None:
+    """Start a fine-tuning run now on the feedback collected so far."""
+    with _client(ctx) as c, _errors():
+        run = c.train(**_given(params))
+        click.echo(run["run_id"])
+        if wait:
+            run = c.wait_training(run["run_id"], progress=True)
+            _print({k: run[k] for k in ("run_id", "status", "result_version", "metrics", "loss_curve", "error")})
+            if run["status"] == "failed":
+                sys.exit(1)
+
+
+@main.group(invoke_without_command=True)
+@click.pass_context
+def models(ctx: click.Context) -> None:
+    """List model versions with their metrics (or: models activate VERSION)."""
+    if ctx.invoked_subcommand is None:
+        with _client(ctx) as c, _errors():
+            _print(c.models())
+
+
+@models.command("activate")
+@click.argument("version")
+@click.pass_context
+def models_activate(ctx: click.Context, version: str) -> None:
+    """Promote VERSION (or roll back to it); new jobs use it, running jobs keep theirs."""
+    with _client(ctx) as c, _errors():
+        _print(c.activate(version)["active"])
+
+
+@main.group()
+def schedule() -> None:
+    """Retraining schedules (fired by `rewardq beat`)."""
+
+
+@schedule.command("add")
+@click.argument("cron")
+@click.option("--min-new-feedback", type=int, default=0, show_default=True)
+@_train_options
+@click.pass_context
+def schedule_add(ctx: click.Context, /, cron: str, min_new_feedback: int, **params: Any) -> None:
+    """Add a schedule: CRON is 5 fields, or 6 with seconds last (quote it)."""
+    with _client(ctx) as c, _errors():
+        _print(c.add_schedule(cron, min_new_feedback=min_new_feedback, **_given(params)))
+
+
+@schedule.command("list")
+@click.pass_context
+def schedule_list(ctx: click.Context) -> None:
+    with _client(ctx) as c, _errors():
+        _print(c.schedules())
+
+
+@schedule.command("rm")
+@click.argument("schedule_id")
+@click.pass_context
+def schedule_rm(ctx: click.Context, schedule_id: str) -> None:
+    with _client(ctx) as c, _errors():
+        c.delete_schedule(schedule_id)
+        click.echo(f"deleted {schedule_id}")
 
 
 @main.group()

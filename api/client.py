@@ -145,6 +145,76 @@ class Client:
                 bar.close()
         return written
 
+    # -- feedback, training, models, schedules ------------------------------------------------
+
+    def add_feedback(self, rows: Iterable[Mapping[str, Any]] | str | Path) -> dict[str, Any]:
+        """Add preferences {prompt, chosen, rejected} and ratings {prompt, response, rating}, or a JSONL file."""
+        if isinstance(rows, str | Path):
+            with open(rows, "rb") as fh:
+                body = fh.read()
+            return dict(self._request("POST", "/v1/feedback", content=body,
+                                      headers={"Content-Type": "application/x-ndjson"}))  # fmt: skip
+        return dict(self._request("POST", "/v1/feedback", json=list(rows)))
+
+    def feedback_stats(self) -> dict[str, Any]:
+        return dict(self._request("GET", "/v1/feedback"))
+
+    def train(self, **params: Any) -> dict[str, Any]:
+        """Start a fine-tuning run now (parameters as in POST /v1/training-runs); returns the run."""
+        return dict(self._request("POST", "/v1/training-runs", json=params or None))
+
+    def training_run(self, run_id: str) -> dict[str, Any]:
+        return dict(self._request("GET", f"/v1/training-runs/{run_id}"))
+
+    def training_runs(self, limit: int = 50) -> list[dict[str, Any]]:
+        return list(self._request("GET", "/v1/training-runs", params={"limit": limit})["runs"])
+
+    def wait_training(
+        self, run_id: str, progress: bool = True, poll: float = 1.0, timeout: float | None = None
+    ) -> dict[str, Any]:
+        """Poll a training run until it ends; a progress bar over its optimisation steps on stderr."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        bar = None
+        try:
+            while True:
+                run = self.training_run(run_id)
+                p = run["progress"]
+                if progress and p.get("total_steps"):
+                    if bar is None:
+                        from tqdm import tqdm
+
+                        bar = tqdm(total=p["total_steps"], unit="step", desc=f"run {run_id[:8]}", dynamic_ncols=True)
+                    bar.n = p.get("step", 0)
+                    bar.set_postfix_str(f"epoch {p.get('epoch')}/{p.get('epochs')} loss {p.get('loss', 0):.4f}")
+                    bar.refresh()
+                if run["status"] in ("succeeded", "rejected", "failed"):
+                    if bar is not None:
+                        bar.n = bar.total
+                        bar.refresh()
+                    return run
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"training run {run_id} still {run['status']} after {timeout}s")
+                time.sleep(poll)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def models(self) -> dict[str, Any]:
+        return dict(self._request("GET", "/v1/models"))
+
+    def activate(self, version: str) -> dict[str, Any]:
+        return dict(self._request("POST", f"/v1/models/{version}/activate"))
+
+    def schedules(self) -> list[dict[str, Any]]:
+        return list(self._request("GET", "/v1/schedules")["schedules"])
+
+    def add_schedule(self, cron: str, min_new_feedback: int = 0, **params: Any) -> dict[str, Any]:
+        body = {"cron": cron, "min_new_feedback": min_new_feedback, "params": params}
+        return dict(self._request("POST", "/v1/schedules", json=body))
+
+    def delete_schedule(self, schedule_id: str) -> None:
+        self._request("DELETE", f"/v1/schedules/{schedule_id}")
+
     def health(self) -> bool:
         try:
             return self._http.get("/healthz", timeout=2).status_code == 200

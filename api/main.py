@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from api.errors import ApiError, FieldError
-from api.routes import jobs
+from api.routes import feedback, jobs, training
 
 
 def _field_error(err: dict[str, Any]) -> FieldError:
@@ -42,6 +42,9 @@ def create_app() -> FastAPI:
         return {"status": "ok"}
 
     app.include_router(jobs.router)
+    app.include_router(feedback.router)
+    for router in (training.runs, training.models, training.schedules):
+        app.include_router(router)
     return app
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,8 +107,8 @@ def parse_json_job(body: bytes, *, max_items: int, max_chars: int) -> JobRequest
     return JobRequest(items, model_version, metadata)
 
 
-def parse_ndjson_items(body: bytes, *, max_items: int, max_chars: int) -> list[NewItem]:
-    """One JSON object per line; blank lines are skipped but still counted in the reported line index."""
+def parse_ndjson(body: bytes, *, max_items: int) -> list[Any]:
+    """One JSON value per line; blank lines are skipped but still counted in the reported line number."""
     objs: list[Any] = []
     for lineno, line in enumerate(body.split(b"\n")):
         if not line.strip():
@@ -118,8 +119,66 @@ def parse_ndjson_items(body: bytes, *, max_items: int, max_chars: int) -> list[N
             raise invalid([FieldError("line", f"line {lineno + 1} is not valid JSON: {exc}", len(objs))]) from exc
         objs.append(obj)
         if len(objs) > max_items:
-            raise invalid([FieldError("items", f"at most {max_items} items per job")], status=413)
-    return validate_items(objs, max_items=max_items, max_chars=max_chars)
+            raise invalid([FieldError("items", f"at most {max_items} items per request")], status=413)
+    return objs
 
 
-__all__ = ["ApiError", "JobRequest", "parse_json_job", "parse_ndjson_items", "validate_items", "loads"]
+def parse_ndjson_items(body: bytes, *, max_items: int, max_chars: int) -> list[NewItem]:
+    return validate_items(parse_ndjson(body, max_items=max_items), max_items=max_items, max_chars=max_chars)
+
+
+def _rating(value: Any, idx: int, errors: list[FieldError]) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        errors.append(FieldError("rating", f"must be a number, got {type(value).__name__}", idx))
+        return None
+    if not math.isfinite(value):
+        errors.append(FieldError("rating", "must be finite", idx))
+        return None
+    return float(value)
+
+
+def validate_feedback(raw: Any, *, max_items: int, max_chars: int) -> list[dict[str, Any]]:
+    """Preferences {prompt, chosen, rejected} and ratings {prompt, response, rating} as repository rows."""
+    if not isinstance(raw, list):
+        raise invalid([FieldError("feedback", "must be a list of objects")])
+    if not raw:
+        raise invalid([FieldError("feedback", "must contain at least one row")])
+    if len(raw) > max_items:
+        raise invalid([FieldError("feedback", f"at most {max_items} rows per request, got {len(raw)}")], status=413)
+    errors: list[FieldError] = []
+    rows: list[dict[str, Any]] = []
+    for i, obj in enumerate(raw):
+        if len(errors) >= MAX_REPORTED:
+            break
+        if not isinstance(obj, dict):
+            errors.append(FieldError("feedback", f"must be an object, got {type(obj).__name__}", i))
+            continue
+        prompt = _text(obj.get("prompt"), "prompt", i, max_chars, errors)
+        if "chosen" in obj or "rejected" in obj:
+            chosen = _text(obj.get("chosen"), "chosen", i, max_chars, errors)
+            rejected = _text(obj.get("rejected"), "rejected", i, max_chars, errors)
+            rows.append({"kind": "preference", "prompt": prompt, "chosen": chosen, "rejected": rejected})
+        elif "rating" in obj or "response" in obj:
+            response = _text(obj.get("response"), "response", i, max_chars, errors)
+            rating = _rating(obj.get("rating"), i, errors) if "rating" in obj else None
+            if "rating" not in obj:
+                errors.append(FieldError("rating", "field required", i))
+            rows.append({"kind": "rating", "prompt": prompt, "response": response, "rating": rating})
+        else:
+            errors.append(FieldError("feedback", "needs chosen and rejected (a preference) or response and "
+                                                 "rating (a rating)", i))  # fmt: skip
+    if errors:
+        raise invalid(errors)
+    return rows
+
+
+__all__ = [
+    "ApiError",
+    "JobRequest",
+    "parse_json_job",
+    "parse_ndjson",
+    "parse_ndjson_items",
+    "validate_feedback",
+    "validate_items",
+    "loads",
+]

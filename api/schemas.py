@@ -83,3 +83,90 @@ class ResultPage(BaseModel):
 class ErrorOut(BaseModel):
     detail: str
     errors: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class FeedbackAdded(BaseModel):
+    added: int
+    preferences: int
+    ratings: int
+    total: int = Field(description="all of the tenant's feedback after this request")
+
+
+class FeedbackStats(BaseModel):
+    total: int
+    preferences: int
+    ratings: int
+
+
+class TrainingParams(BaseModel):
+    """Fine-tuning parameters; every field has a default."""
+
+    model_config = {"extra": "forbid"}
+
+    epochs: int = Field(default=2, ge=1, le=100)
+    lr: float = Field(default=2e-5, gt=0, le=1.0, description="learning rate of the trained encoder layers")
+    head_lr: float = Field(default=1e-2, gt=0, le=10.0, description="learning rate of heads, alpha and weight")
+    n_heads: int = Field(default=1, ge=1, le=16, description="K")
+    train_layers: int = Field(default=2, ge=0, le=48, description="top encoder layers to fine-tune (0: heads only)")
+    batch_size: int = Field(default=32, ge=2, le=4096)
+    heldout_fraction: float = Field(default=0.1, gt=0, lt=1)
+    seed: int = Field(default=0, ge=0)
+    gate_margin: float | None = Field(default=None, ge=-1, le=1, description="default REWARDQ_GATE_MARGIN")
+
+
+class TrainingRunOut(BaseModel):
+    run_id: str
+    status: str
+    params: dict[str, Any]
+    progress: dict[str, Any]
+    loss_curve: list[float]
+    metrics: dict[str, Any]
+    base_version: str | None
+    result_version: str | None
+    n_feedback: int
+    schedule_id: str | None
+    error: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class TrainingRunList(BaseModel):
+    runs: list[TrainingRunOut]
+
+
+class ModelVersionOut(BaseModel):
+    version: str
+    base_model: str
+    active: bool
+    n_heads: int
+    metrics: dict[str, Any]
+    run_id: str | None
+    created_at: datetime
+
+
+class ModelList(BaseModel):
+    active: str | None
+    models: list[ModelVersionOut]
+
+
+class ScheduleIn(BaseModel):
+    model_config = {"extra": "forbid"}
+
+    cron: str = Field(description="5 fields (minute hour day month weekday), or 6 with seconds last")
+    min_new_feedback: int = Field(default=0, ge=0, description="skip a tick with fewer new feedback rows")
+    params: TrainingParams = Field(default_factory=TrainingParams)
+
+
+class ScheduleOut(BaseModel):
+    schedule_id: str
+    cron: str
+    min_new_feedback: int
+    params: dict[str, Any]
+    next_run_at: datetime
+    last_fired_at: datetime | None
+    created_at: datetime
+
+
+class ScheduleList(BaseModel):
+    schedules: list[ScheduleOut]

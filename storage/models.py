@@ -39,6 +39,7 @@ class ModelVersion(Base):
     config: Mapped[dict[str, Any]] = mapped_column(default=dict)
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
     active: Mapped[bool] = mapped_column(Boolean, default=False, index=True)
+    run_id: Mapped[str | None] = mapped_column(String(32))  # the training run that made it
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -100,4 +101,68 @@ class Result(Base):
     score: Mapped[float] = mapped_column(Float)
     cos: Mapped[list[Any]] = mapped_column()
     model_version: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Feedback(Base):
+    """One preference (prompt, chosen, rejected) or one rating (prompt, response, rating)."""
+
+    __tablename__ = "feedback"
+    __table_args__ = (Index("ix_feedback_tenant_id", "tenant", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    tenant: Mapped[str] = mapped_column(String(128))
+    kind: Mapped[str] = mapped_column(String(16))  # 'preference' | 'rating'
+    prompt: Mapped[str] = mapped_column(Text)
+    response: Mapped[str | None] = mapped_column(Text)
+    chosen: Mapped[str | None] = mapped_column(Text)
+    rejected: Mapped[str | None] = mapped_column(Text)
+    rating: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class RunStatus(str, enum.Enum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"  # a new version was created and promoted
+    rejected = "rejected"  # a new version was created; the gate kept the active one
+    failed = "failed"
+
+
+class TrainingRun(Base):
+    __tablename__ = "training_runs"
+    __table_args__ = (
+        Index("ix_runs_tenant_created", "tenant", "created_at"),
+        Index("ux_runs_schedule_slot", "schedule_id", "scheduled_for", unique=True),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(128))
+    status: Mapped[str] = mapped_column(String(16), default=RunStatus.queued.value)
+    params: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    progress: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    loss_curve: Mapped[list[Any]] = mapped_column(default=list)
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    base_version: Mapped[str | None] = mapped_column(String(64))  # the active version when the run started
+    result_version: Mapped[str | None] = mapped_column(String(64))
+    n_feedback: Mapped[int] = mapped_column(Integer, default=0)
+    max_feedback_id: Mapped[int] = mapped_column(Integer, default=0)
+    schedule_id: Mapped[str | None] = mapped_column(String(32))
+    scheduled_for: Mapped[datetime | None] = mapped_column()
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column()
+    finished_at: Mapped[datetime | None] = mapped_column()
+
+
+class Schedule(Base):
+    __tablename__ = "schedules"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(128), index=True)
+    cron: Mapped[str] = mapped_column(String(128))
+    min_new_feedback: Mapped[int] = mapped_column(Integer, default=0)
+    params: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    next_run_at: Mapped[datetime] = mapped_column(index=True)
+    last_fired_at: Mapped[datetime | None] = mapped_column()
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

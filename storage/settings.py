@@ -25,6 +25,7 @@ class Settings(BaseSettings):
     max_items_per_job: int = Field(default=1_000_000, ge=1)
     max_text_chars: int = Field(default=100_000, ge=1)
     max_length: int = Field(default=256, ge=8, le=8192, description="tokens per text; longer is truncated")
+    gate_margin: float = Field(default=0.005, description="a candidate must beat the active version by this much")
     scoring_queue: str = "scoring"
     training_queue: str = "training"
 

@@ -82,11 +82,12 @@ def db_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     return migrated(request.getfixturevalue("pg_url"))
 
 
-def make_client(db: str, queue: str, **extra: object) -> TestClient:
+def make_client(db: str, queue: str, training_queue: str | None = None, **extra: object) -> TestClient:
     from api.main import create_app
     from storage.settings import Settings, get_settings
 
-    settings = Settings(database_url=db, redis_url=TEST_REDIS_URL, scoring_queue=queue, **extra)  # type: ignore[arg-type]
+    settings = Settings(database_url=db, redis_url=TEST_REDIS_URL, scoring_queue=queue,  # type: ignore[arg-type]
+                        training_queue=training_queue or f"{queue}-training", **extra)  # fmt: skip
     app = create_app()
     app.dependency_overrides[get_settings] = lambda: settings
     return TestClient(app)
@@ -119,12 +120,15 @@ def stack(db_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory)
     """
     backend = db_url.split(":", 1)[0].split("+")[0]
     queue = f"test-{backend}-{RUN_ID}"
+    training_queue = f"{queue}-training"
     kernel = "triton" if backend == "sqlite" else "torch"
-    env = worker_env(db_url, queue, REWARDQ_KERNEL=kernel, TRITON_INTERPRET="1")
+    artifacts = str(tmp_path_factory.mktemp(f"artifacts-{backend}"))
+    env = worker_env(db_url, queue, REWARDQ_KERNEL=kernel, TRITON_INTERPRET="1", REWARDQ_TRAINING_QUEUE=training_queue,
+                     REWARDQ_ARTIFACTS_DIR=artifacts)  # fmt: skip
     log = tmp_path_factory.mktemp("logs") / f"worker-{backend}.log"
-    worker = start_worker(env, log, queues=queue)
+    worker = start_worker(env, log, queues=f"{queue},{training_queue}")
     try:
-        with make_client(db_url, queue) as client:
+        with make_client(db_url, queue, training_queue, artifacts_dir=artifacts) as client:
             yield Stack(db_url, queue, client, worker, env)
     finally:
         worker.stop()

@@ -7,6 +7,7 @@ from celery import Celery
 from storage.settings import get_settings
 
 SCORE_BATCH = "rewardq.score_batch"
+TRAIN = "rewardq.train"
 
 _settings = get_settings()
 
@@ -21,7 +22,7 @@ app.conf.update(
     task_reject_on_worker_lost=True,
     worker_prefetch_multiplier=1,
     task_default_queue=_settings.scoring_queue,
-    task_routes={SCORE_BATCH: {"queue": _settings.scoring_queue}},
+    task_routes={SCORE_BATCH: {"queue": _settings.scoring_queue}, TRAIN: {"queue": _settings.training_queue}},
     broker_transport_options={"visibility_timeout": 3600},
     broker_connection_retry_on_startup=True,
     worker_hijack_root_logger=False,

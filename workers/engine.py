@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from storage import repository as repo
@@ -44,11 +45,19 @@ def get_model(version: str) -> RewardModel:
                 raise UnknownModelVersion(version)
             path = mv.path
         encoder_path, _ = resolve_encoder(settings.model)
-        if path is not None:
-            raise UnknownModelVersion(f"{version}: fine-tuned versions are not loadable yet")
         t0 = time.perf_counter()
-        model = RewardModel(version, encoder_path, max_length=settings.max_length,
-                            encode_batch_size=settings.encode_batch_size)  # fmt: skip
+        if path is not None:
+            from workers.artifacts import load_version
+
+            if not Path(path).is_dir():
+                raise UnknownModelVersion(
+                    f"{version}: artifacts not found at {path} (is REWARDQ_ARTIFACTS_DIR shared?)"
+                )
+            model = load_version(Path(path), encoder_path, max_length=settings.max_length,
+                                 encode_batch_size=settings.encode_batch_size)  # fmt: skip
+        else:
+            model = RewardModel(version, encoder_path, max_length=settings.max_length,
+                                encode_batch_size=settings.encode_batch_size)  # fmt: skip
         log.info("loaded model %s in %.1fs on %s", version, time.perf_counter() - t0, model.device)
         _models[version] = model
         while len(_models) > _MAX_LOADED:

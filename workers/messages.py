@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from pydantic import BaseModel
 
-from workers.celery_app import SCORE_BATCH, app
+from workers.celery_app import SCORE_BATCH, TRAIN, app
 
 
 class ScoreBatch(BaseModel):
@@ -25,3 +25,7 @@ def enqueue_score_batches(messages: Sequence[ScoreBatch], queue: str) -> None:
     with app.producer_or_acquire() as producer:
         for msg in messages:
             app.send_task(SCORE_BATCH, kwargs={"payload": msg.model_dump()}, queue=queue, producer=producer)
+
+
+def enqueue_training_run(run_id: str, queue: str) -> None:
+    app.send_task(TRAIN, kwargs={"run_id": run_id}, queue=queue)

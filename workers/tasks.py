@@ -9,7 +9,7 @@ from celery.signals import worker_process_init
 from sqlalchemy.exc import OperationalError
 
 from workers import engine
-from workers.celery_app import SCORE_BATCH, app
+from workers.celery_app import SCORE_BATCH, TRAIN, app
 from workers.messages import ScoreBatch
 
 log = logging.getLogger(__name__)
@@ -49,3 +49,10 @@ class _ScoringTask(app.Task):  # type: ignore[misc]
 )
 def score_batch(payload: dict[str, Any]) -> int:
     return engine.score_batch(ScoreBatch.model_validate(payload))
+
+
+@app.task(name=TRAIN, autoretry_for=(OperationalError,), retry_backoff=True, retry_backoff_max=120, max_retries=10)
+def train(run_id: str) -> str:
+    from workers.runs import execute_run
+
+    return execute_run(run_id)

