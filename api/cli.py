@@ -93,17 +93,14 @@ def beat(loglevel: str) -> None:
 @click.pass_context
 def submit(ctx: click.Context, file: str, wait: bool, model_version: str | None, idempotency_key: str | None) -> None:
     """Submit a JSON Lines FILE of {id?, prompt, response} as a scoring job."""
-    with _client(ctx) as c:
-        try:
-            job_id = c.submit(file, model_version=model_version, idempotency_key=idempotency_key)
-            click.echo(job_id)
-            if wait:
-                job = c.wait(job_id, progress=True)
-                _print({k: job[k] for k in ("job_id", "status", "progress", "pairs_per_s", "summary")})
-                if job["status"] != "succeeded":
-                    sys.exit(1)
-        except ClientError as exc:
-            raise click.ClickException(json.dumps(exc.body)) from exc
+    with _client(ctx) as c, _errors():
+        job_id = c.submit(file, model_version=model_version, idempotency_key=idempotency_key)
+        click.echo(job_id)
+        if wait:
+            job = c.wait(job_id, progress=True)
+            _print({k: job[k] for k in ("job_id", "status", "progress", "pairs_per_s", "summary")})
+            if job["status"] != "succeeded":
+                sys.exit(1)
 
 
 @main.command()
@@ -111,11 +108,8 @@ def submit(ctx: click.Context, file: str, wait: bool, model_version: str | None,
 @click.pass_context
 def status(ctx: click.Context, job_id: str) -> None:
     """Show a job's status, progress and score summary."""
-    with _client(ctx) as c:
-        try:
-            _print(c.job(job_id))
-        except ClientError as exc:
-            raise click.ClickException(json.dumps(exc.body)) from exc
+    with _client(ctx) as c, _errors():
+        _print(c.job(job_id))
 
 
 @main.command()
@@ -125,15 +119,12 @@ def status(ctx: click.Context, job_id: str) -> None:
 @click.pass_context
 def results(ctx: click.Context, job_id: str, fmt: str, output: str | None) -> None:
     """Export a job's results as jsonl or csv."""
-    with _client(ctx) as c:
-        try:
-            if output:
-                n = c.download(job_id, output, fmt=fmt, progress=True)
-                click.echo(f"wrote {n} bytes to {output}", err=True)
-            else:
-                c.download(job_id, "/dev/stdout", fmt=fmt)
-        except ClientError as exc:
-            raise click.ClickException(json.dumps(exc.body)) from exc
+    with _client(ctx) as c, _errors():
+        if output:
+            n = c.download(job_id, output, fmt=fmt, progress=True)
+            click.echo(f"wrote {n} bytes to {output}", err=True)
+        else:
+            c.download(job_id, "/dev/stdout", fmt=fmt)
 
 
 @main.command()

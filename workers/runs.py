@@ -89,13 +89,16 @@ def _train_and_gate(run_id: str, tenant: str, raw_params: dict[str, Any], active
     model = RewardModel("candidate", encoder_path, max_length=settings.max_length,
                         encode_batch_size=settings.encode_batch_size)  # fmt: skip
     last_write = [0.0]
+    last: dict[str, Any] = {}
 
     def progress(p: dict[str, Any]) -> None:
+        curve_so_far = p.pop("curve")
+        last.clear()
+        last.update(p)
         # Throttled: a progress row per second at most, whatever the step rate.
         if time.monotonic() - last_write[0] < 1.0 and p["step"] < p["total_steps"]:
             return
         last_write[0] = time.monotonic()
-        curve_so_far = p.pop("curve")
         with session_scope() as s:
             trepo.set_run_progress(s, run_id=run_id, progress=p, loss_curve=curve_so_far)
 
@@ -121,8 +124,7 @@ def _train_and_gate(run_id: str, tenant: str, raw_params: dict[str, Any], active
                                n_heads=params.n_heads, config=config, metrics=candidate, run_id=run_id)  # fmt: skip
         if promoted:
             trepo.activate_version(s, version=version)
-        trepo.set_run_progress(s, run_id=run_id, loss_curve=curve,
-                               progress={"epoch": params.epochs, "epochs": params.epochs, "done": True})  # fmt: skip
+        trepo.set_run_progress(s, run_id=run_id, loss_curve=curve, progress={**last, "done": True})
         trepo.finish_run(s, run_id=run_id, status=RunStatus.succeeded if promoted else RunStatus.rejected,
                          metrics=metrics, result_version=version)  # fmt: skip
     log.info("run %s: %s %s (%s %.4f vs %.4f)", run_id, "promoted" if promoted else "rejected", version,

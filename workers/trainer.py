@@ -61,7 +61,7 @@ class Feedback:
 
 @dataclass
 class TrainParams:
-    epochs: int = 3
+    epochs: int = 2
     lr: float = 2e-5  # encoder layers
     head_lr: float = 1e-2  # heads, alpha, weight
     n_heads: int = 1
