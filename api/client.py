@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 DEFAULT_URL = "http://127.0.0.1:8000"
-_FINISHED = ("succeeded", "failed", "cancelled")
+_FINISHED = ("succeeded", "failed", "cancelled", "rejected")  # jobs and training runs
 
 
 class ClientError(RuntimeError):
@@ -82,32 +82,52 @@ class Client:
     def cancel(self, job_id: str) -> dict[str, Any]:
         return dict(self._request("POST", f"/v1/jobs/{job_id}/cancel"))
 
-    def wait(
-        self, job_id: str, progress: bool = True, poll: float = 0.5, timeout: float | None = None
+    def _follow(
+        self,
+        fetch: Callable[[], dict[str, Any]],
+        position: Callable[[dict[str, Any]], tuple[int, int, str]],
+        *,
+        what: str,
+        unit: str,
+        progress: bool,
+        poll: float,
+        timeout: float | None,
     ) -> dict[str, Any]:
-        """Poll until the job finishes (or ``timeout`` seconds pass); show a progress bar on stderr."""
+        """Poll ``fetch`` until its status is final; a progress bar on stderr from ``position`` (total, n, note)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         bar = None
         try:
             while True:
-                job = self.job(job_id)
-                p = job["progress"]
-                if progress:
+                obj = fetch()
+                total, n, note = position(obj)
+                if progress and total:
                     if bar is None:
                         from tqdm import tqdm
 
-                        bar = tqdm(total=p["total"], unit="pair", desc=f"job {job_id[:8]}", dynamic_ncols=True)
-                    bar.n = p["done"] + p["failed"]
-                    bar.set_postfix_str(job["status"])
+                        bar = tqdm(total=total, unit=unit, desc=what[:16], dynamic_ncols=True)
+                    bar.n = n
+                    bar.set_postfix_str(note)
                     bar.refresh()
-                if job["status"] in _FINISHED:
-                    return job
+                if obj["status"] in _FINISHED:
+                    return obj
                 if deadline is not None and time.monotonic() > deadline:
-                    raise TimeoutError(f"job {job_id} still {job['status']} after {timeout}s")
+                    raise TimeoutError(f"{what} still {obj['status']} after {timeout}s")
                 time.sleep(poll)
         finally:
             if bar is not None:
                 bar.close()
+
+    def wait(
+        self, job_id: str, progress: bool = True, poll: float = 0.5, timeout: float | None = None
+    ) -> dict[str, Any]:
+        """Poll until the job finishes (or ``timeout`` seconds pass); show a progress bar on stderr."""
+
+        def position(job: dict[str, Any]) -> tuple[int, int, str]:
+            p = job["progress"]
+            return p["total"], p["done"] + p["failed"], job["status"]
+
+        return self._follow(lambda: self.job(job_id), position, what=f"job {job_id}", unit="pair",
+                            progress=progress, poll=poll, timeout=timeout)  # fmt: skip
 
     def results(self, job_id: str, sort: str = "index", page: int = 1000) -> Iterator[dict[str, Any]]:
         """Every result of a job, following the cursor page by page."""
@@ -173,31 +193,15 @@ class Client:
         self, run_id: str, progress: bool = True, poll: float = 1.0, timeout: float | None = None
     ) -> dict[str, Any]:
         """Poll a training run until it ends; a progress bar over its optimisation steps on stderr."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        bar = None
-        try:
-            while True:
-                run = self.training_run(run_id)
-                p = run["progress"]
-                if progress and p.get("total_steps"):
-                    if bar is None:
-                        from tqdm import tqdm
 
-                        bar = tqdm(total=p["total_steps"], unit="step", desc=f"run {run_id[:8]}", dynamic_ncols=True)
-                    bar.n = p.get("step", 0)
-                    bar.set_postfix_str(f"epoch {p.get('epoch')}/{p.get('epochs')} loss {p.get('loss', 0):.4f}")
-                    bar.refresh()
-                if run["status"] in ("succeeded", "rejected", "failed"):
-                    if bar is not None:
-                        bar.n = bar.total
-                        bar.refresh()
-                    return run
-                if deadline is not None and time.monotonic() > deadline:
-                    raise TimeoutError(f"training run {run_id} still {run['status']} after {timeout}s")
-                time.sleep(poll)
-        finally:
-            if bar is not None:
-                bar.close()
+        def position(run: dict[str, Any]) -> tuple[int, int, str]:
+            p = run["progress"]
+            total = int(p.get("total_steps") or 0)
+            step = total if run["status"] in _FINISHED else int(p.get("step") or 0)
+            return total, step, f"epoch {p.get('epoch')}/{p.get('epochs')} loss {p.get('loss', 0):.4f}"
+
+        return self._follow(lambda: self.training_run(run_id), position, what=f"run {run_id}", unit="step",
+                            progress=progress, poll=poll, timeout=timeout)  # fmt: skip
 
     def models(self) -> dict[str, Any]:
         return dict(self._request("GET", "/v1/models"))

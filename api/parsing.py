@@ -49,13 +49,18 @@ def _text(value: Any, name: str, idx: int, max_chars: int, errors: list[FieldErr
     return ""
 
 
-def validate_items(raw: Any, *, max_items: int, max_chars: int) -> list[NewItem]:
+def _check_list(raw: Any, name: str, max_items: int) -> list[Any]:
     if not isinstance(raw, list):
-        raise invalid([FieldError("items", "must be a list of objects")])
+        raise invalid([FieldError(name, "must be a list of objects")])
     if not raw:
-        raise invalid([FieldError("items", "must contain at least one item")])
+        raise invalid([FieldError(name, "must contain at least one entry")])
     if len(raw) > max_items:
-        raise invalid([FieldError("items", f"at most {max_items} items per job, got {len(raw)}")], status=413)
+        raise invalid([FieldError(name, f"at most {max_items} entries per request, got {len(raw)}")], status=413)
+    return raw
+
+
+def validate_items(raw: Any, *, max_items: int, max_chars: int) -> list[NewItem]:
+    _check_list(raw, "items", max_items)
     errors: list[FieldError] = []
     items: list[NewItem] = []
     seen: dict[str, int] = {}
@@ -139,12 +144,7 @@ def _rating(value: Any, idx: int, errors: list[FieldError]) -> float | None:
 
 def validate_feedback(raw: Any, *, max_items: int, max_chars: int) -> list[dict[str, Any]]:
     """Preferences {prompt, chosen, rejected} and ratings {prompt, response, rating} as repository rows."""
-    if not isinstance(raw, list):
-        raise invalid([FieldError("feedback", "must be a list of objects")])
-    if not raw:
-        raise invalid([FieldError("feedback", "must contain at least one row")])
-    if len(raw) > max_items:
-        raise invalid([FieldError("feedback", f"at most {max_items} rows per request, got {len(raw)}")], status=413)
+    _check_list(raw, "feedback", max_items)
     errors: list[FieldError] = []
     rows: list[dict[str, Any]] = []
     for i, obj in enumerate(raw):

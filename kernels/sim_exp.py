@@ -19,6 +19,14 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
+def _load_tiles(a_ptr, b_ptr, rows, k, c, m, s_ab, s_ak, s_ad, s_bb, s_bk, s_bd):
+    """The [BLOCK_B, BLOCK_D] tiles of a and b for head k and columns c, in place (any strides), as fp32."""
+    x = tl.load(a_ptr + rows[:, None] * s_ab + k * s_ak + c[None, :] * s_ad, mask=m, other=0.0)
+    y = tl.load(b_ptr + rows[:, None] * s_bb + k * s_bk + c[None, :] * s_bd, mask=m, other=0.0)
+    return x.to(tl.float32), y.to(tl.float32)
+
+
+@triton.jit
 def _sim_exp_fwd_kernel(
     a_ptr, b_ptr, alpha_ptr, w_ptr,
     r_ptr, cos_ptr, sa_ptr, sb_ptr,
@@ -40,10 +48,7 @@ def _sim_exp_fwd_kernel(
         for d0 in range(0, D, BLOCK_D):
             c = d0 + cols
             m = row_ok[:, None] & (c[None, :] < D)
-            x = tl.load(a_ptr + rows[:, None] * s_ab + k * s_ak + c[None, :] * s_ad, mask=m, other=0.0)
-            y = tl.load(b_ptr + rows[:, None] * s_bb + k * s_bk + c[None, :] * s_bd, mask=m, other=0.0)
-            x = x.to(tl.float32)
-            y = y.to(tl.float32)
+            x, y = _load_tiles(a_ptr, b_ptr, rows, k, c, m, s_ab, s_ak, s_ad, s_bb, s_bk, s_bd)
             dot += tl.sum(x * y, axis=1)
             sa += tl.sum(x * x, axis=1)
             sb += tl.sum(y * y, axis=1)
@@ -96,10 +101,7 @@ def _sim_exp_bwd_kernel(
         for d0 in range(0, D, BLOCK_D):
             c = d0 + cols
             m = row_ok[:, None] & (c[None, :] < D)
-            x = tl.load(a_ptr + rows[:, None] * s_ab + k * s_ak + c[None, :] * s_ad, mask=m, other=0.0)
-            y = tl.load(b_ptr + rows[:, None] * s_bb + k * s_bk + c[None, :] * s_bd, mask=m, other=0.0)
-            x = x.to(tl.float32)
-            y = y.to(tl.float32)
+            x, y = _load_tiles(a_ptr, b_ptr, rows, k, c, m, s_ab, s_ak, s_ad, s_bb, s_bk, s_bd)
             dx = g_n[:, None] * y - g_a[:, None] * x
             dy = g_n[:, None] * x - g_b[:, None] * y
             out = rows[:, None] * K * D + k * D + c[None, :]
