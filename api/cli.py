@@ -225,6 +225,37 @@ def schedule_rm(ctx: click.Context, schedule_id: str) -> None:
 
 
 @main.group()
+def keys() -> None:
+    """API keys stored hashed in SQL (they switch authentication on)."""
+
+
+@keys.command("create")
+@click.argument("tenant")
+def keys_create(tenant: str) -> None:
+    """Make a key for TENANT and print it once: only its SHA-256 is stored."""
+    from storage.db import session_scope
+    from storage.keys import create_key
+
+    if not tenant or len(tenant) > 128 or not tenant.replace("-", "").replace("_", "").isalnum():
+        raise click.BadParameter("letters, digits, '-' and '_', at most 128", param_hint="TENANT")
+    with session_scope() as s:
+        key = create_key(s, tenant=tenant)
+    click.echo(key)
+    click.echo(f"key for tenant {tenant!r}: store it now, it is not shown again", err=True)
+
+
+@keys.command("list")
+def keys_list() -> None:
+    """Tenants and key prefixes (never the keys)."""
+    from storage.db import session_scope
+    from storage.keys import list_keys
+
+    with session_scope() as s:
+        _print([{"tenant": k.tenant, "prefix": k.prefix, "created_at": k.created_at, "revoked_at": k.revoked_at}
+                for k in list_keys(s)])  # fmt: skip
+
+
+@main.group()
 def db() -> None:
     """Database commands."""
 

@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import hmac
+import logging
+import time
 from collections.abc import Iterator
+from functools import lru_cache
 from typing import Annotated
 
+import redis
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
-from api.errors import ApiError
+from api.errors import ApiError, FieldError
+from storage import keys
 from storage.db import get_sessionmaker
 from storage.settings import Settings, get_settings
 
 DEFAULT_TENANT = "default"
+log = logging.getLogger(__name__)
 
 
 def _session(settings: Annotated[Settings, Depends(get_settings)]) -> Iterator[Session]:
@@ -21,22 +27,69 @@ def _session(settings: Annotated[Settings, Depends(get_settings)]) -> Iterator[S
         yield session
 
 
-def _tenant(request: Request, settings: Annotated[Settings, Depends(get_settings)]) -> str:
-    keys = settings.api_key_map()
-    if not keys:
+def _tenant(
+    request: Request,
+    settings: Annotated[Settings, Depends(get_settings)],
+    session: Annotated[Session, Depends(_session)],
+) -> str:
+    """The caller's tenant. Auth is on when REWARDQ_API_KEYS is set or any key was made with `rewardq keys create`."""
+    env_keys = settings.api_key_map()
+    if not env_keys and not keys.any_keys(session):
         return DEFAULT_TENANT
-    auth = request.headers.get("authorization", "")
-    scheme, _, token = auth.partition(" ")
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token:
         raise ApiError(401, "missing 'Authorization: Bearer <key>'", headers={"WWW-Authenticate": "Bearer"})
     tenant = None
-    for key, owner in keys.items():
+    for key, owner in env_keys.items():
         # Compare against every key, in constant time, so timing says nothing about which one matched.
         if hmac.compare_digest(key.encode(), token.encode()):
             tenant = owner
+    tenant = tenant or keys.tenant_for(session, key=token)
     if tenant is None:
         raise ApiError(401, "invalid API key", headers={"WWW-Authenticate": "Bearer"})
+    if settings.rate_limit_per_minute:
+        _rate_limit(settings, token)
     return tenant
+
+
+def _rate_limit(settings: Settings, token: str) -> None:
+    """A fixed one-minute window per key, counted in Redis; fails open if Redis is unreachable."""
+    now = time.time()
+    window = int(now // 60)
+    name = f"rewardq:ratelimit:{keys.hash_key(token)[:24]}:{window}"
+    try:
+        client = _redis(settings.redis_url)
+        pipe = client.pipeline()
+        pipe.incr(name)
+        pipe.expire(name, 120)
+        count = int(pipe.execute()[0])
+    except redis.RedisError:
+        log.warning("rate limit not enforced: Redis unreachable")
+        return
+    if count > settings.rate_limit_per_minute:
+        retry = max(1, int(60 - now % 60) + 1)
+        raise ApiError(429, f"rate limit of {settings.rate_limit_per_minute} requests per minute exceeded",
+                       headers={"Retry-After": str(retry)})  # fmt: skip
+
+
+@lru_cache(maxsize=4)
+def _redis(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"request body of {declared} bytes exceeds the limit of {limit}",
+                       [FieldError("body", "too large")])  # fmt: skip
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"request body exceeds the limit of {limit} bytes", [FieldError("body", "too large")])
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]

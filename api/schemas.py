@@ -45,6 +45,13 @@ class ScoreSummary(BaseModel):
     p90: float | None = None
 
 
+class FailedItem(BaseModel):
+    index: int
+    id: str
+    code: str
+    message: str
+
+
 class JobOut(BaseModel):
     job_id: str
     status: str
@@ -58,6 +65,8 @@ class JobOut(BaseModel):
     metadata: dict[str, Any]
     error: str | None = None
     summary: ScoreSummary | None = None
+    error_counts: dict[str, int] | None = Field(default=None, description="failed items by reason code")
+    failed_items: list[FailedItem] | None = Field(default=None, description="the first 100 failed items")
 
 
 class JobList(BaseModel):

@@ -89,6 +89,8 @@ class Batch(Base):
     end_idx: Mapped[int] = mapped_column(Integer)  # exclusive
     done: Mapped[bool] = mapped_column(Boolean, default=False)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    enqueued_at: Mapped[datetime | None] = mapped_column()
+    started_at: Mapped[datetime | None] = mapped_column()  # a worker took it (last time)
     done_at: Mapped[datetime | None] = mapped_column()
 
 
@@ -166,3 +168,27 @@ class Schedule(Base):
     next_run_at: Mapped[datetime] = mapped_column(index=True)
     last_fired_at: Mapped[datetime | None] = mapped_column()
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ItemError(Base):
+    """The error ledger: an item that could not be scored, isolated from its batch, with a reason code."""
+
+    __tablename__ = "item_errors"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    idx: Mapped[int] = mapped_column(Integer, primary_key=True)
+    code: Mapped[str] = mapped_column(String(64))
+    message: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ApiKey(Base):
+    """Keys made with `rewardq keys create`: only a SHA-256 of the key is stored."""
+
+    __tablename__ = "api_keys"
+
+    key_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(128), index=True)
+    prefix: Mapped[str] = mapped_column(String(16))  # to tell keys apart in listings
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column()

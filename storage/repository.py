@@ -7,13 +7,14 @@ import math
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Literal
 
-from sqlalchemy import and_, func, insert, or_, select, update
+from sqlalchemy import and_, case, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from storage.models import FINISHED, Batch, Item, Job, JobStatus, ModelVersion, Result, utcnow
+from storage.models import FINISHED, Batch, Item, ItemError, Job, JobStatus, ModelVersion, Result, utcnow
 
 Sort = Literal["index", "score", "-score"]
 _CHUNK = 5000
@@ -104,8 +105,10 @@ def create_job(
             for i, it in enumerate(items[lo : lo + _CHUNK], start=lo)
         ]
         session.execute(insert(Item), rows)
+    now = utcnow()
     batch_rows = [
-        {"job_id": job.id, "batch_no": b.batch_no, "start_idx": b.start_idx, "end_idx": b.end_idx} for b in batches
+        {"job_id": job.id, "batch_no": b.batch_no, "start_idx": b.start_idx, "end_idx": b.end_idx, "enqueued_at": now}
+        for b in batches
     ]
     for lo in range(0, len(batch_rows), _CHUNK):
         session.execute(insert(Batch), batch_rows[lo : lo + _CHUNK])
@@ -156,6 +159,16 @@ def job_status(session: Session, *, job_id: str) -> str | None:
     return session.scalar(select(Job.status).where(Job.id == job_id))
 
 
+def start_batch(session: Session, *, job_id: str, batch_no: int) -> bool:
+    """Note that a worker took the batch; False when it is already done (a redelivery or a superseded split)."""
+    res = session.execute(
+        update(Batch)
+        .where(Batch.job_id == job_id, Batch.batch_no == batch_no, Batch.done.is_(False))
+        .values(started_at=utcnow())
+    )
+    return bool(res.rowcount)  # type: ignore[attr-defined]
+
+
 def mark_running(session: Session, *, job_id: str) -> None:
     session.execute(
         update(Job)
@@ -194,6 +207,13 @@ def save_results(
     )
     if inserted:
         session.execute(update(Job).where(Job.id == job_id).values(n_done=Job.n_done + inserted))
+    _finish_if_complete(session, job_id=job_id)
+    return inserted
+
+
+def _finish_if_complete(session: Session, *, job_id: str) -> None:
+    """Close a job whose every item is scored or failed: succeeded, or failed when nothing could be scored."""
+    now = utcnow()
     session.execute(
         update(Job)
         .where(
@@ -201,9 +221,93 @@ def save_results(
             Job.status.in_((JobStatus.queued.value, JobStatus.running.value)),
             Job.n_done + Job.n_failed >= Job.n_items,
         )
-        .values(status=JobStatus.succeeded.value, finished_at=now, started_at=func.coalesce(Job.started_at, now))
+        .values(
+            status=case((Job.n_done > 0, JobStatus.succeeded.value), else_=JobStatus.failed.value),
+            error=case((Job.n_done > 0, Job.error), else_="no item could be scored; see the job's failed items"),
+            finished_at=now,
+            started_at=func.coalesce(Job.started_at, now),
+        )
     )
-    return inserted
+
+
+def record_item_failure(session: Session, *, job_id: str, batch_no: int, idx: int, code: str, message: str) -> bool:
+    """Put one item in the error ledger (once), count it failed, close its batch; True if newly recorded."""
+    dialect = session.get_bind().dialect.name
+    ins = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(ItemError)
+    row = {"job_id": job_id, "idx": idx, "code": code, "message": message[:2000], "created_at": utcnow()}
+    stmt = ins.values([row]).on_conflict_do_nothing(index_elements=["job_id", "idx"]).returning(ItemError.idx)
+    new = bool(session.execute(stmt).all())
+    if new:
+        session.execute(update(Job).where(Job.id == job_id).values(n_failed=Job.n_failed + 1))
+    session.execute(
+        update(Batch).where(Batch.job_id == job_id, Batch.batch_no == batch_no).values(done=True, done_at=utcnow())
+    )
+    _finish_if_complete(session, job_id=job_id)
+    return new
+
+
+def split_batch(session: Session, *, job_id: str, batch_no: int) -> list[BatchRef]:
+    """Replace a failing batch by its two halves (new ledger rows); [] if someone already handled it."""
+    parent = session.get(Batch, (job_id, batch_no), with_for_update=True)
+    if parent is None or parent.done or parent.end_idx - parent.start_idx < 2:
+        return []
+    parent.done = True  # superseded by its halves
+    parent.done_at = utcnow()
+    first = (
+        session.execute(
+            update(Job).where(Job.id == job_id).values(n_batches=Job.n_batches + 2).returning(Job.n_batches)
+        ).scalar_one()
+        - 2
+    )
+    mid = (parent.start_idx + parent.end_idx) // 2
+    halves = [BatchRef(first, parent.start_idx, mid), BatchRef(first + 1, mid, parent.end_idx)]
+    now = utcnow()
+    session.execute(insert(Batch), [{"job_id": job_id, "batch_no": h.batch_no, "start_idx": h.start_idx,
+                                     "end_idx": h.end_idx, "enqueued_at": now} for h in halves])  # fmt: skip
+    return halves
+
+
+def stale_batches(session: Session, *, older_than: datetime, limit: int = 500) -> list[tuple[Batch, str]]:
+    """Unfinished batches of live jobs last enqueued before ``older_than``, with their job's model version."""
+    q = (
+        select(Batch, Job.model_version)
+        .join(Job, Job.id == Batch.job_id)
+        .where(
+            Batch.done.is_(False),
+            Batch.enqueued_at < older_than,
+            Job.status.in_((JobStatus.queued.value, JobStatus.running.value)),
+        )  # fmt: skip
+        .order_by(Batch.enqueued_at)
+        .limit(limit)
+    )
+    return [(b, v) for b, v in session.execute(q).tuples()]
+
+
+def claim_requeue(session: Session, *, job_id: str, batch_no: int, seen: datetime | None, now: datetime) -> bool:
+    """Compare-and-set on the batch's enqueue time, so two sweepers re-enqueue a batch once."""
+    res = session.execute(
+        update(Batch)
+        .where(Batch.job_id == job_id, Batch.batch_no == batch_no, Batch.done.is_(False), Batch.enqueued_at == seen)
+        .values(enqueued_at=now, attempts=Batch.attempts + 1)
+    )
+    return bool(res.rowcount)  # type: ignore[attr-defined]
+
+
+def item_errors(session: Session, *, job_id: str, limit: int | None = 100) -> list[tuple[ItemError, Item]]:
+    q = (
+        select(ItemError, Item)
+        .join(Item, and_(Item.job_id == ItemError.job_id, Item.idx == ItemError.idx))
+        .where(ItemError.job_id == job_id)
+        .order_by(ItemError.idx)
+    )
+    if limit is not None:
+        q = q.limit(limit)
+    return [(e, it) for e, it in session.execute(q).tuples()]
+
+
+def error_counts(session: Session, *, job_id: str) -> dict[str, int]:
+    q = select(ItemError.code, func.count()).where(ItemError.job_id == job_id).group_by(ItemError.code)
+    return {code: int(n) for code, n in session.execute(q)}
 
 
 # -- results ------------------------------------------------------------------------------------

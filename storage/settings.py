@@ -25,6 +25,11 @@ class Settings(BaseSettings):
     max_items_per_job: int = Field(default=1_000_000, ge=1)
     max_text_chars: int = Field(default=100_000, ge=1)
     max_length: int = Field(default=256, ge=8, le=8192, description="tokens per text; longer is truncated")
+    max_body_bytes: int = Field(default=256 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
+    batch_deadline_s: float = Field(default=300.0, gt=0, description="re-enqueue a batch not done after this long")
+    sweep_interval_s: float = Field(default=15.0, gt=0, description="how often beat looks for overdue batches")
+    rate_limit_per_minute: int = Field(default=0, ge=0, description="requests per API key per minute; 0 = off")
+    fault_poison_marker: str = Field(default="", description="testing aid: a text containing it fails to score")
     gate_margin: float = Field(default=0.005, description="a candidate must beat the active version by this much")
     scoring_queue: str = "scoring"
     training_queue: str = "training"

@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from pydantic import BaseModel
+from sqlalchemy.orm import Session
 
+from storage import repository as repo
 from workers.celery_app import SCORE_BATCH, TRAIN, app
 
 
@@ -29,3 +31,16 @@ def enqueue_score_batches(messages: Sequence[ScoreBatch], queue: str) -> None:
 
 def enqueue_training_run(run_id: str, queue: str) -> None:
     app.send_task(TRAIN, kwargs={"run_id": run_id}, queue=queue)
+
+
+def build_messages(
+    session: Session, *, job_id: str, model_version: str, batches: Sequence[repo.BatchRef]
+) -> list[ScoreBatch]:
+    """Messages for ledger batches, their texts read back from SQL (for splits and re-enqueues)."""
+    out = []
+    for b in batches:
+        items = repo.batch_texts(session, job_id=job_id, start_idx=b.start_idx, end_idx=b.end_idx)
+        out.append(ScoreBatch(job_id=job_id, batch_no=b.batch_no, start_idx=b.start_idx,
+                              model_version=model_version, prompts=[it.prompt for it in items],
+                              responses=[it.response for it in items]))  # fmt: skip
+    return out

@@ -1,9 +1,10 @@
-"""Retraining schedules for Celery beat: read from SQL on every tick, so adding or deleting one needs no
-restart; each due slot is claimed by compare-and-set, so two beat processes fire it once."""
+"""Retraining schedules (and the sweeper) for Celery beat: read from SQL on every tick, so adding or
+deleting one needs no restart; each due slot is claimed by compare-and-set, so two beat processes fire it once."""
 
 from __future__ import annotations
 
 import logging
+import time
 from datetime import datetime, timezone
 from typing import Any
 
@@ -14,6 +15,7 @@ from storage import training_repository as trepo
 from storage.db import session_scope
 from storage.settings import get_settings
 from workers.messages import enqueue_training_run
+from workers.sweeper import sweep
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +50,19 @@ def fire_due_schedules(now: datetime | None = None) -> list[str]:
 
 
 class SqlScheduler(beat.Scheduler):  # type: ignore[misc]
-    """Celery beat scheduler whose entries are the rows of the schedules table."""
+    """Celery beat scheduler whose entries are the rows of the schedules table; it also runs the sweeper."""
+
+    _last_sweep = 0.0
 
     def tick(self, *args: Any, **kwargs: Any) -> float:
         try:
             fire_due_schedules()
         except Exception:  # a database hiccup must not stop the clock
             log.exception("could not check retraining schedules")
+        if time.monotonic() - self._last_sweep >= get_settings().sweep_interval_s:
+            self._last_sweep = time.monotonic()
+            try:
+                sweep()
+            except Exception:
+                log.exception("sweeper failed")
         return min(float(super().tick(*args, **kwargs)), POLL_SECONDS)

@@ -10,6 +10,7 @@ from sqlalchemy.exc import OperationalError
 
 from workers import engine
 from workers.celery_app import SCORE_BATCH, TRAIN, app
+from workers.errors import TRANSIENT
 from workers.messages import ScoreBatch
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ class _ScoringTask(app.Task):  # type: ignore[misc]
 @app.task(
     base=_ScoringTask,
     name=SCORE_BATCH,
-    autoretry_for=(OperationalError, ConnectionError, TimeoutError),
+    autoretry_for=TRANSIENT,
     retry_backoff=True,
     retry_backoff_max=60,
     max_retries=20,

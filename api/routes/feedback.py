@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 
-from api.deps import SessionDep, SettingsDep, TenantDep
+from api.deps import SessionDep, SettingsDep, TenantDep, read_body
 from api.errors import ApiError, FieldError, invalid
 from api.parsing import loads, parse_ndjson, validate_feedback
 from api.routes.jobs import NDJSON_TYPES
@@ -44,7 +44,7 @@ async def add_feedback(
         raise ApiError(
             415, f"unsupported content type {ctype or '(none)'!r}", [FieldError("content-type", "unsupported")]
         )
-    body = await request.body()
+    body = await read_body(request, settings.max_body_bytes)
 
     def store() -> FeedbackAdded:
         if ctype == "application/json":

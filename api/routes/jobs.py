@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import itertools
 import json
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -16,10 +17,10 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from api.deps import SessionDep, SettingsDep, TenantDep
+from api.deps import SessionDep, SettingsDep, TenantDep, read_body
 from api.errors import ApiError, FieldError, invalid
 from api.parsing import JobRequest, parse_json_job, parse_ndjson_items
-from api.schemas import ErrorOut, JobCreated, JobList, JobOut, Progress, ResultOut, ResultPage, ScoreSummary
+from api.schemas import ErrorOut, FailedItem, JobCreated, JobList, JobOut, Progress, ResultOut, ResultPage, ScoreSummary
 from storage import repository as repo
 from storage.db import get_sessionmaker
 from storage.models import Item, Job, Result
@@ -48,6 +49,16 @@ _CREATE_DOC: dict[str, Any] = {
         },
     }
 }
+
+
+def _job_detail(session: Session, job: Job) -> JobOut:
+    """A job with its score summary and its error ledger (what GET /v1/jobs/{id} answers)."""
+    out = _job_out(job, repo.score_summary(session, job_id=job.id))
+    if job.n_failed:
+        out.error_counts = repo.error_counts(session, job_id=job.id)
+        out.failed_items = [FailedItem(index=e.idx, id=it.item_id, code=e.code, message=e.message)
+                            for e, it in repo.item_errors(session, job_id=job.id, limit=100)]  # fmt: skip
+    return out
 
 
 def _job_out(job: Job, summary: dict[str, Any] | None = None) -> JobOut:
@@ -148,7 +159,7 @@ async def create_job(
     if ctype not in ("application/json", *NDJSON_TYPES):
         raise ApiError(415, f"unsupported content type {ctype or '(none)'!r}; use application/json or "
                             "application/x-ndjson", [FieldError("content-type", "unsupported")])  # fmt: skip
-    body = await request.body()
+    body = await read_body(request, settings.max_body_bytes)
     limits = {"max_items": settings.max_items_per_job, "max_chars": settings.max_text_chars}
 
     def build() -> tuple[JobCreated, bool]:
@@ -179,15 +190,22 @@ def list_jobs(
 
 @router.get("/{job_id}", response_model=JobOut)
 def get_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobOut:
-    job = _load_job(session, job_id, tenant)
-    return _job_out(job, repo.score_summary(session, job_id=job.id))
+    return _job_detail(session, _load_job(session, job_id, tenant))
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut)
 def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobOut:
     job = repo.cancel_job(session, job=_load_job(session, job_id, tenant))
     session.commit()
-    return _job_out(job, repo.score_summary(session, job_id=job.id))
+    return _job_detail(session, job)
+
+
+@router.get("/{job_id}/errors", response_model=list[FailedItem])
+def job_errors(job_id: str, session: SessionDep, tenant: TenantDep) -> list[FailedItem]:
+    """Every item that could not be scored, with its reason code (the error ledger)."""
+    job = _load_job(session, job_id, tenant)
+    return [FailedItem(index=e.idx, id=it.item_id, code=e.code, message=e.message)
+            for e, it in repo.item_errors(session, job_id=job.id, limit=None)]  # fmt: skip
 
 
 def _row(r: Result, it: Item) -> dict[str, Any]:
@@ -195,7 +213,7 @@ def _row(r: Result, it: Item) -> dict[str, Any]:
             "score": r.score, "cos": r.cos, "model_version": r.model_version}  # fmt: skip
 
 
-_CSV_FIELDS = ["index", "id", "prompt", "response", "score", "cos", "model_version"]
+_CSV_FIELDS = ["index", "id", "prompt", "response", "score", "cos", "model_version", "error_code", "error"]
 
 
 def _stream(url: str, job_id: str, sort: repo.Sort, fmt: str) -> Iterator[str]:
@@ -206,10 +224,14 @@ def _stream(url: str, job_id: str, sort: repo.Sort, fmt: str) -> Iterator[str]:
         if fmt == "csv":
             writer.writeheader()
         n = 0
-        for r, it in repo.iter_results(session, job_id=job_id, sort=sort):
-            row = _row(r, it)
+        scored = (_row(r, it) for r, it in repo.iter_results(session, job_id=job_id, sort=sort))
+        # Failed items follow the scored ones, with no score and their reason code.
+        failed = ({"index": e.idx, "id": it.item_id, "prompt": it.prompt, "response": it.response, "score": None,
+                   "cos": None, "model_version": None, "error_code": e.code, "error": e.message}
+                  for e, it in repo.item_errors(session, job_id=job_id, limit=None))  # fmt: skip
+        for row in itertools.chain(scored, failed):
             if fmt == "csv":
-                row["cos"] = json.dumps(row["cos"])
+                row["cos"] = json.dumps(row["cos"]) if row["cos"] is not None else ""
                 writer.writerow(row)
             else:
                 buf.write(json.dumps(row, ensure_ascii=False) + "\n")
