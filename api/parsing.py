@@ -19,8 +19,12 @@ def _no_constants(name: str) -> Any:
 
 
 def loads(text: str | bytes) -> Any:
-    """json.loads that refuses NaN and Infinity instead of letting them into the database."""
-    return json.loads(text, parse_constant=_no_constants)
+    """json.loads that refuses NaN and Infinity instead of letting them into the database, and turns
+    nesting too deep for the parser into a ValueError instead of a crash."""
+    try:
+        return json.loads(text, parse_constant=_no_constants)
+    except RecursionError as exc:
+        raise ValueError("JSON nested too deeply") from exc
 
 
 @dataclass

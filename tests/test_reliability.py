@@ -1,0 +1,182 @@
+"""Reliability and security on real services: poison items, limits, hostile input, tenants, idempotency."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+from fastapi.testclient import TestClient
+
+from storage.db import get_sessionmaker
+from storage.models import Item, Job
+from tests.conftest import POISON, Ledger, make_client
+from tests.support import Stack, wait_job
+
+GOOD = {"prompt": "p", "response": "r"}
+
+
+def _backend(url: str) -> str:
+    return "PostgreSQL" if url.startswith("postgresql") else "SQLite"
+
+
+def _counts(db_url: str) -> tuple[int, int]:
+    with get_sessionmaker(db_url)() as s:
+        return s.query(Job).count(), s.query(Item).count()
+
+
+@pytest.mark.slow
+def test_poison_item_is_isolated_the_rest_is_scored(stack: Stack, ledger: Ledger):
+    items = [{"id": f"i{i}", "prompt": f"question {i}", "response": f"answer {i}"} for i in range(64)]
+    items[37]["response"] = f"bad {POISON} text"
+    resp = stack.client.post("/v1/jobs", json={"items": items})
+    job = wait_job(stack.client, resp.json()["job_id"])
+    assert job["status"] == "succeeded", job
+    assert job["progress"] == {"done": 63, "failed": 1, "total": 64, "fraction": 1.0}
+    assert job["error_counts"] == {"injected_fault": 1}
+    assert [(f["index"], f["id"], f["code"]) for f in job["failed_items"]] == [(37, "i37", "injected_fault")]
+    results = stack.client.get(f"/v1/jobs/{job['job_id']}/results").json()["results"]
+    assert len(results) == 63 and "i37" not in {r["id"] for r in results}
+    export = stack.client.get(f"/v1/jobs/{job['job_id']}/results", params={"format": "jsonl"}).text
+    lines = [json.loads(x) for x in export.splitlines()]
+    assert len(lines) == 64 and lines[-1]["id"] == "i37" and lines[-1]["error_code"] == "injected_fault"
+    assert lines[-1]["score"] is None
+    errors = stack.client.get(f"/v1/jobs/{job['job_id']}/errors").json()
+    assert [e["index"] for e in errors] == [37]
+    ledger.add(
+        "poison",
+        "1 failing item in a 64-item batch",
+        _backend(stack.db_url),
+        "batch split until the item was alone; 63 scored, 1 in the error ledger; job succeeded",
+    )
+
+    bad = [{"prompt": POISON, "response": "x"} for _ in range(3)]
+    job = wait_job(stack.client, stack.client.post("/v1/jobs", json={"items": bad}).json()["job_id"])
+    assert job["status"] == "failed" and job["progress"]["failed"] == 3 and job["error"]
+    ledger.add("poison", "a job whose every item fails", _backend(stack.db_url), "job failed, 3 items in the ledger")
+
+
+HOSTILE = [
+    ("lone surrogate", b'{"items": [{"prompt": "\\ud800", "response": "r"}]}', "application/json", 422, "prompt"),
+    ("invalid UTF-8", b'{"items": [{"prompt": "\xff\xfe", "response": "r"}]}', "application/json", 422, "body"),
+    ("NUL byte", b'{"items": [{"prompt": "a\\u0000b", "response": "r"}]}', "application/json", 422, "prompt"),
+    ("NaN", b'{"items": [{"prompt": "p", "response": "r"}], "metadata": {"x": NaN}}', "application/json", 422,
+     "body"),
+    ("Infinity in ndjson", b'{"prompt": "p", "response": Infinity}', "application/x-ndjson", 422, "line"),
+    ("number as text", b'{"items": [{"prompt": 1.5, "response": "r"}]}', "application/json", 422, "prompt"),
+    ("duplicate ids", b'{"items": [{"id": 1, "prompt": "p", "response": "r"}, {"id": "1", "prompt": "p", '
+     b'"response": "r"}]}', "application/json", 422, "id"),
+    ("XML body", b"<items/>", "application/xml", 415, "content-type"),
+    ("no content type", b'{"items": []}', "", 415, "content-type"),
+    ("JSON array instead of object", b"[]", "application/json", 422, "body"),
+    ("deeply nested JSON", b"[" * 100000 + b"]" * 100000, "application/json", 422, "body"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("what", "body", "ctype", "status", "field"), HOSTILE, ids=[h[0] for h in HOSTILE])
+def test_hostile_input_gets_4xx_never_5xx(api: TestClient, db_url: str, ledger: Ledger, what, body, ctype, status,
+                                          field):  # fmt: skip
+    before = _counts(db_url)
+    headers = {"Content-Type": ctype} if ctype else {}
+    resp = api.post("/v1/jobs", content=body, headers=headers)
+    assert resp.status_code == status, resp.text
+    assert resp.json()["errors"][0]["field"] == field
+    assert _counts(db_url) == before
+    ledger.add("bad input", what, _backend(db_url), f"{status}, names `{field}`, no job created")
+
+
+def test_size_limits(db_url: str, redis_url: str, ledger: Ledger):
+    with make_client(db_url, "test-limits", max_body_bytes=2048, max_items_per_job=5, max_text_chars=100) as c:
+        before = _counts(db_url)
+        big = json.dumps({"items": [{"prompt": "x" * 90, "response": "y"}] * 30}).encode()
+        resp = c.post("/v1/jobs", content=big, headers={"Content-Type": "application/json"})
+        assert resp.status_code == 413 and resp.json()["errors"][0]["field"] == "body"
+
+        def chunks():  # no Content-Length: the limit is enforced while the body streams in
+            for _ in range(10):
+                yield b'{"prompt": "' + b"x" * 300 + b'", "response": "r"}\n'
+
+        resp = c.post("/v1/jobs", content=chunks(), headers={"Content-Type": "application/x-ndjson"})
+        assert resp.status_code == 413
+        resp = c.post("/v1/jobs", json={"items": [GOOD] * 6})
+        assert resp.status_code == 413 and resp.json()["errors"][0]["field"] == "items"
+        resp = c.post("/v1/jobs", json={"items": [GOOD, {"prompt": "x" * 101, "response": "r"}]})
+        assert resp.status_code == 422 and resp.json()["errors"][0] == {
+            "field": "prompt", "index": 1, "message": "longer than 100 characters"}  # fmt: skip
+        assert _counts(db_url) == before
+    for what, outcome in (("body over REWARDQ_MAX_BODY_BYTES (Content-Length)", "413 before parsing"),
+                          ("chunked body over the limit", "413 while streaming"),
+                          ("more items than REWARDQ_MAX_ITEMS_PER_JOB", "413, names `items`"),
+                          ("text over REWARDQ_MAX_TEXT_CHARS", "422, names the field and index")):  # fmt: skip
+        ledger.add("limit", what, _backend(db_url), outcome)
+
+
+def test_idempotency_key(api: TestClient, db_url: str, ledger: Ledger):
+    body = {"items": [GOOD, {"prompt": "q", "response": "s"}]}
+    first = api.post("/v1/jobs", json=body, headers={"Idempotency-Key": "abc-1"})
+    again = api.post("/v1/jobs", json=body, headers={"Idempotency-Key": "abc-1"})
+    assert first.status_code == 202 and again.status_code == 200
+    assert again.json()["job_id"] == first.json()["job_id"]
+    before = _counts(db_url)
+    other = api.post("/v1/jobs", json={"items": [GOOD]}, headers={"Idempotency-Key": "abc-1"})
+    assert other.status_code == 409 and other.json()["errors"][0]["field"] == "Idempotency-Key"
+    assert _counts(db_url) == before
+    ledger.add(
+        "idempotency",
+        "same Idempotency-Key twice, then with another body",
+        _backend(db_url),
+        "same job (200); 409, nothing created",
+    )
+
+
+def test_tenants_are_isolated_and_keys_are_checked(db_url: str, redis_url: str, ledger: Ledger):
+    from storage.db import session_scope
+    from storage.keys import create_key
+
+    with session_scope(db_url) as s:
+        key_c = create_key(s, tenant="tenant-c")  # a key stored hashed in SQL
+    try:
+        with make_client(db_url, "test-tenants", api_keys="tenant-a:key-a,tenant-b:key-b") as c:
+            a = {"Authorization": "Bearer key-a"}
+            b = {"Authorization": "Bearer key-b"}
+            assert c.get("/v1/jobs").status_code == 401
+            assert c.get("/v1/jobs", headers={"Authorization": "Bearer nope"}).status_code == 401
+            job_a = c.post("/v1/jobs", json={"items": [GOOD]}, headers=a).json()["job_id"]
+            paths = [("GET", f"/v1/jobs/{job_a}"), ("GET", f"/v1/jobs/{job_a}/results"),
+                     ("GET", f"/v1/jobs/{job_a}/errors"), ("POST", f"/v1/jobs/{job_a}/cancel")]  # fmt: skip
+            for method, path in paths:
+                assert c.request(method, path, headers=b).status_code == 404, path
+            assert c.get(f"/v1/jobs/{job_a}", headers=a).status_code == 200
+            assert job_a not in [j["job_id"] for j in c.get("/v1/jobs", headers=b).json()["jobs"]]
+            assert job_a in [j["job_id"] for j in c.get("/v1/jobs", headers=a).json()["jobs"]]
+            c.post("/v1/feedback", json=[{"prompt": "p", "chosen": "a", "rejected": "b"}], headers=a)
+            assert c.get("/v1/feedback", headers=b).json()["total"] == 0
+            assert c.get("/v1/feedback", headers=a).json()["total"] == 1
+            c_hdr = {"Authorization": f"Bearer {key_c}"}
+            assert c.get("/v1/jobs", headers=c_hdr).status_code == 200
+            assert c.get(f"/v1/jobs/{job_a}", headers=c_hdr).status_code == 404
+        ledger.add(
+            "tenancy", "tenant B reads, cancels, lists tenant A's job", _backend(db_url), "404; lists show own only"
+        )
+        ledger.add(
+            "auth",
+            "no key, a wrong key, a hashed key from `rewardq keys create`",
+            _backend(db_url),
+            "401, 401, accepted with its own tenant",
+        )
+        token = f"k-{uuid.uuid4().hex}"  # a fresh key: its counter starts at zero
+        with make_client(db_url, "test-rate", api_keys=f"t:{token}", rate_limit_per_minute=3) as c:
+            auth = {"Authorization": f"Bearer {token}"}
+            codes = [c.get("/v1/jobs", headers=auth).status_code for _ in range(5)]
+            # Three in a window; a window can turn over mid-test, so allow one more success, never a 5xx.
+            assert codes.count(429) >= 1 and set(codes) <= {200, 429} and codes[:3] == [200, 200, 200]
+            resp = c.get("/v1/jobs", headers=auth)
+            if resp.status_code == 200:
+                resp = c.get("/v1/jobs", headers=auth)
+            assert 1 <= int(resp.headers["Retry-After"]) <= 61
+        ledger.add("rate limit", "6 requests a minute on a key limited to 3", _backend(db_url), "429 with Retry-After")
+    finally:
+        from storage.models import ApiKey
+
+        with session_scope(db_url) as s:
+            s.query(ApiKey).delete()  # other tests run without auth
