@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
 
 from api.errors import ApiError, FieldError
 from api.routes import feedback, jobs, training
@@ -36,6 +37,12 @@ def create_app() -> FastAPI:
         first = errors[0] if errors else FieldError("body", "invalid")
         body = {"detail": f"{first.field}: {first.message}", "errors": [e.as_dict() for e in errors]}
         return JSONResponse(body, status_code=422)
+
+    @app.exception_handler(OperationalError)
+    async def _db_down(_: Request, exc: OperationalError) -> JSONResponse:
+        # The database is unreachable (restarting, failing over): a retryable 503, not a 500.
+        return JSONResponse({"detail": "database unavailable, retry shortly", "errors": []}, status_code=503,
+                            headers={"Retry-After": "5"})  # fmt: skip
 
     @app.get("/healthz", tags=["ops"])
     def healthz() -> dict[str, str]:

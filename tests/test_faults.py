@@ -1,0 +1,219 @@
+"""Faults injected into real processes: a worker SIGKILLed mid-job, Redis restarted without persistence,
+PostgreSQL unreachable for a while, the API killed mid-upload. Each job still ends with every item once."""
+
+from __future__ import annotations
+
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import func, select
+
+from api.procs import Proc, free_port, start_api, start_redis, start_worker, wait_for
+from storage.db import get_sessionmaker
+from storage.models import Item, Job, Result
+from tests.conftest import Ledger, migrated, worker_env
+from tests.support import TcpProxy, need
+
+pytestmark = pytest.mark.slow
+ITEMS = [{"id": f"f{i}", "prompt": f"Question number {i}?", "response": f"An answer of some length, number {i}."}
+         for i in range(640)]  # fmt: skip
+
+
+@dataclass
+class Rig:
+    """Its own Redis, an API process, beat (the sweeper) and workers, over one database."""
+
+    db_url: str
+    tmp: Path
+    redis_port: int = field(default_factory=free_port)
+    api_port: int = field(default_factory=free_port)
+    procs: dict[str, Proc] = field(default_factory=dict)
+
+    @property
+    def env(self) -> dict[str, str]:
+        redis = f"redis://127.0.0.1:{self.redis_port}/0"
+        return worker_env(self.db_url, "fault-scoring", REWARDQ_REDIS_URL=redis, REWARDQ_BATCH_SIZE="16",
+                          REWARDQ_BATCH_DEADLINE_S="6", REWARDQ_SWEEP_INTERVAL_S="1")  # fmt: skip
+
+    def start(self, name: str) -> Proc:
+        log = self.tmp / f"{name}.log"
+        if name == "redis":
+            proc = start_redis(self.redis_port, log)
+            assert proc is not None
+        elif name.startswith("worker"):
+            proc = start_worker(self.env, log, queues="fault-scoring")
+        elif name == "beat":
+            proc = Proc("beat", [sys.executable, "-m", "api.cli", "beat", "--loglevel", "info"], self.env, log)
+        else:
+            proc = start_api(self.env, log, self.api_port)
+        self.procs[name] = proc
+        return proc
+
+    def api(self) -> httpx.Client:
+        return httpx.Client(base_url=f"http://127.0.0.1:{self.api_port}", timeout=30)
+
+    def submit(self) -> str:
+        with self.api() as c:
+            resp = c.post("/v1/jobs", json={"items": ITEMS})
+            assert resp.status_code == 202, resp.text
+            return str(resp.json()["job_id"])
+
+    def job(self, job_id: str) -> dict:
+        with get_sessionmaker(self.db_url)() as s:
+            job = s.get(Job, job_id)
+            assert job is not None
+            return {"status": job.status, "done": job.n_done, "failed": job.n_failed}
+
+    def wait_done(self, job_id: str, at_least: int, timeout: float) -> None:
+        wait_for(lambda: self.job(job_id)["done"] >= at_least, timeout, f"{at_least} items scored")
+
+    def exactly_once(self, job_id: str) -> None:
+        with get_sessionmaker(self.db_url)() as s:
+            n, distinct = s.execute(
+                select(func.count(), func.count(func.distinct(Result.idx))).where(Result.job_id == job_id)
+            ).one()
+        assert n == distinct == len(ITEMS)
+        assert self.job(job_id) == {"status": "succeeded", "done": len(ITEMS), "failed": 0}
+        with self.api() as c:
+            rows = c.get(f"/v1/jobs/{job_id}/results", params={"limit": 10_000}).json()["results"]
+        assert [r["id"] for r in rows] == [x["id"] for x in ITEMS]
+
+    def stop(self) -> None:
+        for p in reversed(list(self.procs.values())):
+            p.stop()
+
+
+@pytest.fixture()
+def rig_factory(tmp_path: Path, redis_url: str) -> Iterator:
+    rigs: list[Rig] = []
+
+    def make(db_url: str) -> Rig:
+        rig = Rig(db_url, tmp_path)
+        rigs.append(rig)
+        return rig
+
+    yield make
+    for rig in rigs:
+        rig.stop()
+
+
+def _backend(url: str) -> str:
+    return "PostgreSQL" if url.startswith("postgresql") else "SQLite"
+
+
+def test_worker_sigkilled_mid_job(rig_factory, pg_url: str, ledger: Ledger):
+    rig = rig_factory(migrated(pg_url))
+    for name in ("redis", "api", "beat", "worker1"):
+        rig.start(name)
+    job_id = rig.submit()
+    rig.wait_done(job_id, 96, 120)
+    rig.procs["worker1"].kill()  # SIGKILL to the whole process group: the main process and its child
+    rig.procs["worker1"].popen.wait(10)
+    assert rig.job(job_id)["status"] == "running" and rig.job(job_id)["done"] < len(ITEMS)
+    t0 = time.monotonic()
+    rig.start("worker2")
+    wait_for(lambda: rig.job(job_id)["status"] == "succeeded", 180, "job finished after the worker was killed")
+    took = time.monotonic() - t0
+    rig.exactly_once(job_id)
+    ledger.add(
+        "fault",
+        "SIGKILL a worker's process tree mid-job, start another",
+        _backend(rig.db_url),
+        f"job finished {took:.0f} s later, each of {len(ITEMS)} items exactly once",
+    )
+
+
+def test_redis_restarted_without_persistence_mid_job(rig_factory, tmp_path: Path, ledger: Ledger):
+    rig = rig_factory(migrated(f"sqlite:///{tmp_path / 'faults.db'}"))
+    for name in ("redis", "api", "beat", "worker1"):
+        rig.start(name)
+    job_id = rig.submit()
+    rig.wait_done(job_id, 96, 120)
+    rig.procs["redis"].kill()  # every queued message is gone
+    rig.procs["redis"].popen.wait(10)
+    time.sleep(1)
+    rig.start("redis")
+    wait_for(lambda: rig.job(job_id)["status"] == "succeeded", 180, "job finished after Redis restarted")
+    rig.exactly_once(job_id)
+    ledger.add(
+        "fault",
+        "restart Redis (no persistence) mid-job",
+        _backend(rig.db_url),
+        "queued messages lost; the sweeper re-enqueued them from SQL; each item exactly once",
+    )
+
+
+def test_postgresql_unreachable_for_a_while_mid_job(rig_factory, pg_url: str, ledger: Ledger):
+    base = migrated(pg_url)
+    proxy = TcpProxy(5432)
+    try:
+        rig = rig_factory(base.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}"))
+        need("127.0.0.1:5432" in base, "PostgreSQL on 127.0.0.1:5432")
+        for name in ("redis", "api", "beat", "worker1"):
+            rig.start(name)
+        job_id = rig.submit()
+        with get_sessionmaker(base)() as s:  # watch through the direct connection
+            wait_for(lambda: (s.get(Job, job_id, populate_existing=True).n_done or 0) >= 96, 120, "scoring started")
+        proxy.outage()
+        time.sleep(1)
+        with rig.api() as c:
+            resp = c.get(f"/v1/jobs/{job_id}")
+            assert resp.status_code == 503 and resp.headers["Retry-After"], resp.text
+        time.sleep(5)
+        with get_sessionmaker(base)() as s:
+            assert s.get(Job, job_id).status == "running"
+        proxy.restore()
+
+        def finished() -> bool:
+            with get_sessionmaker(base)() as s:
+                return s.get(Job, job_id).status == "succeeded"
+
+        wait_for(finished, 180, "job finished after the database came back")
+        with get_sessionmaker(base)() as s:
+            n = s.scalar(select(func.count()).select_from(Result).where(Result.job_id == job_id))
+            assert n == len(ITEMS) and s.get(Job, job_id).n_done == len(ITEMS)
+    finally:
+        proxy.close()
+    ledger.add(
+        "fault",
+        "PostgreSQL unreachable for 6 s mid-job (connections cut, new ones refused)",
+        "PostgreSQL",
+        "workers retried with backoff; the API answered 503; each item exactly once",
+    )
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_api_killed_mid_upload_leaves_no_job(rig_factory, backend: str, tmp_path: Path, ledger: Ledger,
+                                              request: pytest.FixtureRequest):  # fmt: skip
+    db = migrated(f"sqlite:///{tmp_path / 'upload.db'}" if backend == "sqlite" else request.getfixturevalue("pg_url"))
+    rig = rig_factory(db)
+    rig.start("redis")
+    api = rig.start("api")
+    with get_sessionmaker(db)() as s:
+        before = (s.query(Job).count(), s.query(Item).count())
+    line = b'{"prompt": "a prompt", "response": "a response"}\n'
+    body = line * 20_000
+    sock = socket.create_connection(("127.0.0.1", rig.api_port))
+    sock.sendall(b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-ndjson\r\n"
+                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body[: len(body) // 2])  # fmt: skip
+    time.sleep(0.5)
+    api.kill()
+    api.popen.wait(10)
+    sock.close()
+    rig.start("api")  # comes back up on the same database
+    with rig.api() as c:
+        assert c.get("/healthz").status_code == 200
+    with get_sessionmaker(db)() as s:
+        assert (s.query(Job).count(), s.query(Item).count()) == before
+    ledger.add(
+        "fault",
+        "SIGKILL the API halfway through a 1 MB ndjson upload",
+        _backend(db),
+        "no job and no item visible, before or after the API restarts",
+    )
