@@ -5,6 +5,7 @@ from __future__ import annotations
 from sqlalchemy import inspect
 
 from storage import repository as repo
+from storage import results
 from storage.db import get_engine, session_scope
 from storage.models import Job, Result
 
@@ -45,7 +46,7 @@ def test_redelivered_batch_counts_once_and_job_finishes(db_url: str):
         job = s.get(Job, job_id)
         assert (job.status, job.n_done) == ("succeeded", 6) and job.finished_at is not None
         assert [r.score for r in s.query(Result).filter_by(job_id=job_id).order_by(Result.idx)] == [1, 2, 3, 4, 5, 6]
-        summary = repo.score_summary(s, job_id=job_id)
+        summary = results.score_summary(s, job_id=job_id)
     assert summary["count"] == 6 and summary["min"] == 1.0 and summary["max"] == 6.0
     assert summary["mean"] == 3.5 and summary["p50"] in (3.0, 4.0)
 
@@ -67,7 +68,7 @@ def test_score_cursor_pages_cover_ties_exactly_once(db_url: str):
         seen, cursor = [], None
         with session_scope(db_url) as s:
             while True:
-                rows, cursor = repo.results_page(s, job_id=job_id, sort=sort, cursor=cursor, limit=5)
+                rows, cursor = results.results_page(s, job_id=job_id, sort=sort, cursor=cursor, limit=5)
                 seen += [r.idx for r, _ in rows]
                 if cursor is None:
                     break

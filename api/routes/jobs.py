@@ -22,6 +22,7 @@ from api.errors import ApiError, FieldError, invalid
 from api.parsing import JobRequest, parse_json_job, parse_ndjson_items
 from api.schemas import ErrorOut, FailedItem, JobCreated, JobList, JobOut, Progress, ResultOut, ResultPage, ScoreSummary
 from storage import repository as repo
+from storage import results
 from storage.db import get_sessionmaker
 from storage.models import Item, Job, Result
 from storage.settings import Settings
@@ -53,11 +54,11 @@ _CREATE_DOC: dict[str, Any] = {
 
 def _job_detail(session: Session, job: Job) -> JobOut:
     """A job with its score summary and its error ledger (what GET /v1/jobs/{id} answers)."""
-    out = _job_out(job, repo.score_summary(session, job_id=job.id))
+    out = _job_out(job, results.score_summary(session, job_id=job.id))
     if job.n_failed:
-        out.error_counts = repo.error_counts(session, job_id=job.id)
+        out.error_counts = results.error_counts(session, job_id=job.id)
         out.failed_items = [FailedItem(index=e.idx, id=it.item_id, code=e.code, message=e.message)
-                            for e, it in repo.item_errors(session, job_id=job.id, limit=100)]  # fmt: skip
+                            for e, it in results.item_errors(session, job_id=job.id, limit=100)]  # fmt: skip
     return out
 
 
@@ -205,7 +206,7 @@ def job_errors(job_id: str, session: SessionDep, tenant: TenantDep) -> list[Fail
     """Every item that could not be scored, with its reason code (the error ledger)."""
     job = _load_job(session, job_id, tenant)
     return [FailedItem(index=e.idx, id=it.item_id, code=e.code, message=e.message)
-            for e, it in repo.item_errors(session, job_id=job.id, limit=None)]  # fmt: skip
+            for e, it in results.item_errors(session, job_id=job.id, limit=None)]  # fmt: skip
 
 
 def _row(r: Result, it: Item) -> dict[str, Any]:
@@ -216,7 +217,7 @@ def _row(r: Result, it: Item) -> dict[str, Any]:
 _CSV_FIELDS = ["index", "id", "prompt", "response", "score", "cos", "model_version", "error_code", "error"]
 
 
-def _stream(url: str, job_id: str, sort: repo.Sort, fmt: str) -> Iterator[str]:
+def _stream(url: str, job_id: str, sort: results.Sort, fmt: str) -> Iterator[str]:
     # A fresh session: the request's one is closed once the response starts streaming.
     with get_sessionmaker(url)() as session:
         buf = io.StringIO()
@@ -224,11 +225,11 @@ def _stream(url: str, job_id: str, sort: repo.Sort, fmt: str) -> Iterator[str]:
         if fmt == "csv":
             writer.writeheader()
         n = 0
-        scored = (_row(r, it) for r, it in repo.iter_results(session, job_id=job_id, sort=sort))
+        scored = (_row(r, it) for r, it in results.iter_results(session, job_id=job_id, sort=sort))
         # Failed items follow the scored ones, with no score and their reason code.
         failed = ({"index": e.idx, "id": it.item_id, "prompt": it.prompt, "response": it.response, "score": None,
                    "cos": None, "model_version": None, "error_code": e.code, "error": e.message}
-                  for e, it in repo.item_errors(session, job_id=job_id, limit=None))  # fmt: skip
+                  for e, it in results.item_errors(session, job_id=job_id, limit=None))  # fmt: skip
         for row in itertools.chain(scored, failed):
             if fmt == "csv":
                 row["cos"] = json.dumps(row["cos"]) if row["cos"] is not None else ""
@@ -262,7 +263,7 @@ def job_results(
         return StreamingResponse(_stream(settings.database_url, job.id, sort, format), media_type=media,
                                  headers=headers)  # fmt: skip
     try:
-        rows, nxt = repo.results_page(session, job_id=job.id, sort=sort, cursor=cursor, limit=limit)
-    except repo.CursorError as exc:
+        rows, nxt = results.results_page(session, job_id=job.id, sort=sort, cursor=cursor, limit=limit)
+    except results.CursorError as exc:
         raise invalid([FieldError("cursor", str(exc))]) from exc
     return ResultPage(job_id=job.id, results=[ResultOut(**_row(r, it)) for r, it in rows], next_cursor=nxt)
