@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError
 
 from api.errors import ApiError, FieldError
-from api.routes import feedback, jobs, training
+from api.routes import feedback, jobs, ops, training
 
 
 def _field_error(err: dict[str, Any]) -> FieldError:
@@ -44,10 +44,7 @@ def create_app() -> FastAPI:
         return JSONResponse({"detail": "database unavailable, retry shortly", "errors": []}, status_code=503,
                             headers={"Retry-After": "5"})  # fmt: skip
 
-    @app.get("/healthz", tags=["ops"])
-    def healthz() -> dict[str, str]:
-        return {"status": "ok"}
-
+    app.include_router(ops.router)
     app.include_router(jobs.router)
     app.include_router(feedback.router)
     for router in (training.runs, training.models, training.schedules):

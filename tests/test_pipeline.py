@@ -190,3 +190,22 @@ def stack_free_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("REWARDQ_")}
     env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
     return env
+
+
+def test_metrics_in_prometheus_format(stack: Stack):
+    job_id = stack.client.post("/v1/jobs", json={"items": [{"prompt": "a b c", "response": "d e"}] * 3}).json()
+    assert wait_job(stack.client, job_id["job_id"])["status"] == "succeeded"
+    resp = stack.client.get("/metrics")
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/plain")
+    values = {}
+    for line in resp.text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    assert values["rewardq_redis_up"] == 1
+    for name in ("items_scored", "batches", "tokens", "padded_tokens", "encode_seconds", "kernel_seconds",
+                 "db_seconds", "encoder_batches"):  # fmt: skip
+        assert values[f"rewardq_{name}_total"] > 0, name
+    assert 0 <= values["rewardq_padding_ratio"] < 1 and values["rewardq_tokens_per_batch"] > 0
+    assert values[f'rewardq_queue_depth{{queue="{stack.queue}"}}'] == 0
+    assert values['rewardq_jobs{status="succeeded"}'] >= 1

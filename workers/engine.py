@@ -13,6 +13,7 @@ from storage import repository as repo
 from storage.db import session_scope
 from storage.models import FINISHED
 from storage.settings import get_settings
+from workers import metrics
 from workers.errors import InjectedFault, ModelUnavailable, is_transient, reason_code
 from workers.messages import ScoreBatch, build_messages, enqueue_score_batches
 from workers.registry import resolve_encoder
@@ -89,11 +90,16 @@ def score_batch(msg: ScoreBatch) -> int:
             raise
         _quarantine(msg, exc)
         return 0
+    t0 = time.perf_counter()
     with session_scope() as s:
-        return repo.save_results(
+        inserted = repo.save_results(
             s, job_id=msg.job_id, batch_no=msg.batch_no, start_idx=msg.start_idx,
             scores=scores.reward, cos=scores.cos, model_version=msg.model_version,
         )  # fmt: skip
+    stats = get_model(msg.model_version).take_stats()
+    metrics.record(get_settings().redis_url, {**stats, "items_scored": inserted, "batches": 1,
+                                              "db_seconds": time.perf_counter() - t0})  # fmt: skip
+    return inserted
 
 
 def fail_job(job_id: str, error: str) -> None:
@@ -106,8 +112,9 @@ def _quarantine(msg: ScoreBatch, exc: BaseException) -> None:
     if len(msg.prompts) == 1:
         log.warning("item %s/%d failed: %s", msg.job_id, msg.start_idx, exc)
         with session_scope() as s:
-            repo.record_item_failure(s, job_id=msg.job_id, batch_no=msg.batch_no, idx=msg.start_idx,
-                                     code=reason_code(exc), message=f"{type(exc).__name__}: {exc}")  # fmt: skip
+            new = repo.record_item_failure(s, job_id=msg.job_id, batch_no=msg.batch_no, idx=msg.start_idx,
+                                           code=reason_code(exc), message=f"{type(exc).__name__}: {exc}")  # fmt: skip
+        metrics.record(get_settings().redis_url, {"items_failed": float(new)})
         return
     with session_scope() as s:
         halves = repo.split_batch(s, job_id=msg.job_id, batch_no=msg.batch_no)

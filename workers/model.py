@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -63,6 +64,7 @@ class RewardModel:
         self.heads = (heads or Heads(dim)).to(self.device).eval()
         self.max_length = min(max_length, int(getattr(self.tokenizer, "model_max_length", max_length) or max_length))
         self.encode_batch_size = encode_batch_size
+        self.stats: dict[str, float] = {}
 
     @property
     def dim(self) -> int:
@@ -75,7 +77,18 @@ class RewardModel:
         hidden: torch.Tensor = self.encoder(**tok).last_hidden_state.float()
         mask: torch.Tensor = tok["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         pooled: torch.Tensor = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+        self._count(tokens=float(tok["attention_mask"].sum()), padded_tokens=float(tok["attention_mask"].numel()),
+                    encoder_batches=1.0)  # fmt: skip
         return pooled
+
+    def _count(self, **values: float) -> None:
+        for k, v in values.items():
+            self.stats[k] = self.stats.get(k, 0.0) + v
+
+    def take_stats(self) -> dict[str, float]:
+        """Counters since the last call (tokens, padded tokens, encoder batches, encode and kernel seconds)."""
+        out, self.stats = self.stats, {}
+        return out
 
     @torch.inference_mode()
     def embed(self, texts: Sequence[str]) -> torch.Tensor:
@@ -94,6 +107,10 @@ class RewardModel:
         # Each distinct text is encoded once per batch (RLHF batches repeat the prompt).
         uniq = list(dict.fromkeys([*prompts, *responses]))
         pos = {t: i for i, t in enumerate(uniq)}
+        t0 = time.perf_counter()
         emb = self.embed(uniq).to(self.device)
+        t1 = time.perf_counter()
         reward, cos = self.heads.reward(emb[[pos[p] for p in prompts]], emb[[pos[r] for r in responses]])
-        return Scores(reward=reward.cpu().tolist(), cos=cos.cpu().tolist())
+        out = Scores(reward=reward.cpu().tolist(), cos=cos.cpu().tolist())
+        self._count(encode_seconds=t1 - t0, kernel_seconds=time.perf_counter() - t1)
+        return out

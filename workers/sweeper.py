@@ -15,6 +15,7 @@ import redis
 from storage import repository as repo
 from storage.db import session_scope
 from storage.settings import get_settings
+from workers import metrics
 from workers.messages import build_messages, enqueue_score_batches
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ def sweep(now: datetime | None = None) -> int:
         requeued += 1
     if requeued:
         log.warning("re-enqueued %d overdue batch(es)", requeued)
+        metrics.record(settings.redis_url, {"batches_requeued": requeued})
     return requeued
 
 

@@ -1,0 +1,48 @@
+"""Counters the workers add to in Redis and the API's /metrics reads: one hash for all worker processes."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import redis
+
+log = logging.getLogger(__name__)
+
+KEY = "rewardq:metrics"
+
+# name -> (help, type) for what the workers count; /metrics renders them in Prometheus text format.
+COUNTERS: dict[str, str] = {
+    "items_scored": "result rows written",
+    "items_failed": "items put in the error ledger",
+    "batches": "queue messages scored",
+    "encoder_batches": "encoder forward passes",
+    "tokens": "real tokens encoded",
+    "padded_tokens": "tokens encoded including padding",
+    "encode_seconds": "time in the encoder",
+    "kernel_seconds": "time in the reward kernel",
+    "db_seconds": "time writing results and progress",
+    "batches_requeued": "overdue batches the sweeper enqueued again",
+}
+
+
+def record(url: str, values: Mapping[str, float]) -> None:
+    """Add to the shared counters; metrics never fail the work they describe."""
+    try:
+        pipe = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1).pipeline()
+        for k, v in values.items():
+            if v:
+                pipe.hincrbyfloat(KEY, k, v)
+        pipe.execute()
+    except (redis.RedisError, OSError):
+        log.debug("metrics not recorded: Redis unreachable")
+
+
+def read(url: str) -> dict[str, float]:
+    client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1, decode_responses=True)
+    return {str(k): float(v) for k, v in client.hgetall(KEY).items()}
+
+
+def queue_depths(url: str, queues: list[str]) -> dict[str, int]:
+    client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
+    return {q: int(client.llen(q)) for q in queues}
