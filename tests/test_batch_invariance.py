@@ -33,3 +33,25 @@ def test_repeated_prompt_is_encoded_once_and_scores_alike(model: RewardModel):
     s = model.score(prompts, responses)
     assert s.reward[1] == s.reward[3]
     assert len(set(s.reward)) == 4
+
+
+def test_token_budget_and_embedding_cache_do_not_change_scores(model: RewardModel):
+    texts = [f"{'word ' * (1 + (i * 7) % 60)}number {i}" for i in range(90)]
+    prompts, responses = texts[:45], texts[45:]
+    budget, cache = model.token_budget, model.cache_size
+    try:
+        model.token_budget, model.cache_size = 10**9, 0  # one group per encode_batch_size texts, no cache
+        wide = model.score(prompts, responses)
+        model.take_stats()
+        model.token_budget, model.cache_size = 256, 1000  # many small groups, cached
+        narrow = model.score(prompts, responses)
+        stats = model.take_stats()
+        again = model.score(prompts, responses)
+        hits = model.take_stats()
+    finally:
+        model.token_budget, model.cache_size = budget, cache
+        model._cache.clear()
+    assert max(abs(x - y) for x, y in zip(wide.reward, narrow.reward, strict=True)) < 1e-5
+    assert stats["embed_cache_misses"] == 90 and "embed_cache_hits" not in stats
+    assert stats["encoder_batches"] > 2 and stats["padded_tokens"] / stats["encoder_batches"] <= 256
+    assert again.reward == narrow.reward and hits["embed_cache_hits"] == 90 and "encoder_batches" not in hits

@@ -23,6 +23,9 @@ COUNTERS: dict[str, str] = {
     "kernel_seconds": "time in the reward kernel",
     "db_seconds": "time writing results and progress",
     "batches_requeued": "overdue batches the sweeper enqueued again",
+    "embed_cache_hits": "texts whose embedding came from the worker's cache",
+    "embed_cache_misses": "texts the encoder had to run on",
+    "truncated_texts": "texts cut to REWARDQ_MAX_LENGTH tokens",
 }
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -53,7 +56,8 @@ class RewardModel:
     """Encoder + heads, loaded once per worker process and reused for every batch."""
 
     def __init__(self, version: str, encoder_path: str, heads: Heads | None = None, max_length: int = 256,
-                 encode_batch_size: int = 64, device: str | None = None):  # fmt: skip
+                 encode_batch_size: int = 64, device: str | None = None, token_budget: int = 0,
+                 cache_size: int = 0):  # fmt: skip
         from transformers import AutoModel, AutoTokenizer
 
         self.version = version
@@ -64,7 +68,13 @@ class RewardModel:
         self.heads = (heads or Heads(dim)).to(self.device).eval()
         self.max_length = min(max_length, int(getattr(self.tokenizer, "model_max_length", max_length) or max_length))
         self.encode_batch_size = encode_batch_size
+        # Padded tokens per encoder pass: small on a CPU (padding costs as much as text there), large on a GPU.
+        self.token_budget = token_budget or (16384 if self.device.type == "cuda" else 1024)
         self.stats: dict[str, float] = {}
+        # Embeddings of recent texts (a prompt scored against many responses, a pair seen in an earlier
+        # job): only for serving, where the encoder never changes under the cache.
+        self.cache_size = cache_size
+        self._cache: OrderedDict[bytes, torch.Tensor] = OrderedDict()
 
     @property
     def dim(self) -> int:
@@ -74,12 +84,7 @@ class RewardModel:
         """Mean pooling over the attention mask, float32 [N, D], on the model's device; autograd-aware."""
         tok = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
                              return_tensors="pt").to(self.device)  # fmt: skip
-        hidden: torch.Tensor = self.encoder(**tok).last_hidden_state.float()
-        mask: torch.Tensor = tok["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        pooled: torch.Tensor = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
-        self._count(tokens=float(tok["attention_mask"].sum()), padded_tokens=float(tok["attention_mask"].numel()),
-                    encoder_batches=1.0)  # fmt: skip
-        return pooled
+        return self._pool(tok)
 
     def _count(self, **values: float) -> None:
         for k, v in values.items():
@@ -92,13 +97,63 @@ class RewardModel:
 
     @torch.inference_mode()
     def embed(self, texts: Sequence[str]) -> torch.Tensor:
-        """Embeddings [N, D] on the CPU; texts are sorted by length so padding stays small."""
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        """Embeddings [N, D] on the CPU.
+
+        Texts are tokenized once, sorted by token count and grouped so that each encoder pass holds at
+        most ``token_budget`` padded tokens (and ``encode_batch_size`` texts): padding stays small
+        whatever the mix of lengths. A pair's embedding does not depend on its neighbours (the
+        attention mask hides padding), so grouping never changes a score beyond float rounding.
+        """
         out = torch.empty((len(texts), self.dim), dtype=torch.float32)
-        for lo in range(0, len(order), self.encode_batch_size):
-            idx = order[lo : lo + self.encode_batch_size]
-            out[torch.tensor(idx)] = self.encode([texts[i] for i in idx]).cpu()
+        keys = [hashlib.blake2b(t.encode("utf-8", "surrogatepass"), digest_size=16).digest() for t in texts]
+        todo = [i for i, k in enumerate(keys) if not self._from_cache(k, out, i)]
+        if todo:
+            enc = self.tokenizer([texts[i] for i in todo], truncation=True, max_length=self.max_length)
+            ids: list[list[int]] = enc["input_ids"]
+            lengths = [len(x) for x in ids]
+            order = sorted(range(len(todo)), key=lengths.__getitem__)
+            lo = 0
+            while lo < len(order):
+                hi = lo + 1
+                while (hi < len(order) and hi - lo < self.encode_batch_size
+                       and (hi - lo + 1) * lengths[order[hi]] <= self.token_budget):  # fmt: skip
+                    hi += 1
+                group = order[lo:hi]
+                batch = self.tokenizer.pad({"input_ids": [ids[j] for j in group],
+                                            "attention_mask": [[1] * lengths[j] for j in group]},
+                                           return_tensors="pt")  # fmt: skip
+                pooled = self._pool(batch.to(self.device)).cpu()
+                for row, j in enumerate(group):
+                    out[todo[j]] = pooled[row]
+                    self._to_cache(keys[todo[j]], pooled[row])
+                lo = hi
+            self._count(truncated_texts=float(sum(n >= self.max_length for n in lengths)))
         return out
+
+    def _pool(self, tok: Any) -> torch.Tensor:
+        hidden: torch.Tensor = self.encoder(**tok).last_hidden_state.float()
+        mask: torch.Tensor = tok["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        pooled: torch.Tensor = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+        self._count(tokens=float(tok["attention_mask"].sum()), padded_tokens=float(tok["attention_mask"].numel()),
+                    encoder_batches=1.0)  # fmt: skip
+        return pooled
+
+    def _from_cache(self, key: bytes, out: torch.Tensor, i: int) -> bool:
+        if not self.cache_size:
+            return False
+        hit = self._cache.get(key)
+        self._count(**({"embed_cache_hits": 1.0} if hit is not None else {"embed_cache_misses": 1.0}))
+        if hit is None:
+            return False
+        self._cache.move_to_end(key)
+        out[i] = hit
+        return True
+
+    def _to_cache(self, key: bytes, emb: torch.Tensor) -> None:
+        if self.cache_size:
+            self._cache[key] = emb.clone()
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
 
     @torch.inference_mode()
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> Scores:

@@ -1,0 +1,191 @@
+"""Pipeline throughput against the in-process limit and against the script a user would write instead.
+
+Two workloads: all-unique pairs (STS-B dev, 1,500) and RLHF-shaped (100 prompts x 20 responses). For each:
+  (a) raw in-process encoder + kernel, same model and batching as a worker (the limit);
+  (b) what a user would write: sentence-transformers `encode` of both sides, cosine, exp;
+  (c) the full pipeline: submit through the API -> a worker -> every result read back through the API.
+Plus ingestion: N items POSTed as ndjson, items/s and the API process's peak RSS.
+Writes benchmarks/results/pipeline.json and prints a table.
+
+    python benchmarks/benchmark_pipeline.py [--ingest-items 100000] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def workloads() -> dict[str, list[dict[str, str]]]:
+    from api.samples import load_bundled, load_sts
+
+    dev = load_sts("dev") or load_bundled()
+    unique = [{"id": str(i), "prompt": x["prompt"], "response": x["response"]} for i, x in enumerate(dev)]
+    sentences = list(dict.fromkeys([x["response"] for x in dev]))
+    prompts = [x["prompt"] for x in dev[:100]]
+    rlhf = [{"id": f"{p}-{r}", "prompt": prompts[p], "response": sentences[(p * 20 + r) % len(sentences)]}
+            for p in range(len(prompts)) for r in range(20)]  # fmt: skip
+    return {"unique (STS-B dev)": unique, "RLHF-shaped (100 x 20)": rlhf}
+
+
+def in_process(items: list[dict[str, str]], batch_size: int) -> float:
+    from workers.model import RewardModel
+    from workers.registry import default_encoder_path
+
+    model = _cached("model", lambda: RewardModel("bench", default_encoder_path()))
+    t0 = time.perf_counter()
+    for lo in range(0, len(items), batch_size):
+        chunk = items[lo : lo + batch_size]
+        model.score([x["prompt"] for x in chunk], [x["response"] for x in chunk])
+    return len(items) / (time.perf_counter() - t0)
+
+
+def user_script(items: list[dict[str, str]]) -> float:
+    import numpy as np
+    from sentence_transformers import SentenceTransformer
+
+    from workers.registry import default_encoder_path
+
+    st = _cached("st", lambda: SentenceTransformer(default_encoder_path(), device="cpu"))
+    t0 = time.perf_counter()
+    a = st.encode([x["prompt"] for x in items], batch_size=64, convert_to_numpy=True)
+    b = st.encode([x["response"] for x in items], batch_size=64, convert_to_numpy=True)
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    np.exp(-cos)
+    return len(items) / (time.perf_counter() - t0)
+
+
+def _variant(items: list[dict[str, str]], k: str) -> list[dict[str, str]]:
+    return [{"id": x["id"], "prompt": f"{x['prompt']} ({k})", "response": f"{x['response']} ({k})"} for x in items]
+
+
+_CACHE: dict[str, object] = {}
+
+
+def _cached(name, make):
+    if name not in _CACHE:
+        _CACHE[name] = make()
+    return _CACHE[name]
+
+
+class Stack:
+    """Redis (the running one or a private one), a SQLite database, one worker and the API, as processes."""
+
+    def __init__(self, tmp: Path):
+        from api.procs import free_port, redis_answers, start_api, start_redis, start_worker
+        from storage.migrate import upgrade
+        from workers.registry import register_base_version
+
+        self.procs = []
+        redis_url = os.environ.get("REWARDQ_REDIS_URL", "redis://127.0.0.1:6379/0")
+        if not redis_answers(redis_url):
+            port = free_port()
+            self.procs.append(start_redis(port, tmp / "redis.log"))
+            redis_url = f"redis://127.0.0.1:{port}/0"
+        self.env = {**os.environ, "REWARDQ_DATABASE_URL": f"sqlite:///{tmp / 'bench.db'}",
+                    "REWARDQ_REDIS_URL": redis_url, "REWARDQ_SCORING_QUEUE": f"bench-{os.getpid()}",
+                    "PYTHONPATH": str(ROOT)}  # fmt: skip
+        os.environ.update({k: self.env[k] for k in ("REWARDQ_DATABASE_URL", "REWARDQ_REDIS_URL")})
+        from storage.settings import get_settings
+
+        get_settings.cache_clear()
+        upgrade()
+        register_base_version()
+        self.procs.append(start_worker(self.env, tmp / "worker.log", queues=self.env["REWARDQ_SCORING_QUEUE"]))
+        self.port = free_port()
+        self.procs.append(start_api(self.env, tmp / "api.log", self.port))
+        self.api_pid = self.procs[-1].pid
+
+    def close(self) -> None:
+        for p in reversed(self.procs):
+            p.stop()
+
+
+def pipeline(stack: Stack, items: list[dict[str, str]]) -> float:
+    from api.client import Client
+
+    with Client(f"http://127.0.0.1:{stack.port}") as c:
+        t0 = time.perf_counter()
+        job_id = c.submit(items)
+        c.wait(job_id, progress=False, poll=0.2, timeout=1800)
+        n = sum(1 for _ in c.results(job_id, page=10_000))
+        took = time.perf_counter() - t0
+    assert n == len(items), (n, len(items))
+    return len(items) / took
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def ingestion(stack: Stack, n: int) -> dict[str, float]:
+    import httpx
+
+    line = b'{"prompt": "How do I bake bread at home?", "response": "Mix flour, water, salt and yeast, then bake."}\n'
+    body = line * n
+    t0 = time.perf_counter()
+    resp = httpx.post(f"http://127.0.0.1:{stack.port}/v1/jobs", content=body, timeout=1800,
+                      headers={"Content-Type": "application/x-ndjson"})  # fmt: skip
+    took = time.perf_counter() - t0
+    assert resp.status_code == 202, resp.text[:500]
+    with httpx.Client(base_url=f"http://127.0.0.1:{stack.port}") as c:
+        c.post(f"/v1/jobs/{resp.json()['job_id']}/cancel")  # measured the intake; no need to score it
+    return {"items": n, "items_per_s": n / took, "seconds": took, "api_peak_rss_mb": peak_rss_mb(stack.api_pid)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeat", type=int, default=3, help="runs per measurement; the median is reported")
+    p.add_argument("--ingest-items", type=int, default=100_000)
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "pipeline.json")
+    args = p.parse_args()
+    from storage.settings import get_settings
+
+    batch_size = get_settings().batch_size
+    tmp = Path(tempfile.mkdtemp(prefix="rewardq-bench-"))
+    stack = Stack(tmp)
+    rows = []
+    try:
+        for w, (name, items) in enumerate(workloads().items()):
+            warm = _variant(items[:64], f"{w}.warm")  # model loads and first-call costs, outside the measurement
+            pipeline(stack, warm)
+            in_process(warm, batch_size)
+            user_script(warm)
+            # Each repetition gets its own texts, so no cache (the worker keeps embeddings) sees them twice.
+            runs = [_variant(items, f"{w}.{k}") for k in range(args.repeat)]
+            a = statistics.median(in_process(v, batch_size) for v in runs)
+            b = statistics.median(user_script(v) for v in runs)
+            c = statistics.median(pipeline(stack, v) for v in runs)
+            rows.append({"workload": name, "pairs": len(items), "a_in_process": a, "b_user_script": b,
+                         "c_pipeline": c, "c_over_a": c / a, "c_over_b": c / b})  # fmt: skip
+        ingest = ingestion(stack, args.ingest_items)
+    finally:
+        stack.close()
+    print("| workload | pairs | (a) in-process pairs/s | (b) user script pairs/s | (c) pipeline pairs/s | c/a | c/b |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['workload']} | {r['pairs']} | {r['a_in_process']:.0f} | {r['b_user_script']:.0f} | "
+              f"{r['c_pipeline']:.0f} | {r['c_over_a']:.2f} | {r['c_over_b']:.2f} |")  # fmt: skip
+    print(f"ingestion: {ingest['items']} items in {ingest['seconds']:.1f} s = {ingest['items_per_s']:.0f} items/s, "
+          f"API peak RSS {ingest['api_peak_rss_mb']:.0f} MB (SQLite)")  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"cpus": os.cpu_count(), "repeat": args.repeat, "batch_size": batch_size}
+    args.out.write_text(json.dumps({"meta": meta, "rows": rows, "ingestion": ingest}, indent=1))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
