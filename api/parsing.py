@@ -63,6 +63,26 @@ def _check_list(raw: Any, name: str, max_items: int) -> list[Any]:
     return raw
 
 
+def validate_item(obj: Any, i: int, max_chars: int, errors: list[FieldError]) -> NewItem | None:
+    """One scoring item (at index ``i``), or None with the reasons appended to ``errors``."""
+    if not isinstance(obj, dict):
+        errors.append(FieldError("item", f"must be an object, got {type(obj).__name__}", i))
+        return None
+    n_errors = len(errors)
+    prompt = _text(obj.get("prompt"), "prompt", i, max_chars, errors)
+    response = _text(obj.get("response"), "response", i, max_chars, errors)
+    raw_id = obj.get("id")
+    if raw_id is None:
+        item_id = str(i)
+    elif isinstance(raw_id, bool) or not isinstance(raw_id, str | int):
+        errors.append(FieldError("id", f"must be a string or an integer, got {type(raw_id).__name__}", i))
+    else:
+        item_id = str(raw_id)
+        if not item_id or len(item_id) > _MAX_ID or "\x00" in item_id:
+            errors.append(FieldError("id", f"must be 1 to {_MAX_ID} characters without NUL", i))
+    return NewItem(item_id, prompt, response) if len(errors) == n_errors else None
+
+
 def validate_items(raw: Any, *, max_items: int, max_chars: int) -> list[NewItem]:
     _check_list(raw, "items", max_items)
     errors: list[FieldError] = []
@@ -71,27 +91,15 @@ def validate_items(raw: Any, *, max_items: int, max_chars: int) -> list[NewItem]
     for i, obj in enumerate(raw):
         if len(errors) >= MAX_REPORTED:
             break
-        if not isinstance(obj, dict):
-            errors.append(FieldError("item", f"must be an object, got {type(obj).__name__}", i))
+        item = validate_item(obj, i, max_chars, errors)
+        if item is None:
             continue
-        prompt = _text(obj.get("prompt"), "prompt", i, max_chars, errors)
-        response = _text(obj.get("response"), "response", i, max_chars, errors)
-        raw_id = obj.get("id")
-        if raw_id is None:
-            item_id = str(i)
-        elif isinstance(raw_id, bool) or not isinstance(raw_id, str | int):
-            errors.append(FieldError("id", f"must be a string or an integer, got {type(raw_id).__name__}", i))
-            continue
-        else:
-            item_id = str(raw_id)
-            if not item_id or len(item_id) > _MAX_ID or "\x00" in item_id:
-                errors.append(FieldError("id", f"must be 1 to {_MAX_ID} characters without NUL", i))
-                continue
+        item_id = item.item_id
         if item_id in seen:
             errors.append(FieldError("id", f"duplicate id {item_id!r} (first at index {seen[item_id]})", i))
             continue
         seen[item_id] = i
-        items.append(NewItem(item_id, prompt, response))
+        items.append(item)
     if errors:
         raise invalid(errors)
     return items
@@ -130,10 +138,6 @@ def parse_ndjson(body: bytes, *, max_items: int) -> list[Any]:
         if len(objs) > max_items:
             raise invalid([FieldError("items", f"at most {max_items} items per request")], status=413)
     return objs
-
-
-def parse_ndjson_items(body: bytes, *, max_items: int, max_chars: int) -> list[NewItem]:
-    return validate_items(parse_ndjson(body, max_items=max_items), max_items=max_items, max_chars=max_chars)
 
 
 def _rating(value: Any, idx: int, errors: list[FieldError]) -> float | None:
@@ -181,7 +185,6 @@ __all__ = [
     "JobRequest",
     "parse_json_job",
     "parse_ndjson",
-    "parse_ndjson_items",
     "validate_feedback",
     "validate_items",
     "loads",

@@ -10,6 +10,7 @@ from typing import Any
 
 from sqlalchemy import case, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from storage.models import FINISHED, Batch, Item, ItemError, Job, JobStatus, ModelVersion, Result, utcnow
@@ -64,6 +65,62 @@ def get_model_version(session: Session, *, version: str) -> ModelVersion | None:
 # -- jobs ---------------------------------------------------------------------------------------
 
 
+def begin_job(
+    session: Session,
+    *,
+    tenant: str,
+    model_version: str,
+    metadata: dict[str, Any] | None = None,
+    idempotency_key: str | None = None,
+) -> Job:
+    """The job row, with no items yet; items are added in chunks, then finish_job() closes the ledger."""
+    job = Job(id=uuid.uuid4().hex, tenant=tenant, model_version=model_version, n_items=0, meta=metadata or {},
+              idempotency_key=idempotency_key)  # fmt: skip
+    session.add(job)
+    session.flush()
+    return job
+
+
+def add_items(session: Session, *, job_id: str, start_idx: int, items: Sequence[NewItem]) -> None:
+    """Insert a chunk of a job's items (COPY on PostgreSQL); a duplicate id raises IntegrityError."""
+    if not items:
+        return
+    if session.get_bind().dialect.name == "postgresql":
+        import psycopg
+
+        raw = session.connection().connection.driver_connection
+        assert raw is not None
+        copy_sql = "COPY items (job_id, idx, item_id, prompt, response) FROM STDIN"
+        try:
+            with raw.cursor() as cur, cur.copy(copy_sql) as cp:
+                for i, it in enumerate(items, start=start_idx):
+                    cp.write_row((job_id, i, it.item_id, it.prompt, it.response))
+        except psycopg.IntegrityError as exc:  # the driver's own error: COPY bypasses SQLAlchemy
+            raise IntegrityError(copy_sql, None, exc) from exc
+        return
+    rows = [{"job_id": job_id, "idx": i, "item_id": it.item_id, "prompt": it.prompt, "response": it.response}
+            for i, it in enumerate(items, start=start_idx)]  # fmt: skip
+    session.execute(insert(Item), rows)
+
+
+def first_duplicate_id(session: Session, *, job_id: str, item_ids: Sequence[str]) -> str | None:
+    """Which of ``item_ids`` the job already holds (to name the item a unique violation was about)."""
+    q = select(Item.item_id).where(Item.job_id == job_id, Item.item_id.in_(list(item_ids))).limit(1)
+    return session.scalar(q)
+
+
+def finish_job(session: Session, *, job: Job, n_items: int, batch_size: int, request_hash: str | None) -> None:
+    """Write the batch ledger (nothing enqueued yet: the feeder does that) and the job's item count."""
+    batch_rows = [{"job_id": job.id, "batch_no": n, "start_idx": lo, "end_idx": min(lo + batch_size, n_items)}
+                  for n, lo in enumerate(range(0, n_items, batch_size))]  # fmt: skip
+    for lo in range(0, len(batch_rows), _CHUNK):
+        session.execute(insert(Batch), batch_rows[lo : lo + _CHUNK])
+    job.n_items = n_items
+    job.n_batches = len(batch_rows)
+    job.request_hash = request_hash
+    session.flush()
+
+
 def create_job(
     session: Session,
     *,
@@ -74,38 +131,30 @@ def create_job(
     metadata: dict[str, Any] | None = None,
     idempotency_key: str | None = None,
     request_hash: str | None = None,
-) -> tuple[Job, list[BatchRef]]:
-    """Insert a job, its items and its batch ledger; the caller commits, then enqueues the batches."""
-    job = Job(
-        id=uuid.uuid4().hex,
-        tenant=tenant,
-        model_version=model_version,
-        n_items=len(items),
-        meta=metadata or {},
-        idempotency_key=idempotency_key,
-        request_hash=request_hash,
-    )
-    batches = [
-        BatchRef(n, start, min(start + batch_size, len(items)))
-        for n, start in enumerate(range(0, len(items), batch_size))
-    ]
-    job.n_batches = len(batches)
-    session.add(job)
-    session.flush()
+) -> Job:
+    """A job from items already in memory; the caller commits, then feeds the queue."""
+    job = begin_job(session, tenant=tenant, model_version=model_version, metadata=metadata,
+                    idempotency_key=idempotency_key)  # fmt: skip
     for lo in range(0, len(items), _CHUNK):
-        rows = [
-            {"job_id": job.id, "idx": i, "item_id": it.item_id, "prompt": it.prompt, "response": it.response}
-            for i, it in enumerate(items[lo : lo + _CHUNK], start=lo)
-        ]
-        session.execute(insert(Item), rows)
-    now = utcnow()
-    batch_rows = [
-        {"job_id": job.id, "batch_no": b.batch_no, "start_idx": b.start_idx, "end_idx": b.end_idx, "enqueued_at": now}
-        for b in batches
-    ]
-    for lo in range(0, len(batch_rows), _CHUNK):
-        session.execute(insert(Batch), batch_rows[lo : lo + _CHUNK])
-    return job, batches
+        add_items(session, job_id=job.id, start_idx=lo, items=items[lo : lo + _CHUNK])
+    finish_job(session, job=job, n_items=len(items), batch_size=batch_size, request_hash=request_hash)
+    return job
+
+
+def unqueued_batches(session: Session, *, limit: int) -> list[tuple[Batch, str]]:
+    """Batches of live jobs never enqueued, oldest job first, with their job's model version."""
+    q = (
+        select(Batch, Job.model_version)
+        .join(Job, Job.id == Batch.job_id)
+        .where(
+            Batch.enqueued_at.is_(None),
+            Batch.done.is_(False),
+            Job.status.in_((JobStatus.queued.value, JobStatus.running.value)),
+        )  # fmt: skip
+        .order_by(Job.created_at, Batch.job_id, Batch.batch_no)
+        .limit(limit)
+    )
+    return [(b, v) for b, v in session.execute(q).tuples()]
 
 
 def get_job(session: Session, *, job_id: str, tenant: str | None = None) -> Job | None:
@@ -277,10 +326,11 @@ def stale_batches(session: Session, *, older_than: datetime, limit: int = 500) -
 
 
 def claim_requeue(session: Session, *, job_id: str, batch_no: int, seen: datetime | None, now: datetime) -> bool:
-    """Compare-and-set on the batch's enqueue time, so two sweepers re-enqueue a batch once."""
+    """Compare-and-set on the batch's enqueue time, so two feeders or sweepers enqueue a batch once."""
+    seen_cond = Batch.enqueued_at.is_(None) if seen is None else Batch.enqueued_at == seen
     res = session.execute(
         update(Batch)
-        .where(Batch.job_id == job_id, Batch.batch_no == batch_no, Batch.done.is_(False), Batch.enqueued_at == seen)
+        .where(Batch.job_id == job_id, Batch.batch_no == batch_no, Batch.done.is_(False), seen_cond)
         .values(enqueued_at=now, attempts=Batch.attempts + 1)
     )
     return bool(res.rowcount)  # type: ignore[attr-defined]

@@ -180,3 +180,54 @@ def test_tenants_are_isolated_and_keys_are_checked(db_url: str, redis_url: str, 
 
         with session_scope(db_url) as s:
             s.query(ApiKey).delete()  # other tests run without auth
+
+
+def test_streamed_ndjson_duplicate_across_chunks_leaves_no_job(api: TestClient, db_url: str, ledger: Ledger):
+    from api.ingest import CHUNK
+
+    lines = [json.dumps({"id": f"x{i}", "prompt": "p", "response": "r"}) for i in range(CHUNK + 3)]
+    lines.append(json.dumps({"id": "x2", "prompt": "p", "response": "r"}))  # duplicates an id of the first chunk
+    before = _counts(db_url)
+    resp = api.post("/v1/jobs", content="\n".join(lines).encode(), headers={"Content-Type": "application/x-ndjson"})
+    assert resp.status_code == 422, resp.text
+    assert resp.json()["errors"][0]["field"] == "id" and resp.json()["errors"][0]["index"] in (2, CHUNK + 3)
+    assert _counts(db_url) == before
+    ledger.add(
+        "bad input",
+        f"a duplicate id {CHUNK + 1} lines after the first, in a streamed ndjson body",
+        _backend(db_url),
+        "422, names `id`, nothing of the streamed chunks left",
+    )
+
+
+def test_backpressure_keeps_redis_below_the_high_water_mark(db_url: str, redis_url: str, ledger: Ledger):
+    import redis as redis_lib
+
+    from storage.models import Batch
+    from storage.settings import Settings
+    from workers.feeder import feed
+
+    queue = f"test-backpressure-{uuid.uuid4().hex[:8]}"
+    r = redis_lib.Redis.from_url(redis_url)
+    try:
+        with make_client(db_url, queue, queue_high_water=3, batch_size=4) as c:
+            job_id = c.post("/v1/jobs", json={"items": [GOOD] * 41}).json()["job_id"]  # 11 batches
+        assert r.llen(queue) == 3
+
+        def unqueued() -> int:
+            with get_sessionmaker(db_url)() as s:
+                return s.query(Batch).filter_by(job_id=job_id).filter(Batch.enqueued_at.is_(None)).count()
+
+        assert unqueued() == 8
+        settings = Settings(database_url=db_url, redis_url=redis_url, scoring_queue=queue, queue_high_water=3)
+        assert feed(settings) == 0  # full: nothing more
+        r.lpop(queue, 2)  # a worker takes two
+        assert feed(settings) == 2 and r.llen(queue) == 3 and unqueued() == 6
+    finally:
+        r.delete(queue)
+    ledger.add(
+        "load",
+        "an 11-batch job with REWARDQ_QUEUE_HIGH_WATER=3",
+        _backend(db_url),
+        "3 messages in Redis, 8 batches waiting in SQL; each one taken lets one more in",
+    )

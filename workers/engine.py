@@ -15,6 +15,7 @@ from storage.models import FINISHED
 from storage.settings import get_settings
 from workers import metrics
 from workers.errors import InjectedFault, ModelUnavailable, is_transient, reason_code
+from workers.feeder import feed_quietly
 from workers.messages import ScoreBatch, build_messages, enqueue_score_batches
 from workers.registry import resolve_encoder
 
@@ -98,6 +99,7 @@ def score_batch(msg: ScoreBatch) -> int:
             s, job_id=msg.job_id, batch_no=msg.batch_no, start_idx=msg.start_idx,
             scores=scores.reward, cos=scores.cos, model_version=msg.model_version,
         )  # fmt: skip
+    feed_quietly()  # keep the queue topped up from SQL as batches complete
     stats = get_model(msg.model_version).take_stats()
     metrics.record(get_settings().redis_url, {**stats, "items_scored": inserted, "batches": 1,
                                               "db_seconds": time.perf_counter() - t0})  # fmt: skip

@@ -14,6 +14,7 @@ from storage import cron
 from storage import training_repository as trepo
 from storage.db import session_scope
 from storage.settings import get_settings
+from workers.feeder import feed_quietly
 from workers.messages import enqueue_training_run
 from workers.sweeper import sweep
 
@@ -65,4 +66,5 @@ class SqlScheduler(beat.Scheduler):  # type: ignore[misc]
                 sweep()
             except Exception:
                 log.exception("sweeper failed")
+            feed_quietly()
         return min(float(super().tick(*args, **kwargs)), POLL_SECONDS)

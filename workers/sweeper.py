@@ -16,14 +16,14 @@ from storage import repository as repo
 from storage.db import session_scope
 from storage.settings import get_settings
 from workers import metrics
-from workers.messages import build_messages, enqueue_score_batches
+from workers.feeder import enqueue_claimed, queue_depth
 
 log = logging.getLogger(__name__)
 
 
 def _queue_empty(url: str, queue: str) -> bool:
     try:
-        return int(redis.Redis.from_url(url, socket_connect_timeout=2).llen(queue)) == 0
+        return queue_depth(url, queue) == 0
     except (redis.RedisError, OSError):
         return False
 
@@ -44,15 +44,7 @@ def sweep(now: datetime | None = None) -> int:
                     b.enqueued_at)) for b, version in stale]  # fmt: skip
     if any(not taken for *_, taken in overdue) and not _queue_empty(settings.redis_url, settings.scoring_queue):
         overdue = [row for row in overdue if row[-1]]
-    requeued = 0
-    for job_id, batch_no, start, end, seen, version, _ in overdue:
-        with session_scope() as s:
-            if not repo.claim_requeue(s, job_id=job_id, batch_no=batch_no, seen=seen, now=now):
-                continue
-            messages = build_messages(s, job_id=job_id, model_version=version,
-                                      batches=[repo.BatchRef(batch_no, start, end)])  # fmt: skip
-        enqueue_score_batches(messages, queue=settings.scoring_queue)
-        requeued += 1
+    requeued = enqueue_claimed([row[:-1] for row in overdue], now) if overdue else 0
     if requeued:
         log.warning("re-enqueued %d overdue batch(es)", requeued)
         metrics.record(settings.redis_url, {"batches_requeued": requeued})

@@ -19,14 +19,15 @@ from sqlalchemy.orm import Session
 
 from api.deps import SessionDep, SettingsDep, TenantDep, read_body
 from api.errors import ApiError, FieldError, invalid
-from api.parsing import JobRequest, parse_json_job, parse_ndjson_items
+from api.ingest import ingest_ndjson
+from api.parsing import parse_json_job
 from api.schemas import ErrorOut, FailedItem, JobCreated, JobList, JobOut, Progress, ResultOut, ResultPage, ScoreSummary
 from storage import repository as repo
 from storage import results
 from storage.db import get_sessionmaker
 from storage.models import Item, Job, Result
 from storage.settings import Settings
-from workers.messages import ScoreBatch, enqueue_score_batches
+from workers.feeder import feed
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -93,53 +94,50 @@ def _load_job(session: Session, job_id: str, tenant: str) -> Job:
     return job
 
 
-def _create(
-    session: Session, settings: Settings, tenant: str, req: JobRequest, idem_key: str | None, body_hash: str
-) -> tuple[JobCreated, bool]:
-    if idem_key:
-        prior = repo.find_job_by_idempotency_key(session, tenant=tenant, key=idem_key)
-        if prior is not None:
-            if prior.request_hash != body_hash:
-                raise ApiError(409, "Idempotency-Key was already used with a different request body",
-                               [FieldError("Idempotency-Key", "reused with another payload")])  # fmt: skip
-            return JobCreated(job_id=prior.id, status=prior.status, n_items=prior.n_items,
-                              model_version=prior.model_version), False  # fmt: skip
-    if req.model_version is None:
+def _version(session: Session, requested: str | None) -> str:
+    """The model version a new job is pinned to: the one asked for, or the active one."""
+    if requested is None:
         active = repo.active_model_version(session)
         if active is None:
             raise ApiError(503, "no model version is registered yet: run 'rewardq db upgrade' or start a worker")
-        version = active.version
-    else:
-        if repo.get_model_version(session, version=req.model_version) is None:
-            raise invalid([FieldError("model_version", f"unknown model version {req.model_version!r}")])
-        version = req.model_version
-    job, batches = repo.create_job(
-        session, tenant=tenant, items=req.items, model_version=version, batch_size=settings.batch_size,
-        metadata=req.metadata, idempotency_key=idem_key, request_hash=body_hash,
-    )  # fmt: skip
+        return active.version
+    if repo.get_model_version(session, version=requested) is None:
+        raise invalid([FieldError("model_version", f"unknown model version {requested!r}")])
+    return requested
+
+
+def _prior(session: Session, tenant: str, idem_key: str | None, body_hash: str) -> JobCreated | None:
+    """The job an earlier request with this Idempotency-Key made (409 if its body differed)."""
+    prior = repo.find_job_by_idempotency_key(session, tenant=tenant, key=idem_key) if idem_key else None
+    if prior is None:
+        return None
+    if prior.request_hash != body_hash:
+        raise ApiError(409, "Idempotency-Key was already used with a different request body",
+                       [FieldError("Idempotency-Key", "reused with another payload")])  # fmt: skip
+    return JobCreated(job_id=prior.id, status=prior.status, n_items=prior.n_items, model_version=prior.model_version)
+
+
+def _commit_and_feed(session: Session, settings: Settings, job: Job, tenant: str, idem_key: str | None,
+                     body_hash: str) -> tuple[JobCreated, bool]:  # fmt: skip
+    job.idempotency_key = idem_key
+    job.request_hash = body_hash
     try:
         session.commit()
     except IntegrityError:
         # Another request with the same Idempotency-Key won the race: answer as it did.
         session.rollback()
-        if idem_key:
-            return _create(session, settings, tenant, req, idem_key, body_hash)
-        raise
-    items = req.items
-    messages = [
-        ScoreBatch(job_id=job.id, batch_no=b.batch_no, start_idx=b.start_idx, model_version=version,
-                   prompts=[it.prompt for it in items[b.start_idx : b.end_idx]],
-                   responses=[it.response for it in items[b.start_idx : b.end_idx]])
-        for b in batches
-    ]  # fmt: skip
+        prior = _prior(session, tenant, idem_key, body_hash)
+        if prior is None:
+            raise
+        return prior, False
     try:
-        enqueue_score_batches(messages, queue=settings.scoring_queue)
+        feed(settings)
     except Exception as exc:
-        # Nothing half-created: without its messages the job could never finish.
+        # Nothing half-created: a job accepted while Redis is down would only wait; say so now instead.
         session.delete(job)
         session.commit()
         raise ApiError(503, f"could not enqueue the job's batches (is Redis up?): {exc}") from exc
-    return JobCreated(job_id=job.id, status=job.status, n_items=job.n_items, model_version=version), True
+    return JobCreated(job_id=job.id, status=job.status, n_items=job.n_items, model_version=job.model_version), True
 
 
 _ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorOut} for code in (409, 413, 415, 422, 503)}
@@ -160,18 +158,33 @@ async def create_job(
     if ctype not in ("application/json", *NDJSON_TYPES):
         raise ApiError(415, f"unsupported content type {ctype or '(none)'!r}; use application/json or "
                             "application/x-ndjson", [FieldError("content-type", "unsupported")])  # fmt: skip
+    if ctype in NDJSON_TYPES:
+        # Streamed into SQL as it arrives; the Idempotency-Key is checked once the body's hash is known.
+        version = await run_in_threadpool(_version, session, model_version)
+        job, body_hash = await ingest_ndjson(request, session, settings, tenant=tenant, model_version=version,
+                                             ctype=ctype)  # fmt: skip
+        prior = await run_in_threadpool(_prior, session, tenant, idempotency_key, body_hash)
+        if prior is not None:
+            session.rollback()
+            response.status_code = 200
+            return prior
+        created, is_new = await run_in_threadpool(
+            _commit_and_feed, session, settings, job, tenant, idempotency_key, body_hash
+        )
+        response.status_code = 202 if is_new else 200
+        return created
     body = await read_body(request, settings.max_body_bytes)
-    limits = {"max_items": settings.max_items_per_job, "max_chars": settings.max_text_chars}
 
     def build() -> tuple[JobCreated, bool]:
-        if ctype == "application/json":
-            req = parse_json_job(body, **limits)
-        else:
-            req = JobRequest(parse_ndjson_items(body, **limits), model_version, {})
-        if ctype == "application/json" and model_version and req.model_version is None:
-            req.model_version = model_version
+        req = parse_json_job(body, max_items=settings.max_items_per_job, max_chars=settings.max_text_chars)
         body_hash = hashlib.sha256(ctype.encode() + b"\0" + body).hexdigest()
-        return _create(session, settings, tenant, req, idempotency_key, body_hash)
+        prior = _prior(session, tenant, idempotency_key, body_hash)
+        if prior is not None:
+            return prior, False
+        job = repo.create_job(session, tenant=tenant, items=req.items, batch_size=settings.batch_size,
+                              model_version=_version(session, req.model_version or model_version),
+                              metadata=req.metadata)  # fmt: skip
+        return _commit_and_feed(session, settings, job, tenant, idempotency_key, body_hash)
 
     created, is_new = await run_in_threadpool(build)
     if not is_new:
