@@ -94,7 +94,7 @@ def beat(loglevel: str) -> None:
 def submit(ctx: click.Context, file: str, wait: bool, model_version: str | None, idempotency_key: str | None) -> None:
     """Submit a JSON Lines FILE of {id?, prompt, response} as a scoring job."""
     with _client(ctx) as c, _errors():
-        job_id = c.submit(file, model_version=model_version, idempotency_key=idempotency_key)
+        job_id = c.submit(file, model_version=model_version, idempotency_key=idempotency_key, progress=True)
         click.echo(job_id)
         if wait:
             job = c.wait(job_id, progress=True)

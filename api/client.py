@@ -15,6 +15,24 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 _FINISHED = ("succeeded", "failed", "cancelled", "rejected")  # jobs and training runs
 
 
+def _stream_file(path: Path, progress: bool, chunk: int = 1 << 20) -> Iterator[bytes]:
+    """The file in 1 MiB pieces, so a large job is never read into memory whole."""
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc="upload", dynamic_ncols=True)
+    try:
+        with open(path, "rb") as fh:
+            while data := fh.read(chunk):
+                if bar is not None:
+                    bar.update(len(data))
+                yield data
+    finally:
+        if bar is not None:
+            bar.close()
+
+
 class ClientError(RuntimeError):
     def __init__(self, status: int, body: Any):
         self.status = status
@@ -57,14 +75,15 @@ class Client:
         model_version: str | None = None,
         metadata: dict[str, Any] | None = None,
         idempotency_key: str | None = None,
+        progress: bool = False,
     ) -> str:
-        """Create a job from a list of {id?, prompt, response} dicts or a JSON Lines file; return its id."""
+        """Create a job from a list of {id?, prompt, response} dicts or a JSON Lines file (streamed, with
+        an upload progress bar when ``progress``); return its id."""
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         if isinstance(items, str | Path):
             params = {"model_version": model_version} if model_version else {}
-            with open(items, "rb") as fh:
-                body = self._request("POST", "/v1/jobs", content=fh.read(), params=params,
-                                     headers={**headers, "Content-Type": "application/x-ndjson"})  # fmt: skip
+            body = self._request("POST", "/v1/jobs", content=_stream_file(Path(items), progress), params=params,
+                                 headers={**headers, "Content-Type": "application/x-ndjson"})  # fmt: skip
         else:
             payload: dict[str, Any] = {"items": list(items), "metadata": metadata or {}}
             if model_version:

@@ -80,7 +80,7 @@ def _cached(name, make):
 class Stack:
     """Redis (the running one or a private one), a SQLite database, one worker and the API, as processes."""
 
-    def __init__(self, tmp: Path):
+    def __init__(self, tmp: Path, db_url: str | None = None, worker: bool = True):
         from api.procs import free_port, redis_answers, start_api, start_redis, start_worker
         from storage.migrate import upgrade
         from workers.registry import register_base_version
@@ -91,7 +91,8 @@ class Stack:
             port = free_port()
             self.procs.append(start_redis(port, tmp / "redis.log"))
             redis_url = f"redis://127.0.0.1:{port}/0"
-        self.env = {**os.environ, "REWARDQ_DATABASE_URL": f"sqlite:///{tmp / 'bench.db'}",
+        self.db_url = db_url or f"sqlite:///{tmp / 'bench.db'}"
+        self.env = {**os.environ, "REWARDQ_DATABASE_URL": self.db_url,
                     "REWARDQ_REDIS_URL": redis_url, "REWARDQ_SCORING_QUEUE": f"bench-{os.getpid()}",
                     "PYTHONPATH": str(ROOT)}  # fmt: skip
         os.environ.update({k: self.env[k] for k in ("REWARDQ_DATABASE_URL", "REWARDQ_REDIS_URL")})
@@ -100,7 +101,8 @@ class Stack:
         get_settings.cache_clear()
         upgrade()
         register_base_version()
-        self.procs.append(start_worker(self.env, tmp / "worker.log", queues=self.env["REWARDQ_SCORING_QUEUE"]))
+        if worker:
+            self.procs.append(start_worker(self.env, tmp / "worker.log", queues=self.env["REWARDQ_SCORING_QUEUE"]))
         self.port = free_port()
         self.procs.append(start_api(self.env, tmp / "api.log", self.port))
         self.api_pid = self.procs[-1].pid
@@ -145,10 +147,36 @@ def ingestion(stack: Stack, n: int) -> dict[str, float]:
     return {"items": n, "items_per_s": n / took, "seconds": took, "api_peak_rss_mb": peak_rss_mb(stack.api_pid)}
 
 
+def pg_ingestion(admin_url: str, tmp: Path, n: int) -> dict[str, float]:
+    import psycopg
+
+    name = f"rewardq_bench_{os.getpid()}"
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        url = admin_url.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1) + f"/{name}"
+        stack = Stack(tmp, db_url=url, worker=False)
+        try:
+            return ingestion(stack, n)
+        finally:
+            stack.close()
+            from storage.db import get_engine
+
+            get_engine(url).dispose()
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeat", type=int, default=3, help="runs per measurement; the median is reported")
-    p.add_argument("--ingest-items", type=int, default=100_000)
+    p.add_argument("--ingest-items", type=int, default=1_000_000)
+    p.add_argument(
+        "--pg-admin-url",
+        default="postgresql://postgres@127.0.0.1:5432/postgres",
+        help="where to create a throwaway database for the PostgreSQL ingestion run ('' to skip)",
+    )
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "pipeline.json")
     args = p.parse_args()
     from storage.settings import get_settings
@@ -170,16 +198,20 @@ def main() -> int:
             c = statistics.median(pipeline(stack, v) for v in runs)
             rows.append({"workload": name, "pairs": len(items), "a_in_process": a, "b_user_script": b,
                          "c_pipeline": c, "c_over_a": c / a, "c_over_b": c / b})  # fmt: skip
-        ingest = ingestion(stack, args.ingest_items)
+        ingest = {"SQLite": ingestion(stack, args.ingest_items)}
     finally:
         stack.close()
+    if args.pg_admin_url:
+        ingest["PostgreSQL"] = pg_ingestion(args.pg_admin_url, tmp, args.ingest_items)
     print("| workload | pairs | (a) in-process pairs/s | (b) user script pairs/s | (c) pipeline pairs/s | c/a | c/b |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['workload']} | {r['pairs']} | {r['a_in_process']:.0f} | {r['b_user_script']:.0f} | "
               f"{r['c_pipeline']:.0f} | {r['c_over_a']:.2f} | {r['c_over_b']:.2f} |")  # fmt: skip
-    print(f"ingestion: {ingest['items']} items in {ingest['seconds']:.1f} s = {ingest['items_per_s']:.0f} items/s, "
-          f"API peak RSS {ingest['api_peak_rss_mb']:.0f} MB (SQLite)")  # fmt: skip
+    print("| ingestion (ndjson POST) | items | items/s | API peak RSS |")
+    print("|---|---|---|---|")
+    for db, r in ingest.items():
+        print(f"| {db} | {r['items']:,} | {r['items_per_s']:,.0f} | {r['api_peak_rss_mb']:.0f} MB |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"cpus": os.cpu_count(), "repeat": args.repeat, "batch_size": batch_size}
     args.out.write_text(json.dumps({"meta": meta, "rows": rows, "ingestion": ingest}, indent=1))

@@ -139,7 +139,7 @@ def test_cli_submit_wait_status_and_export(stack: Stack, tmp_path):
         assert out.returncode == 0, out.stderr
         job_id = out.stdout.splitlines()[0].strip()
         assert json.loads(out.stdout[len(job_id) + 1 :])["status"] == "succeeded"
-        assert "20/20" in out.stderr  # the progress bar
+        assert "20/20" in out.stderr and "upload" in out.stderr  # the progress bars
         status = subprocess.run([*cli, "status", job_id], env=stack.env, capture_output=True, text=True, timeout=60)
         assert json.loads(status.stdout)["progress"]["done"] == 20
         dest = tmp_path / "out.csv"
