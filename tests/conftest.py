@@ -160,13 +160,6 @@ def ledger() -> Iterator[Ledger]:
              "| kind | injected or sent | databases | outcome |", "|---|---|---|---|"]  # fmt: skip
     backends: dict[tuple[str, str, str], set[str]] = {}
     path = ROOT / "docs" / "reliability.md"
-    # A partial run (-k, one file) refreshes its own rows and keeps the others.
-    done = {(k, w) for k, w, _, _ in book.rows}
-    if path.exists():
-        for line in path.read_text().splitlines()[6:]:
-            cells = [c.strip() for c in line.strip("|").split(" | ")]
-            if len(cells) == 4 and (cells[0], cells[1]) not in done:
-                backends.setdefault((cells[0], cells[1], cells[3]), set()).update(cells[2].split(", "))
     for k, w, b, o in book.rows:
         backends.setdefault((k, w, o), set()).add(b)
     lines += [f"| {k} | {w} | {', '.join(sorted(backends[(k, w, o)]))} | {o} |" for k, w, o in sorted(backends)]
