@@ -81,6 +81,7 @@ class ResultOut(BaseModel):
     score: float
     cos: list[float]
     model_version: str
+    truncated: bool = Field(description="the prompt or the response was cut to REWARDQ_MAX_LENGTH tokens")
 
 
 class ResultPage(BaseModel):

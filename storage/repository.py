@@ -228,17 +228,21 @@ def save_results(
     scores: Sequence[float],
     cos: Sequence[Sequence[float]],
     model_version: str,
+    truncated: Sequence[bool] | None = None,
+    skip: frozenset[int] = frozenset(),
 ) -> int:
     """Upsert one batch's results and advance the job's progress in the caller's transaction.
 
-    Idempotent: a redelivered batch inserts nothing new and counts nothing twice. Returns the
-    number of rows actually inserted.
+    Idempotent: a redelivered batch inserts nothing new and counts nothing twice. Offsets in
+    ``skip`` (items already put in the error ledger) are not stored. Returns the number of rows
+    actually inserted.
     """
     now = utcnow()
+    flags = truncated or [False] * len(scores)
     rows = [
         {"job_id": job_id, "idx": start_idx + i, "score": s, "cos": list(c), "model_version": model_version,
-         "created_at": now}
-        for i, (s, c) in enumerate(zip(scores, cos, strict=True))
+         "truncated": t, "created_at": now}
+        for i, (s, c, t) in enumerate(zip(scores, cos, flags, strict=True)) if i not in skip
     ]  # fmt: skip
     dialect = session.get_bind().dialect.name
     ins = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(Result)

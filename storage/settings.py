@@ -27,7 +27,10 @@ class Settings(BaseSettings):
     queue_high_water: int = Field(default=32, ge=1, description="most scoring messages in Redis at once")
     max_items_per_job: int = Field(default=1_000_000, ge=1)
     max_text_chars: int = Field(default=100_000, ge=1)
-    max_length: int = Field(default=256, ge=8, le=8192, description="tokens per text; longer is truncated")
+    max_length: int = Field(default=256, ge=8, le=8192, description="tokens per text")
+    truncation: Literal["truncate", "reject"] = Field(
+        default="truncate", description="a longer text is cut (and the result says so) or the item fails (too_long)"
+    )
     max_body_bytes: int = Field(default=256 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
     batch_deadline_s: float = Field(default=300.0, gt=0, description="re-enqueue a batch not done after this long")
     sweep_interval_s: float = Field(default=15.0, gt=0, description="how often beat looks for overdue batches")

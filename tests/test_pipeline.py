@@ -14,6 +14,7 @@ import redis
 
 from api.procs import free_port, start_api, wait_for
 from api.samples import load_sts
+from storage import results
 from storage.db import get_sessionmaker
 from storage.models import ModelVersion, Result
 from tests.support import Stack, need, wait_job
@@ -209,3 +210,48 @@ def test_metrics_in_prometheus_format(stack: Stack):
     assert 0 <= values["rewardq_padding_ratio"] < 1 and values["rewardq_tokens_per_batch"] > 0
     assert values[f'rewardq_queue_depth{{queue="{stack.queue}"}}'] == 0
     assert values['rewardq_jobs{status="succeeded"}'] >= 1
+
+
+def test_truncation_is_recorded_on_the_result(stack: Stack):
+    long = "a long answer that goes on " * 200  # far past 256 tokens
+    items = [{"id": "short", "prompt": "q", "response": "a"}, {"id": "long", "prompt": "q", "response": long}]
+    job_id = stack.client.post("/v1/jobs", json={"items": items}).json()["job_id"]
+    assert wait_job(stack.client, job_id)["status"] == "succeeded"
+    rows = {r["id"]: r for r in stack.client.get(f"/v1/jobs/{job_id}/results").json()["results"]}
+    assert rows["short"]["truncated"] is False and rows["long"]["truncated"] is True
+    table = list(csv.DictReader(io.StringIO(
+        stack.client.get(f"/v1/jobs/{job_id}/results", params={"format": "csv"}).text)))  # fmt: skip
+    assert [r["truncated"] for r in table] == ["False", "True"]
+
+
+def test_reject_mode_fails_too_long_items(db_url: str, redis_url: str, monkeypatch):
+    """REWARDQ_TRUNCATION=reject: the engine puts a too-long item in the error ledger and scores the rest."""
+    from storage import repository as repo
+    from storage.db import session_scope
+    from storage.settings import get_settings
+    from workers import engine
+    from workers.messages import ScoreBatch
+
+    monkeypatch.setenv("REWARDQ_DATABASE_URL", db_url)
+    monkeypatch.setenv("REWARDQ_TRUNCATION", "reject")
+    monkeypatch.setenv("REWARDQ_SCORING_QUEUE", "test-reject-unused")
+    get_settings.cache_clear()
+    try:
+        long = "word " * 400
+        with session_scope(db_url) as s:
+            version = repo.active_model_version(s).version
+            job = repo.create_job(s, tenant="default", model_version=version, batch_size=3,
+                                  items=[repo.NewItem("a", "q", "fine"), repo.NewItem("b", "q", long),
+                                         repo.NewItem("c", long, "x")])  # fmt: skip
+            job_id = job.id
+        msg = ScoreBatch(job_id=job_id, batch_no=0, start_idx=0, model_version=version, prompts=["q", "q", long],
+                         responses=["fine", long, "x"])  # fmt: skip
+        assert engine.score_batch(msg) == 1
+        with session_scope(db_url) as s:
+            j = repo.get_job(s, job_id=job_id)
+            assert (j.status, j.n_done, j.n_failed) == ("succeeded", 1, 2)
+            assert [(e.idx, e.code) for e, _ in results.item_errors(s, job_id=job_id)] == [(1, "too_long"),
+                                                                                         (2, "too_long")]  # fmt: skip
+    finally:
+        get_settings.cache_clear()
+        redis.Redis.from_url(redis_url).delete("test-reject-unused")

@@ -84,6 +84,7 @@ def score_batch(msg: ScoreBatch) -> int:
             log.info("skipping batch %s/%d: job %s or batch done", msg.job_id, msg.batch_no, status or "gone")
             return 0
         repo.mark_running(s, job_id=msg.job_id)
+    settings = get_settings()
     try:
         scores = _score(msg)
     except ModelUnavailable:
@@ -94,15 +95,20 @@ def score_batch(msg: ScoreBatch) -> int:
         _quarantine(msg, exc)
         return 0
     t0 = time.perf_counter()
+    rejected = frozenset(i for i, t in enumerate(scores.truncated) if t) if settings.truncation == "reject" else None
     with session_scope() as s:
+        for i in sorted(rejected or ()):
+            repo.record_item_failure(s, job_id=msg.job_id, batch_no=msg.batch_no, idx=msg.start_idx + i,
+                                     code="too_long", message=f"longer than {settings.max_length} tokens")  # fmt: skip
         inserted = repo.save_results(
-            s, job_id=msg.job_id, batch_no=msg.batch_no, start_idx=msg.start_idx,
-            scores=scores.reward, cos=scores.cos, model_version=msg.model_version,
+            s, job_id=msg.job_id, batch_no=msg.batch_no, start_idx=msg.start_idx, scores=scores.reward,
+            cos=scores.cos, model_version=msg.model_version, truncated=scores.truncated, skip=rejected or frozenset(),
         )  # fmt: skip
     feed_quietly()  # keep the queue topped up from SQL as batches complete
     stats = get_model(msg.model_version).take_stats()
-    metrics.record(get_settings().redis_url, {**stats, "items_scored": inserted, "batches": 1,
-                                              "db_seconds": time.perf_counter() - t0})  # fmt: skip
+    metrics.record(settings.redis_url, {**stats, "items_scored": inserted, "batches": 1,
+                                        "items_failed": float(len(rejected or ())),
+                                        "db_seconds": time.perf_counter() - t0})  # fmt: skip
     return inserted
 
 

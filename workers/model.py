@@ -50,6 +50,7 @@ class Heads(nn.Module):
 class Scores:
     reward: list[float]
     cos: list[list[float]]
+    truncated: list[bool]  # the prompt or the response was cut to max_length tokens
 
 
 class RewardModel:
@@ -74,7 +75,7 @@ class RewardModel:
         # Embeddings of recent texts (a prompt scored against many responses, a pair seen in an earlier
         # job): only for serving, where the encoder never changes under the cache.
         self.cache_size = cache_size
-        self._cache: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        self._cache: OrderedDict[bytes, tuple[torch.Tensor, bool]] = OrderedDict()
 
     @property
     def dim(self) -> int:
@@ -95,9 +96,13 @@ class RewardModel:
         out, self.stats = self.stats, {}
         return out
 
-    @torch.inference_mode()
     def embed(self, texts: Sequence[str]) -> torch.Tensor:
-        """Embeddings [N, D] on the CPU.
+        """Embeddings [N, D] on the CPU (see embed_flagged)."""
+        return self.embed_flagged(texts)[0]
+
+    @torch.inference_mode()
+    def embed_flagged(self, texts: Sequence[str]) -> tuple[torch.Tensor, list[bool]]:
+        """Embeddings [N, D] on the CPU, and which texts were cut to ``max_length`` tokens.
 
         Texts are tokenized once, sorted by token count and grouped so that each encoder pass holds at
         most ``token_budget`` padded tokens (and ``encode_batch_size`` texts): padding stays small
@@ -105,12 +110,17 @@ class RewardModel:
         attention mask hides padding), so grouping never changes a score beyond float rounding.
         """
         out = torch.empty((len(texts), self.dim), dtype=torch.float32)
+        cut = [False] * len(texts)
         keys = [hashlib.blake2b(t.encode("utf-8", "surrogatepass"), digest_size=16).digest() for t in texts]
-        todo = [i for i, k in enumerate(keys) if not self._from_cache(k, out, i)]
+        todo = [i for i, k in enumerate(keys) if not self._from_cache(k, out, cut, i)]
         if todo:
             enc = self.tokenizer([texts[i] for i in todo], truncation=True, max_length=self.max_length)
             ids: list[list[int]] = enc["input_ids"]
             lengths = [len(x) for x in ids]
+            for j, n in enumerate(lengths):
+                # At the limit: cut, unless the text is exactly that long (rare; tokenize it whole to tell).
+                if n >= self.max_length:
+                    cut[todo[j]] = len(self.tokenizer(texts[todo[j]], truncation=False)["input_ids"]) > n
             order = sorted(range(len(todo)), key=lengths.__getitem__)
             lo = 0
             while lo < len(order):
@@ -125,10 +135,10 @@ class RewardModel:
                 pooled = self._pool(batch.to(self.device)).cpu()
                 for row, j in enumerate(group):
                     out[todo[j]] = pooled[row]
-                    self._to_cache(keys[todo[j]], pooled[row])
+                    self._to_cache(keys[todo[j]], pooled[row], cut[todo[j]])
                 lo = hi
-            self._count(truncated_texts=float(sum(n >= self.max_length for n in lengths)))
-        return out
+            self._count(truncated_texts=float(sum(cut[i] for i in todo)))
+        return out, cut
 
     def _pool(self, tok: Any) -> torch.Tensor:
         hidden: torch.Tensor = self.encoder(**tok).last_hidden_state.float()
@@ -138,7 +148,7 @@ class RewardModel:
                     encoder_batches=1.0)  # fmt: skip
         return pooled
 
-    def _from_cache(self, key: bytes, out: torch.Tensor, i: int) -> bool:
+    def _from_cache(self, key: bytes, out: torch.Tensor, cut: list[bool], i: int) -> bool:
         if not self.cache_size:
             return False
         hit = self._cache.get(key)
@@ -146,12 +156,12 @@ class RewardModel:
         if hit is None:
             return False
         self._cache.move_to_end(key)
-        out[i] = hit
+        out[i], cut[i] = hit
         return True
 
-    def _to_cache(self, key: bytes, emb: torch.Tensor) -> None:
+    def _to_cache(self, key: bytes, emb: torch.Tensor, truncated: bool) -> None:
         if self.cache_size:
-            self._cache[key] = emb.clone()
+            self._cache[key] = (emb.clone(), truncated)
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
 
@@ -163,9 +173,11 @@ class RewardModel:
         uniq = list(dict.fromkeys([*prompts, *responses]))
         pos = {t: i for i, t in enumerate(uniq)}
         t0 = time.perf_counter()
-        emb = self.embed(uniq).to(self.device)
+        emb, cut = self.embed_flagged(uniq)
+        emb = emb.to(self.device)
         t1 = time.perf_counter()
         reward, cos = self.heads.reward(emb[[pos[p] for p in prompts]], emb[[pos[r] for r in responses]])
-        out = Scores(reward=reward.cpu().tolist(), cos=cos.cpu().tolist())
+        flags = [cut[pos[p]] or cut[pos[r]] for p, r in zip(prompts, responses, strict=True)]
+        out = Scores(reward=reward.cpu().tolist(), cos=cos.cpu().tolist(), truncated=flags)
         self._count(encode_seconds=t1 - t0, kernel_seconds=time.perf_counter() - t1)
         return out

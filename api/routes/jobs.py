@@ -224,10 +224,11 @@ def job_errors(job_id: str, session: SessionDep, tenant: TenantDep) -> list[Fail
 
 def _row(r: Result, it: Item) -> dict[str, Any]:
     return {"index": r.idx, "id": it.item_id, "prompt": it.prompt, "response": it.response,
-            "score": r.score, "cos": r.cos, "model_version": r.model_version}  # fmt: skip
+            "score": r.score, "cos": r.cos, "model_version": r.model_version, "truncated": r.truncated}  # fmt: skip
 
 
-_CSV_FIELDS = ["index", "id", "prompt", "response", "score", "cos", "model_version", "error_code", "error"]
+_CSV_FIELDS = ["index", "id", "prompt", "response", "score", "cos", "model_version", "truncated", "error_code",
+               "error"]  # fmt: skip
 
 
 def _stream(url: str, job_id: str, sort: results.Sort, fmt: str) -> Iterator[str]:
@@ -241,7 +242,7 @@ def _stream(url: str, job_id: str, sort: results.Sort, fmt: str) -> Iterator[str
         scored = (_row(r, it) for r, it in results.iter_results(session, job_id=job_id, sort=sort))
         # Failed items follow the scored ones, with no score and their reason code.
         failed = ({"index": e.idx, "id": it.item_id, "prompt": it.prompt, "response": it.response, "score": None,
-                   "cos": None, "model_version": None, "error_code": e.code, "error": e.message}
+                   "cos": None, "model_version": None, "truncated": None, "error_code": e.code, "error": e.message}
                   for e, it in results.item_errors(session, job_id=job_id, limit=None))  # fmt: skip
         for row in itertools.chain(scored, failed):
             if fmt == "csv":
