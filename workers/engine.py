@@ -95,19 +95,20 @@ def score_batch(msg: ScoreBatch) -> int:
         _quarantine(msg, exc)
         return 0
     t0 = time.perf_counter()
-    rejected = frozenset(i for i, t in enumerate(scores.truncated) if t) if settings.truncation == "reject" else None
+    reject = settings.truncation == "reject"
+    rejected = frozenset(i for i, t in enumerate(scores.truncated) if t and reject)
     with session_scope() as s:
-        for i in sorted(rejected or ()):
+        for i in sorted(rejected):
             repo.record_item_failure(s, job_id=msg.job_id, batch_no=msg.batch_no, idx=msg.start_idx + i,
                                      code="too_long", message=f"longer than {settings.max_length} tokens")  # fmt: skip
         inserted = repo.save_results(
             s, job_id=msg.job_id, batch_no=msg.batch_no, start_idx=msg.start_idx, scores=scores.reward,
-            cos=scores.cos, model_version=msg.model_version, truncated=scores.truncated, skip=rejected or frozenset(),
+            cos=scores.cos, model_version=msg.model_version, truncated=scores.truncated, skip=rejected,
         )  # fmt: skip
     feed_quietly()  # keep the queue topped up from SQL as batches complete
     stats = get_model(msg.model_version).take_stats()
     metrics.record(settings.redis_url, {**stats, "items_scored": inserted, "batches": 1,
-                                        "items_failed": float(len(rejected or ())),
+                                        "items_failed": float(len(rejected)),
                                         "db_seconds": time.perf_counter() - t0})  # fmt: skip
     return inserted
 
