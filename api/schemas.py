@@ -64,6 +64,8 @@ class JobOut(BaseModel):
     pairs_per_s: float | None
     metadata: dict[str, Any]
     error: str | None = None
+    embed_cache_hits: int = Field(default=0, description="texts whose embedding a worker already had")
+    embed_cache_misses: int = Field(default=0, description="texts the encoder ran on")
     summary: ScoreSummary | None = None
     error_counts: dict[str, int] | None = Field(default=None, description="failed items by reason code")
     failed_items: list[FailedItem] | None = Field(default=None, description="the first 100 failed items")

@@ -58,6 +58,9 @@ class Job(Base):
     n_done: Mapped[int] = mapped_column(Integer, default=0)
     n_failed: Mapped[int] = mapped_column(Integer, default=0)
     n_batches: Mapped[int] = mapped_column(Integer, default=0)
+    # Texts whose embedding a worker already had (a repeated prompt, a text of an earlier job) vs encoded.
+    cache_hits: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    cache_misses: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     meta: Mapped[dict[str, Any]] = mapped_column("metadata", default=dict)
     idempotency_key: Mapped[str | None] = mapped_column(String(256))
     request_hash: Mapped[str | None] = mapped_column(String(64))

@@ -230,6 +230,8 @@ def save_results(
     model_version: str,
     truncated: Sequence[bool] | None = None,
     skip: frozenset[int] = frozenset(),
+    cache_hits: int = 0,
+    cache_misses: int = 0,
 ) -> int:
     """Upsert one batch's results and advance the job's progress in the caller's transaction.
 
@@ -251,8 +253,16 @@ def save_results(
     session.execute(
         update(Batch).where(Batch.job_id == job_id, Batch.batch_no == batch_no).values(done=True, done_at=now)
     )
-    if inserted:
-        session.execute(update(Job).where(Job.id == job_id).values(n_done=Job.n_done + inserted))
+    if inserted:  # a redelivery inserts nothing and counts nothing, cache lookups included
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(
+                n_done=Job.n_done + inserted,
+                cache_hits=Job.cache_hits + cache_hits,
+                cache_misses=Job.cache_misses + cache_misses,
+            )  # fmt: skip
+        )
     _finish_if_complete(session, job_id=job_id)
     return inserted
 

@@ -7,6 +7,7 @@ import io
 import json
 import subprocess
 import sys
+import uuid
 
 import numpy as np
 import pytest
@@ -255,3 +256,15 @@ def test_reject_mode_fails_too_long_items(db_url: str, redis_url: str, monkeypat
     finally:
         get_settings.cache_clear()
         redis.Redis.from_url(redis_url).delete("test-reject-unused")
+
+
+def test_repeated_prompts_hit_the_embedding_cache_and_the_job_says_so(stack: Stack):
+    # RLHF-shaped: 4 prompts x 12 responses; texts unique to this test so no earlier job warmed the cache.
+    tag = uuid.uuid4().hex[:8]
+    items = [{"prompt": f"prompt {p} {tag}", "response": f"response {r} to prompt {p} {tag}"}
+             for p in range(4) for r in range(12)]  # fmt: skip
+    job = wait_job(stack.client, stack.client.post("/v1/jobs", json={"items": items}).json()["job_id"])
+    assert job["status"] == "succeeded"
+    assert job["embed_cache_misses"] == 52  # 4 prompts + 48 responses, each encoded once
+    again = wait_job(stack.client, stack.client.post("/v1/jobs", json={"items": items}).json()["job_id"])
+    assert again["embed_cache_hits"] == 52 and again["embed_cache_misses"] == 0  # across jobs: encoded once

@@ -94,6 +94,7 @@ def score_batch(msg: ScoreBatch) -> int:
             raise
         _quarantine(msg, exc)
         return 0
+    stats = get_model(msg.model_version).take_stats()
     t0 = time.perf_counter()
     reject = settings.truncation == "reject"
     rejected = frozenset(i for i, t in enumerate(scores.truncated) if t and reject)
@@ -104,9 +105,9 @@ def score_batch(msg: ScoreBatch) -> int:
         inserted = repo.save_results(
             s, job_id=msg.job_id, batch_no=msg.batch_no, start_idx=msg.start_idx, scores=scores.reward,
             cos=scores.cos, model_version=msg.model_version, truncated=scores.truncated, skip=rejected,
+            cache_hits=int(stats.get("embed_cache_hits", 0)), cache_misses=int(stats.get("embed_cache_misses", 0)),
         )  # fmt: skip
     feed_quietly()  # keep the queue topped up from SQL as batches complete
-    stats = get_model(msg.model_version).take_stats()
     metrics.record(settings.redis_url, {**stats, "items_scored": inserted, "batches": 1,
                                         "items_failed": float(len(rejected)),
                                         "db_seconds": time.perf_counter() - t0})  # fmt: skip

@@ -83,6 +83,8 @@ def _job_out(job: Job, summary: dict[str, Any] | None = None) -> JobOut:
         pairs_per_s=(job.n_done / elapsed) if elapsed else None,
         metadata=job.meta,
         error=job.error,
+        embed_cache_hits=job.cache_hits,
+        embed_cache_misses=job.cache_misses,
         summary=ScoreSummary(**summary) if summary is not None else None,
     )  # fmt: skip
 
