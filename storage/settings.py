@@ -23,6 +23,7 @@ class Settings(BaseSettings):
     batch_size: int = Field(default=256, ge=1, le=4096, description="pairs per queued message")
     encode_batch_size: int = Field(default=64, ge=1, le=4096, description="most texts per encoder forward")
     token_budget: int = Field(default=0, ge=0, description="padded tokens per encoder forward; 0: 1024 CPU, 16384 GPU")
+    autocast: Literal["off", "fp16", "bf16"] = Field(default="off", description="encoder precision (for GPUs)")
     embed_cache_size: int = Field(default=50_000, ge=0, description="embeddings kept per worker and model version")
     queue_high_water: int = Field(default=32, ge=1, description="most scoring messages in Redis at once")
     max_items_per_job: int = Field(default=1_000_000, ge=1)

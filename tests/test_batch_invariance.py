@@ -55,3 +55,17 @@ def test_token_budget_and_embedding_cache_do_not_change_scores(model: RewardMode
     assert stats["embed_cache_misses"] == 90 and "embed_cache_hits" not in stats
     assert stats["encoder_batches"] > 2 and stats["padded_tokens"] / stats["encoder_batches"] <= 256
     assert again.reward == narrow.reward and hits["embed_cache_hits"] == 90 and "encoder_batches" not in hits
+
+
+def test_autocast_bf16_runs_the_encoder_in_low_precision(model: RewardModel):
+    """REWARDQ_AUTOCAST (meant for GPUs) checked on the CPU, where torch autocasts to bfloat16 too."""
+    texts = [f"sentence {i} about a topic of some kind, number {i % 7}" for i in range(24)]
+    full = model.score(texts[:12], texts[12:])
+    try:
+        model.autocast = "bf16"
+        low = model.score(texts[:12], texts[12:])
+    finally:
+        model.autocast = "off"
+    diffs = [abs(a - b) for a, b in zip(full.reward, low.reward, strict=True)]
+    assert max(diffs) > 1e-6  # it took effect
+    assert max(diffs) < 0.05  # and it is still the same model

@@ -57,6 +57,7 @@ def get_model(version: str) -> RewardModel:
                                 encode_batch_size=settings.encode_batch_size)  # fmt: skip
         model.token_budget = settings.token_budget or model.token_budget
         model.cache_size = settings.embed_cache_size
+        model.autocast = settings.autocast
         log.info("loaded model %s in %.1fs on %s", version, time.perf_counter() - t0, model.device)
         _models[version] = model
         while len(_models) > _MAX_LOADED:

@@ -6,6 +6,7 @@ import hashlib
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +14,8 @@ import torch
 from torch import nn
 
 import kernels
+
+_AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class Heads(nn.Module):
@@ -75,6 +78,7 @@ class RewardModel:
         # Embeddings of recent texts (a prompt scored against many responses, a pair seen in an earlier
         # job): only for serving, where the encoder never changes under the cache.
         self.cache_size = cache_size
+        self.autocast = "off"  # or "fp16" / "bf16" (REWARDQ_AUTOCAST)
         self._cache: OrderedDict[bytes, tuple[torch.Tensor, bool]] = OrderedDict()
 
     @property
@@ -132,7 +136,11 @@ class RewardModel:
                 batch = self.tokenizer.pad({"input_ids": [ids[j] for j in group],
                                             "attention_mask": [[1] * lengths[j] for j in group]},
                                            return_tensors="pt")  # fmt: skip
-                pooled = self._pool(batch.to(self.device)).cpu()
+                if self.device.type == "cuda":  # pinned host memory: the copy to the GPU does not block
+                    inputs: Any = {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
+                else:
+                    inputs = batch.to(self.device)
+                pooled = self._pool(inputs).cpu()
                 for row, j in enumerate(group):
                     out[todo[j]] = pooled[row]
                     self._to_cache(keys[todo[j]], pooled[row], cut[todo[j]])
@@ -141,7 +149,15 @@ class RewardModel:
         return out, cut
 
     def _pool(self, tok: Any) -> torch.Tensor:
-        hidden: torch.Tensor = self.encoder(**tok).last_hidden_state.float()
+        # Autocast (a setting, for GPUs) runs the encoder in fp16/bf16; pooling and the reward stay fp32.
+        ctx = (
+            torch.autocast(self.device.type, dtype=_AUTOCAST[self.autocast])
+            if self.autocast != "off"
+            else nullcontext()
+        )
+        with ctx:
+            out = self.encoder(**tok).last_hidden_state
+        hidden: torch.Tensor = out.float()
         mask: torch.Tensor = tok["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         pooled: torch.Tensor = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
         self._count(tokens=float(tok["attention_mask"].sum()), padded_tokens=float(tok["attention_mask"].numel()),
