@@ -6,7 +6,6 @@ import hmac
 import logging
 import time
 from collections.abc import Iterator
-from functools import lru_cache
 from typing import Annotated
 
 import redis
@@ -14,9 +13,11 @@ from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
 from api.errors import ApiError, FieldError
+from api.parsing import NDJSON_TYPES
 from storage import keys
 from storage.db import get_sessionmaker
 from storage.settings import Settings, get_settings
+from workers import metrics
 
 DEFAULT_TENANT = "default"
 log = logging.getLogger(__name__)
@@ -58,8 +59,7 @@ def _rate_limit(settings: Settings, token: str) -> None:
     window = int(now // 60)
     name = f"rewardq:ratelimit:{keys.hash_key(token)[:24]}:{window}"
     try:
-        client = _redis(settings.redis_url)
-        pipe = client.pipeline()
+        pipe = metrics.client(settings.redis_url).pipeline()
         pipe.incr(name)
         pipe.expire(name, 120)
         count = int(pipe.execute()[0])
@@ -72,9 +72,13 @@ def _rate_limit(settings: Settings, token: str) -> None:
                        headers={"Retry-After": str(retry)})  # fmt: skip
 
 
-@lru_cache(maxsize=4)
-def _redis(url: str) -> redis.Redis:
-    return redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
+def request_content_type(request: Request) -> str:
+    """The body's media type, refused with 415 unless it is JSON or JSON Lines."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype not in ("application/json", *NDJSON_TYPES):
+        raise ApiError(415, f"unsupported content type {ctype or '(none)'!r}; use application/json or "
+                            "application/x-ndjson", [FieldError("content-type", "unsupported")])  # fmt: skip
+    return ctype
 
 
 async def read_body(request: Request, limit: int) -> bytes:

@@ -11,6 +11,7 @@ from api.errors import ApiError, FieldError, invalid
 from storage.repository import NewItem
 
 MAX_REPORTED = 20
+NDJSON_TYPES = ("application/x-ndjson", "application/jsonl", "application/jsonlines", "application/x-jsonlines")
 _MAX_ID = 256
 
 

@@ -246,10 +246,7 @@ def save_results(
          "truncated": t, "created_at": now}
         for i, (s, c, t) in enumerate(zip(scores, cos, flags, strict=True)) if i not in skip
     ]  # fmt: skip
-    dialect = session.get_bind().dialect.name
-    ins = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(Result)
-    stmt = ins.values(rows).on_conflict_do_nothing(index_elements=["job_id", "idx"]).returning(Result.idx)
-    inserted = len(session.execute(stmt).all()) if rows else 0
+    inserted = _insert_new(session, Result, rows)
     session.execute(
         update(Batch).where(Batch.job_id == job_id, Batch.batch_no == batch_no).values(done=True, done_at=now)
     )
@@ -265,6 +262,16 @@ def save_results(
         )
     _finish_if_complete(session, job_id=job_id)
     return inserted
+
+
+def _insert_new(session: Session, table: type[Result] | type[ItemError], rows: list[dict[str, Any]]) -> int:
+    """INSERT … ON CONFLICT (job_id, idx) DO NOTHING; how many rows were new (the idempotent upsert)."""
+    if not rows:
+        return 0
+    dialect = session.get_bind().dialect.name
+    ins = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
+    stmt = ins.values(rows).on_conflict_do_nothing(index_elements=["job_id", "idx"]).returning(table.idx)
+    return len(session.execute(stmt).all())
 
 
 def _finish_if_complete(session: Session, *, job_id: str) -> None:
@@ -288,11 +295,8 @@ def _finish_if_complete(session: Session, *, job_id: str) -> None:
 
 def record_item_failure(session: Session, *, job_id: str, batch_no: int, idx: int, code: str, message: str) -> bool:
     """Put one item in the error ledger (once), count it failed, close its batch; True if newly recorded."""
-    dialect = session.get_bind().dialect.name
-    ins = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(ItemError)
     row = {"job_id": job_id, "idx": idx, "code": code, "message": message[:2000], "created_at": utcnow()}
-    stmt = ins.values([row]).on_conflict_do_nothing(index_elements=["job_id", "idx"]).returning(ItemError.idx)
-    new = bool(session.execute(stmt).all())
+    new = bool(_insert_new(session, ItemError, [row]))
     if new:
         session.execute(update(Job).where(Job.id == job_id).values(n_failed=Job.n_failed + 1))
     session.execute(

@@ -11,18 +11,17 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import Any
 
-import redis
-
 from storage import repository as repo
 from storage.db import session_scope
 from storage.settings import Settings, get_settings
+from workers import metrics
 from workers.messages import build_messages, enqueue_score_batches
 
 log = logging.getLogger(__name__)
 
 
 def queue_depth(url: str, queue: str) -> int:
-    return int(redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2).llen(queue))
+    return int(metrics.client(url).llen(queue))
 
 
 def enqueue_claimed(rows: Sequence[tuple[Any, ...]], now: datetime, settings: Settings | None = None) -> int:

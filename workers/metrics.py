@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from functools import lru_cache
 
 import redis
 
@@ -29,10 +30,17 @@ COUNTERS: dict[str, str] = {
 }
 
 
+@lru_cache(maxsize=8)
+def client(url: str) -> redis.Redis:
+    """One client (and connection pool) per URL and process: a worker talks to Redis after every batch,
+    so it must not open a connection each time. redis-py resets the pool in a forked child."""
+    return redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+
+
 def record(url: str, values: Mapping[str, float]) -> None:
     """Add to the shared counters; metrics never fail the work they describe."""
     try:
-        pipe = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1).pipeline()
+        pipe = client(url).pipeline()
         for k, v in values.items():
             if v:
                 pipe.hincrbyfloat(KEY, k, v)
@@ -42,10 +50,9 @@ def record(url: str, values: Mapping[str, float]) -> None:
 
 
 def read(url: str) -> dict[str, float]:
-    client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1, decode_responses=True)
-    return {str(k): float(v) for k, v in client.hgetall(KEY).items()}
+    raw: dict[bytes, bytes] = client(url).hgetall(KEY)  # type: ignore[assignment]
+    return {k.decode(): float(v) for k, v in raw.items()}
 
 
 def queue_depths(url: str, queues: list[str]) -> dict[str, int]:
-    client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
-    return {q: int(client.llen(q)) for q in queues}
+    return {q: int(client(url).llen(q)) for q in queues}

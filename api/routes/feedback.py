@@ -7,10 +7,9 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 
-from api.deps import SessionDep, SettingsDep, TenantDep, read_body
-from api.errors import ApiError, FieldError, invalid
+from api.deps import SessionDep, SettingsDep, TenantDep, read_body, request_content_type
+from api.errors import FieldError, invalid
 from api.parsing import loads, parse_ndjson, validate_feedback
-from api.routes.jobs import NDJSON_TYPES
 from api.schemas import ErrorOut, FeedbackAdded, FeedbackStats
 from storage import training_repository as trepo
 
@@ -39,11 +38,7 @@ async def add_feedback(
     request: Request, session: SessionDep, settings: SettingsDep, tenant: TenantDep
 ) -> FeedbackAdded:
     """Add preferences `{prompt, chosen, rejected}` and ratings `{prompt, response, rating}` (any real scale)."""
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if ctype not in ("application/json", *NDJSON_TYPES):
-        raise ApiError(
-            415, f"unsupported content type {ctype or '(none)'!r}", [FieldError("content-type", "unsupported")]
-        )
+    ctype = request_content_type(request)
     body = await read_body(request, settings.max_body_bytes)
 
     def store() -> FeedbackAdded:

@@ -17,10 +17,10 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from api.deps import SessionDep, SettingsDep, TenantDep, read_body
+from api.deps import SessionDep, SettingsDep, TenantDep, read_body, request_content_type
 from api.errors import ApiError, FieldError, invalid
 from api.ingest import ingest_ndjson
-from api.parsing import parse_json_job
+from api.parsing import NDJSON_TYPES, parse_json_job
 from api.schemas import ErrorOut, FailedItem, JobCreated, JobList, JobOut, Progress, ResultOut, ResultPage, ScoreSummary
 from storage import repository as repo
 from storage import results
@@ -31,12 +31,6 @@ from workers.feeder import feed
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
-NDJSON_TYPES = (
-    "application/x-ndjson",
-    "application/jsonl",
-    "application/jsonlines",
-    "application/x-jsonlines",
-)
 _CREATE_DOC: dict[str, Any] = {
     "requestBody": {
         "required": True,
@@ -156,10 +150,7 @@ async def create_job(
     idempotency_key: Annotated[str | None, Header(max_length=256)] = None,
 ) -> JobCreated:
     """Create a scoring job from `{"items": [...]}` JSON or from an ndjson body (one item a line)."""
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if ctype not in ("application/json", *NDJSON_TYPES):
-        raise ApiError(415, f"unsupported content type {ctype or '(none)'!r}; use application/json or "
-                            "application/x-ndjson", [FieldError("content-type", "unsupported")])  # fmt: skip
+    ctype = request_content_type(request)
     if ctype in NDJSON_TYPES:
         # Streamed into SQL as it arrives; the Idempotency-Key is checked once the body's hash is known.
         version = await run_in_threadpool(_version, session, model_version)
