@@ -8,7 +8,7 @@ import uuid
 import pytest
 from fastapi.testclient import TestClient
 
-from storage.db import get_sessionmaker
+from storage.db import get_sessionmaker, session_scope
 from storage.models import Item, Job
 from tests.conftest import POISON, Ledger, make_client
 from tests.support import Stack, wait_job
@@ -203,10 +203,14 @@ def test_streamed_ndjson_duplicate_across_chunks_leaves_no_job(api: TestClient, 
 def test_backpressure_keeps_redis_below_the_high_water_mark(db_url: str, redis_url: str, ledger: Ledger):
     import redis as redis_lib
 
-    from storage.models import Batch
+    from storage.models import Batch, Job
     from storage.settings import Settings
     from workers.feeder import feed
 
+    # The feeder serves every live job in the database, oldest first. Jobs that earlier tests left on
+    # queues no worker reads would take this job's window: close them so only this job is live.
+    with session_scope(db_url) as s:
+        s.query(Job).filter(Job.status.in_(("queued", "running"))).update({"status": "cancelled"})
     queue = f"test-backpressure-{uuid.uuid4().hex[:8]}"
     r = redis_lib.Redis.from_url(redis_url)
     try:
