@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.rewardq-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast lint typecheck bench-kernel clean
+.PHONY: install demo test test-fast lint typecheck bench-kernel screenshots clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ lint: $(STAMP)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy api workers storage
+
+# The dashboard's pages as PNGs in docs/screenshots (the README shows them), taken by its browser tests.
+screenshots: $(STAMP)
+	REWARDQ_SCREENSHOTS=docs/screenshots $(BIN)/python -m pytest tests/test_dashboard.py -k sqlite
 
 bench-kernel: $(STAMP)
 	$(BIN)/python benchmarks/benchmark_sim_exp.py

@@ -28,24 +28,41 @@ def _session(settings: Annotated[Settings, Depends(get_settings)]) -> Iterator[S
         yield session
 
 
+UI_COOKIE = "rewardq_key"
+UI_HEADER = "x-rewardq-ui"  # sent by the dashboard's scripts; a cross-site form cannot set it
+
+
+def auth_required(settings: Settings, session: Session) -> bool:
+    """Auth is on when REWARDQ_API_KEYS is set or any key was made with `rewardq keys create`."""
+    return bool(settings.api_key_map()) or keys.any_keys(session)
+
+
+def tenant_for_key(settings: Settings, session: Session, token: str) -> str | None:
+    tenant = None
+    for key, owner in settings.api_key_map().items():
+        # Compare against every key, in constant time, so timing says nothing about which one matched.
+        if hmac.compare_digest(key.encode(), token.encode()):
+            tenant = owner
+    return tenant or keys.tenant_for(session, key=token)
+
+
 def _tenant(
     request: Request,
     settings: Annotated[Settings, Depends(get_settings)],
     session: Annotated[Session, Depends(_session)],
 ) -> str:
-    """The caller's tenant. Auth is on when REWARDQ_API_KEYS is set or any key was made with `rewardq keys create`."""
-    env_keys = settings.api_key_map()
-    if not env_keys and not keys.any_keys(session):
+    """The caller's tenant, from `Authorization: Bearer <key>` or the dashboard's cookie."""
+    if not auth_required(settings, session):
         return DEFAULT_TENANT
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token:
-        raise ApiError(401, "missing 'Authorization: Bearer <key>'", headers={"WWW-Authenticate": "Bearer"})
-    tenant = None
-    for key, owner in env_keys.items():
-        # Compare against every key, in constant time, so timing says nothing about which one matched.
-        if hmac.compare_digest(key.encode(), token.encode()):
-            tenant = owner
-    tenant = tenant or keys.tenant_for(session, key=token)
+        token = request.cookies.get(UI_COOKIE, "")
+        if not token:
+            raise ApiError(401, "missing 'Authorization: Bearer <key>'", headers={"WWW-Authenticate": "Bearer"})
+        if request.method not in ("GET", "HEAD") and request.headers.get(UI_HEADER) != "1":
+            # The cookie alone never authorises a change: that would let another site's form act as the user.
+            raise ApiError(403, f"cookie-authenticated changes need the {UI_HEADER} header")
+    tenant = tenant_for_key(settings, session, token)
     if tenant is None:
         raise ApiError(401, "invalid API key", headers={"WWW-Authenticate": "Bearer"})
     if settings.rate_limit_per_minute:

@@ -9,6 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError
 
+from api import ui
 from api.errors import ApiError, FieldError
 from api.routes import feedback, jobs, ops, training
 
@@ -44,11 +45,14 @@ def create_app() -> FastAPI:
         return JSONResponse({"detail": "database unavailable, retry shortly", "errors": []}, status_code=503,
                             headers={"Retry-After": "5"})  # fmt: skip
 
+    app.add_exception_handler(ui.LoginRequired, ui.login_redirect)  # type: ignore[arg-type]
     app.include_router(ops.router)
     app.include_router(jobs.router)
     app.include_router(feedback.router)
     for router in (training.runs, training.models, training.schedules):
         app.include_router(router)
+    app.include_router(ui.router)
+    app.mount("/ui/static", ui.static, name="ui-static")
     return app
 
 

@@ -71,6 +71,20 @@ class JobOut(BaseModel):
     failed_items: list[FailedItem] | None = Field(default=None, description="the first 100 failed items")
 
 
+class HistogramBin(BaseModel):
+    lo: float
+    hi: float
+    count: int
+
+
+class Histogram(BaseModel):
+    job_id: str
+    count: int = Field(description="scored items")
+    min: float | None
+    max: float | None
+    bins: list[HistogramBin] = Field(description="equal-width bins over [min, max]; the last one includes max")
+
+
 class JobList(BaseModel):
     jobs: list[JobOut]
 

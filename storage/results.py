@@ -7,7 +7,7 @@ import math
 from collections.abc import Iterator
 from typing import Literal
 
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import Integer, and_, cast, func, or_, select
 from sqlalchemy.orm import Session
 
 from storage.models import Item, ItemError, Result
@@ -116,3 +116,27 @@ def item_errors(session: Session, *, job_id: str, limit: int | None = 100) -> li
 def error_counts(session: Session, *, job_id: str) -> dict[str, int]:
     q = select(ItemError.code, func.count()).where(ItemError.job_id == job_id).group_by(ItemError.code)
     return {code: int(n) for code, n in session.execute(q)}
+
+
+def score_histogram(session: Session, *, job_id: str, bins: int = 40) -> dict[str, object]:
+    """Counts of a job's scores in ``bins`` equal-width bins over [min, max], grouped in SQL.
+
+    Two aggregate queries on the (job_id, score) index: nothing per row leaves the database,
+    so a million-item job costs the same to draw as a ten-item one.
+    """
+    n, lo, hi = session.execute(
+        select(func.count(Result.idx), func.min(Result.score), func.max(Result.score)).where(Result.job_id == job_id)
+    ).one()
+    if not n:
+        return {"count": 0, "min": None, "max": None, "bins": []}
+    lo, hi = float(lo), float(hi)
+    width = (hi - lo) / bins if hi > lo else 1.0
+    pos = (Result.score - lo) / width
+    # Bin = floor(pos); SQLite's CAST truncates (pos >= 0), PostgreSQL's rounds, so it takes floor().
+    idx = func.floor(pos) if session.get_bind().dialect.name != "sqlite" else cast(pos, Integer)
+    counts = [0] * bins
+    for b, c in session.execute(select(idx, func.count()).where(Result.job_id == job_id).group_by(idx)):
+        counts[min(max(int(b), 0), bins - 1)] += int(c)  # the maximum lands in the last bin
+    edges = [lo + i * width for i in range(bins + 1)]
+    return {"count": int(n), "min": lo, "max": hi,
+            "bins": [{"lo": edges[i], "hi": edges[i + 1], "count": counts[i]} for i in range(bins)]}  # fmt: skip

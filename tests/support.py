@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -116,3 +117,51 @@ class TcpProxy:
         self.closed = True
         self.outage()
         self.server.close()
+
+
+def seed_scored_job(url: str, *, tenant: str, n: int, model_version: str, seed: int = 0) -> str:
+    """A finished job of ``n`` items with synthetic scores, written straight to SQL (COPY on PostgreSQL).
+
+    For measuring what reading a huge job costs (dashboard, summaries) without scoring a million
+    pairs on this CPU. The job is `succeeded` and its one batch done, so the feeder never picks it up.
+    """
+    import json
+    import random
+    from datetime import datetime, timezone
+
+    from sqlalchemy import insert
+
+    from storage import repository as repo
+    from storage.db import get_sessionmaker
+    from storage.models import Batch, Result
+
+    rng = random.Random(seed)
+    chunk = 50_000
+    with get_sessionmaker(url)() as s:
+        job = repo.begin_job(s, tenant=tenant, model_version=model_version, metadata={"synthetic": True})
+        for lo in range(0, n, chunk):
+            items = [repo.NewItem(f"s{i}", f"synthetic prompt {i % 1000}", f"synthetic response {i}")
+                     for i in range(lo, min(lo + chunk, n))]  # fmt: skip
+            repo.add_items(s, job_id=job.id, start_idx=lo, items=items)
+        repo.finish_job(s, job=job, n_items=n, batch_size=max(n, 1), request_hash=None)
+        for lo in range(0, n, chunk):
+            rows = []
+            for i in range(lo, min(lo + chunk, n)):
+                c = rng.uniform(-0.2, 1.0)
+                rows.append((job.id, i, math.exp(-c), [c]))
+            if s.get_bind().dialect.name == "postgresql":
+                raw = s.connection().connection.driver_connection
+                assert raw is not None
+                with raw.cursor() as cur, cur.copy("COPY results (job_id, idx, score, cos, model_version, truncated, "
+                                                   "created_at) FROM STDIN") as cp:  # fmt: skip
+                    now = datetime.now(timezone.utc)
+                    for jid, i, sc, cs in rows:
+                        cp.write_row((jid, i, sc, json.dumps(cs), model_version, False, now))
+            else:
+                s.execute(insert(Result), [{"job_id": jid, "idx": i, "score": sc, "cos": cs,
+                                            "model_version": model_version} for jid, i, sc, cs in rows])  # fmt: skip
+        now = datetime.now(timezone.utc)
+        job.status, job.n_done, job.started_at, job.finished_at = "succeeded", n, now, now
+        s.execute(Batch.__table__.update().where(Batch.job_id == job.id).values(done=True, done_at=now))
+        s.commit()
+        return job.id

@@ -41,7 +41,8 @@ def test_heads_only_fit_reverses_the_seed_reward(sts: Feedback):
     # 193 training ratings in batches of 32: the last batch holds one rating and implies no comparison.
     curve = fit(model, train, TrainParams(epochs=2, train_layers=0, batch_size=32))
     after = evaluate(model, held)
-    assert len(curve) == 2 and all(0 < x < 1 for x in curve)
+    # 2 epochs x 7 batches: a short run logs one curve point per step that had a comparison.
+    assert 10 <= len(curve) <= 14 and all(0 < x < 1 for x in curve)
     assert before["spearman"] < -0.5 and before["pairwise_accuracy"] < 0.3
     assert after["spearman"] > 0.5 and after["pairwise_accuracy"] > 0.7
     assert model.heads.trained and model.heads.alpha.detach()[0].item() < 0  # the sign is learned, not fixed

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 
 from workers.model import Heads, RewardModel
 
+CURVE_POINTS = 50  # a run's loss curve holds about this many points, each the mean loss of a window of steps
+
 ProgressFn = Callable[[dict[str, Any]], None]
 
 
@@ -145,7 +147,10 @@ def fit(model: RewardModel, data: Feedback, params: TrainParams, progress: Progr
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
     batches_per_epoch = len(_batches(data, params.batch_size, random.Random(0)))
     total = max(1, params.epochs * batches_per_epoch)
+    # The curve: mean loss over windows of steps, about CURVE_POINTS points whatever the run's length.
+    window = max(1, total // CURVE_POINTS)
     curve: list[float] = []
+    win_sum, win_n = 0.0, 0
     step = 0
     t0 = time.perf_counter()
     for epoch in range(params.epochs):
@@ -163,13 +168,20 @@ def fit(model: RewardModel, data: Feedback, params: TrainParams, progress: Progr
             opt.zero_grad()
             loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
-            running += float(loss.detach())
+            value = float(loss.detach())
+            running += value
             n += 1
+            win_sum += value
+            win_n += 1
+            if step % window == 0:
+                curve.append(win_sum / win_n)
+                win_sum, win_n = 0.0, 0
             if progress is not None and (step % 10 == 0 or step == total):
                 progress({"epoch": epoch + 1, "epochs": params.epochs, "step": step, "total_steps": total,
                           "loss": running / max(n, 1), "elapsed_s": round(time.perf_counter() - t0, 2),
-                          "curve": [*curve, running / max(n, 1)]})  # fmt: skip
-        curve.append(running / max(n, 1))
+                          "curve": list(curve)})  # fmt: skip
+    if win_n:
+        curve.append(win_sum / win_n)
     model.encoder.eval()
     model.heads.eval()
     for p in model.encoder.parameters():

@@ -21,7 +21,18 @@ from api.deps import SessionDep, SettingsDep, TenantDep, read_body, request_cont
 from api.errors import ApiError, FieldError, invalid
 from api.ingest import ingest_ndjson
 from api.parsing import NDJSON_TYPES, parse_json_job
-from api.schemas import ErrorOut, FailedItem, JobCreated, JobList, JobOut, Progress, ResultOut, ResultPage, ScoreSummary
+from api.schemas import (
+    ErrorOut,
+    FailedItem,
+    Histogram,
+    JobCreated,
+    JobList,
+    JobOut,
+    Progress,
+    ResultOut,
+    ResultPage,
+    ScoreSummary,
+)
 from storage import repository as repo
 from storage import results
 from storage.db import get_sessionmaker
@@ -213,6 +224,15 @@ def job_errors(job_id: str, session: SessionDep, tenant: TenantDep) -> list[Fail
     job = _load_job(session, job_id, tenant)
     return [FailedItem(index=e.idx, id=it.item_id, code=e.code, message=e.message)
             for e, it in results.item_errors(session, job_id=job.id, limit=None)]  # fmt: skip
+
+
+@router.get("/{job_id}/histogram", response_model=Histogram)
+def job_histogram(
+    job_id: str, session: SessionDep, tenant: TenantDep, bins: Annotated[int, Query(ge=1, le=200)] = 40
+) -> Histogram:
+    """The score distribution in equal-width bins, computed in SQL (cheap on a million-item job)."""
+    job = _load_job(session, job_id, tenant)
+    return Histogram(job_id=job.id, **results.score_histogram(session, job_id=job.id, bins=bins))  # type: ignore[arg-type]
 
 
 def _row(r: Result, it: Item) -> dict[str, Any]:

@@ -1,0 +1,1 @@
+"""HTTP API (FastAPI), the CLI and the Python client."""

@@ -1,0 +1,245 @@
+"""Python client for the rewardq HTTP API; the CLI is built on it."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+_FINISHED = ("succeeded", "failed", "cancelled", "rejected")  # jobs and training runs
+
+
+def _stream_file(path: Path, progress: bool, chunk: int = 1 << 20) -> Iterator[bytes]:
+    """The file in 1 MiB pieces, so a large job is never read into memory whole."""
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc="upload", dynamic_ncols=True)
+    try:
+        with open(path, "rb") as fh:
+            while data := fh.read(chunk):
+                if bar is not None:
+                    bar.update(len(data))
+                yield data
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+class ClientError(RuntimeError):
+    def __init__(self, status: int, body: Any):
+        self.status = status
+        self.body = body
+        detail = body.get("detail") if isinstance(body, dict) else body
+        super().__init__(f"HTTP {status}: {detail}")
+
+
+class Client:
+    def __init__(self, base_url: str | None = None, api_key: str | None = None, timeout: float = 120.0):
+        self.base_url = (base_url or os.environ.get("REWARDQ_API_URL") or DEFAULT_URL).rstrip("/")
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def _request(self, method: str, path: str, **kw: Any) -> Any:
+        resp = self._http.request(method, path, **kw)
+        if resp.status_code >= 400:
+            try:
+                body = resp.json()
+            except ValueError:
+                body = resp.text
+            raise ClientError(resp.status_code, body)
+        return resp.json() if resp.content else None
+
+    # -- jobs --------------------------------------------------------------------------------
+
+    def submit(
+        self,
+        items: Iterable[Mapping[str, Any]] | str | Path,
+        *,
+        model_version: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
+        progress: bool = False,
+    ) -> str:
+        """Create a job from a list of {id?, prompt, response} dicts or a JSON Lines file (streamed, with
+        an upload progress bar when ``progress``); return its id."""
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        if isinstance(items, str | Path):
+            params = {"model_version": model_version} if model_version else {}
+            body = self._request("POST", "/v1/jobs", content=_stream_file(Path(items), progress), params=params,
+                                 headers={**headers, "Content-Type": "application/x-ndjson"})  # fmt: skip
+        else:
+            payload: dict[str, Any] = {"items": list(items), "metadata": metadata or {}}
+            if model_version:
+                payload["model_version"] = model_version
+            body = self._request("POST", "/v1/jobs", json=payload, headers=headers)
+        return str(body["job_id"])
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return dict(self._request("GET", f"/v1/jobs/{job_id}"))
+
+    def jobs(self, status: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        params: dict[str, Any] = {"limit": limit, **({"status": status} if status else {})}
+        return list(self._request("GET", "/v1/jobs", params=params)["jobs"])
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        return dict(self._request("POST", f"/v1/jobs/{job_id}/cancel"))
+
+    def _follow(
+        self,
+        fetch: Callable[[], dict[str, Any]],
+        position: Callable[[dict[str, Any]], tuple[int, int, str]],
+        *,
+        what: str,
+        unit: str,
+        progress: bool,
+        poll: float,
+        timeout: float | None,
+    ) -> dict[str, Any]:
+        """Poll ``fetch`` until its status is final; a progress bar on stderr from ``position`` (total, n, note)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        bar = None
+        try:
+            while True:
+                obj = fetch()
+                total, n, note = position(obj)
+                if progress and total:
+                    if bar is None:
+                        from tqdm import tqdm
+
+                        bar = tqdm(total=total, unit=unit, desc=what[:16], dynamic_ncols=True)
+                    bar.n = n
+                    bar.set_postfix_str(note)
+                    bar.refresh()
+                if obj["status"] in _FINISHED:
+                    return obj
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"{what} still {obj['status']} after {timeout}s")
+                time.sleep(poll)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def wait(
+        self, job_id: str, progress: bool = True, poll: float = 0.5, timeout: float | None = None
+    ) -> dict[str, Any]:
+        """Poll until the job finishes (or ``timeout`` seconds pass); show a progress bar on stderr."""
+
+        def position(job: dict[str, Any]) -> tuple[int, int, str]:
+            p = job["progress"]
+            return p["total"], p["done"] + p["failed"], job["status"]
+
+        return self._follow(lambda: self.job(job_id), position, what=f"job {job_id}", unit="pair",
+                            progress=progress, poll=poll, timeout=timeout)  # fmt: skip
+
+    def results(self, job_id: str, sort: str = "index", page: int = 1000) -> Iterator[dict[str, Any]]:
+        """Every result of a job, following the cursor page by page."""
+        cursor: str | None = None
+        while True:
+            params: dict[str, Any] = {"sort": sort, "limit": page, **({"cursor": cursor} if cursor else {})}
+            body = self._request("GET", f"/v1/jobs/{job_id}/results", params=params)
+            yield from body["results"]
+            cursor = body["next_cursor"]
+            if not cursor:
+                return
+
+    def download(self, job_id: str, path: str | Path, fmt: str = "jsonl", progress: bool = False) -> int:
+        """Stream the job's results as jsonl or csv into ``path``; return the bytes written."""
+        total = self.job(job_id)["progress"]["done"] if progress else 0
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, unit="row", desc="results", dynamic_ncols=True)
+        written = 0
+        try:
+            with self._http.stream("GET", f"/v1/jobs/{job_id}/results", params={"format": fmt}) as resp:
+                if resp.status_code >= 400:
+                    resp.read()
+                    raise ClientError(resp.status_code, json.loads(resp.text or "null"))
+                with open(path, "wb") as out:
+                    for chunk in resp.iter_bytes():
+                        out.write(chunk)
+                        written += len(chunk)
+                        if bar is not None:
+                            bar.update(chunk.count(b"\n"))
+        finally:
+            if bar is not None:
+                bar.close()
+        return written
+
+    # -- feedback, training, models, schedules ------------------------------------------------
+
+    def add_feedback(self, rows: Iterable[Mapping[str, Any]] | str | Path) -> dict[str, Any]:
+        """Add preferences {prompt, chosen, rejected} and ratings {prompt, response, rating}, or a JSONL file."""
+        if isinstance(rows, str | Path):
+            with open(rows, "rb") as fh:
+                body = fh.read()
+            return dict(self._request("POST", "/v1/feedback", content=body,
+                                      headers={"Content-Type": "application/x-ndjson"}))  # fmt: skip
+        return dict(self._request("POST", "/v1/feedback", json=list(rows)))
+
+    def feedback_stats(self) -> dict[str, Any]:
+        return dict(self._request("GET", "/v1/feedback"))
+
+    def train(self, **params: Any) -> dict[str, Any]:
+        """Start a fine-tuning run now (parameters as in POST /v1/training-runs); returns the run."""
+        return dict(self._request("POST", "/v1/training-runs", json=params or None))
+
+    def training_run(self, run_id: str) -> dict[str, Any]:
+        return dict(self._request("GET", f"/v1/training-runs/{run_id}"))
+
+    def training_runs(self, limit: int = 50) -> list[dict[str, Any]]:
+        return list(self._request("GET", "/v1/training-runs", params={"limit": limit})["runs"])
+
+    def wait_training(
+        self, run_id: str, progress: bool = True, poll: float = 1.0, timeout: float | None = None
+    ) -> dict[str, Any]:
+        """Poll a training run until it ends; a progress bar over its optimisation steps on stderr."""
+
+        def position(run: dict[str, Any]) -> tuple[int, int, str]:
+            p = run["progress"]
+            total = int(p.get("total_steps") or 0)
+            step = total if run["status"] in _FINISHED else int(p.get("step") or 0)
+            return total, step, f"epoch {p.get('epoch')}/{p.get('epochs')} loss {p.get('loss', 0):.4f}"
+
+        return self._follow(lambda: self.training_run(run_id), position, what=f"run {run_id}", unit="step",
+                            progress=progress, poll=poll, timeout=timeout)  # fmt: skip
+
+    def models(self) -> dict[str, Any]:
+        return dict(self._request("GET", "/v1/models"))
+
+    def activate(self, version: str) -> dict[str, Any]:
+        return dict(self._request("POST", f"/v1/models/{version}/activate"))
+
+    def schedules(self) -> list[dict[str, Any]]:
+        return list(self._request("GET", "/v1/schedules")["schedules"])
+
+    def add_schedule(self, cron: str, min_new_feedback: int = 0, **params: Any) -> dict[str, Any]:
+        body = {"cron": cron, "min_new_feedback": min_new_feedback, "params": params}
+        return dict(self._request("POST", "/v1/schedules", json=body))
+
+    def delete_schedule(self, schedule_id: str) -> None:
+        self._request("DELETE", f"/v1/schedules/{schedule_id}")
+
+    def health(self) -> bool:
+        try:
+            return self._http.get("/healthz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False

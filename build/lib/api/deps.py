@@ -1,0 +1,118 @@
+"""FastAPI dependencies as Annotated aliases: settings, a DB session, the caller's tenant."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from collections.abc import Iterator
+from typing import Annotated
+
+import redis
+from fastapi import Depends, Request
+from sqlalchemy.orm import Session
+
+from api.errors import ApiError, FieldError
+from api.parsing import NDJSON_TYPES
+from storage import keys
+from storage.db import get_sessionmaker
+from storage.settings import Settings, get_settings
+from workers import metrics
+
+DEFAULT_TENANT = "default"
+log = logging.getLogger(__name__)
+
+
+def _session(settings: Annotated[Settings, Depends(get_settings)]) -> Iterator[Session]:
+    with get_sessionmaker(settings.database_url)() as session:
+        yield session
+
+
+UI_COOKIE = "rewardq_key"
+UI_HEADER = "x-rewardq-ui"  # sent by the dashboard's scripts; a cross-site form cannot set it
+
+
+def auth_required(settings: Settings, session: Session) -> bool:
+    """Auth is on when REWARDQ_API_KEYS is set or any key was made with `rewardq keys create`."""
+    return bool(settings.api_key_map()) or keys.any_keys(session)
+
+
+def tenant_for_key(settings: Settings, session: Session, token: str) -> str | None:
+    tenant = None
+    for key, owner in settings.api_key_map().items():
+        # Compare against every key, in constant time, so timing says nothing about which one matched.
+        if hmac.compare_digest(key.encode(), token.encode()):
+            tenant = owner
+    return tenant or keys.tenant_for(session, key=token)
+
+
+def _tenant(
+    request: Request,
+    settings: Annotated[Settings, Depends(get_settings)],
+    session: Annotated[Session, Depends(_session)],
+) -> str:
+    """The caller's tenant, from `Authorization: Bearer <key>` or the dashboard's cookie."""
+    if not auth_required(settings, session):
+        return DEFAULT_TENANT
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        token = request.cookies.get(UI_COOKIE, "")
+        if not token:
+            raise ApiError(401, "missing 'Authorization: Bearer <key>'", headers={"WWW-Authenticate": "Bearer"})
+        if request.method not in ("GET", "HEAD") and request.headers.get(UI_HEADER) != "1":
+            # The cookie alone never authorises a change: that would let another site's form act as the user.
+            raise ApiError(403, f"cookie-authenticated changes need the {UI_HEADER} header")
+    tenant = tenant_for_key(settings, session, token)
+    if tenant is None:
+        raise ApiError(401, "invalid API key", headers={"WWW-Authenticate": "Bearer"})
+    if settings.rate_limit_per_minute:
+        _rate_limit(settings, token)
+    return tenant
+
+
+def _rate_limit(settings: Settings, token: str) -> None:
+    """A fixed one-minute window per key, counted in Redis; fails open if Redis is unreachable."""
+    now = time.time()
+    window = int(now // 60)
+    name = f"rewardq:ratelimit:{keys.hash_key(token)[:24]}:{window}"
+    try:
+        pipe = metrics.client(settings.redis_url).pipeline()
+        pipe.incr(name)
+        pipe.expire(name, 120)
+        count = int(pipe.execute()[0])
+    except redis.RedisError:
+        log.warning("rate limit not enforced: Redis unreachable")
+        return
+    if count > settings.rate_limit_per_minute:
+        retry = max(1, int(60 - now % 60) + 1)
+        raise ApiError(429, f"rate limit of {settings.rate_limit_per_minute} requests per minute exceeded",
+                       headers={"Retry-After": str(retry)})  # fmt: skip
+
+
+def request_content_type(request: Request) -> str:
+    """The body's media type, refused with 415 unless it is JSON or JSON Lines."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype not in ("application/json", *NDJSON_TYPES):
+        raise ApiError(415, f"unsupported content type {ctype or '(none)'!r}; use application/json or "
+                            "application/x-ndjson", [FieldError("content-type", "unsupported")])  # fmt: skip
+    return ctype
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"request body of {declared} bytes exceeds the limit of {limit}",
+                       [FieldError("body", "too large")])  # fmt: skip
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"request body exceeds the limit of {limit} bytes", [FieldError("body", "too large")])
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+SessionDep = Annotated[Session, Depends(_session)]
+TenantDep = Annotated[str, Depends(_tenant)]

@@ -1,0 +1,65 @@
+"""/v1/feedback: preferences and ratings that fine-tuning learns from."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+
+from api.deps import SessionDep, SettingsDep, TenantDep, read_body, request_content_type
+from api.errors import FieldError, invalid
+from api.parsing import loads, parse_ndjson, validate_feedback
+from api.schemas import ErrorOut, FeedbackAdded, FeedbackStats
+from storage import training_repository as trepo
+
+router = APIRouter(prefix="/v1/feedback", tags=["feedback"])
+
+_DOC: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {"type": "array", "items": {"type": "object"}},
+                "example": [
+                    {"prompt": "2+2?", "chosen": "4", "rejected": "5"},
+                    {"prompt": "Capital of France?", "response": "Paris", "rating": 4.5},
+                ],
+            },
+            "application/x-ndjson": {"schema": {"type": "string", "description": "one feedback object per line"}},
+        },
+    }
+}
+
+
+@router.post("", status_code=201, response_model=FeedbackAdded, openapi_extra=_DOC,
+             responses={c: {"model": ErrorOut} for c in (413, 415, 422)})  # fmt: skip
+async def add_feedback(
+    request: Request, session: SessionDep, settings: SettingsDep, tenant: TenantDep
+) -> FeedbackAdded:
+    """Add preferences `{prompt, chosen, rejected}` and ratings `{prompt, response, rating}` (any real scale)."""
+    ctype = request_content_type(request)
+    body = await read_body(request, settings.max_body_bytes)
+
+    def store() -> FeedbackAdded:
+        if ctype == "application/json":
+            try:
+                raw = loads(body)
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise invalid([FieldError("body", f"not valid JSON: {exc}")]) from exc
+        else:
+            raw = parse_ndjson(body, max_items=settings.max_items_per_job)
+        rows = validate_feedback(raw, max_items=settings.max_items_per_job, max_chars=settings.max_text_chars)
+        trepo.add_feedback(session, tenant=tenant, rows=rows)
+        session.commit()
+        stats = trepo.feedback_stats(session, tenant=tenant)
+        prefs = sum(r["kind"] == "preference" for r in rows)
+        return FeedbackAdded(added=len(rows), preferences=prefs, ratings=len(rows) - prefs, total=stats["total"])
+
+    return await run_in_threadpool(store)
+
+
+@router.get("", response_model=FeedbackStats)
+def feedback_stats(session: SessionDep, tenant: TenantDep) -> FeedbackStats:
+    stats = trepo.feedback_stats(session, tenant=tenant)
+    return FeedbackStats(total=stats["total"], preferences=stats["preferences"], ratings=stats["ratings"])

@@ -1,0 +1,296 @@
+"""/v1/jobs: create scoring jobs, follow them, cancel them, read their results."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import itertools
+import json
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from api.deps import SessionDep, SettingsDep, TenantDep, read_body, request_content_type
+from api.errors import ApiError, FieldError, invalid
+from api.ingest import ingest_ndjson
+from api.parsing import NDJSON_TYPES, parse_json_job
+from api.schemas import (
+    ErrorOut,
+    FailedItem,
+    Histogram,
+    JobCreated,
+    JobList,
+    JobOut,
+    Progress,
+    ResultOut,
+    ResultPage,
+    ScoreSummary,
+)
+from storage import repository as repo
+from storage import results
+from storage.db import get_sessionmaker
+from storage.models import Item, Job, Result
+from storage.settings import Settings
+from workers.feeder import feed
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+_CREATE_DOC: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/JobCreate"}},
+            "application/x-ndjson": {
+                "schema": {
+                    "type": "string",
+                    "description": "one item object per line: {id?, prompt, response}",
+                }
+            },
+        },
+    }
+}
+
+
+def _job_detail(session: Session, job: Job) -> JobOut:
+    """A job with its score summary and its error ledger (what GET /v1/jobs/{id} answers)."""
+    out = _job_out(job, results.score_summary(session, job_id=job.id))
+    if job.n_failed:
+        out.error_counts = results.error_counts(session, job_id=job.id)
+        out.failed_items = [FailedItem(index=e.idx, id=it.item_id, code=e.code, message=e.message)
+                            for e, it in results.item_errors(session, job_id=job.id, limit=100)]  # fmt: skip
+    return out
+
+
+def _job_out(job: Job, summary: dict[str, Any] | None = None) -> JobOut:
+    end = job.finished_at or datetime.now(timezone.utc)
+    elapsed = None
+    if job.started_at is not None:
+        start = job.started_at if job.started_at.tzinfo else job.started_at.replace(tzinfo=timezone.utc)
+        end = end if end.tzinfo else end.replace(tzinfo=timezone.utc)
+        elapsed = max((end - start).total_seconds(), 0.0)
+    return JobOut(
+        job_id=job.id,
+        status=job.status,
+        model_version=job.model_version,
+        progress=Progress(done=job.n_done, failed=job.n_failed, total=job.n_items,
+                          fraction=(job.n_done + job.n_failed) / job.n_items if job.n_items else 1.0),
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        elapsed_s=elapsed,
+        pairs_per_s=(job.n_done / elapsed) if elapsed else None,
+        metadata=job.meta,
+        error=job.error,
+        embed_cache_hits=job.cache_hits,
+        embed_cache_misses=job.cache_misses,
+        summary=ScoreSummary(**summary) if summary is not None else None,
+    )  # fmt: skip
+
+
+def _load_job(session: Session, job_id: str, tenant: str) -> Job:
+    job = repo.get_job(session, job_id=job_id, tenant=tenant)
+    if job is None:
+        raise ApiError(404, f"job {job_id!r} not found", [FieldError("job_id", "not found")])
+    return job
+
+
+def _version(session: Session, requested: str | None) -> str:
+    """The model version a new job is pinned to: the one asked for, or the active one."""
+    if requested is None:
+        active = repo.active_model_version(session)
+        if active is None:
+            raise ApiError(503, "no model version is registered yet: run 'rewardq db upgrade' or start a worker")
+        return active.version
+    if repo.get_model_version(session, version=requested) is None:
+        raise invalid([FieldError("model_version", f"unknown model version {requested!r}")])
+    return requested
+
+
+def _prior(session: Session, tenant: str, idem_key: str | None, body_hash: str) -> JobCreated | None:
+    """The job an earlier request with this Idempotency-Key made (409 if its body differed)."""
+    prior = repo.find_job_by_idempotency_key(session, tenant=tenant, key=idem_key) if idem_key else None
+    if prior is None:
+        return None
+    if prior.request_hash != body_hash:
+        raise ApiError(409, "Idempotency-Key was already used with a different request body",
+                       [FieldError("Idempotency-Key", "reused with another payload")])  # fmt: skip
+    return JobCreated(job_id=prior.id, status=prior.status, n_items=prior.n_items, model_version=prior.model_version)
+
+
+def _commit_and_feed(session: Session, settings: Settings, job: Job, tenant: str, idem_key: str | None,
+                     body_hash: str) -> tuple[JobCreated, bool]:  # fmt: skip
+    job.idempotency_key = idem_key
+    job.request_hash = body_hash
+    try:
+        session.commit()
+    except IntegrityError:
+        # Another request with the same Idempotency-Key won the race: answer as it did.
+        session.rollback()
+        prior = _prior(session, tenant, idem_key, body_hash)
+        if prior is None:
+            raise
+        return prior, False
+    try:
+        feed(settings)
+    except Exception as exc:
+        # Nothing half-created: a job accepted while Redis is down would only wait; say so now instead.
+        session.delete(job)
+        session.commit()
+        raise ApiError(503, f"could not enqueue the job's batches (is Redis up?): {exc}") from exc
+    return JobCreated(job_id=job.id, status=job.status, n_items=job.n_items, model_version=job.model_version), True
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorOut} for code in (409, 413, 415, 422, 503)}
+
+
+@router.post("", status_code=202, response_model=JobCreated, openapi_extra=_CREATE_DOC, responses=_ERRORS)
+async def create_job(
+    request: Request,
+    response: Response,
+    session: SessionDep,
+    settings: SettingsDep,
+    tenant: TenantDep,
+    model_version: Annotated[str | None, Query(description="for ndjson bodies; JSON bodies carry it inline")] = None,
+    idempotency_key: Annotated[str | None, Header(max_length=256)] = None,
+) -> JobCreated:
+    """Create a scoring job from `{"items": [...]}` JSON or from an ndjson body (one item a line)."""
+    ctype = request_content_type(request)
+    if ctype in NDJSON_TYPES:
+        # Streamed into SQL as it arrives; the Idempotency-Key is checked once the body's hash is known.
+        version = await run_in_threadpool(_version, session, model_version)
+        job, body_hash = await ingest_ndjson(request, session, settings, tenant=tenant, model_version=version,
+                                             ctype=ctype)  # fmt: skip
+        prior = await run_in_threadpool(_prior, session, tenant, idempotency_key, body_hash)
+        if prior is not None:
+            session.rollback()
+            response.status_code = 200
+            return prior
+        created, is_new = await run_in_threadpool(
+            _commit_and_feed, session, settings, job, tenant, idempotency_key, body_hash
+        )
+        response.status_code = 202 if is_new else 200
+        return created
+    body = await read_body(request, settings.max_body_bytes)
+
+    def build() -> tuple[JobCreated, bool]:
+        req = parse_json_job(body, max_items=settings.max_items_per_job, max_chars=settings.max_text_chars)
+        body_hash = hashlib.sha256(ctype.encode() + b"\0" + body).hexdigest()
+        prior = _prior(session, tenant, idempotency_key, body_hash)
+        if prior is not None:
+            return prior, False
+        job = repo.create_job(session, tenant=tenant, items=req.items, batch_size=settings.batch_size,
+                              model_version=_version(session, req.model_version or model_version),
+                              metadata=req.metadata)  # fmt: skip
+        return _commit_and_feed(session, settings, job, tenant, idempotency_key, body_hash)
+
+    created, is_new = await run_in_threadpool(build)
+    if not is_new:
+        response.status_code = 200
+    return created
+
+
+@router.get("", response_model=JobList)
+def list_jobs(
+    session: SessionDep,
+    tenant: TenantDep,
+    status: Annotated[str | None, Query(pattern="^(queued|running|succeeded|failed|cancelled)$")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+) -> JobList:
+    return JobList(jobs=[_job_out(j) for j in repo.list_jobs(session, tenant=tenant, limit=limit, status=status)])
+
+
+@router.get("/{job_id}", response_model=JobOut)
+def get_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobOut:
+    return _job_detail(session, _load_job(session, job_id, tenant))
+
+
+@router.post("/{job_id}/cancel", response_model=JobOut)
+def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobOut:
+    job = repo.cancel_job(session, job=_load_job(session, job_id, tenant))
+    session.commit()
+    return _job_detail(session, job)
+
+
+@router.get("/{job_id}/errors", response_model=list[FailedItem])
+def job_errors(job_id: str, session: SessionDep, tenant: TenantDep) -> list[FailedItem]:
+    """Every item that could not be scored, with its reason code (the error ledger)."""
+    job = _load_job(session, job_id, tenant)
+    return [FailedItem(index=e.idx, id=it.item_id, code=e.code, message=e.message)
+            for e, it in results.item_errors(session, job_id=job.id, limit=None)]  # fmt: skip
+
+
+@router.get("/{job_id}/histogram", response_model=Histogram)
+def job_histogram(
+    job_id: str, session: SessionDep, tenant: TenantDep, bins: Annotated[int, Query(ge=1, le=200)] = 40
+) -> Histogram:
+    """The score distribution in equal-width bins, computed in SQL (cheap on a million-item job)."""
+    job = _load_job(session, job_id, tenant)
+    return Histogram(job_id=job.id, **results.score_histogram(session, job_id=job.id, bins=bins))  # type: ignore[arg-type]
+
+
+def _row(r: Result, it: Item) -> dict[str, Any]:
+    return {"index": r.idx, "id": it.item_id, "prompt": it.prompt, "response": it.response,
+            "score": r.score, "cos": r.cos, "model_version": r.model_version, "truncated": r.truncated}  # fmt: skip
+
+
+_CSV_FIELDS = ["index", "id", "prompt", "response", "score", "cos", "model_version", "truncated", "error_code",
+               "error"]  # fmt: skip
+
+
+def _stream(url: str, job_id: str, sort: results.Sort, fmt: str) -> Iterator[str]:
+    # A fresh session: the request's one is closed once the response starts streaming.
+    with get_sessionmaker(url)() as session:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=_CSV_FIELDS, lineterminator="\n")
+        if fmt == "csv":
+            writer.writeheader()
+        n = 0
+        scored = (_row(r, it) for r, it in results.iter_results(session, job_id=job_id, sort=sort))
+        # Failed items follow the scored ones, with no score and their reason code.
+        failed = ({"index": e.idx, "id": it.item_id, "prompt": it.prompt, "response": it.response, "score": None,
+                   "cos": None, "model_version": None, "truncated": None, "error_code": e.code, "error": e.message}
+                  for e, it in results.item_errors(session, job_id=job_id, limit=None))  # fmt: skip
+        for row in itertools.chain(scored, failed):
+            if fmt == "csv":
+                row["cos"] = json.dumps(row["cos"]) if row["cos"] is not None else ""
+                writer.writerow(row)
+            else:
+                buf.write(json.dumps(row, ensure_ascii=False) + "\n")
+            n += 1
+            if n % 1000 == 0:
+                yield buf.getvalue()
+                buf.seek(0)
+                buf.truncate()
+        yield buf.getvalue()
+
+
+@router.get("/{job_id}/results", response_model=ResultPage)
+def job_results(
+    job_id: str,
+    session: SessionDep,
+    settings: SettingsDep,
+    tenant: TenantDep,
+    format: Annotated[Literal["json", "jsonl", "csv"], Query()] = "json",
+    sort: Annotated[Literal["index", "score", "-score"], Query()] = "index",
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+) -> Any:
+    """Results: one cursor page as JSON, or the whole job streamed as jsonl or csv."""
+    job = _load_job(session, job_id, tenant)
+    if format != "json":
+        media = "text/csv" if format == "csv" else "application/x-ndjson"
+        headers = {"Content-Disposition": f'attachment; filename="{job.id}.{format}"'}
+        return StreamingResponse(_stream(settings.database_url, job.id, sort, format), media_type=media,
+                                 headers=headers)  # fmt: skip
+    try:
+        rows, nxt = results.results_page(session, job_id=job.id, sort=sort, cursor=cursor, limit=limit)
+    except results.CursorError as exc:
+        raise invalid([FieldError("cursor", str(exc))]) from exc
+    return ResultPage(job_id=job.id, results=[ResultOut(**_row(r, it)) for r, it in rows], next_cursor=nxt)

@@ -1,0 +1,134 @@
+"""/v1/training-runs, /v1/models and /v1/schedules: fine-tuning, the model registry, retraining schedules."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Response
+from sqlalchemy.orm import Session
+
+from api.deps import SessionDep, SettingsDep, TenantDep
+from api.errors import ApiError, FieldError, invalid
+from api.schemas import (
+    ModelList,
+    ModelVersionOut,
+    ScheduleIn,
+    ScheduleList,
+    ScheduleOut,
+    TrainingParams,
+    TrainingRunList,
+    TrainingRunOut,
+)
+from storage import cron
+from storage import training_repository as trepo
+from storage.models import ModelVersion, Schedule, TrainingRun
+from workers.messages import enqueue_training_run
+
+runs = APIRouter(prefix="/v1/training-runs", tags=["training"])
+models = APIRouter(prefix="/v1/models", tags=["models"])
+schedules = APIRouter(prefix="/v1/schedules", tags=["schedules"])
+
+
+def run_out(run: TrainingRun) -> TrainingRunOut:
+    return TrainingRunOut(
+        run_id=run.id, status=run.status, params=run.params, progress=run.progress, loss_curve=run.loss_curve,
+        metrics=run.metrics, base_version=run.base_version, result_version=run.result_version,
+        n_feedback=run.n_feedback, schedule_id=run.schedule_id, error=run.error, created_at=run.created_at,
+        started_at=run.started_at, finished_at=run.finished_at,
+    )  # fmt: skip
+
+
+def _params(params: TrainingParams) -> dict[str, object]:
+    return params.model_dump(exclude_none=True)
+
+
+@runs.post("", status_code=202, response_model=TrainingRunOut)
+def start_run(session: SessionDep, settings: SettingsDep, tenant: TenantDep, params: TrainingParams | None = None
+              ) -> TrainingRunOut:  # fmt: skip
+    """Start a fine-tuning run now on all of the tenant's feedback (parameters optional)."""
+    stats = trepo.feedback_stats(session, tenant=tenant)
+    if stats["total"] < 3:
+        raise invalid([FieldError("feedback", f"need at least 3 feedback rows to train, have {stats['total']}")])
+    run = trepo.create_run(session, tenant=tenant, params=_params(params or TrainingParams()))
+    session.commit()
+    try:
+        enqueue_training_run(run.id, queue=settings.training_queue)
+    except Exception as exc:
+        session.delete(run)
+        session.commit()
+        raise ApiError(503, f"could not enqueue the training run (is Redis up?): {exc}") from exc
+    return run_out(run)
+
+
+@runs.get("", response_model=TrainingRunList)
+def list_runs(session: SessionDep, tenant: TenantDep, limit: Annotated[int, Query(ge=1, le=500)] = 50
+              ) -> TrainingRunList:  # fmt: skip
+    return TrainingRunList(runs=[run_out(r) for r in trepo.list_runs(session, tenant=tenant, limit=limit)])
+
+
+@runs.get("/{run_id}", response_model=TrainingRunOut)
+def get_run(run_id: str, session: SessionDep, tenant: TenantDep) -> TrainingRunOut:
+    run = trepo.get_run(session, run_id=run_id, tenant=tenant)
+    if run is None:
+        raise ApiError(404, f"training run {run_id!r} not found", [FieldError("run_id", "not found")])
+    return run_out(run)
+
+
+def _model_out(mv: ModelVersion) -> ModelVersionOut:
+    return ModelVersionOut(version=mv.version, base_model=mv.base_model, active=mv.active, n_heads=mv.n_heads,
+                           metrics=mv.metrics, run_id=mv.run_id, created_at=mv.created_at)  # fmt: skip
+
+
+def _model_list(session: Session) -> ModelList:
+    versions = trepo.list_versions(session)
+    active = next((mv.version for mv in versions if mv.active), None)
+    return ModelList(active=active, models=[_model_out(mv) for mv in versions])
+
+
+@models.get("", response_model=ModelList)
+def list_models(session: SessionDep, tenant: TenantDep) -> ModelList:
+    """Every model version with its held-out metrics; `active` is the one new jobs are pinned to."""
+    return _model_list(session)
+
+
+@models.post("/{version}/activate", response_model=ModelList)
+def activate(version: str, session: SessionDep, tenant: TenantDep) -> ModelList:
+    """Promote a version, or roll back to an earlier one. Jobs already submitted keep their version."""
+    if trepo.activate_version(session, version=version) is None:
+        raise ApiError(404, f"model version {version!r} not found", [FieldError("version", "not found")])
+    session.commit()
+    return _model_list(session)
+
+
+def _schedule_out(s: Schedule) -> ScheduleOut:
+    return ScheduleOut(schedule_id=s.id, cron=s.cron, min_new_feedback=s.min_new_feedback, params=s.params,
+                       next_run_at=s.next_run_at, last_fired_at=s.last_fired_at, created_at=s.created_at)  # fmt: skip
+
+
+@schedules.get("", response_model=ScheduleList)
+def list_schedules(session: SessionDep, tenant: TenantDep) -> ScheduleList:
+    return ScheduleList(schedules=[_schedule_out(s) for s in trepo.list_schedules(session, tenant=tenant)])
+
+
+@schedules.post("", status_code=201, response_model=ScheduleOut)
+def add_schedule(body: ScheduleIn, session: SessionDep, tenant: TenantDep) -> ScheduleOut:
+    """A cron schedule for retraining; `rewardq beat` picks it up without a restart."""
+    if not cron.is_valid(body.cron):
+        raise invalid([FieldError("cron", f"{body.cron!r} is not a valid 5- or 6-field cron expression")])
+    sched = trepo.create_schedule(session, tenant=tenant, cron=body.cron, min_new_feedback=body.min_new_feedback,
+                                  params=_params(body.params),
+                                  next_run_at=cron.next_fire(body.cron, datetime.now(timezone.utc)))  # fmt: skip
+    session.commit()
+    return _schedule_out(sched)
+
+
+@schedules.delete("/{schedule_id}", status_code=204)
+def delete_schedule(schedule_id: str, session: SessionDep, tenant: TenantDep) -> Response:
+    if not trepo.delete_schedule(session, tenant=tenant, schedule_id=schedule_id):
+        raise ApiError(404, f"schedule {schedule_id!r} not found", [FieldError("schedule_id", "not found")])
+    session.commit()
+    return Response(status_code=204)
+
+
+__all__ = ["models", "runs", "schedules"]

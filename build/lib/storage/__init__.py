@@ -1,0 +1,1 @@
+"""Persistence: settings, SQLAlchemy models, repository functions and Alembic migrations."""

@@ -1,0 +1,354 @@
+"""Repository functions over the tables: session first, keyword-only arguments, no commits inside."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import case, func, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from storage.models import FINISHED, Batch, Item, ItemError, Job, JobStatus, ModelVersion, Result, utcnow
+
+_CHUNK = 5000
+
+
+@dataclass(frozen=True)
+class NewItem:
+    item_id: str
+    prompt: str
+    response: str
+
+
+@dataclass(frozen=True)
+class BatchRef:
+    batch_no: int
+    start_idx: int
+    end_idx: int
+
+
+# -- model versions ---------------------------------------------------------------------------
+
+
+def ensure_model_version(
+    session: Session, *, version: str, base_model: str, n_heads: int = 1, config: dict[str, Any] | None = None
+) -> ModelVersion:
+    """Register ``version`` if absent; the first version ever registered becomes active."""
+    mv = session.get(ModelVersion, version)
+    if mv is None:
+        has_active = session.scalar(select(func.count()).select_from(ModelVersion).where(ModelVersion.active))
+        mv = ModelVersion(
+            version=version,
+            base_model=base_model,
+            n_heads=n_heads,
+            config=config or {},
+            active=not has_active,
+        )
+        session.add(mv)
+        session.flush()
+    return mv
+
+
+def active_model_version(session: Session) -> ModelVersion | None:
+    return session.scalar(select(ModelVersion).where(ModelVersion.active).limit(1))
+
+
+def get_model_version(session: Session, *, version: str) -> ModelVersion | None:
+    return session.get(ModelVersion, version)
+
+
+# -- jobs ---------------------------------------------------------------------------------------
+
+
+def begin_job(
+    session: Session,
+    *,
+    tenant: str,
+    model_version: str,
+    metadata: dict[str, Any] | None = None,
+    idempotency_key: str | None = None,
+) -> Job:
+    """The job row, with no items yet; items are added in chunks, then finish_job() closes the ledger."""
+    job = Job(id=uuid.uuid4().hex, tenant=tenant, model_version=model_version, n_items=0, meta=metadata or {},
+              idempotency_key=idempotency_key)  # fmt: skip
+    session.add(job)
+    session.flush()
+    return job
+
+
+def add_items(session: Session, *, job_id: str, start_idx: int, items: Sequence[NewItem]) -> None:
+    """Insert a chunk of a job's items (COPY on PostgreSQL); a duplicate id raises IntegrityError."""
+    if not items:
+        return
+    if session.get_bind().dialect.name == "postgresql":
+        import psycopg
+
+        raw = session.connection().connection.driver_connection
+        assert raw is not None
+        copy_sql = "COPY items (job_id, idx, item_id, prompt, response) FROM STDIN"
+        try:
+            with raw.cursor() as cur, cur.copy(copy_sql) as cp:
+                for i, it in enumerate(items, start=start_idx):
+                    cp.write_row((job_id, i, it.item_id, it.prompt, it.response))
+        except psycopg.IntegrityError as exc:  # the driver's own error: COPY bypasses SQLAlchemy
+            raise IntegrityError(copy_sql, None, exc) from exc
+        return
+    rows = [{"job_id": job_id, "idx": i, "item_id": it.item_id, "prompt": it.prompt, "response": it.response}
+            for i, it in enumerate(items, start=start_idx)]  # fmt: skip
+    session.execute(insert(Item), rows)
+
+
+def first_duplicate_id(session: Session, *, job_id: str, item_ids: Sequence[str]) -> str | None:
+    """Which of ``item_ids`` the job already holds (to name the item a unique violation was about)."""
+    q = select(Item.item_id).where(Item.job_id == job_id, Item.item_id.in_(list(item_ids))).limit(1)
+    return session.scalar(q)
+
+
+def finish_job(session: Session, *, job: Job, n_items: int, batch_size: int, request_hash: str | None) -> None:
+    """Write the batch ledger (nothing enqueued yet: the feeder does that) and the job's item count."""
+    batch_rows = [{"job_id": job.id, "batch_no": n, "start_idx": lo, "end_idx": min(lo + batch_size, n_items)}
+                  for n, lo in enumerate(range(0, n_items, batch_size))]  # fmt: skip
+    for lo in range(0, len(batch_rows), _CHUNK):
+        session.execute(insert(Batch), batch_rows[lo : lo + _CHUNK])
+    job.n_items = n_items
+    job.n_batches = len(batch_rows)
+    job.request_hash = request_hash
+    session.flush()
+
+
+def create_job(
+    session: Session,
+    *,
+    tenant: str,
+    items: Sequence[NewItem],
+    model_version: str,
+    batch_size: int,
+    metadata: dict[str, Any] | None = None,
+    idempotency_key: str | None = None,
+    request_hash: str | None = None,
+) -> Job:
+    """A job from items already in memory; the caller commits, then feeds the queue."""
+    job = begin_job(session, tenant=tenant, model_version=model_version, metadata=metadata,
+                    idempotency_key=idempotency_key)  # fmt: skip
+    for lo in range(0, len(items), _CHUNK):
+        add_items(session, job_id=job.id, start_idx=lo, items=items[lo : lo + _CHUNK])
+    finish_job(session, job=job, n_items=len(items), batch_size=batch_size, request_hash=request_hash)
+    return job
+
+
+def unqueued_batches(session: Session, *, limit: int) -> list[tuple[Batch, str]]:
+    """Batches of live jobs never enqueued, oldest job first, with their job's model version."""
+    q = (
+        select(Batch, Job.model_version)
+        .join(Job, Job.id == Batch.job_id)
+        .where(
+            Batch.enqueued_at.is_(None),
+            Batch.done.is_(False),
+            Job.status.in_((JobStatus.queued.value, JobStatus.running.value)),
+        )  # fmt: skip
+        .order_by(Job.created_at, Batch.job_id, Batch.batch_no)
+        .limit(limit)
+    )
+    return [(b, v) for b, v in session.execute(q).tuples()]
+
+
+def get_job(session: Session, *, job_id: str, tenant: str | None = None) -> Job | None:
+    job = session.get(Job, job_id)
+    if job is None or (tenant is not None and job.tenant != tenant):
+        return None
+    return job
+
+
+def find_job_by_idempotency_key(session: Session, *, tenant: str, key: str) -> Job | None:
+    return session.scalar(select(Job).where(Job.tenant == tenant, Job.idempotency_key == key))
+
+
+def list_jobs(session: Session, *, tenant: str | None, limit: int = 50, status: str | None = None) -> list[Job]:
+    q = select(Job).order_by(Job.created_at.desc(), Job.id).limit(limit)
+    if tenant is not None:
+        q = q.where(Job.tenant == tenant)
+    if status is not None:
+        q = q.where(Job.status == status)
+    return list(session.scalars(q))
+
+
+def batch_texts(session: Session, *, job_id: str, start_idx: int, end_idx: int) -> list[Item]:
+    q = select(Item).where(Item.job_id == job_id, Item.idx >= start_idx, Item.idx < end_idx).order_by(Item.idx)
+    return list(session.scalars(q))
+
+
+def cancel_job(session: Session, *, job: Job) -> Job:
+    if job.status not in FINISHED:
+        job.status = JobStatus.cancelled.value
+        job.finished_at = utcnow()
+    return job
+
+
+def mark_failed(session: Session, *, job_id: str, error: str) -> None:
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status.not_in(FINISHED))
+        .values(status=JobStatus.failed.value, error=error, finished_at=utcnow())
+    )
+
+
+def job_status(session: Session, *, job_id: str) -> str | None:
+    return session.scalar(select(Job.status).where(Job.id == job_id))
+
+
+def start_batch(session: Session, *, job_id: str, batch_no: int) -> bool:
+    """Note that a worker took the batch; False when it is already done (a redelivery or a superseded split)."""
+    res = session.execute(
+        update(Batch)
+        .where(Batch.job_id == job_id, Batch.batch_no == batch_no, Batch.done.is_(False))
+        .values(started_at=utcnow())
+    )
+    return bool(res.rowcount)  # type: ignore[attr-defined]
+
+
+def mark_running(session: Session, *, job_id: str) -> None:
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.queued.value)
+        .values(status=JobStatus.running.value, started_at=utcnow())
+    )
+
+
+def save_results(
+    session: Session,
+    *,
+    job_id: str,
+    batch_no: int,
+    start_idx: int,
+    scores: Sequence[float],
+    cos: Sequence[Sequence[float]],
+    model_version: str,
+    truncated: Sequence[bool] | None = None,
+    skip: frozenset[int] = frozenset(),
+    cache_hits: int = 0,
+    cache_misses: int = 0,
+) -> int:
+    """Upsert one batch's results and advance the job's progress in the caller's transaction.
+
+    Idempotent: a redelivered batch inserts nothing new and counts nothing twice. Offsets in
+    ``skip`` (items already put in the error ledger) are not stored. Returns the number of rows
+    actually inserted.
+    """
+    now = utcnow()
+    flags = truncated or [False] * len(scores)
+    rows = [
+        {"job_id": job_id, "idx": start_idx + i, "score": s, "cos": list(c), "model_version": model_version,
+         "truncated": t, "created_at": now}
+        for i, (s, c, t) in enumerate(zip(scores, cos, flags, strict=True)) if i not in skip
+    ]  # fmt: skip
+    inserted = _insert_new(session, Result, rows)
+    session.execute(
+        update(Batch).where(Batch.job_id == job_id, Batch.batch_no == batch_no).values(done=True, done_at=now)
+    )
+    if inserted:  # a redelivery inserts nothing and counts nothing, cache lookups included
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(
+                n_done=Job.n_done + inserted,
+                cache_hits=Job.cache_hits + cache_hits,
+                cache_misses=Job.cache_misses + cache_misses,
+            )  # fmt: skip
+        )
+    _finish_if_complete(session, job_id=job_id)
+    return inserted
+
+
+def _insert_new(session: Session, table: type[Result] | type[ItemError], rows: list[dict[str, Any]]) -> int:
+    """INSERT … ON CONFLICT (job_id, idx) DO NOTHING; how many rows were new (the idempotent upsert)."""
+    if not rows:
+        return 0
+    dialect = session.get_bind().dialect.name
+    ins = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
+    stmt = ins.values(rows).on_conflict_do_nothing(index_elements=["job_id", "idx"]).returning(table.idx)
+    return len(session.execute(stmt).all())
+
+
+def _finish_if_complete(session: Session, *, job_id: str) -> None:
+    """Close a job whose every item is scored or failed: succeeded, or failed when nothing could be scored."""
+    now = utcnow()
+    session.execute(
+        update(Job)
+        .where(
+            Job.id == job_id,
+            Job.status.in_((JobStatus.queued.value, JobStatus.running.value)),
+            Job.n_done + Job.n_failed >= Job.n_items,
+        )
+        .values(
+            status=case((Job.n_done > 0, JobStatus.succeeded.value), else_=JobStatus.failed.value),
+            error=case((Job.n_done > 0, Job.error), else_="no item could be scored; see the job's failed items"),
+            finished_at=now,
+            started_at=func.coalesce(Job.started_at, now),
+        )
+    )
+
+
+def record_item_failure(session: Session, *, job_id: str, batch_no: int, idx: int, code: str, message: str) -> bool:
+    """Put one item in the error ledger (once), count it failed, close its batch; True if newly recorded."""
+    row = {"job_id": job_id, "idx": idx, "code": code, "message": message[:2000], "created_at": utcnow()}
+    new = bool(_insert_new(session, ItemError, [row]))
+    if new:
+        session.execute(update(Job).where(Job.id == job_id).values(n_failed=Job.n_failed + 1))
+    session.execute(
+        update(Batch).where(Batch.job_id == job_id, Batch.batch_no == batch_no).values(done=True, done_at=utcnow())
+    )
+    _finish_if_complete(session, job_id=job_id)
+    return new
+
+
+def split_batch(session: Session, *, job_id: str, batch_no: int) -> list[BatchRef]:
+    """Replace a failing batch by its two halves (new ledger rows); [] if someone already handled it."""
+    parent = session.get(Batch, (job_id, batch_no), with_for_update=True)
+    if parent is None or parent.done or parent.end_idx - parent.start_idx < 2:
+        return []
+    parent.done = True  # superseded by its halves
+    parent.done_at = utcnow()
+    first = (
+        session.execute(
+            update(Job).where(Job.id == job_id).values(n_batches=Job.n_batches + 2).returning(Job.n_batches)
+        ).scalar_one()
+        - 2
+    )
+    mid = (parent.start_idx + parent.end_idx) // 2
+    halves = [BatchRef(first, parent.start_idx, mid), BatchRef(first + 1, mid, parent.end_idx)]
+    now = utcnow()
+    session.execute(insert(Batch), [{"job_id": job_id, "batch_no": h.batch_no, "start_idx": h.start_idx,
+                                     "end_idx": h.end_idx, "enqueued_at": now} for h in halves])  # fmt: skip
+    return halves
+
+
+def stale_batches(session: Session, *, older_than: datetime, limit: int = 500) -> list[tuple[Batch, str]]:
+    """Unfinished batches of live jobs last enqueued before ``older_than``, with their job's model version."""
+    q = (
+        select(Batch, Job.model_version)
+        .join(Job, Job.id == Batch.job_id)
+        .where(
+            Batch.done.is_(False),
+            Batch.enqueued_at < older_than,
+            Job.status.in_((JobStatus.queued.value, JobStatus.running.value)),
+        )  # fmt: skip
+        .order_by(Batch.enqueued_at)
+        .limit(limit)
+    )
+    return [(b, v) for b, v in session.execute(q).tuples()]
+
+
+def claim_requeue(session: Session, *, job_id: str, batch_no: int, seen: datetime | None, now: datetime) -> bool:
+    """Compare-and-set on the batch's enqueue time, so two feeders or sweepers enqueue a batch once."""
+    seen_cond = Batch.enqueued_at.is_(None) if seen is None else Batch.enqueued_at == seen
+    res = session.execute(
+        update(Batch)
+        .where(Batch.job_id == job_id, Batch.batch_no == batch_no, Batch.done.is_(False), seen_cond)
+        .values(enqueued_at=now, attempts=Batch.attempts + 1)
+    )
+    return bool(res.rowcount)  # type: ignore[attr-defined]

@@ -1,0 +1,73 @@
+"""The one Settings class, read from ``REWARDQ_*`` environment variables and ``.env``; api and workers share it."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="REWARDQ_", env_file=".env", extra="ignore")
+
+    database_url: str = "sqlite:///./rewardq.db"
+    redis_url: str = "redis://localhost:6379/0"
+    model: str = Field(default="", description="local Hugging Face encoder directory; empty = bundled MiniLM")
+    artifacts_dir: Path = Path("./artifacts")
+    api_keys: str = ""
+    kernel: Literal["auto", "triton", "torch"] = "auto"
+
+    batch_size: int = Field(default=256, ge=1, le=4096, description="pairs per queued message")
+    encode_batch_size: int = Field(default=64, ge=1, le=4096, description="most texts per encoder forward")
+    token_budget: int = Field(default=0, ge=0, description="padded tokens per encoder forward; 0: 1024 CPU, 16384 GPU")
+    autocast: Literal["off", "fp16", "bf16"] = Field(default="off", description="encoder precision (for GPUs)")
+    embed_cache_size: int = Field(default=50_000, ge=0, description="embeddings kept per worker and model version")
+    queue_high_water: int = Field(default=32, ge=1, description="most scoring messages in Redis at once")
+    max_items_per_job: int = Field(default=1_000_000, ge=1)
+    max_text_chars: int = Field(default=100_000, ge=1)
+    max_length: int = Field(default=256, ge=8, le=8192, description="tokens per text")
+    truncation: Literal["truncate", "reject"] = Field(
+        default="truncate", description="a longer text is cut (and the result says so) or the item fails (too_long)"
+    )
+    max_body_bytes: int = Field(default=256 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
+    batch_deadline_s: float = Field(default=300.0, gt=0, description="re-enqueue a batch not done after this long")
+    sweep_interval_s: float = Field(default=15.0, gt=0, description="how often beat looks for overdue batches")
+    rate_limit_per_minute: int = Field(default=0, ge=0, description="requests per API key per minute; 0 = off")
+    fault_poison_marker: str = Field(default="", description="testing aid: a text containing it fails to score")
+    gate_margin: float = Field(default=0.005, description="a candidate must beat the active version by this much")
+    scoring_queue: str = "scoring"
+    training_queue: str = "training"
+
+    @field_validator("database_url")
+    @classmethod
+    def _normalise_db_url(cls, v: str) -> str:
+        # Plain postgres:// URLs (Heroku style) and the psycopg2 default both map to psycopg 3.
+        for prefix in ("postgres://", "postgresql://"):
+            if v.startswith(prefix):
+                return "postgresql+psycopg://" + v[len(prefix) :]
+        return v
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, v: str) -> str:
+        if not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("REWARDQ_REDIS_URL must start with redis://, rediss:// or unix://")
+        return v
+
+    def api_key_map(self) -> dict[str, str]:
+        """{key: tenant} from REWARDQ_API_KEYS ('tenant:key,tenant:key')."""
+        out: dict[str, str] = {}
+        for pair in filter(None, (p.strip() for p in self.api_keys.split(","))):
+            tenant, sep, key = pair.partition(":")
+            if not sep or not tenant or not key:
+                raise ValueError(f"REWARDQ_API_KEYS entry {pair!r} is not 'tenant:key'")
+            out[key] = tenant
+        return out
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

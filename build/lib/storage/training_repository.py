@@ -1,0 +1,210 @@
+"""Repository functions for retraining: feedback, training runs, the model registry and schedules."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator, Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, insert, select, update
+from sqlalchemy.orm import Session
+
+from storage.models import Feedback, ModelVersion, RunStatus, Schedule, TrainingRun, utcnow
+
+_CHUNK = 5000
+FINISHED_RUNS = (RunStatus.succeeded.value, RunStatus.rejected.value, RunStatus.failed.value)
+
+
+# -- feedback -------------------------------------------------------------------------------------
+
+
+def add_feedback(session: Session, *, tenant: str, rows: Sequence[dict[str, Any]]) -> int:
+    """Bulk-insert validated feedback rows (keys: kind, prompt, response, chosen, rejected, rating)."""
+    now = utcnow()
+    for lo in range(0, len(rows), _CHUNK):
+        chunk = [{"tenant": tenant, "created_at": now, "response": None, "chosen": None, "rejected": None,
+                  "rating": None, **r} for r in rows[lo : lo + _CHUNK]]  # fmt: skip
+        session.execute(insert(Feedback), chunk)
+    return len(rows)
+
+
+def feedback_stats(session: Session, *, tenant: str) -> dict[str, int]:
+    """{'total', 'preferences', 'ratings', 'max_id'} for a tenant."""
+    out = {"total": 0, "preferences": 0, "ratings": 0, "max_id": 0}
+    q = select(Feedback.kind, func.count(), func.max(Feedback.id)).where(Feedback.tenant == tenant)
+    for kind, n, max_id in session.execute(q.group_by(Feedback.kind)):
+        out["preferences" if kind == "preference" else "ratings"] = int(n)
+        out["total"] += int(n)
+        out["max_id"] = max(out["max_id"], int(max_id or 0))
+    return out
+
+
+def count_feedback_after(session: Session, *, tenant: str, after_id: int) -> int:
+    q = select(func.count()).select_from(Feedback).where(Feedback.tenant == tenant, Feedback.id > after_id)
+    return int(session.scalar(q) or 0)
+
+
+def iter_feedback(session: Session, *, tenant: str, max_id: int, page: int = 10_000) -> Iterator[Feedback]:
+    """A tenant's feedback up to ``max_id`` in id order, page by page."""
+    last = 0
+    while True:
+        q = (
+            select(Feedback)
+            .where(Feedback.tenant == tenant, Feedback.id > last, Feedback.id <= max_id)
+            .order_by(Feedback.id)
+            .limit(page)
+        )
+        rows = list(session.scalars(q))
+        yield from rows
+        if len(rows) < page:
+            return
+        last = rows[-1].id
+
+
+# -- training runs --------------------------------------------------------------------------------
+
+
+def create_run(
+    session: Session,
+    *,
+    tenant: str,
+    params: dict[str, Any],
+    schedule_id: str | None = None,
+    scheduled_for: datetime | None = None,
+) -> TrainingRun:
+    run = TrainingRun(id=uuid.uuid4().hex, tenant=tenant, params=params, schedule_id=schedule_id,
+                      scheduled_for=scheduled_for, progress={}, loss_curve=[], metrics={})  # fmt: skip
+    session.add(run)
+    session.flush()
+    return run
+
+
+def get_run(session: Session, *, run_id: str, tenant: str | None = None) -> TrainingRun | None:
+    run = session.get(TrainingRun, run_id)
+    if run is None or (tenant is not None and run.tenant != tenant):
+        return None
+    return run
+
+
+def list_runs(session: Session, *, tenant: str, limit: int = 50) -> list[TrainingRun]:
+    q = select(TrainingRun).where(TrainingRun.tenant == tenant)
+    return list(session.scalars(q.order_by(TrainingRun.created_at.desc(), TrainingRun.id).limit(limit)))
+
+
+def start_run(session: Session, *, run_id: str, base_version: str, n_feedback: int, max_feedback_id: int) -> None:
+    session.execute(
+        update(TrainingRun)
+        .where(TrainingRun.id == run_id)
+        .values(
+            status=RunStatus.running.value,
+            started_at=utcnow(),
+            base_version=base_version,
+            n_feedback=n_feedback,
+            max_feedback_id=max_feedback_id,
+        )  # fmt: skip
+    )
+
+
+def set_run_progress(session: Session, *, run_id: str, progress: dict[str, Any], loss_curve: list[Any]) -> None:
+    session.execute(
+        update(TrainingRun).where(TrainingRun.id == run_id).values(progress=progress, loss_curve=loss_curve)
+    )
+
+
+def finish_run(
+    session: Session,
+    *,
+    run_id: str,
+    status: RunStatus,
+    metrics: dict[str, Any] | None = None,
+    result_version: str | None = None,
+    error: str | None = None,
+) -> None:
+    values: dict[str, Any] = {"status": status.value, "finished_at": utcnow(), "result_version": result_version,
+                              "error": error}  # fmt: skip
+    if metrics is not None:
+        values["metrics"] = metrics
+    session.execute(update(TrainingRun).where(TrainingRun.id == run_id).values(**values))
+
+
+def last_run_feedback_id(session: Session, *, tenant: str) -> int:
+    """The feedback high-water mark of the tenant's last run that got as far as training."""
+    q = select(func.max(TrainingRun.max_feedback_id)).where(
+        TrainingRun.tenant == tenant, TrainingRun.status != RunStatus.queued.value
+    )
+    return int(session.scalar(q) or 0)
+
+
+# -- model registry -------------------------------------------------------------------------------
+
+
+def register_version(
+    session: Session, *, version: str, base_model: str, path: str, n_heads: int, config: dict[str, Any],
+    metrics: dict[str, Any], run_id: str,
+) -> ModelVersion:  # fmt: skip
+    mv = session.get(ModelVersion, version)
+    if mv is None:  # a content hash seen before (same data, same seed) is the same version
+        mv = ModelVersion(version=version, base_model=base_model, path=path, n_heads=n_heads, config=config,
+                          metrics=metrics, active=False, run_id=run_id)  # fmt: skip
+        session.add(mv)
+        session.flush()
+    return mv
+
+
+def list_versions(session: Session) -> list[ModelVersion]:
+    return list(session.scalars(select(ModelVersion).order_by(ModelVersion.created_at, ModelVersion.version)))
+
+
+def activate_version(session: Session, *, version: str) -> ModelVersion | None:
+    """Make ``version`` the one new jobs use; jobs already submitted keep theirs."""
+    mv = session.get(ModelVersion, version, with_for_update=True)
+    if mv is None:
+        return None
+    session.execute(update(ModelVersion).where(ModelVersion.version != version).values(active=False))
+    mv.active = True
+    session.flush()
+    return mv
+
+
+# -- schedules ------------------------------------------------------------------------------------
+
+
+def create_schedule(
+    session: Session, *, tenant: str, cron: str, min_new_feedback: int, params: dict[str, Any], next_run_at: datetime
+) -> Schedule:
+    sched = Schedule(id=uuid.uuid4().hex, tenant=tenant, cron=cron, min_new_feedback=min_new_feedback,
+                     params=params, next_run_at=next_run_at)  # fmt: skip
+    session.add(sched)
+    session.flush()
+    return sched
+
+
+def list_schedules(session: Session, *, tenant: str | None) -> list[Schedule]:
+    q = select(Schedule).order_by(Schedule.created_at, Schedule.id)
+    if tenant is not None:
+        q = q.where(Schedule.tenant == tenant)
+    return list(session.scalars(q))
+
+
+def delete_schedule(session: Session, *, tenant: str, schedule_id: str) -> bool:
+    sched = session.get(Schedule, schedule_id)
+    if sched is None or sched.tenant != tenant:
+        return False
+    session.delete(sched)
+    return True
+
+
+def due_schedules(session: Session, *, now: datetime) -> list[Schedule]:
+    return list(session.scalars(select(Schedule).where(Schedule.next_run_at <= now)))
+
+
+def claim_slot(session: Session, *, schedule_id: str, due: datetime, next_run_at: datetime) -> bool:
+    """Move a schedule past ``due`` if no one else has: a compare-and-set, so of several beat
+    processes exactly one wins each slot."""
+    res = session.execute(
+        update(Schedule)
+        .where(Schedule.id == schedule_id, Schedule.next_run_at == due)
+        .values(next_run_at=next_run_at, last_fired_at=utcnow())
+    )
+    return bool(res.rowcount)  # type: ignore[attr-defined]

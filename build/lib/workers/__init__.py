@@ -1,0 +1,1 @@
+"""Celery app, tasks, the batching engine, the reward model, trainer and scheduler."""

@@ -1,0 +1,29 @@
+"""The Celery application and its configuration only; tasks live in workers.tasks."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from storage.settings import get_settings
+
+SCORE_BATCH = "rewardq.score_batch"
+TRAIN = "rewardq.train"
+
+_settings = get_settings()
+
+app = Celery("rewardq", broker=_settings.redis_url, include=["workers.tasks"])
+app.conf.update(
+    task_serializer="json",
+    accept_content=["json"],
+    task_ignore_result=True,
+    # Late acks + reject on lost worker: a batch whose worker dies is redelivered, and the
+    # idempotent upsert makes the redelivery harmless.
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    worker_prefetch_multiplier=1,
+    task_default_queue=_settings.scoring_queue,
+    task_routes={SCORE_BATCH: {"queue": _settings.scoring_queue}, TRAIN: {"queue": _settings.training_queue}},
+    broker_transport_options={"visibility_timeout": 3600},
+    broker_connection_retry_on_startup=True,
+    worker_hijack_root_logger=False,
+)

@@ -1,0 +1,46 @@
+"""The workers' one error hierarchy, and which failures are transient (retried) or an item's own (quarantined)."""
+
+from __future__ import annotations
+
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+
+class RewardqError(Exception):
+    """Base of rewardq's own errors; ``code`` is the reason recorded in the error ledger."""
+
+    code = "error"
+
+
+class ModelUnavailable(RewardqError):
+    """The job's model version cannot be loaded here: no item of it can be scored."""
+
+    code = "model_unavailable"
+
+
+class InjectedFault(RewardqError):
+    """Raised for texts containing REWARDQ_FAULT_POISON_MARKER (a testing aid for the poison-batch path)."""
+
+    code = "injected_fault"
+
+
+# Failures of the services around a batch, not of its items: retry the task with capped backoff.
+TRANSIENT: tuple[type[BaseException], ...] = (OperationalError, ConnectionError, TimeoutError, OSError)
+
+
+def is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(exc, TRANSIENT)
+
+
+def reason_code(exc: BaseException) -> str:
+    """A short, stable reason code for the error ledger."""
+    if isinstance(exc, RewardqError):
+        return exc.code
+    if isinstance(exc, ValueError | TypeError | IndexError | KeyError):
+        return "invalid_input"
+    if isinstance(exc, MemoryError):
+        return "out_of_memory"
+    if isinstance(exc, RuntimeError):
+        return "out_of_memory" if "out of memory" in str(exc).lower() else "model_error"
+    return "scoring_error"

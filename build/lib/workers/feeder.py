@@ -1,0 +1,59 @@
+"""Backpressure: batches go to Redis only while the scoring queue is below its high-water mark.
+
+SQL holds every batch; the feeder moves the next ones (oldest job first) into the queue whenever a
+job is created, a worker finishes a batch, or beat ticks, so Redis never holds a whole large job.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+from storage import repository as repo
+from storage.db import session_scope
+from storage.settings import Settings, get_settings
+from workers import metrics
+from workers.messages import build_messages, enqueue_score_batches
+
+log = logging.getLogger(__name__)
+
+
+def queue_depth(url: str, queue: str) -> int:
+    return int(metrics.client(url).llen(queue))
+
+
+def enqueue_claimed(rows: Sequence[tuple[Any, ...]], now: datetime, settings: Settings | None = None) -> int:
+    """Claim each (job, batch, start, end, seen enqueue time, version) by compare-and-set and publish the
+    ones won; a publish that fails leaves them to the sweeper. Returns how many were published."""
+    settings = settings or get_settings()
+    messages = []
+    with session_scope(settings.database_url) as s:
+        for job_id, batch_no, start, end, seen, version in rows:
+            if repo.claim_requeue(s, job_id=job_id, batch_no=batch_no, seen=seen, now=now):
+                messages += build_messages(s, job_id=job_id, model_version=version,
+                                           batches=[repo.BatchRef(batch_no, start, end)])  # fmt: skip
+    if messages:
+        enqueue_score_batches(messages, queue=settings.scoring_queue)
+    return len(messages)
+
+
+def feed(settings: Settings | None = None) -> int:
+    """Top the scoring queue up to REWARDQ_QUEUE_HIGH_WATER messages; return how many were added."""
+    settings = settings or get_settings()
+    room = settings.queue_high_water - queue_depth(settings.redis_url, settings.scoring_queue)
+    if room <= 0:
+        return 0
+    with session_scope(settings.database_url) as s:
+        rows = [(b.job_id, b.batch_no, b.start_idx, b.end_idx, None, version)
+                for b, version in repo.unqueued_batches(s, limit=room)]  # fmt: skip
+    return enqueue_claimed(rows, datetime.now(timezone.utc), settings) if rows else 0
+
+
+def feed_quietly() -> None:
+    """feed(), for callers whose own work must not fail because of it (the next feed catches up)."""
+    try:
+        feed()
+    except Exception:
+        log.exception("could not feed the scoring queue")

@@ -1,0 +1,46 @@
+"""Typed task payloads and the enqueue helper: all that the API needs from the workers (no torch here)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from pydantic import BaseModel
+from sqlalchemy.orm import Session
+
+from storage import repository as repo
+from workers.celery_app import SCORE_BATCH, TRAIN, app
+
+
+class ScoreBatch(BaseModel):
+    """One queued message: a contiguous range of a job's items and their texts."""
+
+    job_id: str
+    batch_no: int
+    start_idx: int
+    model_version: str
+    prompts: list[str]
+    responses: list[str]
+
+
+def enqueue_score_batches(messages: Sequence[ScoreBatch], queue: str) -> None:
+    """Publish the batches to ``queue`` over one broker connection."""
+    with app.producer_or_acquire() as producer:
+        for msg in messages:
+            app.send_task(SCORE_BATCH, kwargs={"payload": msg.model_dump()}, queue=queue, producer=producer)
+
+
+def enqueue_training_run(run_id: str, queue: str) -> None:
+    app.send_task(TRAIN, kwargs={"run_id": run_id}, queue=queue)
+
+
+def build_messages(
+    session: Session, *, job_id: str, model_version: str, batches: Sequence[repo.BatchRef]
+) -> list[ScoreBatch]:
+    """Messages for ledger batches, their texts read back from SQL (for splits and re-enqueues)."""
+    out = []
+    for b in batches:
+        items = repo.batch_texts(session, job_id=job_id, start_idx=b.start_idx, end_idx=b.end_idx)
+        out.append(ScoreBatch(job_id=job_id, batch_no=b.batch_no, start_idx=b.start_idx,
+                              model_version=model_version, prompts=[it.prompt for it in items],
+                              responses=[it.response for it in items]))  # fmt: skip
+    return out

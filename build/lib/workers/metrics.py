@@ -1,0 +1,58 @@
+"""Counters the workers add to in Redis and the API's /metrics reads: one hash for all worker processes."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from functools import lru_cache
+
+import redis
+
+log = logging.getLogger(__name__)
+
+KEY = "rewardq:metrics"
+
+# name -> (help, type) for what the workers count; /metrics renders them in Prometheus text format.
+COUNTERS: dict[str, str] = {
+    "items_scored": "result rows written",
+    "items_failed": "items put in the error ledger",
+    "batches": "queue messages scored",
+    "encoder_batches": "encoder forward passes",
+    "tokens": "real tokens encoded",
+    "padded_tokens": "tokens encoded including padding",
+    "encode_seconds": "time in the encoder",
+    "kernel_seconds": "time in the reward kernel",
+    "db_seconds": "time writing results and progress",
+    "batches_requeued": "overdue batches the sweeper enqueued again",
+    "embed_cache_hits": "texts whose embedding came from the worker's cache",
+    "embed_cache_misses": "texts the encoder had to run on",
+    "truncated_texts": "texts cut to REWARDQ_MAX_LENGTH tokens",
+}
+
+
+@lru_cache(maxsize=8)
+def client(url: str) -> redis.Redis:
+    """One client (and connection pool) per URL and process: a worker talks to Redis after every batch,
+    so it must not open a connection each time. redis-py resets the pool in a forked child."""
+    return redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+
+
+def record(url: str, values: Mapping[str, float]) -> None:
+    """Add to the shared counters; metrics never fail the work they describe."""
+    try:
+        pipe = client(url).pipeline()
+        for k, v in values.items():
+            if v:
+                pipe.hincrbyfloat(KEY, k, v)
+        pipe.execute()
+    except (redis.RedisError, OSError):
+        log.debug("metrics not recorded: Redis unreachable")
+
+
+def read(url: str) -> dict[str, float]:
+    raw: dict[bytes, bytes] = client(url).hgetall(KEY)  # type: ignore[assignment]
+    return {k.decode(): float(v) for k, v in raw.items()}
+
+
+def queue_depths(url: str, queues: list[str]) -> dict[str, int]:
+    return {q: int(client(url).llen(q)) for q in queues}

@@ -1,0 +1,199 @@
+"""The reward model: a transformers encoder with mean pooling, K projection heads, alpha and weight."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+import kernels
+
+_AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class Heads(nn.Module):
+    """K heads per side, alpha[K] and weight[K].
+
+    Untrained (``trained=False``): K=1, identity heads, alpha=1, weight=1/K: the seed formula.
+    Trained: each head rescales the D embedding dimensions separately for prompt and
+    response (a learned diagonal metric; full D x D heads overfit the few thousand pairs a
+    feedback set usually has).
+    """
+
+    def __init__(self, dim: int, n_heads: int = 1, trained: bool = False, init_noise: float = 0.0):
+        super().__init__()
+        self.n_heads = n_heads
+        self.trained = trained
+        if trained:
+            scale = torch.ones(n_heads, dim) + init_noise * torch.randn(n_heads, dim)
+            self.prompt_scale = nn.Parameter(scale.clone())
+            self.response_scale = nn.Parameter(scale.clone())
+        self.alpha = nn.Parameter(torch.ones(n_heads))
+        self.weight = nn.Parameter(torch.full((n_heads,), 1.0 / n_heads))
+
+    def project(self, emb: torch.Tensor, side: str) -> torch.Tensor:
+        if not self.trained:
+            return emb.unsqueeze(1).expand(-1, self.n_heads, -1)
+        scale = self.prompt_scale if side == "prompt" else self.response_scale
+        return emb.unsqueeze(1) * scale.unsqueeze(0)
+
+    def reward(self, emb_p: torch.Tensor, emb_r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return kernels.sim_exp_reward(self.project(emb_p, "prompt"), self.project(emb_r, "response"),
+                                      self.alpha, self.weight)  # fmt: skip
+
+
+@dataclass
+class Scores:
+    reward: list[float]
+    cos: list[list[float]]
+    truncated: list[bool]  # the prompt or the response was cut to max_length tokens
+
+
+class RewardModel:
+    """Encoder + heads, loaded once per worker process and reused for every batch."""
+
+    def __init__(self, version: str, encoder_path: str, heads: Heads | None = None, max_length: int = 256,
+                 encode_batch_size: int = 64, device: str | None = None, token_budget: int = 0,
+                 cache_size: int = 0):  # fmt: skip
+        from transformers import AutoModel, AutoTokenizer
+
+        self.version = version
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.tokenizer = AutoTokenizer.from_pretrained(encoder_path)
+        self.encoder = AutoModel.from_pretrained(encoder_path).to(self.device).eval()
+        dim = int(self.encoder.config.hidden_size)
+        self.heads = (heads or Heads(dim)).to(self.device).eval()
+        self.max_length = min(max_length, int(getattr(self.tokenizer, "model_max_length", max_length) or max_length))
+        self.encode_batch_size = encode_batch_size
+        # Padded tokens per encoder pass: small on a CPU (padding costs as much as text there), large on a GPU.
+        self.token_budget = token_budget or (16384 if self.device.type == "cuda" else 1024)
+        self.stats: dict[str, float] = {}
+        # Embeddings of recent texts (a prompt scored against many responses, a pair seen in an earlier
+        # job): only for serving, where the encoder never changes under the cache.
+        self.cache_size = cache_size
+        self.autocast = "off"  # or "fp16" / "bf16" (REWARDQ_AUTOCAST)
+        self._cache: OrderedDict[bytes, tuple[torch.Tensor, bool]] = OrderedDict()
+
+    @property
+    def dim(self) -> int:
+        return int(self.encoder.config.hidden_size)
+
+    def encode(self, texts: Sequence[str]) -> torch.Tensor:
+        """Mean pooling over the attention mask, float32 [N, D], on the model's device; autograd-aware."""
+        tok = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
+                             return_tensors="pt").to(self.device)  # fmt: skip
+        return self._pool(tok)
+
+    def _count(self, **values: float) -> None:
+        for k, v in values.items():
+            self.stats[k] = self.stats.get(k, 0.0) + v
+
+    def take_stats(self) -> dict[str, float]:
+        """Counters since the last call (tokens, padded tokens, encoder batches, encode and kernel seconds)."""
+        out, self.stats = self.stats, {}
+        return out
+
+    def embed(self, texts: Sequence[str]) -> torch.Tensor:
+        """Embeddings [N, D] on the CPU (see embed_flagged)."""
+        return self.embed_flagged(texts)[0]
+
+    @torch.inference_mode()
+    def embed_flagged(self, texts: Sequence[str]) -> tuple[torch.Tensor, list[bool]]:
+        """Embeddings [N, D] on the CPU, and which texts were cut to ``max_length`` tokens.
+
+        Texts are tokenized once, sorted by token count and grouped so that each encoder pass holds at
+        most ``token_budget`` padded tokens (and ``encode_batch_size`` texts): padding stays small
+        whatever the mix of lengths. A pair's embedding does not depend on its neighbours (the
+        attention mask hides padding), so grouping never changes a score beyond float rounding.
+        """
+        out = torch.empty((len(texts), self.dim), dtype=torch.float32)
+        cut = [False] * len(texts)
+        keys = [hashlib.blake2b(t.encode("utf-8", "surrogatepass"), digest_size=16).digest() for t in texts]
+        todo = [i for i, k in enumerate(keys) if not self._from_cache(k, out, cut, i)]
+        if todo:
+            enc = self.tokenizer([texts[i] for i in todo], truncation=True, max_length=self.max_length)
+            ids: list[list[int]] = enc["input_ids"]
+            lengths = [len(x) for x in ids]
+            for j, n in enumerate(lengths):
+                # At the limit: cut, unless the text is exactly that long (rare; tokenize it whole to tell).
+                if n >= self.max_length:
+                    cut[todo[j]] = len(self.tokenizer(texts[todo[j]], truncation=False)["input_ids"]) > n
+            order = sorted(range(len(todo)), key=lengths.__getitem__)
+            lo = 0
+            while lo < len(order):
+                hi = lo + 1
+                while (hi < len(order) and hi - lo < self.encode_batch_size
+                       and (hi - lo + 1) * lengths[order[hi]] <= self.token_budget):  # fmt: skip
+                    hi += 1
+                group = order[lo:hi]
+                batch = self.tokenizer.pad({"input_ids": [ids[j] for j in group],
+                                            "attention_mask": [[1] * lengths[j] for j in group]},
+                                           return_tensors="pt")  # fmt: skip
+                if self.device.type == "cuda":  # pinned host memory: the copy to the GPU does not block
+                    inputs: Any = {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
+                else:
+                    inputs = batch.to(self.device)
+                pooled = self._pool(inputs).cpu()
+                for row, j in enumerate(group):
+                    out[todo[j]] = pooled[row]
+                    self._to_cache(keys[todo[j]], pooled[row], cut[todo[j]])
+                lo = hi
+            self._count(truncated_texts=float(sum(cut[i] for i in todo)))
+        return out, cut
+
+    def _pool(self, tok: Any) -> torch.Tensor:
+        # Autocast (a setting, for GPUs) runs the encoder in fp16/bf16; pooling and the reward stay fp32.
+        ctx = (
+            torch.autocast(self.device.type, dtype=_AUTOCAST[self.autocast])
+            if self.autocast != "off"
+            else nullcontext()
+        )
+        with ctx:
+            out = self.encoder(**tok).last_hidden_state
+        hidden: torch.Tensor = out.float()
+        mask: torch.Tensor = tok["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        pooled: torch.Tensor = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+        self._count(tokens=float(tok["attention_mask"].sum()), padded_tokens=float(tok["attention_mask"].numel()),
+                    encoder_batches=1.0)  # fmt: skip
+        return pooled
+
+    def _from_cache(self, key: bytes, out: torch.Tensor, cut: list[bool], i: int) -> bool:
+        if not self.cache_size:
+            return False
+        hit = self._cache.get(key)
+        self._count(**({"embed_cache_hits": 1.0} if hit is not None else {"embed_cache_misses": 1.0}))
+        if hit is None:
+            return False
+        self._cache.move_to_end(key)
+        out[i], cut[i] = hit
+        return True
+
+    def _to_cache(self, key: bytes, emb: torch.Tensor, truncated: bool) -> None:
+        if self.cache_size:
+            self._cache[key] = (emb.clone(), truncated)
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+
+    @torch.inference_mode()
+    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> Scores:
+        if len(prompts) != len(responses):
+            raise ValueError("prompts and responses differ in length")
+        # Each distinct text is encoded once per batch (RLHF batches repeat the prompt).
+        uniq = list(dict.fromkeys([*prompts, *responses]))
+        pos = {t: i for i, t in enumerate(uniq)}
+        t0 = time.perf_counter()
+        emb, cut = self.embed_flagged(uniq)
+        emb = emb.to(self.device)
+        t1 = time.perf_counter()
+        reward, cos = self.heads.reward(emb[[pos[p] for p in prompts]], emb[[pos[r] for r in responses]])
+        flags = [cut[pos[p]] or cut[pos[r]] for p, r in zip(prompts, responses, strict=True)]
+        out = Scores(reward=reward.cpu().tolist(), cos=cos.cpu().tolist(), truncated=flags)
+        self._count(encode_seconds=t1 - t0, kernel_seconds=time.perf_counter() - t1)
+        return out

@@ -1,0 +1,70 @@
+"""Retraining schedules (and the sweeper) for Celery beat: read from SQL on every tick, so adding or
+deleting one needs no restart; each due slot is claimed by compare-and-set, so two beat processes fire it once."""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+from celery import beat
+
+from storage import cron
+from storage import training_repository as trepo
+from storage.db import session_scope
+from storage.settings import get_settings
+from workers.feeder import feed_quietly
+from workers.messages import enqueue_training_run
+from workers.sweeper import sweep
+
+log = logging.getLogger(__name__)
+
+POLL_SECONDS = 1.0
+MIN_FEEDBACK = 3
+
+
+def fire_due_schedules(now: datetime | None = None) -> list[str]:
+    """Create and enqueue a training run for every schedule slot that is due; return the new run ids."""
+    now = now or datetime.now(timezone.utc)
+    with session_scope() as s:
+        due = [(d.id, d.tenant, d.cron, d.next_run_at, d.min_new_feedback, dict(d.params))
+               for d in trepo.due_schedules(s, now=now)]  # fmt: skip
+    started = []
+    for sched_id, tenant, expr, slot, min_new, params in due:
+        with session_scope() as s:
+            # Slots missed while no beat ran are skipped, not replayed: the next one is after now.
+            if not trepo.claim_slot(s, schedule_id=sched_id, due=slot, next_run_at=cron.next_fire(expr, now)):
+                continue  # another beat process took this slot
+            new = trepo.count_feedback_after(s, tenant=tenant, after_id=trepo.last_run_feedback_id(s, tenant=tenant))
+            total = trepo.feedback_stats(s, tenant=tenant)["total"]
+            if new < min_new or total < MIN_FEEDBACK:
+                log.info("schedule %s: %d new feedback rows (%d needed), %d in all: not retraining",
+                         sched_id, new, min_new, total)  # fmt: skip
+                continue
+            run = trepo.create_run(s, tenant=tenant, params=params, schedule_id=sched_id, scheduled_for=slot)
+            run_id = run.id
+        enqueue_training_run(run_id, queue=get_settings().training_queue)
+        log.info("schedule %s fired run %s for slot %s", sched_id, run_id, slot.isoformat())
+        started.append(run_id)
+    return started
+
+
+class SqlScheduler(beat.Scheduler):  # type: ignore[misc]
+    """Celery beat scheduler whose entries are the rows of the schedules table; it also runs the sweeper."""
+
+    _last_sweep = 0.0
+
+    def tick(self, *args: Any, **kwargs: Any) -> float:
+        try:
+            fire_due_schedules()
+        except Exception:  # a database hiccup must not stop the clock
+            log.exception("could not check retraining schedules")
+        if time.monotonic() - self._last_sweep >= get_settings().sweep_interval_s:
+            self._last_sweep = time.monotonic()
+            try:
+                sweep()
+            except Exception:
+                log.exception("sweeper failed")
+            feed_quietly()
+        return min(float(super().tick(*args, **kwargs)), POLL_SECONDS)

