@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from sqlalchemy import inspect
 
 from storage import repository as repo
@@ -75,3 +76,21 @@ def test_score_cursor_pages_cover_ties_exactly_once(db_url: str):
                 if cursor is None:
                     break
         assert sorted(seen) == list(range(12)), sort
+
+
+def test_histogram_in_sql_matches_numpy(db_url: str):
+    """Bins are floor((score - min) / width) in SQL on both databases (PostgreSQL's CAST would round)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    scores = [float(x) for x in rng.normal(0.6, 0.15, 500)]
+    job_id = _job(db_url, 500, batch_size=500)
+    _save(db_url, job_id, 0, 0, scores)
+    with session_scope(db_url) as s:
+        hist = results.score_histogram(s, job_id=job_id, bins=17)
+        single = results.score_histogram(s, job_id=_job(db_url, 1, batch_size=1), bins=5)
+    expected, edges = np.histogram(scores, bins=17, range=(min(scores), max(scores)))
+    assert [b["count"] for b in hist["bins"]] == expected.tolist()
+    assert [b["lo"] for b in hist["bins"]] == pytest.approx(edges[:-1].tolist())
+    assert hist["count"] == 500 and hist["max"] == max(scores) and hist["bins"][-1]["hi"] == pytest.approx(max(scores))
+    assert single == {"count": 0, "min": None, "max": None, "bins": []}  # nothing scored yet
