@@ -25,6 +25,9 @@ class Settings(BaseSettings):
     token_budget: int = Field(default=0, ge=0, description="padded tokens per encoder forward; 0: 1024 CPU, 16384 GPU")
     autocast: Literal["off", "fp16", "bf16"] = Field(default="off", description="encoder precision (for GPUs)")
     embed_cache_size: int = Field(default=50_000, ge=0, description="embeddings kept per worker and model version")
+    embed_shared_ttl_s: int = Field(
+        default=86_400, ge=0, description="seconds an embedding stays in the Redis cache all workers share; 0: off"
+    )
     queue_high_water: int = Field(default=32, ge=1, description="most scoring messages in Redis at once")
     max_items_per_job: int = Field(default=1_000_000, ge=1)
     max_text_chars: int = Field(default=100_000, ge=1)

@@ -268,3 +268,48 @@ def test_repeated_prompts_hit_the_embedding_cache_and_the_job_says_so(stack: Sta
     assert job["embed_cache_misses"] == 52  # 4 prompts + 48 responses, each encoded once
     again = wait_job(stack.client, stack.client.post("/v1/jobs", json={"items": items}).json()["job_id"])
     assert again["embed_cache_hits"] == 52 and again["embed_cache_misses"] == 0  # across jobs: encoded once
+
+
+def test_workers_share_embeddings_through_redis(stack: Stack, db_url: str, redis_url: str, monkeypatch):
+    """A text one worker encoded is not encoded again by another: the stack's worker scores a job, then
+    this test process (a second worker, its own LRU emptied) scores the same texts from Redis alone."""
+    from storage import repository as repo
+    from storage.db import session_scope
+    from storage.settings import get_settings
+    from workers import engine
+    from workers.messages import ScoreBatch
+
+    tag = uuid.uuid4().hex[:8]
+    pairs = [(f"shared prompt {p} {tag}", f"shared response {r} to {p} {tag}") for p in range(3) for r in range(4)]
+    first = wait_job(stack.client, stack.client.post(
+        "/v1/jobs", json={"items": [{"prompt": p, "response": r} for p, r in pairs]}).json()["job_id"])  # fmt: skip
+    assert first["status"] == "succeeded" and first["embed_cache_misses"] == 15
+
+    monkeypatch.setenv("REWARDQ_DATABASE_URL", db_url)
+    monkeypatch.setenv("REWARDQ_SCORING_QUEUE", "test-shared-unused")
+    get_settings.cache_clear()
+    try:
+        with session_scope(db_url) as s:
+            version = repo.active_model_version(s).version
+            job = repo.create_job(s, tenant="default", model_version=version, batch_size=len(pairs),
+                                  items=[repo.NewItem(str(i), p, r) for i, (p, r) in enumerate(pairs)])  # fmt: skip
+            job_id = job.id
+        model = engine.get_model(version)
+        assert model.shared is not None
+        model._cache.clear()  # nothing local: every embedding must come from Redis
+        model.take_stats()
+        msg = ScoreBatch(job_id=job_id, batch_no=0, start_idx=0, model_version=version,
+                         prompts=[p for p, _ in pairs], responses=[r for _, r in pairs])  # fmt: skip
+        assert engine.score_batch(msg) == len(pairs)
+        second = stack.client.get(f"/v1/jobs/{job_id}").json()
+        assert second["embed_cache_hits"] == 15 and second["embed_cache_misses"] == 0
+        # The embeddings the first worker's encoder produced: the same scores (the kernels may differ:
+        # the SQLite stack's worker runs Triton under the interpreter, this process the torch reference).
+        a = stack.client.get(f"/v1/jobs/{first['job_id']}/results").json()["results"]
+        b = stack.client.get(f"/v1/jobs/{job_id}/results").json()["results"]
+        assert [x["score"] for x in b] == pytest.approx([x["score"] for x in a], abs=1e-6)
+        # Bounded: every key expires.
+        key = next(iter(redis.Redis.from_url(redis_url).scan_iter(match=f"rewardq:emb:{version}:*", count=1000)))
+        assert 0 < redis.Redis.from_url(redis_url).ttl(key) <= get_settings().embed_shared_ttl_s
+    finally:
+        get_settings.cache_clear()

@@ -57,6 +57,11 @@ def get_model(version: str) -> RewardModel:
                                 encode_batch_size=settings.encode_batch_size)  # fmt: skip
         model.token_budget = settings.token_budget or model.token_budget
         model.cache_size = settings.embed_cache_size
+        if settings.embed_shared_ttl_s:
+            from workers.embed_store import RedisEmbeddingStore
+
+            model.shared = RedisEmbeddingStore(settings.redis_url, namespace=f"{version}:{model.max_length}",
+                                               dim=model.dim, ttl_s=settings.embed_shared_ttl_s)  # fmt: skip
         model.autocast = settings.autocast
         log.info("loaded model %s in %.1fs on %s", version, time.perf_counter() - t0, model.device)
         _models[version] = model

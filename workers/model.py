@@ -80,6 +80,8 @@ class RewardModel:
         self.cache_size = cache_size
         self.autocast = "off"  # or "fp16" / "bf16" (REWARDQ_AUTOCAST)
         self._cache: OrderedDict[bytes, tuple[torch.Tensor, bool]] = OrderedDict()
+        # Second level, shared by every worker (workers.embed_store.RedisEmbeddingStore), or None.
+        self.shared: Any = None
 
     @property
     def dim(self) -> int:
@@ -117,6 +119,20 @@ class RewardModel:
         cut = [False] * len(texts)
         keys = [hashlib.blake2b(t.encode("utf-8", "surrogatepass"), digest_size=16).digest() for t in texts]
         todo = [i for i, k in enumerate(keys) if not self._from_cache(k, out, cut, i)]
+        if todo and self.shared is not None:
+            # What another worker (or this one, before its LRU dropped it) already encoded.
+            found = self.shared.get_many([keys[i] for i in todo])
+            left = []
+            for i, hit in zip(todo, found, strict=True):
+                if hit is None:
+                    left.append(i)
+                    continue
+                out[i] = torch.from_numpy(hit[0].copy())
+                cut[i] = hit[1]
+                self._to_cache(keys[i], out[i], cut[i])
+            self._count(embed_cache_hits=float(len(todo) - len(left)), embed_cache_misses=float(len(left) - len(todo)),
+                        embed_shared_hits=float(len(todo) - len(left)))  # fmt: skip
+            todo = left
         if todo:
             enc = self.tokenizer([texts[i] for i in todo], truncation=True, max_length=self.max_length)
             ids: list[list[int]] = enc["input_ids"]
@@ -126,29 +142,48 @@ class RewardModel:
                 if n >= self.max_length:
                     cut[todo[j]] = len(self.tokenizer(texts[todo[j]], truncation=False)["input_ids"]) > n
             order = sorted(range(len(todo)), key=lengths.__getitem__)
+            groups = []
             lo = 0
             while lo < len(order):
                 hi = lo + 1
                 while (hi < len(order) and hi - lo < self.encode_batch_size
                        and (hi - lo + 1) * lengths[order[hi]] <= self.token_budget):  # fmt: skip
                     hi += 1
-                group = order[lo:hi]
+                groups.append(order[lo:hi])
+                lo = hi
+
+            def collate(group: list[int]) -> Any:
                 batch = self.tokenizer.pad({"input_ids": [ids[j] for j in group],
                                             "attention_mask": [[1] * lengths[j] for j in group]},
                                            return_tensors="pt")  # fmt: skip
                 if self.device.type == "cuda":  # pinned host memory: the copy to the GPU does not block
-                    inputs: Any = {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
-                else:
-                    inputs = batch.to(self.device)
-                pooled = self._pool(inputs).cpu()
+                    return {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
+                return batch.to(self.device)
+
+            # On a GPU the forward passes are queued without waiting: the next group is padded and
+            # copied while the current one runs, and the results come back to the host once, at the end.
+            pooled_groups = []
+            nxt = collate(groups[0])
+            for g in range(len(groups)):
+                inputs = nxt
+                group = groups[g]
+                sizes = (float(sum(lengths[j] for j in group)), float(len(group) * max(lengths[j] for j in group)))
+                pooled_groups.append(self._pool(inputs, sizes))
+                if g + 1 < len(groups):
+                    nxt = collate(groups[g + 1])
+            fresh = []
+            for group, pooled_dev in zip(groups, pooled_groups, strict=True):
+                pooled = pooled_dev.cpu()
                 for row, j in enumerate(group):
                     out[todo[j]] = pooled[row]
                     self._to_cache(keys[todo[j]], pooled[row], cut[todo[j]])
-                lo = hi
+                    fresh.append(todo[j])
+            if self.shared is not None:
+                self.shared.set_many([(keys[i], out[i].numpy(), cut[i]) for i in fresh])
             self._count(truncated_texts=float(sum(cut[i] for i in todo)))
         return out, cut
 
-    def _pool(self, tok: Any) -> torch.Tensor:
+    def _pool(self, tok: Any, counts: tuple[float, float] | None = None) -> torch.Tensor:
         # Autocast (a setting, for GPUs) runs the encoder in fp16/bf16; pooling and the reward stay fp32.
         ctx = (
             torch.autocast(self.device.type, dtype=_AUTOCAST[self.autocast])
@@ -160,14 +195,15 @@ class RewardModel:
         hidden: torch.Tensor = out.float()
         mask: torch.Tensor = tok["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         pooled: torch.Tensor = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
-        self._count(tokens=float(tok["attention_mask"].sum()), padded_tokens=float(tok["attention_mask"].numel()),
-                    encoder_batches=1.0)  # fmt: skip
+        # (tokens, padded tokens) from the host when given: reading the mask on a GPU would wait for it.
+        tokens, padded = counts or (float(tok["attention_mask"].sum()), float(tok["attention_mask"].numel()))
+        self._count(tokens=tokens, padded_tokens=padded, encoder_batches=1.0)
         return pooled
 
     def _from_cache(self, key: bytes, out: torch.Tensor, cut: list[bool], i: int) -> bool:
-        if not self.cache_size:
+        if not self.cache_size and self.shared is None:
             return False
-        hit = self._cache.get(key)
+        hit = self._cache.get(key) if self.cache_size else None
         self._count(**({"embed_cache_hits": 1.0} if hit is not None else {"embed_cache_misses": 1.0}))
         if hit is None:
             return False
