@@ -35,12 +35,22 @@ def score_summary(session: Session, *, job_id: str) -> dict[str, float | int | N
     }
     if n:
         out["std"] = math.sqrt(max(float(mean_sq) - float(mean) ** 2, 0.0))
-        # Quantiles by offset on the (job_id, score) index: no rows leave the database.
-        for name, q in (("p10", 0.1), ("p50", 0.5), ("p90", 0.9)):
-            off = min(int(q * (n - 1) + 0.5), n - 1)
-            out[name] = session.scalar(
-                select(Result.score).where(Result.job_id == job_id).order_by(Result.score).offset(off).limit(1)
-            )
+        qs = (("p10", 0.1), ("p50", 0.5), ("p90", 0.9))
+        if session.get_bind().dialect.name == "postgresql":
+            # One ordered pass for all three (three OFFSET scans cost three times as much on a big job).
+            vals = session.execute(
+                select(*(func.percentile_disc(q).within_group(Result.score) for _, q in qs)).where(
+                    Result.job_id == job_id
+                )
+            ).one()
+            out.update({name: float(v) for (name, _), v in zip(qs, vals, strict=True)})
+        else:
+            # SQLite: by offset on the (job_id, score) index. Either way no rows leave the database.
+            for name, q in qs:
+                off = min(int(q * (n - 1) + 0.5), n - 1)
+                out[name] = session.scalar(
+                    select(Result.score).where(Result.job_id == job_id).order_by(Result.score).offset(off).limit(1)
+                )
     return out
 
 

@@ -75,12 +75,14 @@ function card(title, ...body) { return h("section", { class: "card" }, title ? h
 function stats(pairs) { return h("dl", { class: "stats" }, pairs.map(([k, v]) => [h("dt", {}, k), h("dd", {}, v)])); }
 
 // Re-run `fn` every POLL_MS while it returns true; errors are shown and polling goes on.
+// The pause grows with what a poll costs, so a slow database (a huge job) is never asked twice at once.
 async function poll(fn) {
   let again = true;
+  const t0 = performance.now();
   try { again = await fn(); } catch (e) { flash(e.message, true); }
   window.rewardq.polls += 1;
   window.rewardq.loaded = true;
-  if (again) setTimeout(() => poll(fn), POLL_MS);
+  if (again) setTimeout(() => poll(fn), Math.max(POLL_MS, 2 * (performance.now() - t0)));
 }
 
 function chart(name, canvas, config) {
@@ -154,7 +156,7 @@ function jobPage(jobId) {
       card("Summary", summary, h("h2", { style: "margin-top:14px" }, "Download"), downloads)),
     failed,
     h("div", { class: "grid" }, card("Best pairs", best), card("Worst pairs", worst)));
-  let seen = -1;
+  let seen = -1, drawnAt = -Infinity;
   poll(async () => {
     const job = await api(`/v1/jobs/${enc}`);
     const p = job.progress;
@@ -187,8 +189,11 @@ function jobPage(jobId) {
           h("td", {}, f.message))), { id: "failed-items" }),
         p.failed > job.failed_items.length ? h("p", { class: "muted" }, "The first 100 are shown; the downloads hold all.") : null);
     }
-    if (s && s.count !== seen) {
-      seen = s ? s.count : 0;
+    // The histogram and the pairs follow new results, at most every 5 s while the job runs.
+    const due = TERMINAL.has(job.status) || performance.now() - drawnAt > 5000;
+    if (s && s.count !== seen && due) {
+      seen = s.count;
+      drawnAt = performance.now();
       // Aggregates come from SQL: the browser gets 40 bins and ten pairs, whatever the job's size.
       const [hist, top, bottom] = await Promise.all([api(`/v1/jobs/${enc}/histogram?bins=40`),
         api(`/v1/jobs/${enc}/results?sort=-score&limit=5`), api(`/v1/jobs/${enc}/results?sort=score&limit=5`)]);
