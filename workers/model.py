@@ -228,8 +228,14 @@ class RewardModel:
         emb, cut = self.embed_flagged(uniq)
         emb = emb.to(self.device)
         t1 = time.perf_counter()
-        reward, cos = self.heads.reward(emb[[pos[p] for p in prompts]], emb[[pos[r] for r in responses]])
-        flags = [cut[pos[p]] or cut[pos[r]] for p, r in zip(prompts, responses, strict=True)]
-        out = Scores(reward=reward.cpu().tolist(), cos=cos.cpu().tolist(), truncated=flags)
+        # An identical (prompt, response) pair repeated in the batch goes through the kernel once.
+        pairs = list(zip(prompts, responses, strict=True))
+        distinct = list(dict.fromkeys(pairs))
+        reward, cos = self.heads.reward(emb[[pos[p] for p, _ in distinct]], emb[[pos[r] for _, r in distinct]])
+        at = {pr: i for i, pr in enumerate(distinct)}
+        rows = [at[pr] for pr in pairs]
+        rewards, coss = reward.cpu().tolist(), cos.cpu().tolist()
+        out = Scores(reward=[rewards[i] for i in rows], cos=[coss[i] for i in rows],
+                     truncated=[cut[pos[p]] or cut[pos[r]] for p, r in pairs])  # fmt: skip
         self._count(encode_seconds=t1 - t0, kernel_seconds=time.perf_counter() - t1)
         return out
