@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from api.procs import Proc, free_port, start_api, wait_for
+from tests.conftest import POISON
 from tests.support import Stack, need, seed_scored_job
 
 CHROMIUM = "/usr/bin/chromium"
@@ -126,12 +127,14 @@ def _shot(page: Any, name: str) -> None:
         page.screenshot(path=str(Path(SHOTS) / f"{name}.png"), full_page=True)
 
 
-def _submit(ui: Ui, tenant: str, n: int, tag: str) -> str:
+def _submit(ui: Ui, tenant: str, n: int, tag: str, poison: bool = False) -> str:
     """A job of ``n`` STS-B dev pairs (a different slice per tag) and one pair made of markup."""
     start = {"live": 0, "pages": 200, "private": 300}[tag]
     items = [{"id": f"{tag}-{i}", "prompt": r["prompt"], "response": r["response"]}
              for i, r in enumerate(_sts_ratings(n, "dev", start))]  # fmt: skip
     items.append({"id": f"{tag}-html", "prompt": "<script>window.pwned = 1</script>", "response": "<b>bold</b>"})
+    if poison:  # the stack's workers fail any text holding the marker: one item for the error ledger
+        items.append({"id": f"{tag}-poison", "prompt": f"bad {POISON} text", "response": "x"})
     with ui.http(tenant) as c:
         resp = c.post("/v1/jobs", json={"items": items, "metadata": {"source": "dashboard test"}})
     assert resp.status_code == 202, resp.text
@@ -196,8 +199,8 @@ def test_job_page_shows_live_progress_then_the_histogram(ui: Ui, browser: Any) -
 
 
 def test_every_page_loads_without_console_errors(ui: Ui, browser: Any, trained: dict[str, Any]) -> None:
-    job_id = _submit(ui, "alice", 30, "pages")
-    _wait_job(ui, "alice", job_id)
+    job_id = _submit(ui, "alice", 30, "pages", poison=True)
+    assert _wait_job(ui, "alice", job_id)["progress"]["failed"] == 1
     ctx, page, errors = _page(browser, ui, "alice")
     checks = {
         "/ui/jobs": "#jobs tbody tr[data-job]",
@@ -212,6 +215,11 @@ def test_every_page_loads_without_console_errors(ui: Ui, browser: Any, trained: 
         assert resp.status == 200, path
         _loaded(page)
         page.wait_for_selector(selector, timeout=30_000)
+    # The job page lists the failed item with its reason code.
+    page.goto(f"{ui.base}/ui/jobs/{job_id}")
+    page.wait_for_selector("#failed-items tbody tr")
+    failed = page.locator("#failed-items tbody tr").all_inner_texts()
+    assert len(failed) == 1 and "pages-poison" in failed[0] and "injected_fault" in failed[0]
     # The run page: its loss curve and the gate's decision with both versions' held-out metrics.
     page.goto(f"{ui.base}/ui/runs/{trained['run_id']}")
     page.wait_for_selector("#run-metrics table")
