@@ -1,1 +1,0 @@
-"""Persistence: settings, SQLAlchemy models, repository functions and Alembic migrations."""

@@ -1,1 +1,0 @@
-"""Celery app, tasks, the batching engine, the reward model, trainer and scheduler."""
