@@ -28,11 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.benchmark_pipeline import Stack  # noqa: E402
-from tests.support import seed_scored_job  # noqa: E402
-
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync"]  # fmt: skip
+from tests.support import CHROMIUM, CHROMIUM_ARGS, seed_scored_job  # noqa: E402
 
 
 def page_requests(base: str, job_id: str, repeat: int) -> dict[str, float]:
@@ -110,7 +106,7 @@ def main() -> int:
         from playwright.sync_api import sync_playwright
 
         pw = sync_playwright().start()
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
     results: dict[str, Any] = {"items": args.items, "small": args.small, "repeat": args.repeat, "backends": {}}
     backends: list[tuple[str, str | None]] = [("sqlite", None)]
     pg_name = f"rewardq_bench_ui_{os.getpid()}"

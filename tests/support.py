@@ -12,6 +12,10 @@ from fastapi.testclient import TestClient
 from api.procs import Proc, wait_for
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
+CHROMIUM = "/usr/bin/chromium"  # Debian's package; the browser tests and benchmark never download one
+# As the machine's notes advise: no first-run, no background traffic to hosts this network cannot reach.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]  # fmt: skip
 
 
 def need(ok: bool, what: str) -> None:

