@@ -46,6 +46,14 @@ def tenant_for_key(settings: Settings, session: Session, token: str) -> str | No
     return tenant or keys.tenant_for(session, key=token)
 
 
+def request_key(request: Request) -> tuple[str, bool]:
+    """The API key a request carries ('' if none), and whether it came from the dashboard's cookie."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and token:
+        return token, False
+    return request.cookies.get(UI_COOKIE, ""), True
+
+
 def _tenant(
     request: Request,
     settings: Annotated[Settings, Depends(get_settings)],
@@ -54,14 +62,12 @@ def _tenant(
     """The caller's tenant, from `Authorization: Bearer <key>` or the dashboard's cookie."""
     if not auth_required(settings, session):
         return DEFAULT_TENANT
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token:
-        token = request.cookies.get(UI_COOKIE, "")
-        if not token:
-            raise ApiError(401, "missing 'Authorization: Bearer <key>'", headers={"WWW-Authenticate": "Bearer"})
-        if request.method not in ("GET", "HEAD") and request.headers.get(UI_HEADER) != "1":
-            # The cookie alone never authorises a change: that would let another site's form act as the user.
-            raise ApiError(403, f"cookie-authenticated changes need the {UI_HEADER} header")
+    token, from_cookie = request_key(request)
+    if not token:
+        raise ApiError(401, "missing 'Authorization: Bearer <key>'", headers={"WWW-Authenticate": "Bearer"})
+    if from_cookie and request.method not in ("GET", "HEAD") and request.headers.get(UI_HEADER) != "1":
+        # The cookie alone never authorises a change: that would let another site's form act as the user.
+        raise ApiError(403, f"cookie-authenticated changes need the {UI_HEADER} header")
     tenant = tenant_for_key(settings, session, token)
     if tenant is None:
         raise ApiError(401, "invalid API key", headers={"WWW-Authenticate": "Bearer"})

@@ -20,7 +20,17 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy.orm import Session
 
-from api.deps import DEFAULT_TENANT, UI_COOKIE, SessionDep, SettingsDep, auth_required, tenant_for_key
+from api.deps import (
+    DEFAULT_TENANT,
+    UI_COOKIE,
+    SessionDep,
+    SettingsDep,
+    auth_required,
+    read_body,
+    request_key,
+    tenant_for_key,
+)
+from api.errors import ApiError
 from storage import repository as repo
 from storage import training_repository as trepo
 from storage.settings import Settings
@@ -42,8 +52,7 @@ class LoginRequired(Exception):
 def _tenant_or_none(request: Request, settings: Settings, session: Session) -> str | None:
     if not auth_required(settings, session):
         return DEFAULT_TENANT
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    token = token if scheme.lower() == "bearer" and token else request.cookies.get(UI_COOKIE, "")
+    token, _ = request_key(request)
     return tenant_for_key(settings, session, token) if token else None
 
 
@@ -115,11 +124,10 @@ def _login_form(next_url: str, error: str = "", status: int = 200) -> HTMLRespon
 
 @router.post("/login")
 async def login(request: Request, settings: SettingsDep, session: SessionDep) -> Response:
-    raw = b""
-    async for chunk in request.stream():
-        raw += chunk
-        if len(raw) > _MAX_LOGIN_BODY:
-            return _login_form("/ui/jobs", "request too large", 413)
+    try:
+        raw = await read_body(request, _MAX_LOGIN_BODY)
+    except ApiError as exc:
+        return _login_form("/ui/jobs", "request too large", exc.status)
     form = urllib.parse.parse_qs(raw.decode("utf-8", "replace"))
     key = (form.get("key") or [""])[0].strip()
     next_url = _safe_next((form.get("next") or [""])[0])
