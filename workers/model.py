@@ -160,26 +160,19 @@ class RewardModel:
                     return {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
                 return batch.to(self.device)
 
-            # On a GPU the forward passes are queued without waiting: the next group is padded and
-            # copied while the current one runs, and the results come back to the host once, at the end.
+            # On a GPU nothing here waits for the device: each forward pass is queued, so the next group
+            # is padded and copied while the current one runs, and the results come back once, at the end.
             pooled_groups = []
-            nxt = collate(groups[0])
-            for g in range(len(groups)):
-                inputs = nxt
-                group = groups[g]
+            for group in groups:
                 sizes = (float(sum(lengths[j] for j in group)), float(len(group) * max(lengths[j] for j in group)))
-                pooled_groups.append(self._pool(inputs, sizes))
-                if g + 1 < len(groups):
-                    nxt = collate(groups[g + 1])
-            fresh = []
+                pooled_groups.append(self._pool(collate(group), sizes))
             for group, pooled_dev in zip(groups, pooled_groups, strict=True):
                 pooled = pooled_dev.cpu()
                 for row, j in enumerate(group):
                     out[todo[j]] = pooled[row]
                     self._to_cache(keys[todo[j]], pooled[row], cut[todo[j]])
-                    fresh.append(todo[j])
             if self.shared is not None:
-                self.shared.set_many([(keys[i], out[i].numpy(), cut[i]) for i in fresh])
+                self.shared.set_many([(keys[i], out[i].numpy(), cut[i]) for i in todo])
             self._count(truncated_texts=float(sum(cut[i] for i in todo)))
         return out, cut
 
