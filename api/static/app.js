@@ -100,17 +100,12 @@ function chart(name, canvas, config) {
 // ---- Jobs -------------------------------------------------------------------------------------
 
 function jobsPage() {
-  const body = h("tbody");
-  const empty = h("p", { class: "muted", hidden: true },
-    "No jobs yet. Submit one with ", h("code", {}, "rewardq submit pairs.jsonl"), " or POST /v1/jobs.");
-  $main.replaceChildren(h("h1", {}, "Jobs"), card(null, empty, h("table", { id: "jobs" },
-    h("thead", {}, h("tr", {}, ["Job", "Status", "Progress", "num:Scored", "num:Failed", "num:Items", "Model",
-      "Created", "num:Pairs/s"].map((c) => h("th", { class: c.startsWith("num:") ? "num" : "" }, c.replace("num:", ""))))),
-    body)));
+  const body = h("div");
+  $main.replaceChildren(h("h1", {}, "Jobs"), card(null, body));
   poll(async () => {
     const { jobs } = await api("/v1/jobs?limit=100");
-    empty.hidden = jobs.length > 0;
-    body.replaceChildren(...jobs.map((j) => h("tr", { "data-job": j.job_id, "data-status": j.status },
+    body.replaceChildren(jobs.length ? table(["Job", "Status", "Progress", "num:Scored", "num:Failed", "num:Items",
+      "Model", "Created", "num:Pairs/s"], jobs.map((j) => h("tr", { "data-job": j.job_id, "data-status": j.status },
       h("td", {}, h("a", { class: "mono", href: `/ui/jobs/${encodeURIComponent(j.job_id)}` }, j.job_id)),
       h("td", {}, badge(j.status)),
       h("td", {}, bar(j.progress.done, j.progress.failed, j.progress.total)),
@@ -119,7 +114,9 @@ function jobsPage() {
       h("td", { class: "num" }, int(j.progress.total)),
       h("td", { class: "mono", title: j.model_version }, short(j.model_version)),
       h("td", {}, when(j.created_at)),
-      h("td", { class: "num" }, j.pairs_per_s ? num(j.pairs_per_s, 1) : "–"))));
+      h("td", { class: "num" }, j.pairs_per_s ? num(j.pairs_per_s, 1) : "–"))), { id: "jobs" })
+      : h("p", { class: "muted" }, "No jobs yet. Submit one with ", h("code", {}, "rewardq submit pairs.jsonl"),
+        " or POST /v1/jobs."));
     return jobs.some((j) => !TERMINAL.has(j.status));
   });
 }
