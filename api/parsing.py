@@ -19,11 +19,19 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+_DECODER = json.JSONDecoder(parse_constant=_no_constants)
+
+
 def loads(text: str | bytes) -> Any:
     """json.loads that refuses NaN and Infinity instead of letting them into the database, and turns
-    nesting too deep for the parser into a ValueError instead of a crash."""
+    nesting too deep for the parser into a ValueError instead of a crash. Bytes must be UTF-8 (a
+    byte order mark is allowed); one decoder serves every call (an ndjson upload calls this per line)."""
+    if isinstance(text, bytes | bytearray):
+        text = text.decode("utf-8")
+        if text.startswith("\ufeff"):
+            text = text[1:]
     try:
-        return json.loads(text, parse_constant=_no_constants)
+        return _DECODER.decode(text)
     except RecursionError as exc:
         raise ValueError("JSON nested too deeply") from exc
 

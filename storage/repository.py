@@ -81,6 +81,9 @@ def begin_job(
     return job
 
 
+_ITEM_COLUMNS = ("job_id", "idx", "item_id", "prompt", "response")
+
+
 def add_items(session: Session, *, job_id: str, start_idx: int, items: Sequence[NewItem]) -> None:
     """Insert a chunk of a job's items (COPY on PostgreSQL); a duplicate id raises IntegrityError."""
     if not items:
@@ -98,9 +101,14 @@ def add_items(session: Session, *, job_id: str, start_idx: int, items: Sequence[
         except psycopg.IntegrityError as exc:  # the driver's own error: COPY bypasses SQLAlchemy
             raise IntegrityError(copy_sql, None, exc) from exc
         return
-    rows = [{"job_id": job_id, "idx": i, "item_id": it.item_id, "prompt": it.prompt, "response": it.response}
-            for i, it in enumerate(items, start=start_idx)]  # fmt: skip
-    session.execute(insert(Item), rows)
+    rows = [(job_id, i, it.item_id, it.prompt, it.response) for i, it in enumerate(items, start=start_idx)]
+    if session.get_bind().dialect.name == "sqlite":
+        # The driver's executemany: the ORM's bulk insert builds a parameter dict per row, 2.5x slower.
+        session.connection().exec_driver_sql(
+            "INSERT INTO items (job_id, idx, item_id, prompt, response) VALUES (?, ?, ?, ?, ?)", rows
+        )
+        return
+    session.execute(insert(Item), [dict(zip(_ITEM_COLUMNS, r, strict=True)) for r in rows])
 
 
 def first_duplicate_id(session: Session, *, job_id: str, item_ids: Sequence[str]) -> str | None:

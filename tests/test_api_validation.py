@@ -61,6 +61,7 @@ def test_bad_json_items_are_refused_with_field_and_index(api: TestClient, db_url
         (b'{"prompt": "p", "response": "r"}\n\n{"prompt": "p"}\n', "response", 1),
         (b'{"prompt": "p", "response": NaN}\n', "line", 0),
         (b"\xff\xfe not utf-8\n", "line", 0),
+        ('{"prompt": "p", "response": "r"}'.encode("utf-16"), "line", 0),  # ndjson is UTF-8 only
         (b"", "items", None),
     ],
 )
@@ -72,6 +73,21 @@ def test_bad_ndjson_is_refused(api: TestClient, db_url: str, body: bytes, field:
     assert err["field"] == field
     assert err.get("index") == index
     assert _counts(db_url) == before
+
+
+def test_ndjson_items_are_stored_exactly_on_the_fast_insert_path(api: TestClient, db_url: str):
+    # A file saved with a byte order mark (common on Windows) is still UTF-8 ndjson; texts with
+    # quotes, tabs, newlines and non-ASCII characters go through the bulk insert unchanged.
+    texts = [("caf\u00e9 \u2615", 'say "hi"\tthen\nleave'), ("\U0001f600 emoji", "x" * 3000)]
+    lines = [json.dumps({"id": f"k{i}", "prompt": p, "response": r}) for i, (p, r) in enumerate(texts)]
+    body = b"\xef\xbb\xbf" + "\n".join(lines).encode()
+    resp = api.post("/v1/jobs", content=body, headers={"Content-Type": "application/x-ndjson"})
+    assert resp.status_code == 202, resp.text
+    with get_sessionmaker(db_url)() as s:
+        rows = s.query(Item).filter_by(job_id=resp.json()["job_id"]).order_by(Item.idx).all()
+    assert [(r.idx, r.item_id, r.prompt, r.response) for r in rows] == [
+        (i, f"k{i}", p, r) for i, (p, r) in enumerate(texts)
+    ]
 
 
 def test_not_json_and_wrong_content_type(api: TestClient, db_url: str):
