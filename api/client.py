@@ -91,8 +91,11 @@ class Client:
             body = self._request("POST", "/v1/jobs", json=payload, headers=headers)
         return str(body["job_id"])
 
-    def job(self, job_id: str) -> dict[str, Any]:
-        return dict(self._request("GET", f"/v1/jobs/{job_id}"))
+    def job(self, job_id: str, summary: bool = True, wait: float = 0) -> dict[str, Any]:
+        """The job's status and progress, with its score summary unless ``summary`` is false; with
+        ``wait``, the server answers when the job ends or after that many seconds (a long poll)."""
+        params = {**({} if summary else {"summary": "false"}), **({"wait": wait} if wait else {})}
+        return dict(self._request("GET", f"/v1/jobs/{job_id}", params=params or None))
 
     def jobs(self, status: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
         params: dict[str, Any] = {"limit": limit, **({"status": status} if status else {})}
@@ -112,11 +115,13 @@ class Client:
         poll: float,
         timeout: float | None,
     ) -> dict[str, Any]:
-        """Poll ``fetch`` until its status is final; a progress bar on stderr from ``position`` (total, n, note)."""
+        """Call ``fetch`` (at most once per ``poll`` seconds) until its status is final; a progress bar on
+        stderr from ``position`` (total, n, note)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         bar = None
         try:
             while True:
+                started = time.monotonic()
                 obj = fetch()
                 total, n, note = position(obj)
                 if progress and total:
@@ -131,7 +136,7 @@ class Client:
                     return obj
                 if deadline is not None and time.monotonic() > deadline:
                     raise TimeoutError(f"{what} still {obj['status']} after {timeout}s")
-                time.sleep(poll)
+                time.sleep(max(0.0, poll - (time.monotonic() - started)))  # a long poll has waited already
         finally:
             if bar is not None:
                 bar.close()
@@ -145,8 +150,12 @@ class Client:
             p = job["progress"]
             return p["total"], p["done"] + p["failed"], job["status"]
 
-        return self._follow(lambda: self.job(job_id), position, what=f"job {job_id}", unit="pair",
-                            progress=progress, poll=poll, timeout=timeout)  # fmt: skip
+        # Each poll is a long poll: the server answers after ``poll`` seconds with the progress, or as soon
+        # as the job ends. Polls skip the score summary (a pass over every result: on a big job it would
+        # compete with the workers); the finished job is fetched once with it.
+        self._follow(lambda: self.job(job_id, summary=False, wait=poll), position, what=f"job {job_id}",
+                     unit="pair", progress=progress, poll=poll, timeout=timeout)  # fmt: skip
+        return self.job(job_id)
 
     def results(self, job_id: str, sort: str = "index", page: int = 1000) -> Iterator[dict[str, Any]]:
         """Every result of a job, following the cursor page by page."""

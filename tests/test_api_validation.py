@@ -116,6 +116,16 @@ def test_bad_query_parameters_are_422(api: TestClient):
     assert resp.status_code == 422 and _first_error(resp)["field"] == "limit"
 
 
+def test_job_summary_can_be_left_out_of_a_poll(api: TestClient):
+    job_id = api.post("/v1/jobs", json={"items": [GOOD]}).json()["job_id"]
+    full = api.get(f"/v1/jobs/{job_id}").json()
+    assert full["summary"]["count"] == 0 and full["progress"]["total"] == 1
+    lean = api.get(f"/v1/jobs/{job_id}", params={"summary": "false"}).json()
+    assert lean["summary"] is None and lean["progress"] == full["progress"] and lean["status"] == full["status"]
+    resp = api.get(f"/v1/jobs/{job_id}", params={"summary": "maybe"})
+    assert resp.status_code == 422 and _first_error(resp)["field"] == "summary"
+
+
 def test_bad_results_parameters_are_422(api: TestClient):
     resp = api.post("/v1/jobs", json={"items": [GOOD]})
     assert resp.status_code == 202, resp.text

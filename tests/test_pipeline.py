@@ -7,6 +7,8 @@ import io
 import json
 import subprocess
 import sys
+import threading
+import time
 import uuid
 
 import numpy as np
@@ -18,6 +20,7 @@ from api.samples import load_sts
 from storage import results
 from storage.db import get_sessionmaker
 from storage.models import ModelVersion, Result
+from tests.conftest import make_client
 from tests.support import Stack, need, wait_job
 
 pytestmark = pytest.mark.slow
@@ -37,6 +40,61 @@ def reference_model():
     from workers.registry import default_encoder_path
 
     return SentenceTransformer(default_encoder_path(), device="cpu")
+
+
+def test_client_wait_polls_without_the_summary_and_returns_the_finished_job_with_it(stack: Stack, sts_dev_300):
+    """The summary reads every result, so `rewardq submit --wait` must not ask for it on every poll."""
+    from api.client import Client
+
+    seen: list[str] = []
+    with make_client(stack.db_url, stack.queue) as http:
+        http.event_hooks["request"] = [lambda req: seen.append(str(req.url))]
+        client = Client("http://testserver")
+        client.close()
+        client._http = http  # the in-process app, through the client's own code
+        job_id = client.submit([{k: it[k] for k in ("id", "prompt", "response")} for it in sts_dev_300[:40]])
+        job = client.wait(job_id, progress=False, poll=0.05, timeout=180)
+    assert job["status"] == "succeeded" and job["summary"]["count"] == 40
+    polls = [u for u in seen if u.split("?")[0].endswith(f"/v1/jobs/{job_id}")]
+    assert len(polls) >= 2, polls
+    assert all(u.endswith("?summary=false&wait=0.05") for u in polls[:-1]) and "?" not in polls[-1], polls
+
+
+def test_long_poll_answers_when_the_job_ends_not_at_its_timeout(stack: Stack, sts_dev_300):
+    tag = uuid.uuid4().hex  # texts no embedding cache holds, so the job takes a while
+    items = [{"id": it["id"], "prompt": f"{it['prompt']} {tag}", "response": it["response"]} for it in sts_dev_300[:60]]
+    job_id = stack.client.post("/v1/jobs", json={"items": items}).json()["job_id"]
+    t0 = time.monotonic()
+    job = stack.client.get(f"/v1/jobs/{job_id}", params={"wait": 60}).json()
+    took = time.monotonic() - t0
+    assert job["status"] == "succeeded" and job["summary"]["count"] == 60, job
+    assert took < 50, f"the long poll answered after {took:.1f}s: it waited for its timeout, not for the job"
+    t0 = time.monotonic()
+    again = stack.client.get(f"/v1/jobs/{job_id}", params={"wait": 60}).json()  # already ended: no wait
+    assert again["status"] == "succeeded" and time.monotonic() - t0 < 10
+
+
+def test_cancel_wakes_a_long_poll(api):
+    """No worker here: the job stays queued until the cancel, whose notice ends the wait."""
+    job_id = api.post("/v1/jobs", json={"items": [{"prompt": "p", "response": "r"}]}).json()["job_id"]
+    box: dict[str, object] = {}
+
+    def waiter() -> None:
+        t0 = time.monotonic()
+        box["job"] = api.get(f"/v1/jobs/{job_id}", params={"wait": 60, "summary": "false"}).json()
+        box["took"] = time.monotonic() - t0
+
+    t0 = time.monotonic()
+    short = api.get(f"/v1/jobs/{job_id}", params={"wait": 0.3, "summary": "false"}).json()
+    assert short["status"] == "queued" and short["summary"] is None and time.monotonic() - t0 >= 0.3
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    time.sleep(1.0)
+    assert "job" not in box  # the request is waiting
+    assert api.post(f"/v1/jobs/{job_id}/cancel").status_code == 200
+    thread.join(30)
+    assert box["job"]["status"] == "cancelled", box  # type: ignore[index]
+    assert box["took"] < 30, box  # woken by the cancel, not by its 60 s timeout
 
 
 def test_sts_job_is_scored_exactly_once_and_matches_sentence_transformers(stack: Stack, sts_dev_300, reference_model):

@@ -13,7 +13,7 @@ from storage import repository as repo
 from storage.db import session_scope
 from storage.models import FINISHED
 from storage.settings import get_settings
-from workers import metrics
+from workers import events, metrics
 from workers.errors import InjectedFault, ModelUnavailable, is_transient, reason_code
 from workers.feeder import feed_quietly
 from workers.messages import ScoreBatch, build_messages, enqueue_score_batches
@@ -113,6 +113,7 @@ def score_batch(msg: ScoreBatch) -> int:
             cos=scores.cos, model_version=msg.model_version, truncated=scores.truncated, skip=rejected,
             cache_hits=int(stats.get("embed_cache_hits", 0)), cache_misses=int(stats.get("embed_cache_misses", 0)),
         )  # fmt: skip
+    _announce_if_finished(msg.job_id)
     feed_quietly()  # keep the queue topped up from SQL as batches complete
     metrics.record(settings.redis_url, {**stats, "items_scored": inserted, "batches": 1,
                                         "items_failed": float(len(rejected)),
@@ -120,10 +121,19 @@ def score_batch(msg: ScoreBatch) -> int:
     return inserted
 
 
+def _announce_if_finished(job_id: str) -> None:
+    """Wake whoever waits on the job (GET /v1/jobs/{id}?wait=) once it has ended; a PK lookup per batch."""
+    with session_scope() as s:
+        status = repo.job_status(s, job_id=job_id)
+    if status in FINISHED:
+        events.publish_finished(get_settings().redis_url, job_id)
+
+
 def fail_job(job_id: str, error: str) -> None:
     log.error("job %s failed: %s", job_id, error)
     with session_scope() as s:
         repo.mark_failed(s, job_id=job_id, error=error[:2000])
+    _announce_if_finished(job_id)
 
 
 def _quarantine(msg: ScoreBatch, exc: BaseException) -> None:
@@ -133,6 +143,7 @@ def _quarantine(msg: ScoreBatch, exc: BaseException) -> None:
             new = repo.record_item_failure(s, job_id=msg.job_id, batch_no=msg.batch_no, idx=msg.start_idx,
                                            code=reason_code(exc), message=f"{type(exc).__name__}: {exc}")  # fmt: skip
         metrics.record(get_settings().redis_url, {"items_failed": float(new)})
+        _announce_if_finished(msg.job_id)
         return
     with session_scope() as s:
         halves = repo.split_batch(s, job_id=msg.job_id, batch_no=msg.batch_no)

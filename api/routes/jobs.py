@@ -36,8 +36,9 @@ from api.schemas import (
 from storage import repository as repo
 from storage import results
 from storage.db import get_sessionmaker
-from storage.models import Item, Job, Result
+from storage.models import FINISHED, Item, Job, Result
 from storage.settings import Settings
+from workers import events
 from workers.feeder import feed
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -58,9 +59,13 @@ _CREATE_DOC: dict[str, Any] = {
 }
 
 
-def _job_detail(session: Session, job: Job) -> JobOut:
-    """A job with its score summary and its error ledger (what GET /v1/jobs/{id} answers)."""
-    out = _job_out(job, results.score_summary(session, job_id=job.id))
+def _job_detail(session: Session, job: Job, summary: bool = True) -> JobOut:
+    """A job with its score summary (unless ``summary`` is false) and its error ledger (GET /v1/jobs/{id}).
+
+    The summary reads every result of the job (a third of a second for a million on SQLite), so
+    whatever polls a running job asks without it and fetches it once at the end.
+    """
+    out = _job_out(job, results.score_summary(session, job_id=job.id) if summary else None)
     if job.n_failed:
         out.error_counts = results.error_counts(session, job_id=job.id)
         out.failed_items = [FailedItem(index=e.idx, id=it.item_id, code=e.code, message=e.message)
@@ -207,14 +212,36 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobOut)
-def get_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobOut:
-    return _job_detail(session, _load_job(session, job_id, tenant))
+async def get_job(
+    job_id: str,
+    session: SessionDep,
+    settings: SettingsDep,
+    tenant: TenantDep,
+    summary: Annotated[
+        bool, Query(description="include the score summary (one pass over the job's results; pollers say false)")
+    ] = True,
+    wait: Annotated[
+        float, Query(ge=0, le=60, description="seconds to wait for the job to end before answering (long poll)")
+    ] = 0,
+) -> JobOut:
+    job = await run_in_threadpool(_load_job, session, job_id, tenant)
+    if wait and job.status not in FINISHED:
+        # End the read transaction first: no connection is held while waiting, and the next read is fresh.
+        await run_in_threadpool(session.rollback)
+
+        async def finished() -> bool:
+            return await run_in_threadpool(repo.job_status, session, job_id=job.id) in FINISHED
+
+        await events.wait_finished(settings.redis_url, job.id, finished, wait)
+        await run_in_threadpool(session.rollback)
+    return await run_in_threadpool(_job_detail, session, job, summary)
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut)
-def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobOut:
+def cancel_job(job_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> JobOut:
     job = repo.cancel_job(session, job=_load_job(session, job_id, tenant))
     session.commit()
+    events.publish_finished(settings.redis_url, job.id)
     return _job_detail(session, job)
 
 

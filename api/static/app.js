@@ -153,9 +153,12 @@ function jobPage(jobId) {
       card("Summary", summary, h("h2", { style: "margin-top:14px" }, "Download"), downloads)),
     failed,
     h("div", { class: "grid" }, card("Best pairs", best), card("Worst pairs", worst)));
+  // The summary, histogram and pairs each read every result: they follow the job at most every 5 s
+  // while it runs (progress polls skip the summary), and once more when it has finished.
   let seen = -1, drawnAt = -Infinity;
   poll(async () => {
-    const job = await api(`/v1/jobs/${enc}`);
+    const full = performance.now() - drawnAt > 5000;
+    const job = await api(`/v1/jobs/${enc}` + (full ? "" : "?summary=false"));
     const p = job.progress;
     title.replaceChildren("Job ", h("span", { class: "mono" }, jobId), " ", badge(job.status));
     progress.replaceChildren(bar(p.done, p.failed, p.total),
@@ -186,11 +189,13 @@ function jobPage(jobId) {
           h("td", {}, f.message))), { id: "failed-items" }),
         p.failed > job.failed_items.length ? h("p", { class: "muted" }, "The first 100 are shown; the downloads hold all.") : null);
     }
-    // The histogram and the pairs follow new results, at most every 5 s while the job runs.
-    const due = TERMINAL.has(job.status) || performance.now() - drawnAt > 5000;
-    if (s && s.count !== seen && due) {
+    if (TERMINAL.has(job.status) && !full) {
+      drawnAt = -Infinity;  // finished between two redraws: one more poll, with the summary
+      return true;
+    }
+    if (full) drawnAt = performance.now();
+    if (full && s && s.count !== seen) {
       seen = s.count;
-      drawnAt = performance.now();
       // Aggregates come from SQL: the browser gets 40 bins and ten pairs, whatever the job's size.
       const [hist, top, bottom] = await Promise.all([api(`/v1/jobs/${enc}/histogram?bins=40`),
         api(`/v1/jobs/${enc}/results?sort=-score&limit=5`), api(`/v1/jobs/${enc}/results?sort=score&limit=5`)]);
