@@ -150,11 +150,20 @@ class Client:
             p = job["progress"]
             return p["total"], p["done"] + p["failed"], job["status"]
 
-        # Each poll is a long poll: the server answers after ``poll`` seconds with the progress, or as soon
-        # as the job ends. Polls skip the score summary (a pass over every result: on a big job it would
-        # compete with the workers); the finished job is fetched once with it.
-        self._follow(lambda: self.job(job_id, summary=False, wait=poll), position, what=f"job {job_id}",
-                     unit="pair", progress=progress, poll=poll, timeout=timeout)  # fmt: skip
+        # Each poll is a long poll: the server answers as soon as the job ends, or after ``poll`` seconds with
+        # the progress for the bar; with no bar to draw, one request waits up to 30 s. Polls skip the score
+        # summary (a pass over every result: on a big job it would compete with the workers); the finished
+        # job is fetched once with it.
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def fetch() -> dict[str, Any]:
+            hold = poll if progress else 30.0
+            if deadline is not None:
+                hold = max(0.0, min(hold, deadline - time.monotonic()))
+            return self.job(job_id, summary=False, wait=round(hold, 3))
+
+        self._follow(fetch, position, what=f"job {job_id}", unit="pair", progress=progress, poll=poll,
+                     timeout=timeout)  # fmt: skip
         return self.job(job_id)
 
     def results(self, job_id: str, sort: str = "index", page: int = 1000) -> Iterator[dict[str, Any]]:

@@ -53,11 +53,19 @@ def test_client_wait_polls_without_the_summary_and_returns_the_finished_job_with
         client.close()
         client._http = http  # the in-process app, through the client's own code
         job_id = client.submit([{k: it[k] for k in ("id", "prompt", "response")} for it in sts_dev_300[:40]])
-        job = client.wait(job_id, progress=False, poll=0.05, timeout=180)
-    assert job["status"] == "succeeded" and job["summary"]["count"] == 40
+        job = client.wait(job_id, progress=False, timeout=180)
+        polls = [u for u in seen if u.split("?")[0].endswith(f"/v1/jobs/{job_id}")]
+        # No progress bar to draw: one long poll (30 s at most) answered at the end, then the full job.
+        assert job["status"] == "succeeded" and job["summary"]["count"] == 40
+        assert 2 <= len(polls) <= 3 and all(u.endswith("?summary=false&wait=30.0") for u in polls[:-1]), polls
+        assert "?" not in polls[-1], polls
+        job_id = client.submit([{"prompt": f"{it['prompt']} {uuid.uuid4().hex}", "response": it["response"]}
+                                for it in sts_dev_300[:20]])  # fmt: skip
+        seen.clear()
+        job = client.wait(job_id, progress=True, poll=0.1, timeout=180)  # a bar: a long poll every 0.1 s
+    assert job["status"] == "succeeded" and job["summary"]["count"] == 20
     polls = [u for u in seen if u.split("?")[0].endswith(f"/v1/jobs/{job_id}")]
-    assert len(polls) >= 2, polls
-    assert all(u.endswith("?summary=false&wait=0.05") for u in polls[:-1]) and "?" not in polls[-1], polls
+    assert len(polls) >= 3 and all(u.endswith("?summary=false&wait=0.1") for u in polls[:-1]), polls
 
 
 def test_long_poll_answers_when_the_job_ends_not_at_its_timeout(stack: Stack, sts_dev_300):
