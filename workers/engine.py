@@ -113,7 +113,9 @@ def score_batch(msg: ScoreBatch) -> int:
             cos=scores.cos, model_version=msg.model_version, truncated=scores.truncated, skip=rejected,
             cache_hits=int(stats.get("embed_cache_hits", 0)), cache_misses=int(stats.get("embed_cache_misses", 0)),
         )  # fmt: skip
-    _announce_if_finished(msg.job_id)
+        ended = repo.job_status(s, job_id=msg.job_id) in FINISHED  # this batch may have been the job's last
+    if ended:
+        events.publish_finished(settings.redis_url, msg.job_id)  # wakes GET /v1/jobs/{id}?wait=
     feed_quietly()  # keep the queue topped up from SQL as batches complete
     metrics.record(settings.redis_url, {**stats, "items_scored": inserted, "batches": 1,
                                         "items_failed": float(len(rejected)),
@@ -122,7 +124,7 @@ def score_batch(msg: ScoreBatch) -> int:
 
 
 def _announce_if_finished(job_id: str) -> None:
-    """Wake whoever waits on the job (GET /v1/jobs/{id}?wait=) once it has ended; a PK lookup per batch."""
+    """Wake whoever waits on the job (GET /v1/jobs/{id}?wait=) if it has ended."""
     with session_scope() as s:
         status = repo.job_status(s, job_id=job_id)
     if status in FINISHED:
