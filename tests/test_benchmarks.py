@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,3 +35,32 @@ def test_kernel_benchmark_gpu_code_path_runs_as_a_dry_run_on_cpu(tmp_path):
         assert row["max_err"] < 1e-4
         for key in ("fwd_gbs", "fwd_pct_copy", "fwd_x_eager", "fwd_x_compile", "fwdbwd_gbs", "fwdbwd_x_compile"):
             assert row[key] > 0, key
+
+
+@pytest.mark.slow
+def test_pipeline_benchmark_runs_all_three_ways_and_both_ingestions(tmp_path):
+    """benchmark_pipeline.py at toy sizes: every way measured per repetition, every result read back
+    (the script asserts it), no repetition served from an earlier one's cache, ingestion on both databases."""
+    import json
+
+    from tests.conftest import TEST_PG_ADMIN_URL, TEST_REDIS_URL
+
+    out = tmp_path / "pipeline.json"
+    # Batches of 8: the RLHF job spans messages, so its repeated prompts come from the embedding cache.
+    env = {**os.environ, "REWARDQ_REDIS_URL": TEST_REDIS_URL, "REWARDQ_BATCH_SIZE": "8"}
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "benchmark_pipeline.py"), "--pairs", "24",
+                          "--repeat", "2", "--ingest-items", "3000", "--pg-admin-url", TEST_PG_ADMIN_URL,
+                          "--out", str(out)], capture_output=True, text=True, timeout=600, env=env)  # fmt: skip
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert [r["pairs"] for r in doc["rows"]] == [24, 24]
+    for row in doc["rows"]:
+        assert all(len(row["runs"][way]) == 2 and min(row["runs"][way]) > 0 for way in "abc"), row
+        assert row["c_over_a"] > 0 and row["c_over_b"] > 0
+    # Each repetition has texts of its own: the hits are those of a text repeated inside the job (the
+    # RLHF prompts; a few STS-B sentences), the same in every repetition, never a whole earlier run.
+    unique, rlhf = (row["pipeline_cache_hits"] for row in doc["rows"])
+    assert len(set(unique)) == 1 and unique[0] < 24, unique
+    assert len(set(rlhf)) == 1 and rlhf[0] > 0, rlhf
+    for db in ("SQLite", "PostgreSQL"):
+        assert doc["ingestion"][db]["items"] == 3000 and doc["ingestion"][db]["api_peak_rss_mb"] > 0
