@@ -200,8 +200,15 @@ def test_schedule_fires_once_per_slot_with_two_beats_and_stops_when_deleted(api:
         with get_sessionmaker(db_url)() as s:
             return list(s.query(TrainingRun).filter_by(schedule_id=sched_id))
 
+    depth = redis.Redis.from_url(env["REWARDQ_REDIS_URL"]).llen
     try:
-        wait_for(lambda: len(runs_of(every2["schedule_id"])) >= 3, 60, "three scheduled runs")
+        # Stop the beats between ticks, once every run seen is also enqueued: a beat stopped right after
+        # it committed a run and before it enqueued it would leave that run queued with no message.
+        def settled() -> bool:
+            n = len(runs_of(every2["schedule_id"]))
+            return n >= 3 and depth(queue) == n
+
+        wait_for(settled, 60, "three scheduled runs, each enqueued")
     finally:
         for b in beats:
             b.stop()
@@ -210,7 +217,7 @@ def test_schedule_fires_once_per_slot_with_two_beats_and_stops_when_deleted(api:
     assert len(slots) == len(set(slots)), "a slot fired twice"
     assert all(r.params == {**fired[0].params} and r.params["epochs"] == 1 for r in fired)
     assert runs_of(never["schedule_id"]) == []
-    assert redis.Redis.from_url(env["REWARDQ_REDIS_URL"]).llen(queue) == len(fired)  # each was enqueued
+    assert depth(queue) == len(fired)  # each was enqueued
 
     # Deleted: a beat started afterwards fires nothing more.
     assert api.delete(f"/v1/schedules/{every2['schedule_id']}").status_code == 204
