@@ -227,12 +227,13 @@ async def get_job(
     job = await run_in_threadpool(_load_job, session, job_id, tenant)
     if wait and job.status not in FINISHED:
         # End the read transaction first: no connection is held while waiting, and the next read is fresh.
+        # (The rollback expires ``job``: it is only touched again in the thread pool, where it reloads.)
         await run_in_threadpool(session.rollback)
 
         async def finished() -> bool:
-            return await run_in_threadpool(repo.job_status, session, job_id=job.id) in FINISHED
+            return await run_in_threadpool(repo.job_status, session, job_id=job_id) in FINISHED
 
-        await events.wait_finished(settings.redis_url, job.id, finished, wait)
+        await events.wait_finished(settings.redis_url, job_id, finished, wait)
         await run_in_threadpool(session.rollback)
     return await run_in_threadpool(_job_detail, session, job, summary)
 
