@@ -147,7 +147,8 @@ def test_job_page_shows_live_progress_then_the_histogram(ui: Ui, browser: Any) -
         page.wait_for_selector("#progress-text")
         page.evaluate("""() => { window.seen = [];
             const note = () => { const t = document.querySelector('#progress-text');
-                                 if (t) window.seen.push([t.dataset.status, Number(t.dataset.done)]); };
+                                 if (t) window.seen.push([t.dataset.status, Number(t.dataset.done),
+                                                          document.querySelector('#summary').innerText]); };
             note(); new MutationObserver(note).observe(document.querySelector('#progress'), {childList: true}); }""")
         first = page.locator("#progress-text")
         assert first.get_attribute("data-status") == "queued" and first.get_attribute("data-done") == "0"
@@ -156,11 +157,14 @@ def test_job_page_shows_live_progress_then_the_histogram(ui: Ui, browser: Any) -
     finally:
         worker.kill(signal.SIGCONT)
     page.wait_for_function("document.querySelector('#progress-text').dataset.status === 'succeeded'", timeout=180_000)
-    page.wait_for_function("document.querySelector('#histogram').dataset.total === '121'", timeout=30_000)
+    page.wait_for_function("window.rewardq.settled === true", timeout=30_000)  # the last poll has rendered
+    assert page.evaluate("document.querySelector('#histogram').dataset.total") == "121"
     seen = page.evaluate("window.seen")
-    dones = [d for _, d in seen]
+    dones = [d for _, d, _ in seen]
     assert dones[0] == 0 and dones[-1] == 121 and dones == sorted(dones), seen
     assert seen[-1][0] == "succeeded"
+    # The final status comes with the final summary, never with one from an earlier poll.
+    assert all(text.split("\n")[:2] == ["Scored", "121"] for status, _, text in seen if status == "succeeded"), seen
     # The histogram is a Chart.js chart whose bars hold every scored item.
     bars = page.evaluate("window.rewardq.charts.histogram.data.datasets[0].data")
     assert len(bars) == 40 and sum(bars) == 121

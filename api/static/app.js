@@ -8,7 +8,7 @@ const PAGE_ID = document.body.dataset.id;
 const TERMINAL = new Set(["succeeded", "failed", "cancelled", "rejected"]);
 const POLL_MS = 1500;
 // Exposed for people poking at the page and for the browser tests.
-window.rewardq = { charts: {}, loaded: false, polls: 0 };
+window.rewardq = { charts: {}, loaded: false, settled: false, polls: 0 };
 
 async function api(path, opts = {}) {
   const headers = { Accept: "application/json", "X-Rewardq-UI": "1" };
@@ -83,6 +83,7 @@ async function poll(fn) {
   window.rewardq.polls += 1;
   window.rewardq.loaded = true;
   if (again) setTimeout(() => poll(fn), Math.max(POLL_MS, 2 * (performance.now() - t0)));
+  else window.rewardq.settled = true;  // the page shows its final state (a job that has ended)
 }
 
 function chart(name, canvas, config) {
@@ -157,8 +158,12 @@ function jobPage(jobId) {
   // while it runs (progress polls skip the summary), and once more when it has finished.
   let seen = -1, drawnAt = -Infinity;
   poll(async () => {
-    const full = performance.now() - drawnAt > 5000;
-    const job = await api(`/v1/jobs/${enc}` + (full ? "" : "?summary=false"));
+    let full = performance.now() - drawnAt > 5000;
+    let job = await api(`/v1/jobs/${enc}` + (full ? "" : "?summary=false"));
+    if (!full && TERMINAL.has(job.status)) {
+      job = await api(`/v1/jobs/${enc}`);  // it has just ended: its final summary, shown with the final status
+      full = true;
+    }
     const p = job.progress;
     title.replaceChildren("Job ", h("span", { class: "mono" }, jobId), " ", badge(job.status));
     progress.replaceChildren(bar(p.done, p.failed, p.total),
@@ -188,10 +193,6 @@ function jobPage(jobId) {
           h("td", { class: "num" }, f.index), h("td", { class: "mono" }, f.id), h("td", {}, badge(f.code)),
           h("td", {}, f.message))), { id: "failed-items" }),
         p.failed > job.failed_items.length ? h("p", { class: "muted" }, "The first 100 are shown; the downloads hold all.") : null);
-    }
-    if (TERMINAL.has(job.status) && !full) {
-      drawnAt = -Infinity;  // finished between two redraws: one more poll, with the summary
-      return true;
     }
     if (full) drawnAt = performance.now();
     if (full && s && s.count !== seen) {
