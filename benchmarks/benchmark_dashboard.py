@@ -15,6 +15,7 @@ grow only with the SQL aggregates in time). Writes benchmarks/results/dashboard.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -27,7 +28,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.benchmark_pipeline import Stack  # noqa: E402
+from benchmarks.benchmark_pipeline import Stack, throwaway_database  # noqa: E402
 from tests.support import CHROMIUM, CHROMIUM_ARGS, seed_scored_job  # noqa: E402
 
 
@@ -101,23 +102,20 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "dashboard.json")
     args = p.parse_args()
 
-    pw = browser = None
-    if os.path.exists(CHROMIUM):
-        from playwright.sync_api import sync_playwright
-
-        pw = sync_playwright().start()
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
     results: dict[str, Any] = {"items": args.items, "small": args.small, "repeat": args.repeat, "backends": {}}
-    backends: list[tuple[str, str | None]] = [("sqlite", None)]
-    pg_name = f"rewardq_bench_ui_{os.getpid()}"
-    if args.pg_admin_url:
-        import psycopg
+    with contextlib.ExitStack() as cleanup:
+        browser = None
+        if os.path.exists(CHROMIUM):
+            from playwright.sync_api import sync_playwright
 
-        with psycopg.connect(args.pg_admin_url, autocommit=True) as admin:
-            admin.execute(f'CREATE DATABASE "{pg_name}"')
-        base = args.pg_admin_url.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
-        backends.append(("postgresql", f"{base}/{pg_name}"))
-    try:
+            pw = sync_playwright().start()
+            cleanup.callback(pw.stop)
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            cleanup.callback(browser.close)
+        backends: list[tuple[str, str | None]] = [("sqlite", None)]
+        if args.pg_admin_url:
+            db = cleanup.enter_context(throwaway_database(args.pg_admin_url, f"rewardq_bench_ui_{os.getpid()}"))
+            backends.append(("postgresql", db))
         for name, url in backends:
             tmp = Path(tempfile.mkdtemp(prefix=f"rewardq-bench-ui-{name}-"))
             stack = Stack(tmp, db_url=url, worker=False)
@@ -127,18 +125,6 @@ def main() -> int:
                 stack.close()
             ratio = {k: large[k] / small[k] for k in ("requests_s", "bytes", "browser_s") if k in small and small[k]}
             results["backends"][name] = {"small": small, "large": large, "large_over_small": ratio}
-    finally:
-        if browser is not None:
-            browser.close()
-            pw.stop()
-        if args.pg_admin_url:
-            import psycopg
-
-            from storage.db import get_engine
-
-            get_engine(backends[-1][1] or "").dispose()
-            with psycopg.connect(args.pg_admin_url, autocommit=True) as admin:
-                admin.execute(f'DROP DATABASE IF EXISTS "{pg_name}" WITH (FORCE)')
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1) + "\n")
     print(f"\njob page on {args.small:,} vs {args.items:,} items (median of {args.repeat}):")

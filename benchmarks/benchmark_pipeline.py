@@ -22,6 +22,8 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -161,25 +163,31 @@ def ingestion(stack: Stack, n: int) -> dict[str, float]:
     return {"items": n, "items_per_s": n / took, "seconds": took, "api_peak_rss_mb": peak_rss_mb(stack.api_pid)}
 
 
-def pg_ingestion(admin_url: str, tmp: Path, n: int) -> dict[str, float]:
+@contextmanager
+def throwaway_database(admin_url: str, name: str) -> Iterator[str]:
+    """A PostgreSQL database made for one measurement and dropped after it; yields its SQLAlchemy URL."""
     import psycopg
 
-    name = f"rewardq_bench_{os.getpid()}"
+    from storage.db import get_engine
+
     with psycopg.connect(admin_url, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
+    url = admin_url.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1) + f"/{name}"
     try:
-        url = admin_url.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1) + f"/{name}"
+        yield url
+    finally:
+        get_engine(url).dispose()
+        with psycopg.connect(admin_url, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def pg_ingestion(admin_url: str, tmp: Path, n: int) -> dict[str, float]:
+    with throwaway_database(admin_url, f"rewardq_bench_{os.getpid()}") as url:
         stack = Stack(tmp, db_url=url, worker=False)
         try:
             return ingestion(stack, n)
         finally:
             stack.close()
-            from storage.db import get_engine
-
-            get_engine(url).dispose()
-    finally:
-        with psycopg.connect(admin_url, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def main() -> int:
