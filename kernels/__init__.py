@@ -1,4 +1,5 @@
-"""Fused cosine-similarity + exp reward: R = sum_k w_k * exp(-alpha_k * cos_k).
+"""Fused kernels: the sim-exp reward R = sum_k w_k * exp(-alpha_k * cos_k), and token log-probabilities under
+an LM head computed in vocabulary chunks (never the whole [tokens x vocab] logits).
 
 Kept light on purpose: transformers probes for a package named ``kernels`` (Hugging Face
 publishes one) and may import it, so this module imports nothing heavy and has no side
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["EPS", "backend", "sim_exp_reward"]
+__all__ = ["EPS", "backend", "sim_exp_reward", "token_logprobs"]
 
 EPS = 1e-8
 _BACKENDS = ("auto", "triton", "torch")
@@ -49,3 +50,19 @@ def sim_exp_reward(
     from kernels.reference import sim_exp_reward_torch
 
     return sim_exp_reward_torch(a, b, alpha, weight)
+
+
+def token_logprobs(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """log p(targets[i]) under logits = hidden @ weight.T (+ bias): float32 [N] for hidden[N, H], weight[V, H].
+
+    Forward only. Dispatched like ``sim_exp_reward``: both paths work in vocabulary chunks.
+    """
+    if backend(hidden.device.type) == "triton":
+        from kernels.logprob import token_logprobs_triton
+
+        return token_logprobs_triton(hidden, weight, targets, bias)
+    from kernels.reference import token_logprobs_torch
+
+    return token_logprobs_torch(hidden, weight, targets, bias).float()
