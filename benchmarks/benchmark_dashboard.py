@@ -73,12 +73,11 @@ def browser_load(browser: Any, base: str, job_id: str, n: int, repeat: int) -> f
 
 def measure(stack: Stack, sizes: list[int], repeat: int, browser: Any) -> list[dict[str, Any]]:
     from storage.db import get_sessionmaker
-    from storage.repository import active_model_version
+    from storage.registry import default_version
 
     with get_sessionmaker(stack.db_url)() as s:
-        active = active_model_version(s)
-        assert active is not None
-        version = active.version
+        version = default_version(s)
+        assert version is not None
     rows = []
     base = f"http://127.0.0.1:{stack.port}"
     for n in sizes:

@@ -5,6 +5,7 @@ database, and reports the untrained seed reward's Spearman correlation with the 
 next to the trained version's, with the run's wall time. Writes benchmarks/results/retrain.json.
 
     python benchmarks/benchmark_retrain.py [--train-layers N] [--epochs N]
+    python benchmarks/benchmark_retrain.py --kind classifier   # a cross-encoder: results/retrain_classifier.json
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train-layers", type=int, default=None, help="override the default")
     p.add_argument("--epochs", type=int, default=None, help="override the default")
-    p.add_argument("--out", type=Path, default=RESULTS / "retrain.json")
+    p.add_argument("--kind", choices=["sim_exp", "classifier"], default="sim_exp")
+    p.add_argument("--out", type=Path, default=None, help="default results/retrain.json (retrain_classifier.json)")
     args = p.parse_args()
+    args.out = args.out or RESULTS / ("retrain.json" if args.kind == "sim_exp" else "retrain_classifier.json")
 
     tmp = tempfile.mkdtemp(prefix="rewardq-bench-")
     os.environ["REWARDQ_DATABASE_URL"] = f"sqlite:///{tmp}/bench.db"
@@ -44,6 +47,7 @@ def main() -> int:
     from workers import engine
     from workers.registry import register_base_version
     from workers.runs import execute_run
+    from workers.train_params import resolved
 
     train, dev = load_sts("train"), load_sts("dev")
     if not train or not dev:
@@ -55,12 +59,13 @@ def main() -> int:
         rows = [{"kind": "rating", "prompt": x["prompt"], "response": x["response"], "rating": x["rating"]}
                 for x in train]  # fmt: skip
         trepo.add_feedback(s, tenant="bench", rows=rows)
-        # The API's defaults, exactly as POST /v1/training-runs with an empty body stores them.
-        params = TrainingParams().model_dump(exclude_none=True)
+        # The API's defaults, exactly as POST /v1/training-runs with only the kind given stores them.
+        given = TrainingParams(kind=args.kind).model_dump(exclude_none=True)
         if args.train_layers is not None:
-            params["train_layers"] = args.train_layers
+            given["train_layers"] = args.train_layers
         if args.epochs is not None:
-            params["epochs"] = args.epochs
+            given["epochs"] = args.epochs
+        params = resolved(given)
         run_id = trepo.create_run(s, tenant="bench", params=params).id
 
     def dev_spearman(version: str) -> float:
@@ -78,8 +83,11 @@ def main() -> int:
     if status == "failed" or version is None:
         print(f"training run failed: {error}")
         return 1
+    t1 = time.perf_counter()
     after = dev_spearman(version)
+    dev_s = time.perf_counter() - t1
     result = {
+        "kind": args.kind,
         "params": params,
         "status": status,
         "base_version": base,
@@ -87,6 +95,7 @@ def main() -> int:
         "dev_spearman_before": before,
         "dev_spearman_after": after,
         "run_seconds": wall,
+        "dev_scoring_seconds": dev_s,
         "train_seconds": metrics.get("train_seconds"),
         "heldout": {"candidate": metrics["candidate"], "active": metrics["active"]},
         "loss_curve": curve,
@@ -101,7 +110,7 @@ def main() -> int:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
-    print(f"| STS-B dev Spearman | untrained seed formula | after one default run ({status}) | run time |")
+    print(f"| STS-B dev Spearman ({args.kind}) | untrained seed formula | after one default run ({status}) | time |")
     print("|---|---|---|---|")
     print(f"| {len(dev)} pairs | {before:+.3f} | {after:+.3f} | {wall:.0f} s ({os.cpu_count()} CPUs) |")
     print(f"held-out gate: candidate {metrics['candidate']['pairwise_accuracy']:.3f} vs active "

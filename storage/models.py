@@ -1,4 +1,4 @@
-"""SQLAlchemy 2 typed tables: model versions, jobs, their items and batches, and results."""
+"""SQLAlchemy 2 typed tables: model versions and which one each tenant uses, jobs, their items and batches, results."""
 
 from __future__ import annotations
 
@@ -29,18 +29,39 @@ class JobStatus(str, enum.Enum):
 FINISHED = (JobStatus.succeeded.value, JobStatus.failed.value, JobStatus.cancelled.value)
 
 
+DEFAULT_SCOPE = "*"  # the operator's default in active_versions; tenant names never contain '*'
+
+
 class ModelVersion(Base):
+    """A scorable model: its kind, where its files are, and who may use it (owner None: every tenant)."""
+
     __tablename__ = "model_versions"
 
     version: Mapped[str] = mapped_column(String(64), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16), default="sim_exp", server_default="sim_exp")
+    name: Mapped[str | None] = mapped_column(String(256))
+    owner: Mapped[str | None] = mapped_column(String(128), index=True)  # the tenant whose run made it; None: shared
     base_model: Mapped[str] = mapped_column(String(512))
-    path: Mapped[str | None] = mapped_column(String(1024))  # artifacts dir; None = the untrained base
+    path: Mapped[str | None] = mapped_column(String(1024))  # under REWARDQ_ARTIFACTS_DIR; None = the untrained base
     n_heads: Mapped[int] = mapped_column(Integer, default=1)
     config: Mapped[dict[str, Any]] = mapped_column(default=dict)
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
-    active: Mapped[bool] = mapped_column(Boolean, default=False, index=True)
     run_id: Mapped[str | None] = mapped_column(String(32))  # the training run that made it
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ActiveVersion(Base):
+    """The version new jobs use: one row per tenant that chose one, and DEFAULT_SCOPE for everyone else.
+
+    The primary key makes "exactly one active version per scope" a constraint, and every change is a
+    single-row upsert or compare-and-set, so activations cannot deadlock.
+    """
+
+    __tablename__ = "active_versions"
+
+    scope: Mapped[str] = mapped_column(String(128), primary_key=True)
+    version: Mapped[str] = mapped_column(ForeignKey("model_versions.version"))
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class Job(Base):
@@ -107,6 +128,7 @@ class Result(Base):
     cos: Mapped[list[Any]] = mapped_column()
     model_version: Mapped[str] = mapped_column(String(64))
     truncated: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    n_tokens: Mapped[int | None] = mapped_column(Integer)  # likelihood: the response tokens scored
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -194,5 +216,6 @@ class ApiKey(Base):
     key_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
     tenant: Mapped[str] = mapped_column(String(128), index=True)
     prefix: Mapped[str] = mapped_column(String(16))  # to tell keys apart in listings
+    admin: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column()

@@ -13,7 +13,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from storage.models import FINISHED, Batch, Item, ItemError, Job, JobStatus, ModelVersion, Result, utcnow
+from storage.models import FINISHED, Batch, Item, ItemError, Job, JobStatus, Result, utcnow
 
 _CHUNK = 5000
 
@@ -30,36 +30,6 @@ class BatchRef:
     batch_no: int
     start_idx: int
     end_idx: int
-
-
-# -- model versions ---------------------------------------------------------------------------
-
-
-def ensure_model_version(
-    session: Session, *, version: str, base_model: str, n_heads: int = 1, config: dict[str, Any] | None = None
-) -> ModelVersion:
-    """Register ``version`` if absent; the first version ever registered becomes active."""
-    mv = session.get(ModelVersion, version)
-    if mv is None:
-        has_active = session.scalar(select(func.count()).select_from(ModelVersion).where(ModelVersion.active))
-        mv = ModelVersion(
-            version=version,
-            base_model=base_model,
-            n_heads=n_heads,
-            config=config or {},
-            active=not has_active,
-        )
-        session.add(mv)
-        session.flush()
-    return mv
-
-
-def active_model_version(session: Session) -> ModelVersion | None:
-    return session.scalar(select(ModelVersion).where(ModelVersion.active).limit(1))
-
-
-def get_model_version(session: Session, *, version: str) -> ModelVersion | None:
-    return session.get(ModelVersion, version)
 
 
 # -- jobs ---------------------------------------------------------------------------------------
@@ -147,6 +117,10 @@ def create_job(
         add_items(session, job_id=job.id, start_idx=lo, items=items[lo : lo + _CHUNK])
     finish_job(session, job=job, n_items=len(items), batch_size=batch_size, request_hash=request_hash)
     return job
+
+
+def job_batches(session: Session, *, job_id: str) -> list[Batch]:
+    return list(session.scalars(select(Batch).where(Batch.job_id == job_id).order_by(Batch.batch_no)))
 
 
 def unqueued_batches(session: Session, *, limit: int) -> list[tuple[Batch, str]]:
@@ -237,6 +211,7 @@ def save_results(
     cos: Sequence[Sequence[float]],
     model_version: str,
     truncated: Sequence[bool] | None = None,
+    n_tokens: Sequence[int | None] | None = None,
     skip: frozenset[int] = frozenset(),
     cache_hits: int = 0,
     cache_misses: int = 0,
@@ -249,10 +224,11 @@ def save_results(
     """
     now = utcnow()
     flags = truncated or [False] * len(scores)
+    counts = n_tokens or [None] * len(scores)
     rows = [
         {"job_id": job_id, "idx": start_idx + i, "score": s, "cos": list(c), "model_version": model_version,
-         "truncated": t, "created_at": now}
-        for i, (s, c, t) in enumerate(zip(scores, cos, flags, strict=True)) if i not in skip
+         "truncated": t, "n_tokens": n, "created_at": now}
+        for i, (s, c, t, n) in enumerate(zip(scores, cos, flags, counts, strict=True)) if i not in skip
     ]  # fmt: skip
     inserted = _insert_new(session, Result, rows)
     session.execute(

@@ -1,4 +1,4 @@
-"""Repository functions for retraining: feedback, training runs, the model registry and schedules."""
+"""Repository functions for retraining: feedback, training runs and schedules (versions: storage.registry)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
-from storage.models import Feedback, ModelVersion, RunStatus, Schedule, TrainingRun, utcnow
+from storage.models import Feedback, RunStatus, Schedule, TrainingRun, utcnow
 
 _CHUNK = 5000
 FINISHED_RUNS = (RunStatus.succeeded.value, RunStatus.rejected.value, RunStatus.failed.value)
@@ -134,37 +134,6 @@ def last_run_feedback_id(session: Session, *, tenant: str) -> int:
         TrainingRun.tenant == tenant, TrainingRun.status != RunStatus.queued.value
     )
     return int(session.scalar(q) or 0)
-
-
-# -- model registry -------------------------------------------------------------------------------
-
-
-def register_version(
-    session: Session, *, version: str, base_model: str, path: str, n_heads: int, config: dict[str, Any],
-    metrics: dict[str, Any], run_id: str,
-) -> ModelVersion:  # fmt: skip
-    mv = session.get(ModelVersion, version)
-    if mv is None:  # a content hash seen before (same data, same seed) is the same version
-        mv = ModelVersion(version=version, base_model=base_model, path=path, n_heads=n_heads, config=config,
-                          metrics=metrics, active=False, run_id=run_id)  # fmt: skip
-        session.add(mv)
-        session.flush()
-    return mv
-
-
-def list_versions(session: Session) -> list[ModelVersion]:
-    return list(session.scalars(select(ModelVersion).order_by(ModelVersion.created_at, ModelVersion.version)))
-
-
-def activate_version(session: Session, *, version: str) -> ModelVersion | None:
-    """Make ``version`` the one new jobs use; jobs already submitted keep theirs."""
-    mv = session.get(ModelVersion, version, with_for_update=True)
-    if mv is None:
-        return None
-    session.execute(update(ModelVersion).where(ModelVersion.version != version).values(active=False))
-    mv.active = True
-    session.flush()
-    return mv
 
 
 # -- schedules ------------------------------------------------------------------------------------

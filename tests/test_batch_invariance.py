@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from workers.model import RewardModel
+from workers.models.sim_exp import SimExpModel
 from workers.registry import default_encoder_path
 
 
 @pytest.fixture(scope="module")
-def model() -> RewardModel:
-    return RewardModel("test", default_encoder_path(), encode_batch_size=16)
+def model() -> SimExpModel:
+    return SimExpModel("test", default_encoder_path(), encode_batch_size=16)
 
 
 @pytest.mark.parametrize("kernel", ["torch", "triton"])
-def test_pair_alone_equals_pair_in_a_batch_of_longer_texts(model: RewardModel, kernel: str, monkeypatch):
+def test_pair_alone_equals_pair_in_a_batch_of_longer_texts(model: SimExpModel, kernel: str, monkeypatch):
     monkeypatch.setenv("REWARDQ_KERNEL", kernel)
     prompt, response = "What is the capital of France?", "Paris is the capital of France."
     alone = model.score([prompt], [response])
@@ -27,7 +27,7 @@ def test_pair_alone_equals_pair_in_a_batch_of_longer_texts(model: RewardModel, k
         assert abs(batch.cos[pos][0] - alone.cos[0][0]) < 1e-5
 
 
-def test_repeated_prompt_is_encoded_once_and_scores_alike(model: RewardModel):
+def test_repeated_prompt_is_encoded_once_and_scores_alike(model: SimExpModel):
     prompts = ["Tell me a joke."] * 5
     responses = ["Why did the chicken cross the road?", "No.", "Knock knock.", "No.", "Ha."]
     s = model.score(prompts, responses)
@@ -35,7 +35,7 @@ def test_repeated_prompt_is_encoded_once_and_scores_alike(model: RewardModel):
     assert len(set(s.reward)) == 4
 
 
-def test_token_budget_and_embedding_cache_do_not_change_scores(model: RewardModel):
+def test_token_budget_and_embedding_cache_do_not_change_scores(model: SimExpModel):
     texts = [f"{'word ' * (1 + (i * 7) % 60)}number {i}" for i in range(90)]
     prompts, responses = texts[:45], texts[45:]
     budget, cache = model.token_budget, model.cache_size
@@ -57,7 +57,7 @@ def test_token_budget_and_embedding_cache_do_not_change_scores(model: RewardMode
     assert again.reward == narrow.reward and hits["embed_cache_hits"] == 90 and "encoder_batches" not in hits
 
 
-def test_autocast_bf16_runs_the_encoder_in_low_precision(model: RewardModel):
+def test_autocast_bf16_runs_the_encoder_in_low_precision(model: SimExpModel):
     """REWARDQ_AUTOCAST (meant for GPUs) checked on the CPU, where torch autocasts to bfloat16 too."""
     texts = [f"sentence {i} about a topic of some kind, number {i % 7}" for i in range(24)]
     full = model.score(texts[:12], texts[12:])

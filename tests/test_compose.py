@@ -54,8 +54,9 @@ def test_dockerfile_copies_every_package():
 
 def test_settings_normalise_and_validate():
     assert Settings(database_url="postgres://u@h/db").database_url == "postgresql+psycopg://u@h/db"
-    assert Settings(api_keys="a:k1, b:k2").api_key_map() == {"k1": "a", "k2": "b"}
-    with pytest.raises(ValueError):
-        Settings(api_keys="nokey").api_key_map()
+    assert Settings(api_keys="a:k1, b:k2:admin").api_key_map() == {"k1": ("a", False), "k2": ("b", True)}
+    for bad in ("nokey", "a:k:root", "a:k:admin:x", "a b:k", ":k"):
+        with pytest.raises(ValueError):
+            Settings(api_keys=bad).api_key_map()
     with pytest.raises(ValueError):
         Settings(redis_url="http://localhost")

@@ -17,9 +17,9 @@ import redis
 
 from api.procs import free_port, start_api, wait_for
 from api.samples import load_sts
-from storage import results
+from storage import registry, results
 from storage.db import get_sessionmaker
-from storage.models import ModelVersion, Result
+from storage.models import Result
 from tests.conftest import make_client
 from tests.support import Stack, need, wait_job
 
@@ -224,12 +224,17 @@ def test_cli_submit_wait_status_and_export(stack: Stack, tmp_path):
 
 
 def test_a_batch_that_cannot_be_scored_fails_the_job_with_its_reason(stack: Stack):
-    from storage import repository as repo
     from storage.db import session_scope
 
     with session_scope(stack.db_url) as s:
-        repo.ensure_model_version(s, version="broken-v1", base_model="none", config={})
-        s.get(ModelVersion, "broken-v1").path = "/nonexistent/artifacts/broken-v1"
+        registry.register(
+            s,
+            version="broken-v1",
+            kind="sim_exp",
+            base_model="none",
+            config={},
+            path="/nonexistent/artifacts/broken-v1",
+        )
     resp = stack.client.post(
         "/v1/jobs", json={"items": [{"prompt": "p", "response": "r"}], "model_version": "broken-v1"}
     )
@@ -306,7 +311,7 @@ def test_reject_mode_fails_too_long_items(db_url: str, redis_url: str, monkeypat
     try:
         long = "word " * 400
         with session_scope(db_url) as s:
-            version = repo.active_model_version(s).version
+            version = registry.default_version(s)
             job = repo.create_job(s, tenant="default", model_version=version, batch_size=3,
                                   items=[repo.NewItem("a", "q", "fine"), repo.NewItem("b", "q", long),
                                          repo.NewItem("c", long, "x")])  # fmt: skip
@@ -356,7 +361,7 @@ def test_workers_share_embeddings_through_redis(stack: Stack, db_url: str, redis
     get_settings.cache_clear()
     try:
         with session_scope(db_url) as s:
-            version = repo.active_model_version(s).version
+            version = registry.default_version(s)
             job = repo.create_job(s, tenant="default", model_version=version, batch_size=len(pairs),
                                   items=[repo.NewItem(str(i), p, r) for i, (p, r) in enumerate(pairs)])  # fmt: skip
             job_id = job.id

@@ -5,18 +5,18 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import inspect
 
+from storage import registry, results
 from storage import repository as repo
-from storage import results
 from storage.db import get_engine, session_scope
 from storage.models import Batch, Job, Result
 
 
 def _job(db_url: str, n: int, batch_size: int = 4) -> str:
     with session_scope(db_url) as s:
-        version = repo.active_model_version(s)
+        version = registry.default_version(s)
         assert version is not None
         items = [repo.NewItem(f"i{i}", f"p{i}", f"r{i}") for i in range(n)]
-        job = repo.create_job(s, tenant="t", items=items, model_version=version.version, batch_size=batch_size)
+        job = repo.create_job(s, tenant="t", items=items, model_version=version, batch_size=batch_size)
         batches = s.query(Batch).filter_by(job_id=job.id).order_by(Batch.batch_no).all()
         assert [(b.start_idx, b.end_idx) for b in batches][-1] == (batch_size * (len(batches) - 1), n)
         assert job.n_batches == len(batches) and all(b.enqueued_at is None for b in batches)  # the feeder's job

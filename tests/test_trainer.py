@@ -8,7 +8,7 @@ import torch
 from api.samples import load_sts
 from tests.support import need
 from workers.artifacts import load_version, save_version
-from workers.model import RewardModel
+from workers.models.sim_exp import SimExpModel
 from workers.registry import default_encoder_path
 from workers.trainer import Feedback, Preference, Rating, TrainParams, evaluate, fit
 
@@ -20,8 +20,8 @@ def sts() -> Feedback:
     return Feedback(ratings=[Rating(x["prompt"], x["response"], x["rating"]) for x in rows])
 
 
-def _model() -> RewardModel:
-    return RewardModel("candidate", default_encoder_path(), encode_batch_size=64)
+def _model() -> SimExpModel:
+    return SimExpModel("candidate", default_encoder_path(), encode_batch_size=64)
 
 
 def test_split_is_seeded_and_keeps_both_kinds():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from storage import repository as repo
+from storage import registry
 from storage.db import session_scope
 from storage.settings import get_settings
 
@@ -44,10 +44,12 @@ def base_version_id(encoder_path: str) -> str:
 
 
 def register_base_version() -> str:
-    """Make sure the untrained model on the configured encoder is a registered version; return its id."""
+    """Make sure the untrained model on the configured encoder is a registered, shared version (and the
+    operator's default when there is none yet); return its id."""
     encoder_path, name = resolve_encoder(get_settings().model)
     version = base_version_id(encoder_path)
     with session_scope() as s:
-        repo.ensure_model_version(s, version=version, base_model=name, n_heads=1,
-                                  config={"base_model": name, "trained": False})  # fmt: skip
+        registry.register(s, version=version, kind="sim_exp", base_model=name, path=None, n_heads=1,
+                          config={"base_model": name, "trained": False})  # fmt: skip
+        registry.ensure_default(s, version=version)
     return version

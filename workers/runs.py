@@ -1,34 +1,33 @@
 """One training run from start to finish: feedback from SQL, fit, save a version, evaluate it next to the
-active one on held-out feedback, and let the gate promote it or not."""
+tenant's active one on held-out feedback, and let the gate promote it or not (a compare-and-set: the
+promotion happens only if the version the gate compared against is still the tenant's active one)."""
 
 from __future__ import annotations
 
 import logging
 import time
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
-from storage import repository as repo
+from storage import registry
 from storage import training_repository as trepo
 from storage.db import session_scope
 from storage.models import RunStatus
 from storage.settings import get_settings
 from workers import engine
 from workers.registry import resolve_encoder
-from workers.trainer import Feedback, Preference, Rating, TrainParams, evaluate, fit
+from workers.train_params import TrainParams, params_for
+from workers.trainer import Feedback, Preference, Rating, evaluate
 
 log = logging.getLogger(__name__)
 
 PRIMARY_METRIC = "pairwise_accuracy"
+MAX_GATES = 3  # the active version moved while the run trained: gate again against the new one, this many times
 
 
 class RunError(Exception):
     """A run that cannot proceed for a reason the user can act on (recorded on the run)."""
-
-
-def train_params(raw: dict[str, Any]) -> TrainParams:
-    known = {k: v for k, v in raw.items() if k in TrainParams.__dataclass_fields__}
-    return TrainParams(**known)
 
 
 def _load_feedback(tenant: str, max_id: int) -> Feedback:
@@ -54,15 +53,16 @@ def execute_run(run_id: str) -> str:
         run = trepo.get_run(s, run_id=run_id)
         if run is None or run.status in trepo.FINISHED_RUNS:
             return run.status if run else "missing"
-        active = repo.active_model_version(s)
-        if active is None:
-            raise RunError("no active model version")
+        active = registry.active_version(s, tenant=run.tenant)
         stats = trepo.feedback_stats(s, tenant=run.tenant)
-        tenant, raw_params, active_version = run.tenant, dict(run.params), active.version
-        trepo.start_run(s, run_id=run_id, base_version=active_version, n_feedback=stats["total"],
-                        max_feedback_id=stats["max_id"])  # fmt: skip
+        tenant, raw_params = run.tenant, dict(run.params)
+        trepo.start_run(
+            s, run_id=run_id, base_version=active or "", n_feedback=stats["total"], max_feedback_id=stats["max_id"]
+        )
     try:
-        return _train_and_gate(run_id, tenant, raw_params, active_version, stats["max_id"], settings.gate_margin)
+        if active is None:
+            raise RunError("no active model version: run 'rewardq db upgrade' or start a worker")
+        return _train_and_gate(run_id, tenant, raw_params, active, stats["max_id"], settings.gate_margin)
     except Exception as exc:
         log.exception("training run %s failed", run_id)
         with session_scope() as s:
@@ -70,13 +70,59 @@ def execute_run(run_id: str) -> str:
         return RunStatus.failed.value
 
 
-def _train_and_gate(run_id: str, tenant: str, raw_params: dict[str, Any], active_version: str, max_id: int,
-                    default_margin: float) -> str:  # fmt: skip
-    from workers.artifacts import save_version
-    from workers.model import RewardModel
+def _fit(params: TrainParams, train: Feedback, progress: Any) -> tuple[Any, list[float], str]:
+    """(trained model, loss curve, base model name) for the run's kind."""
+    settings = get_settings()
+    encoder_path, base_name = resolve_encoder(settings.model)
+    if params.kind == "classifier":
+        from transformers import AutoModelForSequenceClassification
+
+        from workers.models.classifier import ClassifierModel
+        from workers.trainer import fit_classifier
+
+        # A cross-encoder: the encoder's weights with a new one-output score head (TRL's reward model format).
+        net = AutoModelForSequenceClassification.from_pretrained(encoder_path, num_labels=1, use_safetensors=True)
+        model: Any = ClassifierModel(
+            "candidate",
+            encoder_path,
+            model=net,
+            max_length=params.max_length,
+            truncation_side="right",
+            encode_batch_size=settings.encode_batch_size,
+        )
+        return model, fit_classifier(model, train, params, progress=progress), base_name
+    if params.kind != "sim_exp":
+        raise RunError(f"training is available for the sim_exp and classifier kinds, not {params.kind!r}")
+    from workers.models.sim_exp import SimExpModel
+    from workers.trainer import fit
+
+    model = SimExpModel(
+        "candidate", encoder_path, max_length=settings.max_length, encode_batch_size=settings.encode_batch_size
+    )
+    return model, fit(model, train, params, progress=progress), base_name
+
+
+def _save(model: Any, params: TrainParams, base_name: str, margin: float) -> tuple[str, Path, dict[str, Any]]:
+    from workers.artifacts import save_classifier, save_version
 
     settings = get_settings()
-    params = train_params(raw_params)
+    stored = {**asdict(params), "gate_margin": margin}
+    if params.kind == "classifier":
+        return save_classifier(model, settings.artifacts_dir, base_model=base_name, params=stored)
+    return save_version(
+        model,
+        settings.artifacts_dir,
+        base_model=base_name,
+        base_encoder=settings.model or None,
+        train_layers=params.train_layers,
+        params=stored,
+    )
+
+
+def _train_and_gate(
+    run_id: str, tenant: str, raw_params: dict[str, Any], active_version: str, max_id: int, default_margin: float
+) -> str:
+    params = params_for(raw_params)
     margin = float(raw_params.get("gate_margin", default_margin))
     data = _load_feedback(tenant, max_id)
     train, held = data.split(params.heldout_fraction, params.seed)
@@ -84,10 +130,6 @@ def _train_and_gate(run_id: str, tenant: str, raw_params: dict[str, Any], active
         raise RunError(f"need at least 2 feedback rows to train on, have {len(train)}")
     if not held.preferences and len(held.ratings) < 2:
         raise RunError("the held-out split is too small to evaluate: add feedback or raise heldout_fraction")
-
-    encoder_path, base_name = resolve_encoder(settings.model)
-    model = RewardModel("candidate", encoder_path, max_length=settings.max_length,
-                        encode_batch_size=settings.encode_batch_size)  # fmt: skip
     last_write = [0.0]
     last: dict[str, Any] = {}
 
@@ -103,30 +145,60 @@ def _train_and_gate(run_id: str, tenant: str, raw_params: dict[str, Any], active
             trepo.set_run_progress(s, run_id=run_id, progress=p, loss_curve=curve_so_far)
 
     t0 = time.perf_counter()
-    curve = fit(model, train, params, progress=progress)
+    model, curve, base_name = _fit(params, train, progress)
     train_s = time.perf_counter() - t0
     candidate = evaluate(model, held)
-    incumbent = evaluate(engine.get_model(active_version), held)
-    promoted = gate(candidate, incumbent, margin)
-    version, path, config = save_version(model, settings.artifacts_dir, base_model=base_name,
-                                         base_encoder=settings.model or None, train_layers=params.train_layers,
-                                         params={**asdict(params), "gate_margin": margin})  # fmt: skip
-    metrics = {
-        "candidate": candidate,
-        "active": {**incumbent, "version": active_version},
-        "gate": {"metric": PRIMARY_METRIC, "margin": margin, "decision": "promoted" if promoted else "rejected"},
-        "train_seconds": round(train_s, 2),
-        "n_train": len(train),
-        "n_heldout": len(held),
-    }
-    with session_scope() as s:
-        trepo.register_version(s, version=version, base_model=base_name, path=str(path.resolve()),
-                               n_heads=params.n_heads, config=config, metrics=candidate, run_id=run_id)  # fmt: skip
-        if promoted:
-            trepo.activate_version(s, version=version)
-        trepo.set_run_progress(s, run_id=run_id, loss_curve=curve, progress={**last, "done": True})
-        trepo.finish_run(s, run_id=run_id, status=RunStatus.succeeded if promoted else RunStatus.rejected,
-                         metrics=metrics, result_version=version)  # fmt: skip
-    log.info("run %s: %s %s (%s %.4f vs %.4f)", run_id, "promoted" if promoted else "rejected", version,
-             PRIMARY_METRIC, candidate[PRIMARY_METRIC] or 0, incumbent[PRIMARY_METRIC] or 0)  # fmt: skip
-    return RunStatus.succeeded.value if promoted else RunStatus.rejected.value
+    version, path, config = _save(model, params, base_name, margin)
+    compared = active_version
+    for _ in range(MAX_GATES):
+        incumbent = evaluate(engine.get_model(compared), held)
+        passes = gate(candidate, incumbent, margin)
+        with session_scope() as s:
+            registry.register(
+                s,
+                version=version,
+                kind=params.kind,
+                base_model=base_name,
+                path=path.name,
+                owner=tenant,
+                n_heads=params.n_heads,
+                config=config,
+                metrics=candidate,
+                run_id=run_id,
+            )
+            promoted = passes and registry.promote(s, tenant=tenant, version=version, expected=compared)
+            if promoted or not passes:
+                decision = "promoted" if promoted else "rejected"
+                metrics = {
+                    "candidate": candidate,
+                    "active": {**incumbent, "version": compared},
+                    "gate": {"metric": PRIMARY_METRIC, "margin": margin, "decision": decision},
+                    "train_seconds": round(train_s, 2),
+                    "n_train": len(train),
+                    "n_heldout": len(held),
+                }
+                trepo.set_run_progress(s, run_id=run_id, loss_curve=curve, progress={**last, "done": True})
+                trepo.finish_run(
+                    s,
+                    run_id=run_id,
+                    status=RunStatus.succeeded if promoted else RunStatus.rejected,
+                    metrics=metrics,
+                    result_version=version,
+                )
+                log.info(
+                    "run %s: %s %s (%s %.4f vs %.4f of %s)",
+                    run_id,
+                    decision,
+                    version,
+                    PRIMARY_METRIC,
+                    candidate[PRIMARY_METRIC] or 0,
+                    incumbent[PRIMARY_METRIC] or 0,
+                    compared,
+                )
+                return RunStatus.succeeded.value if promoted else RunStatus.rejected.value
+            moved_to = registry.active_version(s, tenant=tenant)
+        log.info(
+            "run %s: the active version moved from %s to %s during the run; gating again", run_id, compared, moved_to
+        )
+        compared = moved_to or compared
+    raise RunError(f"the active version kept changing during the gate ({MAX_GATES} tries); nothing was promoted")

@@ -1,4 +1,4 @@
-"""/v1/training-runs, /v1/models and /v1/schedules: fine-tuning, the model registry, retraining schedules."""
+"""/v1/training-runs and /v1/schedules: fine-tuning and retraining schedules (the registry: routes/models.py)."""
 
 from __future__ import annotations
 
@@ -6,13 +6,10 @@ from datetime import datetime, timezone
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
-from sqlalchemy.orm import Session
 
-from api.deps import SessionDep, SettingsDep, TenantDep
+from api.deps import CallerDep, SessionDep, SettingsDep, TenantDep
 from api.errors import ApiError, FieldError, invalid
 from api.schemas import (
-    ModelList,
-    ModelVersionOut,
     ScheduleIn,
     ScheduleList,
     ScheduleOut,
@@ -22,11 +19,11 @@ from api.schemas import (
 )
 from storage import cron
 from storage import training_repository as trepo
-from storage.models import ModelVersion, Schedule, TrainingRun
+from storage.models import Schedule, TrainingRun
 from workers.messages import enqueue_training_run
+from workers.train_params import resolved
 
 runs = APIRouter(prefix="/v1/training-runs", tags=["training"])
-models = APIRouter(prefix="/v1/models", tags=["models"])
 schedules = APIRouter(prefix="/v1/schedules", tags=["schedules"])
 
 
@@ -39,18 +36,23 @@ def run_out(run: TrainingRun) -> TrainingRunOut:
     )  # fmt: skip
 
 
-def _params(params: TrainingParams) -> dict[str, object]:
-    return params.model_dump(exclude_none=True)
+def _params(params: TrainingParams, admin: bool) -> dict[str, object]:
+    """Every parameter the run will use (the kind's defaults filled in)."""
+    if params.gate_margin is not None and params.gate_margin < 0 and not admin:
+        # A negative margin promotes a worse model: only the operator may waive the gate.
+        raise ApiError(403, "gate_margin below 0 needs an admin key", [FieldError("gate_margin", "admin only")])
+    return resolved(params.model_dump(exclude_none=True))
 
 
 @runs.post("", status_code=202, response_model=TrainingRunOut)
-def start_run(session: SessionDep, settings: SettingsDep, tenant: TenantDep, params: TrainingParams | None = None
+def start_run(session: SessionDep, settings: SettingsDep, caller: CallerDep, params: TrainingParams | None = None
               ) -> TrainingRunOut:  # fmt: skip
     """Start a fine-tuning run now on all of the tenant's feedback (parameters optional)."""
+    tenant = caller.tenant
     stats = trepo.feedback_stats(session, tenant=tenant)
     if stats["total"] < 3:
         raise invalid([FieldError("feedback", f"need at least 3 feedback rows to train, have {stats['total']}")])
-    run = trepo.create_run(session, tenant=tenant, params=_params(params or TrainingParams()))
+    run = trepo.create_run(session, tenant=tenant, params=_params(params or TrainingParams(), caller.admin))
     session.commit()
     try:
         enqueue_training_run(run.id, queue=settings.training_queue)
@@ -75,32 +77,6 @@ def get_run(run_id: str, session: SessionDep, tenant: TenantDep) -> TrainingRunO
     return run_out(run)
 
 
-def _model_out(mv: ModelVersion) -> ModelVersionOut:
-    return ModelVersionOut(version=mv.version, base_model=mv.base_model, active=mv.active, n_heads=mv.n_heads,
-                           metrics=mv.metrics, run_id=mv.run_id, created_at=mv.created_at)  # fmt: skip
-
-
-def _model_list(session: Session) -> ModelList:
-    versions = trepo.list_versions(session)
-    active = next((mv.version for mv in versions if mv.active), None)
-    return ModelList(active=active, models=[_model_out(mv) for mv in versions])
-
-
-@models.get("", response_model=ModelList)
-def list_models(session: SessionDep, tenant: TenantDep) -> ModelList:
-    """Every model version with its held-out metrics; `active` is the one new jobs are pinned to."""
-    return _model_list(session)
-
-
-@models.post("/{version}/activate", response_model=ModelList)
-def activate(version: str, session: SessionDep, tenant: TenantDep) -> ModelList:
-    """Promote a version, or roll back to an earlier one. Jobs already submitted keep their version."""
-    if trepo.activate_version(session, version=version) is None:
-        raise ApiError(404, f"model version {version!r} not found", [FieldError("version", "not found")])
-    session.commit()
-    return _model_list(session)
-
-
 def _schedule_out(s: Schedule) -> ScheduleOut:
     return ScheduleOut(schedule_id=s.id, cron=s.cron, min_new_feedback=s.min_new_feedback, params=s.params,
                        next_run_at=s.next_run_at, last_fired_at=s.last_fired_at, created_at=s.created_at)  # fmt: skip
@@ -112,12 +88,12 @@ def list_schedules(session: SessionDep, tenant: TenantDep) -> ScheduleList:
 
 
 @schedules.post("", status_code=201, response_model=ScheduleOut)
-def add_schedule(body: ScheduleIn, session: SessionDep, tenant: TenantDep) -> ScheduleOut:
+def add_schedule(body: ScheduleIn, session: SessionDep, caller: CallerDep) -> ScheduleOut:
     """A cron schedule for retraining; `rewardq beat` picks it up without a restart."""
     if not cron.is_valid(body.cron):
         raise invalid([FieldError("cron", f"{body.cron!r} is not a valid 5- or 6-field cron expression")])
-    sched = trepo.create_schedule(session, tenant=tenant, cron=body.cron, min_new_feedback=body.min_new_feedback,
-                                  params=_params(body.params),
+    sched = trepo.create_schedule(session, tenant=caller.tenant, cron=body.cron,
+                                  min_new_feedback=body.min_new_feedback, params=_params(body.params, caller.admin),
                                   next_run_at=cron.next_fire(body.cron, datetime.now(timezone.utc)))  # fmt: skip
     session.commit()
     return _schedule_out(sched)
@@ -131,4 +107,4 @@ def delete_schedule(schedule_id: str, session: SessionDep, tenant: TenantDep) ->
     return Response(status_code=204)
 
 
-__all__ = ["models", "runs", "schedules"]
+__all__ = ["runs", "schedules"]

@@ -226,14 +226,14 @@ function modelsPage() {
   const canvas = h("canvas", { id: "model-metrics", "aria-label": "held-out metrics by version" });
   const empty = h("p", { class: "muted" }, "No training run has produced a version yet.");
   $main.replaceChildren(h("h1", {}, "Models"),
-    h("p", { class: "muted" }, "New jobs are pinned to the active version; jobs already submitted keep theirs."),
+    h("p", { class: "muted" }, "Your new jobs are pinned to your active version (the operator's default until you choose one); jobs already submitted keep theirs. Shared versions are every tenant's; your own come from your training runs."),
     card(null, body), card("Gate decisions: candidate vs the active version on each run's held-out feedback", empty,
       h("div", { class: "chart" }, canvas)));
   const load = async () => {
-    const [{ active, models }, { runs }] = await Promise.all([api("/v1/models"), api("/v1/training-runs?limit=500")]);
+    const [{ active, default: dflt, models }, { runs }] = await Promise.all([api("/v1/models"), api("/v1/training-runs?limit=500")]);
     const byRun = Object.fromEntries(runs.map((r) => [r.run_id, r]));
     const activeAt = (models.find((m) => m.active) || {}).created_at;
-    body.replaceChildren(table(["Version", "Base", "Created", "num:Pairwise acc.", "num:Spearman", "num:Held-out n",
+    body.replaceChildren(table(["Version", "Kind", "Owner", "Base", "Created", "num:Pairwise acc.", "num:Spearman", "num:Held-out n",
       "Run", "Gate", ""], models.map((m) => {
       const run = byRun[m.run_id];
       const gate = run && run.metrics && run.metrics.gate;
@@ -250,8 +250,9 @@ function modelsPage() {
           await load();
         } }, label);
       }
-      return h("tr", { "data-version": m.version, "data-active": m.active ? "1" : "0" },
-        h("td", { class: "mono" }, m.version), h("td", { class: "mono" }, m.base_model), h("td", {}, when(m.created_at)),
+      return h("tr", { "data-version": m.version, "data-active": m.active ? "1" : "0", "data-kind": m.kind },
+        h("td", { class: "mono", title: m.name || "" }, m.version, m.version === dflt ? h("span", { class: "muted" }, " (default)") : null),
+        h("td", {}, m.kind), h("td", {}, m.owner), h("td", { class: "mono" }, m.base_model), h("td", {}, when(m.created_at)),
         h("td", { class: "num" }, num(m.metrics.pairwise_accuracy, 3)), h("td", { class: "num" }, num(m.metrics.spearman, 3)),
         h("td", { class: "num" }, m.metrics.n ?? "–"),
         h("td", {}, m.run_id ? h("a", { class: "mono", href: `/ui/runs/${encodeURIComponent(m.run_id)}` }, short(m.run_id)) : "–"),

@@ -1,0 +1,133 @@
+"""Tiny random Hugging Face models that the tests (and benchmarks) build and save themselves: nothing is downloaded.
+
+- a BERT sequence classifier (num_labels=1) on the bundled MiniLM's WordPiece tokenizer, which has no chat
+  template: the text-pair input;
+- a Llama sequence classifier and a Llama causal LM on a small byte-level BPE tokenizer with a chat template;
+- a GPT-2 causal LM on the same BPE tokenizer without a template (and no pad token, like GPT-2's own).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant: {% endif %}"
+)
+_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "A man is playing a guitar on the street.",
+    "What is the capital of France? Paris is the capital of France.",
+    "Tell me a joke about computers and the people who use them.",
+    "Scores are written to SQL, batches travel through Redis to Celery workers.",
+    "user: assistant: 0123456789 ,.;:!?'\"()[]{}<>-_=+*/\\|@#$%^&~`",
+]
+
+
+def bpe_tokenizer(chat_template: str | None, pad: bool = True, vocab_size: int = 600):  # type: ignore[no-untyped-def]
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<|pad|>", "<s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS * 20, trainer)
+    kw = {"pad_token": "<|pad|>"} if pad else {}
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<|endoftext|>", **kw)
+    if chat_template:
+        fast.chat_template = chat_template
+    return fast
+
+
+def _llama_config(tokenizer, vocab_size: int | None = None, **extra):  # type: ignore[no-untyped-def]
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size or len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **extra,
+    )
+
+
+def save_bert_classifier(path: Path, seed: int = 0) -> Path:
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from workers.registry import default_encoder_path
+
+    tokenizer = AutoTokenizer.from_pretrained(default_encoder_path())
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=512,
+        num_labels=1,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = BertForSequenceClassification(config)
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def save_llama_classifier(path: Path, seed: int = 0) -> Path:
+    import torch
+    from transformers import LlamaForSequenceClassification
+
+    tokenizer = bpe_tokenizer(CHAT_TEMPLATE)
+    torch.manual_seed(seed)
+    model = LlamaForSequenceClassification(_llama_config(tokenizer, num_labels=1))
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def save_llama_lm(path: Path, seed: int = 0, vocab_size: int | None = None, hidden_size: int = 32) -> Path:
+    import torch
+    from transformers import LlamaForCausalLM
+
+    tokenizer = bpe_tokenizer(CHAT_TEMPLATE)
+    torch.manual_seed(seed)
+    config = _llama_config(tokenizer, vocab_size)
+    config.hidden_size = hidden_size
+    config.head_dim = hidden_size // config.num_attention_heads
+    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def save_gpt2_lm(path: Path, seed: int = 0) -> Path:
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = bpe_tokenizer(None, pad=False)
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    GPT2LMHeadModel(config).save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path

@@ -1,0 +1,71 @@
+"""The one small interface every reward model family implements, and what they share (length grouping, counters)."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+
+@dataclass
+class Scores:
+    """One batch's outcome, in the order of its pairs."""
+
+    reward: list[float]
+    cos: list[list[float]]  # sim_exp: the K head similarities; other kinds: []
+    truncated: list[bool]  # the text was cut to the version's token limit
+    n_tokens: list[int | None] | None = None  # likelihood: response tokens the reward averages (or sums) over
+    # Offsets of pairs that cannot be scored, with a reason code and a message (their reward is a placeholder).
+    errors: dict[int, tuple[str, str]] = field(default_factory=dict)
+
+
+class RewardModel(ABC):
+    """Loaded once per worker process (engine.get_model) and reused for every batch of its version."""
+
+    kind: ClassVar[str]
+    version: str
+    device: Any  # torch.device
+    token_budget: int
+    autocast: str = "off"
+
+    def __init__(self) -> None:
+        self.stats: dict[str, float] = {}
+
+    @abstractmethod
+    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> Scores:
+        """Rewards for the pairs; independent of what else is in the batch (padding, size, order)."""
+
+    def settings(self) -> dict[str, Any]:
+        """What a result row needs to say how its score was computed (kind, precision, limits)."""
+        return {"kind": self.kind}
+
+    def _count(self, **values: float) -> None:
+        for k, v in values.items():
+            self.stats[k] = self.stats.get(k, 0.0) + v
+
+    def take_stats(self) -> dict[str, float]:
+        """Counters since the last call (tokens, padded tokens, encoder batches, encode and kernel seconds)."""
+        out, self.stats = self.stats, {}
+        return out
+
+
+def length_groups(lengths: Sequence[int], max_items: int, token_budget: int) -> list[list[int]]:
+    """Indices sorted by length and cut into groups of at most ``max_items`` whose padded size
+    (items x longest) stays within ``token_budget`` (a single longer item still gets a group of its own)."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    groups: list[list[int]] = []
+    lo = 0
+    while lo < len(order):
+        hi = lo + 1
+        while hi < len(order) and hi - lo < max_items and (hi - lo + 1) * lengths[order[hi]] <= token_budget:
+            hi += 1
+        groups.append(order[lo:hi])
+        lo = hi
+    return groups
+
+
+def pad_rows(rows: Sequence[Sequence[int]], value: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Right-padded copies of ``rows`` and their attention masks."""
+    width = max((len(r) for r in rows), default=0)
+    return ([list(r) + [value] * (width - len(r)) for r in rows], [[1] * len(r) + [0] * (width - len(r)) for r in rows])

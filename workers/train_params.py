@@ -1,0 +1,36 @@
+"""Training-run parameters and their defaults per kind (no torch: the API resolves them when a run is created)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass
+class TrainParams:
+    kind: str = "sim_exp"  # or "classifier": a cross-encoder initialised from the encoder with a new score head
+    epochs: int = 2
+    lr: float = 2e-5  # encoder layers
+    head_lr: float = 1e-2  # heads, alpha, weight (classifier: the score head)
+    n_heads: int = 1
+    train_layers: int = 2  # classifier: every layer is trained
+    batch_size: int = 32
+    heldout_fraction: float = 0.1
+    seed: int = 0
+    symmetric: bool = False  # also train on (response, prompt): for feedback whose pairs are unordered (STS)
+    max_length: int = 256  # classifier: tokens of the prompt and response together
+
+
+# What differs from the defaults above for a kind (chosen on held-out training feedback, see the README).
+KIND_DEFAULTS: dict[str, dict[str, Any]] = {"classifier": {"epochs": 3, "lr": 5e-5, "head_lr": 1e-3}}
+
+
+def params_for(raw: dict[str, Any]) -> TrainParams:
+    """TrainParams from a run's parameters: the kind's defaults, then what the user gave (unknown keys ignored)."""
+    known = {k: v for k, v in raw.items() if k in TrainParams.__dataclass_fields__ and v is not None}
+    return TrainParams(**{**KIND_DEFAULTS.get(str(known.get("kind", "sim_exp")), {}), **known})
+
+
+def resolved(raw: dict[str, Any]) -> dict[str, Any]:
+    """Every parameter a run will use, for storing on the run (gate_margin and other extras kept as given)."""
+    return {**raw, **asdict(params_for(raw))}
