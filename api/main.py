@@ -11,7 +11,9 @@ from sqlalchemy.exc import OperationalError
 
 from api import ui
 from api.errors import ApiError, FieldError
-from api.routes import feedback, jobs, ops, training
+from api.integrations import openrlhf, vllm
+from api.routes import feedback, jobs, models, ops, score, training
+from api.schemas import JobCreate, ScoreRequest
 
 
 def _field_error(err: dict[str, Any]) -> FieldError:
@@ -49,11 +51,34 @@ def create_app() -> FastAPI:
     app.include_router(ops.router)
     app.include_router(jobs.router)
     app.include_router(feedback.router)
-    for router in (training.runs, training.models, training.schedules):
+    for router in (training.runs, models.router, training.schedules):
         app.include_router(router)
+    app.include_router(score.router)
+    app.include_router(openrlhf.router)
+    app.include_router(vllm.router)
     app.include_router(ui.router)
     app.mount("/ui/static", ui.static, name="ui-static")
+    _document_raw_bodies(app)
     return app
+
+
+def _document_raw_bodies(app: FastAPI) -> None:
+    """Routes that read their body themselves (to stream it, or to name a bad item's index) describe it with a
+    $ref: put the referenced models into the OpenAPI components."""
+    from fastapi.openapi.utils import get_openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in (JobCreate, ScoreRequest):
+                doc = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(doc.pop("$defs", {}))
+                components[model.__name__] = doc
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 app = create_app()

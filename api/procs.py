@@ -97,10 +97,11 @@ def start_redis(port: int, log: Path) -> Proc | None:
     return proc
 
 
-def start_worker(env: Mapping[str, str], log: Path, queues: str = "scoring", concurrency: int = 1,
+def start_worker(env: Mapping[str, str], log: Path, queues: str | None = None, concurrency: int = 1,
                  pool: str = "prefork") -> Proc:  # fmt: skip
-    argv = [sys.executable, "-m", "api.cli", "worker", "-Q", queues, "-c", str(concurrency), "--pool", pool,
-            "--loglevel", "info"]  # fmt: skip
+    """`rewardq worker`: ``queues`` None consumes what its settings name (interactive, scoring, training)."""
+    argv = [sys.executable, "-m", "api.cli", "worker", *(["-Q", queues] if queues else []), "-c", str(concurrency),
+            "--pool", pool, "--loglevel", "info"]  # fmt: skip
     return Proc("worker", argv, env, log)
 
 

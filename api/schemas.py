@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -95,9 +95,10 @@ class ResultOut(BaseModel):
     prompt: str
     response: str
     score: float
-    cos: list[float]
+    cos: list[float] = Field(description="sim_exp: the K head similarities cos_k; other kinds: []")
     model_version: str
-    truncated: bool = Field(description="the prompt or the response was cut to REWARDQ_MAX_LENGTH tokens")
+    truncated: bool = Field(description="the text was cut to the version's token limit")
+    n_tokens: int | None = Field(default=None, description="likelihood: the response tokens the reward is over")
 
 
 class ResultPage(BaseModel):
@@ -125,19 +126,37 @@ class FeedbackStats(BaseModel):
 
 
 class TrainingParams(BaseModel):
-    """Fine-tuning parameters; every field has a default."""
+    """Fine-tuning parameters; every field has a default (some depend on the kind: see the README)."""
 
     model_config = {"extra": "forbid"}
 
-    epochs: int = Field(default=2, ge=1, le=100)
-    lr: float = Field(default=2e-5, gt=0, le=1.0, description="learning rate of the trained encoder layers")
-    head_lr: float = Field(default=1e-2, gt=0, le=10.0, description="learning rate of heads, alpha and weight")
+    epochs: int | None = Field(default=None, ge=1, le=100, description="default 2 (sim_exp), 3 (classifier)")
+    lr: float | None = Field(
+        default=None,
+        gt=0,
+        le=1.0,
+        description="learning rate of the trained encoder layers; default 2e-5 (sim_exp), 5e-5 (classifier)",
+    )
+    head_lr: float | None = Field(
+        default=None,
+        gt=0,
+        le=10.0,
+        description="learning rate of heads, alpha and weight (classifier: the score head); "
+        "default 1e-2 (sim_exp), 1e-3 (classifier)",
+    )
     n_heads: int = Field(default=1, ge=1, le=16, description="K")
     train_layers: int = Field(default=2, ge=0, le=48, description="top encoder layers to fine-tune (0: heads only)")
     batch_size: int = Field(default=32, ge=2, le=4096)
     heldout_fraction: float = Field(default=0.1, gt=0, lt=1)
     seed: int = Field(default=0, ge=0)
-    gate_margin: float | None = Field(default=None, ge=-1, le=1, description="default REWARDQ_GATE_MARGIN")
+    gate_margin: float | None = Field(
+        default=None, ge=-1, le=1, description="default REWARDQ_GATE_MARGIN; below 0 needs an admin key"
+    )
+    kind: Literal["sim_exp", "classifier"] = Field(
+        default="sim_exp", description="classifier: a cross-encoder initialised from the encoder with a new score head"
+    )
+    symmetric: bool | None = Field(default=None, description="also train on (response, prompt): unordered pairs")
+    max_length: int | None = Field(default=None, ge=8, le=4096, description="classifier: tokens per pair")
 
 
 class TrainingRunOut(BaseModel):
@@ -163,17 +182,37 @@ class TrainingRunList(BaseModel):
 
 class ModelVersionOut(BaseModel):
     version: str
+    kind: str = Field(description="sim_exp, classifier or likelihood")
+    name: str | None = None
     base_model: str
-    active: bool
+    owner: str = Field(description="'shared' (every tenant may use it) or 'own' (made by one of your runs)")
+    active: bool = Field(description="the version your new jobs use")
+    default: bool = Field(description="the operator's default, used by every tenant that has not chosen its own")
     n_heads: int
+    settings: dict[str, Any] = Field(default_factory=dict, description="token limit, truncation side, reduction, dtype")
     metrics: dict[str, Any]
     run_id: str | None
     created_at: datetime
 
 
 class ModelList(BaseModel):
-    active: str | None
+    active: str | None = Field(description="the version your new jobs use")
+    default: str | None = Field(description="the operator's default")
     models: list[ModelVersionOut]
+
+
+class ModelImport(BaseModel):
+    """A local Hugging Face folder on the API's machine to register as a shared version (admin keys only)."""
+
+    model_config = {"extra": "forbid"}
+
+    path: str = Field(min_length=1, max_length=4096, description="folder with config.json and *.safetensors")
+    kind: Literal["classifier", "likelihood"]
+    name: str | None = Field(default=None, max_length=256)
+    max_length: int | None = Field(default=None, ge=8, le=131072, description="tokens per pair (default 512 / 1024)")
+    truncation_side: Literal["left", "right"] | None = Field(default=None, description="default left")
+    reduction: Literal["mean", "sum"] | None = Field(default=None, description="likelihood: default mean")
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(default=None, description="default float32")
 
 
 class ScheduleIn(BaseModel):
@@ -196,3 +235,30 @@ class ScheduleOut(BaseModel):
 
 class ScheduleList(BaseModel):
     schedules: list[ScheduleOut]
+
+
+class ScoreRequest(BaseModel):
+    """POST /v1/score: pairs answered in the same response (the interactive lane)."""
+
+    items: list[ItemIn] = Field(min_length=1, description="at most REWARDQ_INTERACTIVE_MAX_ITEMS (2,048)")
+    model_version: str | None = Field(default=None, description="defaults to your active version")
+    persist: bool = Field(default=False, description="also keep the pairs and scores as a job (its id is returned)")
+    metadata: dict[str, Any] = Field(default_factory=dict, description="with persist: the job's metadata")
+
+
+class ScoreRow(BaseModel):
+    index: int
+    id: str
+    score: float | None = Field(description="None when the pair could not be scored (see error)")
+    cos: list[float] | None = Field(default=None, description="sim_exp: the K head similarities; other kinds: []")
+    truncated: bool = False
+    n_tokens: int | None = Field(default=None, description="likelihood: response tokens scored")
+    error: dict[str, str] | None = Field(default=None, description="{code, message} for a pair that failed alone")
+
+
+class ScoreOut(BaseModel):
+    model_version: str
+    kind: str = Field(description="the version's kind (empty for a persisted request: see the job)")
+    results: list[ScoreRow]
+    job_id: str | None = Field(default=None, description="with persist: the job that keeps these scores")
+    status: str | None = Field(default=None, description="with persist: the job's status")

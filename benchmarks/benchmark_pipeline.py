@@ -43,10 +43,10 @@ def workloads() -> dict[str, list[dict[str, str]]]:
 
 
 def in_process(items: list[dict[str, str]], batch_size: int) -> float:
-    from workers.model import RewardModel
+    from workers.models.sim_exp import SimExpModel
     from workers.registry import default_encoder_path
 
-    model = _cached("model", lambda: RewardModel("bench", default_encoder_path()))
+    model = _cached("model", lambda: SimExpModel("bench", default_encoder_path()))
     t0 = time.perf_counter()
     for lo in range(0, len(items), batch_size):
         chunk = items[lo : lo + batch_size]
@@ -85,7 +85,9 @@ def _cached(name, make):
 class Stack:
     """Redis (the running one or a private one), a SQLite database, one worker and the API, as processes."""
 
-    def __init__(self, tmp: Path, db_url: str | None = None, worker: bool = True):
+    def __init__(self, tmp: Path, db_url: str | None = None, worker: bool = True, reserved: bool = False):
+        """``reserved``: a second worker process that serves only the interactive queue (the first one takes
+        bulk and training work); otherwise one worker serves every queue, interactive first."""
         from api.procs import free_port, redis_answers, start_api, start_redis, start_worker
         from storage.migrate import upgrade
         from workers.registry import register_base_version
@@ -99,15 +101,21 @@ class Stack:
         self.db_url = db_url or f"sqlite:///{tmp / 'bench.db'}"
         self.env = {**os.environ, "REWARDQ_DATABASE_URL": self.db_url,
                     "REWARDQ_REDIS_URL": redis_url, "REWARDQ_SCORING_QUEUE": f"bench-{os.getpid()}",
-                    "PYTHONPATH": str(ROOT)}  # fmt: skip
+                    "REWARDQ_INTERACTIVE_QUEUE": f"bench-{os.getpid()}-interactive",
+                    "REWARDQ_TRAINING_QUEUE": f"bench-{os.getpid()}-training", "PYTHONPATH": str(ROOT)}  # fmt: skip
         os.environ.update({k: self.env[k] for k in ("REWARDQ_DATABASE_URL", "REWARDQ_REDIS_URL")})
         from storage.settings import get_settings
 
         get_settings.cache_clear()
         upgrade()
         register_base_version()
-        if worker:
-            self.procs.append(start_worker(self.env, tmp / "worker.log", queues=self.env["REWARDQ_SCORING_QUEUE"]))
+        if worker and reserved:
+            bulk = ",".join(self.env[f"REWARDQ_{q}_QUEUE"] for q in ("SCORING", "TRAINING"))
+            self.procs.append(start_worker(self.env, tmp / "worker.log", queues=bulk))
+            self.procs.append(start_worker(self.env, tmp / "worker-interactive.log",
+                                           queues=self.env["REWARDQ_INTERACTIVE_QUEUE"]))  # fmt: skip
+        elif worker:
+            self.procs.append(start_worker(self.env, tmp / "worker.log"))
         self.port = free_port()
         self.procs.append(start_api(self.env, tmp / "api.log", self.port))
         self.api_pid = self.procs[-1].pid

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -43,6 +44,11 @@ class Settings(BaseSettings):
     gate_margin: float = Field(default=0.005, description="a candidate must beat the active version by this much")
     scoring_queue: str = "scoring"
     training_queue: str = "training"
+    interactive_queue: str = Field(default="interactive", description="queue of the interactive lane (POST /v1/score)")
+    interactive_max_items: int = Field(default=2048, ge=1, le=100_000, description="most pairs per interactive request")
+    interactive_timeout_s: float = Field(
+        default=60.0, gt=0, le=600, description="an interactive request waits this long"
+    )
 
     @field_validator("database_url")
     @classmethod
@@ -60,15 +66,30 @@ class Settings(BaseSettings):
             raise ValueError("REWARDQ_REDIS_URL must start with redis://, rediss:// or unix://")
         return v
 
-    def api_key_map(self) -> dict[str, str]:
-        """{key: tenant} from REWARDQ_API_KEYS ('tenant:key,tenant:key')."""
-        out: dict[str, str] = {}
-        for pair in filter(None, (p.strip() for p in self.api_keys.split(","))):
-            tenant, sep, key = pair.partition(":")
-            if not sep or not tenant or not key:
-                raise ValueError(f"REWARDQ_API_KEYS entry {pair!r} is not 'tenant:key'")
-            out[key] = tenant
+    def worker_queues(self) -> str:
+        """What `rewardq worker` consumes by default: every queue, interactive first (it is served first)."""
+        return ",".join((self.interactive_queue, self.scoring_queue, self.training_queue))
+
+    def api_key_map(self) -> dict[str, tuple[str, bool]]:
+        """{key: (tenant, admin)} from REWARDQ_API_KEYS ('tenant:key,tenant:key:admin')."""
+        out: dict[str, tuple[str, bool]] = {}
+        for entry in filter(None, (p.strip() for p in self.api_keys.split(","))):
+            parts = entry.split(":")
+            admin = len(parts) == 3 and parts[2] == "admin"
+            if len(parts) not in (2, 3) or not all(parts[:2]) or (len(parts) == 3 and not admin):
+                raise ValueError(f"REWARDQ_API_KEYS entry {entry!r} is not 'tenant:key' or 'tenant:key:admin'")
+            if not valid_tenant(parts[0]):
+                raise ValueError(f"REWARDQ_API_KEYS tenant {parts[0]!r}: {TENANT_RULE}")
+            out[parts[1]] = (parts[0], admin)
         return out
+
+
+TENANT_RULE = "letters, digits, '-' and '_', at most 128"
+_TENANT = re.compile(r"[A-Za-z0-9_-]{1,128}")
+
+
+def valid_tenant(name: str) -> bool:
+    return bool(_TENANT.fullmatch(name))
 
 
 @lru_cache

@@ -23,8 +23,8 @@ os.environ["REWARDQ_DATABASE_URL"] = "sqlite:///:memory:"  # each test picks its
 import pytest  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
-from api.procs import redis_answers, start_worker  # noqa: E402
-from tests.support import Stack, need  # noqa: E402
+from api.procs import free_port, redis_answers, start_api, start_worker  # noqa: E402
+from tests.support import SECRET, Live, Stack, need  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -87,8 +87,14 @@ def make_client(db: str, queue: str, training_queue: str | None = None, **extra:
     from api.main import create_app
     from storage.settings import Settings, get_settings
 
-    settings = Settings(database_url=db, redis_url=TEST_REDIS_URL, scoring_queue=queue,  # type: ignore[arg-type]
-                        training_queue=training_queue or f"{queue}-training", **extra)  # fmt: skip
+    extra.setdefault("interactive_queue", f"{queue}-interactive")
+    settings = Settings(
+        database_url=db,
+        redis_url=TEST_REDIS_URL,
+        scoring_queue=queue,  # type: ignore[arg-type]
+        training_queue=training_queue or f"{queue}-training",
+        **extra,
+    )
     app = create_app()
     app.dependency_overrides[get_settings] = lambda: settings
     return TestClient(app)
@@ -126,16 +132,38 @@ def stack(db_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory)
     training_queue = f"{queue}-training"
     kernel = "triton" if backend == "sqlite" else "torch"
     artifacts = str(tmp_path_factory.mktemp(f"artifacts-{backend}"))
-    env = worker_env(db_url, queue, REWARDQ_KERNEL=kernel, TRITON_INTERPRET="1", REWARDQ_TRAINING_QUEUE=training_queue,
-                     REWARDQ_ARTIFACTS_DIR=artifacts, REWARDQ_FAULT_POISON_MARKER=POISON)  # fmt: skip
+    interactive = f"{queue}-interactive"
+    env = worker_env(
+        db_url,
+        queue,
+        REWARDQ_KERNEL=kernel,
+        TRITON_INTERPRET="1",
+        REWARDQ_TRAINING_QUEUE=training_queue,
+        REWARDQ_INTERACTIVE_QUEUE=interactive,
+        REWARDQ_ARTIFACTS_DIR=artifacts,
+        REWARDQ_FAULT_POISON_MARKER=POISON,
+    )
     log = tmp_path_factory.mktemp("logs") / f"worker-{backend}.log"
-    worker = start_worker(env, log, queues=f"{queue},{training_queue}")
+    worker = start_worker(env, log, queues=f"{interactive},{queue},{training_queue}")
     try:
         with make_client(db_url, queue, training_queue, artifacts_dir=artifacts) as client:
             yield Stack(db_url, queue, client, worker, env)
     finally:
         worker.stop()
         print(f"--- worker log ({backend}) ---\n{worker.tail(20)}")
+
+
+@pytest.fixture(scope="module")
+def live(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+    """A uvicorn API process over the stack (its database, queues and worker), keyed for tenant 'live'."""
+    port = free_port()
+    proc = start_api(
+        {**stack.env, "REWARDQ_API_KEYS": f"live:{SECRET}"}, tmp_path_factory.mktemp("api") / "api.log", port
+    )
+    try:
+        yield Live(f"http://127.0.0.1:{port}", proc, stack)
+    finally:
+        proc.stop()
 
 
 class Ledger:
@@ -154,10 +182,15 @@ def ledger() -> Iterator[Ledger]:
     yield book
     if not book.rows:
         return
-    lines = ["# Reliability: faults injected and bad inputs tried", "",
-             "Written by the test suite (`tests/test_reliability.py`, `tests/test_faults.py`, `tests/test_fuzz.py`);",
-             "every row is an assertion that passed.", "",
-             "| kind | injected or sent | databases | outcome |", "|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "# Reliability: faults injected and bad inputs tried",
+        "",
+        "Written by the test suite (`tests/test_reliability.py`, `tests/test_faults.py`, `tests/test_fuzz.py`);",
+        "every row is an assertion that passed.",
+        "",
+        "| kind | injected or sent | databases | outcome |",
+        "|---|---|---|---|",
+    ]
     backends: dict[tuple[str, str, str], set[str]] = {}
     path = ROOT / "docs" / "reliability.md"
     for k, w, b, o in book.rows:

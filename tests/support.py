@@ -25,6 +25,9 @@ def need(ok: bool, what: str) -> None:
         pytest.skip(f"{what} not available")
 
 
+SECRET = "key-live-0123456789abcdef0123456789abcdef"  # the live API's key (tenant "live")
+
+
 @dataclass
 class Stack:
     db_url: str
@@ -32,6 +35,21 @@ class Stack:
     client: TestClient
     worker: Proc
     env: dict[str, str]
+
+
+@dataclass
+class Live:
+    """A real API process (uvicorn) over the stack's database and queues, with one key: for clients that need a
+    socket (the CLI, OpenRLHF's aiohttp client, a TRL trainer, a separate venv)."""
+
+    url: str
+    proc: Proc
+    stack: Stack
+
+    def client(self):  # type: ignore[no-untyped-def]
+        from api.client import Client
+
+        return Client(self.url, SECRET)
 
 
 def wait_job(client: TestClient, job_id: str, timeout: float = 180) -> dict[str, object]:

@@ -7,6 +7,7 @@ from celery import Celery
 from storage.settings import get_settings
 
 SCORE_BATCH = "rewardq.score_batch"
+SCORE_INTERACTIVE = "rewardq.score_interactive"
 TRAIN = "rewardq.train"
 
 _settings = get_settings()
@@ -22,8 +23,14 @@ app.conf.update(
     task_reject_on_worker_lost=True,
     worker_prefetch_multiplier=1,
     task_default_queue=_settings.scoring_queue,
-    task_routes={SCORE_BATCH: {"queue": _settings.scoring_queue}, TRAIN: {"queue": _settings.training_queue}},
-    broker_transport_options={"visibility_timeout": 3600},
+    task_routes={
+        SCORE_BATCH: {"queue": _settings.scoring_queue},
+        TRAIN: {"queue": _settings.training_queue},
+        SCORE_INTERACTIVE: {"queue": _settings.interactive_queue},
+    },
+    # Kombu polls a worker's queues in the order they were given (BRPOP over the list, no rotation): a worker
+    # started with `-Q interactive,scoring,training` takes interactive work before bulk work, always.
+    broker_transport_options={"visibility_timeout": 3600, "queue_order_strategy": "priority"},
     broker_connection_retry_on_startup=True,
     worker_hijack_root_logger=False,
 )

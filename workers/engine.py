@@ -6,9 +6,9 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from storage import registry
 from storage import repository as repo
 from storage.db import session_scope
 from storage.models import FINISHED
@@ -16,11 +16,11 @@ from storage.settings import get_settings
 from workers import events, metrics
 from workers.errors import InjectedFault, ModelUnavailable, is_transient, reason_code
 from workers.feeder import feed_quietly
-from workers.messages import ScoreBatch, build_messages, enqueue_score_batches
-from workers.registry import resolve_encoder
+from workers.messages import InteractiveBatch, ScoreBatch, build_messages, enqueue_score_batches
+from workers.models import load_model
 
 if TYPE_CHECKING:
-    from workers.model import RewardModel, Scores
+    from workers.models.base import RewardModel, Scores
 
 log = logging.getLogger(__name__)
 
@@ -35,35 +35,18 @@ def get_model(version: str) -> RewardModel:
         if version in _models:
             _models.move_to_end(version)
             return _models[version]
-        from workers.model import RewardModel
-
         settings = get_settings()
         with session_scope() as s:
-            mv = repo.get_model_version(s, version=version)
+            mv = registry.get_version(s, version=version)
             if mv is None:
                 raise ModelUnavailable(version)
-            path = mv.path
-        encoder_path, _ = resolve_encoder(settings.model)
+            kind, path, config = mv.kind, mv.path, dict(mv.config)
         t0 = time.perf_counter()
-        if path is not None:
-            from workers.artifacts import load_version
-
-            if not Path(path).is_dir():
-                raise ModelUnavailable(f"{version}: artifacts not found at {path} (is REWARDQ_ARTIFACTS_DIR shared?)")
-            model = load_version(Path(path), encoder_path, max_length=settings.max_length,
-                                 encode_batch_size=settings.encode_batch_size)  # fmt: skip
-        else:
-            model = RewardModel(version, encoder_path, max_length=settings.max_length,
-                                encode_batch_size=settings.encode_batch_size)  # fmt: skip
-        model.token_budget = settings.token_budget or model.token_budget
-        model.cache_size = settings.embed_cache_size
-        if settings.embed_shared_ttl_s:
-            from workers.embed_store import RedisEmbeddingStore
-
-            model.shared = RedisEmbeddingStore(settings.redis_url, namespace=f"{version}:{model.max_length}",
-                                               dim=model.dim, ttl_s=settings.embed_shared_ttl_s)  # fmt: skip
-        model.autocast = settings.autocast
-        log.info("loaded model %s in %.1fs on %s", version, time.perf_counter() - t0, model.device)
+        try:
+            model = load_model(kind, version, path, config, settings)
+        except (OSError, ValueError) as exc:  # files missing or unreadable here: no item of it can be scored
+            raise ModelUnavailable(f"{version} ({kind}): {exc}") from exc
+        log.info("loaded %s model %s in %.1fs on %s", kind, version, time.perf_counter() - t0, model.device)
         _models[version] = model
         while len(_models) > _MAX_LOADED:
             _models.popitem(last=False)
@@ -100,26 +83,57 @@ def score_batch(msg: ScoreBatch) -> int:
             raise
         _quarantine(msg, exc)
         return 0
-    stats = get_model(msg.model_version).take_stats()
+    model = get_model(msg.model_version)
+    stats = model.take_stats()
     t0 = time.perf_counter()
-    reject = settings.truncation == "reject"
-    rejected = frozenset(i for i, t in enumerate(scores.truncated) if t and reject)
+    failed = dict(scores.errors)  # pairs the model cannot score (an empty response for a likelihood, ...)
+    if settings.truncation == "reject":
+        limit = getattr(model, "max_length", settings.max_length)
+        failed.update(
+            {
+                i: ("too_long", f"longer than {limit} tokens")
+                for i, t in enumerate(scores.truncated)
+                if t and i not in failed
+            }
+        )
     with session_scope() as s:
-        for i in sorted(rejected):
-            repo.record_item_failure(s, job_id=msg.job_id, batch_no=msg.batch_no, idx=msg.start_idx + i,
-                                     code="too_long", message=f"longer than {settings.max_length} tokens")  # fmt: skip
+        for i in sorted(failed):
+            repo.record_item_failure(
+                s,
+                job_id=msg.job_id,
+                batch_no=msg.batch_no,
+                idx=msg.start_idx + i,
+                code=failed[i][0],
+                message=failed[i][1],
+            )
         inserted = repo.save_results(
-            s, job_id=msg.job_id, batch_no=msg.batch_no, start_idx=msg.start_idx, scores=scores.reward,
-            cos=scores.cos, model_version=msg.model_version, truncated=scores.truncated, skip=rejected,
-            cache_hits=int(stats.get("embed_cache_hits", 0)), cache_misses=int(stats.get("embed_cache_misses", 0)),
-        )  # fmt: skip
+            s,
+            job_id=msg.job_id,
+            batch_no=msg.batch_no,
+            start_idx=msg.start_idx,
+            scores=scores.reward,
+            cos=scores.cos,
+            model_version=msg.model_version,
+            truncated=scores.truncated,
+            n_tokens=scores.n_tokens,
+            skip=frozenset(failed),
+            cache_hits=int(stats.get("embed_cache_hits", 0)),
+            cache_misses=int(stats.get("embed_cache_misses", 0)),
+        )
         ended = repo.job_status(s, job_id=msg.job_id) in FINISHED  # this batch may have been the job's last
     if ended:
         events.publish_finished(settings.redis_url, msg.job_id)  # wakes GET /v1/jobs/{id}?wait=
     feed_quietly()  # keep the queue topped up from SQL as batches complete
-    metrics.record(settings.redis_url, {**stats, "items_scored": inserted, "batches": 1,
-                                        "items_failed": float(len(rejected)),
-                                        "db_seconds": time.perf_counter() - t0})  # fmt: skip
+    metrics.record(
+        settings.redis_url,
+        {
+            **stats,
+            "items_scored": inserted,
+            "batches": 1,
+            "items_failed": float(len(failed)),
+            "db_seconds": time.perf_counter() - t0,
+        },
+    )
     return inserted
 
 
@@ -142,14 +156,92 @@ def _quarantine(msg: ScoreBatch, exc: BaseException) -> None:
     if len(msg.prompts) == 1:
         log.warning("item %s/%d failed: %s", msg.job_id, msg.start_idx, exc)
         with session_scope() as s:
-            new = repo.record_item_failure(s, job_id=msg.job_id, batch_no=msg.batch_no, idx=msg.start_idx,
-                                           code=reason_code(exc), message=f"{type(exc).__name__}: {exc}")  # fmt: skip
+            new = repo.record_item_failure(
+                s,
+                job_id=msg.job_id,
+                batch_no=msg.batch_no,
+                idx=msg.start_idx,
+                code=reason_code(exc),
+                message=f"{type(exc).__name__}: {exc}",
+            )
         metrics.record(get_settings().redis_url, {"items_failed": float(new)})
         _announce_if_finished(msg.job_id)
         return
     with session_scope() as s:
         halves = repo.split_batch(s, job_id=msg.job_id, batch_no=msg.batch_no)
         messages = build_messages(s, job_id=msg.job_id, model_version=msg.model_version, batches=halves)
-    log.warning("batch %s/%d (%d items) failed (%s): split in %d", msg.job_id, msg.batch_no, len(msg.prompts),
-                exc, len(halves))  # fmt: skip
+    log.warning(
+        "batch %s/%d (%d items) failed (%s): split in %d", msg.job_id, msg.batch_no, len(msg.prompts), exc, len(halves)
+    )
     enqueue_score_batches(messages, queue=get_settings().scoring_queue)
+
+
+def _rows(scores: Scores) -> list[dict[str, Any]]:
+    n_tokens = scores.n_tokens or [None] * len(scores.reward)
+    rows: list[dict[str, Any]] = []
+    for i, (r, c, t, n) in enumerate(zip(scores.reward, scores.cos, scores.truncated, n_tokens, strict=True)):
+        err = scores.errors.get(i)
+        rows.append(
+            {
+                "score": None if err else r,
+                "cos": None if err else c,
+                "truncated": t,
+                "n_tokens": n,
+                "error": {"code": err[0], "message": err[1]} if err else None,
+            }
+        )
+    return rows
+
+
+def score_interactive(msg: InteractiveBatch) -> dict[str, Any]:
+    """Score one part of an interactive request; nothing is written to SQL. A pair that fails on its own is
+    isolated (the part is scored pair by pair) and answered with its reason instead of a score."""
+    model = get_model(msg.model_version)
+    try:
+        rows = _rows(
+            _score(
+                ScoreBatch(
+                    job_id="",
+                    batch_no=0,
+                    start_idx=0,
+                    model_version=msg.model_version,
+                    prompts=msg.prompts,
+                    responses=msg.responses,
+                )
+            )
+        )
+    except ModelUnavailable:
+        raise
+    except Exception as exc:
+        if is_transient(exc):
+            raise
+        rows = []
+        for p, r in zip(msg.prompts, msg.responses, strict=True):
+            try:
+                rows += _rows(
+                    _score(
+                        ScoreBatch(
+                            job_id="",
+                            batch_no=0,
+                            start_idx=0,
+                            model_version=msg.model_version,
+                            prompts=[p],
+                            responses=[r],
+                        )
+                    )
+                )
+            except Exception as one:
+                if is_transient(one):
+                    raise
+                rows.append(
+                    {
+                        "score": None,
+                        "cos": None,
+                        "truncated": False,
+                        "n_tokens": None,
+                        "error": {"code": reason_code(one), "message": f"{type(one).__name__}: {one}"[:500]},
+                    }
+                )
+    stats = model.take_stats()
+    metrics.record(get_settings().redis_url, {**stats, "interactive_items": float(len(rows)), "interactive_batches": 1})
+    return {"part": msg.part, "kind": model.kind, "rows": rows, "tokens": int(stats.get("tokens", 0))}

@@ -8,7 +8,7 @@ from pydantic import BaseModel
 from sqlalchemy.orm import Session
 
 from storage import repository as repo
-from workers.celery_app import SCORE_BATCH, TRAIN, app
+from workers.celery_app import SCORE_BATCH, SCORE_INTERACTIVE, TRAIN, app
 
 
 class ScoreBatch(BaseModel):
@@ -20,6 +20,29 @@ class ScoreBatch(BaseModel):
     model_version: str
     prompts: list[str]
     responses: list[str]
+
+
+class InteractiveBatch(BaseModel):
+    """One part of an interactive request (POST /v1/score): its texts; the reply goes to the request's list."""
+
+    request_id: str
+    part: int
+    model_version: str
+    prompts: list[str]
+    responses: list[str]
+
+
+def enqueue_interactive(messages: Sequence[InteractiveBatch], queue: str, expires_s: float) -> None:
+    """Publish the parts of an interactive request; a part no worker took within ``expires_s`` is dropped."""
+    with app.producer_or_acquire() as producer:
+        for msg in messages:
+            app.send_task(
+                SCORE_INTERACTIVE,
+                kwargs={"payload": msg.model_dump()},
+                queue=queue,
+                producer=producer,
+                expires=expires_s,
+            )
 
 
 def enqueue_score_batches(messages: Sequence[ScoreBatch], queue: str) -> None:

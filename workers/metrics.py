@@ -27,7 +27,9 @@ COUNTERS: dict[str, str] = {
     "embed_cache_hits": "texts whose embedding came from a cache (the worker's own or the shared one)",
     "embed_cache_misses": "texts the encoder had to run on",
     "embed_shared_hits": "texts whose embedding another worker had encoded (the Redis cache)",
-    "truncated_texts": "texts cut to REWARDQ_MAX_LENGTH tokens",
+    "truncated_texts": "texts cut to the version's token limit",
+    "interactive_items": "pairs scored in the interactive lane (POST /v1/score, /get_reward, /score)",
+    "interactive_batches": "interactive request parts scored",
 }
 
 

@@ -8,24 +8,24 @@ from typing import Any
 from celery.signals import worker_process_init
 from sqlalchemy.exc import OperationalError
 
-from workers import engine
-from workers.celery_app import SCORE_BATCH, TRAIN, app
-from workers.errors import TRANSIENT
-from workers.messages import ScoreBatch
+from storage.settings import get_settings
+from workers import engine, events
+from workers.celery_app import SCORE_BATCH, SCORE_INTERACTIVE, TRAIN, app
+from workers.errors import TRANSIENT, ModelUnavailable
+from workers.messages import InteractiveBatch, ScoreBatch
 
 log = logging.getLogger(__name__)
 
 
 @worker_process_init.connect
 def _preload(**_: Any) -> None:
-    # Load the active model in each child after the fork, before the first batch arrives.
-    from storage import repository as repo
+    # Load the default model in each child after the fork, before the first batch arrives.
+    from storage import registry
     from storage.db import session_scope
 
     try:
         with session_scope() as s:
-            mv = repo.active_model_version(s)
-            version = mv.version if mv else None
+            version = registry.default_version(s)
         if version:
             engine.get_model(version)
     except Exception:  # a missing DB here must not kill the worker; the first task retries
@@ -50,6 +50,34 @@ class _ScoringTask(app.Task):  # type: ignore[misc]
 )
 def score_batch(payload: dict[str, Any]) -> int:
     return engine.score_batch(ScoreBatch.model_validate(payload))
+
+
+class _InteractiveTask(app.Task):  # type: ignore[misc]
+    def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        # Answer the waiting request now rather than let it time out.
+        payload = kwargs.get("payload") or {}
+        if payload.get("request_id"):
+            error = {"code": "scoring_error", "message": f"{type(exc).__name__}: {exc}"[:500]}
+            events.push_reply(
+                get_settings().redis_url, payload["request_id"], {"part": payload.get("part"), "error": error}
+            )
+
+
+@app.task(
+    base=_InteractiveTask,
+    name=SCORE_INTERACTIVE,
+    autoretry_for=TRANSIENT,
+    retry_backoff=True,
+    retry_backoff_max=5,
+    max_retries=3,
+)
+def score_interactive(payload: dict[str, Any]) -> None:
+    msg = InteractiveBatch.model_validate(payload)
+    try:
+        reply = engine.score_interactive(msg)
+    except ModelUnavailable as exc:
+        reply = {"part": msg.part, "error": {"code": exc.code, "message": str(exc)}}
+    events.push_reply(get_settings().redis_url, msg.request_id, reply)
 
 
 @app.task(name=TRAIN, autoretry_for=(OperationalError,), retry_backoff=True, retry_backoff_max=120, max_retries=10)

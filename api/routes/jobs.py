@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import heapq
 import io
 import itertools
 import json
@@ -19,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from api.deps import SessionDep, SettingsDep, TenantDep, read_body, request_content_type
 from api.errors import ApiError, FieldError, invalid
+from api.formats import batch_output
 from api.ingest import ingest_ndjson
 from api.parsing import NDJSON_TYPES, parse_json_job
 from api.schemas import (
@@ -33,8 +35,8 @@ from api.schemas import (
     ResultPage,
     ScoreSummary,
 )
+from storage import registry, results
 from storage import repository as repo
-from storage import results
 from storage.db import get_sessionmaker
 from storage.models import FINISHED, Item, Job, Result
 from storage.settings import Settings
@@ -106,14 +108,15 @@ def _load_job(session: Session, job_id: str, tenant: str) -> Job:
     return job
 
 
-def _version(session: Session, requested: str | None) -> str:
-    """The model version a new job is pinned to: the one asked for, or the active one."""
+def pinned_version(session: Session, tenant: str, requested: str | None) -> str:
+    """The model version a new job is pinned to: the one asked for (shared or the tenant's own), or the
+    tenant's active one. Another tenant's version is as unknown as one that does not exist."""
     if requested is None:
-        active = repo.active_model_version(session)
+        active = registry.active_version(session, tenant=tenant)
         if active is None:
             raise ApiError(503, "no model version is registered yet: run 'rewardq db upgrade' or start a worker")
-        return active.version
-    if repo.get_model_version(session, version=requested) is None:
+        return active
+    if registry.get_version(session, version=requested, tenant=tenant) is None:
         raise invalid([FieldError("model_version", f"unknown model version {requested!r}")])
     return requested
 
@@ -163,13 +166,13 @@ async def create_job(
     settings: SettingsDep,
     tenant: TenantDep,
     model_version: Annotated[str | None, Query(description="for ndjson bodies; JSON bodies carry it inline")] = None,
-    idempotency_key: Annotated[str | None, Header(max_length=256)] = None,
+    idempotency_key: Annotated[str | None, Header(min_length=1, max_length=256)] = None,
 ) -> JobCreated:
     """Create a scoring job from `{"items": [...]}` JSON or from an ndjson body (one item a line)."""
     ctype = request_content_type(request)
     if ctype in NDJSON_TYPES:
         # Streamed into SQL as it arrives; the Idempotency-Key is checked once the body's hash is known.
-        version = await run_in_threadpool(_version, session, model_version)
+        version = await run_in_threadpool(pinned_version, session, tenant, model_version)
         job, body_hash = await ingest_ndjson(request, session, settings, tenant=tenant, model_version=version,
                                              ctype=ctype)  # fmt: skip
         prior = await run_in_threadpool(_prior, session, tenant, idempotency_key, body_hash)
@@ -191,7 +194,7 @@ async def create_job(
         if prior is not None:
             return prior, False
         job = repo.create_job(session, tenant=tenant, items=req.items, batch_size=settings.batch_size,
-                              model_version=_version(session, req.model_version or model_version),
+                              model_version=pinned_version(session, tenant, req.model_version or model_version),
                               metadata=req.metadata)  # fmt: skip
         return _commit_and_feed(session, settings, job, tenant, idempotency_key, body_hash)
 
@@ -265,11 +268,33 @@ def job_histogram(
 
 def _row(r: Result, it: Item) -> dict[str, Any]:
     return {"index": r.idx, "id": it.item_id, "prompt": it.prompt, "response": it.response,
-            "score": r.score, "cos": r.cos, "model_version": r.model_version, "truncated": r.truncated}  # fmt: skip
+            "score": r.score, "cos": r.cos, "model_version": r.model_version, "truncated": r.truncated,
+            "n_tokens": r.n_tokens}  # fmt: skip
 
 
-_CSV_FIELDS = ["index", "id", "prompt", "response", "score", "cos", "model_version", "truncated", "error_code",
-               "error"]  # fmt: skip
+_CSV_FIELDS = ["index", "id", "prompt", "response", "score", "cos", "model_version", "truncated", "n_tokens",
+               "error_code", "error"]  # fmt: skip
+
+
+def _failed_row(e: Any, it: Item) -> dict[str, Any]:
+    return {"index": e.idx, "id": it.item_id, "prompt": it.prompt, "response": it.response, "score": None,
+            "cos": None, "model_version": None, "truncated": None, "n_tokens": None, "error_code": e.code,
+            "error": e.message}  # fmt: skip
+
+
+def _stream_openai_batch(url: str, job: Job) -> Iterator[str]:
+    """One output line per batch-file request, its pairs' scored and failed rows merged in index order."""
+    with get_sessionmaker(url)() as session:
+        scored = (_row(r, it) for r, it in results.iter_results(session, job_id=job.id, sort="index"))
+        failed = (_failed_row(e, it) for e, it in results.item_errors(session, job_id=job.id, limit=None))
+        rows = heapq.merge(scored, failed, key=lambda row: row["index"])
+        buf: list[str] = []
+        for line in batch_output(rows, job.model_version, job.id):
+            buf.append(json.dumps(line, ensure_ascii=False) + "\n")
+            if len(buf) >= 1000:
+                yield "".join(buf)
+                buf.clear()
+        yield "".join(buf)
 
 
 def _stream(url: str, job_id: str, sort: results.Sort, fmt: str) -> Iterator[str]:
@@ -282,9 +307,7 @@ def _stream(url: str, job_id: str, sort: results.Sort, fmt: str) -> Iterator[str
         n = 0
         scored = (_row(r, it) for r, it in results.iter_results(session, job_id=job_id, sort=sort))
         # Failed items follow the scored ones, with no score and their reason code.
-        failed = ({"index": e.idx, "id": it.item_id, "prompt": it.prompt, "response": it.response, "score": None,
-                   "cos": None, "model_version": None, "truncated": None, "error_code": e.code, "error": e.message}
-                  for e, it in results.item_errors(session, job_id=job_id, limit=None))  # fmt: skip
+        failed = (_failed_row(e, it) for e, it in results.item_errors(session, job_id=job_id, limit=None))
         for row in itertools.chain(scored, failed):
             if fmt == "csv":
                 row["cos"] = json.dumps(row["cos"]) if row["cos"] is not None else ""
@@ -305,13 +328,22 @@ def job_results(
     session: SessionDep,
     settings: SettingsDep,
     tenant: TenantDep,
-    format: Annotated[Literal["json", "jsonl", "csv"], Query()] = "json",
+    format: Annotated[
+        Literal["json", "jsonl", "csv", "openai-batch"],
+        Query(
+            description="openai-batch: one OpenAI/vLLM batch output line per request of a job made from a batch file"
+        ),
+    ] = "json",
     sort: Annotated[Literal["index", "score", "-score"], Query()] = "index",
     cursor: Annotated[str | None, Query(max_length=200)] = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
 ) -> Any:
     """Results: one cursor page as JSON, or the whole job streamed as jsonl or csv."""
     job = _load_job(session, job_id, tenant)
+    if format == "openai-batch":
+        headers = {"Content-Disposition": f'attachment; filename="{job.id}.batch_output.jsonl"'}
+        return StreamingResponse(_stream_openai_batch(settings.database_url, job), media_type="application/x-ndjson",
+                                 headers=headers)  # fmt: skip
     if format != "json":
         media = "text/csv" if format == "csv" else "application/x-ndjson"
         headers = {"Content-Disposition": f'attachment; filename="{job.id}.{format}"'}

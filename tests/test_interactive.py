@@ -1,0 +1,131 @@
+"""The interactive lane (POST /v1/score) through the real worker: the same scores as bulk jobs, nothing written
+unless asked, limits and tenancy, vLLM's /score, and interactive work taken before queued bulk work (forced with
+a paused worker)."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import uuid
+
+import pytest
+
+from storage.db import get_sessionmaker
+from storage.models import Item, Job
+from tests.conftest import make_client
+from tests.support import Stack, wait_job
+
+pytestmark = pytest.mark.slow
+
+PAIRS = [("What is the capital of France?", "Paris."), ("Tell me a joke.", "No."), ("2+2?", "4"), ("2+2?", "5")]
+
+
+def _counts(db_url: str) -> tuple[int, int]:
+    with get_sessionmaker(db_url)() as s:
+        return s.query(Job).count(), s.query(Item).count()
+
+
+def test_interactive_scores_equal_bulk_scores_and_write_nothing(stack: Stack):
+    c = stack.client
+    items = [{"id": f"p{i}", "prompt": p, "response": r} for i, (p, r) in enumerate(PAIRS)]
+    before = _counts(stack.db_url)
+    resp = c.post("/v1/score", json={"items": items})
+    assert resp.status_code == 200, resp.text
+    out = resp.json()
+    assert _counts(stack.db_url) == before  # answer-only: no job, no item, nothing half-written
+    assert out["kind"] == "sim_exp" and out["job_id"] is None
+    assert [r["id"] for r in out["results"]] == ["p0", "p1", "p2", "p3"]
+    job = c.post("/v1/jobs", json={"items": items}).json()
+    assert wait_job(c, job["job_id"])["status"] == "succeeded"
+    bulk = {r["id"]: r for r in c.get(f"/v1/jobs/{job['job_id']}/results").json()["results"]}
+    for row in out["results"]:
+        assert abs(row["score"] - bulk[row["id"]]["score"]) < 1e-6 and len(row["cos"]) == 1
+    assert out["model_version"] == job["model_version"]
+
+
+def test_persist_makes_a_job_through_the_interactive_queue(stack: Stack):
+    c = stack.client
+    resp = c.post(
+        "/v1/score",
+        json={"items": [{"prompt": p, "response": r} for p, r in PAIRS], "persist": True, "metadata": {"step": 7}},
+    )
+    assert resp.status_code == 200, resp.text
+    out = resp.json()
+    assert out["job_id"] and out["status"] == "succeeded" and all(r["score"] is not None for r in out["results"])
+    job = c.get(f"/v1/jobs/{out['job_id']}").json()
+    assert job["progress"]["done"] == 4 and job["metadata"] == {"step": 7, "lane": "interactive"}
+    stored = [r["score"] for r in c.get(f"/v1/jobs/{out['job_id']}/results").json()["results"]]
+    assert stored == [r["score"] for r in out["results"]]
+
+
+def test_limits_validation_and_tenancy(stack: Stack):
+    with make_client(stack.db_url, stack.queue, interactive_max_items=3) as c:
+        one = {"prompt": "p", "response": "r"}
+        assert c.post("/v1/score", json={"items": [one] * 4}).status_code == 413
+        resp = c.post("/v1/score", json={"items": [one, {"prompt": "p"}]})
+        assert resp.status_code == 422 and resp.json()["errors"][0] == {
+            "field": "response",
+            "index": 1,
+            "message": "field required",
+        }
+        assert c.post("/v1/score", json={"items": [one], "model_version": "nope"}).status_code == 422
+        assert c.post("/v1/score", json={"items": [one], "extra": 1}).json()["errors"][0]["field"] == "extra"
+        assert c.post("/v1/score", content=b"p,r", headers={"Content-Type": "text/csv"}).status_code == 415
+        assert c.post("/v1/score", json={"items": []}).status_code == 422
+    key = "lane-a:key-lane-a-0123456789abcdef0123456789"
+    with make_client(stack.db_url, stack.queue, api_keys=key) as c:
+        assert c.post("/v1/score", json={"items": [one]}).status_code == 401
+        assert c.post("/score", json={"text_1": "a", "text_2": "b"}).status_code == 401
+        assert c.post("/get_reward", json={"query": ["ab"], "prompts": ["a"]}).status_code == 401
+
+
+def test_vllm_score_one_to_many_and_zipped(stack: Stack):
+    c = stack.client
+    one = c.post("/score", json={"text_1": "What is the capital of France?", "text_2": ["Paris.", "Berlin."]}).json()
+    assert one["object"] == "list" and [d["index"] for d in one["data"]] == [0, 1]
+    assert {d["object"] for d in one["data"]} == {"score"} and one["usage"]["prompt_tokens"] >= 0
+    zipped = c.post("/score", json={"text_1": ["2+2?", "2+2?"], "text_2": ["4", "5"]}).json()
+    lane = c.post(
+        "/v1/score", json={"items": [{"prompt": "2+2?", "response": "4"}, {"prompt": "2+2?", "response": "5"}]}
+    ).json()
+    assert [d["score"] for d in zipped["data"]] == [r["score"] for r in lane["results"]]
+    assert zipped["model"] == lane["model_version"]
+    resp = c.post("/score", json={"text_1": ["a", "b"], "text_2": ["c", "d", "e"]})
+    assert resp.status_code == 422 and resp.json()["errors"][0]["field"] == "text_2"
+    assert c.post("/score", json={"text_1": 3, "text_2": "x"}).json()["errors"][0]["field"] == "text_1"
+
+
+def test_interactive_work_is_taken_before_queued_bulk_work(stack: Stack):
+    """Forced interleaving: the worker is paused while a 10-batch bulk job and then a 3-part interactive request
+    are queued. Resumed, it must take every interactive part before the bulk batches (at most the one bulk
+    message it may already hold), not alternate between the queues."""
+    tag = uuid.uuid4().hex  # texts no cache holds, so a bulk batch takes real encoder time
+    with make_client(stack.db_url, stack.queue, batch_size=48) as c:
+        bulk = [
+            {"prompt": f"bulk prompt {i} {tag} " * 3, "response": f"bulk response {i} {tag} " * 3} for i in range(480)
+        ]
+        stack.worker.kill(signal.SIGSTOP)
+        try:
+            job_id = c.post("/v1/jobs", json={"items": bulk}).json()["job_id"]
+            box: dict = {}
+
+            def interactive() -> None:
+                items = [{"prompt": f"live {i} {tag}", "response": f"answer {i}"} for i in range(144)]
+                box["resp"] = c.post("/v1/score", json={"items": items})
+                with get_sessionmaker(stack.db_url)() as s:
+                    box["bulk_done_then"] = s.get(Job, job_id).n_done
+
+            t = threading.Thread(target=interactive)
+            t.start()
+            import redis
+
+            r = redis.Redis.from_url(stack.env["REWARDQ_REDIS_URL"])
+            from api.procs import wait_for
+
+            wait_for(lambda: r.llen(f"{stack.queue}-interactive") == 3, 30, "the 3 interactive parts queued")
+        finally:
+            stack.worker.kill(signal.SIGCONT)
+        t.join(120)
+        assert box["resp"].status_code == 200, box["resp"].text
+        assert box["bulk_done_then"] <= 48, f"{box['bulk_done_then']} bulk pairs were scored before the request"
+        assert wait_job(c, job_id)["status"] == "succeeded"

@@ -1,0 +1,211 @@
+"""The RLHF loop against a live API process and the stack's worker: OpenRLHF's own reward client on /get_reward, a
+real TRL GRPOTrainer rewarded by rewardq, vLLM batch files, and the data formats RLHF teams keep pairs in."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support import SECRET, Live
+
+pytestmark = pytest.mark.slow
+
+PAIRS = [
+    ("What is the capital of France? ", "Paris is the capital."),
+    ("Tell me a joke. ", "No."),
+    ("2+2? ", "4"),
+    ("2+2? ", "5"),
+]
+
+
+def _lane_scores(live: Live, pairs: list[tuple[str, str]]) -> list[float]:
+    with live.client() as c:
+        return [r["score"] for r in c.score(pairs)["results"]]
+
+
+def test_openrlhf_reward_client_gets_rewardq_scores(live: Live):
+    from openrlhf.utils.agent import SingleTurnAgentExecutor
+
+    host = live.url.removeprefix("http://")
+    queries, prompts = [p + r for p, r in PAIRS], [p for p, _ in PAIRS]
+    # OpenRLHF's own HTTP path: the key rides in the URL's credentials (it sends no header of its own).
+    executor = SingleTurnAgentExecutor(remote_rm_url=f"http://rewardq:{SECRET}@{host}/get_reward")
+    [reply] = asyncio.run(executor._fetch_rewards_via_http(queries, prompts, [None] * len(queries)))
+    want = _lane_scores(live, PAIRS)
+    assert reply["rewards"] == reply["scores"] and len(reply["rewards"]) == len(PAIRS)
+    assert max(abs(a - b) for a, b in zip(reply["rewards"], want, strict=True)) < 1e-6
+    assert reply["extra_logs"]["rewardq_truncated"] == [0.0] * len(PAIRS)
+    # The prefixed route, and no key: 401 (never open by default).
+    resp = httpx.post(f"{live.url}/openrlhf/get_reward", json={"query": queries, "prompts": prompts})
+    assert resp.status_code == 401
+    resp = httpx.post(
+        f"{live.url}/openrlhf/get_reward", json={"query": queries, "prompts": prompts}, auth=("anyone", SECRET)
+    )
+    assert resp.status_code == 200 and resp.json()["rewards"] == reply["rewards"]
+    resp = httpx.post(f"{live.url}/get_reward", json={"query": ["abc"], "prompts": ["zzz"]}, auth=("x", SECRET))
+    assert resp.status_code == 422 and resp.json()["errors"][0] == {
+        "field": "prompts",
+        "index": 0,
+        "message": "the prompt is not part of its query",
+    }
+
+
+def _tiny_policy(path: Path) -> Path:
+    from tests.tiny_models import save_gpt2_lm
+
+    return save_gpt2_lm(path, seed=1)
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # nothing of it is stored: one database is enough
+def test_trl_grpo_trainer_logs_rewardq_rewards(live: Live, tmp_path: Path):
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    from api.integrations import trl_reward_func
+
+    policy = _tiny_policy(tmp_path / "policy")
+    tokenizer = AutoTokenizer.from_pretrained(policy)
+    tokenizer.pad_token = tokenizer.eos_token
+    prompts = Dataset.from_list([{"prompt": f"Tell me about topic {i}."} for i in range(8)])
+    args = GRPOConfig(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        num_generations=2,
+        max_completion_length=6,
+        max_steps=2,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        learning_rate=1e-5,
+        seed=0,
+        dataloader_num_workers=0,
+    )
+    reward = trl_reward_func(live.url, SECRET, batch_size=3)  # 3: each call is split into several requests
+    trainer = GRPOTrainer(
+        model=str(policy), reward_funcs=[reward], args=args, train_dataset=prompts, processing_class=tokenizer
+    )
+    trainer.train()
+    logged = trainer._logs  # the last generation batch TRL logged: prompts, completions, per-function rewards
+    pairs = list(zip(logged["prompt"], logged["completion"], strict=True))
+    rewards = list(logged["rewards"]["rewardq"])
+    assert len(pairs) == len(rewards) >= 4
+    want = _lane_scores(live, [(p, c) for p, c in pairs])
+    assert max(abs(a - b) for a, b in zip(rewards, want, strict=True)) < 1e-5
+    means = [h["rewards/rewardq/mean"] for h in trainer.state.log_history if "rewards/rewardq/mean" in h]
+    assert len(means) == 2 and abs(means[-1] - sum(want) / len(want)) < 1e-5
+
+
+def test_trl_conversational_format(live: Live):
+    from api.integrations import trl_reward_func
+
+    reward = trl_reward_func(live.url, SECRET)
+    convo = reward(
+        prompts=[[{"role": "user", "content": p}] for p, _ in PAIRS],
+        completions=[[{"role": "assistant", "content": r}] for _, r in PAIRS],
+    )
+    plain = reward(prompts=[p for p, _ in PAIRS], completions=[r for _, r in PAIRS])
+    assert convo == plain and len(plain) == len(PAIRS)
+
+
+def _cli(live: Live, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {"PATH": "/usr/bin:/bin", "REWARDQ_API_URL": live.url, "REWARDQ_API_KEY": SECRET}
+    return subprocess.run(
+        [sys.executable, "-m", "api.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**env, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+    )
+
+
+def _results(live: Live, job_id: str) -> dict[str, dict]:
+    with live.client() as c:
+        return {r["id"]: r for r in c.results(job_id)}
+
+
+def test_openai_batch_file_in_and_out(live: Live, tmp_path: Path):
+    requests = [
+        {
+            "custom_id": "one-to-many",
+            "method": "POST",
+            "url": "/score",
+            "body": {"text_1": "What is the capital of France?", "text_2": ["Paris.", "Berlin.", "Rome."]},
+        },
+        {
+            "custom_id": "zipped",
+            "method": "POST",
+            "url": "/score",
+            "body": {"text_1": ["2+2?", "3+3?"], "text_2": ["4", "6"]},
+        },
+    ]
+    src = tmp_path / "requests.jsonl"
+    src.write_text("\n".join(json.dumps(r) for r in requests) + "\n")
+    out = _cli(live, "submit", str(src), "--wait")
+    assert out.returncode == 0, out.stderr
+    job_id = out.stdout.splitlines()[0].strip()
+    dest = tmp_path / "out.jsonl"
+    assert _cli(live, "results", job_id, "--format", "openai-batch", "-o", str(dest)).returncode == 0
+    lines = [json.loads(x) for x in dest.read_text().splitlines()]
+    assert [x["custom_id"] for x in lines] == ["one-to-many", "zipped"] and all(x["error"] is None for x in lines)
+    body = lines[0]["response"]["body"]
+    assert lines[0]["response"]["status_code"] == 200 and body["object"] == "list"
+    assert [d["index"] for d in body["data"]] == [0, 1, 2]
+    with live.client() as c:
+        direct = httpx.post(
+            f"{live.url}/score", headers={"Authorization": f"Bearer {SECRET}"}, json=requests[0]["body"]
+        ).json()
+        assert [d["score"] for d in body["data"]] == [d["score"] for d in direct["data"]]
+        assert c.job(job_id)["progress"]["done"] == 5
+
+
+def test_data_formats_in_and_parquet_out(live: Live, tmp_path: Path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from datasets import Dataset
+
+    rows = [{"q": p, "a": r, "key": f"k{i}"} for i, (p, r) in enumerate(PAIRS)]
+    want = {f"k{i}": s for i, s in enumerate(_lane_scores(live, PAIRS))}
+    csv_path = tmp_path / "pairs.csv"
+    csv_path.write_text("key,q,a\n" + "".join(f'{x["key"]},"{x["q"]}","{x["a"]}"\n' for x in rows))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "pairs.parquet")
+    Dataset.from_list(rows).save_to_disk(str(tmp_path / "hf"))
+    (tmp_path / "pairs.json").write_text(json.dumps(rows, indent=2))  # pretty-printed: a JSON array
+    conv = [
+        {"key": x["key"], "messages": [{"role": "user", "content": x["q"]}, {"role": "assistant", "content": x["a"]}]}
+        for x in rows
+    ]
+    pq.write_table(pa.Table.from_pylist(conv), tmp_path / "conversations.parquet")
+    cases = [
+        (csv_path, "a"),
+        (tmp_path / "pairs.parquet", "a"),
+        (tmp_path / "hf", "a"),
+        (tmp_path / "pairs.json", "a"),
+        (tmp_path / "conversations.parquet", "messages"),
+    ]
+    for path, response_col in cases:
+        out = _cli(
+            live, "submit", str(path), "--prompt-col", "q", "--response-col", response_col, "--id-col", "key", "--wait"
+        )
+        assert out.returncode == 0, (path, out.stderr[-2000:])
+        got = _results(live, out.stdout.splitlines()[0].strip())
+        assert {k: r["score"] for k, r in got.items()} == pytest.approx(want, abs=1e-6), path
+    dest = tmp_path / "out.parquet"
+    assert (
+        _cli(live, "results", out.stdout.splitlines()[0].strip(), "--format", "parquet", "-o", str(dest)).returncode
+        == 0
+    )
+    table = pq.read_table(dest)
+    assert table.num_rows == len(PAIRS) and set(table.column("id").to_pylist()) == set(want)
+    bad = tmp_path / "notes.txt"
+    bad.write_text("just some text\n")
+    out = _cli(live, "submit", str(bad))
+    assert out.returncode != 0 and "JSON Lines, a JSON array, CSV, Parquet" in out.stderr
+    assert "Traceback" not in out.stderr
