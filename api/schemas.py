@@ -95,6 +95,10 @@ class ResultOut(BaseModel):
     prompt: str
     response: str
     score: float
+    score_z: float | None = Field(
+        default=None, description="(score - mean) / std of the version's scores on known pairs"
+    )
+    percentile: float | None = Field(default=None, description="0-100: where the score falls among those scores")
     cos: list[float] = Field(description="sim_exp: the K head similarities cos_k; other kinds: []")
     model_version: str
     truncated: bool = Field(description="the text was cut to the version's token limit")
@@ -191,6 +195,11 @@ class ModelVersionOut(BaseModel):
     n_heads: int
     settings: dict[str, Any] = Field(default_factory=dict, description="token limit, truncation side, reduction, dtype")
     metrics: dict[str, Any]
+    score_stats: dict[str, Any] | None = Field(
+        default=None,
+        description="its scores' distribution on known pairs (n, mean, std, 101 quantiles, source): what a score of "
+        "this version means; results carry score_z and percentile from it",
+    )
     run_id: str | None
     created_at: datetime
 
@@ -250,6 +259,8 @@ class ScoreRow(BaseModel):
     index: int
     id: str
     score: float | None = Field(description="None when the pair could not be scored (see error)")
+    score_z: float | None = Field(default=None, description="(score - mean) / std of the version's known scores")
+    percentile: float | None = Field(default=None, description="0-100: where the score falls among them")
     cos: list[float] | None = Field(default=None, description="sim_exp: the K head similarities; other kinds: []")
     truncated: bool = False
     n_tokens: int | None = Field(default=None, description="likelihood: response tokens scored")

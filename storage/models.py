@@ -46,6 +46,8 @@ class ModelVersion(Base):
     n_heads: Mapped[int] = mapped_column(Integer, default=1)
     config: Mapped[dict[str, Any]] = mapped_column(default=dict)
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # Its scores' distribution on known pairs (held-out feedback, or the reference sample): storage.score_stats.
+    score_stats: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), nullable=True)
     run_id: Mapped[str | None] = mapped_column(String(32))  # the training run that made it
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 

@@ -40,6 +40,7 @@ def register(
     n_heads: int = 1,
     metrics: dict[str, Any] | None = None,
     run_id: str | None = None,
+    score_stats: dict[str, Any] | None = None,
 ) -> ModelVersion:
     """Register a version if its id is new (ids are content hashes: the same files are the same version)."""
     mv = session.get(ModelVersion, version)
@@ -55,10 +56,23 @@ def register(
             config=config,
             metrics=metrics or {},
             run_id=run_id,
+            score_stats=score_stats,
         )
         session.add(mv)
         session.flush()
     return mv
+
+
+def set_score_stats(session: Session, *, version: str, stats: dict[str, Any], overwrite: bool = False) -> bool:
+    """Store a version's score distribution (once, unless ``overwrite``): True if this call stored it."""
+    q = update(ModelVersion).where(ModelVersion.version == version)
+    if not overwrite:
+        q = q.where(ModelVersion.score_stats.is_(None))
+    return bool(session.execute(q.values(score_stats=stats).returning(ModelVersion.version)).all())
+
+
+def score_stats(session: Session, *, version: str) -> dict[str, Any] | None:
+    return session.scalar(select(ModelVersion.score_stats).where(ModelVersion.version == version))
 
 
 def _upsert(session: Session, scope: str, version: str, overwrite: bool) -> None:

@@ -14,6 +14,7 @@ from storage.db import session_scope
 from storage.models import FINISHED
 from storage.settings import get_settings
 from workers import events, metrics
+from workers.calibration import calibrate
 from workers.errors import InjectedFault, ModelUnavailable, is_transient, reason_code
 from workers.feeder import feed_quietly
 from workers.messages import InteractiveBatch, ScoreBatch, build_messages, enqueue_score_batches
@@ -47,6 +48,7 @@ def get_model(version: str) -> RewardModel:
         except (OSError, ValueError) as exc:  # files missing or unreadable here: no item of it can be scored
             raise ModelUnavailable(f"{version} ({kind}): {exc}") from exc
         log.info("loaded %s model %s in %.1fs on %s", kind, version, time.perf_counter() - t0, model.device)
+        calibrate(version, model)
         _models[version] = model
         while len(_models) > _MAX_LOADED:
             _models.popitem(last=False)

@@ -14,6 +14,7 @@ from storage import registry
 from storage import training_repository as trepo
 from storage.db import session_scope
 from storage.models import RunStatus
+from storage.score_stats import summarize
 from storage.settings import get_settings
 from workers import engine
 from workers.registry import resolve_encoder
@@ -147,7 +148,9 @@ def _train_and_gate(
     t0 = time.perf_counter()
     model, curve, base_name = _fit(params, train, progress)
     train_s = time.perf_counter() - t0
-    candidate = evaluate(model, held)
+    held_scores: list[float] = []
+    candidate = evaluate(model, held, collect=held_scores)
+    stats = summarize(held_scores, f"its scores on the run's held-out feedback ({len(held)} rows)")
     version, path, config = _save(model, params, base_name, margin)
     compared = active_version
     for _ in range(MAX_GATES):
@@ -165,6 +168,7 @@ def _train_and_gate(
                 config=config,
                 metrics=candidate,
                 run_id=run_id,
+                score_stats=stats,
             )
             promoted = passes and registry.promote(s, tenant=tenant, version=version, expected=compared)
             if promoted or not passes:

@@ -299,14 +299,18 @@ def _top_layers(model: SimExpModel, n: int) -> list[torch.nn.Module]:
     return list(stack[-n:])
 
 
-def evaluate(model: RewardModel, data: Feedback, max_rated_pairs: int = 2000) -> dict[str, float | int | None]:
-    """Held-out metrics: pairwise accuracy over every comparison the feedback implies, Spearman on ratings."""
+def evaluate(model: RewardModel, data: Feedback, max_rated_pairs: int = 2000,
+             collect: list[float] | None = None) -> dict[str, float | int | None]:  # fmt: skip
+    """Held-out metrics: pairwise accuracy over every comparison the feedback implies, Spearman on ratings.
+    Every score computed is appended to ``collect`` when given (the version's score distribution)."""
     out: dict[str, float | int | None] = {"n": len(data), "pairwise_accuracy": None, "spearman": None}
     correct = comparisons = 0
     if data.ratings:
         rows = data.ratings[:max_rated_pairs]
         r = np.array(model.score([x.prompt for x in rows], [x.response for x in rows]).reward)
         y = np.array([x.rating for x in rows])
+        if collect is not None:
+            collect += r.tolist()
         better = y[:, None] > y[None, :]
         correct += int((better & (r[:, None] > r[None, :])).sum())
         comparisons += int(better.sum())
@@ -319,6 +323,8 @@ def evaluate(model: RewardModel, data: Feedback, max_rated_pairs: int = 2000) ->
         prefs = data.preferences
         rc = np.array(model.score([x.prompt for x in prefs], [x.chosen for x in prefs]).reward)
         rr = np.array(model.score([x.prompt for x in prefs], [x.rejected for x in prefs]).reward)
+        if collect is not None:
+            collect += rc.tolist() + rr.tolist()
         correct += int((rc > rr).sum())
         comparisons += len(prefs)
     if comparisons:

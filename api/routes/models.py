@@ -34,6 +34,7 @@ def _model_out(mv: ModelVersion, active: str | None, default: str | None) -> Mod
         n_heads=mv.n_heads,
         settings={k: mv.config[k] for k in _SETTINGS if k in mv.config},
         metrics=mv.metrics,
+        score_stats=mv.score_stats,
         run_id=mv.run_id,
         created_at=mv.created_at,
     )

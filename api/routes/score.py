@@ -14,9 +14,10 @@ from api.errors import ApiError, FieldError, invalid
 from api.lane import check_items, resolve_version, score_pairs
 from api.parsing import loads
 from api.schemas import ErrorOut, ScoreOut, ScoreRow
+from storage import registry, results
 from storage import repository as repo
-from storage import results
 from storage.models import FINISHED
+from storage.score_stats import place
 from workers import events
 from workers.messages import build_messages, enqueue_score_batches
 
@@ -69,7 +70,11 @@ async def score(
     if doc.get("persist"):
         return await _persisted(session, settings, tenant, version, items, doc.get("metadata") or {}, response)
     scored = await score_pairs(settings, version, [it.prompt for it in items], [it.response for it in items])
-    rows = [ScoreRow(index=i, id=it.item_id, **row) for i, (it, row) in enumerate(zip(items, scored.rows, strict=True))]
+    stats = await run_in_threadpool(registry.score_stats, session, version=version)
+    rows = []
+    for i, (it, row) in enumerate(zip(items, scored.rows, strict=True)):
+        z, pct = place(row["score"], stats)
+        rows.append(ScoreRow(index=i, id=it.item_id, score_z=z, percentile=pct, **row))
     return ScoreOut(model_version=version, kind=scored.kind, results=rows)
 
 

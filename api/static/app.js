@@ -123,11 +123,14 @@ function jobsPage() {
 }
 
 function pairsTable(rows, id) {
-  return table(["#", "Prompt", "Response", "num:Score"], rows.map((r) => h("tr", {},
+  // score_z and percentile place a score in its version's own distribution: comparable across versions.
+  return table(["#", "Prompt", "Response", "num:Score", "num:z", "num:Percentile"], rows.map((r) => h("tr", {},
     h("td", { class: "num" }, r.index),
     h("td", { class: "pair" }, r.prompt),
     h("td", { class: "pair" }, r.response),
-    h("td", { class: "num" }, num(r.score)))), { id });
+    h("td", { class: "num" }, num(r.score)),
+    h("td", { class: "num", "data-z": r.score_z ?? "" }, r.score_z == null ? "–" : num(r.score_z, 2)),
+    h("td", { class: "num" }, r.percentile == null ? "–" : num(r.percentile, 1)))), { id });
 }
 
 function jobPage(jobId) {
