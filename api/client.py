@@ -73,6 +73,26 @@ def retrying_transport(retries: int) -> RetryTransport:
     return RetryTransport(retry=retry)
 
 
+def _raise_for(resp: httpx.Response) -> None:
+    if resp.status_code >= 400:
+        resp.read()
+        try:
+            body = resp.json()
+        except ValueError:
+            body = resp.text
+        raise ClientError(resp.status_code, body)
+
+
+class PartialResults(RuntimeError):
+    """The job has not finished: its results would be partial."""
+
+    def __init__(self, job_id: str, status: str, done: int, failed: int, total: int):
+        self.job_id, self.status, self.done, self.failed, self.total = job_id, status, done, failed, total
+        super().__init__(
+            f"job {job_id} is {status}: {done:,} of {total:,} items scored" + (f", {failed:,} failed" if failed else "")
+        )
+
+
 class ClientError(RuntimeError):
     def __init__(self, status: int, body: Any):
         self.status = status
@@ -185,7 +205,9 @@ class Client:
                     if bar is None:
                         from tqdm import tqdm
 
-                        bar = tqdm(total=total, unit=unit, desc=what[:16], dynamic_ncols=True)
+                        # initial: work done before the bar existed is not counted in its rate (a job that was
+                        # already finished would otherwise show millions of pairs a second).
+                        bar = tqdm(total=total, initial=n, unit=unit, desc=what, dynamic_ncols=True)
                     bar.n = n
                     bar.set_postfix_str(note)
                     bar.refresh()
@@ -233,40 +255,47 @@ class Client:
             if not cursor:
                 return
 
-    def download(self, job_id: str, path: str | Path, fmt: str = "jsonl", progress: bool = False) -> int:
-        """Stream the job's results into ``path`` as jsonl, csv, openai-batch (output lines of a batch-file job)
-        or parquet (written a row group at a time from the jsonl stream); return the bytes written."""
+    def download(
+        self, job_id: str, path: str | Path, fmt: str = "jsonl", progress: bool = False, partial: bool = False
+    ) -> int:
+        """Stream the job's results into ``path`` as jsonl, csv, openai-batch (output lines of a batch-file job) or
+        parquet (written a row group at a time from the jsonl stream); return the rows written. A job that has not
+        finished is refused with PartialResults (how far it got) unless ``partial``: the export then holds what is
+        scored so far and, except Parquet, ends with a line saying it is partial."""
+        job = self.job(job_id, summary=False)
+        job_id, p = job["job_id"], job["progress"]  # the full id when a short one was given
+        unfinished = job["status"] not in _FINISHED
+        if unfinished and not partial:
+            raise PartialResults(job_id, job["status"], p["done"], p["failed"], p["total"])
+        url = f"/v1/jobs/{job_id}/results"
         if fmt == "parquet":
             from api.formats import write_parquet
 
-            with self._http.stream("GET", f"/v1/jobs/{job_id}/results", params={"format": "jsonl"}) as resp:
-                if resp.status_code >= 400:
-                    resp.read()
-                    raise ClientError(resp.status_code, json.loads(resp.text or "null"))
-                write_parquet(resp.iter_lines(), Path(path))
-            return Path(path).stat().st_size
-        total = self.job(job_id)["progress"]["done"] if progress else 0
+            with self._http.stream("GET", url, params={"format": "jsonl"}) as resp:
+                _raise_for(resp)
+                rows = (line for line in resp.iter_lines() if not line.startswith('{"partial"'))
+                return write_parquet(rows, Path(path))
         bar = None
         if progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=total, unit="row", desc="results", dynamic_ncols=True)
-        written = 0
+            bar = tqdm(total=p["done"] + p["failed"], unit="row", desc="results", dynamic_ncols=True)
+        extra = (1 if fmt == "csv" else 0) + (1 if unfinished else 0)  # lines that are not rows: header, trailer
+        lines = 0
         try:
-            with self._http.stream("GET", f"/v1/jobs/{job_id}/results", params={"format": fmt}) as resp:
-                if resp.status_code >= 400:
-                    resp.read()
-                    raise ClientError(resp.status_code, json.loads(resp.text or "null"))
+            with self._http.stream("GET", url, params={"format": fmt}) as resp:
+                _raise_for(resp)
                 with open(path, "wb") as out:
                     for chunk in resp.iter_bytes():
                         out.write(chunk)
-                        written += len(chunk)
+                        lines += chunk.count(b"\n")
                         if bar is not None:
-                            bar.update(chunk.count(b"\n"))
+                            bar.n = min(max(lines - (1 if fmt == "csv" else 0), 0), bar.total)
+                            bar.refresh()
         finally:
             if bar is not None:
                 bar.close()
-        return written
+        return max(lines - extra, 0)
 
     def score(
         self,

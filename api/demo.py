@@ -54,7 +54,7 @@ def summarize(job: dict[str, Any], results: list[dict[str, Any]], ratings: dict[
     return lines
 
 
-def run_demo(keep: bool = False, limit: int | None = None) -> int:
+def run_demo(keep: bool = False, limit: int | None = None, api_port: int | None = None) -> int:
     from storage.migrate import upgrade
     from workers.registry import register_base_version
 
@@ -94,7 +94,7 @@ def run_demo(keep: bool = False, limit: int | None = None) -> int:
         for lane in ("SCORING", "INTERACTIVE", "TRAINING"):
             env[f"REWARDQ_{lane}_QUEUE"] = f"demo-{os.getpid()}-{lane.lower()}"
         procs.append(start_worker(env, DEMO_DIR / "worker.log"))
-        port = free_port()
+        port = api_port or free_port()
         procs.append(start_api(env, DEMO_DIR / "api.log", port))
         click.echo(f"started a worker (pid {procs[-2].pid}) and the API on http://127.0.0.1:{port}")
 

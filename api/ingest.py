@@ -19,6 +19,11 @@ from storage.repository import NewItem
 from storage.settings import Settings
 
 CHUNK = 5000
+JSONL_HINT = 'JSON Lines expected: one {"prompt": ..., "response": ...} object per line'
+JSON_ARRAY_HINT = (
+    'this looks like a JSON array: send it as application/json {"items": [...]}, or one object per line '
+    "(rewardq submit converts arrays, CSV and Parquet itself)"
+)
 
 
 class _Chunker:
@@ -38,7 +43,15 @@ class _Chunker:
         try:
             obj = loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
-            raise invalid([FieldError("line", f"line {self.lineno} is not valid JSON: {exc}", self.n)]) from exc
+            hint = JSON_ARRAY_HINT if raw.lstrip().startswith(b"[") else JSONL_HINT
+            raise invalid(
+                [FieldError("line", f"line {self.lineno} is not valid JSON ({exc}); {hint}", self.n)]
+            ) from exc
+        if not isinstance(obj, dict):
+            hint = JSON_ARRAY_HINT if isinstance(obj, list) else JSONL_HINT
+            raise invalid(
+                [FieldError("line", f"line {self.lineno} holds a {type(obj).__name__}, not an object; {hint}", self.n)]
+            )
         if self.n >= self.settings.max_items_per_job:
             raise invalid([FieldError("items", f"at most {self.settings.max_items_per_job} items per job")], 413)
         errors: list[FieldError] = []
@@ -80,8 +93,11 @@ async def ingest_ndjson(
     async for data in request.stream():
         size += len(data)
         if size > settings.max_body_bytes:
-            raise ApiError(413, f"request body exceeds the limit of {settings.max_body_bytes} bytes",
-                           [FieldError("body", "too large")])  # fmt: skip
+            raise ApiError(
+                413,
+                f"request body exceeds the limit of {settings.max_body_bytes} bytes",
+                [FieldError("body", "too large")],
+            )
         digest.update(data)
         *lines, pending = (pending + data).split(b"\n")
         if lines:
@@ -89,8 +105,9 @@ async def ingest_ndjson(
     await run_in_threadpool(_consume, chunker, [pending], True)
     if chunker.n == 0:
         raise invalid([FieldError("items", "must contain at least one entry")])
-    await run_in_threadpool(lambda: repo.finish_job(session, job=job, n_items=chunker.n,
-                                                    batch_size=settings.batch_size, request_hash=None))  # fmt: skip
+    await run_in_threadpool(
+        lambda: repo.finish_job(session, job=job, n_items=chunker.n, batch_size=settings.batch_size, request_hash=None)
+    )
     return job, digest.hexdigest()
 
 

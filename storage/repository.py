@@ -139,6 +139,18 @@ def unqueued_batches(session: Session, *, limit: int) -> list[tuple[Batch, str]]
     return [(b, v) for b, v in session.execute(q).tuples()]
 
 
+SHORT_ID_MIN = 8  # a job or run id may be given by its first 8 or more characters
+
+
+def matching_ids(session: Session, table: Any, *, prefix: str, tenant: str, limit: int = 2) -> list[str]:
+    """Ids of the tenant's rows of ``table`` (jobs or training runs) that start with ``prefix``: a short id
+    resolves when exactly one matches."""
+    if not SHORT_ID_MIN <= len(prefix) < 32 or not all(c in "0123456789abcdef" for c in prefix):
+        return []
+    q = select(table.id).where(table.tenant == tenant, table.id.startswith(prefix)).order_by(table.id).limit(limit)
+    return list(session.scalars(q))
+
+
 def get_job(session: Session, *, job_id: str, tenant: str | None = None) -> Job | None:
     job = session.get(Job, job_id)
     if job is None or (tenant is not None and job.tenant != tenant):

@@ -39,6 +39,7 @@ from storage import registry, results
 from storage import repository as repo
 from storage.db import get_sessionmaker
 from storage.models import FINISHED, Item, Job, Result
+from storage.score_stats import place
 from storage.settings import Settings
 from workers import events
 from workers.feeder import feed
@@ -70,8 +71,10 @@ def _job_detail(session: Session, job: Job, summary: bool = True) -> JobOut:
     out = _job_out(job, results.score_summary(session, job_id=job.id) if summary else None)
     if job.n_failed:
         out.error_counts = results.error_counts(session, job_id=job.id)
-        out.failed_items = [FailedItem(index=e.idx, id=it.item_id, code=e.code, message=e.message)
-                            for e, it in results.item_errors(session, job_id=job.id, limit=100)]  # fmt: skip
+        out.failed_items = [
+            FailedItem(index=e.idx, id=it.item_id, code=e.code, message=e.message)
+            for e, it in results.item_errors(session, job_id=job.id, limit=100)
+        ]
     return out
 
 
@@ -86,8 +89,12 @@ def _job_out(job: Job, summary: dict[str, Any] | None = None) -> JobOut:
         job_id=job.id,
         status=job.status,
         model_version=job.model_version,
-        progress=Progress(done=job.n_done, failed=job.n_failed, total=job.n_items,
-                          fraction=(job.n_done + job.n_failed) / job.n_items if job.n_items else 1.0),
+        progress=Progress(
+            done=job.n_done,
+            failed=job.n_failed,
+            total=job.n_items,
+            fraction=(job.n_done + job.n_failed) / job.n_items if job.n_items else 1.0,
+        ),
         created_at=job.created_at,
         started_at=job.started_at,
         finished_at=job.finished_at,
@@ -98,11 +105,19 @@ def _job_out(job: Job, summary: dict[str, Any] | None = None) -> JobOut:
         embed_cache_hits=job.cache_hits,
         embed_cache_misses=job.cache_misses,
         summary=ScoreSummary(**summary) if summary is not None else None,
-    )  # fmt: skip
+    )
 
 
 def _load_job(session: Session, job_id: str, tenant: str) -> Job:
+    """The tenant's job by its id, or by the first 8 or more characters of it when they match one job only."""
     job = repo.get_job(session, job_id=job_id, tenant=tenant)
+    if job is None:
+        ids = repo.matching_ids(session, Job, prefix=job_id.lower(), tenant=tenant)
+        if len(ids) > 1:
+            raise ApiError(
+                409, f"job id {job_id!r} matches several jobs: give more of it", [FieldError("job_id", "ambiguous")]
+            )
+        job = repo.get_job(session, job_id=ids[0], tenant=tenant) if ids else None
     if job is None:
         raise ApiError(404, f"job {job_id!r} not found", [FieldError("job_id", "not found")])
     return job
@@ -127,13 +142,17 @@ def _prior(session: Session, tenant: str, idem_key: str | None, body_hash: str) 
     if prior is None:
         return None
     if prior.request_hash != body_hash:
-        raise ApiError(409, "Idempotency-Key was already used with a different request body",
-                       [FieldError("Idempotency-Key", "reused with another payload")])  # fmt: skip
+        raise ApiError(
+            409,
+            "Idempotency-Key was already used with a different request body",
+            [FieldError("Idempotency-Key", "reused with another payload")],
+        )
     return JobCreated(job_id=prior.id, status=prior.status, n_items=prior.n_items, model_version=prior.model_version)
 
 
-def _commit_and_feed(session: Session, settings: Settings, job: Job, tenant: str, idem_key: str | None,
-                     body_hash: str) -> tuple[JobCreated, bool]:  # fmt: skip
+def _commit_and_feed(
+    session: Session, settings: Settings, job: Job, tenant: str, idem_key: str | None, body_hash: str
+) -> tuple[JobCreated, bool]:
     job.idempotency_key = idem_key
     job.request_hash = body_hash
     try:
@@ -173,8 +192,9 @@ async def create_job(
     if ctype in NDJSON_TYPES:
         # Streamed into SQL as it arrives; the Idempotency-Key is checked once the body's hash is known.
         version = await run_in_threadpool(pinned_version, session, tenant, model_version)
-        job, body_hash = await ingest_ndjson(request, session, settings, tenant=tenant, model_version=version,
-                                             ctype=ctype)  # fmt: skip
+        job, body_hash = await ingest_ndjson(
+            request, session, settings, tenant=tenant, model_version=version, ctype=ctype
+        )
         prior = await run_in_threadpool(_prior, session, tenant, idempotency_key, body_hash)
         if prior is not None:
             session.rollback()
@@ -193,9 +213,14 @@ async def create_job(
         prior = _prior(session, tenant, idempotency_key, body_hash)
         if prior is not None:
             return prior, False
-        job = repo.create_job(session, tenant=tenant, items=req.items, batch_size=settings.batch_size,
-                              model_version=pinned_version(session, tenant, req.model_version or model_version),
-                              metadata=req.metadata)  # fmt: skip
+        job = repo.create_job(
+            session,
+            tenant=tenant,
+            items=req.items,
+            batch_size=settings.batch_size,
+            model_version=pinned_version(session, tenant, req.model_version or model_version),
+            metadata=req.metadata,
+        )
         return _commit_and_feed(session, settings, job, tenant, idempotency_key, body_hash)
 
     created, is_new = await run_in_threadpool(build)
@@ -228,6 +253,7 @@ async def get_job(
     ] = 0,
 ) -> JobOut:
     job = await run_in_threadpool(_load_job, session, job_id, tenant)
+    job_id = job.id  # the full id, when a short one was given
     if wait and job.status not in FINISHED:
         # End the read transaction first: no connection is held while waiting, and the next read is fresh.
         # (The rollback expires ``job``: it is only touched again in the thread pool, where it reloads.)
@@ -253,8 +279,10 @@ def cancel_job(job_id: str, session: SessionDep, settings: SettingsDep, tenant: 
 def job_errors(job_id: str, session: SessionDep, tenant: TenantDep) -> list[FailedItem]:
     """Every item that could not be scored, with its reason code (the error ledger)."""
     job = _load_job(session, job_id, tenant)
-    return [FailedItem(index=e.idx, id=it.item_id, code=e.code, message=e.message)
-            for e, it in results.item_errors(session, job_id=job.id, limit=None)]  # fmt: skip
+    return [
+        FailedItem(index=e.idx, id=it.item_id, code=e.code, message=e.message)
+        for e, it in results.item_errors(session, job_id=job.id, limit=None)
+    ]
 
 
 @router.get("/{job_id}/histogram", response_model=Histogram)
@@ -266,20 +294,61 @@ def job_histogram(
     return Histogram(job_id=job.id, **results.score_histogram(session, job_id=job.id, bins=bins))  # type: ignore[arg-type]
 
 
-def _row(r: Result, it: Item) -> dict[str, Any]:
-    return {"index": r.idx, "id": it.item_id, "prompt": it.prompt, "response": it.response,
-            "score": r.score, "cos": r.cos, "model_version": r.model_version, "truncated": r.truncated,
-            "n_tokens": r.n_tokens}  # fmt: skip
+def _row(r: Result, it: Item, stats: dict[str, Any] | None = None) -> dict[str, Any]:
+    z, pct = place(r.score, stats)
+    return {
+        "index": r.idx,
+        "id": it.item_id,
+        "prompt": it.prompt,
+        "response": it.response,
+        "score": r.score,
+        "score_z": z,
+        "percentile": pct,
+        "cos": r.cos,
+        "model_version": r.model_version,
+        "truncated": r.truncated,
+        "n_tokens": r.n_tokens,
+    }
 
 
-_CSV_FIELDS = ["index", "id", "prompt", "response", "score", "cos", "model_version", "truncated", "n_tokens",
-               "error_code", "error"]  # fmt: skip
+_CSV_FIELDS = [
+    "index",
+    "id",
+    "prompt",
+    "response",
+    "score",
+    "score_z",
+    "percentile",
+    "cos",
+    "model_version",
+    "truncated",
+    "n_tokens",
+    "error_code",
+    "error",
+]
+
+
+def _stats_of_job(session: Session, job_id: str) -> dict[str, Any] | None:
+    job = repo.get_job(session, job_id=job_id)
+    return registry.score_stats(session, version=job.model_version) if job else None
 
 
 def _failed_row(e: Any, it: Item) -> dict[str, Any]:
-    return {"index": e.idx, "id": it.item_id, "prompt": it.prompt, "response": it.response, "score": None,
-            "cos": None, "model_version": None, "truncated": None, "n_tokens": None, "error_code": e.code,
-            "error": e.message}  # fmt: skip
+    return {
+        "index": e.idx,
+        "id": it.item_id,
+        "prompt": it.prompt,
+        "response": it.response,
+        "score": None,
+        "score_z": None,
+        "percentile": None,
+        "cos": None,
+        "model_version": None,
+        "truncated": None,
+        "n_tokens": None,
+        "error_code": e.code,
+        "error": e.message,
+    }
 
 
 def _stream_openai_batch(url: str, job: Job) -> Iterator[str]:
@@ -297,7 +366,19 @@ def _stream_openai_batch(url: str, job: Job) -> Iterator[str]:
         yield "".join(buf)
 
 
-def _stream(url: str, job_id: str, sort: results.Sort, fmt: str) -> Iterator[str]:
+def _partial_line(partial: dict[str, Any], fmt: str) -> str:
+    """The last line of an export of an unfinished job: says so, in the export's own format."""
+    if fmt == "csv":
+        return (
+            f"# partial: job {partial['status']}, {partial['done']} of {partial['total']} items scored and "
+            f"{partial['failed']} failed when this was exported\n"
+        )
+    return json.dumps({"partial": True, **partial}) + "\n"
+
+
+def _stream(
+    url: str, job_id: str, sort: results.Sort, fmt: str, partial: dict[str, Any] | None = None
+) -> Iterator[str]:
     # A fresh session: the request's one is closed once the response starts streaming.
     with get_sessionmaker(url)() as session:
         buf = io.StringIO()
@@ -305,7 +386,8 @@ def _stream(url: str, job_id: str, sort: results.Sort, fmt: str) -> Iterator[str
         if fmt == "csv":
             writer.writeheader()
         n = 0
-        scored = (_row(r, it) for r, it in results.iter_results(session, job_id=job_id, sort=sort))
+        stats = _stats_of_job(session, job_id)
+        scored = (_row(r, it, stats) for r, it in results.iter_results(session, job_id=job_id, sort=sort))
         # Failed items follow the scored ones, with no score and their reason code.
         failed = (_failed_row(e, it) for e, it in results.item_errors(session, job_id=job_id, limit=None))
         for row in itertools.chain(scored, failed):
@@ -319,7 +401,7 @@ def _stream(url: str, job_id: str, sort: results.Sort, fmt: str) -> Iterator[str
                 yield buf.getvalue()
                 buf.seek(0)
                 buf.truncate()
-        yield buf.getvalue()
+        yield buf.getvalue() + (_partial_line(partial, fmt) if partial else "")
 
 
 @router.get("/{job_id}/results", response_model=ResultPage)
@@ -338,19 +420,28 @@ def job_results(
     cursor: Annotated[str | None, Query(max_length=200)] = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
 ) -> Any:
-    """Results: one cursor page as JSON, or the whole job streamed as jsonl or csv."""
+    """Results: one cursor page as JSON, or the whole job streamed as jsonl, csv or batch output. An export of a
+    job that has not finished is marked partial: an `X-Rewardq-Partial: true` header and a last line saying so."""
     job = _load_job(session, job_id, tenant)
+    partial = None
+    headers: dict[str, str] = {}
+    if job.status not in FINISHED:
+        partial = {"status": job.status, "done": job.n_done, "failed": job.n_failed, "total": job.n_items}
+        headers = {"X-Rewardq-Partial": "true", "X-Rewardq-Progress": f"{job.n_done + job.n_failed}/{job.n_items}"}
     if format == "openai-batch":
-        headers = {"Content-Disposition": f'attachment; filename="{job.id}.batch_output.jsonl"'}
-        return StreamingResponse(_stream_openai_batch(settings.database_url, job), media_type="application/x-ndjson",
-                                 headers=headers)  # fmt: skip
+        headers["Content-Disposition"] = f'attachment; filename="{job.id}.batch_output.jsonl"'
+        return StreamingResponse(
+            _stream_openai_batch(settings.database_url, job), media_type="application/x-ndjson", headers=headers
+        )
     if format != "json":
         media = "text/csv" if format == "csv" else "application/x-ndjson"
-        headers = {"Content-Disposition": f'attachment; filename="{job.id}.{format}"'}
-        return StreamingResponse(_stream(settings.database_url, job.id, sort, format), media_type=media,
-                                 headers=headers)  # fmt: skip
+        headers["Content-Disposition"] = f'attachment; filename="{job.id}.{format}"'
+        return StreamingResponse(
+            _stream(settings.database_url, job.id, sort, format, partial), media_type=media, headers=headers
+        )
     try:
         rows, nxt = results.results_page(session, job_id=job.id, sort=sort, cursor=cursor, limit=limit)
     except results.CursorError as exc:
         raise invalid([FieldError("cursor", str(exc))]) from exc
-    return ResultPage(job_id=job.id, results=[ResultOut(**_row(r, it)) for r, it in rows], next_cursor=nxt)
+    stats = registry.score_stats(session, version=job.model_version)
+    return ResultPage(job_id=job.id, results=[ResultOut(**_row(r, it, stats)) for r, it in rows], next_cursor=nxt)

@@ -18,6 +18,7 @@ from api.schemas import (
     TrainingRunOut,
 )
 from storage import cron
+from storage import repository as repo
 from storage import training_repository as trepo
 from storage.models import Schedule, TrainingRun
 from workers.messages import enqueue_training_run
@@ -71,7 +72,13 @@ def list_runs(session: SessionDep, tenant: TenantDep, limit: Annotated[int, Quer
 
 @runs.get("/{run_id}", response_model=TrainingRunOut)
 def get_run(run_id: str, session: SessionDep, tenant: TenantDep) -> TrainingRunOut:
+    """One run: its status, progress, loss curve, metrics (the gate's decision) and resulting version."""
     run = trepo.get_run(session, run_id=run_id, tenant=tenant)
+    if run is None:
+        ids = repo.matching_ids(session, TrainingRun, prefix=run_id.lower(), tenant=tenant)
+        if len(ids) > 1:
+            raise ApiError(409, f"run id {run_id!r} matches several runs: give more of it")
+        run = trepo.get_run(session, run_id=ids[0], tenant=tenant) if ids else None
     if run is None:
         raise ApiError(404, f"training run {run_id!r} not found", [FieldError("run_id", "not found")])
     return run_out(run)

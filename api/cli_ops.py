@@ -1,0 +1,154 @@
+"""CLI commands that run or administer rewardq itself: the API, workers, beat, keys, migrations and the demo.
+They need the server install (``.[server]``); their imports wait until they run."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from api.cli_common import echo_json
+
+
+@click.command()
+@click.option("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
+@click.option("--port", default=8000, type=int, help="port to listen on")
+@click.option("--workers", default=1, type=int, help="uvicorn worker processes")
+def api(host: str, port: int, workers: int) -> None:
+    """Run the HTTP API (and the dashboard at /ui)."""
+    import uvicorn
+
+    uvicorn.run("api.main:app", host=host, port=port, workers=workers, log_level="info")
+
+
+@click.command()
+@click.option(
+    "-Q",
+    "--queues",
+    default=None,
+    help="comma-separated queues to consume, served in this order  [default: interactive,scoring,training, "
+    "from REWARDQ_*_QUEUE]",
+)
+@click.option("-c", "--concurrency", default=1, type=int, help="worker processes")
+@click.option(
+    "--pool",
+    default="prefork",
+    type=click.Choice(["prefork", "solo", "threads"]),
+    help="solo: one process per GPU, the model and CUDA context in it",
+)
+@click.option("--loglevel", default="info", help="Celery's log level")
+def worker(queues: str | None, concurrency: int, pool: str, loglevel: str) -> None:
+    """Run a Celery worker: it scores interactive requests first, then bulk batches, then training runs."""
+    from transformers.utils import logging as hf_logging
+
+    from storage.settings import get_settings
+    from workers.celery_app import app
+    from workers.registry import register_base_version
+
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # a weights-loading bar in a log is noise
+    queues = queues or get_settings().worker_queues()
+    try:
+        click.echo(f"model version: {register_base_version()}", err=True)
+    except Exception as exc:  # the DB may not be migrated yet; tasks will say so when they run
+        click.echo(f"warning: could not register the base model version: {exc}", err=True)
+    click.echo(f"consuming {queues} (in this order)", err=True)
+    app.worker_main(
+        [
+            "worker",
+            "-Q",
+            queues,
+            "-c",
+            str(concurrency),
+            "--pool",
+            pool,
+            "--loglevel",
+            loglevel,
+            "-n",
+            f"rewardq-{os.getpid()}@%h",
+        ]
+    )
+
+
+@click.command()
+@click.option("--loglevel", default="info", help="Celery's log level")
+def beat(loglevel: str) -> None:
+    """Run Celery beat: fires the retraining schedules stored in SQL and runs the sweeper (safe to run twice)."""
+    from workers.celery_app import app
+
+    app.start(["beat", "--loglevel", loglevel, "--scheduler", "workers.schedule:SqlScheduler", "--max-interval", "1"])
+
+
+@click.group()
+def keys() -> None:
+    """API keys stored hashed in SQL (they switch authentication on)."""
+
+
+@keys.command("create")
+@click.argument("tenant")
+@click.option("--admin", is_flag=True, help="an admin key: imports shared models and sets the default version")
+def keys_create(tenant: str, admin: bool) -> None:
+    """Make a key for TENANT and print it once: only its SHA-256 is stored."""
+    from storage.db import session_scope
+    from storage.keys import create_key
+    from storage.settings import TENANT_RULE, valid_tenant
+
+    if not valid_tenant(tenant):
+        raise click.BadParameter(TENANT_RULE, param_hint="TENANT")
+    with session_scope() as s:
+        key = create_key(s, tenant=tenant, admin=admin)
+    click.echo(key)
+    role = "admin key" if admin else "key"
+    click.echo(f"{role} for tenant {tenant!r}: store it now, it is not shown again", err=True)
+
+
+@keys.command("list")
+def keys_list() -> None:
+    """Tenants and key prefixes (never the keys)."""
+    from storage.db import session_scope
+    from storage.keys import list_keys
+
+    with session_scope() as s:
+        echo_json(
+            [
+                {
+                    "tenant": k.tenant,
+                    "prefix": k.prefix,
+                    "admin": k.admin,
+                    "created_at": k.created_at,
+                    "revoked_at": k.revoked_at,
+                }
+                for k in list_keys(s)
+            ]
+        )
+
+
+@click.group()
+def db() -> None:
+    """Database commands."""
+
+
+@db.command()
+def upgrade() -> None:
+    """Apply migrations (and register the base model version)."""
+    from storage.migrate import upgrade as run_upgrade
+    from storage.settings import get_settings
+    from workers.registry import register_base_version
+
+    run_upgrade()
+    version = register_base_version()
+    click.echo(f"database {get_settings().database_url} is at head; base model version {version}")
+
+
+@click.command()
+@click.option("--keep", is_flag=True, help="leave the demo's database and logs in ./demo-run")
+@click.option("--limit", default=None, type=int, help="score only the first N sample pairs  [default: all]")
+@click.option("--port", default=0, type=int, help="the demo API's port  [default: a free one]")
+def demo(keep: bool, limit: int | None, port: int) -> None:
+    """Start Redis (if needed), a worker and the API; score a sample; print a summary; stop everything."""
+    from api.demo import run_demo
+
+    sys.exit(run_demo(keep=keep, limit=limit, api_port=port or None))
+
+
+COMMANDS = [api, worker, beat, keys, db, demo]

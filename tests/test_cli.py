@@ -1,0 +1,163 @@
+"""The first hour with the CLI, run for real against a live API (or none): errors that say what to do, options after
+the subcommand, short ids, honest partial exports, format detection, the verbs and their help, comparable scores."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from api.procs import free_port
+from tests.support import SECRET, Live
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def rewardq(
+    *args: str, url: str | None = None, key: str | None = SECRET, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "HOME": str(cwd or ROOT)}
+    if url:
+        env["REWARDQ_API_URL"] = url
+    if key:
+        env["REWARDQ_API_KEY"] = key
+    return subprocess.run(
+        [sys.executable, "-m", "api.cli", *args], capture_output=True, text=True, env=env, timeout=300, cwd=cwd
+    )
+
+
+def _pairs(path: Path, n: int, tag: str = "") -> Path:
+    path.write_text(
+        "".join(
+            json.dumps({"id": f"i{i}", "prompt": f"question {i} {tag}", "response": f"answer {i}"}) + "\n"
+            for i in range(n)
+        )
+    )
+    return path
+
+
+def test_no_api_is_one_line_naming_the_url_and_the_setting(tmp_path: Path):
+    url = f"http://127.0.0.1:{free_port()}"
+    out = rewardq("submit", str(_pairs(tmp_path / "p.jsonl", 3)), "--wait", "--url", url, key=None)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert f"cannot reach the rewardq API at {url}" in out.stderr and "REWARDQ_API_URL" in out.stderr
+    assert len(out.stderr.strip().splitlines()) <= 3
+    debug = rewardq("--debug", "status", "abcdef12", "--url", url, key=None)
+    assert "Traceback" in debug.stderr  # --debug keeps it
+
+
+def test_options_after_the_subcommand_short_ids_and_status(live: Live, tmp_path: Path):
+    out = rewardq("submit", str(_pairs(tmp_path / "p.jsonl", 5, "short")), "--wait", "--url", live.url)
+    assert out.returncode == 0, out.stderr
+    job_id = out.stdout.splitlines()[0].strip()
+    summary = json.loads("\n".join(out.stdout.splitlines()[1:]))
+    assert summary["status"] == "succeeded" and summary["progress"]["done"] == 5
+    status = rewardq("status", job_id[:8], url=live.url)  # the bar shows the start of the id: it resolves
+    assert status.returncode == 0 and json.loads(status.stdout)["job_id"] == job_id
+    listed = rewardq("jobs", "--limit", "50", url=live.url).stdout
+    assert job_id in listed and "succeeded" in listed
+    assert "job" in rewardq("status", "ffffffff", url=live.url).stderr  # not found: one line from the API
+    bad_key = rewardq("jobs", url=live.url, key="nope")
+    assert bad_key.returncode == 1 and "401" in bad_key.stderr and "--api-key" in bad_key.stderr
+
+
+def test_results_of_an_unfinished_job_are_refused_unless_partial(live: Live, tmp_path: Path):
+    import signal
+
+    live.stack.worker.kill(signal.SIGSTOP)  # the job cannot finish while the test looks at it
+    try:
+        out = rewardq("submit", str(_pairs(tmp_path / "p.jsonl", 30, "partial")), url=live.url)
+        job_id = out.stdout.strip()
+        refused = rewardq("results", job_id, "-o", str(tmp_path / "r.csv"), "--format", "csv", url=live.url)
+        assert refused.returncode == 1 and "0 of 30 items scored" in refused.stderr and "--partial" in refused.stderr
+        assert not (tmp_path / "r.csv").exists()
+        ok = rewardq("results", job_id, "-o", str(tmp_path / "r.jsonl"), "--partial", url=live.url)
+        assert ok.returncode == 0 and "wrote 0 rows" in ok.stderr
+        last = json.loads((tmp_path / "r.jsonl").read_text().splitlines()[-1])
+        assert last == {"partial": True, "status": "queued", "done": 0, "failed": 0, "total": 30}
+        assert rewardq("cancel", job_id[:10], url=live.url).stdout.startswith(f"job {job_id} cancelled")
+    finally:
+        live.stack.worker.kill(signal.SIGCONT)
+    out = rewardq("submit", str(_pairs(tmp_path / "q.jsonl", 50, "rows")), "--wait", url=live.url)
+    job_id = out.stdout.splitlines()[0].strip()
+    done = rewardq("results", job_id, "--format", "csv", "-o", str(tmp_path / "q.csv"), url=live.url)
+    assert "wrote 50 rows" in done.stderr  # the row count, not the line count
+    import csv
+
+    rows = list(csv.DictReader((tmp_path / "q.csv").open()))
+    assert len(rows) == 50 and all(0 <= float(r["percentile"]) <= 100 and r["score_z"] for r in rows)
+
+
+def test_formats_are_detected_and_others_refused_naming_what_is_accepted(live: Live, tmp_path: Path):
+    items = [{"id": f"a{i}", "prompt": f"p {i}", "response": f"r {i}"} for i in range(4)]
+    (tmp_path / "pretty.json").write_text(json.dumps(items, indent=2))
+    (tmp_path / "one-line-array.jsonl").write_text(json.dumps(items) + "\n")
+    (tmp_path / "pairs.csv").write_text("id,prompt,response\n" + "".join(f"c{i},p {i},r {i}\n" for i in range(4)))
+    for name in ("pretty.json", "one-line-array.jsonl", "pairs.csv"):
+        out = rewardq("submit", str(tmp_path / name), "--wait", url=live.url)
+        assert out.returncode == 0, (name, out.stderr)
+    (tmp_path / "notes.md").write_text("# not data\n")
+    out = rewardq("submit", str(tmp_path / "notes.md"), url=live.url)
+    assert out.returncode == 1 and "JSON Lines, a JSON array, CSV, Parquet" in out.stderr
+    assert "Traceback" not in out.stderr
+    feedback = tmp_path / "feedback.json"  # a JSON list, as POST /v1/feedback takes
+    feedback.write_text(json.dumps([{"prompt": "2+2?", "chosen": "4", "rejected": "5"}] * 3, indent=1))
+    out = rewardq("feedback", str(feedback), url=live.url)
+    assert out.returncode == 0 and json.loads(out.stdout)["added"] == 3
+
+
+def test_every_option_of_every_verb_has_help_and_shows_its_default():
+    import click
+
+    from api.cli import main
+
+    def walk(cmd: click.Command, path: str) -> None:
+        for param in cmd.params:
+            if isinstance(param, click.Option) and param.name != "help":
+                assert param.help, f"{path} {param.opts[0]} has no help"
+        if isinstance(cmd, click.Group):
+            for name, sub in cmd.commands.items():
+                walk(sub, f"{path} {name}")
+
+    walk(main, "rewardq")
+    assert {"jobs", "cancel", "runs", "status", "results", "retrain", "models", "submit"} <= set(main.commands)
+    text = rewardq("retrain", "--help").stdout
+    assert "--batch-size" in text and "[default: 32]" in text and "--timeout" in text and "[default: 0]" in text
+
+
+def test_retrain_runs_and_waits_show_briefly_and_time_out(live: Live):
+    from api.samples import load_sts
+
+    rows = load_sts("train", limit=40) or []
+    with live.client() as c:
+        c.add_feedback([{"prompt": x["prompt"], "response": x["response"], "rating": x["rating"]} for x in rows])
+    out = rewardq(
+        "retrain",
+        "--epochs",
+        "1",
+        "--train-layers",
+        "0",
+        "--batch-size",
+        "8",
+        "--wait",
+        "--timeout",
+        "600",
+        url=live.url,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "loss_curve" not in out.stdout.replace("loss_curve_points", "")  # not the whole curve, a float a line
+    run_id = out.stdout.splitlines()[0].strip()
+    shown = rewardq("runs", run_id[:8], url=live.url)
+    assert shown.returncode == 0 and json.loads(shown.stdout)["run_id"] == run_id
+    assert f"run {run_id}" in shown.stderr and "pairwise_accuracy" in shown.stderr
+    assert run_id in rewardq("runs", url=live.url).stdout
+    late = rewardq("retrain", "--epochs", "1", "--train-layers", "0", "--wait", "--timeout", "0.5", url=live.url)
+    assert late.returncode == 1 and "after 0.5s" in late.stderr and "Traceback" not in late.stderr
+    with live.client() as c:
+        models = c.models()
+    base = next(m for m in models["models"] if m["version"].startswith("base-"))
+    assert base["score_stats"]["n"] == 40 and len(base["score_stats"]["quantiles"]) == 101
