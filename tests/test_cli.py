@@ -4,6 +4,7 @@ the subcommand, short ids, honest partial exports, format detection, the verbs a
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -63,6 +64,11 @@ def test_options_after_the_subcommand_short_ids_and_status(live: Live, tmp_path:
     assert "job" in rewardq("status", "ffffffff", url=live.url).stderr  # not found: one line from the API
     bad_key = rewardq("jobs", url=live.url, key="nope")
     assert bad_key.returncode == 1 and "401" in bad_key.stderr and "--api-key" in bad_key.stderr
+    # A job that ended before the bar appeared: no rate of millions of pairs a second.
+    again = rewardq("status", job_id, "--wait", url=live.url)
+    rates = [float(x) for x in re.findall(r"([\d.]+)pair/s", again.stderr)]
+    assert again.returncode == 0 and all(r < 10_000 for r in rates), again.stderr
+    assert "Loading weights" not in live.stack.worker.log_path.read_text()  # no progress bar in the worker's log
 
 
 def test_results_of_an_unfinished_job_are_refused_unless_partial(live: Live, tmp_path: Path):
@@ -155,8 +161,14 @@ def test_retrain_runs_and_waits_show_briefly_and_time_out(live: Live):
     assert shown.returncode == 0 and json.loads(shown.stdout)["run_id"] == run_id
     assert f"run {run_id}" in shown.stderr and "pairwise_accuracy" in shown.stderr
     assert run_id in rewardq("runs", url=live.url).stdout
-    late = rewardq("retrain", "--epochs", "1", "--train-layers", "0", "--wait", "--timeout", "0.5", url=live.url)
-    assert late.returncode == 1 and "after 0.5s" in late.stderr and "Traceback" not in late.stderr
+    import signal
+
+    live.stack.worker.kill(signal.SIGSTOP)  # the run cannot start: --timeout must end the wait
+    try:
+        late = rewardq("retrain", "--epochs", "1", "--train-layers", "0", "--wait", "--timeout", "2", url=live.url)
+    finally:
+        live.stack.worker.kill(signal.SIGCONT)
+    assert late.returncode == 1 and "still queued after 2" in late.stderr and "Traceback" not in late.stderr
     with live.client() as c:
         models = c.models()
     base = next(m for m in models["models"] if m["version"].startswith("base-"))

@@ -27,6 +27,7 @@ def test_client_extra_installs_alone_and_drives_a_live_api(live: Live, tmp_path:
         timeout=600,
     )
     assert pip.returncode == 0, pip.stderr[-3000:]
+    assert "project.license" not in pip.stderr  # setuptools' deprecation warning is gone
     server_only = ("torch", "triton", "celery", "sqlalchemy", "fastapi")
     probe = f"import importlib.util as u; print([m for m in {server_only!r} if u.find_spec(m)])"
     assert (

@@ -175,8 +175,11 @@ def test_job_page_shows_live_progress_then_the_histogram(ui: Ui, browser: Any) -
     assert page.evaluate("window.pwned === undefined")
     with ui.client("alice") as c:
         top = list(itertools.islice(c.results(job_id, sort="-score", page=5), 5))
-    shown = [float(t) for t in page.locator("#best-pairs tbody tr td:last-child").all_inner_texts()]
+    # Columns: #, prompt, response, score, z, percentile (the last two place the score in its version's scores).
+    shown = [float(t) for t in page.locator("#best-pairs tbody tr td:nth-child(4)").all_inner_texts()]
     assert shown == pytest.approx([r["score"] for r in top], abs=1e-4)
+    pct = [float(t) for t in page.locator("#best-pairs tbody tr td:nth-child(6)").all_inner_texts()]
+    assert pct == pytest.approx([r["percentile"] for r in top], abs=0.1) and all(0 <= p <= 100 for p in pct)
     # The download link streams every result with the browser's cookie.
     body = page.request.get(ui.base + page.locator("#dl-jsonl").get_attribute("href")).text()
     assert len(body.splitlines()) == 121 and json.loads(body.splitlines()[0])["id"] == "live-0"

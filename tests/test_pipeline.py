@@ -248,10 +248,11 @@ def test_a_batch_that_cannot_be_scored_fails_the_job_with_its_reason(stack: Stac
 def test_demo_starts_its_own_redis_when_none_answers(tmp_path):
     """The newcomer path: `rewardq demo` with nothing listening at REWARDQ_REDIS_URL."""
     env = {**stack_free_env(), "REWARDQ_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
-    out = subprocess.run([sys.executable, "-m", "api.cli", "demo", "--limit", "40"], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    api_port = free_port()
+    out = subprocess.run([sys.executable, "-m", "api.cli", "demo", "--limit", "40", "--port", str(api_port)],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "started redis-server" in out.stdout
+    assert "started redis-server" in out.stdout and f"http://127.0.0.1:{api_port}" in out.stdout
     assert "scored 40 pairs" in out.stdout and "Spearman" in out.stdout and "demo OK" in out.stdout
     assert not (tmp_path / "demo-run").exists()
 

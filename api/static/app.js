@@ -333,7 +333,9 @@ function runPage(runId) {
     facts.replaceChildren(stats([["Status", r.status], ["Step", p.total_steps ? `${p.step} / ${p.total_steps}` : "–"],
       ["Epoch", p.epoch ?? "–"], ["Feedback rows", int(r.n_feedback)], ["Base version", short(r.base_version)],
       ["Result version", short(r.result_version)], ["Started", when(r.started_at)], ["Finished", when(r.finished_at)]]),
-      ...(r.error ? [h("p", { class: "error" }, r.error)] : []));
+      ...(r.error ? [h("p", { class: "error" }, r.error)] : []),
+      ...(r.status === "queued" ? [h("p", { class: "muted", id: "queued-hint" }, "Waiting for a worker that consumes the " +
+        "training queue: `rewardq worker` serves it by default (a worker started with -Q scoring alone does not).")] : []));
     chart("loss", canvas, {
       type: "line",
       data: { labels: r.loss_curve.map((_, i) => i + 1),
