@@ -177,9 +177,15 @@ def batch_texts(session: Session, *, job_id: str, start_idx: int, end_idx: int) 
 
 
 def cancel_job(session: Session, *, job: Job) -> Job:
-    if job.status not in FINISHED:
-        job.status = JobStatus.cancelled.value
-        job.finished_at = utcnow()
+    """Cancel a job that has not ended: a compare-and-set on its status in SQL, so a job whose last batch a worker
+    committed after ``job`` was read stays succeeded (or failed). Returns the job as it now stands."""
+    session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.status.not_in(FINISHED))
+        .values(status=JobStatus.cancelled.value, finished_at=utcnow()),
+        execution_options={"synchronize_session": False},
+    )
+    session.refresh(job)
     return job
 
 

@@ -64,6 +64,22 @@ def test_results_after_cancel_are_kept_but_status_stays(db_url: str):
         assert (job.status, job.n_done) == ("cancelled", 4)
 
 
+def test_a_cancel_never_overwrites_a_job_that_ended_meanwhile(db_url: str):
+    """Forced interleaving: the cancel has read the job (running) when a worker commits the job's last batch; the
+    cancel's write must not turn the succeeded job into a cancelled one."""
+    job_id = _job(db_url, 4)
+    with session_scope(db_url) as s:
+        repo.mark_running(s, job_id=job_id)
+    with session_scope(db_url) as s:
+        job = s.get(Job, job_id)
+        assert job.status == "running"  # what the cancel saw
+        assert _save(db_url, job_id, 0, 0, [1.0] * 4) == 4  # meanwhile, in another transaction: the last batch
+        assert repo.cancel_job(s, job=job).status == "succeeded"
+    with session_scope(db_url) as s:
+        job = s.get(Job, job_id)
+        assert (job.status, job.n_done) == ("succeeded", 4)
+
+
 def test_score_cursor_pages_cover_ties_exactly_once(db_url: str):
     job_id = _job(db_url, 12, batch_size=12)
     _save(db_url, job_id, 0, 0, [0.5, 0.1, 0.5, 0.5, 0.2, 0.5, 0.9, 0.1, 0.5, 0.3, 0.5, 0.5])
