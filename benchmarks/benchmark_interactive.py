@@ -4,8 +4,8 @@ A stack of real processes (Redis, SQLite, worker(s), the API). For each mode:
   1. idle: 16- and 256-pair requests to POST /v1/score, one at a time: p50 and p99 latency;
   2. bulk alone: a large bulk job (100,000 unique pairs by default) runs; its pairs/s over a window;
   3. bulk + interactive: the same job keeps running while an RLHF-like client sends a 16-pair request every
-     --gap-16 seconds and a 256-pair request every --gap-256 seconds: latency percentiles, bulk pairs/s, and the
-     bulk plus interactive pairs/s (the worker's total output).
+     --gap-16 seconds for half the window, then a 256-pair request every --gap-256 seconds: latency percentiles
+     per size, bulk pairs/s, and bulk plus interactive pairs/s (the worker's total output).
 Modes: ``priority`` (one worker serves every queue, interactive first: kombu's priority queue order) and
 ``reserved`` (a second worker process serves only the interactive queue). Targets (2-core machine): under
 load, p99 <= one bulk batch's duration + 2 x the idle p50; bulk throughput loses at most 10 %.
@@ -23,7 +23,6 @@ import platform
 import statistics
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -78,35 +77,26 @@ def bulk_rate(client, job_id: str, window: float) -> float:
 
 
 def loaded(client, job_id: str, window: float, gap16: float, gap256: float) -> dict[str, object]:
-    """Interactive traffic for ``window`` seconds while the bulk job runs: latencies and both throughputs."""
+    """While the bulk job runs: 16-pair requests for half the window, then 256-pair requests for the other half (one
+    size at a time, so each size's latency shows what bulk work costs it); latencies and both throughputs."""
     lat: dict[str, list[float]] = {"16": [], "256": []}
-    pairs = [0]
-    stop = time.monotonic() + window
-
-    def loop(size: int, gap: float) -> None:
-        from api.client import Client
-
-        with Client(client.base_url, timeout=300) as c:
-            nxt = time.monotonic()
-            while time.monotonic() < stop:
-                lat[str(size)].append(_timed(c, _pairs(size, uuid.uuid4().hex)))
-                pairs[0] += size
-                nxt += gap
-                time.sleep(max(0.0, nxt - time.monotonic()))
-
+    pairs = 0
     start, t0 = _done(client, job_id), time.monotonic()
-    threads = [threading.Thread(target=loop, args=(16, gap16)), threading.Thread(target=loop, args=(256, gap256))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    for size, gap in ((16, gap16), (256, gap256)):
+        stop = time.monotonic() + window / 2
+        nxt = time.monotonic()
+        while time.monotonic() < stop:
+            lat[str(size)].append(_timed(client, _pairs(size, uuid.uuid4().hex)))
+            pairs += size
+            nxt += gap
+            time.sleep(max(0.0, nxt - time.monotonic()))
     took = time.monotonic() - t0
     bulk = (_done(client, job_id) - start) / took
     return {
         "16": _summary(lat["16"]),
         "256": _summary(lat["256"]),
         "bulk_pairs_per_s": bulk,
-        "interactive_pairs_per_s": pairs[0] / took,
+        "interactive_pairs_per_s": pairs / took,
         "window_s": took,
     }
 
@@ -168,8 +158,8 @@ def main() -> int:
     p.add_argument("--window", type=float, default=120.0, help="seconds of each throughput window")
     p.add_argument("--n16", type=int, default=100, help="idle 16-pair requests")
     p.add_argument("--n256", type=int, default=30, help="idle 256-pair requests")
-    p.add_argument("--gap-16", type=float, default=3.0, help="seconds between 16-pair requests under load")
-    p.add_argument("--gap-256", type=float, default=45.0, help="seconds between 256-pair requests under load")
+    p.add_argument("--gap-16", type=float, default=2.0, help="seconds between 16-pair requests under load")
+    p.add_argument("--gap-256", type=float, default=30.0, help="seconds between 256-pair requests under load")
     p.add_argument("--out", type=Path, default=RESULTS / "interactive.json")
     args = p.parse_args()
     rows = [run_mode(m, args) for m in args.modes.split(",")]

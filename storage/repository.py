@@ -211,6 +211,17 @@ def start_batch(session: Session, *, job_id: str, batch_no: int) -> bool:
     return bool(res.rowcount)  # type: ignore[attr-defined]
 
 
+def hand_back_batch(session: Session, *, job_id: str, batch_no: int) -> bool:
+    """A batch its worker stopped (interactive work came first) goes back to the queue: its deadline starts again.
+    False when it is done already (a redelivery finished it), so nothing is queued again."""
+    res = session.execute(
+        update(Batch)
+        .where(Batch.job_id == job_id, Batch.batch_no == batch_no, Batch.done.is_(False))
+        .values(enqueued_at=utcnow())
+    )
+    return bool(res.rowcount)  # type: ignore[attr-defined]
+
+
 def mark_running(session: Session, *, job_id: str) -> None:
     session.execute(
         update(Job)

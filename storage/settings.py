@@ -37,6 +37,11 @@ class Settings(BaseSettings):
         default="truncate", description="a longer text is cut (and the result says so) or the item fails (too_long)"
     )
     max_body_bytes: int = Field(default=256 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
+    max_json_bytes: int = Field(
+        default=32 * 1024 * 1024,
+        ge=1024,
+        description="larger bodies of the interactive routes (parsed in memory) get 413",
+    )
     batch_deadline_s: float = Field(default=300.0, gt=0, description="re-enqueue a batch not done after this long")
     sweep_interval_s: float = Field(default=15.0, gt=0, description="how often beat looks for overdue batches")
     rate_limit_per_minute: int = Field(default=0, ge=0, description="requests per API key per minute; 0 = off")
@@ -45,6 +50,11 @@ class Settings(BaseSettings):
     scoring_queue: str = "scoring"
     training_queue: str = "training"
     interactive_queue: str = Field(default="interactive", description="queue of the interactive lane (POST /v1/score)")
+    interactive_preempt: bool = Field(
+        default=True,
+        description="a bulk batch stops between encoder passes while interactive work waits, and goes back to the "
+        "queue (sim_exp; the passes done are kept in the embedding cache)",
+    )
     interactive_max_items: int = Field(default=2048, ge=1, le=100_000, description="most pairs per interactive request")
     interactive_timeout_s: float = Field(
         default=60.0, gt=0, le=600, description="an interactive request waits this long"

@@ -59,9 +59,13 @@ def test_persist_makes_a_job_through_the_interactive_queue(stack: Stack):
 
 
 def test_limits_validation_and_tenancy(stack: Stack):
-    with make_client(stack.db_url, stack.queue, interactive_max_items=3) as c:
+    with make_client(stack.db_url, stack.queue, interactive_max_items=3, max_json_bytes=4096) as c:
         one = {"prompt": "p", "response": "r"}
         assert c.post("/v1/score", json={"items": [one] * 4}).status_code == 413
+        big = {"prompt": "p" * 5000, "response": "r"}  # one pair, but a body over REWARDQ_MAX_JSON_BYTES
+        for path, body in (("/v1/score", {"items": [big]}), ("/score", {"text_1": big["prompt"], "text_2": "r"}),
+                           ("/get_reward", {"query": [big["prompt"]], "prompts": ["p"]})):  # fmt: skip
+            assert c.post(path, json=body).status_code == 413, path
         resp = c.post("/v1/score", json={"items": [one, {"prompt": "p"}]})
         assert resp.status_code == 422 and resp.json()["errors"][0] == {
             "field": "response",
@@ -129,3 +133,57 @@ def test_interactive_work_is_taken_before_queued_bulk_work(stack: Stack):
         assert box["resp"].status_code == 200, box["resp"].text
         assert box["bulk_done_then"] <= 48, f"{box['bulk_done_then']} bulk pairs were scored before the request"
         assert wait_job(c, job_id)["status"] == "succeeded"
+
+
+def test_a_bulk_batch_under_way_stops_for_interactive_work_and_resumes(stack: Stack):
+    """Forced interleaving: the worker is paused in the middle of a 256-pair bulk batch (taken, not done), a
+    request arrives, and the worker resumes. It must answer the request before it finishes any bulk batch (the
+    batch stops between encoder passes and goes back to the queue), and the job must still end with every pair
+    scored as it would be alone. Without preemption the request waits for the whole batch."""
+    from storage.models import Batch
+
+    tag = uuid.uuid4().hex  # texts no cache holds: each bulk batch is 512 encoder inputs, several passes
+    bulk = [
+        {"prompt": f"bulk question {i} about {tag}, asked at some length", "response": f"a long answer {i} {tag}"}
+        for i in range(512)
+    ]
+    with make_client(stack.db_url, stack.queue, batch_size=256) as c:
+        job_id = c.post("/v1/jobs", json={"items": bulk}).json()["job_id"]
+        Session = get_sessionmaker(stack.db_url)
+
+        def under_way() -> bool:
+            with Session() as s:
+                return any(b.started_at is not None for b in s.query(Batch).filter_by(job_id=job_id))
+
+        from api.procs import wait_for
+
+        wait_for(under_way, 120, "a bulk batch taken")
+        stack.worker.kill(signal.SIGSTOP)
+        box: dict = {}
+        try:
+            with Session() as s:
+                assert s.get(Job, job_id).n_done == 0, "a bulk batch finished before the pause: texts too short"
+
+            def interactive() -> None:
+                box["resp"] = c.post("/v1/score", json={"items": bulk[:16]})
+                with Session() as s:
+                    box["bulk_done_then"] = s.get(Job, job_id).n_done
+
+            t = threading.Thread(target=interactive)
+            t.start()
+            import redis
+
+            r = redis.Redis.from_url(stack.env["REWARDQ_REDIS_URL"])
+            wait_for(lambda: r.llen(f"{stack.queue}-interactive") == 1, 30, "the request queued")
+        finally:
+            stack.worker.kill(signal.SIGCONT)
+        t.join(120)
+        assert box["resp"].status_code == 200, box["resp"].text
+        assert box["bulk_done_then"] == 0, f"{box['bulk_done_then']} bulk pairs were scored before the request"
+        assert wait_job(c, job_id)["status"] == "succeeded"
+        stored = {x["index"]: x["score"] for x in c.get(f"/v1/jobs/{job_id}/results").json()["results"]}
+        assert len(stored) == 512
+        for x in box["resp"].json()["results"]:  # the same pairs, scored alone and in a stopped-then-resumed batch
+            assert abs(stored[x["index"]] - x["score"]) < 1e-5
+        with Session() as s:
+            assert s.query(Batch).filter_by(job_id=job_id).count() == 2  # handed back whole, never split

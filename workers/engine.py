@@ -6,19 +6,23 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
+
+import redis
 
 from storage import registry
 from storage import repository as repo
 from storage.db import session_scope
 from storage.models import FINISHED
-from storage.settings import get_settings
+from storage.settings import Settings, get_settings
 from workers import events, metrics
 from workers.calibration import calibrate
 from workers.errors import InjectedFault, ModelUnavailable, is_transient, reason_code
 from workers.feeder import feed_quietly
 from workers.messages import InteractiveBatch, ScoreBatch, build_messages, enqueue_score_batches
 from workers.models import load_model
+from workers.models.base import Preempted
 
 if TYPE_CHECKING:
     from workers.models.base import RewardModel, Scores
@@ -55,19 +59,44 @@ def get_model(version: str) -> RewardModel:
         return model
 
 
-def _score(msg: ScoreBatch) -> Scores:
+def _score(version: str, prompts: list[str], responses: list[str]) -> Scores:
     marker = get_settings().fault_poison_marker
-    if marker and any(marker in t for t in (*msg.prompts, *msg.responses)):
+    if marker and any(marker in t for t in (*prompts, *responses)):
         raise InjectedFault(f"a text contains the fault marker {marker!r}")
-    return get_model(msg.model_version).score(msg.prompts, msg.responses)
+    return get_model(version).score(prompts, responses)
 
 
-def score_batch(msg: ScoreBatch) -> int:
+def _interactive_waiting(settings: Settings) -> Callable[[], bool]:
+    """Whether a request of the interactive lane waits in Redis (asked between encoder passes: one LLEN)."""
+    client = metrics.client(settings.redis_url)
+
+    def waiting() -> bool:
+        try:
+            return bool(client.llen(settings.interactive_queue))
+        except redis.RedisError:
+            return False
+
+    return waiting
+
+
+def _hand_back(msg: ScoreBatch, queue: str, why: Preempted) -> None:
+    """Queue a stopped batch again (at the back of its queue); the worker then takes the interactive work."""
+    with session_scope() as s:
+        again = repo.hand_back_batch(s, job_id=msg.job_id, batch_no=msg.batch_no)
+    if again:
+        enqueue_score_batches([msg], queue=queue)
+    log.info("batch %s/%d handed back for interactive work: %s", msg.job_id, msg.batch_no, why)
+    metrics.record(get_settings().redis_url, {"batches_preempted": 1.0})
+
+
+def score_batch(msg: ScoreBatch, queue: str | None = None) -> int:
     """Score one message and upsert its results with the job's progress in one transaction.
 
-    Returns the number of new result rows (0 for a redelivered, superseded or cancelled batch).
+    Returns the number of new result rows (0 for a redelivered, superseded, cancelled or stopped batch).
     A batch that fails for a reason of its own (not a service outage) is split in halves until
     the failing item is alone; that item goes to the error ledger and the rest is scored.
+    A batch taken from the bulk queue (``queue``) stops between encoder passes when interactive work waits and
+    goes back to that queue; the passes done are kept, so it resumes where it stopped.
     """
     with session_scope() as s:
         status = repo.job_status(s, job_id=msg.job_id)
@@ -76,8 +105,18 @@ def score_batch(msg: ScoreBatch) -> int:
             return 0
         repo.mark_running(s, job_id=msg.job_id)
     settings = get_settings()
+    preemptible = settings.interactive_preempt and queue is not None and queue != settings.interactive_queue
     try:
-        scores = _score(msg)
+        model = get_model(msg.model_version)
+        model.preempt = _interactive_waiting(settings) if preemptible else None
+        try:
+            scores = _score(msg.model_version, msg.prompts, msg.responses)
+        finally:
+            model.preempt = None
+    except Preempted as why:
+        assert queue is not None
+        _hand_back(msg, queue, why)
+        return 0
     except ModelUnavailable:
         raise
     except Exception as exc:
@@ -200,18 +239,7 @@ def score_interactive(msg: InteractiveBatch) -> dict[str, Any]:
     isolated (the part is scored pair by pair) and answered with its reason instead of a score."""
     model = get_model(msg.model_version)
     try:
-        rows = _rows(
-            _score(
-                ScoreBatch(
-                    job_id="",
-                    batch_no=0,
-                    start_idx=0,
-                    model_version=msg.model_version,
-                    prompts=msg.prompts,
-                    responses=msg.responses,
-                )
-            )
-        )
+        rows = _rows(_score(msg.model_version, msg.prompts, msg.responses))
     except ModelUnavailable:
         raise
     except Exception as exc:
@@ -220,18 +248,7 @@ def score_interactive(msg: InteractiveBatch) -> dict[str, Any]:
         rows = []
         for p, r in zip(msg.prompts, msg.responses, strict=True):
             try:
-                rows += _rows(
-                    _score(
-                        ScoreBatch(
-                            job_id="",
-                            batch_no=0,
-                            start_idx=0,
-                            model_version=msg.model_version,
-                            prompts=[p],
-                            responses=[r],
-                        )
-                    )
-                )
+                rows += _rows(_score(msg.model_version, [p], [r]))
             except Exception as one:
                 if is_transient(one):
                     raise

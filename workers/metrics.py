@@ -30,6 +30,7 @@ COUNTERS: dict[str, str] = {
     "truncated_texts": "texts cut to the version's token limit",
     "interactive_items": "pairs scored in the interactive lane (POST /v1/score, /get_reward, /score)",
     "interactive_batches": "interactive request parts scored",
+    "batches_preempted": "bulk batches stopped for waiting interactive work and queued again",
 }
 
 

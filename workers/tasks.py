@@ -41,6 +41,7 @@ class _ScoringTask(app.Task):  # type: ignore[misc]
 
 
 @app.task(
+    bind=True,
     base=_ScoringTask,
     name=SCORE_BATCH,
     autoretry_for=TRANSIENT,
@@ -48,8 +49,9 @@ class _ScoringTask(app.Task):  # type: ignore[misc]
     retry_backoff_max=60,
     max_retries=20,
 )
-def score_batch(payload: dict[str, Any]) -> int:
-    return engine.score_batch(ScoreBatch.model_validate(payload))
+def score_batch(self: Any, payload: dict[str, Any]) -> int:
+    queue = (self.request.delivery_info or {}).get("routing_key")  # a bulk batch may stop for interactive work
+    return engine.score_batch(ScoreBatch.model_validate(payload), queue=queue)
 
 
 class _InteractiveTask(app.Task):  # type: ignore[misc]

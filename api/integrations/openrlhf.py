@@ -46,7 +46,7 @@ async def get_reward(
     tenant: TenantDep,
     model_version: Annotated[str | None, Query(max_length=64, description="default: your active version")] = None,
 ) -> dict[str, Any]:
-    body = await read_body(request, settings.max_body_bytes)
+    body = await read_body(request, settings.max_json_bytes)
     try:
         doc = loads(body)
     except (ValueError, UnicodeDecodeError) as exc:

@@ -21,7 +21,7 @@ router = APIRouter(tags=["integrations"])
 async def vllm_score(request: Request, session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> dict[str, Any]:
     """`{"model"?, "text_1", "text_2"}`: `model` is a version id (default: your active version)."""
     try:
-        doc = loads(await read_body(request, settings.max_body_bytes))
+        doc = loads(await read_body(request, settings.max_json_bytes))
     except (ValueError, UnicodeDecodeError) as exc:
         raise invalid([FieldError("body", f"not valid JSON: {exc}")]) from exc
     try:

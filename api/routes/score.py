@@ -1,5 +1,6 @@
 """POST /v1/score: the interactive lane. A few hundred pairs, answered in the same response; bulk work never
-delays it by more than the batch a worker is on. Answer-only by default; ``persist`` makes it a normal job."""
+delays it by more than one encoder pass (a bulk batch under way stops and goes back to the queue). Answer-only by
+default; ``persist`` makes it a normal job."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
+from sqlalchemy.orm import Session
 
 from api.deps import SessionDep, SettingsDep, TenantDep, read_body
 from api.errors import ApiError, FieldError, invalid
@@ -18,6 +20,7 @@ from storage import registry, results
 from storage import repository as repo
 from storage.models import FINISHED
 from storage.score_stats import place
+from storage.settings import Settings
 from workers import events
 from workers.messages import build_messages, enqueue_score_batches
 
@@ -64,7 +67,7 @@ async def score(
     interactive queue; the default writes nothing."""
     if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
         raise ApiError(415, "use application/json", [FieldError("content-type", "unsupported")])
-    doc = _parse(await read_body(request, settings.max_body_bytes))
+    doc = _parse(await read_body(request, settings.max_json_bytes))
     items = check_items(doc["items"], settings)
     version = await resolve_version(session, tenant, doc.get("model_version"))
     if doc.get("persist"):
@@ -79,8 +82,8 @@ async def score(
 
 
 async def _persisted(
-    session: Any,
-    settings: Any,
+    session: Session,
+    settings: Settings,
     tenant: str,
     version: str,
     items: list[repo.NewItem],

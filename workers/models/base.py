@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -20,6 +20,11 @@ class Scores:
     errors: dict[int, tuple[str, str]] = field(default_factory=dict)
 
 
+class Preempted(Exception):
+    """A model stopped a batch between encoder passes because interactive work is waiting. What it finished is
+    kept (the embedding cache), so the batch resumes from there when it comes back."""
+
+
 class RewardModel(ABC):
     """Loaded once per worker process (engine.get_model) and reused for every batch of its version."""
 
@@ -28,6 +33,9 @@ class RewardModel(ABC):
     device: Any  # torch.device
     token_budget: int
     autocast: str = "off"
+    # Set by the engine around a bulk batch: asked between encoder passes; True stops the batch (Preempted). Only a
+    # model that keeps its finished passes looks at it (sim_exp with its embedding cache); the others finish.
+    preempt: Callable[[], bool] | None = None
 
     def __init__(self) -> None:
         self.stats: dict[str, float] = {}

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import kernels
-from workers.models.base import RewardModel, Scores, length_groups
+from workers.models.base import Preempted, RewardModel, Scores, length_groups
 
 if TYPE_CHECKING:
     from storage.settings import Settings
@@ -148,9 +148,17 @@ class SimExpModel(RewardModel):
             # On a GPU nothing here waits for the device: each forward pass is queued, so the next group
             # is padded and copied while the current one runs, and the results come back once, at the end.
             pooled_groups = []
-            for group in groups:
+            for g, group in enumerate(groups):
                 sizes = (float(sum(lengths[j] for j in group)), float(len(group) * max(lengths[j] for j in group)))
                 pooled_groups.append(self._pool(collate(group), sizes))
+                if g + 1 < len(groups) and self.preempt and self.cache_size >= len(todo) and self.preempt():
+                    # Interactive work waits: keep the passes done (the batch resumes from the cache) and stop.
+                    for done, pooled_dev in zip(groups, pooled_groups, strict=False):
+                        pooled = pooled_dev.cpu()
+                        for row, j in enumerate(done):
+                            self._to_cache(keys[todo[j]], pooled[row], cut[todo[j]])
+                    encoded = sum(len(x) for x in groups[: g + 1])
+                    raise Preempted(f"stopped after {encoded} of {len(todo)} texts, interactive work waits")
             for group, pooled_dev in zip(groups, pooled_groups, strict=True):
                 pooled = pooled_dev.cpu()
                 for row, j in enumerate(group):
