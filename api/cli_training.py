@@ -35,13 +35,13 @@ _TRAIN_OPTIONS = [
         "--lr",
         type=float,
         default=None,
-        help="learning rate of the trained encoder layers  [default: 2e-5; classifier 5e-5]",
+        help="learning rate of the trained encoder layers  [default: 2e-5; classifier 1e-4]",
     ),
     click.option(
         "--head-lr",
         type=float,
         default=None,
-        help="learning rate of heads, alpha and w (classifier: the score head)  [default: 1e-2; classifier 1e-3]",
+        help="learning rate of heads, alpha and w (classifier: the score head)  [default: 1e-2; classifier 2e-3]",
     ),
     click.option("--n-heads", type=int, default=None, help="K, the number of heads (sim_exp)  [default: 1]"),
     click.option(
@@ -50,7 +50,7 @@ _TRAIN_OPTIONS = [
         default=None,
         help="top encoder layers fine-tuned, 0: heads only (sim_exp)  [default: 2]",
     ),
-    click.option("--batch-size", type=int, default=None, help="pairs per step  [default: 32]"),
+    click.option("--batch-size", type=int, default=None, help="pairs per step  [default: 32; classifier 64]"),
     click.option(
         "--heldout-fraction", type=float, default=None, help="feedback kept aside for the gate  [default: 0.1]"
     ),

@@ -314,7 +314,7 @@ def batch_output(rows: Iterable[dict[str, Any]], version: str, job_id: str) -> I
         yield line()
 
 
-def write_parquet(lines: Iterable[str | bytes], path: Path, rows_per_group: int = 50_000) -> int:
+def write_parquet(lines: Iterable[str | bytes], path: Path, rows_per_group: int = 10_000) -> int:
     """Rows of a jsonl results stream written as Parquet, a row group at a time; returns the rows written."""
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -146,11 +146,13 @@ class TrainingParams(BaseModel):
         gt=0,
         le=10.0,
         description="learning rate of heads, alpha and weight (classifier: the score head); "
-        "default 1e-2 (sim_exp), 1e-3 (classifier)",
+        "default 1e-2 (sim_exp), 2e-3 (classifier)",
     )
     n_heads: int = Field(default=1, ge=1, le=16, description="K")
     train_layers: int = Field(default=2, ge=0, le=48, description="top encoder layers to fine-tune (0: heads only)")
-    batch_size: int = Field(default=32, ge=2, le=4096)
+    batch_size: int | None = Field(
+        default=None, ge=2, le=4096, description="pairs per step; default 32 (sim_exp), 64 (classifier)"
+    )
     heldout_fraction: float = Field(default=0.1, gt=0, lt=1)
     seed: int = Field(default=0, ge=0)
     gate_margin: float | None = Field(

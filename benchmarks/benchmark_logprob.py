@@ -133,7 +133,9 @@ def cpu_child(mode: str, model_dir: str, n_pairs: int, response_words: int) -> N
         model.score(prompts[:2], responses[:2])  # warm-up outside the measured region
         loaded = _peak_rss_mb()
         t0 = time.perf_counter()
-        scores = model.score(prompts, responses).reward
+        out = model.score(prompts, responses)
+        assert not any(out.truncated), "pairs longer than the model's limit: eager would score other tokens"
+        scores, tokens = out.reward, sum(n or 0 for n in out.n_tokens or [])
     else:
         tok = AutoTokenizer.from_pretrained(model_dir)
         net = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -151,6 +153,7 @@ def cpu_child(mode: str, model_dir: str, n_pairs: int, response_words: int) -> N
         )
         loaded = _peak_rss_mb()
         t0 = time.perf_counter()
+        tokens = sum(len(b) for b in r_ids)
         with torch.inference_mode():
             logp = torch.log_softmax(net(input_ids=ids, attention_mask=mask).logits.float(), -1)
             scores = []
@@ -166,6 +169,7 @@ def cpu_child(mode: str, model_dir: str, n_pairs: int, response_words: int) -> N
                 "rss_before_mb": loaded,
                 "seconds": seconds,
                 "scores": scores[:8],
+                "response_tokens": tokens,
             }
         )
     )
@@ -174,7 +178,9 @@ def cpu_child(mode: str, model_dir: str, n_pairs: int, response_words: int) -> N
 def cpu_bench(quick: bool, out_dir: Path) -> int:
     from tests.tiny_models import save_llama_lm
 
-    n_pairs, words, vocab = (16, 120, 32000) if quick else (64, 200, 32000)
+    # ~400 tokens a pair (the tiny tokenizer spends several tokens a word): under the model's 512, so both score
+    # the same tokens; 64 pairs make about 25k response tokens, 3.3 GB of fp32 logits for eager.
+    n_pairs, words, vocab = (16, 40, 32000) if quick else (64, 80, 32000)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = save_llama_lm(Path(tmp) / "lm32k", vocab_size=vocab, hidden_size=256)
         rows = []
@@ -192,10 +198,15 @@ def cpu_bench(quick: bool, out_dir: Path) -> int:
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     eager_row, chunked = rows
     err = max(abs(a - b) for a, b in zip(eager_row["scores"], chunked["scores"], strict=True))
-    tokens = n_pairs * words
+    if eager_row["response_tokens"] != chunked["response_tokens"]:
+        print(
+            f"eager and chunked scored different tokens: {eager_row['response_tokens']} vs {chunked['response_tokens']}"
+        )
+        return 1
+    tokens = chunked["response_tokens"]
     summary = {
         "pairs": n_pairs,
-        "response_tokens_about": tokens,
+        "response_tokens": tokens,
         "vocab": vocab,
         "eager_peak_rss_mb": eager_row["peak_rss_mb"],
         "chunked_peak_rss_mb": chunked["peak_rss_mb"],
@@ -207,7 +218,7 @@ def cpu_bench(quick: bool, out_dir: Path) -> int:
         "max_abs_diff": err,
     }
     print(
-        f"CPU, {n_pairs} pairs x ~{words} response tokens, V={vocab}: peak RSS eager {summary['eager_peak_rss_mb']:.0f}"
+        f"CPU, {n_pairs} pairs, {tokens} response tokens, V={vocab}: peak RSS eager {summary['eager_peak_rss_mb']:.0f}"
         f" MB, chunked {summary['chunked_peak_rss_mb']:.0f} MB (ratio {summary['rss_ratio']:.3f}; target < 0.25); "
         f"time eager {summary['eager_s']:.2f}s, chunked {summary['chunked_s']:.2f}s; max |diff| {err:.1e}"
     )

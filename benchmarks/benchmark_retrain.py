@@ -28,6 +28,7 @@ def main() -> int:
     p.add_argument("--train-layers", type=int, default=None, help="override the default")
     p.add_argument("--epochs", type=int, default=None, help="override the default")
     p.add_argument("--kind", choices=["sim_exp", "classifier"], default="sim_exp")
+    p.add_argument("--symmetric", action="store_true", help="also train on (response, prompt): STS pairs are unordered")
     p.add_argument("--out", type=Path, default=None, help="default results/retrain.json (retrain_classifier.json)")
     args = p.parse_args()
     args.out = args.out or RESULTS / ("retrain.json" if args.kind == "sim_exp" else "retrain_classifier.json")
@@ -65,6 +66,8 @@ def main() -> int:
             given["train_layers"] = args.train_layers
         if args.epochs is not None:
             given["epochs"] = args.epochs
+        if args.symmetric:
+            given["symmetric"] = True
         params = resolved(given)
         run_id = trepo.create_run(s, tenant="bench", params=params).id
 

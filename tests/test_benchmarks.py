@@ -16,8 +16,9 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_kernel_benchmark_without_gpu_checks_correctness():
     if torch.cuda.is_available():
         return  # on a GPU the benchmark is a long run, not a test
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "benchmark_sim_exp.py")], capture_output=True,
-                         text=True, timeout=300)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "benchmark_sim_exp.py")], capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "no CUDA GPU found" in out.stdout and out.stdout.strip().endswith("OK")
 
@@ -26,8 +27,12 @@ def test_kernel_benchmark_gpu_code_path_runs_as_a_dry_run_on_cpu(tmp_path):
     """The GPU table code (timings, GB/s, ratios, JSON) exercised on CPU at toy sizes."""
     import json
 
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "benchmark_sim_exp.py"), "--dry-run",
-                          "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=300)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "benchmark_sim_exp.py"), "--dry-run", "--out-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     doc = json.loads((tmp_path / "sim_exp_dry_run_cpu.json").read_text())
     assert len(doc["rows"]) == 4 and doc["meta"]["copy_gbs"] > 0
@@ -48,9 +53,26 @@ def test_pipeline_benchmark_runs_all_three_ways_and_both_ingestions(tmp_path):
     out = tmp_path / "pipeline.json"
     # Batches of 8: the RLHF job spans messages, so its repeated prompts come from the embedding cache.
     env = {**os.environ, "REWARDQ_REDIS_URL": TEST_REDIS_URL, "REWARDQ_BATCH_SIZE": "8"}
-    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "benchmark_pipeline.py"), "--pairs", "24",
-                          "--repeat", "2", "--ingest-items", "3000", "--pg-admin-url", TEST_PG_ADMIN_URL,
-                          "--out", str(out)], capture_output=True, text=True, timeout=600, env=env)  # fmt: skip
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "benchmark_pipeline.py"),
+            "--pairs",
+            "24",
+            "--repeat",
+            "2",
+            "--ingest-items",
+            "3000",
+            "--pg-admin-url",
+            TEST_PG_ADMIN_URL,
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     doc = json.loads(out.read_text())
     assert [r["pairs"] for r in doc["rows"]] == [24, 24]
@@ -64,3 +86,27 @@ def test_pipeline_benchmark_runs_all_three_ways_and_both_ingestions(tmp_path):
     assert len(set(rlhf)) == 1 and rlhf[0] > 0, rlhf
     for db in ("SQLite", "PostgreSQL"):
         assert doc["ingestion"][db]["items"] == 3000 and doc["ingestion"][db]["api_peak_rss_mb"] > 0
+
+
+@pytest.mark.slow
+def test_logprob_benchmark_gpu_path_as_a_dry_run_and_the_cpu_memory_comparison(tmp_path):
+    """benchmark_logprob.py: the GPU table code on CPU at toy sizes, and its CPU measurement at a small batch (the
+    chunked scorer and eager score the same tokens alike, in a fraction of eager's peak memory)."""
+    import json
+
+    script = str(ROOT / "benchmarks" / "benchmark_logprob.py")
+    dry = subprocess.run(
+        [sys.executable, script, "--dry-run", "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=300
+    )
+    assert dry.returncode == 0, dry.stderr[-2000:]
+    [row] = json.loads((tmp_path / "logprob_dry_run_cpu.json").read_text())["rows"]
+    assert row["triton_max_err"] < 1e-4 and row["speed_x_eager"] > 0 and row["speed_x_compile"] > 0
+    if torch.cuda.is_available():
+        return
+    cpu = subprocess.run(
+        [sys.executable, script, "--quick", "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=600
+    )
+    assert cpu.returncode == 0, cpu.stderr[-3000:]
+    [summary] = json.loads((tmp_path / "logprob_cpu.json").read_text())["rows"]
+    assert summary["max_abs_diff"] < 1e-4 and summary["response_tokens"] > 1000
+    assert summary["chunked_extra_mb"] < summary["eager_extra_mb"]

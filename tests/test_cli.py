@@ -132,7 +132,12 @@ def test_every_option_of_every_verb_has_help_and_shows_its_default():
     walk(main, "rewardq")
     assert {"jobs", "cancel", "runs", "status", "results", "retrain", "models", "submit"} <= set(main.commands)
     text = rewardq("retrain", "--help").stdout
-    assert "--batch-size" in text and "[default: 32]" in text and "--timeout" in text and "[default: 0]" in text
+    assert (
+        "--batch-size" in text
+        and "[default: 32; classifier 64]" in text
+        and "--timeout" in text
+        and "[default: 0]" in text
+    )
 
 
 def test_retrain_runs_and_waits_show_briefly_and_time_out(live: Live):

@@ -110,7 +110,7 @@ def test_classifier_run_trains_a_cross_encoder_the_tenant_owns(stack: Stack, tmp
             json={"kind": "classifier", "epochs": 1, "batch_size": 8, "max_length": 64, "gate_margin": 0},
         )
         assert resp.status_code == 202, resp.text
-        assert resp.json()["params"]["lr"] == 5e-5  # the classifier's defaults, resolved and shown on the run
+        assert resp.json()["params"]["lr"] == 1e-4  # the classifier's defaults, resolved and shown on the run
         run_id = resp.json()["run_id"]
         from api.procs import wait_for
 

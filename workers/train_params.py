@@ -22,7 +22,7 @@ class TrainParams:
 
 
 # What differs from the defaults above for a kind (chosen on held-out training feedback, see the README).
-KIND_DEFAULTS: dict[str, dict[str, Any]] = {"classifier": {"epochs": 3, "lr": 5e-5, "head_lr": 1e-3}}
+KIND_DEFAULTS: dict[str, dict[str, Any]] = {"classifier": {"epochs": 3, "lr": 1e-4, "head_lr": 2e-3, "batch_size": 64}}
 
 
 def params_for(raw: dict[str, Any]) -> TrainParams:
