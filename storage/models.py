@@ -117,6 +117,7 @@ class Batch(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     enqueued_at: Mapped[datetime | None] = mapped_column()
     started_at: Mapped[datetime | None] = mapped_column()  # a worker took it (last time)
+    worker: Mapped[str | None] = mapped_column(String(255))  # which worker process took it last (workers.liveness)
     done_at: Mapped[datetime | None] = mapped_column()
 
 

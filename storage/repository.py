@@ -201,12 +201,12 @@ def job_status(session: Session, *, job_id: str) -> str | None:
     return session.scalar(select(Job.status).where(Job.id == job_id))
 
 
-def start_batch(session: Session, *, job_id: str, batch_no: int) -> bool:
-    """Note that a worker took the batch; False when it is already done (a redelivery or a superseded split)."""
+def start_batch(session: Session, *, job_id: str, batch_no: int, worker: str | None = None) -> bool:
+    """Note that ``worker`` took the batch; False when it is already done (a redelivery or a superseded split)."""
     res = session.execute(
         update(Batch)
         .where(Batch.job_id == job_id, Batch.batch_no == batch_no, Batch.done.is_(False))
-        .values(started_at=utcnow())
+        .values(started_at=utcnow(), worker=worker)
     )
     return bool(res.rowcount)  # type: ignore[attr-defined]
 
@@ -351,6 +351,25 @@ def stale_batches(session: Session, *, older_than: datetime, limit: int = 500) -
             Job.status.in_((JobStatus.queued.value, JobStatus.running.value)),
         )  # fmt: skip
         .order_by(Batch.enqueued_at)
+        .limit(limit)
+    )
+    return [(b, v) for b, v in session.execute(q).tuples()]
+
+
+def taken_batches(session: Session, *, limit: int = 2000) -> list[tuple[Batch, str]]:
+    """Unfinished batches of live jobs that a worker took after they were last enqueued (so a worker is on them, or
+    was until it died), with their job's model version."""
+    q = (
+        select(Batch, Job.model_version)
+        .join(Job, Job.id == Batch.job_id)
+        .where(
+            Batch.done.is_(False),
+            Batch.started_at.is_not(None),
+            Batch.enqueued_at.is_not(None),
+            Batch.started_at >= Batch.enqueued_at,
+            Job.status.in_((JobStatus.queued.value, JobStatus.running.value)),
+        )
+        .order_by(Batch.started_at)
         .limit(limit)
     )
     return [(b, v) for b, v in session.execute(q).tuples()]

@@ -42,8 +42,21 @@ class Settings(BaseSettings):
         ge=1024,
         description="larger bodies of the interactive routes (parsed in memory) get 413",
     )
-    batch_deadline_s: float = Field(default=300.0, gt=0, description="re-enqueue a batch not done after this long")
-    sweep_interval_s: float = Field(default=15.0, gt=0, description="how often beat looks for overdue batches")
+    heartbeat_ttl_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="a worker process whose heartbeat is older than this is gone: its batches are queued again",
+    )
+    lost_after_s: float = Field(
+        default=300.0, gt=0, description="a batch queued this long ago, never taken, with the queue empty, was lost"
+    )
+    batch_deadline_s: float = Field(
+        default=6 * 3600.0,
+        gt=0,
+        description="last resort: a batch whose worker still beats but has not finished it after this long is "
+        "queued again (far above any batch)",
+    )
+    sweep_interval_s: float = Field(default=10.0, gt=0, description="how often beat looks for overdue batches")
     rate_limit_per_minute: int = Field(default=0, ge=0, description="requests per API key per minute; 0 = off")
     fault_poison_marker: str = Field(default="", description="testing aid: a text containing it fails to score")
     gate_margin: float = Field(default=0.005, description="a candidate must beat the active version by this much")

@@ -3,6 +3,7 @@ PostgreSQL unreachable for a while, the API killed mid-upload. Each job still en
 
 from __future__ import annotations
 
+import signal
 import socket
 import sys
 import time
@@ -16,7 +17,7 @@ from sqlalchemy import func, select
 
 from api.procs import Proc, free_port, start_api, start_redis, start_worker, wait_for
 from storage.db import get_sessionmaker
-from storage.models import Item, Job, Result
+from storage.models import Batch, Item, Job, Result
 from tests.conftest import Ledger, migrated, worker_env
 from tests.support import TcpProxy, need
 
@@ -34,12 +35,20 @@ class Rig:
     redis_port: int = field(default_factory=free_port)
     api_port: int = field(default_factory=free_port)
     procs: dict[str, Proc] = field(default_factory=dict)
+    # Settings for this rig; None removes one (the default then applies).
+    overrides: dict[str, str | None] = field(default_factory=dict)
 
     @property
     def env(self) -> dict[str, str]:
         redis = f"redis://127.0.0.1:{self.redis_port}/0"
-        return worker_env(self.db_url, "fault-scoring", REWARDQ_REDIS_URL=redis, REWARDQ_BATCH_SIZE="16",
-                          REWARDQ_BATCH_DEADLINE_S="6", REWARDQ_SWEEP_INTERVAL_S="1")  # fmt: skip
+        env = worker_env(self.db_url, "fault-scoring", REWARDQ_REDIS_URL=redis, REWARDQ_BATCH_SIZE="16",
+                         REWARDQ_BATCH_DEADLINE_S="6", REWARDQ_SWEEP_INTERVAL_S="1")  # fmt: skip
+        for k, v in self.overrides.items():
+            if v is None:
+                env.pop(k, None)
+            else:
+                env[k] = v
+        return env
 
     def start(self, name: str) -> Proc:
         log = self.tmp / f"{name}.log"
@@ -93,8 +102,8 @@ class Rig:
 def rig_factory(tmp_path: Path, redis_url: str) -> Iterator:
     rigs: list[Rig] = []
 
-    def make(db_url: str) -> Rig:
-        rig = Rig(db_url, tmp_path)
+    def make(db_url: str, **overrides: str | None) -> Rig:
+        rig = Rig(db_url, tmp_path, overrides=overrides)
         rigs.append(rig)
         return rig
 
@@ -127,6 +136,83 @@ def test_worker_sigkilled_mid_job(rig_factory, pg_url: str, ledger: Ledger):
         _backend(rig.db_url),
         f"job finished {took:.0f} s later, each of {len(ITEMS)} items exactly once",
     )
+
+
+def _under_way(db_url: str, job_id: str) -> list[tuple[int, str | None]]:
+    """(batch_no, worker) of the job's batches a worker has taken and not finished."""
+    with get_sessionmaker(db_url)() as s:
+        rows = s.query(Batch).filter(Batch.job_id == job_id, Batch.done.is_(False), Batch.started_at.is_not(None))
+        return [(b.batch_no, b.worker) for b in rows]
+
+
+def test_a_killed_workers_batch_is_queued_again_within_30_s_at_default_settings(
+    rig_factory, pg_url: str, ledger: Ledger
+):
+    """The deployment a new user makes: no deadline or sweep interval set. The worker is paused while a batch is
+    under way (so the kill lands mid-batch, not between batches), then its whole process tree is SIGKILLed. The
+    batch must be back in the queue within 30 s (its heartbeat expires; the old 300 s deadline is not waited for)
+    and the job must end with every item once."""
+    rig = rig_factory(
+        migrated(pg_url), REWARDQ_BATCH_DEADLINE_S=None, REWARDQ_SWEEP_INTERVAL_S=None, REWARDQ_BATCH_SIZE="128"
+    )
+    for name in ("redis", "api", "beat", "worker1"):
+        rig.start(name)
+    job_id = rig.submit()
+    for _ in range(20):  # pause the worker with a batch under way (it may finish one between look and pause)
+        wait_for(lambda: bool(_under_way(rig.db_url, job_id)), 120, "a batch under way")
+        rig.procs["worker1"].kill(signal.SIGSTOP)
+        stranded = _under_way(rig.db_url, job_id)
+        if stranded:
+            break
+        rig.procs["worker1"].kill(signal.SIGCONT)
+    assert stranded and all(w for _, w in stranded), stranded  # taken, not done, and who took it is recorded
+    rig.procs["worker1"].kill()  # SIGKILL to the whole process group: the main process and its child
+    rig.procs["worker1"].popen.wait(10)
+    killed = time.monotonic()
+    rig.start("worker2")
+
+    def requeued() -> bool:
+        with get_sessionmaker(rig.db_url)() as s:
+            return all((s.get(Batch, (job_id, n)).attempts or 0) >= 2 for n, _ in stranded)
+
+    wait_for(requeued, 30, "the killed worker's batch queued again")
+    back = time.monotonic() - killed
+    wait_for(lambda: rig.job(job_id)["status"] == "succeeded", 180, "job finished after the worker was killed")
+    took = time.monotonic() - killed
+    rig.exactly_once(job_id)
+    ledger.add(
+        "fault",
+        "SIGKILL a worker's process tree mid-batch at default settings (no deadline set), start another",
+        _backend(rig.db_url),
+        f"batch queued again {back:.0f} s after the kill (heartbeat expired), job finished {took:.0f} s after it, "
+        f"each of {len(ITEMS)} items exactly once",
+    )
+
+
+def test_a_healthy_worker_on_a_long_batch_is_never_preempted(rig_factory, tmp_path: Path):
+    """One batch of 512 long pairs (many heartbeat TTLs of encoder time) with a 2 s heartbeat TTL and a sweep
+    every second: the worker's heartbeat thread keeps beating while torch runs, so the batch is never queued
+    again (claimed once) and no other worker is needed to finish it."""
+    words = " ".join(f"word{j}" for j in range(150))
+    items = [{"prompt": f"{i} {words}", "response": f"{words} {i}"} for i in range(512)]
+    rig = rig_factory(
+        migrated(f"sqlite:///{tmp_path / 'long.db'}"),
+        REWARDQ_BATCH_SIZE="512",
+        REWARDQ_HEARTBEAT_TTL_S="2",
+        REWARDQ_BATCH_DEADLINE_S=None,
+    )
+    for name in ("redis", "api", "beat", "worker1"):
+        rig.start(name)
+    with rig.api() as c:
+        resp = c.post("/v1/jobs", json={"items": items})
+        assert resp.status_code == 202, resp.text
+        job_id = resp.json()["job_id"]
+    wait_for(lambda: rig.job(job_id)["status"] == "succeeded", 300, "the long batch")
+    with get_sessionmaker(rig.db_url)() as s:
+        [batch] = s.query(Batch).filter_by(job_id=job_id).all()
+        took = (batch.done_at - batch.started_at).total_seconds()
+        assert batch.attempts == 1, f"queued {batch.attempts} times"
+    assert took > 6, f"the batch took {took:.1f} s: too short to span several 2 s heartbeat TTLs"
 
 
 def test_redis_restarted_without_persistence_mid_job(rig_factory, tmp_path: Path, ledger: Ledger):

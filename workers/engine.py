@@ -16,7 +16,7 @@ from storage import repository as repo
 from storage.db import session_scope
 from storage.models import FINISHED
 from storage.settings import Settings, get_settings
-from workers import events, metrics
+from workers import events, liveness, metrics
 from workers.calibration import calibrate
 from workers.errors import InjectedFault, ModelUnavailable, is_transient, reason_code
 from workers.feeder import feed_quietly
@@ -98,13 +98,15 @@ def score_batch(msg: ScoreBatch, queue: str | None = None) -> int:
     A batch taken from the bulk queue (``queue``) stops between encoder passes when interactive work waits and
     goes back to that queue; the passes done are kept, so it resumes where it stopped.
     """
+    settings = get_settings()
+    worker = liveness.ensure_heartbeat(settings.redis_url, settings.heartbeat_ttl_s)
     with session_scope() as s:
         status = repo.job_status(s, job_id=msg.job_id)
-        if status is None or status in FINISHED or not repo.start_batch(s, job_id=msg.job_id, batch_no=msg.batch_no):
+        taken = status is not None and status not in FINISHED
+        if not taken or not repo.start_batch(s, job_id=msg.job_id, batch_no=msg.batch_no, worker=worker):
             log.info("skipping batch %s/%d: job %s or batch done", msg.job_id, msg.batch_no, status or "gone")
             return 0
         repo.mark_running(s, job_id=msg.job_id)
-    settings = get_settings()
     preemptible = settings.interactive_preempt and queue is not None and queue != settings.interactive_queue
     try:
         model = get_model(msg.model_version)

@@ -1,8 +1,12 @@
-"""The sweeper: SQL, not Redis, says what is done, so batches overdue in SQL are enqueued again.
+"""The sweeper: SQL, not Redis, says what is done, so batches whose worker is gone, or whose message was lost, are
+enqueued again.
 
-It covers a worker killed mid-batch, a message lost with a Redis restart, anything that leaves a
-batch undone past REWARDQ_BATCH_DEADLINE_S. A re-enqueued batch that its first worker still
-finishes is harmless: results are upserted once per (job, item).
+- A batch whose worker's heartbeat has expired (killed, frozen, cut off from Redis) goes back at once: within
+  REWARDQ_HEARTBEAT_TTL_S plus one sweep interval of the worker's end. A healthy worker keeps beating, however long
+  its batch takes.
+- A batch queued REWARDQ_LOST_AFTER_S ago and never taken, while the queue is empty, was lost (a Redis restart).
+- REWARDQ_BATCH_DEADLINE_S is the last resort for a worker that beats but never finishes (6 hours by default).
+A re-enqueued batch that its first worker still finishes is harmless: results are upserted once per (job, item).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import redis
 from storage import repository as repo
 from storage.db import session_scope
 from storage.settings import get_settings
-from workers import metrics
+from workers import liveness, metrics
 from workers.feeder import enqueue_claimed, queue_depth
 
 log = logging.getLogger(__name__)
@@ -29,24 +33,39 @@ def _queue_empty(url: str, queue: str) -> bool:
 
 
 def sweep(now: datetime | None = None) -> int:
-    """Re-enqueue every overdue batch once (a compare-and-set per batch); return how many.
-
-    Overdue: a worker took it more than the deadline ago and never finished it (the worker died),
-    or it was enqueued more than the deadline ago, never taken, and the queue is empty (the
-    message was lost). A long backlog alone is not a reason: those batches are still queued.
-    """
+    """Re-enqueue every batch whose worker is gone, or that is lost or overdue, once (a compare-and-set per batch);
+    return how many."""
     settings = get_settings()
     now = now or datetime.now(timezone.utc)
-    cutoff = now - timedelta(seconds=settings.batch_deadline_s)
+    deadline = now - timedelta(seconds=settings.batch_deadline_s)
+    fresh = now - timedelta(seconds=settings.heartbeat_ttl_s)  # a worker beat just before it claimed these
+    lost_before = now - timedelta(seconds=min(settings.lost_after_s, settings.batch_deadline_s))
     with session_scope() as s:
-        stale = repo.stale_batches(s, older_than=cutoff)
-        overdue = [(b.job_id, b.batch_no, b.start_idx, b.end_idx, b.enqueued_at, version, _taken(b.started_at,
-                    b.enqueued_at)) for b, version in stale]  # fmt: skip
-    if any(not taken for *_, taken in overdue) and not _queue_empty(settings.redis_url, settings.scoring_queue):
-        overdue = [row for row in overdue if row[-1]]
-    requeued = enqueue_claimed([row[:-1] for row in overdue], now) if overdue else 0
+        taken_rows = [
+            (b.job_id, b.batch_no, b.start_idx, b.end_idx, b.enqueued_at, v, b.worker, _utc(b.started_at))
+            for b, v in repo.taken_batches(s)
+            if b.started_at is not None
+        ]
+        lost_rows = [
+            (b.job_id, b.batch_no, b.start_idx, b.end_idx, b.enqueued_at, v)
+            for b, v in repo.stale_batches(s, older_than=lost_before)
+            if not _taken(b.started_at, b.enqueued_at)
+        ]
+    beating = liveness.alive(settings.redis_url, [row[6] for row in taken_rows if row[6]])
+    orphaned = [row[:6] for row in taken_rows if row[6] and row[6] not in beating and row[7] < fresh]
+    overdue = [row[:6] for row in taken_rows if (not row[6] or row[6] in beating) and row[7] < deadline]
+    if lost_rows and not _queue_empty(settings.redis_url, settings.scoring_queue):
+        lost_rows = []  # still queued behind a backlog, most likely: not a reason
+    rows = orphaned + overdue + lost_rows
+    requeued = enqueue_claimed(rows, now) if rows else 0
     if requeued:
-        log.warning("re-enqueued %d overdue batch(es)", requeued)
+        log.warning(
+            "re-enqueued %d batch(es): %d whose worker is gone, %d past the deadline, %d lost",
+            requeued,
+            len(orphaned),
+            len(overdue),
+            len(lost_rows),
+        )
         metrics.record(settings.redis_url, {"batches_requeued": requeued})
     return requeued
 

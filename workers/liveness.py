@@ -1,0 +1,67 @@
+"""Worker liveness: each process that takes work keeps a Redis key alive from a thread; a batch records who took
+it, and the sweeper queues again the batches whose worker's key has expired (killed, frozen or cut off), without
+waiting for a deadline that must exceed the longest batch."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from collections.abc import Iterable
+
+import redis
+
+from workers import metrics
+
+log = logging.getLogger(__name__)
+
+PREFIX = "rewardq:worker:"
+_lock = threading.Lock()
+_started_in: int | None = None  # the pid whose heartbeat thread runs (a forked child starts its own)
+
+
+def worker_id() -> str:
+    """This process, as batches record it: host and pid (unique among live processes on a host)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _beat(client: redis.Redis, key: str, ttl_s: float) -> bool:
+    try:
+        client.set(key, "1", px=max(1, int(ttl_s * 1000)))
+        return True
+    except (redis.RedisError, OSError):
+        return False
+
+
+def ensure_heartbeat(url: str, ttl_s: float) -> str:
+    """Start this process's heartbeat (once per process) and return its id. The first beat is written before this
+    returns, so a batch this process claims next is never seen without one."""
+    global _started_in
+    wid = worker_id()
+    key = PREFIX + wid
+    with _lock:
+        if _started_in == os.getpid():
+            return wid
+        client = metrics.client(url)
+        _beat(client, key, ttl_s)
+        stop = threading.Event()
+
+        def run() -> None:
+            # A third of the TTL: two beats may fail (a Redis blip) before the key expires.
+            while not stop.wait(ttl_s / 3):
+                if not _beat(client, key, ttl_s):
+                    log.warning("heartbeat to Redis failed; retrying")
+
+        threading.Thread(target=run, name="rewardq-heartbeat", daemon=True).start()
+        _started_in = os.getpid()
+        return wid
+
+
+def alive(url: str, workers: Iterable[str]) -> set[str]:
+    """Which of these workers have a live heartbeat."""
+    ids = sorted(set(workers))
+    if not ids:
+        return set()
+    found = metrics.client(url).mget([PREFIX + w for w in ids])
+    return {w for w, v in zip(ids, found, strict=True) if v is not None}
