@@ -129,11 +129,22 @@ def finish_run(
 
 
 def last_run_feedback_id(session: Session, *, tenant: str) -> int:
-    """The feedback high-water mark of the tenant's last run that got as far as training."""
+    """The feedback high-water mark of the tenant's last run that trained and was gated (succeeded or rejected): a
+    run that failed, or has not ended, consumes no feedback, so a schedule's next slot still counts it as new."""
     q = select(func.max(TrainingRun.max_feedback_id)).where(
-        TrainingRun.tenant == tenant, TrainingRun.status != RunStatus.queued.value
+        TrainingRun.tenant == tenant,
+        TrainingRun.status.in_((RunStatus.succeeded.value, RunStatus.rejected.value)),
     )
     return int(session.scalar(q) or 0)
+
+
+def open_run_of_schedule(session: Session, *, schedule_id: str) -> str | None:
+    """A run of the schedule that is queued or running, if any (a schedule never stacks runs)."""
+    q = select(TrainingRun.id).where(
+        TrainingRun.schedule_id == schedule_id,
+        TrainingRun.status.in_((RunStatus.queued.value, RunStatus.running.value)),
+    )
+    return session.scalars(q.limit(1)).first()
 
 
 # -- schedules ------------------------------------------------------------------------------------

@@ -184,6 +184,64 @@ def _start_beat(env: dict, log) -> Proc:
 
 
 @pytest.mark.slow
+def _due_now(db_url: str, sched_id: str) -> None:
+    from datetime import datetime, timedelta, timezone
+
+    with session_scope(db_url) as s:
+        s.get(Schedule, sched_id).next_run_at = datetime.now(timezone.utc) - timedelta(seconds=1)
+
+
+def test_a_schedule_never_stacks_runs_and_a_failed_run_consumes_no_feedback(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+):
+    """A slot comes due while the schedule's last run is still queued (training outlasts the period): nothing is
+    queued. The run then fails: the next slot fires again, and counts the feedback the failed run saw as new."""
+    import uuid
+    from datetime import datetime, timezone
+
+    from storage.models import RunStatus
+    from storage.settings import get_settings
+    from workers.schedule import fire_due_schedules
+
+    queue = f"test-stack-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv("REWARDQ_TRAINING_QUEUE", queue)
+    get_settings.cache_clear()
+    tenant = f"t-{uuid.uuid4().hex[:8]}"
+    rows = [{"kind": "rating", "prompt": f"p{i}", "response": f"r{i}", "rating": float(i)} for i in range(3)]
+    try:
+        with session_scope(db_url) as s:
+            trepo.add_feedback(s, tenant=tenant, rows=rows)
+            sched = trepo.create_schedule(
+                s,
+                tenant=tenant,
+                cron="0 * * * *",
+                min_new_feedback=3,
+                params={},
+                next_run_at=datetime.now(timezone.utc),
+            )
+            sched_id = sched.id
+        [first] = fire_due_schedules()
+        _due_now(db_url, sched_id)
+        assert fire_due_schedules() == [], "a second run was queued while the first had not ended"
+        with session_scope(db_url) as s:
+            stats = trepo.feedback_stats(s, tenant=tenant)
+            trepo.start_run(s, run_id=first, base_version="v", n_feedback=3, max_feedback_id=stats["max_id"])
+            trepo.finish_run(s, run_id=first, status=RunStatus.failed, error="boom")
+            assert trepo.last_run_feedback_id(s, tenant=tenant) == 0  # the failed run consumed nothing
+        _due_now(db_url, sched_id)
+        [second] = fire_due_schedules()  # its 3 rows are still new: min_new_feedback=3 is met
+        assert second != first
+        with session_scope(db_url) as s:
+            trepo.start_run(s, run_id=second, base_version="v", n_feedback=3, max_feedback_id=stats["max_id"])
+            trepo.finish_run(s, run_id=second, status=RunStatus.rejected)
+            assert trepo.last_run_feedback_id(s, tenant=tenant) == stats["max_id"]  # a gated run did consume
+        assert redis.Redis.from_url(get_settings().redis_url).llen(queue) == 2
+    finally:
+        redis.Redis.from_url(get_settings().redis_url).delete(queue)
+        monkeypatch.delenv("REWARDQ_TRAINING_QUEUE")
+        get_settings.cache_clear()
+
+
 def test_schedule_fires_once_per_slot_with_two_beats_and_stops_when_deleted(api: TestClient, db_url: str, tmp_path):
     from tests.conftest import worker_env
 
@@ -205,6 +263,12 @@ def test_schedule_fires_once_per_slot_with_two_beats_and_stops_when_deleted(api:
         # Stop the beats between ticks, once every run seen is also enqueued: a beat stopped right after
         # it committed a run and before it enqueued it would leave that run queued with no message.
         def settled() -> bool:
+            # A stand-in for the worker: each run ends (the gate kept the active version), so the next slot fires;
+            # a schedule never queues a run while one of its runs has not ended.
+            with session_scope(db_url) as s:
+                s.query(TrainingRun).filter_by(schedule_id=every2["schedule_id"], status="queued").update(
+                    {"status": "rejected"}
+                )
             n = len(runs_of(every2["schedule_id"]))
             return n >= 3 and depth(queue) == n
 

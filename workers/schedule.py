@@ -36,6 +36,10 @@ def fire_due_schedules(now: datetime | None = None) -> list[str]:
             # Slots missed while no beat ran are skipped, not replayed: the next one is after now.
             if not trepo.claim_slot(s, schedule_id=sched_id, due=slot, next_run_at=cron.next_fire(expr, now)):
                 continue  # another beat process took this slot
+            open_run = trepo.open_run_of_schedule(s, schedule_id=sched_id)
+            if open_run is not None:  # training outlasts the period: skip the slot rather than pile runs up
+                log.info("schedule %s: run %s has not ended, slot %s skipped", sched_id, open_run, slot.isoformat())
+                continue
             new = trepo.count_feedback_after(s, tenant=tenant, after_id=trepo.last_run_feedback_id(s, tenant=tenant))
             total = trepo.feedback_stats(s, tenant=tenant)["total"]
             if new < min_new or total < MIN_FEEDBACK:
