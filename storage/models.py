@@ -184,6 +184,8 @@ class TrainingRun(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column()
     finished_at: Mapped[datetime | None] = mapped_column()
+    worker: Mapped[str | None] = mapped_column(String(255))  # the worker process that claimed it (workers.liveness)
+    enqueued_at: Mapped[datetime | None] = mapped_column()  # its message was last published then
 
 
 class Schedule(Base):

@@ -74,7 +74,8 @@ def create_run(
     scheduled_for: datetime | None = None,
 ) -> TrainingRun:
     run = TrainingRun(id=uuid.uuid4().hex, tenant=tenant, params=params, schedule_id=schedule_id,
-                      scheduled_for=scheduled_for, progress={}, loss_curve=[], metrics={})  # fmt: skip
+                      scheduled_for=scheduled_for, progress={}, loss_curve=[], metrics={},
+                      enqueued_at=utcnow())  # fmt: skip
     session.add(run)
     session.flush()
     return run
@@ -92,18 +93,75 @@ def list_runs(session: Session, *, tenant: str, limit: int = 50) -> list[Trainin
     return list(session.scalars(q.order_by(TrainingRun.created_at.desc(), TrainingRun.id).limit(limit)))
 
 
-def start_run(session: Session, *, run_id: str, base_version: str, n_feedback: int, max_feedback_id: int) -> None:
-    session.execute(
+def start_run(
+    session: Session,
+    *,
+    run_id: str,
+    base_version: str,
+    n_feedback: int,
+    max_feedback_id: int,
+    worker: str | None = None,
+) -> bool:
+    """Claim a queued run for ``worker``: a compare-and-set on ``queued``, so a redelivered message (a visibility
+    timeout, a duplicate from the sweeper) finds it running and does nothing. False when someone else has it."""
+    res = session.execute(
         update(TrainingRun)
-        .where(TrainingRun.id == run_id)
+        .where(TrainingRun.id == run_id, TrainingRun.status == RunStatus.queued.value)
         .values(
             status=RunStatus.running.value,
             started_at=utcnow(),
             base_version=base_version,
             n_feedback=n_feedback,
             max_feedback_id=max_feedback_id,
-        )  # fmt: skip
+            worker=worker,
+        )
     )
+    return bool(res.rowcount)  # type: ignore[attr-defined]
+
+
+def release_runs_of(session: Session, *, run_ids: Sequence[str], workers: Sequence[str]) -> list[str]:
+    """Put back to ``queued`` the running runs whose worker is gone (each still held by the worker the caller saw
+    dead: a compare-and-set), for another worker to take over; returns the ids released."""
+    released = []
+    for run_id, worker in zip(run_ids, workers, strict=True):
+        res = session.execute(
+            update(TrainingRun)
+            .where(
+                TrainingRun.id == run_id,
+                TrainingRun.status == RunStatus.running.value,
+                TrainingRun.worker == worker,
+            )
+            .values(status=RunStatus.queued.value, worker=None, enqueued_at=utcnow())
+        )
+        if res.rowcount:  # type: ignore[attr-defined]
+            released.append(run_id)
+    return released
+
+
+def running_runs(session: Session, *, limit: int = 500) -> list[tuple[str, str | None]]:
+    """(run id, worker) of every running run."""
+    q = select(TrainingRun.id, TrainingRun.worker).where(TrainingRun.status == RunStatus.running.value)
+    return [(r, w) for r, w in session.execute(q.limit(limit)).tuples()]
+
+
+def queued_runs_before(session: Session, *, before: datetime, limit: int = 500) -> list[tuple[str, datetime | None]]:
+    """(run id, last enqueue time) of queued runs last enqueued before ``before`` (or never)."""
+    q = select(TrainingRun.id, TrainingRun.enqueued_at).where(
+        TrainingRun.status == RunStatus.queued.value,
+        (TrainingRun.enqueued_at < before) | TrainingRun.enqueued_at.is_(None),
+    )
+    return [(r, t) for r, t in session.execute(q.limit(limit)).tuples()]
+
+
+def claim_run_requeue(session: Session, *, run_id: str, seen: datetime | None) -> bool:
+    """Compare-and-set on a queued run's enqueue time, so two sweepers publish it once."""
+    seen_cond = TrainingRun.enqueued_at.is_(None) if seen is None else TrainingRun.enqueued_at == seen
+    res = session.execute(
+        update(TrainingRun)
+        .where(TrainingRun.id == run_id, TrainingRun.status == RunStatus.queued.value, seen_cond)
+        .values(enqueued_at=utcnow())
+    )
+    return bool(res.rowcount)  # type: ignore[attr-defined]
 
 
 def set_run_progress(session: Session, *, run_id: str, progress: dict[str, Any], loss_curve: list[Any]) -> None:
@@ -120,12 +178,16 @@ def finish_run(
     metrics: dict[str, Any] | None = None,
     result_version: str | None = None,
     error: str | None = None,
+    worker: str | None = None,
 ) -> None:
     values: dict[str, Any] = {"status": status.value, "finished_at": utcnow(), "result_version": result_version,
                               "error": error}  # fmt: skip
     if metrics is not None:
         values["metrics"] = metrics
-    session.execute(update(TrainingRun).where(TrainingRun.id == run_id).values(**values))
+    q = update(TrainingRun).where(TrainingRun.id == run_id, TrainingRun.status.not_in(FINISHED_RUNS))
+    if worker is not None:  # only while this worker still holds it (a run taken over is the new worker's)
+        q = q.where(TrainingRun.worker == worker)
+    session.execute(q.values(**values))
 
 
 def last_run_feedback_id(session: Session, *, tenant: str) -> int:

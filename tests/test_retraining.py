@@ -242,6 +242,58 @@ def test_a_schedule_never_stacks_runs_and_a_failed_run_consumes_no_feedback(
         get_settings.cache_clear()
 
 
+def test_a_run_is_claimed_once_a_dead_workers_run_is_taken_over_and_a_lost_one_requeued(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+):
+    """Forced states, in-process against real Redis and SQL: (a) a redelivered message for a run a live worker is
+    training does nothing (the old code trained it a second time); (b) a running run whose worker's heartbeat is
+    gone goes back to the queue; (c) a queued run whose message was lost (a beat killed between its commit and its
+    publish) is enqueued again; (d) a queued run whose message still waits behind others is not duplicated."""
+    import uuid
+    from datetime import datetime, timedelta, timezone
+
+    from storage.settings import get_settings
+    from workers import liveness
+    from workers.messages import enqueue_training_run
+    from workers.runs import execute_run
+    from workers.sweeper import sweep_runs
+
+    queue = f"test-claims-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv("REWARDQ_TRAINING_QUEUE", queue)
+    get_settings.cache_clear()
+    r = redis.Redis.from_url(get_settings().redis_url)
+    tenant, live, gone = (
+        f"t-{uuid.uuid4().hex[:8]}",
+        f"elsewhere:{uuid.uuid4().hex[:6]}",
+        f"gone:{uuid.uuid4().hex[:6]}",
+    )
+    try:
+        with session_scope(db_url) as s:
+            a, b, c, d = (trepo.create_run(s, tenant=tenant, params={}).id for _ in range(4))
+        with session_scope(db_url) as s:
+            assert trepo.start_run(s, run_id=a, base_version="v", n_feedback=0, max_feedback_id=0, worker=live)
+            assert not trepo.start_run(s, run_id=a, base_version="v", n_feedback=0, max_feedback_id=0, worker=gone)
+            assert trepo.start_run(s, run_id=b, base_version="v", n_feedback=0, max_feedback_id=0, worker=gone)
+            old = datetime.now(timezone.utc) - timedelta(minutes=10)
+            for run_id in (c, d):
+                s.get(TrainingRun, run_id).enqueued_at = old
+        r.set(liveness.PREFIX + live, "1", ex=60)
+        assert execute_run(a) == "running"  # the redelivery: nothing trained, nothing written
+        enqueue_training_run(d, queue=queue)  # d's message is still queued
+        assert sorted(sweep_runs()) == sorted([b, c])
+        with get_sessionmaker(db_url)() as s:
+            runs = {x.id: x for x in s.query(TrainingRun).filter(TrainingRun.id.in_([a, b, c, d]))}
+            assert (runs[a].status, runs[a].worker) == ("running", live)
+            assert (runs[b].status, runs[b].worker) == ("queued", None)
+            assert runs[c].status == runs[d].status == "queued"
+        assert r.llen(queue) == 3  # d once, b and c enqueued again
+        assert sweep_runs() == []  # and only once
+    finally:
+        r.delete(queue, liveness.PREFIX + live)
+        monkeypatch.delenv("REWARDQ_TRAINING_QUEUE")
+        get_settings.cache_clear()
+
+
 def test_schedule_fires_once_per_slot_with_two_beats_and_stops_when_deleted(api: TestClient, db_url: str, tmp_path):
     from tests.conftest import worker_env
 
@@ -258,7 +310,13 @@ def test_schedule_fires_once_per_slot_with_two_beats_and_stops_when_deleted(api:
         with get_sessionmaker(db_url)() as s:
             return list(s.query(TrainingRun).filter_by(schedule_id=sched_id))
 
-    depth = redis.Redis.from_url(env["REWARDQ_REDIS_URL"]).llen
+    def depth(queue: str) -> int:
+        """Messages for this schedule's runs (the beats' sweeper may also re-enqueue other tests' stranded runs)."""
+        ids = [r.id.encode() for r in runs_of(every2["schedule_id"])]
+        return sum(
+            any(i in m for i in ids) for m in redis.Redis.from_url(env["REWARDQ_REDIS_URL"]).lrange(queue, 0, -1)
+        )
+
     try:
         # Stop the beats between ticks, once every run seen is also enqueued: a beat stopped right after
         # it committed a run and before it enqueued it would leave that run queued with no message.

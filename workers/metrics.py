@@ -24,6 +24,7 @@ COUNTERS: dict[str, str] = {
     "kernel_seconds": "time in the reward kernel",
     "db_seconds": "time writing results and progress",
     "batches_requeued": "overdue batches the sweeper enqueued again",
+    "runs_requeued": "training runs the sweeper enqueued again (their worker gone, or their message lost)",
     "embed_cache_hits": "texts whose embedding came from a cache (the worker's own or the shared one)",
     "embed_cache_misses": "texts the encoder had to run on",
     "embed_shared_hits": "texts whose embedding another worker had encoded (the Redis cache)",

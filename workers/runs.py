@@ -16,7 +16,7 @@ from storage.db import session_scope
 from storage.models import RunStatus
 from storage.score_stats import summarize
 from storage.settings import get_settings
-from workers import engine
+from workers import engine, liveness
 from workers.registry import resolve_encoder
 from workers.train_params import TrainParams, params_for
 from workers.trainer import Feedback, Preference, Rating, evaluate
@@ -48,26 +48,44 @@ def gate(candidate: dict[str, Any], active: dict[str, Any], margin: float) -> bo
 
 
 def execute_run(run_id: str) -> str:
-    """Run ``run_id`` to its end state; returns that status. Redelivered runs that already ended do nothing."""
+    """Run ``run_id`` to its end state; returns that status. A run is claimed once (a compare-and-set on
+    ``queued``): a redelivered message for a run that ended, or that a live worker is training, does nothing. The
+    worker's heartbeat is the claim's lease: if it stops, the sweeper puts the run back for another worker."""
     settings = get_settings()
+    worker = liveness.ensure_heartbeat(settings.redis_url, settings.heartbeat_ttl_s)
     with session_scope() as s:
         run = trepo.get_run(s, run_id=run_id)
-        if run is None or run.status in trepo.FINISHED_RUNS:
+        if run is None or run.status != RunStatus.queued.value:
+            log.info("run %s is %s: nothing to do", run_id, run.status if run else "missing")
             return run.status if run else "missing"
         active = registry.active_version(s, tenant=run.tenant)
         stats = trepo.feedback_stats(s, tenant=run.tenant)
         tenant, raw_params = run.tenant, dict(run.params)
-        trepo.start_run(
-            s, run_id=run_id, base_version=active or "", n_feedback=stats["total"], max_feedback_id=stats["max_id"]
+        claimed = trepo.start_run(
+            s,
+            run_id=run_id,
+            base_version=active or "",
+            n_feedback=stats["total"],
+            max_feedback_id=stats["max_id"],
+            worker=worker,
         )
+    if not claimed:
+        log.info("run %s was claimed by another worker", run_id)
+        return RunStatus.running.value
     try:
         if active is None:
             raise RunError("no active model version: run 'rewardq db upgrade' or start a worker")
-        return _train_and_gate(run_id, tenant, raw_params, active, stats["max_id"], settings.gate_margin)
+        return _train_and_gate(run_id, tenant, raw_params, active, stats["max_id"], settings.gate_margin, worker)
     except Exception as exc:
         log.exception("training run %s failed", run_id)
         with session_scope() as s:
-            trepo.finish_run(s, run_id=run_id, status=RunStatus.failed, error=f"{type(exc).__name__}: {exc}"[:2000])
+            trepo.finish_run(
+                s,
+                run_id=run_id,
+                status=RunStatus.failed,
+                error=f"{type(exc).__name__}: {exc}"[:2000],
+                worker=worker,
+            )
         return RunStatus.failed.value
 
 
@@ -121,7 +139,13 @@ def _save(model: Any, params: TrainParams, base_name: str, margin: float) -> tup
 
 
 def _train_and_gate(
-    run_id: str, tenant: str, raw_params: dict[str, Any], active_version: str, max_id: int, default_margin: float
+    run_id: str,
+    tenant: str,
+    raw_params: dict[str, Any],
+    active_version: str,
+    max_id: int,
+    default_margin: float,
+    worker: str,
 ) -> str:
     params = params_for(raw_params)
     margin = float(raw_params.get("gate_margin", default_margin))
@@ -188,6 +212,7 @@ def _train_and_gate(
                     status=RunStatus.succeeded if promoted else RunStatus.rejected,
                     metrics=metrics,
                     result_version=version,
+                    worker=worker,
                 )
                 log.info(
                     "run %s: %s %s (%s %.4f vs %.4f of %s)",

@@ -16,7 +16,7 @@ from storage.db import session_scope
 from storage.settings import get_settings
 from workers.feeder import feed_quietly
 from workers.messages import enqueue_training_run
-from workers.sweeper import sweep
+from workers.sweeper import sweep, sweep_runs
 
 log = logging.getLogger(__name__)
 
@@ -70,5 +70,9 @@ class SqlScheduler(beat.Scheduler):  # type: ignore[misc]
                 sweep()
             except Exception:
                 log.exception("sweeper failed")
+            try:
+                sweep_runs()
+            except Exception:
+                log.exception("sweeping training runs failed")
             feed_quietly()
         return min(float(super().tick(*args, **kwargs)), POLL_SECONDS)

@@ -17,10 +17,12 @@ from datetime import datetime, timedelta, timezone
 import redis
 
 from storage import repository as repo
+from storage import training_repository as trepo
 from storage.db import session_scope
 from storage.settings import get_settings
 from workers import liveness, metrics
 from workers.feeder import enqueue_claimed, queue_depth
+from workers.messages import enqueue_training_run
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,41 @@ def sweep(now: datetime | None = None) -> int:
         )
         metrics.record(settings.redis_url, {"batches_requeued": requeued})
     return requeued
+
+
+def sweep_runs(now: datetime | None = None) -> list[str]:
+    """Training runs cannot be lost: a running run whose worker's heartbeat expired goes back to ``queued`` (a
+    compare-and-set on that worker) and is enqueued again for another worker; a queued run enqueued
+    REWARDQ_LOST_AFTER_S ago whose message is not in the training queue (a beat killed between its commit and its
+    publish, a Redis restart) is enqueued again. A duplicate message is harmless: a run is claimed once. Returns
+    the ids enqueued."""
+    settings = get_settings()
+    now = now or datetime.now(timezone.utc)
+    with session_scope() as s:
+        running = trepo.running_runs(s)
+    beating = liveness.alive(settings.redis_url, [w for _, w in running if w])
+    dead = [(r, w) for r, w in running if w and w not in beating]
+    released: list[str] = []
+    if dead:
+        with session_scope() as s:
+            released = trepo.release_runs_of(s, run_ids=[r for r, _ in dead], workers=[w for _, w in dead])
+    with session_scope() as s:
+        stale = trepo.queued_runs_before(s, before=now - timedelta(seconds=settings.lost_after_s))
+    lost: list[str] = []
+    if stale:
+        waiting = metrics.client(settings.redis_url).lrange(settings.training_queue, 0, -1)
+        with session_scope() as s:
+            lost = [
+                r
+                for r, seen in stale
+                if not any(r.encode() in m for m in waiting) and trepo.claim_run_requeue(s, run_id=r, seen=seen)
+            ]
+    for run_id in released + lost:
+        enqueue_training_run(run_id, queue=settings.training_queue)
+    if released or lost:
+        log.warning("re-enqueued training runs: %s whose worker is gone, %s lost", released, lost)
+        metrics.record(settings.redis_url, {"runs_requeued": float(len(released) + len(lost))})
+    return released + lost
 
 
 def _taken(started: datetime | None, enqueued: datetime | None) -> bool:
