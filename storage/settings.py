@@ -48,7 +48,10 @@ class Settings(BaseSettings):
         description="a worker process whose heartbeat is older than this is gone: its batches are queued again",
     )
     lost_after_s: float = Field(
-        default=300.0, gt=0, description="a batch queued this long ago, never taken, with the queue empty, was lost"
+        default=60.0,
+        gt=0,
+        description="a batch (or training run) enqueued this long ago, never taken, whose message is not waiting in "
+        "its queue, was lost",
     )
     batch_deadline_s: float = Field(
         default=6 * 3600.0,

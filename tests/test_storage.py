@@ -110,3 +110,50 @@ def test_histogram_in_sql_matches_numpy(db_url: str):
     assert [b["lo"] for b in hist["bins"]] == pytest.approx(edges[:-1].tolist())
     assert hist["count"] == 500 and hist["max"] == max(scores) and hist["bins"][-1]["hi"] == pytest.approx(max(scores))
     assert single == {"count": 0, "min": None, "max": None, "bins": []}  # nothing scored yet
+
+
+def test_a_lost_batch_is_found_while_the_queue_never_drains(db_url: str, monkeypatch: pytest.MonkeyPatch):
+    """Forced: a job's three batches are queued, then batch 1's message is lost (as a Redis restart loses one: from
+    the queue and from the set of waiting batches) while batches 0 and 2 still wait, so the queue is never empty.
+    The sweeper must enqueue batch 1 again, once (the old code waited for an empty queue), and leave the others."""
+    import json
+    import uuid
+    from datetime import datetime, timedelta, timezone
+
+    import redis
+
+    from storage.settings import get_settings
+    from workers.feeder import enqueue_claimed
+    from workers.messages import QUEUED_BATCHES, batch_key
+    from workers.sweeper import sweep
+
+    queue = f"test-lost-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv("REWARDQ_SCORING_QUEUE", queue)
+    get_settings.cache_clear()
+    r = redis.Redis.from_url(get_settings().redis_url)
+
+    def batch_nos() -> list[int]:
+        reprs = [json.loads(m)["headers"]["kwargsrepr"] for m in r.lrange(queue, 0, -1)]
+        return sorted(n for n in range(3) for k in reprs if f"'job_id': '{job_id}', 'batch_no': {n}," in k)
+
+    try:
+        job_id = _job(db_url, 12, batch_size=4)
+        with session_scope(db_url) as s:
+            version = s.get(Job, job_id).model_version
+            batches = s.query(Batch).filter_by(job_id=job_id)
+            rows = [(job_id, b.batch_no, b.start_idx, b.end_idx, None, version) for b in batches]
+        assert enqueue_claimed(rows, datetime.now(timezone.utc)) == 3 and batch_nos() == [0, 1, 2]
+        [lost] = [m for m in r.lrange(queue, 0, -1) if "'batch_no': 1," in json.loads(m)["headers"]["kwargsrepr"]]
+        r.lrem(queue, 1, lost)
+        r.srem(QUEUED_BATCHES, batch_key(job_id, 1))
+        later = datetime.now(timezone.utc) + timedelta(seconds=get_settings().lost_after_s + 1)
+        sweep(now=later)
+        sweep(now=later + timedelta(seconds=1))  # a second sweep enqueues nothing more
+        assert batch_nos() == [0, 1, 2]
+        with session_scope(db_url) as s:
+            attempts = {b.batch_no: b.attempts for b in s.query(Batch).filter_by(job_id=job_id)}
+        assert attempts == {0: 1, 1: 2, 2: 1}
+    finally:
+        r.delete(queue)
+        monkeypatch.delenv("REWARDQ_SCORING_QUEUE")
+        get_settings.cache_clear()

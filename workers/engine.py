@@ -20,7 +20,14 @@ from workers import events, liveness, metrics
 from workers.calibration import calibrate
 from workers.errors import InjectedFault, ModelUnavailable, is_transient, reason_code
 from workers.feeder import feed_quietly
-from workers.messages import InteractiveBatch, ScoreBatch, build_messages, enqueue_score_batches
+from workers.messages import (
+    QUEUED_BATCHES,
+    InteractiveBatch,
+    ScoreBatch,
+    batch_key,
+    build_messages,
+    enqueue_score_batches,
+)
 from workers.models import load_model
 from workers.models.base import Preempted
 
@@ -100,6 +107,10 @@ def score_batch(msg: ScoreBatch, queue: str | None = None) -> int:
     """
     settings = get_settings()
     worker = liveness.ensure_heartbeat(settings.redis_url, settings.heartbeat_ttl_s)
+    try:  # no longer waiting in a queue (the sweeper's membership test for lost messages)
+        metrics.client(settings.redis_url).srem(QUEUED_BATCHES, batch_key(msg.job_id, msg.batch_no))
+    except redis.RedisError:
+        log.warning("could not note batch %s/%d as taken", msg.job_id, msg.batch_no)
     with session_scope() as s:
         status = repo.job_status(s, job_id=msg.job_id)
         taken = status is not None and status not in FINISHED

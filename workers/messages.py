@@ -45,8 +45,22 @@ def enqueue_interactive(messages: Sequence[InteractiveBatch], queue: str, expire
             )
 
 
+# Which batches have a message waiting in a queue ("job:batch"): published here, removed by the worker that takes
+# one. The sweeper tells a lost message from one waiting behind a backlog by it (a Redis restart loses both).
+QUEUED_BATCHES = "rewardq:queued-batches"
+
+
+def batch_key(job_id: str, batch_no: int) -> str:
+    return f"{job_id}:{batch_no}"
+
+
 def enqueue_score_batches(messages: Sequence[ScoreBatch], queue: str) -> None:
-    """Publish the batches to ``queue`` over one broker connection."""
+    """Publish the batches to ``queue`` over one broker connection (noting each as waiting first)."""
+    if not messages:
+        return
+    from workers.metrics import client
+
+    client(app.conf.broker_url).sadd(QUEUED_BATCHES, *[batch_key(m.job_id, m.batch_no) for m in messages])
     with app.producer_or_acquire() as producer:
         for msg in messages:
             app.send_task(SCORE_BATCH, kwargs={"payload": msg.model_dump()}, queue=queue, producer=producer)

@@ -4,7 +4,8 @@ enqueued again.
 - A batch whose worker's heartbeat has expired (killed, frozen, cut off from Redis) goes back at once: within
   REWARDQ_HEARTBEAT_TTL_S plus one sweep interval of the worker's end. A healthy worker keeps beating, however long
   its batch takes.
-- A batch queued REWARDQ_LOST_AFTER_S ago and never taken, while the queue is empty, was lost (a Redis restart).
+- A batch queued REWARDQ_LOST_AFTER_S ago, never taken, whose message is not waiting in a queue, was lost (a Redis
+  restart): found under any load, without waiting for the queue to drain.
 - REWARDQ_BATCH_DEADLINE_S is the last resort for a worker that beats but never finishes (6 hours by default).
 A re-enqueued batch that its first worker still finishes is harmless: results are upserted once per (job, item).
 """
@@ -14,24 +15,15 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timedelta, timezone
 
-import redis
-
 from storage import repository as repo
 from storage import training_repository as trepo
 from storage.db import session_scope
 from storage.settings import get_settings
 from workers import liveness, metrics
-from workers.feeder import enqueue_claimed, queue_depth
-from workers.messages import enqueue_training_run
+from workers.feeder import enqueue_claimed
+from workers.messages import QUEUED_BATCHES, batch_key, enqueue_training_run
 
 log = logging.getLogger(__name__)
-
-
-def _queue_empty(url: str, queue: str) -> bool:
-    try:
-        return queue_depth(url, queue) == 0
-    except (redis.RedisError, OSError):
-        return False
 
 
 def sweep(now: datetime | None = None) -> int:
@@ -56,8 +48,9 @@ def sweep(now: datetime | None = None) -> int:
     beating = liveness.alive(settings.redis_url, [row[6] for row in taken_rows if row[6]])
     orphaned = [row[:6] for row in taken_rows if row[6] and row[6] not in beating and row[7] < fresh]
     overdue = [row[:6] for row in taken_rows if (not row[6] or row[6] in beating) and row[7] < deadline]
-    if lost_rows and not _queue_empty(settings.redis_url, settings.scoring_queue):
-        lost_rows = []  # still queued behind a backlog, most likely: not a reason
+    if lost_rows:  # lost, unless its message still waits behind a backlog (checked directly, not by an empty queue)
+        waiting = metrics.client(settings.redis_url).smembers(QUEUED_BATCHES)
+        lost_rows = [row for row in lost_rows if batch_key(row[0], row[1]).encode() not in waiting]
     rows = orphaned + overdue + lost_rows
     requeued = enqueue_claimed(rows, now) if rows else 0
     if requeued:
