@@ -118,6 +118,7 @@ class Batch(Base):
     enqueued_at: Mapped[datetime | None] = mapped_column()
     started_at: Mapped[datetime | None] = mapped_column()  # a worker took it (last time)
     worker: Mapped[str | None] = mapped_column(String(255))  # which worker process took it last (workers.liveness)
+    deaths: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # workers that died on it
     done_at: Mapped[datetime | None] = mapped_column()
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import case, func, insert, select, update
+from sqlalchemy import and_, case, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -201,14 +201,17 @@ def job_status(session: Session, *, job_id: str) -> str | None:
     return session.scalar(select(Job.status).where(Job.id == job_id))
 
 
-def start_batch(session: Session, *, job_id: str, batch_no: int, worker: str | None = None) -> bool:
-    """Note that ``worker`` took the batch; False when it is already done (a redelivery or a superseded split)."""
-    res = session.execute(
+def start_batch(session: Session, *, job_id: str, batch_no: int, worker: str | None = None) -> int | None:
+    """Note that ``worker`` took the batch; returns how many workers have died on it so far, or None when it is
+    already done (a redelivery or a superseded split). A batch taken again without being enqueued again since its
+    last take (the broker redelivered it: its worker died) counts one more death."""
+    retake = and_(Batch.started_at.is_not(None), Batch.enqueued_at.is_not(None), Batch.started_at >= Batch.enqueued_at)
+    return session.execute(
         update(Batch)
         .where(Batch.job_id == job_id, Batch.batch_no == batch_no, Batch.done.is_(False))
-        .values(started_at=utcnow(), worker=worker)
-    )
-    return bool(res.rowcount)  # type: ignore[attr-defined]
+        .values(started_at=utcnow(), worker=worker, deaths=case((retake, Batch.deaths + 1), else_=Batch.deaths))
+        .returning(Batch.deaths)
+    ).scalar_one_or_none()
 
 
 def hand_back_batch(session: Session, *, job_id: str, batch_no: int) -> bool:
@@ -375,12 +378,15 @@ def taken_batches(session: Session, *, limit: int = 2000) -> list[tuple[Batch, s
     return [(b, v) for b, v in session.execute(q).tuples()]
 
 
-def claim_requeue(session: Session, *, job_id: str, batch_no: int, seen: datetime | None, now: datetime) -> bool:
-    """Compare-and-set on the batch's enqueue time, so two feeders or sweepers enqueue a batch once."""
+def claim_requeue(
+    session: Session, *, job_id: str, batch_no: int, seen: datetime | None, now: datetime, died: bool = False
+) -> bool:
+    """Compare-and-set on the batch's enqueue time, so two feeders or sweepers enqueue a batch once. ``died``: it
+    goes back because its worker died on it (counted)."""
     seen_cond = Batch.enqueued_at.is_(None) if seen is None else Batch.enqueued_at == seen
     res = session.execute(
         update(Batch)
         .where(Batch.job_id == job_id, Batch.batch_no == batch_no, Batch.done.is_(False), seen_cond)
-        .values(enqueued_at=now, attempts=Batch.attempts + 1)
+        .values(enqueued_at=now, attempts=Batch.attempts + 1, deaths=Batch.deaths + int(died))
     )
     return bool(res.rowcount)  # type: ignore[attr-defined]

@@ -59,6 +59,20 @@ class Settings(BaseSettings):
         description="last resort: a batch whose worker still beats but has not finished it after this long is "
         "queued again (far above any batch)",
     )
+    max_worker_deaths: int = Field(
+        default=3,
+        ge=1,
+        description="a batch on which this many workers died is split; a single item then fails as worker_lost",
+    )
+    batch_time_limit_s: float = Field(
+        default=3600.0, gt=0, description="hard time limit of one scoring task (its worker process is replaced)"
+    )
+    run_time_limit_s: float = Field(
+        default=6 * 3600.0, gt=0, description="a training run still going after this long fails (soft time limit)"
+    )
+    fault_kill_marker: str = Field(
+        default="", description="testing aid: a worker process that meets a text containing it kills itself"
+    )
     sweep_interval_s: float = Field(default=10.0, gt=0, description="how often beat looks for overdue batches")
     rate_limit_per_minute: int = Field(default=0, ge=0, description="requests per API key per minute; 0 = off")
     fault_poison_marker: str = Field(default="", description="testing aid: a text containing it fails to score")

@@ -215,6 +215,29 @@ def test_a_healthy_worker_on_a_long_batch_is_never_preempted(rig_factory, tmp_pa
     assert took > 6, f"the batch took {took:.1f} s: too short to span several 2 s heartbeat TTLs"
 
 
+def test_a_batch_that_kills_its_workers_is_split_and_the_item_fails_as_worker_lost(rig_factory, tmp_path: Path):
+    """An item whose scoring kills the worker process (as an OOM kill would): Celery hands its batch back each time
+    the process dies. After REWARDQ_MAX_WORKER_DEATHS (3) deaths the batch is split, and so on, until the item is
+    alone and goes to the error ledger as worker_lost; every other item is scored, and the job ends. (Before, the
+    batch was redelivered forever and the job never ended.)"""
+    rig = rig_factory(
+        migrated(f"sqlite:///{tmp_path / 'killer.db'}"), REWARDQ_BATCH_SIZE="4", REWARDQ_FAULT_KILL_MARKER="KILL-ME"
+    )
+    for name in ("redis", "api", "beat", "worker1"):
+        rig.start(name)
+    items = [{"id": f"k{i}", "prompt": f"prompt {i}", "response": f"response {i}"} for i in range(8)]
+    items[5]["response"] = "KILL-ME"
+    with rig.api() as c:
+        resp = c.post("/v1/jobs", json={"items": items})
+        assert resp.status_code == 202, resp.text
+        job_id = resp.json()["job_id"]
+        wait_for(lambda: rig.job(job_id)["status"] == "succeeded", 240, "the job to end despite the killer item")
+        assert rig.job(job_id) == {"status": "succeeded", "done": 7, "failed": 1}
+        [err] = c.get(f"/v1/jobs/{job_id}/errors").json()
+        assert (err["id"], err["code"]) == ("k5", "worker_lost") and "died 3 times" in err["message"]
+    assert rig.procs["worker1"].alive()  # Celery replaced each killed process; the worker itself lives on
+
+
 def test_redis_restarted_without_persistence_mid_job(rig_factory, tmp_path: Path, ledger: Ledger):
     rig = rig_factory(migrated(f"sqlite:///{tmp_path / 'faults.db'}"))
     for name in ("redis", "api", "beat", "worker1"):

@@ -22,6 +22,9 @@ app.conf.update(
     task_acks_late=True,
     task_reject_on_worker_lost=True,
     worker_prefetch_multiplier=1,
+    # A new pool process loads the model before it reports up (tasks._preload): Celery's 4 s default killed the
+    # replacement of a crashed process again and again while it loaded.
+    worker_proc_alive_timeout=120,
     task_default_queue=_settings.scoring_queue,
     task_routes={
         SCORE_BATCH: {"queue": _settings.scoring_queue},

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import threading
 import time
 from collections import OrderedDict
@@ -18,7 +20,7 @@ from storage.models import FINISHED
 from storage.settings import Settings, get_settings
 from workers import events, liveness, metrics
 from workers.calibration import calibrate
-from workers.errors import InjectedFault, ModelUnavailable, is_transient, reason_code
+from workers.errors import InjectedFault, ModelUnavailable, WorkerLost, is_transient, reason_code
 from workers.feeder import feed_quietly
 from workers.messages import (
     QUEUED_BATCHES,
@@ -67,9 +69,13 @@ def get_model(version: str) -> RewardModel:
 
 
 def _score(version: str, prompts: list[str], responses: list[str]) -> Scores:
-    marker = get_settings().fault_poison_marker
+    settings = get_settings()
+    marker = settings.fault_poison_marker
     if marker and any(marker in t for t in (*prompts, *responses)):
         raise InjectedFault(f"a text contains the fault marker {marker!r}")
+    kill = settings.fault_kill_marker
+    if kill and any(kill in t for t in (*prompts, *responses)):
+        os.kill(os.getpid(), signal.SIGKILL)  # testing aid: a batch that kills its worker (as an OOM kill would)
     return get_model(version).score(prompts, responses)
 
 
@@ -113,11 +119,15 @@ def score_batch(msg: ScoreBatch, queue: str | None = None) -> int:
         log.warning("could not note batch %s/%d as taken", msg.job_id, msg.batch_no)
     with session_scope() as s:
         status = repo.job_status(s, job_id=msg.job_id)
-        taken = status is not None and status not in FINISHED
-        if not taken or not repo.start_batch(s, job_id=msg.job_id, batch_no=msg.batch_no, worker=worker):
+        live = status is not None and status not in FINISHED
+        deaths = repo.start_batch(s, job_id=msg.job_id, batch_no=msg.batch_no, worker=worker) if live else None
+        if deaths is None:
             log.info("skipping batch %s/%d: job %s or batch done", msg.job_id, msg.batch_no, status or "gone")
             return 0
         repo.mark_running(s, job_id=msg.job_id)
+    if deaths >= settings.max_worker_deaths:  # it kills its workers (OOM, a crash, the time limit): no more tries
+        _quarantine(msg, WorkerLost(f"its worker died {deaths} times scoring it"))
+        return 0
     preemptible = settings.interactive_preempt and queue is not None and queue != settings.interactive_queue
     try:
         model = get_model(msg.model_version)

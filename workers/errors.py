@@ -23,6 +23,12 @@ class InjectedFault(RewardqError):
     code = "injected_fault"
 
 
+class WorkerLost(RewardqError):
+    """Workers kept dying on a batch (REWARDQ_MAX_WORKER_DEATHS times): it is split, and a lone item fails."""
+
+    code = "worker_lost"
+
+
 # Failures of the services around a batch, not of its items: retry the task with capped backoff.
 TRANSIENT: tuple[type[BaseException], ...] = (OperationalError, ConnectionError, TimeoutError, OSError)
 

@@ -24,14 +24,17 @@ def queue_depth(url: str, queue: str) -> int:
     return int(metrics.client(url).llen(queue))
 
 
-def enqueue_claimed(rows: Sequence[tuple[Any, ...]], now: datetime, settings: Settings | None = None) -> int:
+def enqueue_claimed(
+    rows: Sequence[tuple[Any, ...]], now: datetime, settings: Settings | None = None, died: bool = False
+) -> int:
     """Claim each (job, batch, start, end, seen enqueue time, version) by compare-and-set and publish the
-    ones won; a publish that fails leaves them to the sweeper. Returns how many were published."""
+    ones won; a publish that fails leaves them to the sweeper. ``died``: their worker died on them (counted).
+    Returns how many were published."""
     settings = settings or get_settings()
     messages = []
     with session_scope(settings.database_url) as s:
         for job_id, batch_no, start, end, seen, version in rows:
-            if repo.claim_requeue(s, job_id=job_id, batch_no=batch_no, seen=seen, now=now):
+            if repo.claim_requeue(s, job_id=job_id, batch_no=batch_no, seen=seen, now=now, died=died):
                 messages += build_messages(s, job_id=job_id, model_version=version,
                                            batches=[repo.BatchRef(batch_no, start, end)])  # fmt: skip
     if messages:

@@ -78,12 +78,15 @@ def execute_run(run_id: str) -> str:
         return _train_and_gate(run_id, tenant, raw_params, active, stats["max_id"], settings.gate_margin, worker)
     except Exception as exc:
         log.exception("training run %s failed", run_id)
+        error = f"{type(exc).__name__}: {exc}"[:2000]
+        if type(exc).__name__ == "SoftTimeLimitExceeded":
+            error = f"the run took longer than REWARDQ_RUN_TIME_LIMIT_S ({settings.run_time_limit_s:.0f} s)"
         with session_scope() as s:
             trepo.finish_run(
                 s,
                 run_id=run_id,
                 status=RunStatus.failed,
-                error=f"{type(exc).__name__}: {exc}"[:2000],
+                error=error,
                 worker=worker,
             )
         return RunStatus.failed.value

@@ -51,8 +51,9 @@ def sweep(now: datetime | None = None) -> int:
     if lost_rows:  # lost, unless its message still waits behind a backlog (checked directly, not by an empty queue)
         waiting = metrics.client(settings.redis_url).smembers(QUEUED_BATCHES)
         lost_rows = [row for row in lost_rows if batch_key(row[0], row[1]).encode() not in waiting]
-    rows = orphaned + overdue + lost_rows
-    requeued = enqueue_claimed(rows, now) if rows else 0
+    requeued = enqueue_claimed(orphaned, now, died=True) if orphaned else 0
+    rows = overdue + lost_rows
+    requeued += enqueue_claimed(rows, now) if rows else 0
     if requeued:
         log.warning(
             "re-enqueued %d batch(es): %d whose worker is gone, %d past the deadline, %d lost",

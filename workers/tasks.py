@@ -40,10 +40,14 @@ class _ScoringTask(app.Task):  # type: ignore[misc]
             engine.fail_job(job_id, f"{type(exc).__name__}: {exc}")
 
 
+_settings = get_settings()
+
+
 @app.task(
     bind=True,
     base=_ScoringTask,
     name=SCORE_BATCH,
+    time_limit=_settings.batch_time_limit_s,  # a hung batch: its process is replaced, and that counts as a death
     autoretry_for=TRANSIENT,
     retry_backoff=True,
     retry_backoff_max=60,
@@ -82,7 +86,15 @@ def score_interactive(payload: dict[str, Any]) -> None:
     events.push_reply(get_settings().redis_url, msg.request_id, reply)
 
 
-@app.task(name=TRAIN, autoretry_for=(OperationalError,), retry_backoff=True, retry_backoff_max=120, max_retries=10)
+@app.task(
+    name=TRAIN,
+    autoretry_for=(OperationalError,),
+    retry_backoff=True,
+    retry_backoff_max=120,
+    max_retries=10,
+    soft_time_limit=_settings.run_time_limit_s,  # the run fails, saying so
+    time_limit=_settings.run_time_limit_s + 120,
+)
 def train(run_id: str) -> str:
     from workers.runs import execute_run
 
