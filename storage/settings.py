@@ -24,7 +24,14 @@ class Settings(BaseSettings):
     batch_size: int = Field(default=256, ge=1, le=4096, description="pairs per queued message")
     encode_batch_size: int = Field(default=64, ge=1, le=4096, description="most texts per encoder forward")
     token_budget: int = Field(default=0, ge=0, description="padded tokens per encoder forward; 0: 1024 CPU, 16384 GPU")
-    autocast: Literal["off", "fp16", "bf16"] = Field(default="off", description="encoder precision (for GPUs)")
+    autocast: Literal["off", "fp16", "bf16"] = Field(
+        default="off", description="encoder precision, forced (otherwise REWARDQ_PRECISION decides)"
+    )
+    precision: Literal["exact", "fast"] = Field(
+        default="exact",
+        description="exact: the encoder in fp32; fast: bf16 on a GPU or a CPU with AMX or AVX512-BF16 (fp32 "
+        "elsewhere), in fixed shapes so a pair scores the same in any batch",
+    )
     embed_cache_size: int = Field(default=50_000, ge=0, description="embeddings kept per worker and model version")
     embed_shared_ttl_s: int = Field(
         default=86_400, ge=0, description="seconds an embedding stays in the Redis cache all workers share; 0: off"

@@ -15,11 +15,15 @@ from torch import nn
 
 import kernels
 from workers.models.base import Preempted, RewardModel, Scores, length_groups
+from workers.precision import resolve_autocast
 
 if TYPE_CHECKING:
     from storage.settings import Settings
 
 _AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+_MIN_ROWS = 512  # token rows per encoder pass in fixed shapes (below it oneDNN's bf16 kernel choice varies)
 
 
 class Heads(nn.Module):
@@ -77,7 +81,8 @@ class SimExpModel(RewardModel):
         # Embeddings of recent texts (a prompt scored against many responses, a pair seen in an earlier
         # job): only for serving, where the encoder never changes under the cache.
         self.cache_size = cache_size
-        self.autocast = "off"  # or "fp16" / "bf16" (REWARDQ_AUTOCAST)
+        self.autocast = "off"  # or "fp16" / "bf16" (REWARDQ_AUTOCAST, REWARDQ_PRECISION=fast)
+        self.fixed_shapes = False  # pad every encoder pass to fixed shapes (bf16 on a CPU: batch invariance)
         self._cache: OrderedDict[bytes, tuple[torch.Tensor, bool]] = OrderedDict()
         # Second level, shared by every worker (workers.embed_store.RedisEmbeddingStore), or None.
         self.shared: Any = None
@@ -138,8 +143,18 @@ class SimExpModel(RewardModel):
             groups = length_groups(lengths, self.encode_batch_size, self.token_budget)
 
             def collate(group: list[int]) -> Any:
-                batch = self.tokenizer.pad({"input_ids": [ids[j] for j in group],
-                                            "attention_mask": [[1] * lengths[j] for j in group]},
+                rows = [ids[j] for j in group]
+                masks = [[1] * lengths[j] for j in group]
+                if self.fixed_shapes:
+                    # bf16 on a CPU: the matrix kernel oneDNN picks (and so the rounding) depends on the shapes.
+                    # Sequences padded to a multiple of 16 and at least _MIN_ROWS token rows in all (copies of the
+                    # last text, dropped after) keep every pass on one kernel: a text's embedding is then the same
+                    # in any batch (tests/test_precision.py).
+                    width = max(16, -(-max(len(r) for r in rows) // 16) * 16)
+                    extra = max(0, -(-_MIN_ROWS // width) - len(rows))
+                    rows, masks = rows + [rows[-1]] * extra, masks + [masks[-1]] * extra
+                batch = self.tokenizer.pad({"input_ids": rows, "attention_mask": masks},
+                                           pad_to_multiple_of=16 if self.fixed_shapes else None,
                                            return_tensors="pt")  # fmt: skip
                 if self.device.type == "cuda":  # pinned host memory: the copy to the GPU does not block
                     return {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
@@ -244,10 +259,13 @@ def load_sim_exp(version: str, path: Path | None, settings: Settings) -> SimExpM
                              encode_batch_size=settings.encode_batch_size)  # fmt: skip
     model.token_budget = settings.token_budget or model.token_budget
     model.cache_size = settings.embed_cache_size
+    autocast = resolve_autocast(settings, model.device.type)
     if settings.embed_shared_ttl_s:
         from workers.embed_store import RedisEmbeddingStore
 
-        model.shared = RedisEmbeddingStore(settings.redis_url, namespace=f"{version}:{model.max_length}",
+        # The precision is part of the key: fp32 and bf16 workers never share embeddings.
+        model.shared = RedisEmbeddingStore(settings.redis_url, namespace=f"{version}:{model.max_length}:{autocast}",
                                            dim=model.dim, ttl_s=settings.embed_shared_ttl_s)  # fmt: skip
-    model.autocast = settings.autocast
+    model.autocast = autocast
+    model.fixed_shapes = model.autocast != "off" and model.device.type == "cpu"
     return model
