@@ -126,9 +126,7 @@ def parse_json_job(body: bytes, *, max_items: int, max_chars: int) -> JobRequest
     model_version = doc.get("model_version")
     if model_version is not None and not isinstance(model_version, str):
         raise invalid([FieldError("model_version", "must be a string")])
-    metadata = doc.get("metadata") or {}
-    if not isinstance(metadata, dict):
-        raise invalid([FieldError("metadata", "must be an object")])
+    metadata = check_metadata(doc.get("metadata") or {})
     items = validate_items(doc["items"], max_items=max_items, max_chars=max_chars)
     return JobRequest(items, model_version, metadata)
 
@@ -198,3 +196,28 @@ __all__ = [
     "validate_items",
     "loads",
 ]
+
+
+METADATA_MAX_BYTES = 16 * 1024
+METADATA_MAX_DEPTH = 4
+
+
+def check_metadata(metadata: Any) -> dict[str, Any]:
+    """A job's metadata: an object of at most 16 KB (as JSON) nested at most 4 deep; it comes back with every job
+    listed, so it must stay small. 422 naming ``metadata`` otherwise."""
+    if not isinstance(metadata, dict):
+        raise invalid([FieldError("metadata", "must be an object")])
+
+    def depth(v: Any) -> int:
+        if isinstance(v, dict):
+            return 1 + max((depth(x) for x in v.values()), default=0)
+        if isinstance(v, list):
+            return 1 + max((depth(x) for x in v), default=0)
+        return 0
+
+    size = len(json.dumps(metadata, ensure_ascii=False).encode())
+    if size > METADATA_MAX_BYTES:
+        raise invalid([FieldError("metadata", f"{size} bytes as JSON; at most {METADATA_MAX_BYTES}")])
+    if depth(metadata) > METADATA_MAX_DEPTH:
+        raise invalid([FieldError("metadata", f"nested more than {METADATA_MAX_DEPTH} levels deep")])
+    return metadata

@@ -135,3 +135,48 @@ def test_bad_results_parameters_are_422(api: TestClient):
         resp = api.get(f"/v1/jobs/{job_id}/results", params=params)
         assert resp.status_code == 422, (params, resp.text)
         assert _first_error(resp)["field"] == field
+
+
+def test_job_metadata_is_small_and_shallow(api: TestClient, db_url: str):
+    """Metadata comes back with every job listed: at most 16 KB as JSON and 4 levels deep, else 422 naming it."""
+    item = [{"prompt": "p", "response": "r"}]
+    with get_sessionmaker(db_url)() as s:
+        before = s.query(Job).count()
+    for metadata, why in (
+        ({"blob": "x" * 17_000}, "bytes as JSON"),
+        ({"a": {"b": {"c": {"d": {"e": 1}}}}}, "levels deep"),
+        (["not", "an", "object"], "must be an object"),
+    ):
+        resp = api.post("/v1/jobs", json={"items": item, "metadata": metadata})
+        assert resp.status_code == 422, resp.text
+        [err] = resp.json()["errors"]
+        assert err["field"] == "metadata" and why in err["message"], err
+        resp = api.post("/v1/score", json={"items": item, "persist": True, "metadata": metadata})
+        assert resp.status_code == 422 and resp.json()["errors"][0]["field"] == "metadata", resp.text
+    with get_sessionmaker(db_url)() as s:
+        assert s.query(Job).count() == before
+    ok = api.post("/v1/jobs", json={"items": item, "metadata": {"run": "x" * 16_000, "a": {"b": {"c": 1}}}})
+    assert ok.status_code == 202, ok.text
+
+
+def test_csv_exports_do_not_carry_formulas(api: TestClient, db_url: str):
+    """A prompt like =HYPERLINK(...) must not reach a spreadsheet as a formula: cells that start with = + - @, a
+    tab or a carriage return get a leading apostrophe; numbers (a negative score) stay numbers."""
+    import csv
+    import io
+
+    from storage import repository as repo
+    from storage.db import session_scope
+
+    evil = ['=HYPERLINK("http://x","y")', "+1+1", "-2+3", "@SUM(A1)", "\tcmd", "plain"]
+    items = [{"id": f"e{i}", "prompt": t, "response": t} for i, t in enumerate(evil)]
+    job_id = api.post("/v1/jobs", json={"items": items}).json()["job_id"]
+    with session_scope(db_url) as s:
+        version = s.get(Job, job_id).model_version
+        scores = [-0.5] * len(evil)
+        cos = [[0.1]] * len(evil)
+        repo.save_results(s, job_id=job_id, batch_no=0, start_idx=0, scores=scores, cos=cos, model_version=version)
+    table = list(csv.DictReader(io.StringIO(api.get(f"/v1/jobs/{job_id}/results", params={"format": "csv"}).text)))
+    assert [r["prompt"] for r in table] == ["'" + t for t in evil[:5]] + ["plain"]
+    assert all(r["response"] == r["prompt"] for r in table)
+    assert {r["score"] for r in table} == {"-0.5"}

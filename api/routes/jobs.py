@@ -333,6 +333,15 @@ def _stats_of_job(session: Session, job_id: str) -> dict[str, Any] | None:
     return registry.score_stats(session, version=job.model_version) if job else None
 
 
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _cell(value: Any) -> Any:
+    """A CSV cell a spreadsheet will not run: text starting like a formula gets a leading apostrophe (OWASP's
+    advice against CSV injection); numbers are left as they are."""
+    return "'" + value if isinstance(value, str) and value.startswith(_FORMULA_START) else value
+
+
 def _failed_row(e: Any, it: Item) -> dict[str, Any]:
     return {
         "index": e.idx,
@@ -393,7 +402,7 @@ def _stream(
         for row in itertools.chain(scored, failed):
             if fmt == "csv":
                 row["cos"] = json.dumps(row["cos"]) if row["cos"] is not None else ""
-                writer.writerow(row)
+                writer.writerow({k: _cell(v) for k, v in row.items()})
             else:
                 buf.write(json.dumps(row, ensure_ascii=False) + "\n")
             n += 1

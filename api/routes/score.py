@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from api.deps import SessionDep, SettingsDep, TenantDep, read_body
 from api.errors import ApiError, FieldError, invalid
 from api.lane import check_items, resolve_version, score_pairs
-from api.parsing import loads
+from api.parsing import check_metadata, loads
 from api.schemas import ErrorOut, ScoreOut, ScoreRow
 from storage import registry, results
 from storage import repository as repo
@@ -91,8 +91,7 @@ async def _persisted(
     response: Response,
 ) -> ScoreOut:
     """A normal job whose batches skip the bulk queue; answered when it ends (202 with its id if it takes longer)."""
-    if not isinstance(metadata, dict):
-        raise invalid([FieldError("metadata", "must be an object")])
+    metadata = check_metadata(metadata)
 
     def create() -> tuple[str, list[Any]]:
         job = repo.create_job(
