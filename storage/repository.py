@@ -16,6 +16,11 @@ from sqlalchemy.orm import Session
 from storage.models import FINISHED, Batch, Item, ItemError, Job, JobStatus, Result, utcnow
 
 _CHUNK = 5000
+# A job still being worked on; a batch a worker took after it was last enqueued (a worker is on it, or died on it).
+_LIVE_JOB = Job.status.in_((JobStatus.queued.value, JobStatus.running.value))
+_TAKEN_SINCE_ENQUEUED = and_(
+    Batch.started_at.is_not(None), Batch.enqueued_at.is_not(None), Batch.started_at >= Batch.enqueued_at
+)
 
 
 @dataclass(frozen=True)
@@ -131,7 +136,7 @@ def unqueued_batches(session: Session, *, limit: int) -> list[tuple[Batch, str]]
         .where(
             Batch.enqueued_at.is_(None),
             Batch.done.is_(False),
-            Job.status.in_((JobStatus.queued.value, JobStatus.running.value)),
+            _LIVE_JOB,
         )  # fmt: skip
         .order_by(Job.created_at, Batch.job_id, Batch.batch_no)
         .limit(limit)
@@ -205,11 +210,11 @@ def start_batch(session: Session, *, job_id: str, batch_no: int, worker: str | N
     """Note that ``worker`` took the batch; returns how many workers have died on it so far, or None when it is
     already done (a redelivery or a superseded split). A batch taken again without being enqueued again since its
     last take (the broker redelivered it: its worker died) counts one more death."""
-    retake = and_(Batch.started_at.is_not(None), Batch.enqueued_at.is_not(None), Batch.started_at >= Batch.enqueued_at)
+    retake = case((_TAKEN_SINCE_ENQUEUED, Batch.deaths + 1), else_=Batch.deaths)
     return session.execute(
         update(Batch)
         .where(Batch.job_id == job_id, Batch.batch_no == batch_no, Batch.done.is_(False))
-        .values(started_at=utcnow(), worker=worker, deaths=case((retake, Batch.deaths + 1), else_=Batch.deaths))
+        .values(started_at=utcnow(), worker=worker, deaths=retake)
         .returning(Batch.deaths)
     ).scalar_one_or_none()
 
@@ -297,7 +302,7 @@ def _finish_if_complete(session: Session, *, job_id: str) -> None:
         update(Job)
         .where(
             Job.id == job_id,
-            Job.status.in_((JobStatus.queued.value, JobStatus.running.value)),
+            _LIVE_JOB,
             Job.n_done + Job.n_failed >= Job.n_items,
         )
         .values(
@@ -343,15 +348,17 @@ def split_batch(session: Session, *, job_id: str, batch_no: int) -> list[BatchRe
     return halves
 
 
-def stale_batches(session: Session, *, older_than: datetime, limit: int = 500) -> list[tuple[Batch, str]]:
-    """Unfinished batches of live jobs last enqueued before ``older_than``, with their job's model version."""
+def untaken_batches(session: Session, *, older_than: datetime, limit: int = 500) -> list[tuple[Batch, str]]:
+    """Unfinished batches of live jobs last enqueued before ``older_than`` that no worker took since, with their
+    job's model version."""
     q = (
         select(Batch, Job.model_version)
         .join(Job, Job.id == Batch.job_id)
         .where(
             Batch.done.is_(False),
             Batch.enqueued_at < older_than,
-            Job.status.in_((JobStatus.queued.value, JobStatus.running.value)),
+            ~_TAKEN_SINCE_ENQUEUED,
+            _LIVE_JOB,
         )  # fmt: skip
         .order_by(Batch.enqueued_at)
         .limit(limit)
@@ -365,13 +372,7 @@ def taken_batches(session: Session, *, limit: int = 2000) -> list[tuple[Batch, s
     q = (
         select(Batch, Job.model_version)
         .join(Job, Job.id == Batch.job_id)
-        .where(
-            Batch.done.is_(False),
-            Batch.started_at.is_not(None),
-            Batch.enqueued_at.is_not(None),
-            Batch.started_at >= Batch.enqueued_at,
-            Job.status.in_((JobStatus.queued.value, JobStatus.running.value)),
-        )
+        .where(Batch.done.is_(False), _TAKEN_SINCE_ENQUEUED, _LIVE_JOB)
         .order_by(Batch.started_at)
         .limit(limit)
     )

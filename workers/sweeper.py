@@ -42,8 +42,7 @@ def sweep(now: datetime | None = None) -> int:
         ]
         lost_rows = [
             (b.job_id, b.batch_no, b.start_idx, b.end_idx, b.enqueued_at, v)
-            for b, v in repo.stale_batches(s, older_than=lost_before)
-            if not _taken(b.started_at, b.enqueued_at)
+            for b, v in repo.untaken_batches(s, older_than=lost_before)
         ]
     beating = liveness.alive(settings.redis_url, [row[6] for row in taken_rows if row[6]])
     orphaned = [row[:6] for row in taken_rows if row[6] and row[6] not in beating and row[7] < fresh]
@@ -99,11 +98,6 @@ def sweep_runs(now: datetime | None = None) -> list[str]:
         log.warning("re-enqueued training runs: %s whose worker is gone, %s lost", released, lost)
         metrics.record(settings.redis_url, {"runs_requeued": float(len(released) + len(lost))})
     return released + lost
-
-
-def _taken(started: datetime | None, enqueued: datetime | None) -> bool:
-    """Was the batch taken by a worker after it was last enqueued?"""
-    return started is not None and enqueued is not None and _utc(started) >= _utc(enqueued)
 
 
 def _utc(t: datetime) -> datetime:
