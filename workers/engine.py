@@ -68,7 +68,7 @@ def get_model(version: str) -> RewardModel:
         return model
 
 
-def _score(version: str, prompts: list[str], responses: list[str]) -> Scores:
+def _score(model: RewardModel, prompts: list[str], responses: list[str]) -> Scores:
     settings = get_settings()
     marker = settings.fault_poison_marker
     if marker and any(marker in t for t in (*prompts, *responses)):
@@ -76,7 +76,7 @@ def _score(version: str, prompts: list[str], responses: list[str]) -> Scores:
     kill = settings.fault_kill_marker
     if kill and any(kill in t for t in (*prompts, *responses)):
         os.kill(os.getpid(), signal.SIGKILL)  # testing aid: a batch that kills its worker (as an OOM kill would)
-    return get_model(version).score(prompts, responses)
+    return model.score(prompts, responses)
 
 
 def _interactive_waiting(settings: Settings) -> Callable[[], bool]:
@@ -133,7 +133,7 @@ def score_batch(msg: ScoreBatch, queue: str | None = None) -> int:
         model = get_model(msg.model_version)
         model.preempt = _interactive_waiting(settings) if preemptible else None
         try:
-            scores = _score(msg.model_version, msg.prompts, msg.responses)
+            scores = _score(model, msg.prompts, msg.responses)
         finally:
             model.preempt = None
     except Preempted as why:
@@ -147,7 +147,6 @@ def score_batch(msg: ScoreBatch, queue: str | None = None) -> int:
             raise
         _quarantine(msg, exc)
         return 0
-    model = get_model(msg.model_version)
     stats = model.take_stats()
     t0 = time.perf_counter()
     failed = dict(scores.errors)  # pairs the model cannot score (an empty response for a likelihood, ...)
@@ -262,7 +261,7 @@ def score_interactive(msg: InteractiveBatch) -> dict[str, Any]:
     isolated (the part is scored pair by pair) and answered with its reason instead of a score."""
     model = get_model(msg.model_version)
     try:
-        rows = _rows(_score(msg.model_version, msg.prompts, msg.responses))
+        rows = _rows(_score(model, msg.prompts, msg.responses))
     except ModelUnavailable:
         raise
     except Exception as exc:
@@ -271,7 +270,7 @@ def score_interactive(msg: InteractiveBatch) -> dict[str, Any]:
         rows = []
         for p, r in zip(msg.prompts, msg.responses, strict=True):
             try:
-                rows += _rows(_score(msg.model_version, [p], [r]))
+                rows += _rows(_score(model, [p], [r]))
             except Exception as one:
                 if is_transient(one):
                     raise

@@ -8,6 +8,7 @@ from pydantic import BaseModel
 from sqlalchemy.orm import Session
 
 from storage import repository as repo
+from workers import metrics
 from workers.celery_app import SCORE_BATCH, SCORE_INTERACTIVE, TRAIN, app
 
 
@@ -58,9 +59,7 @@ def enqueue_score_batches(messages: Sequence[ScoreBatch], queue: str) -> None:
     """Publish the batches to ``queue`` over one broker connection (noting each as waiting first)."""
     if not messages:
         return
-    from workers.metrics import client
-
-    client(app.conf.broker_url).sadd(QUEUED_BATCHES, *[batch_key(m.job_id, m.batch_no) for m in messages])
+    metrics.client(app.conf.broker_url).sadd(QUEUED_BATCHES, *[batch_key(m.job_id, m.batch_no) for m in messages])
     with app.producer_or_acquire() as producer:
         for msg in messages:
             app.send_task(SCORE_BATCH, kwargs={"payload": msg.model_dump()}, queue=queue, producer=producer)

@@ -10,6 +10,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from celery.exceptions import SoftTimeLimitExceeded
+
 from storage import registry
 from storage import training_repository as trepo
 from storage.db import session_scope
@@ -79,7 +81,7 @@ def execute_run(run_id: str) -> str:
     except Exception as exc:
         log.exception("training run %s failed", run_id)
         error = f"{type(exc).__name__}: {exc}"[:2000]
-        if type(exc).__name__ == "SoftTimeLimitExceeded":
+        if isinstance(exc, SoftTimeLimitExceeded):
             error = f"the run took longer than REWARDQ_RUN_TIME_LIMIT_S ({settings.run_time_limit_s:.0f} s)"
         with session_scope() as s:
             trepo.finish_run(
