@@ -7,8 +7,10 @@ from __future__ import annotations
 import signal
 import threading
 import uuid
+from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 
 from storage.db import get_sessionmaker
 from storage.models import Item, Job
@@ -99,6 +101,31 @@ def test_vllm_score_one_to_many_and_zipped(stack: Stack):
     assert c.post("/score", json={"text_1": 3, "text_2": "x"}).json()["errors"][0]["field"] == "text_1"
 
 
+def _score_while_paused(stack: Stack, c: TestClient, items: list[dict], job_id: str, parts: int) -> tuple[Any, int]:
+    """With the worker paused (the caller sent SIGSTOP): POST /v1/score from a thread, wait until its ``parts`` are
+    queued, resume the worker. Returns the response and how many of the bulk job's pairs were stored when it came."""
+    import redis
+
+    from api.procs import wait_for
+
+    box: dict = {}
+
+    def interactive() -> None:
+        box["resp"] = c.post("/v1/score", json={"items": items})
+        with get_sessionmaker(stack.db_url)() as s:
+            box["bulk_done_then"] = s.get(Job, job_id).n_done
+
+    t = threading.Thread(target=interactive)
+    t.start()
+    try:
+        r = redis.Redis.from_url(stack.env["REWARDQ_REDIS_URL"])
+        wait_for(lambda: r.llen(f"{stack.queue}-interactive") == parts, 30, f"the {parts} interactive part(s) queued")
+    finally:
+        stack.worker.kill(signal.SIGCONT)
+    t.join(120)
+    return box["resp"], box["bulk_done_then"]
+
+
 def test_interactive_work_is_taken_before_queued_bulk_work(stack: Stack):
     """Forced interleaving: the worker is paused while a 10-batch bulk job and then a 3-part interactive request
     are queued. Resumed, it must take every interactive part before the bulk batches (at most the one bulk
@@ -111,27 +138,12 @@ def test_interactive_work_is_taken_before_queued_bulk_work(stack: Stack):
         stack.worker.kill(signal.SIGSTOP)
         try:
             job_id = c.post("/v1/jobs", json={"items": bulk}).json()["job_id"]
-            box: dict = {}
-
-            def interactive() -> None:
-                items = [{"prompt": f"live {i} {tag}", "response": f"answer {i}"} for i in range(144)]
-                box["resp"] = c.post("/v1/score", json={"items": items})
-                with get_sessionmaker(stack.db_url)() as s:
-                    box["bulk_done_then"] = s.get(Job, job_id).n_done
-
-            t = threading.Thread(target=interactive)
-            t.start()
-            import redis
-
-            r = redis.Redis.from_url(stack.env["REWARDQ_REDIS_URL"])
-            from api.procs import wait_for
-
-            wait_for(lambda: r.llen(f"{stack.queue}-interactive") == 3, 30, "the 3 interactive parts queued")
+            items = [{"prompt": f"live {i} {tag}", "response": f"answer {i}"} for i in range(144)]
+            resp, bulk_done_then = _score_while_paused(stack, c, items, job_id, parts=3)
         finally:
             stack.worker.kill(signal.SIGCONT)
-        t.join(120)
-        assert box["resp"].status_code == 200, box["resp"].text
-        assert box["bulk_done_then"] <= 48, f"{box['bulk_done_then']} bulk pairs were scored before the request"
+        assert resp.status_code == 200, resp.text
+        assert bulk_done_then <= 48, f"{bulk_done_then} bulk pairs were scored before the request"
         assert wait_job(c, job_id)["status"] == "succeeded"
 
 
@@ -159,31 +171,18 @@ def test_a_bulk_batch_under_way_stops_for_interactive_work_and_resumes(stack: St
 
         wait_for(under_way, 120, "a bulk batch taken")
         stack.worker.kill(signal.SIGSTOP)
-        box: dict = {}
         try:
             with Session() as s:
                 assert s.get(Job, job_id).n_done == 0, "a bulk batch finished before the pause: texts too short"
-
-            def interactive() -> None:
-                box["resp"] = c.post("/v1/score", json={"items": bulk[:16]})
-                with Session() as s:
-                    box["bulk_done_then"] = s.get(Job, job_id).n_done
-
-            t = threading.Thread(target=interactive)
-            t.start()
-            import redis
-
-            r = redis.Redis.from_url(stack.env["REWARDQ_REDIS_URL"])
-            wait_for(lambda: r.llen(f"{stack.queue}-interactive") == 1, 30, "the request queued")
+            resp, bulk_done_then = _score_while_paused(stack, c, bulk[:16], job_id, parts=1)
         finally:
             stack.worker.kill(signal.SIGCONT)
-        t.join(120)
-        assert box["resp"].status_code == 200, box["resp"].text
-        assert box["bulk_done_then"] == 0, f"{box['bulk_done_then']} bulk pairs were scored before the request"
+        assert resp.status_code == 200, resp.text
+        assert bulk_done_then == 0, f"{bulk_done_then} bulk pairs were scored before the request"
         assert wait_job(c, job_id)["status"] == "succeeded"
         stored = {x["index"]: x["score"] for x in c.get(f"/v1/jobs/{job_id}/results").json()["results"]}
         assert len(stored) == 512
-        for x in box["resp"].json()["results"]:  # the same pairs, scored alone and in a stopped-then-resumed batch
+        for x in resp.json()["results"]:  # the same pairs, scored alone and in a stopped-then-resumed batch
             assert abs(stored[x["index"]] - x["score"]) < 1e-5
         with Session() as s:
             assert s.query(Batch).filter_by(job_id=job_id).count() == 2  # handed back whole, never split
