@@ -6,12 +6,30 @@ import enum
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text, false
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text, false, func, select
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def now_sql(session: Session) -> Any:
+    """Now, as a value to write in SQL: by the database's clock where several hosts share the database
+    (PostgreSQL's statement time), so times written by a worker, the API and beat on different hosts compare.
+    SQLite is a file on one host, whose clock every process on it shares."""
+    if session.get_bind().dialect.name == "postgresql":
+        return func.statement_timestamp()
+    return utcnow()
+
+
+def db_now(session: Session) -> datetime:
+    """Now by the clock that now_sql() writes with: what the sweeper and beat compare those times against."""
+    if session.get_bind().dialect.name == "postgresql":
+        value: datetime | None = session.scalar(select(func.statement_timestamp()))
+        assert value is not None
+        return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    return utcnow()
 
 
 class Base(DeclarativeBase):

@@ -13,7 +13,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from storage.models import FINISHED, Batch, Item, ItemError, Job, JobStatus, Result, utcnow
+from storage.models import FINISHED, Batch, Item, ItemError, Job, JobStatus, Result, now_sql
 
 _CHUNK = 5000
 # A job still being worked on; a batch a worker took after it was last enqueued (a worker is on it, or died on it).
@@ -187,7 +187,7 @@ def cancel_job(session: Session, *, job: Job) -> Job:
     session.execute(
         update(Job)
         .where(Job.id == job.id, Job.status.not_in(FINISHED))
-        .values(status=JobStatus.cancelled.value, finished_at=utcnow()),
+        .values(status=JobStatus.cancelled.value, finished_at=now_sql(session)),
         execution_options={"synchronize_session": False},
     )
     session.refresh(job)
@@ -198,7 +198,7 @@ def mark_failed(session: Session, *, job_id: str, error: str) -> None:
     session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status.not_in(FINISHED))
-        .values(status=JobStatus.failed.value, error=error, finished_at=utcnow())
+        .values(status=JobStatus.failed.value, error=error, finished_at=now_sql(session))
     )
 
 
@@ -214,7 +214,7 @@ def start_batch(session: Session, *, job_id: str, batch_no: int, worker: str | N
     return session.execute(
         update(Batch)
         .where(Batch.job_id == job_id, Batch.batch_no == batch_no, Batch.done.is_(False))
-        .values(started_at=utcnow(), worker=worker, deaths=retake)
+        .values(started_at=now_sql(session), worker=worker, deaths=retake)
         .returning(Batch.deaths)
     ).scalar_one_or_none()
 
@@ -225,7 +225,7 @@ def hand_back_batch(session: Session, *, job_id: str, batch_no: int) -> bool:
     res = session.execute(
         update(Batch)
         .where(Batch.job_id == job_id, Batch.batch_no == batch_no, Batch.done.is_(False))
-        .values(enqueued_at=utcnow())
+        .values(enqueued_at=now_sql(session))
     )
     return bool(res.rowcount)  # type: ignore[attr-defined]
 
@@ -234,7 +234,7 @@ def mark_running(session: Session, *, job_id: str) -> None:
     session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status == JobStatus.queued.value)
-        .values(status=JobStatus.running.value, started_at=utcnow())
+        .values(status=JobStatus.running.value, started_at=now_sql(session))
     )
 
 
@@ -256,10 +256,18 @@ def save_results(
     """Upsert one batch's results and advance the job's progress in the caller's transaction.
 
     Idempotent: a redelivered batch inserts nothing new and counts nothing twice. Offsets in
-    ``skip`` (items already put in the error ledger) are not stored. Returns the number of rows
-    actually inserted.
+    ``skip``, and items already in the error ledger, are not stored: an item is scored or failed,
+    never both (the job's row lock orders this against record_item_failure). Returns the number of
+    rows actually inserted.
     """
-    now = utcnow()
+    _lock_job(session, job_id=job_id)
+    failed = session.scalars(
+        select(ItemError.idx).where(
+            ItemError.job_id == job_id, ItemError.idx >= start_idx, ItemError.idx < start_idx + len(scores)
+        )
+    )
+    skip = skip | {idx - start_idx for idx in failed}  # failed meanwhile (a split copy): an item has one outcome
+    now = now_sql(session)
     flags = truncated or [False] * len(scores)
     counts = n_tokens or [None] * len(scores)
     rows = [
@@ -285,6 +293,12 @@ def save_results(
     return inserted
 
 
+def _lock_job(session: Session, *, job_id: str) -> None:
+    """Take the job's row lock first (a no-op update: PostgreSQL's row lock, SQLite's write lock), so writers of
+    its items' outcomes go one at a time and each sees what the previous one committed; always job before batch."""
+    session.execute(update(Job).where(Job.id == job_id).values(n_done=Job.n_done))
+
+
 def _insert_new(session: Session, table: type[Result] | type[ItemError], rows: list[dict[str, Any]]) -> int:
     """INSERT … ON CONFLICT (job_id, idx) DO NOTHING; how many rows were new (the idempotent upsert)."""
     if not rows:
@@ -297,7 +311,7 @@ def _insert_new(session: Session, table: type[Result] | type[ItemError], rows: l
 
 def _finish_if_complete(session: Session, *, job_id: str) -> None:
     """Close a job whose every item is scored or failed: succeeded, or failed when nothing could be scored."""
-    now = utcnow()
+    now = now_sql(session)
     session.execute(
         update(Job)
         .where(
@@ -315,13 +329,18 @@ def _finish_if_complete(session: Session, *, job_id: str) -> None:
 
 
 def record_item_failure(session: Session, *, job_id: str, batch_no: int, idx: int, code: str, message: str) -> bool:
-    """Put one item in the error ledger (once), count it failed, close its batch; True if newly recorded."""
-    row = {"job_id": job_id, "idx": idx, "code": code, "message": message[:2000], "created_at": utcnow()}
-    new = bool(_insert_new(session, ItemError, [row]))
+    """Put one item in the error ledger (once), count it failed, close its batch; True if newly recorded. An item
+    that another copy of its batch scored meanwhile stays scored (an item has one outcome)."""
+    _lock_job(session, job_id=job_id)
+    scored = session.scalar(select(Result.idx).where(Result.job_id == job_id, Result.idx == idx))
+    row = {"job_id": job_id, "idx": idx, "code": code, "message": message[:2000], "created_at": now_sql(session)}
+    new = scored is None and bool(_insert_new(session, ItemError, [row]))
     if new:
         session.execute(update(Job).where(Job.id == job_id).values(n_failed=Job.n_failed + 1))
     session.execute(
-        update(Batch).where(Batch.job_id == job_id, Batch.batch_no == batch_no).values(done=True, done_at=utcnow())
+        update(Batch)
+        .where(Batch.job_id == job_id, Batch.batch_no == batch_no)
+        .values(done=True, done_at=now_sql(session))
     )
     _finish_if_complete(session, job_id=job_id)
     return new
@@ -329,11 +348,12 @@ def record_item_failure(session: Session, *, job_id: str, batch_no: int, idx: in
 
 def split_batch(session: Session, *, job_id: str, batch_no: int) -> list[BatchRef]:
     """Replace a failing batch by its two halves (new ledger rows); [] if someone already handled it."""
+    _lock_job(session, job_id=job_id)
     parent = session.get(Batch, (job_id, batch_no), with_for_update=True)
     if parent is None or parent.done or parent.end_idx - parent.start_idx < 2:
         return []
     parent.done = True  # superseded by its halves
-    parent.done_at = utcnow()
+    parent.done_at = now_sql(session)
     first = (
         session.execute(
             update(Job).where(Job.id == job_id).values(n_batches=Job.n_batches + 2).returning(Job.n_batches)
@@ -342,7 +362,7 @@ def split_batch(session: Session, *, job_id: str, batch_no: int) -> list[BatchRe
     )
     mid = (parent.start_idx + parent.end_idx) // 2
     halves = [BatchRef(first, parent.start_idx, mid), BatchRef(first + 1, mid, parent.end_idx)]
-    now = utcnow()
+    now = now_sql(session)
     session.execute(insert(Batch), [{"job_id": job_id, "batch_no": h.batch_no, "start_idx": h.start_idx,
                                      "end_idx": h.end_idx, "enqueued_at": now} for h in halves])  # fmt: skip
     return halves
@@ -379,15 +399,13 @@ def taken_batches(session: Session, *, limit: int = 2000) -> list[tuple[Batch, s
     return [(b, v) for b, v in session.execute(q).tuples()]
 
 
-def claim_requeue(
-    session: Session, *, job_id: str, batch_no: int, seen: datetime | None, now: datetime, died: bool = False
-) -> bool:
+def claim_requeue(session: Session, *, job_id: str, batch_no: int, seen: datetime | None, died: bool = False) -> bool:
     """Compare-and-set on the batch's enqueue time, so two feeders or sweepers enqueue a batch once. ``died``: it
     goes back because its worker died on it (counted)."""
     seen_cond = Batch.enqueued_at.is_(None) if seen is None else Batch.enqueued_at == seen
     res = session.execute(
         update(Batch)
         .where(Batch.job_id == job_id, Batch.batch_no == batch_no, Batch.done.is_(False), seen_cond)
-        .values(enqueued_at=now, attempts=Batch.attempts + 1, deaths=Batch.deaths + int(died))
+        .values(enqueued_at=now_sql(session), attempts=Batch.attempts + 1, deaths=Batch.deaths + int(died))
     )
     return bool(res.rowcount)  # type: ignore[attr-defined]

@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
-from storage.models import Feedback, RunStatus, Schedule, TrainingRun, utcnow
+from storage.models import Feedback, RunStatus, Schedule, TrainingRun, now_sql, utcnow
 
 _CHUNK = 5000
 FINISHED_RUNS = (RunStatus.succeeded.value, RunStatus.rejected.value, RunStatus.failed.value)
@@ -75,7 +75,7 @@ def create_run(
 ) -> TrainingRun:
     run = TrainingRun(id=uuid.uuid4().hex, tenant=tenant, params=params, schedule_id=schedule_id,
                       scheduled_for=scheduled_for, progress={}, loss_curve=[], metrics={},
-                      enqueued_at=utcnow())  # fmt: skip
+                      enqueued_at=now_sql(session))  # fmt: skip
     session.add(run)
     session.flush()
     return run
@@ -109,7 +109,7 @@ def start_run(
         .where(TrainingRun.id == run_id, TrainingRun.status == RunStatus.queued.value)
         .values(
             status=RunStatus.running.value,
-            started_at=utcnow(),
+            started_at=now_sql(session),
             base_version=base_version,
             n_feedback=n_feedback,
             max_feedback_id=max_feedback_id,
@@ -131,7 +131,7 @@ def release_runs_of(session: Session, *, run_ids: Sequence[str], workers: Sequen
                 TrainingRun.status == RunStatus.running.value,
                 TrainingRun.worker == worker,
             )
-            .values(status=RunStatus.queued.value, worker=None, enqueued_at=utcnow())
+            .values(status=RunStatus.queued.value, worker=None, enqueued_at=now_sql(session))
         )
         if res.rowcount:  # type: ignore[attr-defined]
             released.append(run_id)
@@ -159,7 +159,7 @@ def claim_run_requeue(session: Session, *, run_id: str, seen: datetime | None) -
     res = session.execute(
         update(TrainingRun)
         .where(TrainingRun.id == run_id, TrainingRun.status == RunStatus.queued.value, seen_cond)
-        .values(enqueued_at=utcnow())
+        .values(enqueued_at=now_sql(session))
     )
     return bool(res.rowcount)  # type: ignore[attr-defined]
 
@@ -180,7 +180,7 @@ def finish_run(
     error: str | None = None,
     worker: str | None = None,
 ) -> None:
-    values: dict[str, Any] = {"status": status.value, "finished_at": utcnow(), "result_version": result_version,
+    values: dict[str, Any] = {"status": status.value, "finished_at": now_sql(session), "result_version": result_version,
                               "error": error}  # fmt: skip
     if metrics is not None:
         values["metrics"] = metrics
@@ -247,6 +247,6 @@ def claim_slot(session: Session, *, schedule_id: str, due: datetime, next_run_at
     res = session.execute(
         update(Schedule)
         .where(Schedule.id == schedule_id, Schedule.next_run_at == due)
-        .values(next_run_at=next_run_at, last_fired_at=utcnow())
+        .values(next_run_at=next_run_at, last_fired_at=now_sql(session))
     )
     return bool(res.rowcount)  # type: ignore[attr-defined]

@@ -142,7 +142,7 @@ def test_a_lost_batch_is_found_while_the_queue_never_drains(db_url: str, monkeyp
             version = s.get(Job, job_id).model_version
             batches = s.query(Batch).filter_by(job_id=job_id)
             rows = [(job_id, b.batch_no, b.start_idx, b.end_idx, None, version) for b in batches]
-        assert enqueue_claimed(rows, datetime.now(timezone.utc)) == 3 and batch_nos() == [0, 1, 2]
+        assert enqueue_claimed(rows) == 3 and batch_nos() == [0, 1, 2]
         [lost] = [m for m in r.lrange(queue, 0, -1) if "'batch_no': 1," in json.loads(m)["headers"]["kwargsrepr"]]
         r.lrem(queue, 1, lost)
         r.srem(QUEUED_BATCHES, batch_key(job_id, 1))
@@ -155,5 +155,119 @@ def test_a_lost_batch_is_found_while_the_queue_never_drains(db_url: str, monkeyp
         assert attempts == {0: 1, 1: 2, 2: 1}
     finally:
         r.delete(queue)
+        monkeypatch.delenv("REWARDQ_SCORING_QUEUE")
+        get_settings.cache_clear()
+
+
+def _outcomes(db_url: str, job_id: str) -> tuple[list[int], list[int], tuple[int, int, int, str]]:
+    from storage.models import ItemError
+
+    with session_scope(db_url) as s:
+        scored = [r.idx for r in s.query(Result).filter_by(job_id=job_id).order_by(Result.idx)]
+        failed = [e.idx for e in s.query(ItemError).filter_by(job_id=job_id).order_by(ItemError.idx)]
+        job = s.get(Job, job_id)
+        return scored, failed, (job.n_done, job.n_failed, job.n_items, job.status)
+
+
+def _fail(db_url: str, job_id: str, batch_no: int, idx: int) -> bool:
+    with session_scope(db_url) as s:
+        return repo.record_item_failure(s, job_id=job_id, batch_no=batch_no, idx=idx, code="oom", message="x")
+
+
+def test_an_item_is_scored_or_failed_never_both(db_url: str):
+    """Forced, both orders: a split copy of a batch fails an item that the batch's first (slow, resumed) worker then
+    scores; and a worker scores a batch whose split copy then fails one of its items. Whichever outcome is written
+    first stays, the other is dropped, and n_done + n_failed never exceeds n_items."""
+    job_id = _job(db_url, 8)
+    assert _fail(db_url, job_id, 0, 1)  # the split copy: item 1 is poison
+    assert _save(db_url, job_id, 0, 0, [1.0] * 4) == 3  # the first copy, late: items 0, 2, 3 only
+    assert _save(db_url, job_id, 1, 4, [1.0] * 4) == 4
+    assert not _fail(db_url, job_id, 1, 5)  # item 5 is scored already: it stays scored
+    assert _outcomes(db_url, job_id) == ([0, 2, 3, 4, 5, 6, 7], [1], (7, 1, 8, "succeeded"))
+
+
+def test_concurrent_score_and_failure_of_one_item_leave_one_outcome(db_url: str):
+    """Forced interleaving in two transactions: a worker has written a batch's results but not committed when a
+    split copy records one of its items as failed. The failure must wait for the scores' commit, see them, and
+    write nothing (the old code recorded both)."""
+    import threading
+
+    from storage.db import get_sessionmaker
+
+    job_id = _job(db_url, 4)
+    with get_sessionmaker(db_url)() as first:
+        version = first.get(Job, job_id).model_version
+        inserted = repo.save_results(first, job_id=job_id, batch_no=0, start_idx=0, scores=[1.0] * 4,
+                                     cos=[[0.5]] * 4, model_version=version)  # fmt: skip
+        assert inserted == 4
+        outcome: list[bool] = []
+        copy = threading.Thread(target=lambda: outcome.append(_fail(db_url, job_id, 0, 2)))
+        copy.start()
+        copy.join(1.0)
+        assert copy.is_alive(), "the failure did not wait for the uncommitted scores of its item"
+        first.commit()
+    copy.join(30)
+    assert outcome == [False]
+    assert _outcomes(db_url, job_id) == ([0, 1, 2, 3], [], (4, 0, 4, "succeeded"))
+
+
+def test_times_compared_across_hosts_are_the_databases(pg_url: str, monkeypatch: pytest.MonkeyPatch):
+    """Forced: workers on hosts whose clocks are 2 minutes off the sweeper's. One, behind, takes batch 0 and is
+    healthy; one, ahead, takes batch 1 and dies. The sweeper must leave batch 0 alone (the old code took it for a
+    lost message: started before it was enqueued) and queue batch 1 again a TTL later (the old code saw a take in
+    its future and waited the skew out)."""
+    import json
+    import uuid
+    from datetime import datetime, timedelta, timezone
+
+    import redis
+
+    from storage import models
+    from storage.settings import get_settings
+    from tests.conftest import migrated
+    from workers import liveness
+    from workers.feeder import enqueue_claimed
+    from workers.messages import QUEUED_BATCHES, batch_key
+    from workers.sweeper import sweep
+
+    db_url = migrated(pg_url)
+    queue = f"test-clock-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv("REWARDQ_SCORING_QUEUE", queue)
+    get_settings.cache_clear()
+    settings = get_settings()
+    r = redis.Redis.from_url(settings.redis_url)
+    healthy, dead = f"behind:{uuid.uuid4().hex[:8]}", f"ahead:{uuid.uuid4().hex[:8]}"
+
+    def queued() -> list[int]:
+        reprs = [json.loads(m)["headers"]["kwargsrepr"] for m in r.lrange(queue, 0, -1)]
+        return sorted(n for n in range(2) for k in reprs if f"'job_id': '{job_id}', 'batch_no': {n}," in k)
+
+    def take(batch_no: int, worker: str, skew_s: float) -> None:
+        real = models.utcnow
+        with monkeypatch.context() as m:  # this host's clock is skew_s off
+            skewed = lambda: real() + timedelta(seconds=skew_s)  # noqa: E731
+            m.setattr(models, "utcnow", skewed)
+            m.setattr(repo, "utcnow", skewed, raising=False)
+            with session_scope(db_url) as s:
+                assert repo.start_batch(s, job_id=job_id, batch_no=batch_no, worker=worker) == 0
+        r.srem(QUEUED_BATCHES, batch_key(job_id, batch_no))
+
+    try:
+        job_id = _job(db_url, 8)
+        with session_scope(db_url) as s:
+            version = s.get(Job, job_id).model_version
+        assert enqueue_claimed([(job_id, n, 4 * n, 4 * n + 4, None, version) for n in range(2)]) == 2
+        r.delete(queue)  # both messages delivered
+        r.set(liveness.PREFIX + healthy, "1", ex=300)
+        take(0, healthy, -120.0)
+        take(1, dead, +120.0)
+        later = max(settings.lost_after_s, settings.heartbeat_ttl_s) + 1
+        sweep(now=datetime.now(timezone.utc) + timedelta(seconds=later))
+        assert queued() == [1]
+        with session_scope(db_url) as s:
+            got = {b.batch_no: (b.attempts, b.deaths) for b in s.query(Batch).filter_by(job_id=job_id)}
+        assert got == {0: (1, 0), 1: (2, 1)}
+    finally:
+        r.delete(queue, liveness.PREFIX + healthy)
         monkeypatch.delenv("REWARDQ_SCORING_QUEUE")
         get_settings.cache_clear()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from datetime import datetime, timezone
 from typing import Any
 
 from storage import repository as repo
@@ -24,9 +23,7 @@ def queue_depth(url: str, queue: str) -> int:
     return int(metrics.client(url).llen(queue))
 
 
-def enqueue_claimed(
-    rows: Sequence[tuple[Any, ...]], now: datetime, settings: Settings | None = None, died: bool = False
-) -> int:
+def enqueue_claimed(rows: Sequence[tuple[Any, ...]], settings: Settings | None = None, died: bool = False) -> int:
     """Claim each (job, batch, start, end, seen enqueue time, version) by compare-and-set and publish the
     ones won; a publish that fails leaves them to the sweeper. ``died``: their worker died on them (counted).
     Returns how many were published."""
@@ -34,7 +31,7 @@ def enqueue_claimed(
     messages = []
     with session_scope(settings.database_url) as s:
         for job_id, batch_no, start, end, seen, version in rows:
-            if repo.claim_requeue(s, job_id=job_id, batch_no=batch_no, seen=seen, now=now, died=died):
+            if repo.claim_requeue(s, job_id=job_id, batch_no=batch_no, seen=seen, died=died):
                 messages += build_messages(s, job_id=job_id, model_version=version,
                                            batches=[repo.BatchRef(batch_no, start, end)])  # fmt: skip
     if messages:
@@ -51,7 +48,7 @@ def feed(settings: Settings | None = None) -> int:
     with session_scope(settings.database_url) as s:
         rows = [(b.job_id, b.batch_no, b.start_idx, b.end_idx, None, version)
                 for b, version in repo.unqueued_batches(s, limit=room)]  # fmt: skip
-    return enqueue_claimed(rows, datetime.now(timezone.utc), settings) if rows else 0
+    return enqueue_claimed(rows, settings) if rows else 0
 
 
 def feed_quietly() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
 from celery import beat
@@ -13,6 +13,7 @@ from celery import beat
 from storage import cron
 from storage import training_repository as trepo
 from storage.db import session_scope
+from storage.models import db_now
 from storage.settings import get_settings
 from workers.feeder import feed_quietly
 from workers.messages import enqueue_training_run
@@ -26,8 +27,8 @@ MIN_FEEDBACK = 3
 
 def fire_due_schedules(now: datetime | None = None) -> list[str]:
     """Create and enqueue a training run for every schedule slot that is due; return the new run ids."""
-    now = now or datetime.now(timezone.utc)
     with session_scope() as s:
+        now = now or db_now(s)
         due = [(d.id, d.tenant, d.cron, d.next_run_at, d.min_new_feedback, dict(d.params))
                for d in trepo.due_schedules(s, now=now)]  # fmt: skip
     started = []

@@ -18,6 +18,7 @@ from datetime import datetime, timedelta, timezone
 from storage import repository as repo
 from storage import training_repository as trepo
 from storage.db import session_scope
+from storage.models import db_now
 from storage.settings import get_settings
 from workers import liveness, metrics
 from workers.feeder import enqueue_claimed
@@ -30,7 +31,8 @@ def sweep(now: datetime | None = None) -> int:
     """Re-enqueue every batch whose worker is gone, or that is lost or overdue, once (a compare-and-set per batch);
     return how many."""
     settings = get_settings()
-    now = now or datetime.now(timezone.utc)
+    with session_scope() as s:
+        now = now or db_now(s)  # the clock the times compared here were written with, whichever host wrote them
     deadline = now - timedelta(seconds=settings.batch_deadline_s)
     fresh = now - timedelta(seconds=settings.heartbeat_ttl_s)  # a worker beat just before it claimed these
     lost_before = now - timedelta(seconds=min(settings.lost_after_s, settings.batch_deadline_s))
@@ -50,9 +52,9 @@ def sweep(now: datetime | None = None) -> int:
     if lost_rows:  # lost, unless its message still waits behind a backlog (checked directly, not by an empty queue)
         waiting = metrics.client(settings.redis_url).smembers(QUEUED_BATCHES)
         lost_rows = [row for row in lost_rows if batch_key(row[0], row[1]).encode() not in waiting]
-    requeued = enqueue_claimed(orphaned, now, died=True) if orphaned else 0
+    requeued = enqueue_claimed(orphaned, died=True) if orphaned else 0
     rows = overdue + lost_rows
-    requeued += enqueue_claimed(rows, now) if rows else 0
+    requeued += enqueue_claimed(rows) if rows else 0
     if requeued:
         log.warning(
             "re-enqueued %d batch(es): %d whose worker is gone, %d past the deadline, %d lost",
@@ -72,8 +74,8 @@ def sweep_runs(now: datetime | None = None) -> list[str]:
     publish, a Redis restart) is enqueued again. A duplicate message is harmless: a run is claimed once. Returns
     the ids enqueued."""
     settings = get_settings()
-    now = now or datetime.now(timezone.utc)
     with session_scope() as s:
+        now = now or db_now(s)
         running = trepo.running_runs(s)
     beating = liveness.alive(settings.redis_url, [w for _, w in running if w])
     dead = [(r, w) for r, w in running if w and w not in beating]

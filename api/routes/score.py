@@ -4,7 +4,6 @@ default; ``persist`` makes it a normal job."""
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -102,10 +101,9 @@ async def _persisted(
             batch_size=settings.batch_size,
             metadata={**metadata, "lane": "interactive"},
         )
-        now = datetime.now(timezone.utc)
         batches = [repo.BatchRef(b.batch_no, b.start_idx, b.end_idx) for b in repo.job_batches(session, job_id=job.id)]
         for b in batches:  # claimed now, so the feeder never puts them on the bulk queue
-            repo.claim_requeue(session, job_id=job.id, batch_no=b.batch_no, seen=None, now=now)
+            repo.claim_requeue(session, job_id=job.id, batch_no=b.batch_no, seen=None)
         messages = build_messages(session, job_id=job.id, model_version=version, batches=batches)
         session.commit()
         return job.id, messages
