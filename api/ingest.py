@@ -1,10 +1,13 @@
-"""Streaming job creation: an ndjson body goes into SQL chunk by chunk as it arrives, so a
-million-item job never sits in the API's memory; one transaction, so a bad line or a dropped
+"""Streaming job creation: an ndjson body goes into SQL chunk by chunk as it arrives (on SQLite, once it has
+arrived), so a million-item job never sits in the API's memory; one transaction, so a bad line or a dropped
 connection leaves no job behind."""
 
 from __future__ import annotations
 
 import hashlib
+import tempfile
+from collections.abc import AsyncIterator
+from typing import IO, Any
 
 from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
@@ -19,6 +22,7 @@ from storage.repository import NewItem
 from storage.settings import Settings
 
 CHUNK = 5000
+SPOOL_IN_MEMORY = 8 << 20  # an ndjson body spooled for SQLite stays in memory up to this size, then goes to disk
 JSONL_HINT = 'JSON Lines expected: one {"prompt": ..., "response": ...} object per line'
 JSON_ARRAY_HINT = (
     'this looks like a JSON array: send it as application/json {"items": [...]}, or one object per line '
@@ -84,21 +88,18 @@ class _Chunker:
 async def ingest_ndjson(
     request: Request, session: Session, settings: Settings, *, tenant: str, model_version: str, ctype: str
 ) -> tuple[Job, str]:
-    """Create the job's rows from the streamed body; returns the (uncommitted) job and the body's hash."""
+    """Create the job's rows from the streamed body; returns the (uncommitted) job and the body's hash.
+
+    On SQLite, which has one writer at a time, the body is spooled first (memory, then a temporary file), so the
+    write lock is taken only once the whole upload is here: a slow client never holds workers up."""
+    digest = hashlib.sha256(ctype.encode() + b"\0")
+    body = _limited(request, settings, digest)
+    if session.get_bind().dialect.name == "sqlite":
+        body = _replay(await _spool(body))
     job = await run_in_threadpool(lambda: repo.begin_job(session, tenant=tenant, model_version=model_version))
     chunker = _Chunker(session, job, settings)
-    digest = hashlib.sha256(ctype.encode() + b"\0")
-    size = 0
     pending = b""
-    async for data in request.stream():
-        size += len(data)
-        if size > settings.max_body_bytes:
-            raise ApiError(
-                413,
-                f"request body exceeds the limit of {settings.max_body_bytes} bytes",
-                [FieldError("body", "too large")],
-            )
-        digest.update(data)
+    async for data in body:
         *lines, pending = (pending + data).split(b"\n")
         if lines:
             await run_in_threadpool(_consume, chunker, lines)
@@ -109,6 +110,44 @@ async def ingest_ndjson(
         lambda: repo.finish_job(session, job=job, n_items=chunker.n, batch_size=settings.batch_size, request_hash=None)
     )
     return job, digest.hexdigest()
+
+
+async def _limited(request: Request, settings: Settings, digest: Any) -> AsyncIterator[bytes]:
+    """The body as it arrives, hashed, refused past REWARDQ_MAX_BODY_BYTES."""
+    size = 0
+    async for data in request.stream():
+        size += len(data)
+        if size > settings.max_body_bytes:
+            raise ApiError(
+                413,
+                f"request body exceeds the limit of {settings.max_body_bytes} bytes",
+                [FieldError("body", "too large")],
+            )
+        digest.update(data)
+        yield data
+
+
+async def _spool(body: AsyncIterator[bytes]) -> IO[bytes]:
+    spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY)  # closed by _replay
+    try:
+        async for data in body:
+            if spool.tell() + len(data) > SPOOL_IN_MEMORY:
+                await run_in_threadpool(spool.write, data)  # on disk from here on
+            else:
+                spool.write(data)
+    except BaseException:
+        spool.close()
+        raise
+    spool.seek(0)
+    return spool
+
+
+async def _replay(spool: IO[bytes]) -> AsyncIterator[bytes]:
+    try:
+        while data := await run_in_threadpool(spool.read, 1 << 20):
+            yield data
+    finally:
+        spool.close()
 
 
 def _consume(chunker: _Chunker, lines: list[bytes], last: bool = False) -> None:

@@ -80,6 +80,10 @@ class Settings(BaseSettings):
     fault_kill_marker: str = Field(
         default="", description="testing aid: a worker process that meets a text containing it kills itself"
     )
+    fault_transient_file: str = Field(
+        default="",
+        description="testing aid: while this file exists, scoring fails with a transient error (the database gone)",
+    )
     sweep_interval_s: float = Field(default=10.0, gt=0, description="how often beat looks for overdue batches")
     rate_limit_per_minute: int = Field(default=0, ge=0, description="requests per API key per minute; 0 = off")
     fault_poison_marker: str = Field(default="", description="testing aid: a text containing it fails to score")

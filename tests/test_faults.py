@@ -221,7 +221,10 @@ def test_a_batch_that_kills_its_workers_is_split_and_the_item_fails_as_worker_lo
     alone and goes to the error ledger as worker_lost; every other item is scored, and the job ends. (Before, the
     batch was redelivered forever and the job never ended.)"""
     rig = rig_factory(
-        migrated(f"sqlite:///{tmp_path / 'killer.db'}"), REWARDQ_BATCH_SIZE="4", REWARDQ_FAULT_KILL_MARKER="KILL-ME"
+        migrated(f"sqlite:///{tmp_path / 'killer.db'}"),
+        REWARDQ_BATCH_SIZE="4",
+        REWARDQ_FAULT_KILL_MARKER="KILL-ME",
+        REWARDQ_BATCH_DEADLINE_S=None,  # the default: a 6 s deadline re-enqueued the batch before a slow respawn
     )
     for name in ("redis", "api", "beat", "worker1"):
         rig.start(name)
@@ -236,6 +239,40 @@ def test_a_batch_that_kills_its_workers_is_split_and_the_item_fails_as_worker_lo
         [err] = c.get(f"/v1/jobs/{job_id}/errors").json()
         assert (err["id"], err["code"]) == ("k5", "worker_lost") and "died 3 times" in err["message"]
     assert rig.procs["worker1"].alive()  # Celery replaced each killed process; the worker itself lives on
+
+
+def test_an_outage_longer_than_any_retry_budget_fails_nothing(rig_factory, tmp_path: Path, ledger: Ledger):
+    """Forced: every take of every batch fails with a transient error (REWARDQ_FAULT_TRANSIENT_FILE: as a database
+    outage, or a database locked by another tenant's upload, looks to a worker) until the test ends the outage,
+    after ten retries of its two batches. No item may fail and no retry may count as a worker
+    death; the old worker split the batches after three retries and failed their items as worker_lost."""
+    outage = tmp_path / "outage"
+    outage.touch()
+    db = migrated(f"sqlite:///{tmp_path / 'outage.db'}")
+    rig = rig_factory(db, REWARDQ_BATCH_SIZE="4", REWARDQ_FAULT_TRANSIENT_FILE=str(outage))
+    for name in ("redis", "api", "beat", "worker1"):
+        rig.start(name)
+    items = [{"id": f"o{i}", "prompt": f"prompt {i}", "response": f"response {i}"} for i in range(8)]
+    with rig.api() as c:
+        resp = c.post("/v1/jobs", json={"items": items})
+        assert resp.status_code == 202, resp.text
+        job_id = resp.json()["job_id"]
+
+    def retries() -> int:  # the worker logs each one ("Task ... retry: Retry in 2s: InjectedOutage(...)")
+        return rig.procs["worker1"].log_path.read_text(errors="replace").count("retry: Retry in")
+
+    t0 = time.monotonic()
+    ended = ("succeeded", "failed", "cancelled")
+    wait_for(lambda: retries() >= 10 or rig.job(job_id)["status"] in ended, 240, "ten retries of two batches")
+    took = time.monotonic() - t0
+    assert rig.job(job_id) == {"status": "running", "done": 0, "failed": 0}
+    outage.unlink()
+    wait_for(lambda: rig.job(job_id)["status"] == "succeeded", 120, "the job to end after the outage")
+    assert rig.job(job_id) == {"status": "succeeded", "done": 8, "failed": 0}
+    with get_sessionmaker(rig.db_url)() as s:
+        assert [b.deaths for b in s.query(Batch).filter_by(job_id=job_id)] == [0, 0]
+    outcome = f"{retries()} retries in {took:.0f} s; then every item scored, none failed, no death counted"
+    ledger.add("fault", "every take of every batch fails (an outage) for a while", "SQLite", outcome)
 
 
 def test_redis_restarted_without_persistence_mid_job(rig_factory, tmp_path: Path, ledger: Ledger):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 import uuid
 
 import pytest
@@ -235,3 +237,65 @@ def test_backpressure_keeps_redis_below_the_high_water_mark(db_url: str, redis_u
         _backend(db_url),
         "3 messages in Redis, 8 batches waiting in SQL; each one taken lets one more in",
     )
+
+
+@pytest.mark.slow
+def test_a_slow_ndjson_upload_never_holds_sqlites_write_lock(tmp_path, redis_url: str, ledger: Ledger):
+    """Forced: an ndjson upload to a real API process stops halfway through its body (the client stalls). Meanwhile
+    another writer (a worker saving a batch) must get SQLite's write lock at once; the old API held it from the
+    upload's first line to its commit. Then the upload completes, whole."""
+    import sqlite3
+    import threading
+
+    import httpx
+
+    from api.procs import free_port, start_api
+    from tests.conftest import _reset_settings, migrated, worker_env
+
+    path = tmp_path / "upload.db"
+    before = os.environ.get("REWARDQ_DATABASE_URL")
+    db_url = migrated(f"sqlite:///{path}")
+    os.environ.pop("REWARDQ_DATABASE_URL")  # migrated() pointed this process at it; the next tests use theirs
+    os.environ.update({"REWARDQ_DATABASE_URL": before} if before else {})
+    _reset_settings()
+    port = free_port()
+    api = start_api(worker_env(db_url, f"test-idle-{uuid.uuid4().hex[:8]}"), tmp_path / "api.log", port)
+    lines = [json.dumps({"id": f"u{i}", "prompt": f"p{i}", "response": f"r{i}"}).encode() + b"\n" for i in range(600)]
+    halfway, resume = threading.Event(), threading.Event()
+    reply: list[httpx.Response] = []
+
+    def body():  # type: ignore[no-untyped-def]
+        yield b"".join(lines[:300])
+        halfway.set()
+        resume.wait(60)
+        yield b"".join(lines[300:])
+
+    def upload() -> None:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as c:
+            reply.append(c.post("/v1/jobs", content=body(), headers={"Content-Type": "application/x-ndjson"}))
+
+    sender = threading.Thread(target=upload)
+    try:
+        sender.start()
+        assert halfway.wait(30)
+        time.sleep(1.0)  # the API has the first half (the old API had its job row written, and the lock, by now)
+        other = sqlite3.connect(path, timeout=2.0)
+        try:
+            t0 = time.monotonic()
+            other.execute("BEGIN IMMEDIATE")  # the write lock, as a worker's save takes it
+            waited = time.monotonic() - t0
+            other.rollback()
+        finally:
+            other.close()
+        resume.set()
+        sender.join(60)
+        assert reply and reply[0].status_code == 202, reply[0].text if reply else "no reply"
+        assert _counts(db_url)[1] >= 600
+        with get_sessionmaker(db_url)() as s:
+            assert s.get(Job, reply[0].json()["job_id"]).n_items == 600
+    finally:
+        resume.set()
+        api.stop()
+    assert waited < 1.0
+    outcome = f"another writer took the write lock in {waited * 1000:.0f} ms; the upload then landed whole"
+    ledger.add("limit", "an ndjson upload stalled halfway", "SQLite", outcome)

@@ -20,7 +20,7 @@ from storage.models import FINISHED
 from storage.settings import Settings, get_settings
 from workers import events, liveness, metrics
 from workers.calibration import calibrate
-from workers.errors import InjectedFault, ModelUnavailable, WorkerLost, is_transient, reason_code
+from workers.errors import InjectedFault, InjectedOutage, ModelUnavailable, WorkerLost, is_transient, reason_code
 from workers.feeder import feed_quietly
 from workers.messages import (
     QUEUED_BATCHES,
@@ -73,6 +73,8 @@ def _score(model: RewardModel, prompts: list[str], responses: list[str]) -> Scor
     marker = settings.fault_poison_marker
     if marker and any(marker in t for t in (*prompts, *responses)):
         raise InjectedFault(f"a text contains the fault marker {marker!r}")
+    if settings.fault_transient_file and os.path.exists(settings.fault_transient_file):
+        raise InjectedOutage(f"{settings.fault_transient_file} exists")
     kill = settings.fault_kill_marker
     if kill and any(kill in t for t in (*prompts, *responses)):
         os.kill(os.getpid(), signal.SIGKILL)  # testing aid: a batch that kills its worker (as an OOM kill would)
@@ -100,6 +102,16 @@ def _hand_back(msg: ScoreBatch, queue: str, why: Preempted) -> None:
         enqueue_score_batches([msg], queue=queue)
     log.info("batch %s/%d handed back for interactive work: %s", msg.job_id, msg.batch_no, why)
     metrics.record(get_settings().redis_url, {"batches_preempted": 1.0})
+
+
+def release_for_retry(msg: ScoreBatch) -> None:
+    """A batch that failed for a transient reason (a database or Redis outage) and will be retried: note it as
+    enqueued again, so its next take is not counted as a worker death. Best effort: the outage may still last."""
+    try:
+        with session_scope() as s:
+            repo.hand_back_batch(s, job_id=msg.job_id, batch_no=msg.batch_no)
+    except Exception as exc:
+        log.warning("batch %s/%d: could not note the retry (%s)", msg.job_id, msg.batch_no, exc)
 
 
 def score_batch(msg: ScoreBatch, queue: str | None = None) -> int:

@@ -23,6 +23,10 @@ class InjectedFault(RewardqError):
     code = "injected_fault"
 
 
+class InjectedOutage(ConnectionError):
+    """Raised while REWARDQ_FAULT_TRANSIENT_FILE exists (a testing aid: an outage of the services around a batch)."""
+
+
 class WorkerLost(RewardqError):
     """Workers kept dying on a batch (REWARDQ_MAX_WORKER_DEATHS times): it is split, and a lone item fails."""
 

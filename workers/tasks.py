@@ -6,12 +6,13 @@ import logging
 from typing import Any
 
 from celery.signals import worker_process_init
+from celery.utils.time import get_exponential_backoff_interval
 from sqlalchemy.exc import OperationalError
 
 from storage.settings import get_settings
 from workers import engine, events
 from workers.celery_app import SCORE_BATCH, SCORE_INTERACTIVE, TRAIN, app
-from workers.errors import TRANSIENT, ModelUnavailable
+from workers.errors import TRANSIENT, ModelUnavailable, is_transient
 from workers.messages import InteractiveBatch, ScoreBatch
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ def _preload(**_: Any) -> None:
 
 class _ScoringTask(app.Task):  # type: ignore[misc]
     def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
-        # Retries are spent or the error is not transient: say so on the job instead of leaving it running.
+        # Not transient (transient errors are retried without end): say so on the job instead of leaving it running.
         job_id = (kwargs.get("payload") or {}).get("job_id")
         if job_id:
             engine.fail_job(job_id, f"{type(exc).__name__}: {exc}")
@@ -48,14 +49,22 @@ _settings = get_settings()
     base=_ScoringTask,
     name=SCORE_BATCH,
     time_limit=_settings.batch_time_limit_s,  # a hung batch: its process is replaced, and that counts as a death
-    autoretry_for=TRANSIENT,
-    retry_backoff=True,
-    retry_backoff_max=60,
-    max_retries=20,
+    max_retries=None,
 )
 def score_batch(self: Any, payload: dict[str, Any]) -> int:
+    """Transient failures (the database, Redis) are retried with backoff up to a minute apart for as long as they
+    last: an outage, or a database busy with another tenant's work, never fails the job, and a retry never counts as
+    a worker death."""
+    msg = ScoreBatch.model_validate(payload)
     queue = (self.request.delivery_info or {}).get("routing_key")  # a bulk batch may stop for interactive work
-    return engine.score_batch(ScoreBatch.model_validate(payload), queue=queue)
+    try:
+        return engine.score_batch(msg, queue=queue)
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        engine.release_for_retry(msg)
+        countdown = get_exponential_backoff_interval(1, self.request.retries, 60, full_jitter=True)
+        raise self.retry(exc=exc, countdown=countdown) from exc
 
 
 class _InteractiveTask(app.Task):  # type: ignore[misc]
