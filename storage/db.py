@@ -34,7 +34,11 @@ def _engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+    # A database host that vanishes (cut off, not closed) must fail a query within a minute, not after the kernel's
+    # 15 minutes of retransmissions: a worker stuck there would keep its heartbeat and its batch.
+    cut_off = dict(connect_timeout=10, keepalives=1, keepalives_idle=30, keepalives_interval=10, keepalives_count=3)
+    cut_off["tcp_user_timeout"] = 60_000  # ms of unacknowledged data
+    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10, connect_args=cut_off)
 
 
 def get_sessionmaker(url: str | None = None) -> sessionmaker[Session]:
