@@ -138,10 +138,12 @@ def release_runs_of(session: Session, *, run_ids: Sequence[str], workers: Sequen
     return released
 
 
-def running_runs(session: Session, *, limit: int = 500) -> list[tuple[str, str | None]]:
-    """(run id, worker) of every running run."""
-    q = select(TrainingRun.id, TrainingRun.worker).where(TrainingRun.status == RunStatus.running.value)
-    return [(r, w) for r, w in session.execute(q.limit(limit)).tuples()]
+def running_runs(session: Session, *, limit: int = 500) -> list[tuple[str, str | None, datetime | None]]:
+    """(run id, worker, when it was claimed) of every running run."""
+    q = select(TrainingRun.id, TrainingRun.worker, TrainingRun.started_at).where(
+        TrainingRun.status == RunStatus.running.value
+    )
+    return [(r, w, t) for r, w, t in session.execute(q.limit(limit)).tuples()]
 
 
 def queued_runs_before(session: Session, *, before: datetime, limit: int = 500) -> list[tuple[str, datetime | None]]:

@@ -400,3 +400,41 @@ def test_cli_feedback_retrain_models_and_schedules(stack: Stack, tmp_path):
         assert bad.returncode != 0 and "cron" in bad.stderr
     finally:
         api.stop()
+
+
+def test_a_run_its_live_worker_left_is_taken_over(db_url: str, monkeypatch: pytest.MonkeyPatch):
+    """Forced: a live worker claimed a run a while ago but no longer trains it (its heartbeat says idle: the task
+    was retried after a database error and the retry found the run already running); another live worker trains
+    its own run. The sweeper must put the left run back in the queue and leave the other; the old sweeper trusted
+    any live heartbeat, so the left run stayed running for good."""
+    import uuid
+    from datetime import datetime, timedelta, timezone
+
+    from storage.settings import get_settings
+    from workers import liveness
+    from workers.messages import run_key
+    from workers.sweeper import sweep_runs
+
+    queue = f"test-left-runs-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv("REWARDQ_TRAINING_QUEUE", queue)
+    get_settings.cache_clear()
+    r = redis.Redis.from_url(get_settings().redis_url)
+    idle, busy = f"idle:{uuid.uuid4().hex[:6]}", f"busy:{uuid.uuid4().hex[:6]}"
+    try:
+        with session_scope(db_url) as s:
+            left, kept = (trepo.create_run(s, tenant=f"t-{uuid.uuid4().hex[:8]}", params={}).id for _ in range(2))
+        with session_scope(db_url) as s:
+            for run_id, worker in ((left, idle), (kept, busy)):
+                claim = {"base_version": "v", "n_feedback": 0, "max_feedback_id": 0, "worker": worker}
+                assert trepo.start_run(s, run_id=run_id, **claim)
+                s.get(TrainingRun, run_id).started_at = datetime.now(timezone.utc) - timedelta(minutes=10)
+        r.set(liveness.PREFIX + idle, liveness.IDLE, ex=60)
+        r.set(liveness.PREFIX + busy, run_key(kept), ex=60)
+        released = sweep_runs()  # other tests' runs may go back too: count only these two
+        assert left in released and kept not in released
+        with get_sessionmaker(db_url)() as s:
+            assert s.get(TrainingRun, left).status == "queued" and s.get(TrainingRun, kept).status == "running"
+    finally:
+        r.delete(queue, liveness.PREFIX + idle, liveness.PREFIX + busy)
+        monkeypatch.delenv("REWARDQ_TRAINING_QUEUE")
+        get_settings.cache_clear()

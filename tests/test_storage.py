@@ -197,8 +197,10 @@ def test_concurrent_score_and_failure_of_one_item_leave_one_outcome(db_url: str)
     job_id = _job(db_url, 4)
     with get_sessionmaker(db_url)() as first:
         version = first.get(Job, job_id).model_version
-        inserted = repo.save_results(first, job_id=job_id, batch_no=0, start_idx=0, scores=[1.0] * 4,
-                                     cos=[[0.5]] * 4, model_version=version)  # fmt: skip
+        scores, cos = [1.0] * 4, [[0.5]] * 4
+        inserted = repo.save_results(
+            first, job_id=job_id, batch_no=0, start_idx=0, scores=scores, cos=cos, model_version=version
+        )
         assert inserted == 4
         outcome: list[bool] = []
         copy = threading.Thread(target=lambda: outcome.append(_fail(db_url, job_id, 0, 2)))
@@ -270,4 +272,112 @@ def test_times_compared_across_hosts_are_the_databases(pg_url: str, monkeypatch:
     finally:
         r.delete(queue, liveness.PREFIX + healthy)
         monkeypatch.delenv("REWARDQ_SCORING_QUEUE")
+        get_settings.cache_clear()
+
+
+def _taken_job(db_url: str, queue: str, takers: list[str]) -> tuple[str, list[int]]:
+    """A job of one 4-item batch per taker, each enqueued, delivered (the queue emptied) and taken by its taker."""
+    import redis
+
+    from storage.settings import get_settings
+    from workers.feeder import enqueue_claimed
+
+    job_id = _job(db_url, 4 * len(takers))
+    with session_scope(db_url) as s:
+        version = s.get(Job, job_id).model_version
+    rows = [(job_id, n, 4 * n, 4 * n + 4, None, version) for n in range(len(takers))]
+    assert enqueue_claimed(rows) == len(takers)
+    redis.Redis.from_url(get_settings().redis_url).delete(queue)
+    for n, worker in enumerate(takers):
+        with session_scope(db_url) as s:
+            assert repo.start_batch(s, job_id=job_id, batch_no=n, worker=worker) == 0
+    return job_id, list(range(len(takers)))
+
+
+def _requeues(db_url: str, job_id: str) -> dict[int, tuple[int, int]]:
+    with session_scope(db_url) as s:
+        return {b.batch_no: (b.attempts, b.deaths) for b in s.query(Batch).filter_by(job_id=job_id)}
+
+
+def test_a_batch_its_live_worker_left_is_queued_again(db_url: str, monkeypatch: pytest.MonkeyPatch):
+    """Forced: two live workers each took a batch. One still works on it (its heartbeat names it); the other left
+    it (its heartbeat says idle: the batch's retry waited in its memory and was lost with a Redis restart). The
+    sweeper must queue the left batch again a TTL later, without counting a death, and leave the other alone; the
+    old sweeper trusted any live heartbeat and left both until the 6-hour deadline."""
+    import uuid
+    from datetime import datetime, timedelta, timezone
+
+    import redis
+
+    from storage.settings import get_settings
+    from workers import liveness
+    from workers.messages import batch_key
+    from workers.sweeper import sweep
+
+    queue = f"test-left-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv("REWARDQ_SCORING_QUEUE", queue)
+    get_settings.cache_clear()
+    r = redis.Redis.from_url(get_settings().redis_url)
+    idle, busy = f"idle:{uuid.uuid4().hex[:8]}", f"busy:{uuid.uuid4().hex[:8]}"
+    try:
+        job_id, _ = _taken_job(db_url, queue, [idle, busy])
+        r.set(liveness.PREFIX + idle, liveness.IDLE, ex=300)
+        r.set(liveness.PREFIX + busy, batch_key(job_id, 1), ex=300)
+        sweep(now=datetime.now(timezone.utc) + timedelta(seconds=get_settings().heartbeat_ttl_s + 1))
+        assert _requeues(db_url, job_id) == {0: (2, 0), 1: (1, 0)}
+        assert r.llen(queue) == 1
+    finally:
+        r.delete(queue, liveness.PREFIX + idle, liveness.PREFIX + busy)
+        monkeypatch.delenv("REWARDQ_SCORING_QUEUE")
+        get_settings.cache_clear()
+
+
+def test_missing_heartbeats_mean_nothing_until_a_restarted_redis_is_a_ttl_old(
+    db_url: str, tmp_path, monkeypatch: pytest.MonkeyPatch
+):
+    """Forced: Redis has just restarted (a new redis-server), so no worker's heartbeat is there yet; live workers
+    write theirs again within a third of the TTL. The sweeper must neither queue a taken batch again nor release a
+    running run until Redis is a TTL old (the old sweeper took every worker for dead and retrained runs twice);
+    then a worker still missing is dead."""
+    import uuid
+    from datetime import timedelta
+
+    from api.procs import free_port, start_redis, wait_for
+    from storage import training_repository as trepo
+    from storage.models import db_now
+    from storage.settings import get_settings
+    from tests.support import need
+    from workers import liveness
+    from workers.sweeper import sweep, sweep_runs
+
+    port = free_port()
+    server = start_redis(port, tmp_path / "redis.log")
+    need(server is not None, "redis-server")
+    assert server is not None
+    url = f"redis://127.0.0.1:{port}/0"
+    queue = f"test-restarted-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv("REWARDQ_REDIS_URL", url)
+    monkeypatch.setenv("REWARDQ_HEARTBEAT_TTL_S", "5")
+    monkeypatch.setenv("REWARDQ_SCORING_QUEUE", queue)
+    monkeypatch.setenv("REWARDQ_TRAINING_QUEUE", queue + "-runs")
+    get_settings.cache_clear()
+    gone = f"gone:{uuid.uuid4().hex[:8]}"
+    try:
+        job_id, _ = _taken_job(db_url, queue, [gone])
+        with session_scope(db_url) as s:
+            run = trepo.create_run(s, tenant=f"t-{uuid.uuid4().hex[:6]}", params={}).id
+        with session_scope(db_url) as s:
+            assert trepo.start_run(s, run_id=run, base_version="v", n_feedback=0, max_feedback_id=0, worker=gone)
+        with session_scope(db_url) as s:
+            later = db_now(s) + timedelta(seconds=6)
+        assert not liveness.trusted(url, 5)
+        sweep(now=later)
+        assert sweep_runs() == []
+        assert _requeues(db_url, job_id) == {0: (1, 0)}
+        wait_for(lambda: liveness.trusted(url, 5), 10, "Redis a TTL old")
+        sweep(now=later)
+        assert sweep_runs() == [run]
+        assert _requeues(db_url, job_id) == {0: (2, 1)}
+    finally:
+        server.stop()
         get_settings.cache_clear()

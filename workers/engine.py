@@ -125,6 +125,15 @@ def score_batch(msg: ScoreBatch, queue: str | None = None) -> int:
     """
     settings = get_settings()
     worker = liveness.ensure_heartbeat(settings.redis_url, settings.heartbeat_ttl_s)
+    # Said in the heartbeat before the take, so a sweeper that sees the take also sees the work.
+    liveness.working_on(settings.redis_url, settings.heartbeat_ttl_s, batch_key(msg.job_id, msg.batch_no))
+    try:
+        return _take_and_score(msg, queue, settings, worker)
+    finally:
+        liveness.working_on(settings.redis_url, settings.heartbeat_ttl_s, None)
+
+
+def _take_and_score(msg: ScoreBatch, queue: str | None, settings: Settings, worker: str) -> int:
     try:  # no longer waiting in a queue (the sweeper's membership test for lost messages)
         metrics.client(settings.redis_url).srem(QUEUED_BATCHES, batch_key(msg.job_id, msg.batch_no))
     except redis.RedisError:

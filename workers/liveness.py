@@ -17,8 +17,10 @@ from workers import metrics
 log = logging.getLogger(__name__)
 
 PREFIX = "rewardq:worker:"
+IDLE = "idle"
 _lock = threading.Lock()
 _started_in: int | None = None  # the pid whose heartbeat thread runs (a forked child starts its own)
+_doing = IDLE  # what this process works on now (a batch or a run): its heartbeat's value
 
 
 def worker_id() -> str:
@@ -28,7 +30,7 @@ def worker_id() -> str:
 
 def _beat(client: redis.Redis, key: str, ttl_s: float) -> bool:
     try:
-        client.set(key, "1", px=max(1, int(ttl_s * 1000)))
+        client.set(key, _doing, px=max(1, int(ttl_s * 1000)))
         return True
     except (redis.RedisError, OSError):
         return False
@@ -58,10 +60,39 @@ def ensure_heartbeat(url: str, ttl_s: float) -> str:
         return wid
 
 
-def alive(url: str, workers: Iterable[str]) -> set[str]:
-    """Which of these workers have a live heartbeat."""
+def working_on(url: str, ttl_s: float, what: str | None) -> None:
+    """Say in this process's heartbeat what it works on now (None: nothing), at once: a batch or run that its live
+    worker no longer works on (a retry waiting in memory, a message lost with it) is then taken back by the sweeper,
+    not left to the deadline."""
+    global _doing
+    _doing = what or IDLE
+    _beat(metrics.client(url), PREFIX + worker_id(), ttl_s)
+
+
+def doing(url: str, workers: Iterable[str]) -> dict[str, str]:
+    """What each of these workers with a live heartbeat says it works on (absent: its heartbeat expired)."""
     ids = sorted(set(workers))
     if not ids:
-        return set()
+        return {}
     found = metrics.client(url).mget([PREFIX + w for w in ids])
-    return {w for w, v in zip(ids, found, strict=True) if v is not None}
+    return {w: v.decode() if isinstance(v, bytes) else str(v) for w, v in zip(ids, found, strict=True) if v is not None}
+
+
+def alive(url: str, workers: Iterable[str]) -> set[str]:
+    """Which of these workers have a live heartbeat."""
+    return set(doing(url, workers))
+
+
+def abandoned(beat: str | None, what: str) -> bool:
+    """A live worker whose heartbeat names other work (or none) than ``what`` it took. A heartbeat from before
+    workers said what they do ('1') never counts as abandoning."""
+    return beat is not None and beat != "1" and beat != what
+
+
+def trusted(url: str, ttl_s: float) -> bool:
+    """Whether missing heartbeats mean anything yet: a Redis that restarted less than a TTL ago has lost every
+    heartbeat, and live workers write theirs again within a third of the TTL."""
+    try:
+        return float(metrics.client(url).info("server").get("uptime_in_seconds", 0)) >= ttl_s
+    except (redis.RedisError, OSError, ValueError):
+        return False

@@ -55,6 +55,11 @@ def batch_key(job_id: str, batch_no: int) -> str:
     return f"{job_id}:{batch_no}"
 
 
+def run_key(run_id: str) -> str:
+    """A training run as a worker's heartbeat names it (workers.liveness)."""
+    return f"run:{run_id}"
+
+
 def enqueue_score_batches(messages: Sequence[ScoreBatch], queue: str) -> None:
     """Publish the batches to ``queue`` over one broker connection (noting each as waiting first)."""
     if not messages:

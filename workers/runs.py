@@ -19,6 +19,7 @@ from storage.models import RunStatus
 from storage.score_stats import summarize
 from storage.settings import get_settings
 from workers import engine, liveness
+from workers.messages import run_key
 from workers.registry import resolve_encoder
 from workers.train_params import TrainParams, params_for
 from workers.trainer import Feedback, Preference, Rating, evaluate
@@ -74,6 +75,7 @@ def execute_run(run_id: str) -> str:
     if not claimed:
         log.info("run %s was claimed by another worker", run_id)
         return RunStatus.running.value
+    liveness.working_on(settings.redis_url, settings.heartbeat_ttl_s, run_key(run_id))
     try:
         if active is None:
             raise RunError("no active model version: run 'rewardq db upgrade' or start a worker")
@@ -92,6 +94,8 @@ def execute_run(run_id: str) -> str:
                 worker=worker,
             )
         return RunStatus.failed.value
+    finally:
+        liveness.working_on(settings.redis_url, settings.heartbeat_ttl_s, None)
 
 
 def _fit(params: TrainParams, train: Feedback, progress: Any) -> tuple[Any, list[float], str]:

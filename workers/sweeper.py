@@ -22,7 +22,7 @@ from storage.models import db_now
 from storage.settings import get_settings
 from workers import liveness, metrics
 from workers.feeder import enqueue_claimed
-from workers.messages import QUEUED_BATCHES, batch_key, enqueue_training_run
+from workers.messages import QUEUED_BATCHES, batch_key, enqueue_training_run, run_key
 
 log = logging.getLogger(__name__)
 
@@ -46,20 +46,36 @@ def sweep(now: datetime | None = None) -> int:
             (b.job_id, b.batch_no, b.start_idx, b.end_idx, b.enqueued_at, v)
             for b, v in repo.untaken_batches(s, older_than=lost_before)
         ]
-    beating = liveness.alive(settings.redis_url, [row[6] for row in taken_rows if row[6]])
-    orphaned = [row[:6] for row in taken_rows if row[6] and row[6] not in beating and row[7] < fresh]
-    overdue = [row[:6] for row in taken_rows if (not row[6] or row[6] in beating) and row[7] < deadline]
+    if liveness.trusted(settings.redis_url, settings.heartbeat_ttl_s):
+        beats = liveness.doing(settings.redis_url, [row[6] for row in taken_rows if row[6]])
+    else:  # Redis has just restarted: every worker looks dead until it beats again
+        beats = {row[6]: "1" for row in taken_rows if row[6]}
+    orphaned = [row[:6] for row in taken_rows if row[6] and row[6] not in beats and row[7] < fresh]
+    # A live worker that no longer works on a batch it took (a retry waiting in its memory, lost with a Redis
+    # restart) left it: no death, but no reason to wait for the deadline either.
+    left = [
+        row[:6]
+        for row in taken_rows
+        if row[6] and liveness.abandoned(beats.get(row[6]), batch_key(row[0], row[1])) and row[7] < fresh
+    ]
+    left_keys = {row[:2] for row in left}
+    overdue = [
+        row[:6]
+        for row in taken_rows
+        if (not row[6] or row[6] in beats) and row[7] < deadline and row[:2] not in left_keys
+    ]
     if lost_rows:  # lost, unless its message still waits behind a backlog (checked directly, not by an empty queue)
         waiting = metrics.client(settings.redis_url).smembers(QUEUED_BATCHES)
         lost_rows = [row for row in lost_rows if batch_key(row[0], row[1]).encode() not in waiting]
     requeued = enqueue_claimed(orphaned, died=True) if orphaned else 0
-    rows = overdue + lost_rows
+    rows = left + overdue + lost_rows
     requeued += enqueue_claimed(rows) if rows else 0
     if requeued:
         log.warning(
-            "re-enqueued %d batch(es): %d whose worker is gone, %d past the deadline, %d lost",
+            "re-enqueued %d batch(es): %d whose worker is gone, %d it left, %d past the deadline, %d lost",
             requeued,
             len(orphaned),
+            len(left),
             len(overdue),
             len(lost_rows),
         )
@@ -68,7 +84,8 @@ def sweep(now: datetime | None = None) -> int:
 
 
 def sweep_runs(now: datetime | None = None) -> list[str]:
-    """Training runs cannot be lost: a running run whose worker's heartbeat expired goes back to ``queued`` (a
+    """Training runs cannot be lost: a running run whose worker's heartbeat expired, or whose live worker no longer
+    works on it, goes back to ``queued`` (a
     compare-and-set on that worker) and is enqueued again for another worker; a queued run enqueued
     REWARDQ_LOST_AFTER_S ago whose message is not in the training queue (a beat killed between its commit and its
     publish, a Redis restart) is enqueued again. A duplicate message is harmless: a run is claimed once. Returns
@@ -77,8 +94,18 @@ def sweep_runs(now: datetime | None = None) -> list[str]:
     with session_scope() as s:
         now = now or db_now(s)
         running = trepo.running_runs(s)
-    beating = liveness.alive(settings.redis_url, [w for _, w in running if w])
-    dead = [(r, w) for r, w in running if w and w not in beating]
+    if not liveness.trusted(settings.redis_url, settings.heartbeat_ttl_s):
+        running = []  # Redis has just restarted: every worker looks dead until it beats again
+    beats = liveness.doing(settings.redis_url, [w for _, w, _ in running if w])
+    fresh = now - timedelta(seconds=settings.heartbeat_ttl_s)  # it names the run in its heartbeat once claimed
+    dead = [
+        (r, w)
+        for r, w, started in running
+        if w
+        and (
+            w not in beats or (liveness.abandoned(beats[w], run_key(r)) and (started is None or _utc(started) < fresh))
+        )
+    ]
     released: list[str] = []
     if dead:
         with session_scope() as s:
