@@ -196,5 +196,8 @@ def ledger() -> Iterator[Ledger]:
     for k, w, b, o in book.rows:
         backends.setdefault((k, w, o), set()).add(b)
     lines += [f"| {k} | {w} | {', '.join(sorted(backends[(k, w, o)]))} | {o} |" for k, w, o in sorted(backends)]
+    campaign = ROOT / "benchmarks" / "results" / "fault_campaign.md"  # the full campaign's last run (tests/campaign.py)
+    if campaign.exists():
+        lines += ["", "## The fault campaign", "", campaign.read_text().rstrip()]
     path.parent.mkdir(exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
