@@ -84,7 +84,9 @@ class Settings(BaseSettings):
         default="",
         description="testing aid: while this file exists, scoring fails with a transient error (the database gone)",
     )
-    sweep_interval_s: float = Field(default=10.0, gt=0, description="how often beat looks for overdue batches")
+    sweep_interval_s: float = Field(
+        default=5.0, gt=0, description="how often beat looks for batches and runs whose worker is gone or lost"
+    )
     rate_limit_per_minute: int = Field(default=0, ge=0, description="requests per API key per minute; 0 = off")
     fault_poison_marker: str = Field(default="", description="testing aid: a text containing it fails to score")
     gate_margin: float = Field(default=0.005, description="a candidate must beat the active version by this much")

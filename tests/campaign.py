@@ -95,6 +95,7 @@ class Report:
             "violations": self.violations,
             "crashes": self.crashes,
             "worker_kill_recoveries": len(self.recoveries),
+            "recoveries_s": [[round(r, 1), round(d, 1)] for r, d in self.recoveries],
             "worst_recovery_s": self.worst_recovery,
             "worst_recovery_done_s": self.worst_done,
             "seconds": round(self.seconds, 1),
@@ -291,7 +292,7 @@ class Campaign:
         proc = self.procs[name]
         out = subprocess.run(["ps", "-o", "pid=", "-g", str(proc.pid)], capture_output=True, text=True).stdout
         host = os.uname().nodename
-        return [f"{host}:{pid.strip()}" for pid in out.split() if pid.strip()]
+        return [f"{host}:{pid.strip()}:%" for pid in out.split() if pid.strip()]  # and the process's own token
 
     def supervise(self) -> None:
         """Start again a process that exited on its own, as a supervisor (systemd, a restart policy) would: the
@@ -335,7 +336,7 @@ class Campaign:
             self.procs[name].kill(signal.SIGSTOP)  # what it holds now is what the kill strands
             held = self.sql(
                 "SELECT b.job_id, b.batch_no, statement_timestamp() FROM batches b JOIN jobs j ON j.id = b.job_id"
-                " WHERE NOT b.done AND b.worker = ANY(%s) AND j.status IN ('queued', 'running')",
+                " WHERE NOT b.done AND b.worker LIKE ANY(%s) AND j.status IN ('queued', 'running')",
                 ids,
             )
             self.procs[name].kill()

@@ -324,6 +324,8 @@ def test_a_batch_its_live_worker_left_is_queued_again(db_url: str, monkeypatch: 
         r.set(liveness.PREFIX + idle, liveness.IDLE, ex=300)
         r.set(liveness.PREFIX + busy, batch_key(job_id, 1), ex=300)
         sweep(now=datetime.now(timezone.utc) + timedelta(seconds=get_settings().heartbeat_ttl_s + 1))
+        assert _requeues(db_url, job_id) == {0: (1, 0), 1: (1, 0)}  # a retry may still be waiting for a minute
+        sweep(now=datetime.now(timezone.utc) + timedelta(seconds=get_settings().heartbeat_ttl_s + 61))
         assert _requeues(db_url, job_id) == {0: (2, 0), 1: (1, 0)}
         assert r.llen(queue) == 1
     finally:
@@ -337,8 +339,8 @@ def test_missing_heartbeats_mean_nothing_until_a_restarted_redis_is_a_ttl_old(
 ):
     """Forced: Redis has just restarted (a new redis-server), so no worker's heartbeat is there yet; live workers
     write theirs again within a third of the TTL. The sweeper must neither queue a taken batch again nor release a
-    running run until Redis is a TTL old (the old sweeper took every worker for dead and retrained runs twice);
-    then a worker still missing is dead."""
+    running run until Redis has been up for two beats (the old sweeper took every worker for dead and retrained
+    runs twice); then a worker still missing is dead."""
     import uuid
     from datetime import timedelta
 
@@ -357,7 +359,7 @@ def test_missing_heartbeats_mean_nothing_until_a_restarted_redis_is_a_ttl_old(
     url = f"redis://127.0.0.1:{port}/0"
     queue = f"test-restarted-{uuid.uuid4().hex[:8]}"
     monkeypatch.setenv("REWARDQ_REDIS_URL", url)
-    monkeypatch.setenv("REWARDQ_HEARTBEAT_TTL_S", "5")
+    monkeypatch.setenv("REWARDQ_HEARTBEAT_TTL_S", "9")
     monkeypatch.setenv("REWARDQ_SCORING_QUEUE", queue)
     monkeypatch.setenv("REWARDQ_TRAINING_QUEUE", queue + "-runs")
     get_settings.cache_clear()
@@ -369,12 +371,12 @@ def test_missing_heartbeats_mean_nothing_until_a_restarted_redis_is_a_ttl_old(
         with session_scope(db_url) as s:
             assert trepo.start_run(s, run_id=run, base_version="v", n_feedback=0, max_feedback_id=0, worker=gone)
         with session_scope(db_url) as s:
-            later = db_now(s) + timedelta(seconds=6)
-        assert not liveness.trusted(url, 5)
+            later = db_now(s) + timedelta(seconds=10)
+        assert not liveness.trusted(url, 9)  # up for less than two beats (6 s)
         sweep(now=later)
         assert sweep_runs() == []
         assert _requeues(db_url, job_id) == {0: (1, 0)}
-        wait_for(lambda: liveness.trusted(url, 5), 10, "Redis a TTL old")
+        wait_for(lambda: liveness.trusted(url, 9), 15, "Redis up for two beats")
         sweep(now=later)
         assert sweep_runs() == [run]
         assert _requeues(db_url, job_id) == {0: (2, 1)}

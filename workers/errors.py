@@ -34,6 +34,7 @@ class WorkerLost(RewardqError):
 
 
 # Failures of the services around a batch, not of its items: retry the task with capped backoff.
+RETRY_BACKOFF_MAX_S = 60
 TRANSIENT: tuple[type[BaseException], ...] = (OperationalError, ConnectionError, TimeoutError, OSError)
 
 

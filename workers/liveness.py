@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import socket
 import threading
 from collections.abc import Iterable
@@ -23,9 +24,16 @@ _started_in: int | None = None  # the pid whose heartbeat thread runs (a forked 
 _doing = IDLE  # what this process works on now (a batch or a run): its heartbeat's value
 
 
+_token: tuple[int, str] | None = None  # (pid, random) of this process: a forked child makes its own
+
+
 def worker_id() -> str:
-    """This process, as batches record it: host and pid (unique among live processes on a host)."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """This process, as batches record it: host, pid and a random token of the process, so a restarted worker that
+    gets the same host name and pid (pid 1 in a container) is never taken for the one that died."""
+    global _token
+    if _token is None or _token[0] != os.getpid():
+        _token = (os.getpid(), secrets.token_hex(4))
+    return f"{socket.gethostname()}:{os.getpid()}:{_token[1]}"
 
 
 def _beat(client: redis.Redis, key: str, ttl_s: float) -> bool:
@@ -90,9 +98,13 @@ def abandoned(beat: str | None, what: str) -> bool:
 
 
 def trusted(url: str, ttl_s: float) -> bool:
-    """Whether missing heartbeats mean anything yet: a Redis that restarted less than a TTL ago has lost every
-    heartbeat, and live workers write theirs again within a third of the TTL."""
+    """Whether missing heartbeats mean anything yet: a Redis that restarted has lost every heartbeat, and live
+    workers write theirs again within a third of the TTL, so they count once it has been up for two beats. A Redis
+    that does not tell its uptime (INFO refused by an ACL, a proxy) is trusted, as before this check."""
     try:
-        return float(metrics.client(url).info("server").get("uptime_in_seconds", 0)) >= ttl_s
-    except (redis.RedisError, OSError, ValueError):
+        uptime = metrics.client(url).info("server").get("uptime_in_seconds")
+    except redis.ResponseError:
+        return True
+    except (redis.RedisError, OSError):
         return False
+    return uptime is None or float(uptime) >= ttl_s * 2 / 3

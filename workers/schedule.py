@@ -69,11 +69,9 @@ class SqlScheduler(beat.Scheduler):  # type: ignore[misc]
             self._last_sweep = time.monotonic()
             try:
                 sweep()
-            except Exception:
-                log.exception("sweeper failed")
-            try:
                 sweep_runs()
-            except Exception:
-                log.exception("sweeping training runs failed")
+            except Exception:  # the database or Redis is out: try again at the next tick, not an interval later
+                log.exception("sweeper failed")
+                self._last_sweep = 0.0
             feed_quietly()
         return min(float(super().tick(*args, **kwargs)), POLL_SECONDS)

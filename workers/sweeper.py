@@ -21,6 +21,7 @@ from storage.db import session_scope
 from storage.models import db_now
 from storage.settings import get_settings
 from workers import liveness, metrics
+from workers.errors import RETRY_BACKOFF_MAX_S
 from workers.feeder import enqueue_claimed
 from workers.messages import QUEUED_BATCHES, batch_key, enqueue_training_run, run_key
 
@@ -35,6 +36,8 @@ def sweep(now: datetime | None = None) -> int:
         now = now or db_now(s)  # the clock the times compared here were written with, whichever host wrote them
     deadline = now - timedelta(seconds=settings.batch_deadline_s)
     fresh = now - timedelta(seconds=settings.heartbeat_ttl_s)  # a worker beat just before it claimed these
+    # A batch its live worker left may have a retry waiting up to a minute (workers.tasks): give it that first.
+    retries_done = fresh - timedelta(seconds=RETRY_BACKOFF_MAX_S)
     lost_before = now - timedelta(seconds=min(settings.lost_after_s, settings.batch_deadline_s))
     with session_scope() as s:
         taken_rows = [
@@ -56,7 +59,7 @@ def sweep(now: datetime | None = None) -> int:
     left = [
         row[:6]
         for row in taken_rows
-        if row[6] and liveness.abandoned(beats.get(row[6]), batch_key(row[0], row[1])) and row[7] < fresh
+        if row[6] and liveness.abandoned(beats.get(row[6]), batch_key(row[0], row[1])) and row[7] < retries_done
     ]
     left_keys = {row[:2] for row in left}
     overdue = [

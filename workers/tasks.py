@@ -12,7 +12,7 @@ from sqlalchemy.exc import OperationalError
 from storage.settings import get_settings
 from workers import engine, events
 from workers.celery_app import SCORE_BATCH, SCORE_INTERACTIVE, TRAIN, app
-from workers.errors import TRANSIENT, ModelUnavailable, is_transient
+from workers.errors import RETRY_BACKOFF_MAX_S, TRANSIENT, ModelUnavailable, is_transient
 from workers.messages import InteractiveBatch, ScoreBatch
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ def score_batch(self: Any, payload: dict[str, Any]) -> int:
         if not is_transient(exc):
             raise
         engine.release_for_retry(msg)
-        countdown = get_exponential_backoff_interval(1, self.request.retries, 60, full_jitter=True)
+        countdown = get_exponential_backoff_interval(1, self.request.retries, RETRY_BACKOFF_MAX_S, full_jitter=True)
         raise self.retry(exc=exc, countdown=countdown) from exc
 
 
