@@ -16,9 +16,19 @@ from api.cli_common import echo_json
 @click.option("--port", default=8000, type=int, help="port to listen on")
 @click.option("--workers", default=1, type=int, help="uvicorn worker processes")
 def api(host: str, port: int, workers: int) -> None:
-    """Run the HTTP API (and the dashboard at /ui)."""
+    """Run the HTTP API (and the dashboard at /ui). It needs an API key (`rewardq keys create TENANT`, or
+    REWARDQ_API_KEYS), or REWARDQ_ALLOW_ANONYMOUS=1 to serve without keys on a trusted loopback."""
     import uvicorn
 
+    from api.deps import check_auth_setup
+    from storage.settings import get_settings
+
+    try:
+        warning = check_auth_setup(get_settings())
+    except (RuntimeError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    if warning:
+        click.secho(f"WARNING: {warning}", fg="red", bold=True, err=True)
     uvicorn.run("api.main:app", host=host, port=port, workers=workers, log_level="info")
 
 
@@ -121,6 +131,21 @@ def keys_list() -> None:
                 for k in list_keys(s)
             ]
         )
+
+
+@keys.command("revoke")
+@click.argument("prefix")
+def keys_revoke(prefix: str) -> None:
+    """Revoke the key whose prefix `rewardq keys list` shows. Revoking the last key locks the API (unless
+    REWARDQ_ALLOW_ANONYMOUS=1); it never opens it."""
+    from storage.db import session_scope
+    from storage.keys import revoke_key
+
+    with session_scope() as s:
+        revoked = revoke_key(s, prefix=prefix)
+    if revoked is None:
+        raise click.ClickException(f"no unrevoked key has the prefix {prefix!r} (see `rewardq keys list`)")
+    click.echo(f"revoked the key {prefix} of tenant {revoked!r}", err=True)
 
 
 @click.group()

@@ -62,6 +62,7 @@ def run_demo(keep: bool = False, limit: int | None = None, api_port: int | None 
         shutil.rmtree(DEMO_DIR)
     DEMO_DIR.mkdir(exist_ok=True)
     env = dict(os.environ)
+    env.setdefault("REWARDQ_ALLOW_ANONYMOUS", "1")  # its API listens on 127.0.0.1 only, for the demo's own client
     env["REWARDQ_DATABASE_URL"] = f"sqlite:///{(DEMO_DIR / 'rewardq.db').resolve()}"
     env.setdefault("REWARDQ_REDIS_URL", "redis://127.0.0.1:6379/0")
     procs: list[Proc] = []

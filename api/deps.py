@@ -12,6 +12,7 @@ from typing import Annotated
 
 import redis
 from fastapi import Depends, Request
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from api.errors import ApiError, FieldError
@@ -35,8 +36,37 @@ UI_HEADER = "x-rewardq-ui"  # sent by the dashboard's scripts; a cross-site form
 
 
 def auth_required(settings: Settings, session: Session) -> bool:
-    """Auth is on when REWARDQ_API_KEYS is set or any key was made with `rewardq keys create`."""
-    return bool(settings.api_key_map()) or keys.any_keys(session)
+    """Auth is on unless the operator allowed anonymous use (REWARDQ_ALLOW_ANONYMOUS) and no key was ever made, in
+    REWARDQ_API_KEYS or with `rewardq keys create`: revoking the last key never opens the API."""
+    return not settings.allow_anonymous or bool(settings.api_key_map()) or keys.any_keys(session, revoked_too=True)
+
+
+NO_KEYS = (
+    "no API keys, and anonymous use is not allowed: make a key with `rewardq keys create TENANT` (or set "
+    "REWARDQ_API_KEYS='tenant:KEY' with KEY at least 32 characters), or set REWARDQ_ALLOW_ANONYMOUS=1 to serve "
+    "without keys on a trusted loopback"
+)
+ANONYMOUS_WARNING = (
+    "REWARDQ_ALLOW_ANONYMOUS=1 and no API keys: ANYONE WHO CAN REACH THIS API IS ITS ADMIN (every tenant's jobs, "
+    "models and training). Bind it to 127.0.0.1 only, or create a key with `rewardq keys create TENANT`."
+)
+
+
+def check_auth_setup(settings: Settings) -> str | None:
+    """Before the API serves anything: refuse to start open by accident (RuntimeError saying what to do; a
+    malformed or short key in REWARDQ_API_KEYS is a ValueError). Returns a warning when it will serve anonymously."""
+    if settings.api_key_map():
+        return None
+    try:
+        with get_sessionmaker(settings.database_url)() as session:
+            if keys.any_keys(session):
+                return None
+    except SQLAlchemyError as exc:  # not migrated, or down: auth stays on unless anonymous use is allowed
+        log.warning("could not look for API keys: %s", exc)
+        return ANONYMOUS_WARNING if settings.allow_anonymous else None
+    if not settings.allow_anonymous:
+        raise RuntimeError(NO_KEYS)
+    return ANONYMOUS_WARNING
 
 
 @dataclass(frozen=True)
@@ -87,20 +117,24 @@ def _caller(
     settings: Annotated[Settings, Depends(get_settings)],
     session: Annotated[Session, Depends(_session)],
 ) -> Caller:
-    """The caller, from `Authorization: Bearer <key>` or the dashboard's cookie."""
+    """The caller, from `Authorization: Bearer <key>` or the dashboard's cookie. Each key is rate limited (each
+    client address when anonymous), and so are failed authentications per client address."""
+    address = request.client.host if request.client else "unknown"
     if not auth_required(settings, session):
+        _limit(settings, f"addr:{address}", settings.rate_limit_per_minute, "requests per minute from this address")
         return ANONYMOUS
     token, from_cookie = request_key(request)
     if not token:
         raise ApiError(401, "missing 'Authorization: Bearer <key>'", headers={"WWW-Authenticate": "Bearer"})
+    stop_guessing(settings, address)
     if from_cookie and request.method not in ("GET", "HEAD") and request.headers.get(UI_HEADER) != "1":
         # The cookie alone never authorises a change: that would let another site's form act as the user.
         raise ApiError(403, f"cookie-authenticated changes need the {UI_HEADER} header")
     caller = caller_for_key(settings, session, token)
     if caller is None:
+        note_failed_auth(settings, address)
         raise ApiError(401, "invalid API key", headers={"WWW-Authenticate": "Bearer"})
-    if settings.rate_limit_per_minute:
-        _rate_limit(settings, token)
+    _limit(settings, f"key:{keys.hash_key(token)[:24]}", settings.rate_limit_per_minute, "requests per minute")
     return caller
 
 
@@ -114,23 +148,46 @@ def _admin(caller: Annotated[Caller, Depends(_caller)]) -> Caller:
     return caller
 
 
-def _rate_limit(settings: Settings, token: str) -> None:
-    """A fixed one-minute window per key, counted in Redis; fails open if Redis is unreachable."""
-    now = time.time()
-    window = int(now // 60)
-    name = f"rewardq:ratelimit:{keys.hash_key(token)[:24]}:{window}"
+_local: dict[str, int] = {}  # the counters while Redis is unreachable: per process, so still a limit
+
+
+def _count(settings: Settings, name: str, add: int = 1) -> int:
+    """Add ``add`` to a counter of the current minute and return it; counted in Redis, so every API process
+    shares it, or in this process while Redis is unreachable (a limit never fails open)."""
+    key = f"rewardq:ratelimit:{name}:{int(time.time() // 60)}"
     try:
         pipe = metrics.client(settings.redis_url).pipeline()
-        pipe.incr(name)
-        pipe.expire(name, 120)
-        count = int(pipe.execute()[0])
+        pipe.incrby(key, add)
+        pipe.expire(key, 120)
+        return int(pipe.execute()[0])
     except redis.RedisError:
-        log.warning("rate limit not enforced: Redis unreachable")
-        return
-    if count > settings.rate_limit_per_minute:
-        retry = max(1, int(60 - now % 60) + 1)
-        raise ApiError(429, f"rate limit of {settings.rate_limit_per_minute} requests per minute exceeded",
-                       headers={"Retry-After": str(retry)})  # fmt: skip
+        if len(_local) > 10_000:
+            _local.clear()  # old windows
+        _local[key] = _local.get(key, 0) + add
+        return _local[key]
+
+
+def stop_guessing(settings: Settings, address: str) -> None:
+    """429 once this client address has failed REWARDQ_AUTH_FAILURES_PER_MINUTE authentications this minute:
+    checked before the key, so guessing stops there whatever the guess."""
+    limit = settings.auth_failures_per_minute
+    if limit and _count(settings, f"authfail:{address}", add=0) >= limit:
+        raise _too_many(limit, "failed authentications per minute from this address")
+
+
+def note_failed_auth(settings: Settings, address: str) -> None:
+    if settings.auth_failures_per_minute:
+        _count(settings, f"authfail:{address}")
+
+
+def _too_many(limit: int, what: str) -> ApiError:
+    retry = max(1, int(60 - time.time() % 60) + 1)
+    return ApiError(429, f"rate limit of {limit} {what} exceeded", headers={"Retry-After": str(retry)})
+
+
+def _limit(settings: Settings, name: str, limit: int, what: str) -> None:
+    if limit and _count(settings, name) > limit:
+        raise _too_many(limit, what)
 
 
 def request_content_type(request: Request) -> str:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -10,10 +13,14 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError
 
 from api import ui
+from api.deps import check_auth_setup
 from api.errors import ApiError, FieldError
 from api.integrations import openrlhf, vllm
 from api.routes import feedback, jobs, models, ops, score, training
 from api.schemas import JobCreate, ScoreRequest
+from storage.settings import get_settings
+
+log = logging.getLogger(__name__)
 
 
 def _field_error(err: dict[str, Any]) -> FieldError:
@@ -23,11 +30,21 @@ def _field_error(err: dict[str, Any]) -> FieldError:
     return FieldError(names[-1] if names else "body", err.get("msg", "invalid"), index)
 
 
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings = app.dependency_overrides.get(get_settings, get_settings)()
+    warning = check_auth_setup(settings)  # raises: the API does not start open by accident
+    if warning:
+        log.warning(warning)
+    yield
+
+
 def create_app() -> FastAPI:
     app = FastAPI(
         title="rewardq",
         version="0.1.0",
         description="Queue-based batch scoring and retraining for reward models.",
+        lifespan=_lifespan,
     )
 
     @app.exception_handler(ApiError)

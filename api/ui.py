@@ -26,8 +26,10 @@ from api.deps import (
     SessionDep,
     SettingsDep,
     auth_required,
+    note_failed_auth,
     read_body,
     request_key,
+    stop_guessing,
     tenant_for_key,
 )
 from api.errors import ApiError
@@ -133,7 +135,13 @@ async def login(request: Request, settings: SettingsDep, session: SessionDep) ->
     next_url = _safe_next((form.get("next") or [""])[0])
     if not auth_required(settings, session):
         return RedirectResponse(next_url, status_code=303)
+    address = request.client.host if request.client else "unknown"
+    try:
+        stop_guessing(settings, address)
+    except ApiError as exc:
+        return _login_form(next_url, "Too many failed sign-ins from this address; wait a minute.", exc.status)
     if not key or tenant_for_key(settings, session, key) is None:
+        note_failed_auth(settings, address)
         return _login_form(next_url, "That key is not valid.", 401)
     resp = RedirectResponse(next_url, status_code=303)
     resp.set_cookie(UI_COOKIE, key, max_age=COOKIE_MAX_AGE_S, httponly=True, samesite="strict", path="/",

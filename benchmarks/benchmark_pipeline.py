@@ -102,7 +102,9 @@ class Stack:
         self.env = {**os.environ, "REWARDQ_DATABASE_URL": self.db_url,
                     "REWARDQ_REDIS_URL": redis_url, "REWARDQ_SCORING_QUEUE": f"bench-{os.getpid()}",
                     "REWARDQ_INTERACTIVE_QUEUE": f"bench-{os.getpid()}-interactive",
-                    "REWARDQ_TRAINING_QUEUE": f"bench-{os.getpid()}-training", "PYTHONPATH": str(ROOT)}  # fmt: skip
+                    "REWARDQ_TRAINING_QUEUE": f"bench-{os.getpid()}-training", "PYTHONPATH": str(ROOT),
+                    # A loopback API for the benchmark's own clients: no keys, and no limit on what they measure.
+                    "REWARDQ_ALLOW_ANONYMOUS": "1", "REWARDQ_RATE_LIMIT_PER_MINUTE": "0"}  # fmt: skip
         os.environ.update({k: self.env[k] for k in ("REWARDQ_DATABASE_URL", "REWARDQ_REDIS_URL")})
         from storage.settings import get_settings
 

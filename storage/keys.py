@@ -9,7 +9,7 @@ import secrets
 from sqlalchemy import exists, select
 from sqlalchemy.orm import Session
 
-from storage.models import ApiKey
+from storage.models import ApiKey, utcnow
 
 
 def hash_key(key: str) -> str:
@@ -23,8 +23,10 @@ def create_key(session: Session, *, tenant: str, admin: bool = False) -> str:
     return key
 
 
-def any_keys(session: Session) -> bool:
-    return bool(session.scalar(select(exists().where(ApiKey.revoked_at.is_(None)))))
+def any_keys(session: Session, *, revoked_too: bool = False) -> bool:
+    """Whether a usable key exists (``revoked_too``: whether a key was ever made)."""
+    cond = exists() if revoked_too else exists().where(ApiKey.revoked_at.is_(None))
+    return bool(session.scalar(select(cond.select_from(ApiKey))))
 
 
 def principal_for(session: Session, *, key: str) -> tuple[str, bool] | None:
@@ -39,3 +41,12 @@ def principal_for(session: Session, *, key: str) -> tuple[str, bool] | None:
 
 def list_keys(session: Session) -> list[ApiKey]:
     return list(session.scalars(select(ApiKey).order_by(ApiKey.created_at)))
+
+
+def revoke_key(session: Session, *, prefix: str) -> str | None:
+    """Revoke the unrevoked key with this prefix; returns its tenant, or None when there is none (or several)."""
+    rows = list(session.scalars(select(ApiKey).where(ApiKey.prefix == prefix, ApiKey.revoked_at.is_(None))))
+    if len(rows) != 1:
+        return None
+    rows[0].revoked_at = utcnow()
+    return rows[0].tenant

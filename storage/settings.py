@@ -87,7 +87,17 @@ class Settings(BaseSettings):
     sweep_interval_s: float = Field(
         default=5.0, gt=0, description="how often beat looks for batches and runs whose worker is gone or lost"
     )
-    rate_limit_per_minute: int = Field(default=0, ge=0, description="requests per API key per minute; 0 = off")
+    allow_anonymous: bool = Field(
+        default=False,
+        description="without any key, serve requests without one (as the admin of tenant 'default'); for loopback "
+        "use only. Off: the API refuses to start without keys, and revoking the last key locks it",
+    )
+    rate_limit_per_minute: int = Field(
+        default=600, ge=0, description="requests per API key (or per client address when anonymous) per minute; 0 = off"
+    )
+    auth_failures_per_minute: int = Field(
+        default=20, ge=0, description="failed authentications per client address per minute before 429; 0 = off"
+    )
     fault_poison_marker: str = Field(default="", description="testing aid: a text containing it fails to score")
     gate_margin: float = Field(default=0.005, description="a candidate must beat the active version by this much")
     scoring_queue: str = "scoring"
@@ -130,14 +140,21 @@ class Settings(BaseSettings):
             parts = entry.split(":")
             admin = len(parts) == 3 and parts[2] == "admin"
             if len(parts) not in (2, 3) or not all(parts[:2]) or (len(parts) == 3 and not admin):
-                raise ValueError(f"REWARDQ_API_KEYS entry {entry!r} is not 'tenant:key' or 'tenant:key:admin'")
+                # Never the entry itself in the message: it holds a key.
+                raise ValueError(f"REWARDQ_API_KEYS entry {len(out) + 1} is not 'tenant:key' or 'tenant:key:admin'")
             if not valid_tenant(parts[0]):
                 raise ValueError(f"REWARDQ_API_KEYS tenant {parts[0]!r}: {TENANT_RULE}")
+            if len(parts[1]) < MIN_KEY_CHARS:
+                raise ValueError(
+                    f"REWARDQ_API_KEYS: the key of tenant {parts[0]!r} has {len(parts[1])} characters, fewer than "
+                    f"{MIN_KEY_CHARS}; make one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+                )
             out[parts[1]] = (parts[0], admin)
         return out
 
 
 TENANT_RULE = "letters, digits, '-' and '_', at most 128"
+MIN_KEY_CHARS = 32
 _TENANT = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
 

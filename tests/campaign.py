@@ -163,6 +163,7 @@ class Campaign:
             REWARDQ_SCORING_QUEUE="campaign-scoring",
             REWARDQ_TRAINING_QUEUE="campaign-training",
             REWARDQ_BATCH_SIZE="16",
+            REWARDQ_ALLOW_ANONYMOUS="1",  # its API listens on 127.0.0.1, for the campaign's own client
             REWARDQ_ARTIFACTS_DIR=str(self.tmp / "artifacts"),
             HF_HUB_OFFLINE="1",
             TRANSFORMERS_OFFLINE="1",

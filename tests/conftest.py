@@ -19,6 +19,12 @@ TEST_REDIS_URL = os.environ.get("REWARDQ_TEST_REDIS_URL", "redis://127.0.0.1:637
 TEST_PG_ADMIN_URL = os.environ.get("REWARDQ_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 os.environ["REWARDQ_REDIS_URL"] = TEST_REDIS_URL
 os.environ["REWARDQ_DATABASE_URL"] = "sqlite:///:memory:"  # each test picks its own database below
+# The suite's servers listen on loopback and most tests call them without a key, as `make demo` does; the request
+# and failed-authentication limits would count across tests from one address. Tests that check those defaults
+# (tests/test_security.py) set them explicitly.
+os.environ["REWARDQ_ALLOW_ANONYMOUS"] = "1"
+os.environ["REWARDQ_RATE_LIMIT_PER_MINUTE"] = "0"
+os.environ["REWARDQ_AUTH_FAILURES_PER_MINUTE"] = "0"
 
 import pytest  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402

@@ -54,8 +54,9 @@ def test_dockerfile_copies_every_package():
 
 def test_settings_normalise_and_validate():
     assert Settings(database_url="postgres://u@h/db").database_url == "postgresql+psycopg://u@h/db"
-    assert Settings(api_keys="a:k1, b:k2:admin").api_key_map() == {"k1": ("a", False), "k2": ("b", True)}
-    for bad in ("nokey", "a:k:root", "a:k:admin:x", "a b:k", ":k"):
+    k1, k2 = "1" * 32, "2" * 40
+    assert Settings(api_keys=f"a:{k1}, b:{k2}:admin").api_key_map() == {k1: ("a", False), k2: ("b", True)}
+    for bad in ("nokey", f"a:{k1}:root", f"a:{k1}:admin:x", f"a b:{k1}", f":{k1}", "a:" + "k" * 31):
         with pytest.raises(ValueError):
             Settings(api_keys=bad).api_key_map()
     with pytest.raises(ValueError):

@@ -60,7 +60,7 @@ def browser() -> Iterator[Any]:
 @pytest.fixture(scope="module")
 def ui(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ui]:
     """An API process with two tenants' keys, over the stack's database, queue and worker."""
-    keys = {"alice": secrets.token_urlsafe(16), "bob": secrets.token_urlsafe(16)}
+    keys = {"alice": secrets.token_urlsafe(32), "bob": secrets.token_urlsafe(32)}
     env = dict(stack.env, REWARDQ_API_KEYS=",".join(f"{t}:{k}" for t, k in keys.items()),
                REWARDQ_BATCH_SIZE="16")  # fmt: skip
     port = free_port()

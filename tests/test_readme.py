@@ -99,7 +99,16 @@ def test_the_readme_using_it_lines_run_as_written(tmp_path: Path):
         # queues of their own on the tests' Redis: nothing else's workers take this test's work
         **{f"REWARDQ_{q}_QUEUE": f"readme-{tag}-{q.lower()}" for q in ("SCORING", "INTERACTIVE", "TRAINING")},
     }
-    for name in ("REWARDQ_DATABASE_URL", "REWARDQ_API_URL", "REWARDQ_API_KEY", "REWARDQ_API_KEYS"):
+    # A newcomer's shell: none of the suite's settings (anonymous use included) leak into it.
+    for name in (
+        "REWARDQ_DATABASE_URL",
+        "REWARDQ_API_URL",
+        "REWARDQ_API_KEY",
+        "REWARDQ_API_KEYS",
+        "REWARDQ_ALLOW_ANONYMOUS",
+        "REWARDQ_RATE_LIMIT_PER_MINUTE",
+        "REWARDQ_AUTH_FAILURES_PER_MINUTE",
+    ):
         env.pop(name, None)
     shell = Shell(tmp_path, env)
     job_id = ""

@@ -138,9 +138,10 @@ def test_tenants_are_isolated_and_keys_are_checked(db_url: str, redis_url: str, 
     with session_scope(db_url) as s:
         key_c = create_key(s, tenant="tenant-c")  # a key stored hashed in SQL
     try:
-        with make_client(db_url, "test-tenants", api_keys="tenant-a:key-a,tenant-b:key-b") as c:
-            a = {"Authorization": "Bearer key-a"}
-            b = {"Authorization": "Bearer key-b"}
+        key_a, key_b = "key-a-" + "a" * 32, "key-b-" + "b" * 32
+        with make_client(db_url, "test-tenants", api_keys=f"tenant-a:{key_a},tenant-b:{key_b}") as c:
+            a = {"Authorization": f"Bearer {key_a}"}
+            b = {"Authorization": f"Bearer {key_b}"}
             assert c.get("/v1/jobs").status_code == 401
             assert c.get("/v1/jobs", headers={"Authorization": "Bearer nope"}).status_code == 401
             job_a = c.post("/v1/jobs", json={"items": [GOOD]}, headers=a).json()["job_id"]

@@ -1,0 +1,127 @@
+"""Secure by default: no start without keys unless anonymous use is allowed, keys of at least 32 characters, revoking
+the last key never opens the API, requests limited per key (per address when anonymous) and failed
+authentications per client address, by default."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from fastapi.testclient import TestClient
+
+from api.cli import main
+from storage.db import session_scope
+from storage.keys import create_key
+from storage.settings import Settings, get_settings
+from tests.conftest import Ledger, make_client, migrated
+
+SECURE = {"allow_anonymous": False, "rate_limit_per_minute": 0, "auth_failures_per_minute": 0}
+
+
+@pytest.fixture()
+def fresh_db(tmp_path: Path) -> str:
+    """A database with no key in it (the session's databases hold other tests' keys now and then)."""
+    import os
+
+    before = os.environ.get("REWARDQ_DATABASE_URL")
+    url = migrated(f"sqlite:///{tmp_path / 'secure.db'}")
+    os.environ.pop("REWARDQ_DATABASE_URL")
+    os.environ.update({"REWARDQ_DATABASE_URL": before} if before else {})
+    get_settings.cache_clear()
+    return url
+
+
+def _cli(db: str, *args: str, **env: str) -> tuple[int, str]:
+    get_settings.cache_clear()
+    try:
+        res = CliRunner().invoke(main, list(args), env={"REWARDQ_DATABASE_URL": db, **env})
+    finally:
+        get_settings.cache_clear()
+    return res.exit_code, res.output
+
+
+def _wait_for_a_fresh_minute(needed_s: float) -> None:
+    """Rate windows are calendar minutes: start a burst early enough in one that it ends there."""
+    if time.time() % 60 > 60 - needed_s:
+        time.sleep(60 - time.time() % 60 + 0.1)
+
+
+def test_the_api_refuses_to_start_without_keys_unless_anonymous_use_is_allowed(
+    fresh_db: str, caplog: pytest.LogCaptureFixture, ledger: Ledger
+):
+    with pytest.raises(RuntimeError, match="no API keys"), make_client(fresh_db, "test-secure", **SECURE):
+        pass
+    code, out = _cli(fresh_db, "api", REWARDQ_ALLOW_ANONYMOUS="0")
+    assert code != 0 and "no API keys" in out and "REWARDQ_ALLOW_ANONYMOUS=1" in out
+    with caplog.at_level(logging.WARNING), make_client(fresh_db, "test-secure", allow_anonymous=True) as c:
+        assert c.get("/v1/jobs").status_code == 200
+    assert "ANYONE WHO CAN REACH THIS API IS ITS ADMIN" in caplog.text
+    # A key in REWARDQ_API_KEYS must be at least 32 characters; the refusal never prints it.
+    code, out = _cli(fresh_db, "api", REWARDQ_ALLOW_ANONYMOUS="0", REWARDQ_API_KEYS="t:short-key-0123")
+    assert code != 0 and "fewer than 32" in out and "short-key-0123" not in out
+    outcome = "refuses to start, saying how to make a key (or allow anonymous use on loopback)"
+    ledger.add("auth", "the API started with no key, then with a 16-character key", "SQLite", outcome)
+
+
+def test_revoking_the_last_key_never_opens_the_api(fresh_db: str, ledger: Ledger):
+    with session_scope(fresh_db) as s:
+        key = create_key(s, tenant="solo")
+    auth = {"Authorization": f"Bearer {key}"}
+    for anonymous in (False, True):  # not even where anonymous use is allowed: a key was made, so keys are needed
+        with make_client(fresh_db, "test-secure", **{**SECURE, "allow_anonymous": anonymous}) as c:
+            if not anonymous:
+                assert c.get("/v1/jobs", headers=auth).status_code == 200
+                code, out = _cli(fresh_db, "keys", "revoke", key[:10])
+                assert code == 0, out
+                assert _cli(fresh_db, "keys", "revoke", key[:10])[0] != 0  # already revoked: says so
+            assert c.get("/v1/jobs", headers=auth).status_code == 401
+            assert c.get("/v1/jobs").status_code == 401
+    code, out = _cli(fresh_db, "keys", "list")
+    assert code == 0 and key[:10] in out and '"revoked_at": null' not in out
+    outcome = "401 with it and without any key, anonymous use allowed or not"
+    ledger.add("auth", "the last key revoked with `rewardq keys revoke`", "SQLite", outcome)
+
+
+def test_requests_are_rate_limited_by_default(fresh_db: str, ledger: Ledger):
+    default = Settings.model_fields["rate_limit_per_minute"].default
+    assert default > 0
+    key = f"rate-{uuid.uuid4().hex}"  # its own counter
+    _wait_for_a_fresh_minute(30)
+    with make_client(fresh_db, "test-secure", api_keys=f"t:{key}", **{**SECURE, "rate_limit_per_minute": default}) as c:
+        auth = {"Authorization": f"Bearer {key}"}
+        codes = [c.get("/v1/feedback", headers=auth).status_code for _ in range(default + 1)]
+    assert codes[:default] == [200] * default and codes[default] == 429
+    # Anonymous callers (allowed on loopback) are limited per client address.
+    app = make_client(fresh_db, "test-secure", **{**SECURE, "allow_anonymous": True, "rate_limit_per_minute": 3}).app
+    here, there = f"198.51.100.{uuid.uuid4().int % 250}", "203.0.113.9"
+    with TestClient(app, client=(here, 1)) as c, TestClient(app, client=(there, 1)) as d:
+        codes = [c.get("/v1/feedback").status_code for _ in range(4)]
+        assert codes[:3] == [200] * 3 and codes[3] == 429 and d.get("/v1/feedback").status_code == 200
+    what = f"{default + 1} requests in a minute on one key at the default limit"
+    ledger.add("rate limit", what, "SQLite", "the last is 429; anonymous callers are limited per address")
+
+
+def test_failed_authentications_are_limited_per_client_address(fresh_db: str, ledger: Ledger):
+    default = Settings.model_fields["auth_failures_per_minute"].default
+    assert default > 0
+    key = "good-" + "k" * 32
+    settings = {**SECURE, "auth_failures_per_minute": default}
+    app = make_client(fresh_db, "test-secure", api_keys=f"t:{key}", **settings).app
+    guesser, other = f"192.0.2.{uuid.uuid4().int % 250}", f"198.18.0.{uuid.uuid4().int % 250}"
+    _wait_for_a_fresh_minute(20)
+    with TestClient(app, client=(guesser, 1)) as c, TestClient(app, client=(other, 1)) as d:
+        wrong = [c.get("/v1/jobs", headers={"Authorization": f"Bearer guess-{i}"}).status_code for i in range(default)]
+        assert wrong == [401] * default
+        # Over the limit even the right key is refused from that address (a guess never learns it was right)...
+        assert c.get("/v1/jobs", headers={"Authorization": f"Bearer {key}"}).status_code == 429
+        form = {"key": key, "next": "/ui/jobs"}
+        assert c.post("/ui/login", data=form, follow_redirects=False).status_code == 429  # the dashboard's too
+        # ...while another address is served.
+        assert d.get("/v1/jobs", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+    what = f"{default} wrong keys in a minute from one address, then the right one"
+    outcome = "401 each, then 429 for any key from that address (API and dashboard); other addresses served"
+    ledger.add("auth", what, "SQLite", outcome)
