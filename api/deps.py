@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hmac
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -59,11 +60,14 @@ def check_auth_setup(settings: Settings) -> str | None:
         return None
     try:
         with get_sessionmaker(settings.database_url)() as session:
-            if keys.any_keys(session):
-                return None
+            usable, made = keys.any_keys(session), keys.any_keys(session, revoked_too=True)
     except SQLAlchemyError as exc:  # not migrated, or down: auth stays on unless anonymous use is allowed
         log.warning("could not look for API keys: %s", exc)
         return ANONYMOUS_WARNING if settings.allow_anonymous else None
+    if usable:
+        return None
+    if made and settings.allow_anonymous:  # every key revoked: locked, never open
+        return "every API key is revoked: every request is refused (401) until `rewardq keys create TENANT`"
     if not settings.allow_anonymous:
         raise RuntimeError(NO_KEYS)
     return ANONYMOUS_WARNING
@@ -149,6 +153,7 @@ def _admin(caller: Annotated[Caller, Depends(_caller)]) -> Caller:
 
 
 _local: dict[str, int] = {}  # the counters while Redis is unreachable: per process, so still a limit
+_local_lock = threading.Lock()
 
 
 def _count(settings: Settings, name: str, add: int = 1) -> int:
@@ -161,10 +166,12 @@ def _count(settings: Settings, name: str, add: int = 1) -> int:
         pipe.expire(key, 120)
         return int(pipe.execute()[0])
     except redis.RedisError:
-        if len(_local) > 10_000:
-            _local.clear()  # old windows
-        _local[key] = _local.get(key, 0) + add
-        return _local[key]
+        with _local_lock:
+            if len(_local) > 10_000:  # forget past minutes only, so a flood of new names never resets a count
+                for old in [k for k in _local if not k.endswith(f":{int(time.time() // 60)}")]:
+                    del _local[old]
+            _local[key] = _local.get(key, 0) + add
+            return _local[key]
 
 
 def stop_guessing(settings: Settings, address: str) -> None:

@@ -55,7 +55,14 @@ def _tenant_or_none(request: Request, settings: Settings, session: Session) -> s
     if not auth_required(settings, session):
         return DEFAULT_TENANT
     token, _ = request_key(request)
-    return tenant_for_key(settings, session, token) if token else None
+    if not token:
+        return None
+    address = request.client.host if request.client else "unknown"
+    stop_guessing(settings, address)  # pages check keys too: the same limit on guesses as the API and sign-in
+    tenant = tenant_for_key(settings, session, token)
+    if tenant is None:
+        note_failed_auth(settings, address)
+    return tenant
 
 
 def _page_tenant(request: Request, settings: SettingsDep, session: SessionDep) -> str:

@@ -142,11 +142,13 @@ class Settings(BaseSettings):
             if len(parts) not in (2, 3) or not all(parts[:2]) or (len(parts) == 3 and not admin):
                 # Never the entry itself in the message: it holds a key.
                 raise ValueError(f"REWARDQ_API_KEYS entry {len(out) + 1} is not 'tenant:key' or 'tenant:key:admin'")
+            # Entries are named by position, never by content: a key written first would be printed.
+            n = len(out) + 1
             if not valid_tenant(parts[0]):
-                raise ValueError(f"REWARDQ_API_KEYS tenant {parts[0]!r}: {TENANT_RULE}")
+                raise ValueError(f"REWARDQ_API_KEYS entry {n}: the tenant must be {TENANT_RULE}")
             if len(parts[1]) < MIN_KEY_CHARS:
                 raise ValueError(
-                    f"REWARDQ_API_KEYS: the key of tenant {parts[0]!r} has {len(parts[1])} characters, fewer than "
+                    f"REWARDQ_API_KEYS entry {n}: the key has {len(parts[1])} characters, fewer than "
                     f"{MIN_KEY_CHARS}; make one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'"
                 )
             out[parts[1]] = (parts[0], admin)

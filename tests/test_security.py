@@ -63,6 +63,9 @@ def test_the_api_refuses_to_start_without_keys_unless_anonymous_use_is_allowed(
     # A key in REWARDQ_API_KEYS must be at least 32 characters; the refusal never prints it.
     code, out = _cli(fresh_db, "api", REWARDQ_ALLOW_ANONYMOUS="0", REWARDQ_API_KEYS="t:short-key-0123")
     assert code != 0 and "fewer than 32" in out and "short-key-0123" not in out
+    backwards = "key-written-first-0123456789abcdef:tenant"  # the key where the tenant goes: still never printed
+    code, out = _cli(fresh_db, "api", REWARDQ_ALLOW_ANONYMOUS="0", REWARDQ_API_KEYS=backwards)
+    assert code != 0 and "entry 1" in out and "key-written-first" not in out
     outcome = "refuses to start, saying how to make a key (or allow anonymous use on loopback)"
     ledger.add("auth", "the API started with no key, then with a 16-character key", "SQLite", outcome)
 
@@ -120,6 +123,7 @@ def test_failed_authentications_are_limited_per_client_address(fresh_db: str, le
         assert c.get("/v1/jobs", headers={"Authorization": f"Bearer {key}"}).status_code == 429
         form = {"key": key, "next": "/ui/jobs"}
         assert c.post("/ui/login", data=form, follow_redirects=False).status_code == 429  # the dashboard's too
+        assert c.get("/ui/jobs", headers={"Authorization": f"Bearer {key}"}).status_code == 429  # and its pages
         # ...while another address is served.
         assert d.get("/v1/jobs", headers={"Authorization": f"Bearer {key}"}).status_code == 200
     what = f"{default} wrong keys in a minute from one address, then the right one"

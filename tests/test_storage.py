@@ -383,3 +383,24 @@ def test_missing_heartbeats_mean_nothing_until_a_restarted_redis_is_a_ttl_old(
     finally:
         server.stop()
         get_settings.cache_clear()
+
+
+def test_a_heartbeat_names_each_piece_of_work_of_its_process(redis_url: str, monkeypatch: pytest.MonkeyPatch):
+    """With the threads pool one process works on several batches at once: its heartbeat names each, and one
+    finishing does not make the other look left."""
+    from storage.settings import get_settings
+    from workers import liveness
+
+    monkeypatch.setenv("REWARDQ_REDIS_URL", redis_url)
+    get_settings.cache_clear()
+    me = liveness.worker_id()
+    try:
+        liveness.working_on(redis_url, 30, "job:1")
+        liveness.working_on(redis_url, 30, "job:2")
+        liveness.working_on(redis_url, 30, "job:1", done=True)
+        beat = liveness.doing(redis_url, [me])[me]
+        assert not liveness.abandoned(beat, "job:2") and liveness.abandoned(beat, "job:1")
+        liveness.working_on(redis_url, 30, "job:2", done=True)
+        assert liveness.doing(redis_url, [me])[me] == liveness.IDLE
+    finally:
+        get_settings.cache_clear()

@@ -126,11 +126,12 @@ def score_batch(msg: ScoreBatch, queue: str | None = None) -> int:
     settings = get_settings()
     worker = liveness.ensure_heartbeat(settings.redis_url, settings.heartbeat_ttl_s)
     # Said in the heartbeat before the take, so a sweeper that sees the take also sees the work.
-    liveness.working_on(settings.redis_url, settings.heartbeat_ttl_s, batch_key(msg.job_id, msg.batch_no))
+    key = batch_key(msg.job_id, msg.batch_no)
+    liveness.working_on(settings.redis_url, settings.heartbeat_ttl_s, key)
     try:
         return _take_and_score(msg, queue, settings, worker)
     finally:
-        liveness.working_on(settings.redis_url, settings.heartbeat_ttl_s, None)
+        liveness.working_on(settings.redis_url, settings.heartbeat_ttl_s, key, done=True)
 
 
 def _take_and_score(msg: ScoreBatch, queue: str | None, settings: Settings, worker: str) -> int:

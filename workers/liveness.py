@@ -21,7 +21,8 @@ PREFIX = "rewardq:worker:"
 IDLE = "idle"
 _lock = threading.Lock()
 _started_in: int | None = None  # the pid whose heartbeat thread runs (a forked child starts its own)
-_doing = IDLE  # what this process works on now (a batch or a run): its heartbeat's value
+_doing: set[str] = set()  # what this process works on now (batches, runs; several with the threads pool)
+_beat_lock = threading.Lock()  # a beat writes what _doing says at that moment, never an older value
 
 
 _token: tuple[int, str] | None = None  # (pid, random) of this process: a forked child makes its own
@@ -38,7 +39,8 @@ def worker_id() -> str:
 
 def _beat(client: redis.Redis, key: str, ttl_s: float) -> bool:
     try:
-        client.set(key, _doing, px=max(1, int(ttl_s * 1000)))
+        with _beat_lock:
+            client.set(key, ",".join(sorted(_doing)) or IDLE, px=max(1, int(ttl_s * 1000)))
         return True
     except (redis.RedisError, OSError):
         return False
@@ -68,12 +70,15 @@ def ensure_heartbeat(url: str, ttl_s: float) -> str:
         return wid
 
 
-def working_on(url: str, ttl_s: float, what: str | None) -> None:
-    """Say in this process's heartbeat what it works on now (None: nothing), at once: a batch or run that its live
-    worker no longer works on (a retry waiting in memory, a message lost with it) is then taken back by the sweeper,
-    not left to the deadline."""
-    global _doing
-    _doing = what or IDLE
+def working_on(url: str, ttl_s: float, what: str, done: bool = False) -> None:
+    """Say in this process's heartbeat, at once, that it works on ``what`` (a batch or a run) now, or (``done``) no
+    longer: a batch or run that its live worker no longer works on (a retry waiting in memory, a message lost with
+    it) is then taken back by the sweeper, not left to the deadline."""
+    with _beat_lock:
+        if done:
+            _doing.discard(what)
+        else:
+            _doing.add(what)
     _beat(metrics.client(url), PREFIX + worker_id(), ttl_s)
 
 
@@ -94,7 +99,7 @@ def alive(url: str, workers: Iterable[str]) -> set[str]:
 def abandoned(beat: str | None, what: str) -> bool:
     """A live worker whose heartbeat names other work (or none) than ``what`` it took. A heartbeat from before
     workers said what they do ('1') never counts as abandoning."""
-    return beat is not None and beat != "1" and beat != what
+    return beat is not None and beat != "1" and what not in beat.split(",")
 
 
 def trusted(url: str, ttl_s: float) -> bool:

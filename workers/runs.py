@@ -95,7 +95,7 @@ def execute_run(run_id: str) -> str:
             )
         return RunStatus.failed.value
     finally:
-        liveness.working_on(settings.redis_url, settings.heartbeat_ttl_s, None)
+        liveness.working_on(settings.redis_url, settings.heartbeat_ttl_s, run_key(run_id), done=True)
 
 
 def _fit(params: TrainParams, train: Feedback, progress: Any) -> tuple[Any, list[float], str]:
