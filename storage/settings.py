@@ -108,6 +108,9 @@ class Settings(BaseSettings):
         description="a bulk batch stops between encoder passes while interactive work waits, and goes back to the "
         "queue (sim_exp; the passes done are kept in the embedding cache)",
     )
+    max_waiters: int = Field(
+        default=1000, ge=1, description="requests waiting on a job (?wait=, POST /v1/score) per API process; then 429"
+    )
     interactive_max_items: int = Field(default=2048, ge=1, le=100_000, description="most pairs per interactive request")
     interactive_timeout_s: float = Field(
         default=60.0, gt=0, le=600, description="an interactive request waits this long"

@@ -387,3 +387,35 @@ def test_workers_share_embeddings_through_redis(stack: Stack, db_url: str, redis
         assert 0 < redis.Redis.from_url(redis_url).ttl(key) <= get_settings().embed_shared_ttl_s
     finally:
         get_settings.cache_clear()
+
+
+def test_long_polls_hold_no_database_connection_and_are_capped(db_url: str, redis_url: str):
+    """Forced: two requests wait on a job that no worker takes. While they wait, the API holds no database
+    connection (the old wait kept the one its status check took, so ~15 waiters emptied PostgreSQL's pool); a
+    third waiter over REWARDQ_MAX_WAITERS gets 429; a cancel wakes both."""
+    from storage.db import get_engine
+
+    queue = f"test-waiters-{uuid.uuid4().hex[:8]}"
+    with make_client(db_url, queue, max_waiters=2) as c:
+        job_id = c.post("/v1/jobs", json={"items": [{"prompt": "p", "response": "r"}]}).json()["job_id"]
+        pool = get_engine(db_url).pool
+        answers: list[dict] = []
+
+        def waiter() -> None:
+            answers.append(c.get(f"/v1/jobs/{job_id}", params={"wait": 60, "summary": "false"}).json())
+
+        threads = [threading.Thread(target=waiter) for _ in range(2)]
+        for t in threads:
+            t.start()
+        time.sleep(1.5)
+        assert answers == []  # both wait
+        if hasattr(pool, "checkedout"):  # SQLite's pool may not count; PostgreSQL's does
+            assert pool.checkedout() == 0, f"{pool.checkedout()} connections held by waiting requests"
+        over = c.get(f"/v1/jobs/{job_id}", params={"wait": 60})
+        assert over.status_code == 429 and over.headers["Retry-After"] and "MAX_WAITERS" in over.json()["detail"]
+        assert c.get(f"/v1/jobs/{job_id}").status_code == 200  # without ?wait= it is served at once
+        assert c.post(f"/v1/jobs/{job_id}/cancel").status_code == 200
+        for t in threads:
+            t.join(30)
+        assert [a["status"] for a in answers] == ["cancelled", "cancelled"]
+    redis.Redis.from_url(redis_url).delete(queue)

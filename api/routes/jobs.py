@@ -258,13 +258,31 @@ async def get_job(
         # End the read transaction first: no connection is held while waiting, and the next read is fresh.
         # (The rollback expires ``job``: it is only touched again in the thread pool, where it reloads.)
         await run_in_threadpool(session.rollback)
-
-        async def finished() -> bool:
-            return await run_in_threadpool(repo.job_status, session, job_id=job_id) in FINISHED
-
-        await events.wait_finished(settings.redis_url, job_id, finished, wait)
-        await run_in_threadpool(session.rollback)
+        await wait_for_job(session, settings, job_id, wait)
     return await run_in_threadpool(_job_detail, session, job, summary)
+
+
+async def wait_for_job(session: Session, settings: Settings, job_id: str, seconds: float) -> None:
+    """Wait until the job ends or ``seconds`` pass, holding no database connection (each read of its status
+    gives the connection back); 429 when REWARDQ_MAX_WAITERS requests of this process wait already."""
+
+    def ended() -> bool:
+        try:
+            return repo.job_status(session, job_id=job_id) in FINISHED
+        finally:
+            session.rollback()
+
+    async def finished() -> bool:
+        return await run_in_threadpool(ended)
+
+    try:
+        await events.wait_finished(settings.redis_url, job_id, finished, seconds, limit=settings.max_waiters)
+    except events.TooManyWaiters as exc:
+        raise ApiError(
+            429,
+            f"{exc} on this API process (REWARDQ_MAX_WAITERS={settings.max_waiters}): retry, or poll without ?wait=",
+            headers={"Retry-After": "5"},
+        ) from exc
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut)

@@ -14,13 +14,13 @@ from api.deps import SessionDep, SettingsDep, TenantDep, read_body
 from api.errors import ApiError, FieldError, invalid
 from api.lane import check_items, resolve_version, score_pairs
 from api.parsing import check_metadata, loads
+from api.routes.jobs import wait_for_job
 from api.schemas import ErrorOut, ScoreOut, ScoreRow
 from storage import registry, results
 from storage import repository as repo
 from storage.models import FINISHED
 from storage.score_stats import place
 from storage.settings import Settings
-from workers import events
 from workers.messages import build_messages, enqueue_score_batches
 
 router = APIRouter(prefix="/v1/score", tags=["interactive"])
@@ -114,11 +114,7 @@ async def _persisted(
     except Exception:  # the sweeper re-enqueues claimed batches nobody took: the job still completes
         pass
 
-    async def finished() -> bool:
-        return await run_in_threadpool(repo.job_status, session, job_id=job_id) in FINISHED
-
-    await events.wait_finished(settings.redis_url, job_id, finished, settings.interactive_timeout_s)
-    await run_in_threadpool(session.rollback)
+    await wait_for_job(session, settings, job_id, settings.interactive_timeout_s)
 
     def read() -> ScoreOut:
         job = repo.get_job(session, job_id=job_id)
