@@ -122,7 +122,16 @@ def _caller(
     session: Annotated[Session, Depends(_session)],
 ) -> Caller:
     """The caller, from `Authorization: Bearer <key>` or the dashboard's cookie. Each key is rate limited (each
-    client address when anonymous), and so are failed authentications per client address."""
+    client address when anonymous), and so are failed authentications per client address. The key lookup's
+    connection goes back to the pool here: a request that then waits for a thread (hundreds of long polls arriving
+    at once) holds none."""
+    try:
+        return _identify(request, settings, session)
+    finally:
+        session.rollback()
+
+
+def _identify(request: Request, settings: Settings, session: Session) -> Caller:
     address = request.client.host if request.client else "unknown"
     if not auth_required(settings, session):
         _limit(settings, f"addr:{address}", settings.rate_limit_per_minute, "requests per minute from this address")

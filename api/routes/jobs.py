@@ -252,14 +252,28 @@ async def get_job(
         float, Query(ge=0, le=60, description="seconds to wait for the job to end before answering (long poll)")
     ] = 0,
 ) -> JobOut:
-    job = await run_in_threadpool(_load_job, session, job_id, tenant)
-    job_id = job.id  # the full id, when a short one was given
-    if wait and job.status not in FINISHED:
-        # End the read transaction first: no connection is held while waiting, and the next read is fresh.
-        # (The rollback expires ``job``: it is only touched again in the thread pool, where it reloads.)
-        await run_in_threadpool(session.rollback)
-        await wait_for_job(session, settings, job_id, wait)
-    return await run_in_threadpool(_job_detail, session, job, summary)
+
+    def load() -> tuple[Job, str, str]:
+        job = _load_job(session, job_id, tenant)
+        if wait and job.status not in FINISHED:
+            # End the read transaction in the same thread hop: no connection is held while waiting (nor while
+            # waiting for a thread), and the next read is fresh. (The rollback expires ``job``: it is only touched
+            # again in the thread pool, where it reloads.)
+            full, status = job.id, job.status
+            session.rollback()
+            return job, full, status
+        return job, job.id, job.status
+
+    def detail(job: Job) -> JobOut:
+        try:
+            return _job_detail(session, job, summary)
+        finally:
+            session.rollback()  # before the response goes out, not when the request's session closes
+
+    job, full_id, status = await run_in_threadpool(load)
+    if wait and status not in FINISHED:
+        await wait_for_job(session, settings, full_id, wait)
+    return await run_in_threadpool(detail, job)
 
 
 async def wait_for_job(session: Session, settings: Settings, job_id: str, seconds: float) -> None:
