@@ -363,8 +363,12 @@ def split_batch(session: Session, *, job_id: str, batch_no: int) -> list[BatchRe
     mid = (parent.start_idx + parent.end_idx) // 2
     halves = [BatchRef(first, parent.start_idx, mid), BatchRef(first + 1, mid, parent.end_idx)]
     now = now_sql(session)
-    session.execute(insert(Batch), [{"job_id": job_id, "batch_no": h.batch_no, "start_idx": h.start_idx,
-                                     "end_idx": h.end_idx, "enqueued_at": now} for h in halves])  # fmt: skip
+    # One multi-row VALUES (not executemany): ``now`` is the database's clock, an SQL expression, not a parameter.
+    rows = [
+        dict(job_id=job_id, batch_no=h.batch_no, start_idx=h.start_idx, end_idx=h.end_idx, enqueued_at=now)
+        for h in halves
+    ]
+    session.execute(insert(Batch).values(rows))
     return halves
 
 

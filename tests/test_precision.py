@@ -31,7 +31,6 @@ def test_the_fast_profile_follows_the_hardware_and_says_why_it_falls_back(tmp_pa
 
 @pytest.mark.slow
 def test_fast_scores_are_close_to_exact_and_the_same_in_any_batch():
-    need(cpu_bf16_flag() is not None, "a CPU with AMX or AVX512-BF16 (lscpu | grep amx)")
     from api.samples import load_sts
     from workers.models.sim_exp import load_sim_exp
 
@@ -40,7 +39,10 @@ def test_fast_scores_are_close_to_exact_and_the_same_in_any_batch():
     prompts, responses = [p["prompt"] for p in pairs], [p["response"] for p in pairs]
     common = {"embed_cache_size": 0, "embed_shared_ttl_s": 0}
     exact = load_sim_exp("base", None, Settings(**common))
-    fast = load_sim_exp("base", None, Settings(precision="fast", **common))
+    # Where the CPU has no native bf16 (no AMX, no AVX512-BF16) the profile falls back to fp32; force bf16 there
+    # (emulated, slower) so the closeness and the fixed shapes are checked on every machine.
+    forced = {} if cpu_bf16_flag() is not None else {"autocast": "bf16"}
+    fast = load_sim_exp("base", None, Settings(precision="fast", **common, **forced))
     assert (exact.autocast, fast.autocast, fast.fixed_shapes) == ("off", "bf16", True)
     want, got = exact.score(prompts, responses).reward, fast.score(prompts, responses).reward
     assert max(abs(a - b) for a, b in zip(want, got, strict=True)) < 5e-3
@@ -49,6 +51,6 @@ def test_fast_scores_are_close_to_exact_and_the_same_in_any_batch():
     random.Random(0).shuffle(order)
     half = order[:100]
     shuffled = dict(zip(half, fast.score([prompts[i] for i in half], [responses[i] for i in half]).reward, strict=True))
-    for i in half[:30]:
+    for i in half[: 30 if not forced else 8]:  # each one alone is a full fixed-shape pass: few when emulated
         alone = fast.score([prompts[i]], [responses[i]]).reward[0]
         assert alone == got[i] == shuffled[i], (i, alone, got[i], shuffled[i])
