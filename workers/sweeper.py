@@ -68,8 +68,19 @@ def sweep(now: datetime | None = None) -> int:
         if (not row[6] or row[6] in beats) and row[7] < deadline and row[:2] not in left_keys
     ]
     if lost_rows:  # lost, unless its message still waits behind a backlog (checked directly, not by an empty queue)
-        waiting = metrics.client(settings.redis_url).smembers(QUEUED_BATCHES)
-        lost_rows = [row for row in lost_rows if batch_key(row[0], row[1]).encode() not in waiting]
+        client = metrics.client(settings.redis_url)
+        waiting = client.smembers(QUEUED_BATCHES)
+        # Noted as waiting, but a worker that prefetched its message may have died before taking it (the broker
+        # gives such a message back only after its 1-hour visibility timeout): look for it in the queues themselves
+        # (kept short by the feeder's high-water mark).
+        messages = client.lrange(settings.scoring_queue, 0, -1) + client.lrange(settings.interactive_queue, 0, -1)
+        queued = b"\n".join(m if isinstance(m, bytes) else str(m).encode() for m in messages)
+        lost_rows = [
+            row
+            for row in lost_rows
+            if batch_key(row[0], row[1]).encode() not in waiting
+            or f"'job_id': '{row[0]}', 'batch_no': {row[1]},".encode() not in queued
+        ]
     requeued = enqueue_claimed(orphaned, died=True) if orphaned else 0
     rows = left + overdue + lost_rows
     requeued += enqueue_claimed(rows) if rows else 0
