@@ -105,6 +105,11 @@ def start_worker(env: Mapping[str, str], log: Path, queues: str | None = None, c
     return Proc("worker", argv, env, log)
 
 
+def start_beat(env: Mapping[str, str], log: Path) -> Proc:
+    """`rewardq beat`: the retraining schedules and the sweeper."""
+    return Proc("beat", [sys.executable, "-m", "api.cli", "beat", "--loglevel", "info"], env, log)
+
+
 def start_api(env: Mapping[str, str], log: Path, port: int) -> Proc:
     import httpx
 

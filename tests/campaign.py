@@ -28,7 +28,7 @@ from typing import Any
 import httpx
 import psycopg
 
-from api.procs import Proc, free_port, start_api, start_redis, start_worker, wait_for
+from api.procs import Proc, free_port, start_api, start_beat, start_redis, start_worker, wait_for
 from tests.support import TcpProxy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -180,7 +180,7 @@ class Campaign:
         elif name in WORKERS:
             proc = start_worker(self.env, log, queues="campaign-scoring,campaign-training")
         elif name == "beat":
-            proc = Proc("beat", [sys.executable, "-m", "api.cli", "beat", "--loglevel", "info"], self.env, log)
+            proc = start_beat(self.env, log)
         else:
             proc = start_api(self.env, log, self.api_port)
         self.procs[name] = proc

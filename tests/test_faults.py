@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import signal
 import socket
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -15,7 +14,7 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
-from api.procs import Proc, free_port, start_api, start_redis, start_worker, wait_for
+from api.procs import Proc, free_port, start_api, start_beat, start_redis, start_worker, wait_for
 from storage.db import get_sessionmaker
 from storage.models import Batch, Item, Job, Result
 from tests.conftest import Ledger, migrated, worker_env
@@ -58,7 +57,7 @@ class Rig:
         elif name.startswith("worker"):
             proc = start_worker(self.env, log, queues="fault-scoring")
         elif name == "beat":
-            proc = Proc("beat", [sys.executable, "-m", "api.cli", "beat", "--loglevel", "info"], self.env, log)
+            proc = start_beat(self.env, log)
         else:
             proc = start_api(self.env, log, self.api_port)
         self.procs[name] = proc

@@ -12,7 +12,7 @@ import redis
 from fastapi.testclient import TestClient
 from scipy.stats import spearmanr
 
-from api.procs import Proc, wait_for
+from api.procs import start_beat, wait_for
 from api.samples import load_sts
 from storage import training_repository as trepo
 from storage.db import get_sessionmaker, session_scope
@@ -177,12 +177,6 @@ def test_training_run_gate_activation_rollback_and_pinning(stack: Stack):
     c.post(f"/v1/models/{base}/activate")  # leave the base active for other tests
 
 
-def _start_beat(env: dict, log) -> Proc:
-    import sys
-
-    return Proc("beat", [sys.executable, "-m", "api.cli", "beat", "--loglevel", "info"], env, log)
-
-
 @pytest.mark.slow
 def _due_now(db_url: str, sched_id: str) -> None:
     from datetime import datetime, timedelta, timezone
@@ -304,7 +298,7 @@ def test_schedule_fires_once_per_slot_with_two_beats_and_stops_when_deleted(api:
     assert listed >= {every2["schedule_id"], never["schedule_id"]}
     queue = f"test-beat-{every2['schedule_id'][:8]}"
     env = worker_env(db_url, "unused", REWARDQ_TRAINING_QUEUE=queue)
-    beats = [_start_beat(env, tmp_path / f"beat{i}.log") for i in range(2)]
+    beats = [start_beat(env, tmp_path / f"beat{i}.log") for i in range(2)]
 
     def runs_of(sched_id: str) -> list[TrainingRun]:
         with get_sessionmaker(db_url)() as s:
@@ -343,7 +337,7 @@ def test_schedule_fires_once_per_slot_with_two_beats_and_stops_when_deleted(api:
 
     # Deleted: a beat started afterwards fires nothing more.
     assert api.delete(f"/v1/schedules/{every2['schedule_id']}").status_code == 204
-    beat = _start_beat(env, tmp_path / "beat3.log")
+    beat = start_beat(env, tmp_path / "beat3.log")
     try:
         time.sleep(4)  # two slots' worth: nothing may fire
     finally:

@@ -91,11 +91,6 @@ def doing(url: str, workers: Iterable[str]) -> dict[str, str]:
     return {w: v.decode() if isinstance(v, bytes) else str(v) for w, v in zip(ids, found, strict=True) if v is not None}
 
 
-def alive(url: str, workers: Iterable[str]) -> set[str]:
-    """Which of these workers have a live heartbeat."""
-    return set(doing(url, workers))
-
-
 def abandoned(beat: str | None, what: str) -> bool:
     """A live worker whose heartbeat names other work (or none) than ``what`` it took. A heartbeat from before
     workers said what they do ('1') never counts as abandoning."""
