@@ -50,7 +50,9 @@ async def resolve_version(session: Session, tenant: str, requested: str | None) 
     return await run_in_threadpool(pinned_version, session, tenant, requested)
 
 
-async def score_pairs(settings: Settings, version: str, prompts: Sequence[str], responses: Sequence[str]) -> Scored:
+async def score_pairs(
+    settings: Settings, tenant: str, version: str, prompts: Sequence[str], responses: Sequence[str]
+) -> Scored:
     """Score the pairs through the interactive queue and wait for every part (504 after the timeout)."""
     request_id = uuid.uuid4().hex
     size = settings.batch_size
@@ -61,6 +63,7 @@ async def score_pairs(settings: Settings, version: str, prompts: Sequence[str], 
             model_version=version,
             prompts=list(prompts[lo : lo + size]),
             responses=list(responses[lo : lo + size]),
+            tenant=tenant,
         )
         for k, lo in enumerate(range(0, len(prompts), size))
     ]

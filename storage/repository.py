@@ -206,6 +206,10 @@ def job_status(session: Session, *, job_id: str) -> str | None:
     return session.scalar(select(Job.status).where(Job.id == job_id))
 
 
+def job_tenant(session: Session, *, job_id: str) -> str | None:
+    return session.scalar(select(Job.tenant).where(Job.id == job_id))
+
+
 def start_batch(session: Session, *, job_id: str, batch_no: int, worker: str | None = None) -> int | None:
     """Note that ``worker`` took the batch; returns how many workers have died on it so far, or None when it is
     already done (a redelivery or a superseded split). A batch taken again without being enqueued again since its

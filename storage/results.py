@@ -70,10 +70,24 @@ def _decode_cursor(sort: Sort, cursor: str) -> tuple[float, int]:
         raise CursorError(f"cursor {cursor!r} is not valid for sort={sort}") from exc
 
 
+def _row_bytes(item: Item) -> int:
+    """About what a row costs in a response: its texts and id, and the fixed fields around them."""
+    return len(item.prompt) + len(item.response) + len(item.item_id) + 256
+
+
 def results_page(
-    session: Session, *, job_id: str, sort: Sort = "index", cursor: str | None = None, limit: int = 1000
+    session: Session,
+    *,
+    job_id: str,
+    sort: Sort = "index",
+    cursor: str | None = None,
+    limit: int = 1000,
+    max_bytes: int | None = None,
 ) -> tuple[list[tuple[Result, Item]], str | None]:
-    """One keyset page of (result, item) rows and the cursor of the next page (None at the end)."""
+    """One keyset page of (result, item) rows and the cursor of the next page (None at the end).
+
+    The page ends after ``limit`` rows, or earlier once its texts reach ``max_bytes`` (always at least one row):
+    rows are read from the database a few at a time, so a page of long texts never sits in memory whole."""
     q = select(Result, Item).join(Item, and_(Item.job_id == Result.job_id, Item.idx == Result.idx))
     q = q.where(Result.job_id == job_id)
     if sort == "index":
@@ -90,37 +104,62 @@ def results_page(
             q = q.where(or_(Result.score > s, and_(Result.score == s, Result.idx > i)))
         else:
             q = q.where(or_(Result.score < s, and_(Result.score == s, Result.idx > i)))
-    rows = [(r, it) for r, it in session.execute(q.limit(limit + 1)).tuples()]
+    rows: list[tuple[Result, Item]] = []
+    size, more = 0, False
+    found = session.execute(q.limit(limit + 1).execution_options(yield_per=min(limit + 1, 256)))
+    try:
+        for r, it in found.tuples():
+            cost = _row_bytes(it)
+            if len(rows) == limit or (rows and max_bytes is not None and size + cost > max_bytes):
+                more = True
+                break
+            rows.append((r, it))
+            size += cost
+    finally:
+        found.close()
     nxt = None
-    if len(rows) > limit:
-        rows = rows[:limit]
+    if more:
         last = rows[-1][0]
         nxt = _encode_cursor(sort, last.score, last.idx)
     return rows, nxt
 
 
 def iter_results(
-    session: Session, *, job_id: str, sort: Sort = "index", page: int = 2000
+    session: Session, *, job_id: str, sort: Sort = "index", page: int = 2000, max_bytes: int | None = None
 ) -> Iterator[tuple[Result, Item]]:
-    """Every result of a job in ``sort`` order, fetched page by page."""
+    """Every result of a job in ``sort`` order, fetched page by page (each page at most ``max_bytes`` of text)."""
     cursor: str | None = None
     while True:
-        rows, cursor = results_page(session, job_id=job_id, sort=sort, cursor=cursor, limit=page)
+        rows, cursor = results_page(session, job_id=job_id, sort=sort, cursor=cursor, limit=page, max_bytes=max_bytes)
         yield from rows
         if cursor is None:
             return
 
 
-def item_errors(session: Session, *, job_id: str, limit: int | None = 100) -> list[tuple[ItemError, Item]]:
+def item_errors(
+    session: Session, *, job_id: str, limit: int | None = 100, after: int = -1
+) -> list[tuple[ItemError, Item]]:
+    """Failed items in index order: the first ``limit`` after item index ``after``."""
     q = (
         select(ItemError, Item)
         .join(Item, and_(Item.job_id == ItemError.job_id, Item.idx == ItemError.idx))
-        .where(ItemError.job_id == job_id)
+        .where(ItemError.job_id == job_id, ItemError.idx > after)
         .order_by(ItemError.idx)
     )
     if limit is not None:
         q = q.limit(limit)
     return [(e, it) for e, it in session.execute(q).tuples()]
+
+
+def iter_errors(session: Session, *, job_id: str, page: int = 2000) -> Iterator[tuple[ItemError, Item]]:
+    """Every failed item in index order, page by page (a job whose every item failed never sits in memory)."""
+    after = -1
+    while True:
+        rows = item_errors(session, job_id=job_id, limit=page, after=after)
+        yield from rows
+        if len(rows) < page:
+            return
+        after = rows[-1][0].idx
 
 
 def error_counts(session: Session, *, job_id: str) -> dict[str, int]:

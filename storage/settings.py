@@ -36,6 +36,11 @@ class Settings(BaseSettings):
     embed_shared_ttl_s: int = Field(
         default=86_400, ge=0, description="seconds an embedding stays in the Redis cache all workers share; 0: off"
     )
+    embed_cache_scope: Literal["tenant", "global"] = Field(
+        default="tenant",
+        description="tenant: cached embeddings serve only the tenant whose texts they are (a cache hit says nothing "
+        "about another tenant's texts); global: one cache for all tenants (more hits, for a single-team deployment)",
+    )
     queue_high_water: int = Field(default=32, ge=1, description="most scoring messages in Redis at once")
     max_items_per_job: int = Field(default=1_000_000, ge=1)
     max_text_chars: int = Field(default=100_000, ge=1)
@@ -48,6 +53,11 @@ class Settings(BaseSettings):
         default=32 * 1024 * 1024,
         ge=1024,
         description="larger bodies of the interactive routes (parsed in memory) get 413",
+    )
+    max_page_bytes: int = Field(
+        default=8 * 1024 * 1024,
+        ge=4096,
+        description="a JSON page of results ends before its texts pass about this many bytes (next_cursor goes on)",
     )
     heartbeat_ttl_s: float = Field(
         default=10.0,

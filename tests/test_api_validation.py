@@ -180,3 +180,45 @@ def test_csv_exports_do_not_carry_formulas(api: TestClient, db_url: str):
     assert [r["prompt"] for r in table] == ["'" + t for t in evil[:5]] + ["plain"]
     assert all(r["response"] == r["prompt"] for r in table)
     assert {r["score"] for r in table} == {"-0.5"}
+
+
+def test_result_pages_are_capped_in_bytes_and_errors_come_in_pages(db_url: str, redis_url: str):
+    """A page of long texts ends early (next_cursor goes on from there, nothing skipped or repeated), and the error
+    ledger is paginated with a Link header instead of coming back whole."""
+    from storage import repository as repo
+    from storage.db import session_scope
+    from tests.conftest import make_client
+
+    big = "x" * 3000  # each row costs about 6 KB: a 16 KB page holds two
+    items = [{"id": f"b{i}", "prompt": f"{i} {big}", "response": big} for i in range(9)]
+    with make_client(db_url, "test-idle-pages", max_page_bytes=16 * 1024) as api:
+        job_id = api.post("/v1/jobs", json={"items": items}).json()["job_id"]
+        with session_scope(db_url) as s:
+            version = s.get(Job, job_id).model_version
+            repo.save_results(s, job_id=job_id, batch_no=0, start_idx=0, scores=[0.5] * 5, cos=[[0.1]] * 5,
+                              model_version=version)  # fmt: skip
+            for i in range(5, 9):
+                repo.record_item_failure(s, job_id=job_id, batch_no=0, idx=i, code="poison", message=f"bad {i}")
+        seen, cursor, pages = [], None, 0
+        while True:
+            page = api.get(
+                f"/v1/jobs/{job_id}/results", params={"limit": 100, **({"cursor": cursor} if cursor else {})}
+            )
+            assert page.status_code == 200 and len(page.content) < 16 * 1024 + 2048
+            body = page.json()
+            seen += [r["index"] for r in body["results"]]
+            pages, cursor = pages + 1, body["next_cursor"]
+            if cursor is None:
+                break
+        assert seen == [0, 1, 2, 3, 4] and pages == 3
+        # Exports still carry everything: the 5 scored rows and the 4 failed ones.
+        lines = api.get(f"/v1/jobs/{job_id}/results", params={"format": "jsonl"}).text.splitlines()
+        assert [json.loads(x)["index"] for x in lines] == list(range(9))
+
+        first = api.get(f"/v1/jobs/{job_id}/errors", params={"limit": 3})
+        assert [e["index"] for e in first.json()] == [5, 6, 7]
+        link = first.headers["link"]
+        assert link.endswith('; rel="next"') and "after=7" in link
+        rest = api.get(link[1 : link.index(">")])
+        assert [e["index"] for e in rest.json()] == [8] and "link" not in rest.headers
+        assert len(api.get(f"/v1/jobs/{job_id}/errors").json()) == 4

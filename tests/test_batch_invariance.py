@@ -57,6 +57,28 @@ def test_token_budget_and_embedding_cache_do_not_change_scores(model: SimExpMode
     assert again.reward == narrow.reward and hits["embed_cache_hits"] == 90 and "encoder_batches" not in hits
 
 
+def test_cache_scopes_are_kept_apart_unless_global(model: SimExpModel, monkeypatch):
+    from storage.settings import Settings
+    from workers.engine import cache_scope
+
+    texts = [f"scoped text {i}" for i in range(4)]
+    cache, scope = model.cache_size, model.cache_scope
+    try:
+        model.cache_size = 100
+        model.take_stats()
+        for who, hits in (("t:a", 0), ("t:b", 0), ("t:a", 4)):
+            model.cache_scope = who
+            model.embed(texts)
+            assert model.take_stats().get("embed_cache_hits", 0) == hits, who
+    finally:
+        model.cache_size, model.cache_scope = cache, scope
+        model._cache.clear()
+    assert cache_scope(Settings(), "a", "job1") != cache_scope(Settings(), "b", "job1")
+    assert cache_scope(Settings(), "", "job1") != cache_scope(Settings(), "", "job2")  # no tenant: nothing shared
+    shared = Settings(embed_cache_scope="global")
+    assert cache_scope(shared, "a", "job1") == cache_scope(shared, "b", "job2")
+
+
 def test_autocast_bf16_runs_the_encoder_in_low_precision(model: SimExpModel):
     """REWARDQ_AUTOCAST (meant for GPUs) checked on the CPU, where torch autocasts to bfloat16 too."""
     texts = [f"sentence {i} about a topic of some kind, number {i % 7}" for i in range(24)]

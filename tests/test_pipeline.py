@@ -344,6 +344,26 @@ def test_repeated_prompts_hit_the_embedding_cache_and_the_job_says_so(stack: Sta
     assert again["embed_cache_hits"] == 52 and again["embed_cache_misses"] == 0  # across jobs: encoded once
 
 
+def test_a_cache_hit_never_says_what_another_tenant_scored(stack: Stack):
+    """The embedding cache is kept per tenant: tenant B scoring tenant A's texts finds nothing cached (its job's
+    embed_cache_hits would otherwise tell B that A scored them), while A's own second job is served from it."""
+    tag = uuid.uuid4().hex[:8]
+    items = [{"prompt": f"secret prompt {p} {tag}", "response": f"secret answer {r} {tag}"}
+             for p in range(2) for r in range(3)]  # fmt: skip
+    key_a, key_b = "a" * 32 + tag, "b" * 32 + tag
+    with make_client(stack.db_url, stack.queue, api_keys=f"ta-{tag}:{key_a},tb-{tag}:{key_b}") as c:
+
+        def run(key: str) -> dict[str, object]:
+            c.headers["Authorization"] = f"Bearer {key}"
+            return wait_job(c, c.post("/v1/jobs", json={"items": items}).json()["job_id"])
+
+        first, other, again = run(key_a), run(key_b), run(key_a)
+    assert first["status"] == other["status"] == again["status"] == "succeeded"
+    assert (first["embed_cache_hits"], first["embed_cache_misses"]) == (0, 5)
+    assert (other["embed_cache_hits"], other["embed_cache_misses"]) == (0, 5)  # nothing of A's reached B
+    assert (again["embed_cache_hits"], again["embed_cache_misses"]) == (5, 0)
+
+
 def test_workers_share_embeddings_through_redis(stack: Stack, db_url: str, redis_url: str, monkeypatch):
     """A text one worker encoded is not encoded again by another: the stack's worker scores a job, then
     this test process (a second worker, its own LRU emptied) scores the same texts from Redis alone."""
@@ -372,7 +392,7 @@ def test_workers_share_embeddings_through_redis(stack: Stack, db_url: str, redis
         assert model.shared is not None
         model._cache.clear()  # nothing local: every embedding must come from Redis
         model.take_stats()
-        msg = ScoreBatch(job_id=job_id, batch_no=0, start_idx=0, model_version=version,
+        msg = ScoreBatch(job_id=job_id, batch_no=0, start_idx=0, model_version=version, tenant="default",
                          prompts=[p for p, _ in pairs], responses=[r for _, r in pairs])  # fmt: skip
         assert engine.score_batch(msg) == len(pairs)
         second = stack.client.get(f"/v1/jobs/{job_id}").json()

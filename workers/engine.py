@@ -68,8 +68,18 @@ def get_model(version: str) -> RewardModel:
         return model
 
 
-def _score(model: RewardModel, prompts: list[str], responses: list[str]) -> Scores:
+def cache_scope(settings: Settings, tenant: str, fallback: str) -> str:
+    """Whose cached embeddings a batch may use: its tenant's (the default), or every tenant's when the operator opted
+    into one global cache (REWARDQ_EMBED_CACHE_SCOPE=global). A message without a tenant (queued by an older
+    version) shares with nothing: ``fallback`` names its job or request."""
+    if settings.embed_cache_scope == "global":
+        return "*"
+    return f"t:{tenant}" if tenant else f"x:{fallback}"
+
+
+def _score(model: RewardModel, prompts: list[str], responses: list[str], scope: str) -> Scores:
     settings = get_settings()
+    model.cache_scope = scope
     marker = settings.fault_poison_marker
     if marker and any(marker in t for t in (*prompts, *responses)):
         raise InjectedFault(f"a text contains the fault marker {marker!r}")
@@ -155,7 +165,7 @@ def _take_and_score(msg: ScoreBatch, queue: str | None, settings: Settings, work
         model = get_model(msg.model_version)
         model.preempt = _interactive_waiting(settings) if preemptible else None
         try:
-            scores = _score(model, msg.prompts, msg.responses)
+            scores = _score(model, msg.prompts, msg.responses, cache_scope(settings, msg.tenant, msg.job_id))
         finally:
             model.preempt = None
     except Preempted as why:
@@ -282,8 +292,9 @@ def score_interactive(msg: InteractiveBatch) -> dict[str, Any]:
     """Score one part of an interactive request; nothing is written to SQL. A pair that fails on its own is
     isolated (the part is scored pair by pair) and answered with its reason instead of a score."""
     model = get_model(msg.model_version)
+    scope = cache_scope(get_settings(), msg.tenant, msg.request_id)
     try:
-        rows = _rows(_score(model, msg.prompts, msg.responses))
+        rows = _rows(_score(model, msg.prompts, msg.responses, scope))
     except ModelUnavailable:
         raise
     except Exception as exc:
@@ -292,7 +303,7 @@ def score_interactive(msg: InteractiveBatch) -> dict[str, Any]:
         rows = []
         for p, r in zip(msg.prompts, msg.responses, strict=True):
             try:
-                rows += _rows(_score(model, [p], [r]))
+                rows += _rows(_score(model, [p], [r], scope))
             except Exception as one:
                 if is_transient(one):
                     raise

@@ -21,6 +21,7 @@ class ScoreBatch(BaseModel):
     model_version: str
     prompts: list[str]
     responses: list[str]
+    tenant: str = ""  # whose texts: the embedding cache's scope (workers.engine.cache_scope)
 
 
 class InteractiveBatch(BaseModel):
@@ -31,6 +32,7 @@ class InteractiveBatch(BaseModel):
     model_version: str
     prompts: list[str]
     responses: list[str]
+    tenant: str = ""
 
 
 def enqueue_interactive(messages: Sequence[InteractiveBatch], queue: str, expires_s: float) -> None:
@@ -79,9 +81,10 @@ def build_messages(
 ) -> list[ScoreBatch]:
     """Messages for ledger batches, their texts read back from SQL (for splits and re-enqueues)."""
     out = []
+    tenant = repo.job_tenant(session, job_id=job_id) or ""
     for b in batches:
         items = repo.batch_texts(session, job_id=job_id, start_idx=b.start_idx, end_idx=b.end_idx)
         out.append(ScoreBatch(job_id=job_id, batch_no=b.batch_no, start_idx=b.start_idx,
                               model_version=model_version, prompts=[it.prompt for it in items],
-                              responses=[it.response for it in items]))  # fmt: skip
+                              responses=[it.response for it in items], tenant=tenant))  # fmt: skip
     return out

@@ -58,7 +58,7 @@ async def get_reward(
         raise invalid([FieldError("prompts", "a list as long as query, each query's prompt")])
     items = check_items(split_queries(queries, prompts), settings)
     version = await resolve_version(session, tenant, model_version)
-    scored = await score_pairs(settings, version, [it.prompt for it in items], [it.response for it in items])
+    scored = await score_pairs(settings, tenant, version, [it.prompt for it in items], [it.response for it in items])
     failed = [i for i, row in enumerate(scored.rows) if row["error"]]
     if failed:
         row = scored.rows[failed[0]]

@@ -32,7 +32,7 @@ async def vllm_score(request: Request, session: SessionDep, settings: SettingsDe
     items = check_items([{"prompt": a, "response": b} for a, b in pairs], settings)
     model = doc.get("model")
     version = await resolve_version(session, tenant, model if isinstance(model, str) and model else None)
-    scored = await score_pairs(settings, version, [it.prompt for it in items], [it.response for it in items])
+    scored = await score_pairs(settings, tenant, version, [it.prompt for it in items], [it.response for it in items])
     failed = [i for i, row in enumerate(scored.rows) if row["error"]]
     if failed:
         row = scored.rows[failed[0]]

@@ -308,13 +308,24 @@ def cancel_job(job_id: str, session: SessionDep, settings: SettingsDep, tenant: 
 
 
 @router.get("/{job_id}/errors", response_model=list[FailedItem])
-def job_errors(job_id: str, session: SessionDep, tenant: TenantDep) -> list[FailedItem]:
-    """Every item that could not be scored, with its reason code (the error ledger)."""
+def job_errors(
+    job_id: str,
+    request: Request,
+    response: Response,
+    session: SessionDep,
+    tenant: TenantDep,
+    after: Annotated[int, Query(ge=-1, description="the last item index of the previous page")] = -1,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+) -> list[FailedItem]:
+    """The items that could not be scored, with their reason codes (the error ledger), in index order, one page at a
+    time: when more follow, a `Link: <...>; rel="next"` header gives the next page's URL."""
     job = _load_job(session, job_id, tenant)
-    return [
-        FailedItem(index=e.idx, id=it.item_id, code=e.code, message=e.message)
-        for e, it in results.item_errors(session, job_id=job.id, limit=None)
-    ]
+    rows = results.item_errors(session, job_id=job.id, limit=limit + 1, after=after)
+    if len(rows) > limit:
+        rows = rows[:limit]
+        nxt = request.url.include_query_params(after=rows[-1][0].idx, limit=limit)
+        response.headers["Link"] = f'<{nxt.path}?{nxt.query}>; rel="next"'
+    return [FailedItem(index=e.idx, id=it.item_id, code=e.code, message=e.message) for e, it in rows]
 
 
 @router.get("/{job_id}/histogram", response_model=Histogram)
@@ -392,11 +403,17 @@ def _failed_row(e: Any, it: Item) -> dict[str, Any]:
     }
 
 
+_EXPORT_PAGE_BYTES = 8 << 20  # an export reads this much text from the database at a time
+
+
 def _stream_openai_batch(url: str, job: Job) -> Iterator[str]:
     """One output line per batch-file request, its pairs' scored and failed rows merged in index order."""
     with get_sessionmaker(url)() as session:
-        scored = (_row(r, it) for r, it in results.iter_results(session, job_id=job.id, sort="index"))
-        failed = (_failed_row(e, it) for e, it in results.item_errors(session, job_id=job.id, limit=None))
+        scored = (
+            _row(r, it)
+            for r, it in results.iter_results(session, job_id=job.id, sort="index", max_bytes=_EXPORT_PAGE_BYTES)
+        )
+        failed = (_failed_row(e, it) for e, it in results.iter_errors(session, job_id=job.id))
         rows = heapq.merge(scored, failed, key=lambda row: row["index"])
         buf: list[str] = []
         for line in batch_output(rows, job.model_version, job.id):
@@ -428,9 +445,12 @@ def _stream(
             writer.writeheader()
         n = 0
         stats = _stats_of_job(session, job_id)
-        scored = (_row(r, it, stats) for r, it in results.iter_results(session, job_id=job_id, sort=sort))
+        scored = (
+            _row(r, it, stats)
+            for r, it in results.iter_results(session, job_id=job_id, sort=sort, max_bytes=_EXPORT_PAGE_BYTES)
+        )
         # Failed items follow the scored ones, with no score and their reason code.
-        failed = (_failed_row(e, it) for e, it in results.item_errors(session, job_id=job_id, limit=None))
+        failed = (_failed_row(e, it) for e, it in results.iter_errors(session, job_id=job_id))
         for row in itertools.chain(scored, failed):
             if fmt == "csv":
                 row["cos"] = json.dumps(row["cos"]) if row["cos"] is not None else ""
@@ -481,7 +501,9 @@ def job_results(
             _stream(settings.database_url, job.id, sort, format, partial), media_type=media, headers=headers
         )
     try:
-        rows, nxt = results.results_page(session, job_id=job.id, sort=sort, cursor=cursor, limit=limit)
+        rows, nxt = results.results_page(
+            session, job_id=job.id, sort=sort, cursor=cursor, limit=limit, max_bytes=settings.max_page_bytes
+        )
     except results.CursorError as exc:
         raise invalid([FieldError("cursor", str(exc))]) from exc
     stats = registry.score_stats(session, version=job.model_version)

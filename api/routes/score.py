@@ -71,7 +71,7 @@ async def score(
     version = await resolve_version(session, tenant, doc.get("model_version"))
     if doc.get("persist"):
         return await _persisted(session, settings, tenant, version, items, doc.get("metadata") or {}, response)
-    scored = await score_pairs(settings, version, [it.prompt for it in items], [it.response for it in items])
+    scored = await score_pairs(settings, tenant, version, [it.prompt for it in items], [it.response for it in items])
     stats = await run_in_threadpool(registry.score_stats, session, version=version)
     rows = []
     for i, (it, row) in enumerate(zip(items, scored.rows, strict=True)):

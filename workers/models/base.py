@@ -36,6 +36,9 @@ class RewardModel(ABC):
     # Set by the engine around a bulk batch: asked between encoder passes; True stops the batch (Preempted). Only a
     # model that keeps its finished passes looks at it (sim_exp with its embedding cache); the others finish.
     preempt: Callable[[], bool] | None = None
+    # Set by the engine around each batch: whose texts these are. Cached embeddings are kept per scope, so a cache
+    # hit never tells one tenant what another scored (workers.engine.cache_scope).
+    cache_scope: str = ""
 
     def __init__(self) -> None:
         self.stats: dict[str, float] = {}

@@ -116,7 +116,8 @@ class SimExpModel(RewardModel):
         """
         out = torch.empty((len(texts), self.dim), dtype=torch.float32)
         cut = [False] * len(texts)
-        keys = [hashlib.blake2b(t.encode("utf-8", "surrogatepass"), digest_size=16).digest() for t in texts]
+        scope = self.cache_scope.encode() + b"\0"
+        keys = [hashlib.blake2b(scope + t.encode("utf-8", "surrogatepass"), digest_size=16).digest() for t in texts]
         todo = [i for i, k in enumerate(keys) if not self._from_cache(k, out, cut, i)]
         if todo and self.shared is not None:
             # What another worker (or this one, before its LRU dropped it) already encoded.
