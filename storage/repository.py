@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -128,20 +129,58 @@ def job_batches(session: Session, *, job_id: str) -> list[Batch]:
     return list(session.scalars(select(Batch).where(Batch.job_id == job_id).order_by(Batch.batch_no)))
 
 
-def unqueued_batches(session: Session, *, limit: int) -> list[tuple[Batch, str]]:
-    """Batches of live jobs never enqueued, oldest job first, with their job's model version."""
+def in_flight_by_tenant(session: Session) -> dict[str, int]:
+    """Batches enqueued and not done (waiting in Redis or being scored), per tenant with a live job."""
     q = (
-        select(Batch, Job.model_version)
+        select(Job.tenant, func.count())
+        .select_from(Batch)
         .join(Job, Job.id == Batch.job_id)
-        .where(
-            Batch.enqueued_at.is_(None),
-            Batch.done.is_(False),
-            _LIVE_JOB,
-        )  # fmt: skip
-        .order_by(Job.created_at, Batch.job_id, Batch.batch_no)
-        .limit(limit)
+        .where(Batch.enqueued_at.is_not(None), Batch.done.is_(False), _LIVE_JOB)
+        .group_by(Job.tenant)
     )
-    return [(b, v) for b, v in session.execute(q).tuples()]
+    return {tenant: int(n) for tenant, n in session.execute(q).tuples()}
+
+
+def unqueued_batches(session: Session, *, limit: int) -> list[tuple[Batch, str, str]]:
+    """Up to ``limit`` batches of live jobs never enqueued, with their job's model version and tenant, shared among
+    the tenants round robin (fair share): each pick goes to the tenant with the fewest batches in flight, and within a
+    tenant to its oldest job. A tenant's million-item job so never keeps another tenant's small one waiting."""
+    waiting = (
+        select(Job.tenant, func.min(Job.created_at))
+        .where(
+            _LIVE_JOB,
+            select(Batch.job_id)
+            .where(Batch.job_id == Job.id, Batch.enqueued_at.is_(None), Batch.done.is_(False))
+            .exists(),
+        )
+        .group_by(Job.tenant)
+    )
+    tenants = {tenant: first for tenant, first in session.execute(waiting).tuples()}
+    if not tenants:
+        return []
+    flight = in_flight_by_tenant(session)
+    # At most ``limit`` picks: only the ``limit`` least busy tenants can get one.
+    chosen = sorted(tenants, key=lambda t: (flight.get(t, 0), tenants[t]))[:limit]
+    queues: dict[str, list[tuple[Batch, str]]] = {}
+    for tenant in chosen:
+        q = (
+            select(Batch, Job.model_version)
+            .join(Job, Job.id == Batch.job_id)
+            .where(Job.tenant == tenant, Batch.enqueued_at.is_(None), Batch.done.is_(False), _LIVE_JOB)
+            .order_by(Job.created_at, Batch.job_id, Batch.batch_no)
+            .limit(limit)
+        )
+        queues[tenant] = [(b, v) for b, v in session.execute(q).tuples()][::-1]
+    picked: list[tuple[Batch, str, str]] = []
+    heap = [(flight.get(t, 0), tenants[t], t) for t in chosen if queues[t]]
+    heapq.heapify(heap)
+    while heap and len(picked) < limit:
+        n, first, tenant = heapq.heappop(heap)
+        batch, version = queues[tenant].pop()
+        picked.append((batch, version, tenant))
+        if queues[tenant]:
+            heapq.heappush(heap, (n + 1, first, tenant))
+    return picked
 
 
 SHORT_ID_MIN = 8  # a job or run id may be given by its first 8 or more characters

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -187,3 +188,35 @@ def seed_scored_job(url: str, *, tenant: str, n: int, model_version: str, seed: 
         s.execute(Batch.__table__.update().where(Batch.job_id == job.id).values(done=True, done_at=now))
         s.commit()
         return job.id
+
+
+def queued_messages(r: Any, queue: str) -> list[bytes]:
+    """Every message waiting in ``queue``, over its priority steps (fair share puts bulk batches in several lists)."""
+    from workers.celery_app import queue_lists
+
+    return [m for name in queue_lists(queue) for m in r.lrange(name, 0, -1)]
+
+
+def take_messages(r: Any, queue: str, n: int) -> list[bytes]:
+    """Take ``n`` messages as a worker would: the first-served step first, oldest first."""
+    from workers.celery_app import queue_lists
+
+    out: list[bytes] = []
+    for name in queue_lists(queue):
+        while len(out) < n and (m := r.rpop(name)) is not None:
+            out.append(m)
+    return out
+
+
+def drop_message(r: Any, queue: str, message: bytes) -> None:
+    """Lose one message (as a Redis restart or a dead worker's prefetch would)."""
+    from workers.celery_app import queue_lists
+
+    for name in queue_lists(queue):
+        r.lrem(name, 1, message)
+
+
+def delete_queue(r: Any, queue: str) -> None:
+    from workers.celery_app import queue_lists
+
+    r.delete(*queue_lists(queue))

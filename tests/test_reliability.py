@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from storage.db import get_sessionmaker, session_scope
 from storage.models import Item, Job
 from tests.conftest import POISON, Ledger, make_client
-from tests.support import Stack, wait_job
+from tests.support import Stack, delete_queue, queued_messages, take_messages, wait_job
 
 GOOD = {"prompt": "p", "response": "r"}
 
@@ -219,7 +219,7 @@ def test_backpressure_keeps_redis_below_the_high_water_mark(db_url: str, redis_u
     try:
         with make_client(db_url, queue, queue_high_water=3, batch_size=4) as c:
             job_id = c.post("/v1/jobs", json={"items": [GOOD] * 41}).json()["job_id"]  # 11 batches
-        assert r.llen(queue) == 3
+        assert len(queued_messages(r, queue)) == 3
 
         def unqueued() -> int:
             with get_sessionmaker(db_url)() as s:
@@ -228,10 +228,10 @@ def test_backpressure_keeps_redis_below_the_high_water_mark(db_url: str, redis_u
         assert unqueued() == 8
         settings = Settings(database_url=db_url, redis_url=redis_url, scoring_queue=queue, queue_high_water=3)
         assert feed(settings) == 0  # full: nothing more
-        r.lpop(queue, 2)  # a worker takes two
-        assert feed(settings) == 2 and r.llen(queue) == 3 and unqueued() == 6
+        assert len(take_messages(r, queue, 2)) == 2  # a worker takes two
+        assert feed(settings) == 2 and len(queued_messages(r, queue)) == 3 and unqueued() == 6
     finally:
-        r.delete(queue)
+        delete_queue(r, queue)
     ledger.add(
         "load",
         "an 11-batch job with REWARDQ_QUEUE_HIGH_WATER=3",

@@ -9,6 +9,7 @@ from storage import registry, results
 from storage import repository as repo
 from storage.db import get_engine, session_scope
 from storage.models import Batch, Job, Result
+from tests.support import drop_message, queued_messages
 
 
 def _job(db_url: str, n: int, batch_size: int = 4) -> str:
@@ -133,7 +134,7 @@ def test_a_lost_batch_is_found_while_the_queue_never_drains(db_url: str, monkeyp
     r = redis.Redis.from_url(get_settings().redis_url)
 
     def batch_nos() -> list[int]:
-        reprs = [json.loads(m)["headers"]["kwargsrepr"] for m in r.lrange(queue, 0, -1)]
+        reprs = [json.loads(m)["headers"]["kwargsrepr"] for m in queued_messages(r, queue)]
         return sorted(n for n in range(3) for k in reprs if f"'job_id': '{job_id}', 'batch_no': {n}," in k)
 
     try:
@@ -143,8 +144,8 @@ def test_a_lost_batch_is_found_while_the_queue_never_drains(db_url: str, monkeyp
             batches = s.query(Batch).filter_by(job_id=job_id)
             rows = [(job_id, b.batch_no, b.start_idx, b.end_idx, None, version) for b in batches]
         assert enqueue_claimed(rows) == 3 and batch_nos() == [0, 1, 2]
-        [lost] = [m for m in r.lrange(queue, 0, -1) if "'batch_no': 1," in json.loads(m)["headers"]["kwargsrepr"]]
-        r.lrem(queue, 1, lost)
+        [lost] = [m for m in queued_messages(r, queue) if "'batch_no': 1," in json.loads(m)["headers"]["kwargsrepr"]]
+        drop_message(r, queue, lost)
         r.srem(QUEUED_BATCHES, batch_key(job_id, 1))
         later = datetime.now(timezone.utc) + timedelta(seconds=get_settings().lost_after_s + 1)
         sweep(now=later)
@@ -241,7 +242,7 @@ def test_times_compared_across_hosts_are_the_databases(pg_url: str, monkeypatch:
     healthy, dead = f"behind:{uuid.uuid4().hex[:8]}", f"ahead:{uuid.uuid4().hex[:8]}"
 
     def queued() -> list[int]:
-        reprs = [json.loads(m)["headers"]["kwargsrepr"] for m in r.lrange(queue, 0, -1)]
+        reprs = [json.loads(m)["headers"]["kwargsrepr"] for m in queued_messages(r, queue)]
         return sorted(n for n in range(2) for k in reprs if f"'job_id': '{job_id}', 'batch_no': {n}," in k)
 
     def take(batch_no: int, worker: str, skew_s: float) -> None:
@@ -327,7 +328,7 @@ def test_a_batch_its_live_worker_left_is_queued_again(db_url: str, monkeypatch: 
         assert _requeues(db_url, job_id) == {0: (1, 0), 1: (1, 0)}  # a retry may still be waiting for a minute
         sweep(now=datetime.now(timezone.utc) + timedelta(seconds=get_settings().heartbeat_ttl_s + 61))
         assert _requeues(db_url, job_id) == {0: (2, 0), 1: (1, 0)}
-        mine = [m for m in r.lrange(queue, 0, -1) if job_id.encode() in m]  # other tests' batches may come too
+        mine = [m for m in queued_messages(r, queue) if job_id.encode() in m]  # other tests' batches may come too
         assert len(mine) == 1
     finally:
         r.delete(queue, liveness.PREFIX + idle, liveness.PREFIX + busy)

@@ -9,6 +9,14 @@ from storage.settings import get_settings
 SCORE_BATCH = "rewardq.score_batch"
 SCORE_INTERACTIVE = "rewardq.score_interactive"
 TRAIN = "rewardq.train"
+PRIORITY_STEPS = (0, 3, 6, 9)  # kombu's Redis transport: 0 is served first
+_PRIORITY_SEP = "\x06\x16"  # how kombu names a step's list: queue + separator + step (step 0: the queue itself)
+
+
+def queue_lists(queue: str) -> list[str]:
+    """The Redis lists that hold ``queue``'s messages, one per priority step, first served first."""
+    return [queue if p == 0 else f"{queue}{_PRIORITY_SEP}{p}" for p in PRIORITY_STEPS]
+
 
 _settings = get_settings()
 
@@ -33,7 +41,13 @@ app.conf.update(
     },
     # Kombu polls a worker's queues in the order they were given (BRPOP over the list, no rotation): a worker
     # started with `-Q interactive,scoring,training` takes interactive work before bulk work, always.
-    broker_transport_options={"visibility_timeout": 3600, "queue_order_strategy": "priority"},
+    # Priorities (Redis keeps one list per step, served from step 0): fair share among tenants (workers.feeder). The
+    # worker polls step-major: every queue's step 0, then step 3, ...; interactive and training messages are step 0.
+    broker_transport_options={
+        "visibility_timeout": 3600,
+        "queue_order_strategy": "priority",
+        "priority_steps": list(PRIORITY_STEPS),
+    },
     broker_connection_retry_on_startup=True,
     worker_hijack_root_logger=False,
 )

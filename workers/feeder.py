@@ -14,40 +14,51 @@ from storage import repository as repo
 from storage.db import session_scope
 from storage.settings import Settings, get_settings
 from workers import metrics
-from workers.messages import build_messages, enqueue_score_batches
+from workers.celery_app import queue_lists
+from workers.messages import ScoreBatch, build_messages, enqueue_score_batches, fair_priority
 
 log = logging.getLogger(__name__)
 
 
 def queue_depth(url: str, queue: str) -> int:
-    return int(metrics.client(url).llen(queue))
+    """Messages waiting in ``queue``, over all its priority steps."""
+    pipe = metrics.client(url).pipeline()
+    for name in queue_lists(queue):
+        pipe.llen(name)
+    return int(sum(pipe.execute()))
 
 
 def enqueue_claimed(rows: Sequence[tuple[Any, ...]], settings: Settings | None = None, died: bool = False) -> int:
     """Claim each (job, batch, start, end, seen enqueue time, version) by compare-and-set and publish the
-    ones won; a publish that fails leaves them to the sweeper. ``died``: their worker died on them (counted).
-    Returns how many were published."""
+    ones won, each at its tenant's fair-share priority; a publish that fails leaves them to the sweeper.
+    ``died``: their worker died on them (counted). Returns how many were published."""
     settings = settings or get_settings()
-    messages = []
+    messages: list[ScoreBatch] = []
     with session_scope(settings.database_url) as s:
+        flight = repo.in_flight_by_tenant(s)  # before these claims: a tenant's first batch in flight goes first
         for job_id, batch_no, start, end, seen, version in rows:
             if repo.claim_requeue(s, job_id=job_id, batch_no=batch_no, seen=seen, died=died):
                 messages += build_messages(s, job_id=job_id, model_version=version,
                                            batches=[repo.BatchRef(batch_no, start, end)])  # fmt: skip
+    priorities = []
+    for msg in messages:
+        priorities.append(fair_priority(flight.get(msg.tenant, 0)))
+        flight[msg.tenant] = flight.get(msg.tenant, 0) + 1
     if messages:
-        enqueue_score_batches(messages, queue=settings.scoring_queue)
+        enqueue_score_batches(messages, queue=settings.scoring_queue, priorities=priorities)
     return len(messages)
 
 
 def feed(settings: Settings | None = None) -> int:
-    """Top the scoring queue up to REWARDQ_QUEUE_HIGH_WATER messages; return how many were added."""
+    """Top the scoring queue up to REWARDQ_QUEUE_HIGH_WATER messages, tenants served round robin; return how many
+    were added."""
     settings = settings or get_settings()
     room = settings.queue_high_water - queue_depth(settings.redis_url, settings.scoring_queue)
     if room <= 0:
         return 0
     with session_scope(settings.database_url) as s:
         rows = [(b.job_id, b.batch_no, b.start_idx, b.end_idx, None, version)
-                for b, version in repo.unqueued_batches(s, limit=room)]  # fmt: skip
+                for b, version, _ in repo.unqueued_batches(s, limit=room)]  # fmt: skip
     return enqueue_claimed(rows, settings) if rows else 0
 
 

@@ -62,14 +62,25 @@ def run_key(run_id: str) -> str:
     return f"run:{run_id}"
 
 
-def enqueue_score_batches(messages: Sequence[ScoreBatch], queue: str) -> None:
-    """Publish the batches to ``queue`` over one broker connection (noting each as waiting first)."""
+def fair_priority(in_flight: int) -> int:
+    """The priority step of a tenant's next bulk batch, given how many of its batches are in flight: its first goes
+    ahead of everything (0), its next few ahead of busy tenants' (3, 6), a large job's backlog last (9). A small job
+    submitted behind a large one's queued batches is so taken within a few batch times (fair share)."""
+    return 0 if in_flight < 1 else 3 if in_flight < 4 else 6 if in_flight < 16 else 9
+
+
+def enqueue_score_batches(messages: Sequence[ScoreBatch], queue: str, priorities: Sequence[int] | None = None) -> None:
+    """Publish the batches to ``queue`` over one broker connection (noting each as waiting first), each at its
+    priority step (default 0: served first)."""
     if not messages:
         return
     metrics.client(app.conf.broker_url).sadd(QUEUED_BATCHES, *[batch_key(m.job_id, m.batch_no) for m in messages])
+    steps = list(priorities) if priorities is not None else [0] * len(messages)
     with app.producer_or_acquire() as producer:
-        for msg in messages:
-            app.send_task(SCORE_BATCH, kwargs={"payload": msg.model_dump()}, queue=queue, producer=producer)
+        for msg, step in zip(messages, steps, strict=True):
+            app.send_task(
+                SCORE_BATCH, kwargs={"payload": msg.model_dump()}, queue=queue, producer=producer, priority=step
+            )
 
 
 def enqueue_training_run(run_id: str, queue: str) -> None:

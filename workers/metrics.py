@@ -60,4 +60,7 @@ def read(url: str) -> dict[str, float]:
 
 
 def queue_depths(url: str, queues: list[str]) -> dict[str, int]:
-    return {q: int(client(url).llen(q)) for q in queues}
+    """Messages waiting in each queue, over all its priority steps."""
+    from workers.celery_app import queue_lists
+
+    return {q: sum(int(client(url).llen(name)) for name in queue_lists(q)) for q in queues}

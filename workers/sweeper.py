@@ -21,6 +21,7 @@ from storage.db import session_scope
 from storage.models import db_now
 from storage.settings import get_settings
 from workers import liveness, metrics
+from workers.celery_app import queue_lists
 from workers.errors import RETRY_BACKOFF_MAX_S
 from workers.feeder import enqueue_claimed
 from workers.messages import QUEUED_BATCHES, batch_key, enqueue_training_run, run_key
@@ -73,7 +74,12 @@ def sweep(now: datetime | None = None) -> int:
         # Noted as waiting, but a worker that prefetched its message may have died before taking it (the broker
         # gives such a message back only after its 1-hour visibility timeout): look for it in the queues themselves
         # (kept short by the feeder's high-water mark).
-        messages = client.lrange(settings.scoring_queue, 0, -1) + client.lrange(settings.interactive_queue, 0, -1)
+        messages = [
+            m
+            for queue in (settings.scoring_queue, settings.interactive_queue)
+            for name in queue_lists(queue)
+            for m in client.lrange(name, 0, -1)
+        ]
         queued = b"\n".join(m if isinstance(m, bytes) else str(m).encode() for m in messages)
         lost_rows = [
             row
