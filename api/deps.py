@@ -131,6 +131,9 @@ def _caller(
         session.rollback()
 
 
+caller_of = _caller  # for a dependency that accepts another credential first (api.routes.ops: /metrics)
+
+
 def _identify(request: Request, settings: Settings, session: Session) -> Caller:
     address = request.client.host if request.client else "unknown"
     if not auth_required(settings, session):

@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError
 
 from api import ui
+from api.correlation import RequestIds, request_id
 from api.deps import check_auth_setup
 from api.errors import ApiError, FieldError
 from api.integrations import openrlhf, vllm
@@ -40,11 +41,15 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 def create_app() -> FastAPI:
+    docs = get_settings().docs  # REWARDQ_DOCS=0: no /docs, /redoc or /openapi.json
     app = FastAPI(
         title="rewardq",
         version="0.1.0",
         description="Queue-based batch scoring and retraining for reward models.",
         lifespan=_lifespan,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
     )
 
     @app.exception_handler(ApiError)
@@ -59,12 +64,27 @@ def create_app() -> FastAPI:
         return JSONResponse(body, status_code=422)
 
     @app.exception_handler(OperationalError)
-    async def _db_down(_: Request, exc: OperationalError) -> JSONResponse:
-        # The database is unreachable (restarting, failing over): a retryable 503, not a 500.
-        return JSONResponse({"detail": "database unavailable, retry shortly", "errors": []}, status_code=503,
-                            headers={"Retry-After": "5"})  # fmt: skip
+    async def _db_down(request: Request, exc: OperationalError) -> JSONResponse:
+        # The database is unreachable (restarting, failing over): a retryable 503, not a 500. What the driver said
+        # (hosts, SQL) goes to the log only.
+        rid = request_id(request.scope)
+        log.warning("request %s %s: database unavailable (request id %s): %s", request.method, request.url.path,
+                    rid, exc)  # fmt: skip
+        return JSONResponse(
+            {"detail": f"database unavailable, retry shortly (request id {rid})", "errors": [], "request_id": rid},
+            status_code=503,
+            headers={"Retry-After": "5", "X-Request-ID": rid},
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        rid = request_id(request.scope)  # (run by the outermost middleware: the scope still has it)
+        log.error("request %s %s failed (request id %s)", request.method, request.url.path, rid, exc_info=exc)
+        body = {"detail": f"internal error: quote request id {rid} to the operator", "errors": [], "request_id": rid}
+        return JSONResponse(body, status_code=500, headers={"X-Request-ID": rid})
 
     app.add_exception_handler(ui.LoginRequired, ui.login_redirect)  # type: ignore[arg-type]
+    app.add_middleware(RequestIds)
     app.include_router(ops.router)
     app.include_router(jobs.router)
     app.include_router(feedback.router)

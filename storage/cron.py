@@ -11,9 +11,31 @@ def is_valid(expr: str) -> bool:
     return len(expr.split()) in (5, 6) and bool(croniter.is_valid(expr))
 
 
+def as_utc(t: datetime) -> datetime:
+    """A time read back from SQLite has no zone: it is UTC."""
+    return t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t
+
+
 def next_fire(expr: str, after: datetime) -> datetime:
     """The first firing strictly after ``after``; 6 fields means seconds come last."""
     if after.tzinfo is None:
         after = after.replace(tzinfo=timezone.utc)
     nxt: datetime = croniter(expr, after).get_next(datetime)
     return nxt.astimezone(timezone.utc)
+
+
+def shortest_gap(expr: str, start: datetime, horizon_s: float = 8 * 86400, most: int = 5000) -> float:
+    """The shortest time in seconds between two firings of ``expr`` over the next ``horizon_s`` (a week and a day
+    covers every weekday), looking at ``most`` firings at most (enough for every 5 minutes over that time)."""
+    if start.tzinfo is None:
+        start = start.replace(tzinfo=timezone.utc)
+    it = croniter(expr, start)
+    prev: datetime = it.get_next(datetime)
+    gap = float("inf")
+    for _ in range(most):
+        nxt: datetime = it.get_next(datetime)
+        gap = min(gap, (nxt - prev).total_seconds())
+        if (nxt - start).total_seconds() > horizon_s:
+            break
+        prev = nxt
+    return gap

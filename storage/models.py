@@ -6,7 +6,21 @@ import enum
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text, false, func, select
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    false,
+    func,
+    select,
+    text,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 
@@ -171,6 +185,9 @@ class Feedback(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+OPEN_RUN = "status IN ('queued', 'running')"
+
+
 class RunStatus(str, enum.Enum):
     queued = "queued"
     running = "running"
@@ -184,6 +201,14 @@ class TrainingRun(Base):
     __table_args__ = (
         Index("ix_runs_tenant_created", "tenant", "created_at"),
         Index("ux_runs_schedule_slot", "schedule_id", "scheduled_for", unique=True),
+        # One queued or running run per tenant: a tenant cannot occupy every training worker.
+        Index(
+            "ux_runs_one_open_per_tenant",
+            "tenant",
+            unique=True,
+            postgresql_where=text(OPEN_RUN),
+            sqlite_where=text(OPEN_RUN),
+        ),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)

@@ -85,7 +85,19 @@ class Settings(BaseSettings):
         default=3600.0, gt=0, description="hard time limit of one scoring task (its worker process is replaced)"
     )
     run_time_limit_s: float = Field(
-        default=6 * 3600.0, gt=0, description="a training run still going after this long fails (soft time limit)"
+        default=2 * 3600.0, gt=0, description="a training run still going after this long fails (soft time limit)"
+    )
+    max_train_steps: int = Field(
+        default=20_000,
+        ge=1,
+        description="optimisation steps a training run may plan (epochs x batches); a run that needs more is refused",
+    )
+    max_feedback_per_tenant: int = Field(
+        default=1_000_000, ge=1, description="feedback rows a tenant may keep (DELETE /v1/feedback frees room)"
+    )
+    max_schedules_per_tenant: int = Field(default=20, ge=1, description="retraining schedules per tenant")
+    min_schedule_interval_s: int = Field(
+        default=300, ge=1, description="a retraining schedule fires at most this often (5 minutes)"
     )
     fault_kill_marker: str = Field(
         default="", description="testing aid: a worker process that meets a text containing it kills itself"
@@ -108,6 +120,12 @@ class Settings(BaseSettings):
     auth_failures_per_minute: int = Field(
         default=20, ge=0, description="failed authentications per client address per minute before 429; 0 = off"
     )
+    metrics_token: str = Field(
+        default="",
+        description="a bearer token (32+ characters) that may read /metrics, for a Prometheus scraper; an admin key "
+        "may always read it, and nobody else",
+    )
+    docs: bool = Field(default=True, description="serve the API reference at /docs, /redoc and /openapi.json")
     fault_poison_marker: str = Field(default="", description="testing aid: a text containing it fails to score")
     gate_margin: float = Field(default=0.005, description="a candidate must beat the active version by this much")
     scoring_queue: str = "scoring"
@@ -133,6 +151,13 @@ class Settings(BaseSettings):
         for prefix in ("postgres://", "postgresql://"):
             if v.startswith(prefix):
                 return "postgresql+psycopg://" + v[len(prefix) :]
+        return v
+
+    @field_validator("metrics_token")
+    @classmethod
+    def _check_metrics_token(cls, v: str) -> str:
+        if v and len(v) < MIN_KEY_CHARS:
+            raise ValueError(f"REWARDQ_METRICS_TOKEN must be at least {MIN_KEY_CHARS} characters")
         return v
 
     @field_validator("redis_url")

@@ -211,6 +211,19 @@ def open_run_of_schedule(session: Session, *, schedule_id: str) -> str | None:
     return session.scalars(q.limit(1)).first()
 
 
+def open_run_of_tenant(session: Session, *, tenant: str) -> str | None:
+    """The tenant's queued or running run, if any: a tenant has one at a time (a unique index holds it)."""
+    q = select(TrainingRun.id).where(
+        TrainingRun.tenant == tenant,
+        TrainingRun.status.in_((RunStatus.queued.value, RunStatus.running.value)),
+    )
+    return session.scalars(q.limit(1)).first()
+
+
+def count_schedules(session: Session, *, tenant: str) -> int:
+    return int(session.scalar(select(func.count()).select_from(Schedule).where(Schedule.tenant == tenant)) or 0)
+
+
 # -- schedules ------------------------------------------------------------------------------------
 
 

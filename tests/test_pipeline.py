@@ -21,7 +21,7 @@ from storage import registry, results
 from storage.db import get_sessionmaker
 from storage.models import Result
 from tests.conftest import make_client
-from tests.support import Stack, need, wait_job
+from tests.support import Stack, need, queued_messages, wait_job
 
 pytestmark = pytest.mark.slow
 
@@ -182,7 +182,7 @@ def test_cancel_stops_a_job_and_keeps_what_was_scored(stack: Stack):
     resp = stack.client.post(f"/v1/jobs/{job_id}/cancel")
     assert resp.status_code == 200 and resp.json()["status"] == "cancelled"
     r = redis.Redis.from_url(stack.env["REWARDQ_REDIS_URL"])
-    wait_for(lambda: r.llen(stack.queue) == 0, 120, "queue drained")
+    wait_for(lambda: not queued_messages(r, stack.queue), 120, "queue drained")
     # The batch in flight at cancel time may still land; after that nothing changes.
     job = wait_job(stack.client, job_id)
     assert job["status"] == "cancelled"
@@ -243,7 +243,7 @@ def test_a_batch_that_cannot_be_scored_fails_the_job_with_its_reason(stack: Stac
     assert resp.status_code == 202, resp.text
     job = wait_job(stack.client, resp.json()["job_id"], timeout=120)
     assert job["status"] == "failed"
-    assert "broken-v1" in job["error"]
+    assert "broken-v1" in job["error"] and "/nonexistent" not in job["error"]  # no server path
     assert job["progress"]["done"] == 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 
 import numpy as np
 import pytest
@@ -263,7 +264,7 @@ def test_a_run_is_claimed_once_a_dead_workers_run_is_taken_over_and_a_lost_one_r
     )
     try:
         with session_scope(db_url) as s:
-            a, b, c, d = (trepo.create_run(s, tenant=tenant, params={}).id for _ in range(4))
+            a, b, c, d = (trepo.create_run(s, tenant=f"{tenant}-{i}", params={}).id for i in range(4))
         with session_scope(db_url) as s:
             assert trepo.start_run(s, run_id=a, base_version="v", n_feedback=0, max_feedback_id=0, worker=live)
             assert not trepo.start_run(s, run_id=a, base_version="v", n_feedback=0, max_feedback_id=0, worker=gone)
@@ -288,16 +289,18 @@ def test_a_run_is_claimed_once_a_dead_workers_run_is_taken_over_and_a_lost_one_r
         get_settings.cache_clear()
 
 
-def test_schedule_fires_once_per_slot_with_two_beats_and_stops_when_deleted(api: TestClient, db_url: str, tmp_path):
-    from tests.conftest import worker_env
+def test_schedule_fires_once_per_slot_with_two_beats_and_stops_when_deleted(db_url: str, redis_url: str, tmp_path):
+    from tests.conftest import make_client, worker_env
 
+    # Every 2 s: the operator lowered REWARDQ_MIN_SCHEDULE_INTERVAL_S (5 minutes by default) for this test.
+    api = make_client(db_url, f"test-beat-{uuid.uuid4().hex[:8]}", min_schedule_interval_s=1)
     api.post("/v1/feedback", json=[PREF, RATE, RATE])
     every2 = api.post("/v1/schedules", json={"cron": "* * * * * */2", "params": {"epochs": 1}}).json()
     never = api.post("/v1/schedules", json={"cron": "* * * * * */2", "min_new_feedback": 10**9}).json()
     listed = {s["schedule_id"] for s in api.get("/v1/schedules").json()["schedules"]}
     assert listed >= {every2["schedule_id"], never["schedule_id"]}
     queue = f"test-beat-{every2['schedule_id'][:8]}"
-    env = worker_env(db_url, "unused", REWARDQ_TRAINING_QUEUE=queue)
+    env = worker_env(db_url, "unused", REWARDQ_TRAINING_QUEUE=queue, REWARDQ_MIN_SCHEDULE_INTERVAL_S="1")
     beats = [start_beat(env, tmp_path / f"beat{i}.log") for i in range(2)]
 
     def runs_of(sched_id: str) -> list[TrainingRun]:

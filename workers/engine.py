@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -20,7 +21,15 @@ from storage.models import FINISHED
 from storage.settings import Settings, get_settings
 from workers import events, liveness, metrics
 from workers.calibration import calibrate
-from workers.errors import InjectedFault, InjectedOutage, ModelUnavailable, WorkerLost, is_transient, reason_code
+from workers.errors import (
+    InjectedFault,
+    InjectedOutage,
+    ModelUnavailable,
+    WorkerLost,
+    is_transient,
+    public_message,
+    reason_code,
+)
 from workers.feeder import feed_quietly
 from workers.messages import (
     QUEUED_BATCHES,
@@ -59,7 +68,11 @@ def get_model(version: str) -> RewardModel:
         try:
             model = load_model(kind, version, path, config, settings)
         except (OSError, ValueError) as exc:  # files missing or unreadable here: no item of it can be scored
-            raise ModelUnavailable(f"{version} ({kind}): {exc}") from exc
+            ref = uuid.uuid4().hex[:12]
+            log.error("model %s (%s) cannot be loaded (ref %s): %s", version, kind, ref, exc)
+            raise ModelUnavailable(
+                f"{version} ({kind}): its files cannot be loaded on this worker (ref {ref})"
+            ) from exc
         log.info("loaded %s model %s in %.1fs on %s", kind, version, time.perf_counter() - t0, model.device)
         calibrate(version, model)
         _models[version] = model
@@ -257,7 +270,7 @@ def _quarantine(msg: ScoreBatch, exc: BaseException) -> None:
                 batch_no=msg.batch_no,
                 idx=msg.start_idx,
                 code=reason_code(exc),
-                message=f"{type(exc).__name__}: {exc}",
+                message=public_message(exc, log, f"item {msg.job_id}/{msg.start_idx}"),
             )
         metrics.record(get_settings().redis_url, {"items_failed": float(new)})
         _announce_if_finished(msg.job_id)
@@ -313,7 +326,7 @@ def score_interactive(msg: InteractiveBatch) -> dict[str, Any]:
                         "cos": None,
                         "truncated": False,
                         "n_tokens": None,
-                        "error": {"code": reason_code(one), "message": f"{type(one).__name__}: {one}"[:500]},
+                        "error": {"code": reason_code(one), "message": public_message(one, log, "a pair")[:500]},
                     }
                 )
     stats = model.take_stats()

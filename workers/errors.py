@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import uuid
+
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 
@@ -55,3 +58,17 @@ def reason_code(exc: BaseException) -> str:
     if isinstance(exc, RuntimeError):
         return "out_of_memory" if "out of memory" in str(exc).lower() else "model_error"
     return "scoring_error"
+
+
+def public_message(
+    exc: BaseException, log: logging.Logger, what: str, own: tuple[type[BaseException], ...] = ()
+) -> str:
+    """What a tenant may read about a failure (an item's error, a job's or a run's). rewardq's own errors (and ``own``)
+    say what happened in words written for the user, with no path or host in them; any other exception (a driver's,
+    a library's: SQL, host names, file paths) is named by its reason code and type only, with a reference under which
+    this process's log holds the full text and traceback."""
+    if isinstance(exc, (RewardqError, *own)):
+        return f"{type(exc).__name__}: {exc}"
+    ref = uuid.uuid4().hex[:12]
+    log.error("%s failed (ref %s): %s: %s", what, ref, type(exc).__name__, exc, exc_info=exc)
+    return f"{reason_code(exc)}: {type(exc).__name__} (ref {ref}: the details are in the worker's log)"

@@ -28,7 +28,7 @@ def resolve_encoder(model_setting: str) -> tuple[str, str]:
             f"REWARDQ_MODEL={model_setting!r} is not a local Hugging Face model directory (no config.json); "
             "rewardq never downloads weights"
         )
-    return str(path.resolve()), str(path)
+    return str(path.resolve()), path.resolve().name  # the folder's name: responses never show a server path
 
 
 def base_version_id(encoder_path: str) -> str:

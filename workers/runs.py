@@ -19,9 +19,10 @@ from storage.models import RunStatus
 from storage.score_stats import summarize
 from storage.settings import get_settings
 from workers import engine, liveness
+from workers.errors import public_message
 from workers.messages import run_key
 from workers.registry import resolve_encoder
-from workers.train_params import TrainParams, params_for
+from workers.train_params import TrainParams, params_for, planned_steps
 from workers.trainer import Feedback, Preference, Rating, evaluate
 
 log = logging.getLogger(__name__)
@@ -81,8 +82,8 @@ def execute_run(run_id: str) -> str:
             raise RunError("no active model version: run 'rewardq db upgrade' or start a worker")
         return _train_and_gate(run_id, tenant, raw_params, active, stats["max_id"], settings.gate_margin, worker)
     except Exception as exc:
-        log.exception("training run %s failed", run_id)
-        error = f"{type(exc).__name__}: {exc}"[:2000]
+        error = public_message(exc, log, f"training run {run_id}", own=(RunError,))[:2000]
+        log.warning("training run %s failed: %s", run_id, error)
         if isinstance(exc, SoftTimeLimitExceeded):
             error = f"the run took longer than REWARDQ_RUN_TIME_LIMIT_S ({settings.run_time_limit_s:.0f} s)"
         with session_scope() as s:
@@ -164,6 +165,12 @@ def _train_and_gate(
         raise RunError(f"need at least 2 feedback rows to train on, have {len(train)}")
     if not held.preferences and len(held.ratings) < 2:
         raise RunError("the held-out split is too small to evaluate: add feedback or raise heldout_fraction")
+    limit = get_settings().max_train_steps
+    if planned_steps(params, len(train)) > limit:  # the feedback grew since the run was accepted (or a schedule)
+        raise RunError(
+            f"this run would take about {planned_steps(params, len(train))} steps on {len(train)} feedback rows, "
+            f"more than the {limit} allowed (REWARDQ_MAX_TRAIN_STEPS): use fewer epochs or a larger batch_size"
+        )
     last_write = [0.0]
     last: dict[str, Any] = {}
 

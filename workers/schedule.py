@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from celery import beat
@@ -32,13 +32,18 @@ def fire_due_schedules(now: datetime | None = None) -> list[str]:
         due = [(d.id, d.tenant, d.cron, d.next_run_at, d.min_new_feedback, dict(d.params))
                for d in trepo.due_schedules(s, now=now)]  # fmt: skip
     started = []
+    gap = timedelta(seconds=get_settings().min_schedule_interval_s)
     for sched_id, tenant, expr, slot, min_new, params in due:
         with session_scope() as s:
-            # Slots missed while no beat ran are skipped, not replayed: the next one is after now.
-            if not trepo.claim_slot(s, schedule_id=sched_id, due=slot, next_run_at=cron.next_fire(expr, now)):
+            # Slots missed while no beat ran are skipped, not replayed: the next one is after now, and at least
+            # REWARDQ_MIN_SCHEDULE_INTERVAL_S after this one (a schedule made before that limit existed keeps it too).
+            after = max(cron.as_utc(now), cron.as_utc(slot) + gap - timedelta(microseconds=1))
+            if not trepo.claim_slot(s, schedule_id=sched_id, due=slot, next_run_at=cron.next_fire(expr, after)):
                 continue  # another beat process took this slot
-            open_run = trepo.open_run_of_schedule(s, schedule_id=sched_id)
-            if open_run is not None:  # training outlasts the period: skip the slot rather than pile runs up
+            # Training outlasts the period, or the tenant started a run of its own: skip the slot rather than pile
+            # runs up (a tenant has one queued or running run at a time).
+            open_run = trepo.open_run_of_tenant(s, tenant=tenant)
+            if open_run is not None:
                 log.info("schedule %s: run %s has not ended, slot %s skipped", sched_id, open_run, slot.isoformat())
                 continue
             new = trepo.count_feedback_after(s, tenant=tenant, after_id=trepo.last_run_feedback_id(s, tenant=tenant))

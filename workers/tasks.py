@@ -12,7 +12,7 @@ from sqlalchemy.exc import OperationalError
 from storage.settings import get_settings
 from workers import engine, events
 from workers.celery_app import SCORE_BATCH, SCORE_INTERACTIVE, TRAIN, app
-from workers.errors import RETRY_BACKOFF_MAX_S, TRANSIENT, ModelUnavailable, is_transient
+from workers.errors import RETRY_BACKOFF_MAX_S, TRANSIENT, ModelUnavailable, is_transient, public_message
 from workers.messages import InteractiveBatch, ScoreBatch
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ class _ScoringTask(app.Task):  # type: ignore[misc]
         # Not transient (transient errors are retried without end): say so on the job instead of leaving it running.
         job_id = (kwargs.get("payload") or {}).get("job_id")
         if job_id:
-            engine.fail_job(job_id, f"{type(exc).__name__}: {exc}")
+            engine.fail_job(job_id, public_message(exc, log, f"job {job_id}"))
 
 
 _settings = get_settings()

@@ -34,3 +34,9 @@ def params_for(raw: dict[str, Any]) -> TrainParams:
 def resolved(raw: dict[str, Any]) -> dict[str, Any]:
     """Every parameter a run will use, for storing on the run (gate_margin and other extras kept as given)."""
     return {**raw, **asdict(params_for(raw))}
+
+
+def planned_steps(params: TrainParams, n_train: int) -> int:
+    """About how many optimisation steps a run on ``n_train`` feedback rows takes (REWARDQ_MAX_TRAIN_STEPS)."""
+    rows = n_train * (2 if params.symmetric else 1)
+    return params.epochs * max(1, -(-rows // params.batch_size))

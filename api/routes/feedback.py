@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 
 from api.deps import SessionDep, SettingsDep, TenantDep, read_body, request_content_type
-from api.errors import FieldError, invalid
+from api.errors import ApiError, FieldError, invalid
 from api.parsing import loads, parse_ndjson, validate_feedback
 from api.schemas import ErrorOut, FeedbackAdded, FeedbackStats
 from storage import training_repository as trepo
@@ -50,6 +50,14 @@ async def add_feedback(
         else:
             raw = parse_ndjson(body, max_items=settings.max_items_per_job)
         rows = validate_feedback(raw, max_items=settings.max_items_per_job, max_chars=settings.max_text_chars)
+        have = trepo.feedback_stats(session, tenant=tenant)["total"]
+        if have + len(rows) > settings.max_feedback_per_tenant:
+            raise ApiError(
+                403,
+                f"feedback quota: {have} rows kept, {len(rows)} more would pass the "
+                f"{settings.max_feedback_per_tenant} allowed (REWARDQ_MAX_FEEDBACK_PER_TENANT); "
+                "delete old feedback first",
+            )
         trepo.add_feedback(session, tenant=tenant, rows=rows)
         session.commit()
         stats = trepo.feedback_stats(session, tenant=tenant)

@@ -8,6 +8,7 @@ import heapq
 import io
 import itertools
 import json
+import logging
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
@@ -18,6 +19,7 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from api.correlation import request_id
 from api.deps import SessionDep, SettingsDep, TenantDep, read_body, request_content_type
 from api.errors import ApiError, FieldError, invalid
 from api.formats import batch_output
@@ -44,6 +46,7 @@ from storage.settings import Settings
 from workers import events
 from workers.feeder import feed
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 _CREATE_DOC: dict[str, Any] = {
@@ -170,7 +173,8 @@ def _commit_and_feed(
         # Nothing half-created: a job accepted while Redis is down would only wait; say so now instead.
         session.delete(job)
         session.commit()
-        raise ApiError(503, f"could not enqueue the job's batches (is Redis up?): {exc}") from exc
+        log.warning("could not enqueue job %s (request id %s): %s", job.id, request_id(), exc)
+        raise ApiError(503, "could not enqueue the job's batches (is Redis up?)", headers={"Retry-After": "5"}) from exc
     return JobCreated(job_id=job.id, status=job.status, n_items=job.n_items, model_version=job.model_version), True
 
 

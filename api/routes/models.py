@@ -27,7 +27,7 @@ def _model_out(mv: ModelVersion, active: str | None, default: str | None) -> Mod
         version=mv.version,
         kind=mv.kind,
         name=mv.name,
-        base_model=mv.base_model,
+        base_model=mv.base_model.replace("\\", "/").rsplit("/", 1)[-1],  # rows made before paths were kept out
         owner="shared" if mv.owner is None else "own",
         active=mv.version == active,
         default=mv.version == default,

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+import hmac
+
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import PlainTextResponse
 from sqlalchemy import func, select
 
-from api.deps import SessionDep, SettingsDep
+from api.deps import SessionDep, SettingsDep, caller_of
+from api.errors import ApiError
 from storage.models import Job
 from workers import metrics
 
@@ -22,10 +25,20 @@ def _line(name: str, kind: str, help_: str, value: float, labels: str = "") -> l
     return [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name}{labels} {value:g}"]
 
 
-@router.get("/metrics", response_class=PlainTextResponse)
+def _scraper(request: Request, settings: SettingsDep, session: SessionDep) -> None:
+    """/metrics counts every tenant's jobs: REWARDQ_METRICS_TOKEN (for a scraper) or an admin key only."""
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    token = settings.metrics_token
+    if token and scheme.lower() == "bearer" and hmac.compare_digest(given.encode(), token.encode()):
+        return
+    if not caller_of(request, settings, session).admin:
+        raise ApiError(403, "/metrics needs an admin key or REWARDQ_METRICS_TOKEN")
+
+
+@router.get("/metrics", response_class=PlainTextResponse, dependencies=[Depends(_scraper)])
 def prometheus(session: SessionDep, settings: SettingsDep) -> PlainTextResponse:
     """Prometheus text format: the workers' counters (summed over every worker, kept in Redis),
-    queue depths and jobs by status."""
+    queue depths and jobs by status. Needs an admin key, or REWARDQ_METRICS_TOKEN as a bearer token."""
     out: list[str] = []
     try:
         counted = metrics.read(settings.redis_url)

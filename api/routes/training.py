@@ -6,6 +6,7 @@ from datetime import datetime, timezone
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
+from sqlalchemy.exc import IntegrityError
 
 from api.deps import CallerDep, SessionDep, SettingsDep, TenantDep
 from api.errors import ApiError, FieldError, invalid
@@ -22,7 +23,7 @@ from storage import repository as repo
 from storage import training_repository as trepo
 from storage.models import Schedule, TrainingRun
 from workers.messages import enqueue_training_run
-from workers.train_params import resolved
+from workers.train_params import params_for, planned_steps, resolved
 
 runs = APIRouter(prefix="/v1/training-runs", tags=["training"])
 schedules = APIRouter(prefix="/v1/schedules", tags=["schedules"])
@@ -48,20 +49,52 @@ def _params(params: TrainingParams, admin: bool) -> dict[str, object]:
 @runs.post("", status_code=202, response_model=TrainingRunOut)
 def start_run(session: SessionDep, settings: SettingsDep, caller: CallerDep, params: TrainingParams | None = None
               ) -> TrainingRunOut:  # fmt: skip
-    """Start a fine-tuning run now on all of the tenant's feedback (parameters optional)."""
+    """Start a fine-tuning run now on all of the tenant's feedback (parameters optional). A tenant has one queued or
+    running run at a time (409), and a run may plan at most REWARDQ_MAX_TRAIN_STEPS steps (422)."""
     tenant = caller.tenant
     stats = trepo.feedback_stats(session, tenant=tenant)
     if stats["total"] < 3:
         raise invalid([FieldError("feedback", f"need at least 3 feedback rows to train, have {stats['total']}")])
-    run = trepo.create_run(session, tenant=tenant, params=_params(params or TrainingParams(), caller.admin))
-    session.commit()
+    chosen = _params(params or TrainingParams(), caller.admin)
+    _check_steps(chosen, stats["total"], settings.max_train_steps)
+    busy = trepo.open_run_of_tenant(session, tenant=tenant)
+    if busy is None:
+        try:
+            run = trepo.create_run(session, tenant=tenant, params=chosen)
+            session.commit()
+        except IntegrityError:  # another request's run won the race (the unique index of open runs)
+            session.rollback()
+            busy = trepo.open_run_of_tenant(session, tenant=tenant) or "another"
+    if busy is not None:
+        raise ApiError(
+            409,
+            f"training run {busy} is still queued or running: a tenant runs one at a time",
+            [FieldError("run_id", busy)],
+        )
     try:
         enqueue_training_run(run.id, queue=settings.training_queue)
     except Exception as exc:
         session.delete(run)
         session.commit()
-        raise ApiError(503, f"could not enqueue the training run (is Redis up?): {exc}") from exc
+        raise ApiError(503, "could not enqueue the training run (is Redis up?)", headers={"Retry-After": "5"}) from exc
     return run_out(run)
+
+
+def _check_steps(chosen: dict[str, object], n_feedback: int, limit: int) -> None:
+    params = params_for(chosen)
+    steps = planned_steps(params, int(n_feedback * (1 - params.heldout_fraction)))
+    if steps > limit:
+        raise invalid(
+            [
+                FieldError(
+                    "epochs",
+                    f"this run would take about {steps} steps ({params.epochs} epochs of "
+                    f"batches of {params.batch_size} over {n_feedback} feedback rows), more "
+                    f"than the {limit} allowed (REWARDQ_MAX_TRAIN_STEPS): use fewer epochs "
+                    "or a larger batch_size",
+                )
+            ]
+        )
 
 
 @runs.get("", response_model=TrainingRunList)
@@ -95,10 +128,27 @@ def list_schedules(session: SessionDep, tenant: TenantDep) -> ScheduleList:
 
 
 @schedules.post("", status_code=201, response_model=ScheduleOut)
-def add_schedule(body: ScheduleIn, session: SessionDep, caller: CallerDep) -> ScheduleOut:
+def add_schedule(body: ScheduleIn, session: SessionDep, settings: SettingsDep, caller: CallerDep) -> ScheduleOut:
     """A cron schedule for retraining; `rewardq beat` picks it up without a restart."""
     if not cron.is_valid(body.cron):
         raise invalid([FieldError("cron", f"{body.cron!r} is not a valid 5- or 6-field cron expression")])
+    gap = cron.shortest_gap(body.cron, datetime.now(timezone.utc))
+    if gap < settings.min_schedule_interval_s:
+        raise invalid(
+            [
+                FieldError(
+                    "cron",
+                    f"{body.cron!r} fires {gap:.0f} s apart; schedules fire at most every "
+                    f"{settings.min_schedule_interval_s} s (REWARDQ_MIN_SCHEDULE_INTERVAL_S)",
+                )
+            ]
+        )
+    if trepo.count_schedules(session, tenant=caller.tenant) >= settings.max_schedules_per_tenant:
+        raise ApiError(
+            403,
+            f"schedule quota of {settings.max_schedules_per_tenant} reached "
+            "(REWARDQ_MAX_SCHEDULES_PER_TENANT): delete one first",
+        )
     sched = trepo.create_schedule(session, tenant=caller.tenant, cron=body.cron,
                                   min_new_feedback=body.min_new_feedback, params=_params(body.params, caller.admin),
                                   next_run_at=cron.next_fire(body.cron, datetime.now(timezone.utc)))  # fmt: skip
