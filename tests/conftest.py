@@ -112,9 +112,11 @@ def api(db_url: str, redis_url: str) -> Iterator[TestClient]:
     import redis
 
     queue = f"test-idle-{RUN_ID}"
+    from tests.support import delete_queue
+
     with make_client(db_url, queue) as client:
         yield client
-    redis.Redis.from_url(redis_url).delete(queue)
+    delete_queue(redis.Redis.from_url(redis_url), queue)
 
 
 def worker_env(db: str, queue: str, **extra: str) -> dict[str, str]:

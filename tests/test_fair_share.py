@@ -14,7 +14,7 @@ from storage import repository as repo
 from storage.db import session_scope
 from storage.models import Job
 from storage.settings import Settings
-from tests.support import delete_queue, queued_messages, take_messages
+from tests.support import delete_queue, take_messages
 
 
 def _job(db_url: str, tenant: str, n: int) -> str:

@@ -9,7 +9,7 @@ from storage import registry, results
 from storage import repository as repo
 from storage.db import get_engine, session_scope
 from storage.models import Batch, Job, Result
-from tests.support import drop_message, queued_messages
+from tests.support import delete_queue, drop_message, queued_messages
 
 
 def _job(db_url: str, n: int, batch_size: int = 4) -> str:
@@ -155,7 +155,7 @@ def test_a_lost_batch_is_found_while_the_queue_never_drains(db_url: str, monkeyp
             attempts = {b.batch_no: b.attempts for b in s.query(Batch).filter_by(job_id=job_id)}
         assert attempts == {0: 1, 1: 2, 2: 1}
     finally:
-        r.delete(queue)
+        delete_queue(r, queue)
         monkeypatch.delenv("REWARDQ_SCORING_QUEUE")
         get_settings.cache_clear()
 
@@ -260,7 +260,7 @@ def test_times_compared_across_hosts_are_the_databases(pg_url: str, monkeypatch:
         with session_scope(db_url) as s:
             version = s.get(Job, job_id).model_version
         assert enqueue_claimed([(job_id, n, 4 * n, 4 * n + 4, None, version) for n in range(2)]) == 2
-        r.delete(queue)  # both messages delivered
+        delete_queue(r, queue)  # both messages delivered
         r.set(liveness.PREFIX + healthy, "1", ex=300)
         take(0, healthy, -120.0)
         take(1, dead, +120.0)
@@ -271,7 +271,8 @@ def test_times_compared_across_hosts_are_the_databases(pg_url: str, monkeypatch:
             got = {b.batch_no: (b.attempts, b.deaths) for b in s.query(Batch).filter_by(job_id=job_id)}
         assert got == {0: (1, 0), 1: (2, 1)}
     finally:
-        r.delete(queue, liveness.PREFIX + healthy)
+        delete_queue(r, queue)
+        r.delete(liveness.PREFIX + healthy)
         monkeypatch.delenv("REWARDQ_SCORING_QUEUE")
         get_settings.cache_clear()
 
@@ -288,7 +289,7 @@ def _taken_job(db_url: str, queue: str, takers: list[str]) -> tuple[str, list[in
         version = s.get(Job, job_id).model_version
     rows = [(job_id, n, 4 * n, 4 * n + 4, None, version) for n in range(len(takers))]
     assert enqueue_claimed(rows) == len(takers)
-    redis.Redis.from_url(get_settings().redis_url).delete(queue)
+    delete_queue(redis.Redis.from_url(get_settings().redis_url), queue)
     for n, worker in enumerate(takers):
         with session_scope(db_url) as s:
             assert repo.start_batch(s, job_id=job_id, batch_no=n, worker=worker) == 0
@@ -331,7 +332,8 @@ def test_a_batch_its_live_worker_left_is_queued_again(db_url: str, monkeypatch: 
         mine = [m for m in queued_messages(r, queue) if job_id.encode() in m]  # other tests' batches may come too
         assert len(mine) == 1
     finally:
-        r.delete(queue, liveness.PREFIX + idle, liveness.PREFIX + busy)
+        delete_queue(r, queue)
+        r.delete(liveness.PREFIX + idle, liveness.PREFIX + busy)
         monkeypatch.delenv("REWARDQ_SCORING_QUEUE")
         get_settings.cache_clear()
 
