@@ -1,5 +1,5 @@
 """Data lifecycle: DELETE /v1/jobs/{id} and /v1/feedback, tenant-scoped, in chunks, safe against a worker that is
-mid-batch."""
+mid-batch; REWARDQ_RETENTION_DAYS's purge (beat, `rewardq purge`), safe in two beats at once."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from sqlalchemy import func, select, update
 
 from storage import lifecycle, registry
 from storage import repository as repo
+from storage import training_repository as trepo
 from storage.db import session_scope
 from storage.models import Batch, Feedback, Item, ItemError, Job, Result
 from tests.conftest import RUN_ID, TEST_REDIS_URL, make_client
@@ -259,3 +260,125 @@ def test_rows_a_worker_commits_while_its_job_is_deleted_are_deleted_too(db_url: 
     deleter.join(30)
     assert gone and gone[0] is not None and gone[0].complete and (gone[0].results, gone[0].items) == (4, 8)
     assert _rows(db_url, job) == {"items": 0, "results": 0, "item_errors": 0, "batches": 0, "jobs": 0}
+
+
+def _age_job(db_url: str, job_id: str, days: float) -> None:
+    """Move the job's times ``days`` into the past (finished_at only if it has finished)."""
+    past = datetime.now(timezone.utc) - timedelta(days=days)
+    with session_scope(db_url) as s:
+        s.execute(update(Job).where(Job.id == job_id).values(created_at=past, started_at=past))
+        s.execute(update(Job).where(Job.id == job_id, Job.finished_at.is_not(None)).values(finished_at=past))
+
+
+def _status(db_url: str, job_id: str) -> str | None:
+    with session_scope(db_url) as s:
+        return repo.job_status(s, job_id=job_id)
+
+
+def test_retention_purges_only_old_finished_jobs_and_old_feedback(
+    db_url: str, redis_url: str, monkeypatch: pytest.MonkeyPatch
+):
+    from storage.settings import get_settings
+    from workers import retention
+
+    tenant = f"lc-purge-{uuid.uuid4().hex[:8]}"
+    old_done, recent_done, old_running, old_queued, old_cancelled = (_job(db_url, 6, tenant) for _ in range(5))
+    _score(db_url, old_done, fail=frozenset({2}))
+    _score(db_url, recent_done)
+    with session_scope(db_url) as s:
+        repo.mark_running(s, job_id=old_running)
+        repo.cancel_job(s, job=s.get(Job, old_cancelled))
+    for job in (old_done, old_running, old_queued, old_cancelled):
+        _age_job(db_url, job, days=10)
+    with session_scope(db_url) as s:
+        trepo.add_feedback(s, tenant=tenant, rows=[{"kind": "rating", "prompt": f"p{i}", "response": "r",
+                                                    "rating": 1.0} for i in range(5)])  # fmt: skip
+    ids = _feedback_ids(db_url, tenant)
+    _backdate_feedback(db_url, tenant, ids[:3], days=10)
+
+    monkeypatch.setenv("REWARDQ_DATABASE_URL", db_url)
+    monkeypatch.setenv("REWARDQ_RETENTION_DAYS", "0")
+    get_settings.cache_clear()
+    try:
+        assert retention.purge_tick() == retention.EVERY_S  # 0: keep everything
+        assert _status(db_url, old_done) == "succeeded" and len(_feedback_ids(db_url, tenant)) == 5
+        with pytest.raises(ValueError):
+            retention.purge(0)
+
+        # A bounded tick: it stops at its row budget and says there is more; the next ones go on from there.
+        first = retention.purge(1, max_rows=4)
+        assert first.more and first.jobs == 0 and first.feedback == 3  # feedback has a budget of its own
+        assert _status(db_url, old_done) == "succeeded"
+        for _ in range(20):
+            if not retention.purge(1, max_rows=4).more:
+                break
+        else:
+            pytest.fail("the purge never caught up with its backlog")
+    finally:
+        get_settings.cache_clear()
+    for job in (old_done, old_cancelled):
+        assert _rows(db_url, job) == {"items": 0, "results": 0, "item_errors": 0, "batches": 0, "jobs": 0}
+    assert _status(db_url, recent_done) == "succeeded" and _rows(db_url, recent_done)["results"] == 6
+    # A job that has not ended stays, however old: the purge never touches live work.
+    assert (_status(db_url, old_running), _status(db_url, old_queued)) == ("running", "queued")
+    assert _rows(db_url, old_running)["items"] == 6
+    assert _feedback_ids(db_url, tenant) == ids[3:]
+
+
+def test_two_beats_purging_at_once_delete_each_row_once(db_url: str, redis_url: str, monkeypatch: pytest.MonkeyPatch):
+    from storage.settings import get_settings
+    from workers import retention
+
+    tenant = f"lc-beats-{uuid.uuid4().hex[:8]}"
+    jobs = [_job(db_url, 30, tenant) for _ in range(3)]
+    for job in jobs:
+        _score(db_url, job)
+        _age_job(db_url, job, days=10)
+    with session_scope(db_url) as s:
+        trepo.add_feedback(s, tenant=tenant, rows=[{"kind": "rating", "prompt": f"p{i}", "response": "r",
+                                                    "rating": 1.0} for i in range(40)])  # fmt: skip
+    _backdate_feedback(db_url, tenant, _feedback_ids(db_url, tenant), days=10)
+    monkeypatch.setenv("REWARDQ_DATABASE_URL", db_url)
+    get_settings.cache_clear()
+    outcomes: list[Any] = []
+
+    def beat() -> None:
+        try:
+            outcomes.append(retention.purge(1, max_rows=None))
+        except Exception as exc:  # recorded, so the test names it
+            outcomes.append(exc)
+
+    try:
+        beats = [threading.Thread(target=beat) for _ in range(2)]
+        for t in beats:
+            t.start()
+        for t in beats:
+            t.join(120)
+    finally:
+        get_settings.cache_clear()
+    assert len(outcomes) == 2 and not [o for o in outcomes if isinstance(o, Exception)], outcomes
+    mine = sum(o.items for o in outcomes)
+    assert mine >= 90  # both together deleted every item once (and maybe other tests' expired rows)
+    assert all(_rows(db_url, job)["jobs"] == 0 for job in jobs) and _feedback_ids(db_url, tenant) == []
+
+
+def test_rewardq_purge_refuses_without_a_retention_unless_days_are_given(db_url: str, redis_url: str):
+    """`rewardq purge`: operator-side, on the database; refused while the retention is 0 unless --days is given."""
+    from click.testing import CliRunner
+
+    from api.cli import main
+    from storage.settings import get_settings
+
+    old = _job(db_url, 3, f"lc-cli-{uuid.uuid4().hex[:8]}")
+    _score(db_url, old)
+    _age_job(db_url, old, days=10)
+    env = {"REWARDQ_DATABASE_URL": db_url, "REWARDQ_RETENTION_DAYS": "0"}
+    get_settings.cache_clear()
+    try:
+        refused = CliRunner().invoke(main, ["purge"], env=env)
+        assert refused.exit_code == 2 and "--days" in refused.output and _rows(db_url, old)["jobs"] == 1
+        done = CliRunner().invoke(main, ["purge", "--days", "7"], env=env)
+    finally:
+        get_settings.cache_clear()
+    assert done.exit_code == 0, done.output
+    assert '"days": 7.0' in done.output and '"jobs": ' in done.output and _rows(db_url, old)["jobs"] == 0
