@@ -1,5 +1,5 @@
 """Data lifecycle: DELETE /v1/jobs/{id} and /v1/feedback, tenant-scoped, in chunks, safe against a worker that is
-mid-batch; REWARDQ_RETENTION_DAYS's purge (beat, `rewardq purge`), safe in two beats at once."""
+mid-batch; REWARDQ_RETENTION_DAYS's purge (beat, `rewardq purge`), safe in two beats at once; the CLI verbs."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -382,3 +383,40 @@ def test_rewardq_purge_refuses_without_a_retention_unless_days_are_given(db_url:
         get_settings.cache_clear()
     assert done.exit_code == 0, done.output
     assert '"days": 7.0' in done.output and '"jobs": ' in done.output and _rows(db_url, old)["jobs"] == 0
+
+
+@pytest.mark.slow
+def test_cli_deletes_jobs_and_feedback(db_url: str, redis_url: str, tmp_path: Path):
+    from api.procs import free_port, start_api
+    from tests.conftest import worker_env
+    from tests.test_cli import rewardq
+
+    tenant = f"lc-cli-{uuid.uuid4().hex[:8]}"
+    port = free_port()
+    queue = f"test-lifecycle-cli-{RUN_ID}"
+    api = start_api({**worker_env(db_url, queue), "REWARDQ_API_KEYS": f"{tenant}:{KEY_A}"}, tmp_path / "api.log", port)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        pairs = tmp_path / "p.jsonl"
+        pairs.write_text("".join(f'{{"prompt": "q{i}", "response": "a{i}", "rating": {i}}}\n' for i in range(3)))
+        job = rewardq("submit", str(pairs), url=url, key=KEY_A).stdout.strip()
+        out = rewardq("jobs", "delete", job[:8], url=url, key=KEY_A)
+        assert out.returncode == 0, out.stderr
+        assert f"deleted job {job} (cancelled first): 3 items, 0 results, 0 failed items, 1 batches" in out.stdout
+        assert _rows(db_url, job)["jobs"] == 0
+        gone = rewardq("jobs", "delete", job, url=url, key=KEY_A)
+        assert gone.returncode == 1 and "404" in gone.stderr and "Traceback" not in gone.stderr
+        assert "no jobs" in rewardq("jobs", "--limit", "5", url=url, key=KEY_A).stderr  # still lists
+
+        assert rewardq("feedback", "--url", url, str(pairs), key=KEY_A).returncode == 0  # `feedback FILE` still adds
+        _backdate_feedback(db_url, tenant, _feedback_ids(db_url, tenant)[:1], days=10)
+        day = (datetime.now(timezone.utc) - timedelta(days=5)).date().isoformat()
+        out = rewardq("feedback", "delete", "--before", day, url=url, key=KEY_A)
+        assert out.returncode == 0, out.stderr
+        assert '"deleted": 1' in out.stdout and '"total": 2' in out.stdout
+        out = rewardq("feedback", "delete", url=url, key=KEY_A)
+        assert '"deleted": 2' in out.stdout and _feedback_ids(db_url, tenant) == []
+        with redis.Redis.from_url(redis_url) as r:
+            r.delete(queue)
+    finally:
+        api.stop()
