@@ -105,7 +105,7 @@ def status(ctx: click.Context, job_id: str, wait: bool, timeout: float) -> None:
             echo_json(c.job(job_id))
 
 
-@main.command()
+@main.group(invoke_without_command=True)
 @click.option(
     "--status",
     "status_",
@@ -117,7 +117,10 @@ def status(ctx: click.Context, job_id: str, wait: bool, timeout: float) -> None:
 @connection
 @click.pass_context
 def jobs(ctx: click.Context, status_: str | None, limit: int) -> None:
-    """List your jobs, newest first: id, status, progress, model version, created."""
+    """List your jobs, newest first: id, status, progress, model version, created. `rewardq jobs delete JOB`
+    deletes one."""
+    if ctx.invoked_subcommand is not None:
+        return
     with errors(ctx), client(ctx) as c:
         rows = c.jobs(status=status_, limit=limit)
     if not rows:
@@ -129,6 +132,23 @@ def jobs(ctx: click.Context, status_: str | None, limit: int) -> None:
             f"{j['job_id']}  {j['status']:<9}  {p['done']:>9,}/{p['total']:<9,}{failed}  {j['model_version']}  "
             f"{str(j['created_at'])[:19]}"
         )
+
+
+@jobs.command("delete")
+@click.argument("job_id")
+@connection
+@click.pass_context
+def jobs_delete(ctx: click.Context, job_id: str) -> None:
+    """Delete a job and everything it holds: items, results, failed items. A job that has not ended is cancelled
+    first. It cannot be undone."""
+    with errors(ctx), client(ctx) as c:
+        out = c.delete_job(job_id)
+    n = out["deleted"]
+    first = " (cancelled first)" if out["cancelled"] else ""
+    click.echo(
+        f"deleted job {out['job_id']}{first}: {n['items']:,} items, {n['results']:,} results, "
+        f"{n['item_errors']:,} failed items, {n['batches']:,} batches"
+    )
 
 
 @main.command()

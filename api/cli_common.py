@@ -47,6 +47,20 @@ def connection(f: F) -> F:
     return f
 
 
+class DefaultGroup(click.Group):
+    """A group that runs its ``default`` subcommand when no subcommand is named: `rewardq feedback FILE` is
+    `rewardq feedback add FILE`, as it was before `feedback delete` came."""
+
+    def __init__(self, *args: Any, default: str, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.default = default
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and not set(args) & {*self.commands, *ctx.help_option_names}:
+            args = [self.default, *args]
+        return super().parse_args(ctx, args)
+
+
 def client(ctx: click.Context) -> Client:
     obj = ctx.ensure_object(dict)
     return Client(obj.get("url") or DEFAULT_URL, obj.get("api_key"))

@@ -166,6 +166,30 @@ def upgrade() -> None:
 
 
 @click.command()
+@click.option(
+    "--days",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="delete what ended or was added more than this many days ago  [default: REWARDQ_RETENTION_DAYS]",
+)
+def purge(days: float | None) -> None:
+    """Run the retention purge once, to the end, on the database directly (beat runs it hourly when
+    REWARDQ_RETENTION_DAYS is set): every tenant's jobs that ended (succeeded, failed, cancelled) and feedback older
+    than that. Prints the rows deleted. Refused when REWARDQ_RETENTION_DAYS is 0 (keep everything) and no --days."""
+    from dataclasses import asdict
+
+    from storage.settings import get_settings
+    from workers.retention import purge as run_purge
+
+    days = days if days is not None else get_settings().retention_days
+    if days <= 0:
+        raise click.UsageError("REWARDQ_RETENTION_DAYS is 0 (keep everything): give --days N to purge anyway")
+    out = asdict(run_purge(days, max_rows=None))
+    out.pop("more")
+    echo_json({"days": days, **out})
+
+
+@click.command()
 @click.option("--keep", is_flag=True, help="leave the demo's database and logs in ./demo-run")
 @click.option("--limit", default=None, type=int, help="score only the first N sample pairs  [default: all]")
 @click.option("--port", default=0, type=int, help="the demo API's port  [default: a free one]")
@@ -176,4 +200,4 @@ def demo(keep: bool, limit: int | None, port: int) -> None:
     sys.exit(run_demo(keep=keep, limit=limit, api_port=port or None))
 
 
-COMMANDS = [api, worker, beat, keys, db, demo]
+COMMANDS = [api, worker, beat, keys, db, purge, demo]

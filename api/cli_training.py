@@ -8,18 +8,39 @@ from typing import Any
 
 import click
 
-from api.cli_common import client, connection, echo_json, errors
+from api.cli_common import DefaultGroup, client, connection, echo_json, errors
 
 
-@click.command()
+@click.group(cls=DefaultGroup, default="add")
+def feedback() -> None:
+    """Add feedback (`rewardq feedback FILE`, short for `rewardq feedback add FILE`), or delete yours."""
+
+
+@feedback.command("add")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
 @connection
 @click.pass_context
-def feedback(ctx: click.Context, file: str) -> None:
+def feedback_add(ctx: click.Context, file: str) -> None:
     """Add feedback from FILE (JSON Lines, or a JSON array): preferences {prompt, chosen, rejected} or ratings
     {prompt, response, rating} (any real scale: within a run only their order matters)."""
     with errors(ctx), client(ctx) as c:
         echo_json(c.add_feedback(file))
+
+
+@feedback.command("delete")
+@click.option(
+    "--before",
+    default=None,
+    help="only feedback added before this ISO 8601 date or time, UTC unless it names a zone (2025-01-31, "
+    "2025-01-31T12:00:00+02:00)  [default: all of it]",
+)
+@connection
+@click.pass_context
+def feedback_delete(ctx: click.Context, before: str | None) -> None:
+    """Delete your feedback (all of it, or what was added before --before); prints how many rows went. Runs already
+    trained keep their versions; it cannot be undone."""
+    with errors(ctx), client(ctx) as c:
+        echo_json(c.delete_feedback(before))
 
 
 # Every training option shows its default; None means "the kind's default" (see the README's table).

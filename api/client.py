@@ -7,6 +7,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -181,6 +182,12 @@ class Client:
     def cancel(self, job_id: str) -> dict[str, Any]:
         return dict(self._request("POST", f"/v1/jobs/{job_id}/cancel"))
 
+    def delete_job(self, job_id: str) -> dict[str, Any]:
+        """Delete a job and everything it holds (cancelled first if it has not ended); returns the rows deleted per
+        table. A big job takes a while: the request waits for the whole deletion."""
+        read = self._http.timeout.read
+        return dict(self._request("DELETE", f"/v1/jobs/{job_id}", timeout=None if read is None else max(read, 600.0)))
+
     def _follow(
         self,
         fetch: Callable[[], dict[str, Any]],
@@ -328,6 +335,12 @@ class Client:
 
     def feedback_stats(self) -> dict[str, Any]:
         return dict(self._request("GET", "/v1/feedback"))
+
+    def delete_feedback(self, before: datetime | str | None = None) -> dict[str, Any]:
+        """Delete your feedback, or only the rows added before ``before`` (a datetime, or an ISO 8601 date or time;
+        UTC unless it names a zone); returns {"deleted", "before", "total" (left)}."""
+        params = {"before": before.isoformat() if isinstance(before, datetime) else before} if before else None
+        return dict(self._request("DELETE", "/v1/feedback", params=params))
 
     def train(self, **params: Any) -> dict[str, Any]:
         """Start a fine-tuning run now (parameters as in POST /v1/training-runs); returns the run."""

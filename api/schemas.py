@@ -275,3 +275,22 @@ class ScoreOut(BaseModel):
     results: list[ScoreRow]
     job_id: str | None = Field(default=None, description="with persist: the job that keeps these scores")
     status: str | None = Field(default=None, description="with persist: the job's status")
+
+
+class DeletedRows(BaseModel):
+    items: int
+    results: int
+    item_errors: int = Field(description="rows of the error ledger (failed items)")
+    batches: int
+
+
+class JobDeleted(BaseModel):
+    job_id: str
+    cancelled: bool = Field(description="it was queued or running, so it was cancelled first")
+    deleted: DeletedRows
+
+
+class FeedbackDeleted(BaseModel):
+    deleted: int
+    before: datetime | None = Field(description="only rows created before this were deleted (None: all)")
+    total: int = Field(description="the tenant's feedback left")

@@ -301,9 +301,10 @@ def save_results(
     Idempotent: a redelivered batch inserts nothing new and counts nothing twice. Offsets in
     ``skip``, and items already in the error ledger, are not stored: an item is scored or failed,
     never both (the job's row lock orders this against record_item_failure). Returns the number of
-    rows actually inserted.
+    rows actually inserted: 0 when the job was deleted meanwhile (the batch is dropped, nothing is written).
     """
-    _lock_job(session, job_id=job_id)
+    if not _lock_job(session, job_id=job_id):
+        return 0
     failed = session.scalars(
         select(ItemError.idx).where(
             ItemError.job_id == job_id, ItemError.idx >= start_idx, ItemError.idx < start_idx + len(scores)
@@ -336,10 +337,12 @@ def save_results(
     return inserted
 
 
-def _lock_job(session: Session, *, job_id: str) -> None:
+def _lock_job(session: Session, *, job_id: str) -> bool:
     """Take the job's row lock first (a no-op update: PostgreSQL's row lock, SQLite's write lock), so writers of
-    its items' outcomes go one at a time and each sees what the previous one committed; always job before batch."""
-    session.execute(update(Job).where(Job.id == job_id).values(n_done=Job.n_done))
+    its items' outcomes go one at a time and each sees what the previous one committed; always job before batch.
+    False when the job is gone (storage.lifecycle deleted it, under this same lock): write nothing for it then."""
+    res = session.execute(update(Job).where(Job.id == job_id).values(n_done=Job.n_done))
+    return bool(res.rowcount)  # type: ignore[attr-defined]
 
 
 def _insert_new(session: Session, table: type[Result] | type[ItemError], rows: list[dict[str, Any]]) -> int:
@@ -373,8 +376,10 @@ def _finish_if_complete(session: Session, *, job_id: str) -> None:
 
 def record_item_failure(session: Session, *, job_id: str, batch_no: int, idx: int, code: str, message: str) -> bool:
     """Put one item in the error ledger (once), count it failed, close its batch; True if newly recorded. An item
-    that another copy of its batch scored meanwhile stays scored (an item has one outcome)."""
-    _lock_job(session, job_id=job_id)
+    that another copy of its batch scored meanwhile stays scored (an item has one outcome). False, writing nothing,
+    when the job was deleted meanwhile."""
+    if not _lock_job(session, job_id=job_id):
+        return False
     scored = session.scalar(select(Result.idx).where(Result.job_id == job_id, Result.idx == idx))
     row = {"job_id": job_id, "idx": idx, "code": code, "message": message[:2000], "created_at": now_sql(session)}
     new = scored is None and bool(_insert_new(session, ItemError, [row]))
@@ -390,8 +395,10 @@ def record_item_failure(session: Session, *, job_id: str, batch_no: int, idx: in
 
 
 def split_batch(session: Session, *, job_id: str, batch_no: int) -> list[BatchRef]:
-    """Replace a failing batch by its two halves (new ledger rows); [] if someone already handled it."""
-    _lock_job(session, job_id=job_id)
+    """Replace a failing batch by its two halves (new ledger rows); [] if someone already handled it, or the job was
+    deleted."""
+    if not _lock_job(session, job_id=job_id):
+        return []
     parent = session.get(Batch, (job_id, batch_no), with_for_update=True)
     if parent is None or parent.done or parent.end_idx - parent.start_idx < 2:
         return []

@@ -109,6 +109,12 @@ class Settings(BaseSettings):
     sweep_interval_s: float = Field(
         default=5.0, gt=0, description="how often beat looks for batches and runs whose worker is gone or lost"
     )
+    retention_days: float = Field(
+        default=0,
+        ge=0,
+        description="beat deletes jobs that ended (succeeded, failed, cancelled) and feedback older than this many "
+        "days, a bounded chunk at a time, hourly; 0: keep everything",
+    )
     allow_anonymous: bool = Field(
         default=False,
         description="without any key, serve requests without one (as the admin of tenant 'default'); for loopback "

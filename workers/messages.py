@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
+import redis
 from pydantic import BaseModel
 from sqlalchemy.orm import Session
 
 from storage import repository as repo
 from workers import metrics
 from workers.celery_app import SCORE_BATCH, SCORE_INTERACTIVE, TRAIN, app
+
+log = logging.getLogger(__name__)
 
 
 class ScoreBatch(BaseModel):
@@ -55,6 +59,17 @@ QUEUED_BATCHES = "rewardq:queued-batches"
 
 def batch_key(job_id: str, batch_no: int) -> str:
     return f"{job_id}:{batch_no}"
+
+
+def forget_batches(url: str, job_id: str, batch_nos: Sequence[int]) -> None:
+    """A deleted job's batches are waiting nowhere any more (a message of one still in a queue is skipped when a
+    worker takes it). Best effort: a member left behind by a Redis outage names a batch that no longer exists."""
+    keys = [batch_key(job_id, n) for n in batch_nos]
+    try:
+        for lo in range(0, len(keys), 1000):
+            metrics.client(url).srem(QUEUED_BATCHES, *keys[lo : lo + 1000])
+    except redis.RedisError:
+        log.warning("could not forget the queued batches of deleted job %s", job_id)
 
 
 def run_key(run_id: str) -> str:

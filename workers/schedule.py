@@ -1,5 +1,6 @@
-"""Retraining schedules (and the sweeper) for Celery beat: read from SQL on every tick, so adding or
-deleting one needs no restart; each due slot is claimed by compare-and-set, so two beat processes fire it once."""
+"""Retraining schedules (and the sweeper, and the retention purge) for Celery beat: read from SQL on every tick, so
+adding or deleting one needs no restart; each due slot is claimed by compare-and-set, so two beat processes fire it
+once."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from storage.models import db_now
 from storage.settings import get_settings
 from workers.feeder import feed_quietly
 from workers.messages import enqueue_training_run
+from workers.retention import purge_tick
 from workers.sweeper import sweep, sweep_runs
 
 log = logging.getLogger(__name__)
@@ -61,9 +63,11 @@ def fire_due_schedules(now: datetime | None = None) -> list[str]:
 
 
 class SqlScheduler(beat.Scheduler):  # type: ignore[misc]
-    """Celery beat scheduler whose entries are the rows of the schedules table; it also runs the sweeper."""
+    """Celery beat scheduler whose entries are the rows of the schedules table; it also runs the sweeper and the
+    retention purge (workers.retention)."""
 
     _last_sweep = 0.0
+    _next_purge = 0.0
 
     def tick(self, *args: Any, **kwargs: Any) -> float:
         try:
@@ -79,4 +83,6 @@ class SqlScheduler(beat.Scheduler):  # type: ignore[misc]
                 log.exception("sweeper failed")
                 self._last_sweep = 0.0
             feed_quietly()
+        if time.monotonic() >= self._next_purge:  # REWARDQ_RETENTION_DAYS: hourly, sooner while a backlog lasts
+            self._next_purge = time.monotonic() + purge_tick()
         return min(float(super().tick(*args, **kwargs)), POLL_SECONDS)

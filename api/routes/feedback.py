@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+from datetime import datetime
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 
 from api.deps import SessionDep, SettingsDep, TenantDep, read_body, request_content_type
 from api.errors import ApiError, FieldError, invalid
 from api.parsing import loads, parse_ndjson, validate_feedback
-from api.schemas import ErrorOut, FeedbackAdded, FeedbackStats
+from api.schemas import ErrorOut, FeedbackAdded, FeedbackDeleted, FeedbackStats
+from storage import lifecycle
 from storage import training_repository as trepo
 
 router = APIRouter(prefix="/v1/feedback", tags=["feedback"])
@@ -71,3 +73,20 @@ async def add_feedback(
 def feedback_stats(session: SessionDep, tenant: TenantDep) -> FeedbackStats:
     stats = trepo.feedback_stats(session, tenant=tenant)
     return FeedbackStats(total=stats["total"], preferences=stats["preferences"], ratings=stats["ratings"])
+
+
+@router.delete("", response_model=FeedbackDeleted)
+def delete_feedback(
+    session: SessionDep,
+    settings: SettingsDep,
+    tenant: TenantDep,
+    before: Annotated[
+        datetime | None,
+        Query(description="only rows created before this ISO 8601 date or time (UTC unless it names a zone)"),
+    ] = None,
+) -> FeedbackDeleted:
+    """Delete your feedback, or only what was added before ``before``; returns how many rows went. A training run
+    that has read its feedback already trains on what it read; models already made from it stay."""
+    deleted, _ = lifecycle.delete_feedback(settings.database_url, tenant=tenant, before=before)
+    total = trepo.feedback_stats(session, tenant=tenant)["total"]
+    return FeedbackDeleted(deleted=deleted, before=before, total=total)

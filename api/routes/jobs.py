@@ -18,6 +18,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.exc import ObjectDeletedError
 
 from api.correlation import request_id
 from api.deps import SessionDep, SettingsDep, TenantDep, read_body, request_content_type
@@ -26,10 +27,12 @@ from api.formats import batch_output
 from api.ingest import ingest_ndjson
 from api.parsing import NDJSON_TYPES, parse_json_job
 from api.schemas import (
+    DeletedRows,
     ErrorOut,
     FailedItem,
     Histogram,
     JobCreated,
+    JobDeleted,
     JobList,
     JobOut,
     Progress,
@@ -37,7 +40,7 @@ from api.schemas import (
     ResultPage,
     ScoreSummary,
 )
-from storage import registry, results
+from storage import lifecycle, registry, results
 from storage import repository as repo
 from storage.db import get_sessionmaker
 from storage.models import FINISHED, Item, Job, Result
@@ -45,6 +48,7 @@ from storage.score_stats import place
 from storage.settings import Settings
 from workers import events
 from workers.feeder import feed
+from workers.messages import forget_batches
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -243,6 +247,22 @@ def list_jobs(
     return JobList(jobs=[_job_out(j) for j in repo.list_jobs(session, tenant=tenant, limit=limit, status=status)])
 
 
+@router.delete("/{job_id}", response_model=JobDeleted, responses={404: {"model": ErrorOut}})
+def delete_job(job_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> JobDeleted:
+    """Delete a job and everything it holds (items, results, failed items, batches): its id then answers 404. A job
+    still queued or running is cancelled first; a worker that finishes one of its batches afterwards writes nothing.
+    A million-item job goes in chunks of short transactions (tens of seconds); a deletion cut short is finished by
+    sending it again."""
+    full_id = _load_job(session, job_id, tenant).id
+    session.rollback()  # the deletion commits as it goes, in transactions of its own
+    gone = lifecycle.delete_job(settings.database_url, job_id=full_id, tenant=tenant)
+    if gone is None:  # another request deleted it meanwhile
+        raise ApiError(404, f"job {job_id!r} not found", [FieldError("job_id", "not found")])
+    forget_batches(settings.redis_url, full_id, gone.batch_nos)
+    events.publish_finished(settings.redis_url, full_id)  # a long poll on it answers now (404)
+    return JobDeleted(job_id=full_id, cancelled=gone.cancelled, deleted=DeletedRows(**gone.rows()))
+
+
 @router.get("/{job_id}", response_model=JobOut)
 async def get_job(
     job_id: str,
@@ -271,6 +291,8 @@ async def get_job(
     def detail(job: Job) -> JobOut:
         try:
             return _job_detail(session, job, summary)
+        except ObjectDeletedError as exc:  # deleted while the request waited
+            raise ApiError(404, f"job {job_id!r} not found", [FieldError("job_id", "not found")]) from exc
         finally:
             session.rollback()  # before the response goes out, not when the request's session closes
 
@@ -286,7 +308,8 @@ async def wait_for_job(session: Session, settings: Settings, job_id: str, second
 
     def ended() -> bool:
         try:
-            return repo.job_status(session, job_id=job_id) in FINISHED
+            status = repo.job_status(session, job_id=job_id)
+            return status is None or status in FINISHED  # None: deleted meanwhile
         finally:
             session.rollback()
 
