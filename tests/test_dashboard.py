@@ -317,8 +317,9 @@ def test_another_tenants_job_is_not_reachable_through_ui(ui: Ui, browser: Any) -
     _loaded(page)
     assert page.locator(f"tr[data-job='{job_id}']").count() == 0
     # The cookie alone never authorises a change (no cross-site form can act as the user).
-    cookie = next(c["value"] for c in ctx.cookies() if c["name"] == "rewardq_key")
-    with httpx.Client(base_url=ui.base, cookies={"rewardq_key": cookie}) as c:
+    cookie = next(c["value"] for c in ctx.cookies() if c["name"] == "__Host-rewardq_session")
+    assert cookie != ui.keys["bob"]  # a session id, never the key
+    with httpx.Client(base_url=ui.base, cookies={"__Host-rewardq_session": cookie}) as c:
         assert c.post(f"/v1/jobs/{job_id}/cancel").status_code == 403
         assert c.post(f"/v1/jobs/{job_id}/cancel", headers={"X-Rewardq-UI": "1"}).status_code == 404
     ctx.close()
