@@ -24,7 +24,7 @@ from api.client import Client
 from api.procs import Proc, free_port, start_api
 from api.samples import load_sts
 from tests.conftest import POISON
-from tests.support import CHROMIUM, CHROMIUM_ARGS, Stack, need, seed_scored_job
+from tests.support import CHROMIUM, CHROMIUM_ARGS, Stack, need, seed_scored_job, wait_js
 
 SHOTS = os.environ.get("REWARDQ_SCREENSHOTS")
 
@@ -110,7 +110,7 @@ def _page(browser: Any, ui: Ui, tenant: str | None) -> tuple[Any, Any, list[str]
 
 
 def _loaded(page: Any, timeout: float = 30_000) -> None:
-    page.wait_for_function("window.rewardq && window.rewardq.loaded", timeout=timeout)
+    wait_js(page, "window.rewardq && window.rewardq.loaded", timeout=timeout)
 
 
 def _shot(page: Any, name: str) -> None:
@@ -156,8 +156,8 @@ def test_job_page_shows_live_progress_then_the_histogram(ui: Ui, browser: Any) -
         page.wait_for_timeout(2000)  # two more polls while nothing moves
     finally:
         worker.kill(signal.SIGCONT)
-    page.wait_for_function("document.querySelector('#progress-text').dataset.status === 'succeeded'", timeout=180_000)
-    page.wait_for_function("window.rewardq.settled === true", timeout=30_000)  # the last poll has rendered
+    wait_js(page, "document.querySelector('#progress-text').dataset.status === 'succeeded'", timeout=180_000)
+    wait_js(page, "window.rewardq.settled === true", timeout=30_000)  # the last poll has rendered
     assert page.evaluate("document.querySelector('#histogram').dataset.total") == "121"
     seen = page.evaluate("window.seen")
     dones = [d for _, d, _ in seen]
@@ -342,7 +342,7 @@ def test_a_large_job_page_ships_aggregates_not_rows(ui: Ui, browser: Any) -> Non
     page.on("response", lambda r: sizes.__setitem__(r.url, len(r.body())) if "/v1/" in r.url else None)
     t0 = time.perf_counter()
     page.goto(f"{ui.base}/ui/jobs/{job_id}")
-    page.wait_for_function(f"document.querySelector('#histogram').dataset.total === '{n}'", timeout=60_000)
+    wait_js(page, f"document.querySelector('#histogram').dataset.total === '{n}'", timeout=60_000)
     elapsed = time.perf_counter() - t0
     assert sum(sizes.values()) < 40_000, sizes
     assert elapsed < 30, elapsed  # generous: a shared 2-core machine; the benchmark has the real figures
