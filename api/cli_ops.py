@@ -15,7 +15,14 @@ from api.cli_common import echo_json
 @click.option("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
 @click.option("--port", default=8000, type=int, help="port to listen on")
 @click.option("--workers", default=1, type=int, help="uvicorn worker processes")
-def api(host: str, port: int, workers: int) -> None:
+@click.option(
+    "--forwarded-allow-ips",
+    envvar="FORWARDED_ALLOW_IPS",
+    default="127.0.0.1",
+    help="comma-separated addresses of reverse proxies whose X-Forwarded-For and X-Forwarded-Proto are trusted "
+    "(the client's address for the limits; https for the dashboard's Secure cookie)  [env: FORWARDED_ALLOW_IPS]",
+)
+def api(host: str, port: int, workers: int, forwarded_allow_ips: str) -> None:
     """Run the HTTP API (and the dashboard at /ui). It needs an API key (`rewardq keys create TENANT`, or
     REWARDQ_API_KEYS), or REWARDQ_ALLOW_ANONYMOUS=1 to serve without keys on a trusted loopback."""
     import uvicorn
@@ -29,7 +36,8 @@ def api(host: str, port: int, workers: int) -> None:
         raise click.ClickException(str(exc)) from exc
     if warning:
         click.secho(f"WARNING: {warning}", fg="red", bold=True, err=True)
-    uvicorn.run("api.main:app", host=host, port=port, workers=workers, log_level="info")
+    uvicorn.run("api.main:app", host=host, port=port, workers=workers, log_level="info", proxy_headers=True,
+                forwarded_allow_ips=forwarded_allow_ips)  # fmt: skip
 
 
 @click.command()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hmac
+import ipaddress
 import logging
 import threading
 import time
@@ -18,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from api.errors import ApiError, FieldError
 from api.parsing import NDJSON_TYPES
-from storage import keys
+from storage import keys, ui_sessions
 from storage.db import get_sessionmaker
 from storage.settings import Settings, get_settings
 from workers import metrics
@@ -32,7 +33,8 @@ def _session(settings: Annotated[Settings, Depends(get_settings)]) -> Iterator[S
         yield session
 
 
-UI_COOKIE = "rewardq_key"
+UI_COOKIE = "__Host-rewardq_session"  # https, or a loopback host: Secure, Path=/, no Domain (what __Host- demands)
+UI_COOKIE_PLAIN = "rewardq_session"  # plain http to another host, where a browser would drop a Secure cookie
 UI_HEADER = "x-rewardq-ui"  # sent by the dashboard's scripts; a cross-site form cannot set it
 
 
@@ -99,21 +101,69 @@ def tenant_for_key(settings: Settings, session: Session, token: str) -> str | No
     return caller.tenant if caller else None
 
 
-def request_key(request: Request) -> tuple[str, bool]:
-    """The API key a request carries ('' if none), and whether it came from the dashboard's cookie.
+def request_key(request: Request) -> str:
+    """The API key a request carries in its headers ('' if none).
 
     `Authorization: Bearer <key>`, or Basic with the key as the password: what an HTTP client sends for a
     URL like http://rewardq:KEY@host/get_reward (OpenRLHF's reward client sends no header of its own)."""
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() == "bearer" and token:
-        return token, False
+        return token
     if scheme.lower() == "basic" and token:
         try:
             user, _, password = base64.b64decode(token, validate=True).decode("utf-8").partition(":")
         except (ValueError, UnicodeDecodeError):
-            return "\0invalid", False  # never a key: answered 401
-        return password or user, False
-    return request.cookies.get(UI_COOKIE, ""), True
+            return "\0invalid"  # never a key: answered 401
+        return password or user
+    return ""
+
+
+def _loopback(host: str | None) -> bool:
+    host = (host or "").strip("[]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def ui_cookie(request: Request) -> tuple[str, bool]:
+    """The dashboard's session cookie for this request: its name, and whether it is Secure.
+
+    Secure (and so the `__Host-` name) over https, including behind a TLS proxy whose `X-Forwarded-Proto` uvicorn
+    trusts, and on a loopback host, which browsers treat as secure over plain http too. Plain http to any other
+    host gets a cookie without Secure, which a browser would otherwise drop; sign-in logs a warning then. A
+    request is only ever read with the name it would be given, so a cookie set over plain http (by anyone on the
+    network) is never taken for an https one."""
+    if request.url.scheme == "https" or _loopback(request.url.hostname):
+        return UI_COOKIE, True
+    return UI_COOKIE_PLAIN, False
+
+
+def session_token(request: Request) -> str:
+    """The dashboard session id in the request's cookie ('' if none)."""
+    return request.cookies.get(ui_cookie(request)[0], "")
+
+
+def _principal_for_key_hash(settings: Settings, session: Session, key_hash: str) -> tuple[str, bool] | None:
+    found = None
+    for key, principal in settings.api_key_map().items():
+        if hmac.compare_digest(keys.hash_key(key).encode(), key_hash.encode()):
+            found = principal
+    return found or keys.principal_for_hash(session, key_hash=key_hash)
+
+
+def caller_for_session(settings: Settings, session: Session, token: str) -> tuple[Caller, str] | None:
+    """The caller of an unexpired dashboard session whose key is still valid (still in REWARDQ_API_KEYS for the
+    same tenant, or not revoked), with the hash of that key; None otherwise."""
+    row = ui_sessions.find_session(session, token=token)
+    if row is None:
+        return None
+    principal = _principal_for_key_hash(settings, session, row.key_hash)
+    if principal is None or principal[0] != row.tenant:
+        return None
+    return Caller(*principal), row.key_hash
 
 
 def _caller(
@@ -121,7 +171,7 @@ def _caller(
     settings: Annotated[Settings, Depends(get_settings)],
     session: Annotated[Session, Depends(_session)],
 ) -> Caller:
-    """The caller, from `Authorization: Bearer <key>` or the dashboard's cookie. Each key is rate limited (each
+    """The caller, from `Authorization: Bearer <key>` or the dashboard's session cookie. Each key is rate limited (each
     client address when anonymous), and so are failed authentications per client address. The key lookup's
     connection goes back to the pool here: a request that then waits for a thread (hundreds of long polls arriving
     at once) holds none."""
@@ -139,18 +189,29 @@ def _identify(request: Request, settings: Settings, session: Session) -> Caller:
     if not auth_required(settings, session):
         _limit(settings, f"addr:{address}", settings.rate_limit_per_minute, "requests per minute from this address")
         return ANONYMOUS
-    token, from_cookie = request_key(request)
-    if not token:
+    key = request_key(request)
+    token = "" if key else session_token(request)
+    if not key and not token:
         raise ApiError(401, "missing 'Authorization: Bearer <key>'", headers={"WWW-Authenticate": "Bearer"})
-    stop_guessing(settings, address)
-    if from_cookie and request.method not in ("GET", "HEAD") and request.headers.get(UI_HEADER) != "1":
-        # The cookie alone never authorises a change: that would let another site's form act as the user.
-        raise ApiError(403, f"cookie-authenticated changes need the {UI_HEADER} header")
-    caller = caller_for_key(settings, session, token)
-    if caller is None:
-        note_failed_auth(settings, address)
-        raise ApiError(401, "invalid API key", headers={"WWW-Authenticate": "Bearer"})
-    _limit(settings, f"key:{keys.hash_key(token)[:24]}", settings.rate_limit_per_minute, "requests per minute")
+    if key:
+        stop_guessing(settings, address)
+        caller = caller_for_key(settings, session, key)
+        if caller is None:
+            note_failed_auth(settings, address)
+            raise ApiError(401, "invalid API key", headers={"WWW-Authenticate": "Bearer"})
+        key_hash = keys.hash_key(key)
+    else:
+        if request.method not in ("GET", "HEAD") and request.headers.get(UI_HEADER) != "1":
+            # The cookie alone never authorises a change: that would let another site's form act as the user.
+            raise ApiError(403, f"cookie-authenticated changes need the {UI_HEADER} header")
+        # Not a failed authentication: a session id is 256 random bits, never guessed, and a dashboard tab left
+        # open past its session must not lock its address out of signing in again.
+        found = caller_for_session(settings, session, token)
+        if found is None:
+            raise ApiError(401, "dashboard session ended or expired: sign in again at /ui/login",
+                           headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+        caller, key_hash = found
+    _limit(settings, f"key:{key_hash[:24]}", settings.rate_limit_per_minute, "requests per minute")
     return caller
 
 

@@ -2,14 +2,23 @@
 
 Pages are small shells; `static/app.js` fills them from /v1 (same keys, same tenant scoping) and
 draws charts with the bundled Chart.js. Every aggregate a chart needs is computed in SQL, so a
-million-item job loads as fast as a small one. A browser authenticates once on /ui/login: the
-key goes into an HttpOnly, SameSite=Strict cookie, and changes made with the cookie need the
-dashboard's own request header (see `api.deps`).
+million-item job loads as fast as a small one.
+
+Sign-in (/ui/login) checks a key and makes a server-side session (`storage.ui_sessions`): the cookie holds
+only a random id, whose hash is stored with the tenant and the hash of the key; it ends after
+REWARDQ_UI_SESSION_HOURS, on sign-out, or when its key is revoked. The cookie is HttpOnly, SameSite=Strict,
+Path=/, without Domain. Over https (behind a TLS proxy too, when uvicorn trusts its X-Forwarded-Proto) and
+on a loopback host, which browsers treat as secure, it is `__Host-rewardq_session` with Secure; over plain
+http to any other host a browser would drop a Secure cookie, so it is `rewardq_session` without Secure,
+and sign-in logs a warning. Sign-in and sign-out refuse another origin (Origin, else Referer;
+Sec-Fetch-Site: cross-site): no login CSRF. Changes made with the cookie need the dashboard's own request
+header (see `api.deps`). Pages run no inline script or style: `api.main` sends a strict CSP.
 """
 
 from __future__ import annotations
 
 import html
+import logging
 import urllib.parse
 from pathlib import Path
 from string import Template
@@ -22,17 +31,21 @@ from sqlalchemy.orm import Session
 
 from api.deps import (
     DEFAULT_TENANT,
-    UI_COOKIE,
     SessionDep,
     SettingsDep,
     auth_required,
+    caller_for_key,
+    caller_for_session,
     note_failed_auth,
     read_body,
     request_key,
+    session_token,
     stop_guessing,
     tenant_for_key,
+    ui_cookie,
 )
 from api.errors import ApiError
+from storage import keys, ui_sessions
 from storage import repository as repo
 from storage import training_repository as trepo
 from storage.settings import Settings
@@ -41,7 +54,12 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 _PAGE = Template((STATIC_DIR / "page.html").read_text())
 _NAV = [("jobs", "Jobs"), ("models", "Models"), ("runs", "Training runs"), ("schedules", "Schedules")]
 _MAX_LOGIN_BODY = 4096
-COOKIE_MAX_AGE_S = 12 * 3600
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+log = logging.getLogger(__name__)
+_PLAIN_HTTP = (
+    "dashboard sign-in over plain http to %s: its session cookie cannot be Secure (serve the API over https, or "
+    "behind a TLS proxy trusted through FORWARDED_ALLOW_IPS)"
+)
 
 router = APIRouter(prefix="/ui", include_in_schema=False)
 static = StaticFiles(directory=STATIC_DIR)
@@ -54,12 +72,14 @@ class LoginRequired(Exception):
 def _tenant_or_none(request: Request, settings: Settings, session: Session) -> str | None:
     if not auth_required(settings, session):
         return DEFAULT_TENANT
-    token, _ = request_key(request)
-    if not token:
-        return None
+    key = request_key(request)
+    if not key:
+        token = session_token(request)
+        found = caller_for_session(settings, session, token) if token else None
+        return found[0].tenant if found else None
     address = request.client.host if request.client else "unknown"
     stop_guessing(settings, address)  # pages check keys too: the same limit on guesses as the API and sign-in
-    tenant = tenant_for_key(settings, session, token)
+    tenant = tenant_for_key(settings, session, key)
     if tenant is None:
         note_failed_auth(settings, address)
     return tenant
@@ -108,6 +128,32 @@ def _safe_next(value: str | None) -> str:
     return "/ui/jobs"
 
 
+def _origin(url: str) -> tuple[str, str, int] | None:
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    if scheme not in _DEFAULT_PORTS or not parts.hostname:
+        return None
+    return scheme, parts.hostname.lower(), port or _DEFAULT_PORTS[scheme]
+
+
+def cross_origin(request: Request) -> str | None:
+    """Why a sign-in or sign-out form was posted from another origin, or None when it was not: the Origin header
+    (else the Referer) must name this request's own scheme, host and port, and Sec-Fetch-Site must not say
+    cross-site. A request with neither header (a script, curl) passes: it has no victim's browser behind it."""
+    if request.headers.get("sec-fetch-site", "").lower() == "cross-site":
+        return "a cross-site request"
+    claimed = request.headers.get("origin") or request.headers.get("referer")
+    if claimed is None:
+        return None
+    if _origin(claimed) is None or _origin(claimed) != _origin(str(request.base_url)):
+        return "another origin"
+    return None
+
+
 @router.get("")
 def root() -> RedirectResponse:
     return RedirectResponse("/ui/jobs", status_code=307)
@@ -133,6 +179,9 @@ def _login_form(next_url: str, error: str = "", status: int = 200) -> HTMLRespon
 
 @router.post("/login")
 async def login(request: Request, settings: SettingsDep, session: SessionDep) -> Response:
+    refused = cross_origin(request)
+    if refused:  # login CSRF: another site signing this browser in with the attacker's key
+        return _login_form("/ui/jobs", f"Sign-in refused: {refused}.", 403)
     try:
         raw = await read_body(request, _MAX_LOGIN_BODY)
     except ApiError as exc:
@@ -147,19 +196,37 @@ async def login(request: Request, settings: SettingsDep, session: SessionDep) ->
         stop_guessing(settings, address)
     except ApiError as exc:
         return _login_form(next_url, "Too many failed sign-ins from this address; wait a minute.", exc.status)
-    if not key or tenant_for_key(settings, session, key) is None:
+    caller = caller_for_key(settings, session, key) if key else None
+    if caller is None:
         note_failed_auth(settings, address)
         return _login_form(next_url, "That key is not valid.", 401)
+    ui_sessions.purge_expired(session)
+    if old := session_token(request):
+        ui_sessions.delete_session(session, token=old)
+    token = ui_sessions.create_session(session, tenant=caller.tenant, admin=caller.admin, key_hash=keys.hash_key(key),
+                                       hours=settings.ui_session_hours)  # fmt: skip
+    session.commit()
+    name, secure = ui_cookie(request)
+    if not secure:
+        log.warning(_PLAIN_HTTP, request.url.hostname)
     resp = RedirectResponse(next_url, status_code=303)
-    resp.set_cookie(UI_COOKIE, key, max_age=COOKIE_MAX_AGE_S, httponly=True, samesite="strict", path="/",
-                    secure=request.url.scheme == "https")  # fmt: skip
+    resp.set_cookie(name, token, max_age=int(settings.ui_session_hours * 3600), httponly=True, samesite="strict",
+                    path="/", secure=secure)  # fmt: skip
     return resp
 
 
 @router.post("/logout")
-def logout() -> Response:
+def logout(request: Request, session: SessionDep) -> Response:
+    refused = cross_origin(request)
+    if refused:
+        body = f'<h1>Sign-out refused</h1><p class="muted">The request came from {html.escape(refused)}.</p>'
+        return _render("error", "Sign-out refused", None, status=403, body=body)
+    if token := session_token(request):
+        ui_sessions.delete_session(session, token=token)
+        session.commit()
     resp = RedirectResponse("/ui/login", status_code=303)
-    resp.delete_cookie(UI_COOKIE, path="/")
+    name, secure = ui_cookie(request)
+    resp.delete_cookie(name, path="/", secure=secure, httponly=True, samesite="strict")
     return resp
 
 

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.benchmark_pipeline import Stack, throwaway_database  # noqa: E402
-from tests.support import CHROMIUM, CHROMIUM_ARGS, seed_scored_job  # noqa: E402
+from tests.support import CHROMIUM, CHROMIUM_ARGS, seed_scored_job, wait_js  # noqa: E402
 
 
 def page_requests(base: str, job_id: str, repeat: int) -> dict[str, float]:
@@ -65,7 +65,7 @@ def browser_load(browser: Any, base: str, job_id: str, n: int, repeat: int) -> f
         page = ctx.new_page()
         t0 = time.perf_counter()
         page.goto(f"{base}/ui/jobs/{job_id}")
-        page.wait_for_function(f"document.querySelector('#histogram')?.dataset.total === '{n}'", timeout=600_000)
+        wait_js(page, f"document.querySelector('#histogram')?.dataset.total === '{n}'", timeout=600_000)
         times.append(time.perf_counter() - t0)
         ctx.close()
     return statistics.median(times)

@@ -10,6 +10,7 @@ from sqlalchemy import exists, select
 from sqlalchemy.orm import Session
 
 from storage.models import ApiKey, utcnow
+from storage.ui_sessions import delete_sessions_of_key
 
 
 def hash_key(key: str) -> str:
@@ -39,6 +40,12 @@ def principal_for(session: Session, *, key: str) -> tuple[str, bool] | None:
     return row.tenant, row.admin
 
 
+def principal_for_hash(session: Session, *, key_hash: str) -> tuple[str, bool] | None:
+    """(tenant, admin) of the unrevoked key whose SHA-256 is ``key_hash`` (a dashboard session's key), or None."""
+    row = session.scalar(select(ApiKey).where(ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None)))
+    return (row.tenant, row.admin) if row is not None else None
+
+
 def list_keys(session: Session) -> list[ApiKey]:
     return list(session.scalars(select(ApiKey).order_by(ApiKey.created_at)))
 
@@ -49,4 +56,5 @@ def revoke_key(session: Session, *, prefix: str) -> str | None:
     if len(rows) != 1:
         return None
     rows[0].revoked_at = utcnow()
+    delete_sessions_of_key(session, key_hash=rows[0].key_hash)  # its dashboard sessions end with it
     return rows[0].tenant

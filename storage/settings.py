@@ -132,6 +132,12 @@ class Settings(BaseSettings):
         "may always read it, and nobody else",
     )
     docs: bool = Field(default=True, description="serve the API reference at /docs, /redoc and /openapi.json")
+    ui_session_hours: float = Field(
+        default=12.0,
+        gt=0,
+        le=24 * 30,
+        description="a dashboard sign-in lasts this long (absolute; sign-out or revoking its key ends it sooner)",
+    )
     fault_poison_marker: str = Field(default="", description="testing aid: a text containing it fails to score")
     gate_margin: float = Field(default=0.005, description="a candidate must beat the active version by this much")
     scoring_queue: str = "scoring"

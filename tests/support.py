@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,27 @@ CHROMIUM = "/usr/bin/chromium"  # Debian's package; the browser tests and benchm
 # As the machine's notes advise: no first-run, no background traffic to hosts this network cannot reach.
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]  # fmt: skip
+
+
+def wait_js(page: Any, expression: str, timeout: float = 30_000) -> Any:
+    """Playwright's wait_for_function without its in-page eval, which the dashboard's CSP (no 'unsafe-eval')
+    refuses: the expression is polled from here through page.evaluate (the DevTools protocol, outside the CSP)
+    until it is truthy, for ``timeout`` milliseconds."""
+    from playwright.sync_api import Error
+
+    deadline = time.monotonic() + timeout / 1000
+    while True:
+        try:
+            value = page.evaluate(expression)
+        except Error as exc:  # a navigation replaced the page meanwhile: ask the new one
+            if "context was destroyed" not in str(exc):
+                raise
+            value = None
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{expression!r} still false after {timeout / 1000:.0f} s")
+        page.wait_for_timeout(25)
 
 
 def need(ok: bool, what: str) -> None:

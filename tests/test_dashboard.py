@@ -24,7 +24,7 @@ from api.client import Client
 from api.procs import Proc, free_port, start_api
 from api.samples import load_sts
 from tests.conftest import POISON
-from tests.support import CHROMIUM, CHROMIUM_ARGS, Stack, need, seed_scored_job
+from tests.support import CHROMIUM, CHROMIUM_ARGS, Stack, need, seed_scored_job, wait_js
 
 SHOTS = os.environ.get("REWARDQ_SCREENSHOTS")
 
@@ -110,7 +110,7 @@ def _page(browser: Any, ui: Ui, tenant: str | None) -> tuple[Any, Any, list[str]
 
 
 def _loaded(page: Any, timeout: float = 30_000) -> None:
-    page.wait_for_function("window.rewardq && window.rewardq.loaded", timeout=timeout)
+    wait_js(page, "window.rewardq && window.rewardq.loaded", timeout=timeout)
 
 
 def _shot(page: Any, name: str) -> None:
@@ -156,8 +156,8 @@ def test_job_page_shows_live_progress_then_the_histogram(ui: Ui, browser: Any) -
         page.wait_for_timeout(2000)  # two more polls while nothing moves
     finally:
         worker.kill(signal.SIGCONT)
-    page.wait_for_function("document.querySelector('#progress-text').dataset.status === 'succeeded'", timeout=180_000)
-    page.wait_for_function("window.rewardq.settled === true", timeout=30_000)  # the last poll has rendered
+    wait_js(page, "document.querySelector('#progress-text').dataset.status === 'succeeded'", timeout=180_000)
+    wait_js(page, "window.rewardq.settled === true", timeout=30_000)  # the last poll has rendered
     assert page.evaluate("document.querySelector('#histogram').dataset.total") == "121"
     seen = page.evaluate("window.seen")
     dones = [d for _, d, _ in seen]
@@ -317,8 +317,9 @@ def test_another_tenants_job_is_not_reachable_through_ui(ui: Ui, browser: Any) -
     _loaded(page)
     assert page.locator(f"tr[data-job='{job_id}']").count() == 0
     # The cookie alone never authorises a change (no cross-site form can act as the user).
-    cookie = next(c["value"] for c in ctx.cookies() if c["name"] == "rewardq_key")
-    with httpx.Client(base_url=ui.base, cookies={"rewardq_key": cookie}) as c:
+    cookie = next(c["value"] for c in ctx.cookies() if c["name"] == "__Host-rewardq_session")
+    assert cookie != ui.keys["bob"]  # a session id, never the key
+    with httpx.Client(base_url=ui.base, cookies={"__Host-rewardq_session": cookie}) as c:
         assert c.post(f"/v1/jobs/{job_id}/cancel").status_code == 403
         assert c.post(f"/v1/jobs/{job_id}/cancel", headers={"X-Rewardq-UI": "1"}).status_code == 404
     ctx.close()
@@ -327,6 +328,59 @@ def test_another_tenants_job_is_not_reachable_through_ui(ui: Ui, browser: Any) -
     assert page.goto(f"{ui.base}/ui/jobs/{job_id}").status == 200
     page.goto(ui.base + "/ui/jobs")
     page.locator(f"tr[data-job='{job_id}']").wait_for(timeout=15_000)
+    ctx.close()
+
+
+UI_CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+    "frame-ancestors 'none'; base-uri 'none'; form-action 'self'; object-src 'none'"
+)
+
+
+def test_no_page_breaks_its_content_security_policy(ui: Ui, browser: Any, trained: dict[str, Any]) -> None:
+    """Every page, under the strict CSP it is served with, draws without one violation; signing in and out through
+    the forms passes the origin check (Chromium sends the page's Origin), and sign-out ends the session."""
+    job_id = _submit(ui, "alice", 30, "pages")
+    _wait_job(ui, "alice", job_id)
+    ctx = browser.new_context(viewport={"width": 1280, "height": 900})
+    # Runs before each page's own scripts: records every violation the page reports.
+    ctx.add_init_script("""window.cspViolations = [];
+        document.addEventListener('securitypolicyviolation',
+            (e) => window.cspViolations.push(`${e.violatedDirective} ${e.blockedURI} ${e.sample}`));""")
+    page = ctx.new_page()
+    console: list[str] = []
+    page.on("console", lambda m: console.append(m.text) if m.type in ("error", "warning") else None)
+    resp = page.goto(ui.base + "/ui/login")
+    assert resp.headers.get("content-security-policy") == UI_CSP
+    page.fill("#key", ui.keys["alice"])
+    page.click("button[type=submit]")
+    page.wait_for_url("**/ui/jobs")
+    [cookie] = [c for c in ctx.cookies() if c["name"] == "__Host-rewardq_session"]
+    assert cookie["secure"] and cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["path"] == "/"
+    violations: dict[str, list[str]] = {}
+    paths = ["/ui/jobs", f"/ui/jobs/{job_id}", "/ui/models", "/ui/runs", f"/ui/runs/{trained['run_id']}",
+             "/ui/schedules", "/ui/jobs/no-such-job"]  # fmt: skip
+    for path in paths:
+        resp = page.goto(ui.base + path)
+        assert resp.headers.get("content-security-policy") == UI_CSP, path
+        if resp.status == 200:
+            _loaded(page)
+            page.wait_for_timeout(300)  # charts drawn, a poll or two
+        violations[path] = page.evaluate("window.cspViolations")
+    assert all(v == [] for v in violations.values()), violations
+    assert not [m for m in console if "Content Security Policy" in m], console
+    # Styles set by the scripts apply (the CSSOM, which the CSP allows): the progress bars have their widths.
+    page.goto(ui.base + "/ui/jobs")
+    page.wait_for_selector("#jobs tbody tr[data-job] .bar span")
+    assert page.evaluate("document.querySelector('#jobs .bar span').style.width").endswith("%")
+    # Sign out with the page's own form: the session ends, and the old cookie is refused.
+    page.click("form[action='/ui/logout'] button")
+    page.wait_for_url("**/ui/login")
+    assert page.evaluate("window.cspViolations") == []
+    with httpx.Client(base_url=ui.base, cookies={cookie["name"]: cookie["value"]}) as c:
+        assert c.get("/v1/jobs").status_code == 401
+    page.goto(ui.base + "/ui/jobs")
+    assert "/ui/login" in page.url
     ctx.close()
 
 
@@ -341,7 +395,7 @@ def test_a_large_job_page_ships_aggregates_not_rows(ui: Ui, browser: Any) -> Non
     page.on("response", lambda r: sizes.__setitem__(r.url, len(r.body())) if "/v1/" in r.url else None)
     t0 = time.perf_counter()
     page.goto(f"{ui.base}/ui/jobs/{job_id}")
-    page.wait_for_function(f"document.querySelector('#histogram').dataset.total === '{n}'", timeout=60_000)
+    wait_js(page, f"document.querySelector('#histogram').dataset.total === '{n}'", timeout=60_000)
     elapsed = time.perf_counter() - t0
     assert sum(sizes.values()) < 40_000, sizes
     assert elapsed < 30, elapsed  # generous: a shared 2-core machine; the benchmark has the real figures
