@@ -121,7 +121,9 @@ def create_app() -> FastAPI:
         rid = request_id(request.scope)  # (run by the outermost middleware: the scope still has it)
         log.error("request %s %s failed (request id %s)", request.method, request.url.path, rid, exc_info=exc)
         body = {"detail": f"internal error: quote request id {rid} to the operator", "errors": [], "request_id": rid}
-        return JSONResponse(body, status_code=500, headers={"X-Request-ID": rid})
+        # Sent by Starlette's outermost error middleware, past SecurityHeaders: its headers are added here.
+        headers = {"X-Request-ID": rid, "Content-Security-Policy": API_CSP, **dict(_ALWAYS)}
+        return JSONResponse(body, status_code=500, headers=headers)
 
     app.add_middleware(SecurityHeaders)
     app.add_exception_handler(ui.LoginRequired, ui.login_redirect)  # type: ignore[arg-type]

@@ -65,6 +65,7 @@ def test_failures_answer_a_request_id_and_keep_the_details_in_the_log(keyed, mon
     assert resp.status_code == 500 and SECRET_HOST not in resp.text and "SELECT" not in resp.text
     assert resp.json()["request_id"] == resp.headers["x-request-id"] == "trace-0123456789"
     assert SECRET_HOST in caplog.text and "trace-0123456789" in caplog.text  # the operator finds it by the id
+    assert resp.headers["x-content-type-options"] == "nosniff"  # the security headers, even on a 500
 
     def down(*_: object, **__: object) -> None:
         raise OperationalError("SELECT 1", {}, Exception(f"connection to {SECRET_HOST} refused"))

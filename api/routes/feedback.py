@@ -58,7 +58,7 @@ async def add_feedback(
                 403,
                 f"feedback quota: {have} rows kept, {len(rows)} more would pass the "
                 f"{settings.max_feedback_per_tenant} allowed (REWARDQ_MAX_FEEDBACK_PER_TENANT); "
-                "delete old feedback first",
+                "delete old feedback first (DELETE /v1/feedback, `rewardq feedback delete`)",
             )
         trepo.add_feedback(session, tenant=tenant, rows=rows)
         session.commit()
