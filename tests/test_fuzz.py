@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 
 import schemathesis
 from hypothesis import HealthCheck, given, settings
@@ -29,8 +30,17 @@ def test_no_generated_request_gets_a_server_error(stack: Stack, ledger: Ledger):
     calls: list[int] = []
     db_url = stack.db_url
     # Bounded inputs keep each scored request short: the fuzz looks for 5xx answers, not for slow ones.
+    # With auth on, as deployed: every generated request carries a tenant's admin key (the widest role).
+    key = "fuzz-" + uuid.uuid4().hex + uuid.uuid4().hex
+    auth = {"Authorization": f"Bearer {key}"}
     with make_client(
-        db_url, stack.queue, f"{stack.queue}-training", interactive_max_items=64, max_text_chars=2000
+        db_url,
+        stack.queue,
+        f"{stack.queue}-training",
+        interactive_max_items=64,
+        max_text_chars=2000,
+        allow_anonymous=False,
+        api_keys=f"fuzz-{key[5:13]}:{key}:admin",
     ) as client:
         schema = schemathesis.openapi.from_asgi("/openapi.json", client.app)
         for result in schema.get_all_operations():
@@ -41,7 +51,7 @@ def test_no_generated_request_gets_a_server_error(stack: Stack, ledger: Ledger):
             @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck),
                       derandomize=True, database=None)  # fmt: skip
             def fuzz(case: schemathesis.Case) -> None:
-                calls.append(case.call_and_validate(checks=[not_a_server_error], timeout=120).status_code)
+                calls.append(case.call_and_validate(checks=[not_a_server_error], timeout=120, headers=auth).status_code)
 
             fuzz()
     with session_scope(db_url) as s:
@@ -49,10 +59,12 @@ def test_no_generated_request_gets_a_server_error(stack: Stack, ledger: Ledger):
     assert len(operations) >= 15, operations
     assert len(calls) >= 5 * len(operations) and max(calls) < 500
     assert any(400 <= c < 500 for c in calls) and any(c < 300 for c in calls)
+    assert calls.count(401) < len(calls) // 10  # the key was accepted: the fuzz reached the handlers
     backend = "PostgreSQL" if db_url.startswith("postgresql") else "SQLite"
     ledger.add(
         "fuzz",
-        f"schemathesis: up to {EXAMPLES} generated requests for each of the {len(operations)} operations",
+        f"schemathesis with an API key: up to {EXAMPLES} generated requests for each of the {len(operations)} "
+        "operations",
         backend,
         "no 5xx",
     )
