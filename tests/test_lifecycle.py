@@ -125,7 +125,7 @@ def test_a_long_poll_on_a_job_that_is_deleted_answers_404(db_url: str, tenants: 
 
 
 def test_another_tenants_delete_is_404_and_deletes_nothing(db_url: str, tenants: tuple[TestClient, str, str]):
-    from api.deps import UI_COOKIE, UI_HEADER
+    from api.deps import UI_HEADER
 
     c, a, _ = tenants
     job = c.post("/v1/jobs", json={"items": ITEMS}, headers=A).json()["job_id"]
@@ -140,7 +140,8 @@ def test_another_tenants_delete_is_404_and_deletes_nothing(db_url: str, tenants:
     assert c.get("/v1/feedback", headers=A).json()["total"] == 1
 
     # The dashboard's cookie alone never deletes (another site's form could send it); with its header it does.
-    c.cookies.set(UI_COOKIE, KEY_A)
+    signed_in = c.post("/ui/login", data={"key": KEY_A, "next": "/ui/jobs"}, follow_redirects=False)
+    assert signed_in.status_code == 303 and c.cookies  # a session cookie (api.ui)
     try:
         assert c.delete(f"/v1/jobs/{job}").status_code == 403
         assert c.delete("/v1/feedback").status_code == 403
