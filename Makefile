@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.rewardq-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast lint typecheck bench-kernel screenshots clean
+.PHONY: install demo test test-fast lint typecheck bench-kernel gpu-check screenshots clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,10 @@ screenshots: $(STAMP)
 
 bench-kernel: $(STAMP)
 	$(BIN)/python benchmarks/benchmark_sim_exp.py
+
+# A new GPU box in one command: versions, every compiled kernel proven, short benchmarks (under 8 minutes).
+gpu-check: $(STAMP)
+	$(BIN)/rewardq selfcheck --out benchmarks/results/selfcheck.json
 
 clean:
 	rm -rf $(VENV) demo-run .pytest_cache .ruff_cache .mypy_cache rewardq.db*

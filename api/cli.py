@@ -190,8 +190,9 @@ def results(ctx: click.Context, job_id: str, fmt: str, output: str | None, parti
 
 def _register() -> None:
     from api import cli_ops, cli_training
+    from api.selfcheck import selfcheck
 
-    for command in (*cli_training.COMMANDS, *cli_ops.COMMANDS):
+    for command in (*cli_training.COMMANDS, *cli_ops.COMMANDS, selfcheck):
         main.add_command(command)
 
 

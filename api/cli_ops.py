@@ -62,6 +62,7 @@ def worker(queues: str | None, concurrency: int, pool: str, loglevel: str) -> No
 
     from storage.settings import get_settings
     from workers.celery_app import app
+    from workers.kernel_check import KernelsUntrusted, check_kernels
     from workers.registry import register_base_version
 
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # a weights-loading bar in a log is noise
@@ -70,6 +71,13 @@ def worker(queues: str | None, concurrency: int, pool: str, loglevel: str) -> No
         click.echo(f"model version: {register_base_version()}", err=True)
     except Exception as exc:  # the DB may not be migrated yet; tasks will say so when they run
         click.echo(f"warning: could not register the base model version: {exc}", err=True)
+    try:  # compiled kernels are proven on this device before any work is taken (workers.kernel_check)
+        checked = check_kernels(get_settings())
+    except KernelsUntrusted as exc:
+        raise click.ClickException(str(exc)) from exc
+    if checked is not None:
+        verdict = f"FAILED, torch path for {', '.join(checked.fallback)}" if checked.fallback else "passed"
+        click.echo(f"kernel self-check on {checked.device}: {len(checked.checks)} checks, {verdict}", err=True)
     click.echo(f"consuming {queues} (in this order)", err=True)
     app.worker_main(
         [

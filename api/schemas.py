@@ -66,6 +66,10 @@ class JobOut(BaseModel):
     error: str | None = None
     embed_cache_hits: int = Field(default=0, description="texts whose embedding a worker already had")
     embed_cache_misses: int = Field(default=0, description="texts the encoder ran on")
+    scored_with: dict[str, int] | None = Field(
+        default=None,
+        description="batches by how they were scored: kind, reward kernel path (triton, torch) and encoder precision",
+    )
     summary: ScoreSummary | None = None
     error_counts: dict[str, int] | None = Field(default=None, description="failed items by reason code")
     failed_items: list[FailedItem] | None = Field(default=None, description="the first 100 failed items")

@@ -73,6 +73,19 @@ def _variant(items: list[dict[str, str]], k: str) -> list[dict[str, str]]:
     return [{"id": x["id"], "prompt": f"{x['prompt']} ({k})", "response": f"{x['response']} ({k})"} for x in items]
 
 
+def _sized(items: list[dict[str, str]], n: int) -> list[dict[str, str]]:
+    """The first ``n`` pairs (0: all); past the workload's size, more copies of it, each with its own texts and ids."""
+    if not n:
+        return items
+    out = list(items[:n])
+    copy = 0
+    while len(out) < n:
+        copy += 1
+        more = [{**x, "id": f"{x['id']}.{copy}"} for x in _variant(items, f"copy {copy}")]
+        out += more[: n - len(out)]
+    return out
+
+
 _CACHE: dict[str, object] = {}
 
 
@@ -204,7 +217,12 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeat", type=int, default=5, help="runs per measurement; the median is reported")
     p.add_argument("--ingest-items", type=int, default=1_000_000)
-    p.add_argument("--pairs", type=int, default=0, help="only the first N pairs of each workload (a quick check)")
+    p.add_argument(
+        "--pairs",
+        type=int,
+        default=0,
+        help="N pairs of each workload: the first N, or more copies of it with their own texts past its size",
+    )
     p.add_argument(
         "--pg-admin-url",
         default="postgresql://postgres@127.0.0.1:5432/postgres",
@@ -221,7 +239,7 @@ def main() -> int:
     rows = []
     try:
         for w, (name, items) in enumerate(workloads().items()):
-            items = items[: args.pairs or None]
+            items = _sized(items, args.pairs)
             warm = _variant(items[:64], f"{nonce}.{w}.warm")  # model loads and first-call costs, not measured
             pipeline(stack, warm)
             in_process(warm, batch_size)
@@ -245,10 +263,10 @@ def main() -> int:
                          "c_pipeline": c, "c_over_a": _median_ratio(took["c"], took["a"]),
                          "c_over_b": _median_ratio(took["c"], took["b"]), "runs": took,
                          "pipeline_cache_hits": hits})  # fmt: skip
-        ingest = {"SQLite": ingestion(stack, args.ingest_items)}
+        ingest = {"SQLite": ingestion(stack, args.ingest_items)} if args.ingest_items else {}
     finally:
         stack.close()
-    if args.pg_admin_url:
+    if args.pg_admin_url and args.ingest_items:
         ingest["PostgreSQL"] = pg_ingestion(args.pg_admin_url, tmp, args.ingest_items)
     print("| workload | pairs | (a) in-process pairs/s | (b) user script pairs/s | (c) pipeline pairs/s | c/a | c/b |")
     print("|---|---|---|---|---|---|---|")

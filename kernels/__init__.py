@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["EPS", "backend", "sim_exp_reward", "token_logprobs"]
+__all__ = ["EPS", "backend", "path", "sim_exp_reward", "token_logprobs"]
 
 EPS = 1e-8
 _BACKENDS = ("auto", "triton", "torch")
@@ -36,6 +36,18 @@ def backend(device_type: str = "cpu") -> str:
     return choice
 
 
+FALLBACK_ENV = "REWARDQ_KERNEL_FALLBACK"  # set by `rewardq worker` for kernels that failed their self-check
+
+
+def path(kernel: str, device_type: str = "cpu") -> str:
+    """What serves ``kernel`` ('sim_exp' or 'logprob') here: ``backend``, except that a kernel whose compiled
+    version failed this worker's self-check (kernels.selfcheck) runs the torch path."""
+    chosen = backend(device_type)
+    if chosen == "triton" and kernel in os.environ.get(FALLBACK_ENV, "").split(","):
+        return "torch"
+    return chosen
+
+
 def sim_exp_reward(
     a: torch.Tensor, b: torch.Tensor, alpha: torch.Tensor, weight: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,7 +55,7 @@ def sim_exp_reward(
 
     Differentiable in a, b, alpha and weight on both backends.
     """
-    if backend(a.device.type) == "triton":
+    if path("sim_exp", a.device.type) == "triton":
         from kernels.sim_exp import sim_exp_reward_triton
 
         return sim_exp_reward_triton(a, b, alpha, weight)
@@ -59,7 +71,7 @@ def token_logprobs(
 
     Forward only. Dispatched like ``sim_exp_reward``: both paths work in vocabulary chunks.
     """
-    if backend(hidden.device.type) == "triton":
+    if path("logprob", hidden.device.type) == "triton":
         from kernels.logprob import token_logprobs_triton
 
         return token_logprobs_triton(hidden, weight, targets, bias)

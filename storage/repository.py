@@ -245,6 +245,16 @@ def job_status(session: Session, *, job_id: str) -> str | None:
     return session.scalar(select(Job.status).where(Job.id == job_id))
 
 
+def scored_with(session: Session, *, job_id: str) -> dict[str, int]:
+    """How the job's finished batches were scored ("sim_exp kernel=triton precision=off": batches)."""
+    q = (
+        select(Batch.scored_with, func.count())
+        .where(Batch.job_id == job_id, Batch.scored_with.is_not(None))
+        .group_by(Batch.scored_with)
+    )
+    return {str(how): int(n) for how, n in session.execute(q).tuples()}
+
+
 def job_tenant(session: Session, *, job_id: str) -> str | None:
     return session.scalar(select(Job.tenant).where(Job.id == job_id))
 
@@ -295,6 +305,7 @@ def save_results(
     skip: frozenset[int] = frozenset(),
     cache_hits: int = 0,
     cache_misses: int = 0,
+    scored_with: str | None = None,
 ) -> int:
     """Upsert one batch's results and advance the job's progress in the caller's transaction.
 
@@ -321,7 +332,9 @@ def save_results(
     ]  # fmt: skip
     inserted = _insert_new(session, Result, rows)
     session.execute(
-        update(Batch).where(Batch.job_id == job_id, Batch.batch_no == batch_no).values(done=True, done_at=now)
+        update(Batch)
+        .where(Batch.job_id == job_id, Batch.batch_no == batch_no)
+        .values(done=True, done_at=now, **({"scored_with": scored_with[:128]} if scored_with else {}))
     )
     if inserted:  # a redelivery inserts nothing and counts nothing, cache lookups included
         session.execute(

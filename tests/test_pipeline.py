@@ -342,6 +342,11 @@ def test_repeated_prompts_hit_the_embedding_cache_and_the_job_says_so(stack: Sta
     assert job["embed_cache_misses"] == 52  # 4 prompts + 48 responses, each encoded once
     again = wait_job(stack.client, stack.client.post("/v1/jobs", json={"items": items}).json()["job_id"])
     assert again["embed_cache_hits"] == 52 and again["embed_cache_misses"] == 0  # across jobs: encoded once
+    # Which kernel path scored each batch (the SQLite stack's worker runs Triton, the PostgreSQL one torch).
+    path = "triton" if stack.db_url.startswith("sqlite") else "torch"
+    assert again["scored_with"] == {f"sim_exp kernel={path} precision=off": 1}
+    metrics = dict(line.split(" ", 1) for line in stack.client.get("/metrics").text.splitlines() if line[:1] != "#")
+    assert float(metrics[f"rewardq_batches_kernel_{path}_total"]) >= 2
 
 
 def test_a_cache_hit_never_says_what_another_tenant_scored(stack: Stack):

@@ -90,6 +90,15 @@ def cache_scope(settings: Settings, tenant: str, fallback: str) -> str:
     return f"t:{tenant}" if tenant else f"x:{fallback}"
 
 
+def scored_with(model: RewardModel) -> tuple[str, str | None]:
+    """How a batch is scored, as recorded on it ("sim_exp kernel=triton precision=bf16"), and its kernel path (None:
+    the kind has no reward kernel of its own)."""
+    s = model.settings()
+    path = s.get("kernel")
+    precision = s.get("autocast") or s.get("dtype") or "off"
+    return f"{s['kind']} kernel={path or 'none'} precision={precision}", path
+
+
 def _score(model: RewardModel, prompts: list[str], responses: list[str], scope: str) -> Scores:
     settings = get_settings()
     model.cache_scope = scope
@@ -193,6 +202,9 @@ def _take_and_score(msg: ScoreBatch, queue: str | None, settings: Settings, work
         _quarantine(msg, exc)
         return 0
     stats = model.take_stats()
+    how, path = scored_with(model)
+    if path:
+        stats[f"batches_kernel_{path}"] = 1.0
     t0 = time.perf_counter()
     failed = dict(scores.errors)  # pairs the model cannot score (an empty response for a likelihood, ...)
     if settings.truncation == "reject":
@@ -227,6 +239,7 @@ def _take_and_score(msg: ScoreBatch, queue: str | None, settings: Settings, work
             skip=frozenset(failed),
             cache_hits=int(stats.get("embed_cache_hits", 0)),
             cache_misses=int(stats.get("embed_cache_misses", 0)),
+            scored_with=how,
         )
         ended = repo.job_status(s, job_id=msg.job_id) in FINISHED  # this batch may have been the job's last
     if ended:
@@ -330,5 +343,8 @@ def score_interactive(msg: InteractiveBatch) -> dict[str, Any]:
                     }
                 )
     stats = model.take_stats()
+    _, path = scored_with(model)
+    if path:
+        stats[f"batches_kernel_{path}"] = 1.0
     metrics.record(get_settings().redis_url, {**stats, "interactive_items": float(len(rows)), "interactive_batches": 1})
     return {"part": msg.part, "kind": model.kind, "rows": rows, "tokens": int(stats.get("tokens", 0))}

@@ -76,6 +76,7 @@ def _job_detail(session: Session, job: Job, summary: bool = True) -> JobOut:
     whatever polls a running job asks without it and fetches it once at the end.
     """
     out = _job_out(job, results.score_summary(session, job_id=job.id) if summary else None)
+    out.scored_with = repo.scored_with(session, job_id=job.id)
     if job.n_failed:
         out.error_counts = results.error_counts(session, job_id=job.id)
         out.failed_items = [

@@ -76,6 +76,7 @@ class LikelihoodModel(RewardModel):
             "reduction": self.reduction,
             "truncation_side": self.truncation_side,
             "input": "chat_template" if self.chat else "plain",
+            "kernel": kernels.path("logprob", self.device.type),
         }
 
     def prompt_ids(self, prompt: str) -> list[int]:

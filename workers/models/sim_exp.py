@@ -99,7 +99,7 @@ class SimExpModel(RewardModel):
 
     def settings(self) -> dict[str, Any]:
         return {"kind": self.kind, "autocast": self.autocast, "max_length": self.max_length,
-                "kernel": kernels.backend(self.device.type)}  # fmt: skip
+                "kernel": kernels.path("sim_exp", self.device.type)}  # fmt: skip
 
     def embed(self, texts: Sequence[str]) -> torch.Tensor:
         """Embeddings [N, D] on the CPU (see embed_flagged)."""

@@ -1,0 +1,225 @@
+"""`rewardq selfcheck` (and `make gpu-check`): one command for a new GPU box. It prints the device, driver, torch,
+Triton and CUDA versions, proves every compiled kernel against the float64 reference (kernels.selfcheck), then runs
+short versions of the kernel benchmarks and the pipeline benchmark on 20,000 pairs with the encoder in fp32 and in
+bf16, writes every figure to one JSON file and prints the table the README shows. Each step has its own time limit,
+so the whole fits in 8 minutes on one GPU. On a CPU machine it runs the checks under the Triton interpreter and says
+plainly that GPU figures need a GPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks"
+# Seconds each GPU step may take (the sum stays under 8 minutes with the checks and start-up).
+LIMITS = {"sim_exp": 90, "logprob": 90, "pipeline_fp32": 120, "pipeline_bf16": 120}
+NO_GPU = "GPU figures need a GPU: only the interpreter checks ran here (run `rewardq selfcheck` on a CUDA machine)"
+
+
+def device_info() -> dict[str, Any]:
+    import torch
+
+    info: dict[str, Any] = {
+        "type": "cuda" if torch.cuda.is_available() else "cpu",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cpu": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if info["type"] == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        info.update(
+            name=props.name,
+            capability=f"{props.major}.{props.minor}",
+            memory_gib=round(props.total_memory / 2**30, 1),
+            multiprocessors=props.multi_processor_count,
+        )
+        if shutil.which("nvidia-smi"):
+            smi = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            info["driver"] = smi.stdout.strip().splitlines()[0] if smi.returncode == 0 and smi.stdout.strip() else None
+    return info
+
+
+def _run(argv: list[str], limit_s: float, env: dict[str, str] | None = None) -> tuple[int, str, float]:
+    t0 = time.monotonic()
+    try:
+        done = subprocess.run(
+            argv, capture_output=True, text=True, timeout=limit_s, env=env or dict(os.environ), cwd=ROOT
+        )
+        return done.returncode, done.stdout + done.stderr, time.monotonic() - t0
+    except subprocess.TimeoutExpired as exc:
+        out = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        return 124, out + f"\n(stopped at its {limit_s:.0f} s limit)", time.monotonic() - t0
+
+
+def kernel_checks(device: str) -> dict[str, Any]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if device == "cpu":
+        env["TRITON_INTERPRET"] = "1"
+    code, out, took = _run(
+        [
+            sys.executable,
+            "-m",
+            "kernels.selfcheck",
+            "--json",
+            "--device",
+            device,
+            "--dtypes",
+            "float32,bfloat16,float16",
+        ],
+        300,
+        env,
+    )
+    try:
+        doc = json.loads(out.strip().splitlines()[-1] if code in (0, 1) else "")
+    except (ValueError, IndexError):
+        return {"passed": False, "count": 0, "failed": ["sim_exp", "logprob"], "error": out[-2000:], "seconds": took}
+    checks = doc["checks"]
+    return {
+        "passed": not doc["failed"],
+        "count": len(checks),
+        "failed": doc["failed"],
+        "seconds": round(took, 1),
+        "details": checks,
+    }
+
+
+def _bench(name: str, argv: list[str], out_dir: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
+    code, out, took = _run([sys.executable, *argv], LIMITS[name], env)
+    found = sorted(out_dir.glob(f"{name.split('_')[0]}*.json"))
+    result: dict[str, Any] = {"exit": code, "seconds": round(took, 1)}
+    if found:
+        result["figures"] = json.loads(found[-1].read_text())
+        found[-1].unlink()
+    if code != 0:
+        result["log_tail"] = out[-3000:]
+    return result
+
+
+def gpu_benchmarks(tmp: Path, dry_run: bool = False) -> dict[str, Any]:
+    """The GPU steps; ``dry_run``: the same steps at toy sizes on the CPU (what CI runs to keep them working)."""
+    out: dict[str, Any] = {}
+    size = "--dry-run" if dry_run else "--quick"
+    out["sim_exp"] = _bench("sim_exp", [str(BENCH / "benchmark_sim_exp.py"), size, "--out-dir", str(tmp)], tmp)
+    out["logprob"] = _bench("logprob", [str(BENCH / "benchmark_logprob.py"), size, "--out-dir", str(tmp)], tmp)
+    if shutil.which("redis-server") is None and not os.environ.get("REWARDQ_REDIS_URL"):
+        out["pipeline"] = {"skipped": "no redis-server here and no REWARDQ_REDIS_URL: the pipeline needs Redis"}
+        return out
+    for precision, label in (("exact", "pipeline_fp32"), ("fast", "pipeline_bf16"))[: 1 if dry_run else 2]:
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "REWARDQ_PRECISION": precision}
+        argv = [
+            str(BENCH / "benchmark_pipeline.py"),
+            "--pairs",
+            "32" if dry_run else "20000",
+            "--repeat",
+            "1",
+            "--ingest-items",
+            "0",
+            "--pg-admin-url",
+            "",
+            "--out",
+            str(tmp / f"pipeline_{precision}.json"),
+        ]
+        out[label] = _bench(label, argv, tmp, env)
+    return out
+
+
+def table(report: dict[str, Any]) -> str:
+    d = report["device"]
+    lines = [
+        "| | |",
+        "|---|---|",
+        f"| device | {d.get('name', d['type'])} ({d['type']}) |",
+        f"| driver / CUDA | {d.get('driver') or '-'} / {d.get('cuda') or '-'} |",
+        f"| torch / Triton / Python | {d['torch']} / {d.get('triton') or '-'} / {d['python']} |",
+        f"| kernel checks | {report['checks']['count']} run, "
+        + ("all passed" if report["checks"]["passed"] else f"FAILED: {', '.join(report['checks']['failed'])}")
+        + f" ({'compiled' if d['type'] == 'cuda' else 'Triton interpreter'}) |",
+    ]
+    for name, result in report["benchmarks"].items():
+        if "skipped" in result:
+            lines.append(f"| {name} | skipped: {result['skipped']} |")
+            continue
+        figures = result.get("figures") or {}
+        summary = "failed (see log_tail)" if result.get("exit") else "ok"
+        rows = figures.get("rows") if isinstance(figures, dict) else None
+        if name.startswith("pipeline") and rows:
+            summary = "; ".join(
+                f"{r['workload']}: {r['c_pipeline']:.0f} pairs/s (c/b {r['c_over_b']:.2f})" for r in rows
+            )
+        elif rows:
+            summary = f"{len(rows)} rows"
+        lines.append(f"| {name} | {summary}, {result['seconds']} s |")
+    lines.append(f"| total | {report['seconds']} s |")
+    return "\n".join(lines)
+
+
+@click.command()
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=BENCH / "results" / "selfcheck.json",
+    show_default=True,
+    help="the JSON file with every figure",
+)
+@click.option("--skip-benchmarks", is_flag=True, help="device and kernel checks only")
+@click.option(
+    "--dry-run", is_flag=True, help="on a CPU: run the GPU steps too, at toy sizes (their figures mean nothing)"
+)
+def selfcheck(out: Path, skip_benchmarks: bool, dry_run: bool) -> None:
+    """Check this machine: versions, every compiled kernel against the float64 reference, and (on a GPU) short
+    kernel and pipeline benchmarks, in under 8 minutes. Exits 1 when a kernel check fails."""
+    t0 = time.monotonic()
+    info = device_info()
+    click.echo(
+        f"device: {info.get('name', info['type'])}; torch {info['torch']}, triton {info.get('triton')}, "
+        f"CUDA {info.get('cuda')}, driver {info.get('driver', '-')}"
+    )
+    checks = kernel_checks(info["type"])
+    benchmarks: dict[str, Any] = {}
+    note = ""
+    if info["type"] != "cuda":
+        note = NO_GPU
+    if not skip_benchmarks and (info["type"] == "cuda" or dry_run):
+        if info["type"] != "cuda":
+            note += "; dry run: the GPU steps ran at toy sizes on this CPU, and their figures mean nothing"
+        with tempfile.TemporaryDirectory(prefix="rewardq-selfcheck-") as tmp:
+            benchmarks = gpu_benchmarks(Path(tmp), dry_run=info["type"] != "cuda")
+    report = {
+        "device": info,
+        "checks": checks,
+        "benchmarks": benchmarks,
+        "note": note,
+        "seconds": round(time.monotonic() - t0, 1),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    click.echo(table(report))
+    if note:
+        click.echo(note)
+    click.echo(f"wrote {out}")
+    if not checks["passed"]:
+        raise SystemExit(1)

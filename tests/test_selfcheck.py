@@ -1,0 +1,104 @@
+"""The worker proves its compiled kernels before it trusts them (kernels.selfcheck, workers.kernel_check), here under
+the Triton interpreter with a wrong result injected; and `rewardq selfcheck` on a CPU machine."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import kernels
+from kernels.selfcheck import describe_failures, failed_kernels, run_checks
+from storage.settings import Settings
+from tests.conftest import ROOT, worker_env
+
+
+def test_every_kernel_passes_its_checks_and_an_injected_error_is_caught(monkeypatch):
+    checks = run_checks("cpu", ["float32", "bfloat16"])
+    assert {c.kernel for c in checks} == {"sim_exp", "logprob"} and all(c.ok for c in checks), describe_failures(checks)
+    assert any(c.strided for c in checks) and {c.dtype for c in checks} == {"float32", "bfloat16"}
+    monkeypatch.setenv("REWARDQ_SELFCHECK_INJECT", "sim_exp")
+    checks = run_checks("cpu", ["float32"])
+    assert failed_kernels(checks) == ["sim_exp"]
+    message = describe_failures(checks)
+    # The shapes, the layout and the error against the tolerance, for each failed check.
+    assert "sim_exp float32 B37xK3xd385 strided: max |error| 0.01 > tolerance" in message, message
+
+
+def test_a_failed_kernel_runs_the_torch_path_and_the_other_stays_compiled(monkeypatch, caplog):
+    from workers.kernel_check import check_kernels
+
+    monkeypatch.setenv("REWARDQ_SELFCHECK_INJECT", "logprob")
+    monkeypatch.delenv(kernels.FALLBACK_ENV, raising=False)
+    with caplog.at_level(logging.ERROR):
+        outcome = check_kernels(Settings(kernel="auto"), device="cpu")  # as a CUDA worker would, on the interpreter
+    assert outcome is not None and outcome.fallback == ["logprob"]
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "N37xH64xV1000 strided" in errors[0].getMessage()  # one clear error, with shapes
+    assert os.environ[kernels.FALLBACK_ENV] == "logprob"
+    monkeypatch.setenv("REWARDQ_KERNEL", "triton")
+    assert kernels.path("logprob", "cpu") == "torch" and kernels.path("sim_exp", "cpu") == "triton"
+    monkeypatch.delenv(kernels.FALLBACK_ENV)
+    assert kernels.path("logprob", "cpu") == "triton"
+
+
+def test_a_worker_forced_to_triton_refuses_to_start_with_a_wrong_kernel(db_url: str, tmp_path: Path):
+    env = worker_env(
+        db_url,
+        "test-selfcheck-unused",
+        REWARDQ_KERNEL="triton",
+        TRITON_INTERPRET="1",
+        REWARDQ_SELFCHECK_INJECT="sim_exp",
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "api.cli", "worker", "-Q", "test-selfcheck-unused"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode != 0
+    assert "REWARDQ_KERNEL=triton forbids the torch path" in done.stderr and "B37xK3xd385 strided" in done.stderr
+    assert "consuming" not in done.stderr  # it never took work
+
+
+def test_rewardq_selfcheck_on_a_cpu_machine(tmp_path: Path):
+    out = tmp_path / "selfcheck.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("TRITON_INTERPRET", None)  # the command sets it itself for the interpreter checks
+    done = subprocess.run(
+        [sys.executable, "-m", "api.cli", "selfcheck", "--out", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "GPU figures need a GPU" in done.stdout
+    doc = json.loads(out.read_text())
+    assert doc["device"]["type"] == "cpu" and doc["device"]["torch"] and doc["device"]["triton"]
+    assert doc["checks"]["passed"] and doc["checks"]["count"] >= 14
+    assert doc["benchmarks"] == {} and "GPU" in doc["note"]
+
+
+@pytest.mark.parametrize("how", ["device script dry run"])
+def test_the_device_script_dry_run(tmp_path: Path, how: str):
+    """benchmarks/device_check.sh, as a GPU machine would run it, here on the CPU: it writes the JSON to $OUT."""
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "PYTHONPATH": str(ROOT)}
+    env.pop("TRITON_INTERPRET", None)
+    done = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "device_check.sh"), "--dry-run"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    doc = json.loads((tmp_path / "selfcheck.json").read_text())
+    assert doc["checks"]["passed"] and doc["device"]["type"] == "cpu"
