@@ -47,9 +47,9 @@ def test_a_failed_kernel_runs_the_torch_path_and_the_other_stays_compiled(monkey
     assert kernels.path("logprob", "cpu") == "triton"
 
 
-def test_a_worker_forced_to_triton_refuses_to_start_with_a_wrong_kernel(db_url: str, tmp_path: Path):
+def test_a_worker_forced_to_triton_refuses_to_start_with_a_wrong_kernel(tmp_path: Path):
     env = worker_env(
-        db_url,
+        f"sqlite:///{tmp_path / 'none.db'}",
         "test-selfcheck-unused",
         REWARDQ_KERNEL="triton",
         TRITON_INTERPRET="1",
