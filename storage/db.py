@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -33,12 +34,17 @@ def _engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
-        return engine
-    # A database host that vanishes (cut off, not closed) must fail a query within a minute, not after the kernel's
-    # 15 minutes of retransmissions: a worker stuck there would keep its heartbeat and its batch.
-    cut_off = dict(connect_timeout=10, keepalives=1, keepalives_idle=30, keepalives_interval=10, keepalives_count=3)
-    cut_off["tcp_user_timeout"] = 60_000  # ms of unacknowledged data
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10, connect_args=cut_off)
+    else:
+        # A database host that vanishes (cut off, not closed) must fail a query within a minute, not after the
+        # kernel's 15 minutes of retransmissions: a worker stuck there would keep its heartbeat and its batch.
+        cut_off = dict(connect_timeout=10, keepalives=1, keepalives_idle=30, keepalives_interval=10, keepalives_count=3)
+        cut_off["tcp_user_timeout"] = 60_000  # ms of unacknowledged data
+        engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10, connect_args=cut_off)
+    # A forked child (Celery's pool processes) must never use a connection its parent opened: two processes on one
+    # socket interleave their messages (PostgreSQL: "connection in transaction status INTRANS", a closed server
+    # connection, a job failed). The child drops the inherited pool without closing the parent's connections.
+    os.register_at_fork(after_in_child=lambda: engine.dispose(close=False))
+    return engine
 
 
 def get_sessionmaker(url: str | None = None) -> sessionmaker[Session]:

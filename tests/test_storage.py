@@ -408,3 +408,32 @@ def test_a_heartbeat_names_each_piece_of_work_of_its_process(redis_url: str, mon
         assert liveness.doing(redis_url, [me])[me] == liveness.IDLE
     finally:
         get_settings.cache_clear()
+
+
+def test_a_forked_child_never_uses_its_parents_connection(db_url: str):
+    """Forced: the parent holds a pooled PostgreSQL connection when it forks (as `rewardq worker` did, having registered
+    the base version, before Celery forked its pool). The child must open its own: two processes on one socket
+    failed jobs with "connection in transaction status INTRANS" (found by benchmarks/benchmark_fair_share.py)."""
+    import os
+
+    from sqlalchemy import text
+
+    if not db_url.startswith("postgresql"):
+        pytest.skip("a PostgreSQL backend pid names the server connection")
+    engine = get_engine(db_url)
+    with engine.connect() as c:
+        parent = c.execute(text("SELECT pg_backend_pid()")).scalar()
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child process
+        try:
+            with engine.connect() as c:
+                os.write(write, str(c.execute(text("SELECT pg_backend_pid()")).scalar()).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    got = os.read(read, 64).decode()
+    os.waitpid(child, 0)
+    with engine.connect() as c:  # and the parent's own connection still works
+        assert c.execute(text("SELECT pg_backend_pid()")).scalar() == parent
+    assert got and int(got) != parent
