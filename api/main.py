@@ -108,7 +108,7 @@ def create_app() -> FastAPI:
         # The database is unreachable (restarting, failing over): a retryable 503, not a 500. What the driver said
         # (hosts, SQL) goes to the log only.
         rid = request_id(request.scope)
-        log.warning("request %s %s: database unavailable (request id %s): %s", request.method, request.url.path,
+        log.warning("request %s %r: database unavailable (request id %s): %s", request.method, request.url.path,
                     rid, exc)  # fmt: skip
         return JSONResponse(
             {"detail": f"database unavailable, retry shortly (request id {rid})", "errors": [], "request_id": rid},
@@ -119,7 +119,7 @@ def create_app() -> FastAPI:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         rid = request_id(request.scope)  # (run by the outermost middleware: the scope still has it)
-        log.error("request %s %s failed (request id %s)", request.method, request.url.path, rid, exc_info=exc)
+        log.error("request %s %r failed (request id %s)", request.method, request.url.path, rid, exc_info=exc)
         body = {"detail": f"internal error: quote request id {rid} to the operator", "errors": [], "request_id": rid}
         # Sent by Starlette's outermost error middleware, past SecurityHeaders: its headers are added here.
         headers = {"X-Request-ID": rid, "Content-Security-Policy": API_CSP, **dict(_ALWAYS)}

@@ -234,7 +234,9 @@ class ScheduleIn(BaseModel):
     model_config = {"extra": "forbid"}
 
     cron: str = Field(description="5 fields (minute hour day month weekday), or 6 with seconds last")
-    min_new_feedback: int = Field(default=0, ge=0, description="skip a tick with fewer new feedback rows")
+    min_new_feedback: int = Field(
+        default=0, ge=0, le=2_000_000_000, description="skip a tick with fewer new feedback rows"
+    )
     params: TrainingParams = Field(default_factory=TrainingParams)
 
 

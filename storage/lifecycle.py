@@ -123,7 +123,7 @@ def delete_job(
     return out
 
 
-def _utc(t: datetime) -> datetime:
+def as_utc(t: datetime) -> datetime:
     """An instant in UTC, as the tables store it (a time without a zone is taken as UTC)."""
     return t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t.astimezone(timezone.utc)
 
@@ -142,7 +142,7 @@ def delete_feedback(
     if tenant is not None:
         conds.append(Feedback.tenant == tenant)
     if before is not None:
-        conds.append(Feedback.created_at < _utc(before))
+        conds.append(Feedback.created_at < as_utc(before))
     deleted = 0
     while max_rows is None or deleted < max_rows:
         limit = chunk if max_rows is None else min(chunk, max_rows - deleted)

@@ -222,3 +222,14 @@ def test_result_pages_are_capped_in_bytes_and_errors_come_in_pages(db_url: str, 
         rest = api.get(link[1 : link.index(">")])
         assert [e["index"] for e in rest.json()] == [8] and "link" not in rest.headers
         assert len(api.get(f"/v1/jobs/{job_id}/errors").json()) == 4
+
+
+def test_out_of_range_numbers_and_dates_are_422_not_500(api: TestClient):
+    """Found by review: each of these reached the database or datetime arithmetic and answered 500."""
+    job_id = api.post("/v1/jobs", json={"items": [GOOD]}).json()["job_id"]
+    resp = api.get(f"/v1/jobs/{job_id}/errors", params={"after": 10**20})
+    assert resp.status_code == 422 and resp.json()["errors"][0]["field"] == "after"
+    resp = api.post("/v1/schedules", json={"cron": "0 3 * * *", "min_new_feedback": 10**12})
+    assert resp.status_code == 422 and resp.json()["errors"][0]["field"] == "min_new_feedback"
+    resp = api.delete("/v1/feedback", params={"before": "0001-01-01T00:00:00+01:00"})
+    assert resp.status_code == 422 and resp.json()["errors"][0]["field"] == "before"

@@ -38,6 +38,7 @@ from workers.messages import (
     batch_key,
     build_messages,
     enqueue_score_batches,
+    note_served,
 )
 from workers.models import load_model
 from workers.models.base import Preempted
@@ -244,6 +245,10 @@ def _take_and_score(msg: ScoreBatch, queue: str | None, settings: Settings, work
         ended = repo.job_status(s, job_id=msg.job_id) in FINISHED  # this batch may have been the job's last
     if ended:
         events.publish_finished(settings.redis_url, msg.job_id)  # wakes GET /v1/jobs/{id}?wait=
+    try:
+        note_served(settings.redis_url, msg.tenant)  # fair share: this tenant does not jump the queue for a while
+    except redis.RedisError:
+        log.warning("could not note tenant %s as served", msg.tenant)
     feed_quietly()  # keep the queue topped up from SQL as batches complete
     metrics.record(
         settings.redis_url,

@@ -10,12 +10,14 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+import redis
+
 from storage import repository as repo
 from storage.db import session_scope
 from storage.settings import Settings, get_settings
 from workers import metrics
 from workers.celery_app import queue_lists
-from workers.messages import ScoreBatch, build_messages, enqueue_score_batches, fair_priority
+from workers.messages import ScoreBatch, build_messages, enqueue_score_batches, fair_priority, served_last
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +42,13 @@ def enqueue_claimed(rows: Sequence[tuple[Any, ...]], settings: Settings | None =
             if repo.claim_requeue(s, job_id=job_id, batch_no=batch_no, seen=seen, died=died):
                 messages += build_messages(s, job_id=job_id, model_version=version,
                                            batches=[repo.BatchRef(batch_no, start, end)])  # fmt: skip
+    try:
+        last = served_last(settings.redis_url, sorted({m.tenant for m in messages}))
+    except redis.RedisError:  # then no tenant jumps the queue: the publish below says whether Redis is back
+        last = {m.tenant for m in messages}
     priorities = []
     for msg in messages:
-        priorities.append(fair_priority(flight.get(msg.tenant, 0)))
+        priorities.append(fair_priority(flight.get(msg.tenant, 0), msg.tenant in last))
         flight[msg.tenant] = flight.get(msg.tenant, 0) + 1
     if messages:
         enqueue_score_batches(messages, queue=settings.scoring_queue, priorities=priorities)

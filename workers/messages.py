@@ -77,11 +77,36 @@ def run_key(run_id: str) -> str:
     return f"run:{run_id}"
 
 
-def fair_priority(in_flight: int) -> int:
-    """The priority step of a tenant's next bulk batch, given how many of its batches are in flight: its first goes
-    ahead of everything (0), its next few ahead of busy tenants' (3, 6), a large job's backlog last (9). A small job
-    submitted behind a large one's queued batches is so taken within a few batch times (fair share)."""
-    return 0 if in_flight < 1 else 3 if in_flight < 4 else 6 if in_flight < 16 else 9
+def fair_priority(in_flight: int, served_last: bool) -> int:
+    """The priority step of a tenant's next bulk batch. A tenant with no batch in flight (waiting in Redis or being
+    scored) goes ahead of everything queued (step 0), so a small job is taken within a batch time or two, unless no
+    other tenant's batch was finished since its own last one (``served_last``). Every other batch joins the queue in
+    order (step 9), and the feeder's round robin shares the queue between tenants with work. So a tenant that
+    submits batch after batch, or a stream of small jobs, jumps at most every other batch: it can never starve a
+    large job's queued backlog (tests/test_fair_share.py)."""
+    return 0 if in_flight < 1 and not served_last else 9
+
+
+SERVED = "rewardq:tenant-served"  # tenant -> the SERVED_SEQ value when a worker last finished one of its batches
+SERVED_SEQ = "rewardq:served-seq"  # batches finished, all tenants
+
+
+def note_served(url: str, tenant: str) -> None:
+    """A worker finished a batch of ``tenant`` (read by the feeder's fair_priority); best effort."""
+    if tenant:
+        client = metrics.client(url)
+        client.hset(SERVED, tenant, int(client.incr(SERVED_SEQ)))
+
+
+def served_last(url: str, tenants: Sequence[str]) -> set[str]:
+    """The tenants among ``tenants`` whose batch was the last one any worker finished (no other since)."""
+    if not tenants:
+        return set()
+    pipe = metrics.client(url).pipeline()
+    pipe.get(SERVED_SEQ)
+    pipe.hmget(SERVED, list(tenants))
+    seq, seen = pipe.execute()
+    return {t for t, v in zip(tenants, seen, strict=True) if v is not None and seq is not None and int(v) >= int(seq)}
 
 
 def enqueue_score_batches(messages: Sequence[ScoreBatch], queue: str, priorities: Sequence[int] | None = None) -> None:

@@ -10,6 +10,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from celery import beat
+from sqlalchemy.exc import IntegrityError
 
 from storage import cron
 from storage import training_repository as trepo
@@ -36,30 +37,49 @@ def fire_due_schedules(now: datetime | None = None) -> list[str]:
     started = []
     gap = timedelta(seconds=get_settings().min_schedule_interval_s)
     for sched_id, tenant, expr, slot, min_new, params in due:
-        with session_scope() as s:
-            # Slots missed while no beat ran are skipped, not replayed: the next one is after now, and at least
-            # REWARDQ_MIN_SCHEDULE_INTERVAL_S after this one (a schedule made before that limit existed keeps it too).
-            after = max(cron.as_utc(now), cron.as_utc(slot) + gap - timedelta(microseconds=1))
-            if not trepo.claim_slot(s, schedule_id=sched_id, due=slot, next_run_at=cron.next_fire(expr, after)):
-                continue  # another beat process took this slot
-            # Training outlasts the period, or the tenant started a run of its own: skip the slot rather than pile
-            # runs up (a tenant has one queued or running run at a time).
-            open_run = trepo.open_run_of_tenant(s, tenant=tenant)
-            if open_run is not None:
-                log.info("schedule %s: run %s has not ended, slot %s skipped", sched_id, open_run, slot.isoformat())
-                continue
-            new = trepo.count_feedback_after(s, tenant=tenant, after_id=trepo.last_run_feedback_id(s, tenant=tenant))
-            total = trepo.feedback_stats(s, tenant=tenant)["total"]
-            if new < min_new or total < MIN_FEEDBACK:
-                log.info("schedule %s: %d new feedback rows (%d needed), %d in all: not retraining",
-                         sched_id, new, min_new, total)  # fmt: skip
-                continue
-            run = trepo.create_run(s, tenant=tenant, params=params, schedule_id=sched_id, scheduled_for=slot)
-            run_id = run.id
+        try:
+            run_id = _fire(sched_id, tenant, expr, slot, min_new, params, now, gap)
+        except IntegrityError:  # the tenant's own run won the race for its one open run: the slot fires next tick
+            log.info("schedule %s: the tenant started a run meanwhile; slot %s tried again", sched_id, slot)
+            continue
+        if run_id is None:
+            continue
         enqueue_training_run(run_id, queue=get_settings().training_queue)
         log.info("schedule %s fired run %s for slot %s", sched_id, run_id, slot.isoformat())
         started.append(run_id)
     return started
+
+
+def _fire(
+    sched_id: str,
+    tenant: str,
+    expr: str,
+    slot: datetime,
+    min_new: int,
+    params: dict[str, Any],
+    now: datetime,
+    gap: timedelta,
+) -> str | None:
+    """Claim the slot and create its run (None: another beat took it, or there is nothing to do)."""
+    with session_scope() as s:
+        # Slots missed while no beat ran are skipped, not replayed: the next one is after now, and at least
+        # REWARDQ_MIN_SCHEDULE_INTERVAL_S after this one (a schedule made before that limit existed keeps it too).
+        after = max(cron.as_utc(now), cron.as_utc(slot) + gap - timedelta(microseconds=1))
+        if not trepo.claim_slot(s, schedule_id=sched_id, due=slot, next_run_at=cron.next_fire(expr, after)):
+            return None  # another beat process took this slot
+        # Training outlasts the period, or the tenant started a run of its own: skip the slot rather than pile
+        # runs up (a tenant has one queued or running run at a time).
+        open_run = trepo.open_run_of_tenant(s, tenant=tenant)
+        if open_run is not None:
+            log.info("schedule %s: run %s has not ended, slot %s skipped", sched_id, open_run, slot.isoformat())
+            return None
+        new = trepo.count_feedback_after(s, tenant=tenant, after_id=trepo.last_run_feedback_id(s, tenant=tenant))
+        total = trepo.feedback_stats(s, tenant=tenant)["total"]
+        if new < min_new or total < MIN_FEEDBACK:
+            log.info("schedule %s: %d new feedback rows (%d needed), %d in all: not retraining",
+                     sched_id, new, min_new, total)  # fmt: skip
+            return None
+        return str(trepo.create_run(s, tenant=tenant, params=params, schedule_id=sched_id, scheduled_for=slot).id)
 
 
 class SqlScheduler(beat.Scheduler):  # type: ignore[misc]

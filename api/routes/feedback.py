@@ -87,6 +87,10 @@ def delete_feedback(
 ) -> FeedbackDeleted:
     """Delete your feedback, or only what was added before ``before``; returns how many rows went. A training run
     that has read its feedback already trains on what it read; models already made from it stay."""
+    try:
+        before = lifecycle.as_utc(before) if before is not None else None
+    except OverflowError as exc:  # year 1 in a zone east of UTC: no such instant in UTC
+        raise invalid([FieldError("before", "out of range")]) from exc
     deleted, _ = lifecycle.delete_feedback(settings.database_url, tenant=tenant, before=before)
     total = trepo.feedback_stats(session, tenant=tenant)["total"]
     return FeedbackDeleted(deleted=deleted, before=before, total=total)

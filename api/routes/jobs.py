@@ -342,7 +342,7 @@ def job_errors(
     response: Response,
     session: SessionDep,
     tenant: TenantDep,
-    after: Annotated[int, Query(ge=-1, description="the last item index of the previous page")] = -1,
+    after: Annotated[int, Query(ge=-1, le=2**31 - 1, description="the last item index of the previous page")] = -1,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
 ) -> list[FailedItem]:
     """The items that could not be scored, with their reason codes (the error ledger), in index order, one page at a

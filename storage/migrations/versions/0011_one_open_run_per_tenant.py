@@ -1,5 +1,8 @@
 """one queued or running training run per tenant (a partial unique index), and older extra open runs failed
 
+Run it with the workers stopped, as every upgrade: a second run still training when it is marked failed here would
+go on under its worker, and could still register and promote its version.
+
 Revision ID: 0011
 Revises: 0010
 Create Date: 2026-11-29 20:10:00
@@ -33,7 +36,7 @@ def upgrade() -> None:
     for run_id in extra:
         conn.execute(
             sa.text(
-                "UPDATE training_runs SET status = 'failed', "
+                "UPDATE training_runs SET status = 'failed', finished_at = CURRENT_TIMESTAMP, "
                 "error = 'a tenant has one queued or running run at a time (upgrade to 0011): start it again' "
                 "WHERE id = :id"
             ),
