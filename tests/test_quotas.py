@@ -29,6 +29,12 @@ def tenant_client(db_url: str, redis_url: str) -> Iterator[tuple[TestClient, str
     with make_client(db_url, f"test-quota-{tenant}", api_keys=f"{tenant}:{key}", **limits) as c:
         c.headers["Authorization"] = f"Bearer {key}"
         yield c, tenant
+    # Nothing of this tenant may fire or be swept in a later test: its schedules go, its open runs end.
+    with session_scope(db_url) as s:
+        s.query(Schedule).filter_by(tenant=tenant).delete()
+        s.query(TrainingRun).filter_by(tenant=tenant).filter(TrainingRun.status.in_(("queued", "running"))).update(
+            {"status": "failed"}
+        )
 
 
 def test_a_tenant_has_one_open_run_and_each_run_is_capped_in_steps(tenant_client: tuple[TestClient, str], db_url: str):

@@ -420,7 +420,8 @@ def test_a_forked_child_never_uses_its_parents_connection(db_url: str):
 
     if not db_url.startswith("postgresql"):
         pytest.skip("a PostgreSQL backend pid names the server connection")
-    engine = get_engine(db_url)
+    # An engine of its own (another URL), so its pool holds this one connection only.
+    engine = get_engine(db_url + ("&" if "?" in db_url else "?") + "application_name=rewardq-fork-test")
     with engine.connect() as c:
         parent = c.execute(text("SELECT pg_backend_pid()")).scalar()
     read, write = os.pipe()
