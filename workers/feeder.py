@@ -1,7 +1,7 @@
 """Backpressure: batches go to Redis only while the scoring queue is below its high-water mark.
 
-SQL holds every batch; the feeder moves the next ones (oldest job first) into the queue whenever a
-job is created, a worker finishes a batch, or beat ticks, so Redis never holds a whole large job.
+SQL holds every batch; the feeder moves the next ones (tenants round robin, each its oldest job first) into the
+queue whenever a job is created, a worker finishes a batch, or beat ticks, so Redis never holds a whole large job.
 """
 
 from __future__ import annotations
