@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -133,6 +134,26 @@ def run_checks(device: str | torch.device, dtypes: list[str], kernels: tuple[str
                         )
                     )
     return out
+
+
+CHILD = "the self-check process"  # the case of the checks reported when the child itself died
+
+
+def run_in_child(device: str, dtypes: list[str], timeout_s: float = 600) -> list[Check]:
+    """``run_checks`` in a fresh process (``python -m kernels.selfcheck --json``): CUDA is initialised there, never in
+    the caller (a worker about to fork its pool), and a kernel that crashes or hangs takes only the child down. On a
+    CPU the child runs under the Triton interpreter. A child that dies counts as every kernel failing."""
+    env = {**os.environ, **({"TRITON_INTERPRET": "1"} if device == "cpu" else {})}
+    argv = [sys.executable, "-m", "kernels.selfcheck", "--json", "--device", device, "--dtypes", ",".join(dtypes)]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    stderr = ""
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, env=env, cwd=root)
+        stderr = done.stderr
+        return [Check(**c) for c in json.loads(done.stdout.strip().splitlines()[-1])["checks"]]
+    except (subprocess.TimeoutExpired, ValueError, IndexError, KeyError, TypeError) as exc:
+        why = (stderr.strip().splitlines() or [f"{type(exc).__name__}: {exc}"])[-1][-500:]
+        return [Check(k, CHILD, "-", [], False, float("nan"), 0.0, False, why) for k in KERNELS]
 
 
 def failed_kernels(checks: list[Check]) -> list[str]:

@@ -129,6 +129,9 @@ def job_batches(session: Session, *, job_id: str) -> list[Batch]:
     return list(session.scalars(select(Batch).where(Batch.job_id == job_id).order_by(Batch.batch_no)))
 
 
+_UNQUEUED = and_(Batch.enqueued_at.is_(None), Batch.done.is_(False))  # in SQL only: never enqueued, not done
+
+
 def in_flight_by_tenant(session: Session) -> dict[str, int]:
     """Batches enqueued and not done (waiting in Redis or being scored), per tenant with a live job."""
     q = (
@@ -141,24 +144,25 @@ def in_flight_by_tenant(session: Session) -> dict[str, int]:
     return {tenant: int(n) for tenant, n in session.execute(q).tuples()}
 
 
-def unqueued_batches(session: Session, *, limit: int) -> list[tuple[Batch, str, str]]:
+def unqueued_batches(
+    session: Session, *, limit: int, flight: dict[str, int] | None = None
+) -> list[tuple[Batch, str, str]]:
     """Up to ``limit`` batches of live jobs never enqueued, with their job's model version and tenant, shared among
     the tenants round robin (fair share): each pick goes to the tenant with the fewest batches in flight, and within a
-    tenant to its oldest job. A tenant's million-item job so never keeps another tenant's small one waiting."""
+    tenant to its oldest job. A tenant's million-item job so never keeps another tenant's small one waiting.
+    ``flight``: in_flight_by_tenant, when the caller counted it already."""
     waiting = (
         select(Job.tenant, func.min(Job.created_at))
         .where(
             _LIVE_JOB,
-            select(Batch.job_id)
-            .where(Batch.job_id == Job.id, Batch.enqueued_at.is_(None), Batch.done.is_(False))
-            .exists(),
+            select(Batch.job_id).where(Batch.job_id == Job.id, _UNQUEUED).exists(),
         )
         .group_by(Job.tenant)
     )
     tenants = {tenant: first for tenant, first in session.execute(waiting).tuples()}
     if not tenants:
         return []
-    flight = in_flight_by_tenant(session)
+    flight = flight if flight is not None else in_flight_by_tenant(session)
     # At most ``limit`` picks: only the ``limit`` least busy tenants can get one.
     chosen = sorted(tenants, key=lambda t: (flight.get(t, 0), tenants[t]))[:limit]
     queues: dict[str, list[tuple[Batch, str]]] = {}
@@ -166,7 +170,7 @@ def unqueued_batches(session: Session, *, limit: int) -> list[tuple[Batch, str, 
         q = (
             select(Batch, Job.model_version)
             .join(Job, Job.id == Batch.job_id)
-            .where(Job.tenant == tenant, Batch.enqueued_at.is_(None), Batch.done.is_(False), _LIVE_JOB)
+            .where(Job.tenant == tenant, _UNQUEUED, _LIVE_JOB)
             .order_by(Job.created_at, Batch.job_id, Batch.batch_no)
             .limit(limit)
         )

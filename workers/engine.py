@@ -91,13 +91,16 @@ def cache_scope(settings: Settings, tenant: str, fallback: str) -> str:
     return f"t:{tenant}" if tenant else f"x:{fallback}"
 
 
-def scored_with(model: RewardModel) -> tuple[str, str | None]:
-    """How a batch is scored, as recorded on it ("sim_exp kernel=triton precision=bf16"), and its kernel path (None:
-    the kind has no reward kernel of its own)."""
+def scored_with(model: RewardModel, stats: dict[str, float]) -> str:
+    """How a batch was scored, as recorded on it ("sim_exp kernel=triton precision=bf16"); the batch is counted in
+    ``stats`` under its kernel path (batches_kernel_triton or _torch; a kind with no reward kernel of its own in
+    neither)."""
     s = model.settings()
     path = s.get("kernel")
+    if path:
+        stats[f"batches_kernel_{path}"] = 1.0
     precision = s.get("autocast") or s.get("dtype") or "off"
-    return f"{s['kind']} kernel={path or 'none'} precision={precision}", path
+    return f"{s['kind']} kernel={path or 'none'} precision={precision}"
 
 
 def _score(model: RewardModel, prompts: list[str], responses: list[str], scope: str) -> Scores:
@@ -203,9 +206,7 @@ def _take_and_score(msg: ScoreBatch, queue: str | None, settings: Settings, work
         _quarantine(msg, exc)
         return 0
     stats = model.take_stats()
-    how, path = scored_with(model)
-    if path:
-        stats[f"batches_kernel_{path}"] = 1.0
+    how = scored_with(model, stats)
     t0 = time.perf_counter()
     failed = dict(scores.errors)  # pairs the model cannot score (an empty response for a likelihood, ...)
     if settings.truncation == "reject":
@@ -348,8 +349,6 @@ def score_interactive(msg: InteractiveBatch) -> dict[str, Any]:
                     }
                 )
     stats = model.take_stats()
-    _, path = scored_with(model)
-    if path:
-        stats[f"batches_kernel_{path}"] = 1.0
+    scored_with(model, stats)
     metrics.record(get_settings().redis_url, {**stats, "interactive_items": float(len(rows)), "interactive_batches": 1})
     return {"part": msg.part, "kind": model.kind, "rows": rows, "tokens": int(stats.get("tokens", 0))}

@@ -16,7 +16,6 @@ from storage import repository as repo
 from storage.db import session_scope
 from storage.settings import Settings, get_settings
 from workers import metrics
-from workers.celery_app import queue_lists
 from workers.messages import ScoreBatch, build_messages, enqueue_score_batches, fair_priority, served_last
 
 log = logging.getLogger(__name__)
@@ -24,20 +23,24 @@ log = logging.getLogger(__name__)
 
 def queue_depth(url: str, queue: str) -> int:
     """Messages waiting in ``queue``, over all its priority steps."""
-    pipe = metrics.client(url).pipeline()
-    for name in queue_lists(queue):
-        pipe.llen(name)
-    return int(sum(pipe.execute()))
+    return metrics.queue_depths(url, [queue])[queue]
 
 
-def enqueue_claimed(rows: Sequence[tuple[Any, ...]], settings: Settings | None = None, died: bool = False) -> int:
+def enqueue_claimed(
+    rows: Sequence[tuple[Any, ...]],
+    settings: Settings | None = None,
+    died: bool = False,
+    flight: dict[str, int] | None = None,
+) -> int:
     """Claim each (job, batch, start, end, seen enqueue time, version) by compare-and-set and publish the
     ones won, each at its tenant's fair-share priority; a publish that fails leaves them to the sweeper.
-    ``died``: their worker died on them (counted). Returns how many were published."""
+    ``died``: their worker died on them (counted). ``flight``: each tenant's batches in flight before these claims,
+    when the caller counted them already. Returns how many were published."""
     settings = settings or get_settings()
     messages: list[ScoreBatch] = []
     with session_scope(settings.database_url) as s:
-        flight = repo.in_flight_by_tenant(s)  # before these claims: a tenant's first batch in flight goes first
+        if flight is None:  # before these claims: a tenant's first batch in flight goes first
+            flight = repo.in_flight_by_tenant(s)
         for job_id, batch_no, start, end, seen, version in rows:
             if repo.claim_requeue(s, job_id=job_id, batch_no=batch_no, seen=seen, died=died):
                 messages += build_messages(s, job_id=job_id, model_version=version,
@@ -63,9 +66,10 @@ def feed(settings: Settings | None = None) -> int:
     if room <= 0:
         return 0
     with session_scope(settings.database_url) as s:
+        flight = repo.in_flight_by_tenant(s)  # once: the round robin and the priorities both read it
         rows = [(b.job_id, b.batch_no, b.start_idx, b.end_idx, None, version)
-                for b, version, _ in repo.unqueued_batches(s, limit=room)]  # fmt: skip
-    return enqueue_claimed(rows, settings) if rows else 0
+                for b, version, _ in repo.unqueued_batches(s, limit=room, flight=flight)]  # fmt: skip
+    return enqueue_claimed(rows, settings, flight=flight) if rows else 0
 
 
 def feed_quietly() -> None:

@@ -5,15 +5,12 @@ REWARDQ_KERNEL=triton, the worker refuses to start."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import subprocess
-import sys
 from dataclasses import dataclass, field
 
 from kernels import FALLBACK_ENV
-from kernels.selfcheck import KERNELS, Check, describe_failures
+from kernels.selfcheck import KERNELS, Check, describe_failures, failed_kernels, run_in_child
 from storage.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -61,20 +58,9 @@ def check_kernels(settings: Settings, device: str | None = None, timeout_s: floa
     device = device or triton_device(settings)
     if device is None:
         return None
-    dtypes = ",".join(dtypes_in_use(settings, device))
-    argv = [sys.executable, "-m", "kernels.selfcheck", "--json", "--device", device, "--dtypes", dtypes]
-    stderr = ""
-    try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, env=os.environ.copy())
-        stderr = done.stderr
-        doc = json.loads(done.stdout.strip().splitlines()[-1])
-        checks = [Check(**c) for c in doc["checks"]]
-    except (subprocess.TimeoutExpired, ValueError, IndexError, KeyError, TypeError) as exc:
-        # The check itself died (a crash in a launch, a hang): nothing compiled is trusted.
-        why = (stderr.strip().splitlines() or [f"{type(exc).__name__}: {exc}"])[-1][-500:]
-        checks = [Check(k, "the self-check process", "-", [], False, float("nan"), 0.0, False, why) for k in KERNELS]
+    checks = run_in_child(device, dtypes_in_use(settings, device), timeout_s)
     outcome = Outcome(device, checks)
-    failed = sorted({c.kernel for c in checks if not c.ok})
+    failed = failed_kernels(checks)
     if not failed:
         log.info("kernel self-check on %s: %d checks passed (%s)", device, len(checks), ", ".join(KERNELS))
         return outcome

@@ -63,7 +63,12 @@ def read(url: str) -> dict[str, float]:
 
 
 def queue_depths(url: str, queues: list[str]) -> dict[str, int]:
-    """Messages waiting in each queue, over all its priority steps."""
+    """Messages waiting in each queue, over all its priority steps (one round trip)."""
     from workers.celery_app import queue_lists
 
-    return {q: sum(int(client(url).llen(name)) for name in queue_lists(q)) for q in queues}
+    pipe = client(url).pipeline()
+    for q in queues:
+        for name in queue_lists(q):
+            pipe.llen(name)
+    lengths = iter(pipe.execute())
+    return {q: sum(int(next(lengths)) for _ in queue_lists(q)) for q in queues}

@@ -165,10 +165,10 @@ def _train_and_gate(
         raise RunError(f"need at least 2 feedback rows to train on, have {len(train)}")
     if not held.preferences and len(held.ratings) < 2:
         raise RunError("the held-out split is too small to evaluate: add feedback or raise heldout_fraction")
-    limit = get_settings().max_train_steps
-    if planned_steps(params, len(train)) > limit:  # the feedback grew since the run was accepted (or a schedule)
+    limit, steps = get_settings().max_train_steps, planned_steps(params, len(train))
+    if steps > limit:  # the feedback grew since the run was accepted (or a schedule)
         raise RunError(
-            f"this run would take about {planned_steps(params, len(train))} steps on {len(train)} feedback rows, "
+            f"this run would take about {steps} steps on {len(train)} feedback rows, "
             f"more than the {limit} allowed (REWARDQ_MAX_TRAIN_STEPS): use fewer epochs or a larger batch_size"
         )
     last_write = [0.0]
