@@ -4,10 +4,12 @@ STS-B dev (1,500 pairs, 3,000 texts), 2 threads, the worker's own length-sorted 
 Per mode: encoder texts/s (the median of --reps repetitions; the modes rotate within a repetition, so a drift of the
 shared machine falls on all), STS-B dev Spearman of the cosine against the human ratings, the largest score change
 against fp32, and batch invariance (the largest change of a pair's score alone against in the whole batch).
-Modes: exact (fp32), fast (bf16 in fixed shapes: what ships), bf16 without fixed shapes (what fixing them costs).
-Writes benchmarks/results/precision.json.
+Modes: exact (fp32), fast (bf16 in fixed shapes: what ships), and the candidates measured against it, each alone:
+bf16 without fixed shapes (what fixing them costs), fast with the weights cast on every pass (what the encoder's
+bf16 copy saves), fast on 1 thread, fast under torch.compile (its compile time reported), and dynamic int8 linear
+layers (fbgemm). Writes benchmarks/results/precision.json.
 
-    python benchmarks/benchmark_precision.py [--reps 5]
+    python benchmarks/benchmark_precision.py [--reps 5] [--no-compile]
 """
 
 from __future__ import annotations
@@ -26,10 +28,18 @@ RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT))
 
 
+def _cpu_flags() -> set[str]:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile mode (about a minute to compile)")
     p.add_argument("--out", type=Path, default=RESULTS / "precision.json")
     args = p.parse_args()
     import torch
@@ -53,14 +63,51 @@ def main() -> int:
     gold = [float(d["rating"]) for d in dev]
     texts = prompts + responses
     model = load_sim_exp("base", None, Settings(precision="fast", embed_cache_size=0, embed_shared_ttl_s=0))
-    modes = {"exact": ("off", False), "fast": ("bf16", True), "bf16_unfixed": ("bf16", False)}
+    fp32_encoder, low_precision = model.encoder, model._low_precision_encoder
+    compiled: dict[str, object] = {}
+
+    def compiled_encoder():
+        if "encoder" not in compiled:
+            with torch.inference_mode():  # the bf16 copy is made for inference only
+                compiled["encoder"] = torch.compile(low_precision(), dynamic=True)
+        return compiled["encoder"]
+
+    def int8_encoder():
+        if "int8" not in compiled:
+            import copy
+
+            q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(fp32_encoder), {torch.nn.Linear}, torch.qint8)
+            compiled["int8"] = q
+        return compiled["int8"]
+
+    # mode: (autocast, fixed shapes, threads, the encoder a bf16 pass runs, the fp32 encoder)
+    modes = {
+        "exact": ("off", False, args.threads, low_precision, lambda: fp32_encoder),
+        "fast": ("bf16", True, args.threads, low_precision, lambda: fp32_encoder),
+        "bf16_unfixed": ("bf16", False, args.threads, low_precision, lambda: fp32_encoder),
+        "fast_cast_per_pass": ("bf16", True, args.threads, lambda: fp32_encoder, lambda: fp32_encoder),
+        "fast_1_thread": ("bf16", True, 1, low_precision, lambda: fp32_encoder),
+        "fast_compiled": ("bf16", True, args.threads, compiled_encoder, lambda: fp32_encoder),
+        "int8_dynamic": ("off", False, args.threads, low_precision, int8_encoder),
+    }
+    if args.no_compile:
+        del modes["fast_compiled"]
 
     def use(mode: str) -> None:
-        model.autocast, model.fixed_shapes = modes[mode]
+        autocast, fixed, threads, pass_encoder, encoder = modes[mode]
+        model.autocast, model.fixed_shapes = autocast, fixed
+        model._low_precision_encoder = pass_encoder  # type: ignore[method-assign]
+        model.encoder = encoder()
+        torch.set_num_threads(threads)
 
-    for mode in modes:  # warm-up: oneDNN primitives for each path
+    compile_s = 0.0
+    for mode in modes:  # warm-up: oneDNN primitives for each path (and the compile)
         use(mode)
+        t0 = time.perf_counter()
         model.embed(texts[:256])
+        if mode == "fast_compiled":
+            model.embed(texts[256:1024])  # the shapes a batch brings: a compiled graph per new dynamic shape
+            compile_s = time.perf_counter() - t0
     rates: dict[str, list[float]] = {m: [] for m in modes}
     ratios: list[float] = []
     names = list(modes)
@@ -95,6 +142,10 @@ def main() -> int:
         "speedup_per_rep": ratios,
         "spearman_delta": rows["fast"]["spearman_cos"] - rows["exact"]["spearman_cos"],
         "fixed_shapes_cost": 1 - rows["fast"]["texts_per_s_median"] / rows["bf16_unfixed"]["texts_per_s_median"],
+        "speedup_per_mode_vs_fast_median": {
+            m: statistics.median(x / y for x, y in zip(rates[m], rates["fast"], strict=True)) for m in modes
+        },
+        "compile_seconds": compile_s,
     }
     meta = {
         "cpu_flag": flag,
@@ -103,6 +154,7 @@ def main() -> int:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "pairs": len(dev),
+        "cpu_flags": sorted(f for f in _cpu_flags() if "amx" in f or "bf16" in f or "vnni" in f),
         "texts": len(texts),
     }
     for mode, row in rows.items():
@@ -115,6 +167,10 @@ def main() -> int:
         f"fast / exact: {summary['speedup_fast_vs_exact_median']:.2f}x (median of per-repetition ratios); "
         f"Spearman Δ {summary['spearman_delta']:+.4f}; fixed shapes cost {summary['fixed_shapes_cost']:.1%}"
     )
+    for mode, ratio in summary["speedup_per_mode_vs_fast_median"].items():
+        print(f"{mode:20s} {ratio:.2f}x fast")
+    if compile_s:
+        print(f"torch.compile: {compile_s:.0f} s once per worker process (first 1,024 texts)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "rows": rows, "summary": summary}, indent=1))
     print(f"wrote {args.out}")

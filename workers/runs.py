@@ -122,12 +122,16 @@ def _fit(params: TrainParams, train: Feedback, progress: Any) -> tuple[Any, list
         return model, fit_classifier(model, train, params, progress=progress), base_name
     if params.kind != "sim_exp":
         raise RunError(f"training is available for the sim_exp and classifier kinds, not {params.kind!r}")
-    from workers.models.sim_exp import SimExpModel
+    from workers.models.sim_exp import SimExpModel, set_precision
+    from workers.precision import resolve_autocast
     from workers.trainer import fit
 
     model = SimExpModel(
         "candidate", encoder_path, max_length=settings.max_length, encode_batch_size=settings.encode_batch_size
     )
+    # REWARDQ_PRECISION=fast trains in bf16 autocast too, on fp32 weights (the saved version is fp32), and the
+    # candidate is evaluated in the precision the worker serves in, as the active version is.
+    set_precision(model, resolve_autocast(settings, model.device.type))
     return model, fit(model, train, params, progress=progress), base_name
 
 
@@ -218,6 +222,7 @@ def _train_and_gate(
                     "active": {**incumbent, "version": compared},
                     "gate": {"metric": PRIMARY_METRIC, "margin": margin, "decision": decision},
                     "train_seconds": round(train_s, 2),
+                    "train_precision": getattr(model, "autocast", "off"),
                     "n_train": len(train),
                     "n_heldout": len(held),
                 }
