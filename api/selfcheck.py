@@ -134,6 +134,10 @@ def gpu_benchmarks(tmp: Path, dry_run: bool = False) -> dict[str, Any]:
             "0",
             "--pg-admin-url",
             "",
+            "--profiles",
+            precision,
+            "--peers",
+            "b",
             "--out",
             str(tmp / f"pipeline_{precision}.json"),
         ]
@@ -161,8 +165,9 @@ def table(report: dict[str, Any]) -> str:
         summary = "failed (see log_tail)" if result.get("exit") else "ok"
         rows = figures.get("rows") if isinstance(figures, dict) else None
         if name.startswith("pipeline") and rows:
+            c = next((w for w in ("c", "c_fast") if w in rows[0].get("runs", {})), "c")
             summary = "; ".join(
-                f"{r['workload']}: {r['c_pipeline']:.0f} pairs/s (c/b {r['c_over_b']:.2f})" for r in rows
+                f"{r['workload']}: {r[f'{c}_pairs_per_s']:.0f} pairs/s (c/b {r[f'{c}_over_b']:.2f})" for r in rows
             )
         elif rows:
             summary = f"{len(rows)} rows"

@@ -43,9 +43,10 @@ def test_kernel_benchmark_gpu_code_path_runs_as_a_dry_run_on_cpu(tmp_path):
 
 
 @pytest.mark.slow
-def test_pipeline_benchmark_runs_all_three_ways_and_both_ingestions(tmp_path):
-    """benchmark_pipeline.py at toy sizes: every way measured per repetition, every result read back
-    (the script asserts it), no repetition served from an earlier one's cache, ingestion on both databases."""
+def test_pipeline_benchmark_runs_every_way_and_both_ingestions(tmp_path):
+    """benchmark_pipeline.py at toy sizes: every way (a and c in both profiles, the three user scripts) measured per
+    repetition, every result read back (the script asserts it), no repetition served from an earlier one's cache,
+    ingestion on both databases."""
     import json
 
     from tests.conftest import TEST_PG_ADMIN_URL, TEST_REDIS_URL
@@ -76,9 +77,12 @@ def test_pipeline_benchmark_runs_all_three_ways_and_both_ingestions(tmp_path):
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     doc = json.loads(out.read_text())
     assert [r["pairs"] for r in doc["rows"]] == [24, 24]
+    ways = ("a", "a_fast", "b", "b2", "b3", "c", "c_fast")
+    assert doc["meta"]["profiles"] == ["exact", "fast"] and not doc["meta"]["skipped"]
     for row in doc["rows"]:
-        assert all(len(row["runs"][way]) == 2 and min(row["runs"][way]) > 0 for way in "abc"), row
-        assert row["c_over_a"] > 0 and row["c_over_b"] > 0
+        assert sorted(row["runs"]) == sorted(ways)
+        assert all(len(row["runs"][way]) == 2 and min(row["runs"][way]) > 0 for way in ways), row
+        assert row["c_over_a"] > 0 and row["c_over_b"] > 0 and row["c_fast_over_b2"] > 0 and row["c_fast_over_c"] > 0
     # Each repetition has texts of its own: the hits are those of a text repeated inside the job (the
     # RLHF prompts; a few STS-B sentences), the same in every repetition, never a whole earlier run.
     unique, rlhf = (row["pipeline_cache_hits"] for row in doc["rows"])

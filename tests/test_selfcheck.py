@@ -102,3 +102,6 @@ def test_the_device_script_dry_run(tmp_path: Path, how: str):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     doc = json.loads((tmp_path / "selfcheck.json").read_text())
     assert doc["checks"]["passed"] and doc["device"]["type"] == "cpu"
+    bench = doc["benchmarks"]
+    assert {"sim_exp", "logprob", "pipeline_fp32"} <= set(bench) and all(r["exit"] == 0 for r in bench.values()), bench
+    assert [r["pairs"] for r in bench["pipeline_fp32"]["figures"]["rows"]] == [32, 32]
