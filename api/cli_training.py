@@ -113,8 +113,8 @@ def run_summary(run: dict[str, Any]) -> dict[str, Any]:
 def gate_line(run: dict[str, Any]) -> str:
     m = run.get("metrics") or {}
     gate, cand, act = m.get("gate"), m.get("candidate") or {}, m.get("active") or {}
-    if run["status"] == "failed":
-        return f"run {run['run_id']} failed: {run.get('error')}"
+    if run["status"] == "failed" or (run.get("error") and not gate):  # failed, or refused before training
+        return f"run {run['run_id']} {run['status']}: {run.get('error')}"
     if not gate:
         return f"run {run['run_id']} {run['status']}"
     metric = gate["metric"]

@@ -157,7 +157,14 @@ class TrainingParams(BaseModel):
     batch_size: int | None = Field(
         default=None, ge=2, le=4096, description="pairs per step; default 32 (sim_exp), 64 (classifier)"
     )
-    heldout_fraction: float = Field(default=0.1, gt=0, lt=1)
+    heldout_fraction: float = Field(default=0.1, gt=0, lt=1, description="the gate slice: judged by the gate only")
+    validation_fraction: float = Field(
+        default=0.05, ge=0, lt=1, description="the validation slice: picks the best epoch (0: keep the last epoch)"
+    )
+    patience: int = Field(default=2, ge=1, le=100, description="stop after this many epochs without a better one")
+    objective: Literal["bt", "cosent"] = Field(
+        default="bt", description="bt: Bradley-Terry; cosent: a ranking loss weighing the worst-ordered comparisons"
+    )
     seed: int = Field(default=0, ge=0)
     gate_margin: float | None = Field(
         default=None, ge=-1, le=1, description="default REWARDQ_GATE_MARGIN; below 0 needs an admin key"

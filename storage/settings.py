@@ -140,6 +140,14 @@ class Settings(BaseSettings):
     )
     fault_poison_marker: str = Field(default="", description="testing aid: a text containing it fails to score")
     gate_margin: float = Field(default=0.005, description="a candidate must beat the active version by this much")
+    min_train_feedback: int = Field(
+        default=30, ge=1, description="a run on fewer usable feedback rows (duplicates merged) ends rejected"
+    )
+    min_gate_comparisons: int = Field(
+        default=5,
+        ge=1,
+        description="a run whose gate slice implies fewer comparisons (too little, too uniform feedback) ends rejected",
+    )
     scoring_queue: str = "scoring"
     training_queue: str = "training"
     interactive_queue: str = Field(default="interactive", description="queue of the interactive lane (POST /v1/score)")

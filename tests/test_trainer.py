@@ -10,7 +10,7 @@ from tests.support import need
 from workers.artifacts import load_version, save_version
 from workers.models.sim_exp import SimExpModel
 from workers.registry import default_encoder_path
-from workers.trainer import Feedback, Preference, Rating, TrainParams, evaluate, fit
+from workers.trainer import BestEpoch, Feedback, Preference, Rating, TrainParams, bt_loss, evaluate, fit
 
 
 @pytest.fixture(scope="module")
@@ -74,3 +74,57 @@ def test_saved_version_loads_and_scores_identically(sts: Feedback, tmp_path, tra
     want = model.score([x.prompt for x in pairs], [x.response for x in pairs])
     got = loaded.score([x.prompt for x in pairs], [x.response for x in pairs])
     torch.testing.assert_close(torch.tensor(got.reward), torch.tensor(want.reward), atol=1e-6, rtol=0)
+
+
+def test_slices_are_disjoint_and_the_gate_slice_is_the_old_held_out_split():
+    data = Feedback(ratings=[Rating(f"p{i}", f"r{i}", i) for i in range(100)],
+                    preferences=[Preference(f"p{i}", "a", "b") for i in range(40)])  # fmt: skip
+    train, val, gate = data.slices(0.1, 0.05, seed=3)
+    assert (len(gate.ratings), len(gate.preferences), len(val.ratings), len(val.preferences)) == (10, 4, 5, 2)
+    assert gate.ratings == data.split(0.1, seed=3)[1].ratings  # the gate's numbers stay comparable
+    rows = [set(x.ratings) | set(x.preferences) for x in (train, val, gate)]
+    assert not (rows[0] & rows[1] or rows[0] & rows[2] or rows[1] & rows[2])
+    assert sum(map(len, rows)) == len(data)
+
+
+@pytest.mark.parametrize("train_layers", [0, 1])
+def test_early_stopping_keeps_the_best_epoch_on_the_validation_slice(sts: Feedback, train_layers: int):
+    """A validation slice that disagrees with training (the training rows with their ratings reversed): each epoch
+    that fits the training rows better scores the slice worse, so epoch 1 is the best; training stops after
+    ``patience`` epochs without a better one and the model ends with epoch 1's weights, not the last epoch's."""
+    train = Feedback(ratings=sts.ratings[:96])
+    val = Feedback(ratings=[Rating(x.prompt, x.response, -x.rating) for x in train.ratings])
+    model = _model()
+    stop = BestEpoch(val, patience=2)
+    fit(model, train, TrainParams(epochs=6, train_layers=train_layers, batch_size=16), early_stopping=stop)
+    acc = [h["pairwise_accuracy"] for h in stop.history]
+    assert stop.best_epoch == 1 and len(acc) == 3 and acc[0] > max(acc[1:])  # stopped after epoch 3 of 6
+    assert evaluate(model, val)["pairwise_accuracy"] == pytest.approx(acc[0], abs=1e-9)  # epoch 1's weights
+    summary = stop.summary(max_epochs=6)
+    assert (summary["best_epoch"], summary["epochs_run"], summary["stopped_early"]) == (1, 3, True)
+
+
+def test_cosent_objective_is_the_ranking_loss_and_trains(sts: Feedback):
+    rates = [Rating(f"p{i}", f"r{i}", y) for i, y in enumerate([3.0, 1.0, 2.0, 2.0])]
+    r = torch.tensor([0.5, 0.9, -0.2, 0.1], dtype=torch.float64)
+
+    def reward_of(prompts, responses):
+        return r[[int(p[1:]) for p in prompts]]
+
+    # Pairs (better, worse): (0, 1), (0, 2), (0, 3), (2, 1), (3, 1); the tie (2, 3) implies nothing.
+    margins = torch.stack([r[0] - r[1], r[0] - r[2], r[0] - r[3], r[2] - r[1], r[3] - r[1]])
+    want = torch.log(1 + torch.exp(-20 * margins).sum())
+    torch.testing.assert_close(bt_loss(rates, reward_of, objective="cosent"), want)
+    torch.testing.assert_close(bt_loss(rates, reward_of), torch.nn.functional.softplus(-margins).mean())
+    train, held = sts.split(0.2, seed=0)
+    model = _model()
+    fit(model, train, TrainParams(epochs=2, train_layers=0, batch_size=32, objective="cosent"))
+    after = evaluate(model, held)
+    assert after["spearman"] > 0.5 and after["pairwise_accuracy"] > 0.7
+
+
+def test_symmetric_sim_exp_training_also_sees_the_swapped_pairs(sts: Feedback):
+    seen: list[dict] = []
+    data = Feedback(ratings=sts.ratings[:64])
+    fit(_model(), data, TrainParams(epochs=1, train_layers=0, batch_size=16, symmetric=True), progress=seen.append)
+    assert seen[-1]["total_steps"] == seen[-1]["step"] == 8  # 128 rows: each pair both ways

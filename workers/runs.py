@@ -1,6 +1,8 @@
-"""One training run from start to finish: feedback from SQL, fit, save a version, evaluate it next to the
-tenant's active one on held-out feedback, and let the gate promote it or not (a compare-and-set: the
-promotion happens only if the version the gate compared against is still the tenant's active one)."""
+"""One training run from start to finish: feedback from SQL (duplicates merged, too little or too uniform feedback
+refused), three disjoint slices (train; validation, which picks the best epoch; gate), fit, save a version,
+evaluate it next to the tenant's active one on the gate slice, and let the gate promote it or not (a
+compare-and-set: the promotion happens only if the version the gate compared against is still the tenant's active
+one)."""
 
 from __future__ import annotations
 
@@ -20,14 +22,14 @@ from storage.score_stats import summarize
 from storage.settings import get_settings
 from workers import engine, liveness
 from workers.errors import public_message
+from workers.evaluation import PRIMARY_METRIC, BestEpoch, evaluate
+from workers.feedback import Feedback, Preference, Rating, clean, comparisons, refusal, warnings
 from workers.messages import run_key
 from workers.registry import resolve_encoder
 from workers.train_params import TrainParams, params_for, planned_steps
-from workers.trainer import Feedback, Preference, Rating, evaluate
 
 log = logging.getLogger(__name__)
 
-PRIMARY_METRIC = "pairwise_accuracy"
 MAX_GATES = 3  # the active version moved while the run trained: gate again against the new one, this many times
 
 
@@ -99,8 +101,8 @@ def execute_run(run_id: str) -> str:
         liveness.working_on(settings.redis_url, settings.heartbeat_ttl_s, run_key(run_id), done=True)
 
 
-def _fit(params: TrainParams, train: Feedback, progress: Any) -> tuple[Any, list[float], str]:
-    """(trained model, loss curve, base model name) for the run's kind."""
+def _fit(params: TrainParams, train: Feedback, progress: Any, early: BestEpoch) -> tuple[Any, list[float], str]:
+    """(trained model, loss curve, base model name) for the run's kind, at its best epoch on ``early``'s slice."""
     settings = get_settings()
     encoder_path, base_name = resolve_encoder(settings.model)
     if params.kind == "classifier":
@@ -119,7 +121,7 @@ def _fit(params: TrainParams, train: Feedback, progress: Any) -> tuple[Any, list
             truncation_side="right",
             encode_batch_size=settings.encode_batch_size,
         )
-        return model, fit_classifier(model, train, params, progress=progress), base_name
+        return model, fit_classifier(model, train, params, progress=progress, early_stopping=early), base_name
     if params.kind != "sim_exp":
         raise RunError(f"training is available for the sim_exp and classifier kinds, not {params.kind!r}")
     from workers.models.sim_exp import SimExpModel, set_precision
@@ -132,7 +134,7 @@ def _fit(params: TrainParams, train: Feedback, progress: Any) -> tuple[Any, list
     # REWARDQ_PRECISION=fast trains in bf16 autocast too, on fp32 weights (the saved version is fp32), and the
     # candidate is evaluated in the precision the worker serves in, as the active version is.
     set_precision(model, resolve_autocast(settings, model.device.type))
-    return model, fit(model, train, params, progress=progress), base_name
+    return model, fit(model, train, params, progress=progress, early_stopping=early), base_name
 
 
 def _save(model: Any, params: TrainParams, base_name: str, margin: float) -> tuple[str, Path, dict[str, Any]]:
@@ -163,13 +165,27 @@ def _train_and_gate(
 ) -> str:
     params = params_for(raw_params)
     margin = float(raw_params.get("gate_margin", default_margin))
-    data = _load_feedback(tenant, max_id)
-    train, held = data.split(params.heldout_fraction, params.seed)
-    if len(train) < 2:
-        raise RunError(f"need at least 2 feedback rows to train on, have {len(train)}")
-    if not held.preferences and len(held.ratings) < 2:
-        raise RunError("the held-out split is too small to evaluate: add feedback or raise heldout_fraction")
-    limit, steps = get_settings().max_train_steps, planned_steps(params, len(train))
+    settings = get_settings()
+    data, report = clean(_load_feedback(tenant, max_id))
+    train, val, held = data.slices(params.heldout_fraction, params.validation_fraction, params.seed)
+    report.update(train=len(train), validation=len(val), gate=len(held), gate_comparisons=comparisons(held))
+    reason = refusal(
+        data, held, train, min_rows=settings.min_train_feedback, min_gate_comparisons=settings.min_gate_comparisons
+    )
+    if reason is not None:
+        log.info("run %s rejected before training: %s", run_id, reason)
+        with session_scope() as s:
+            trepo.finish_run(
+                s,
+                run_id=run_id,
+                status=RunStatus.rejected,
+                error=reason,
+                worker=worker,
+                metrics={"feedback": report, "guard": {"decision": "rejected", "reason": reason}},
+            )
+        return RunStatus.rejected.value
+    report["warnings"] = warnings(report, report["gate_comparisons"])
+    limit, steps = settings.max_train_steps, planned_steps(params, len(train))
     if steps > limit:  # the feedback grew since the run was accepted (or a schedule)
         raise RunError(
             f"this run would take about {steps} steps on {len(train)} feedback rows, "
@@ -190,7 +206,8 @@ def _train_and_gate(
             trepo.set_run_progress(s, run_id=run_id, progress=p, loss_curve=curve_so_far)
 
     t0 = time.perf_counter()
-    model, curve, base_name = _fit(params, train, progress)
+    early = BestEpoch(val, params.patience)
+    model, curve, base_name = _fit(params, train, progress, early)
     train_s = time.perf_counter() - t0
     held_scores: list[float] = []
     candidate = evaluate(model, held, collect=held_scores)
@@ -221,9 +238,12 @@ def _train_and_gate(
                     "candidate": candidate,
                     "active": {**incumbent, "version": compared},
                     "gate": {"metric": PRIMARY_METRIC, "margin": margin, "decision": decision},
+                    "validation": early.summary(params.epochs),
+                    "feedback": report,
                     "train_seconds": round(train_s, 2),
                     "train_precision": getattr(model, "autocast", "off"),
                     "n_train": len(train),
+                    "n_validation": len(val),
                     "n_heldout": len(held),
                 }
                 trepo.set_run_progress(s, run_id=run_id, loss_curve=curve, progress={**last, "done": True})

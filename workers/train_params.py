@@ -15,7 +15,10 @@ class TrainParams:
     n_heads: int = 1
     train_layers: int = 2  # classifier: every layer is trained
     batch_size: int = 32
-    heldout_fraction: float = 0.1
+    heldout_fraction: float = 0.1  # the gate slice: scored once, by the gate only
+    validation_fraction: float = 0.05  # the validation slice: picks the best epoch (0: the last epoch is kept)
+    patience: int = 2  # stop after this many epochs without a better validation score (epochs is the most)
+    objective: str = "bt"  # or "cosent": a ranking loss that weighs the worst-ordered comparisons most
     seed: int = 0
     symmetric: bool = False  # also train on (response, prompt): for feedback whose pairs are unordered (STS)
     max_length: int = 256  # classifier: tokens of the prompt and response together

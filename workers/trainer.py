@@ -4,18 +4,16 @@ held-out evaluation the promotion gate reads (any kind: it only needs scores).""
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from workers.models.base import RewardModel
+from workers.evaluation import BestEpoch, CachedScorer, evaluate
+from workers.feedback import Feedback, Preference, Rating, symmetric
 from workers.models.classifier import ClassifierModel
 from workers.models.sim_exp import Heads, SimExpModel
 from workers.train_params import TrainParams
@@ -23,54 +21,21 @@ from workers.train_params import TrainParams
 SORT_WINDOW = 50  # batches whose rows are sorted by length together (cross-encoder training)
 CURVE_POINTS = 50  # a run's loss curve holds about this many points, each the mean loss of a window of steps
 
+COSENT_SCALE = 20.0  # CoSENT's lambda (Su 2022; AnglE uses the same)
+
 ProgressFn = Callable[[dict[str, Any]], None]
 
-
-@dataclass(frozen=True)
-class Rating:
-    prompt: str
-    response: str
-    rating: float
-
-
-@dataclass(frozen=True)
-class Preference:
-    prompt: str
-    chosen: str
-    rejected: str
-
-
-@dataclass
-class Feedback:
-    ratings: list[Rating] = field(default_factory=list)
-    preferences: list[Preference] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.ratings) + len(self.preferences)
-
-    def texts(self) -> list[str]:
-        out = [t for r in self.ratings for t in (r.prompt, r.response)]
-        out += [t for p in self.preferences for t in (p.prompt, p.chosen, p.rejected)]
-        return list(dict.fromkeys(out))
-
-    def split(self, heldout_fraction: float, seed: int) -> tuple[Feedback, Feedback]:
-        """A seeded split; each kind is split on its own so both sides keep both kinds."""
-        rng = random.Random(seed)
-        train, held = Feedback(), Feedback()
-        for name in ("ratings", "preferences"):
-            rows = list(getattr(self, name))
-            rng.shuffle(rows)
-            n_held = int(round(len(rows) * heldout_fraction)) if len(rows) > 1 else 0
-            getattr(held, name).extend(rows[:n_held])
-            getattr(train, name).extend(rows[n_held:])
-        return train, held
+__all__ = ["BestEpoch", "Feedback", "Preference", "Rating", "TrainParams", "evaluate", "fit", "fit_classifier"]
 
 
 RewardOf = Callable[[Sequence[str], Sequence[str]], torch.Tensor]
 
 
-def bt_loss(batch: Sequence[Rating | Preference], reward_of: RewardOf) -> torch.Tensor | None:
-    """-log sigmoid(R(chosen) - R(rejected)); for ratings over every two pairs whose ratings differ.
+def bt_loss(batch: Sequence[Rating | Preference], reward_of: RewardOf, objective: str = "bt") -> torch.Tensor | None:
+    """The pairwise loss over every comparison the batch implies: for ratings every two pairs whose ratings
+    differ, for preferences (chosen, rejected). ``objective`` "bt": Bradley-Terry, the mean of
+    -log sigmoid(R(better) - R(worse)); "cosent": CoSENT, log(1 + sum exp(-lambda (R(better) - R(worse)))), which
+    weighs the comparisons the model gets most wrong most.
 
     ``reward_of(prompts, responses)`` gives R for a list of pairs. None when the batch implies no
     comparison (one rating, or ratings all equal)."""
@@ -82,22 +47,30 @@ def bt_loss(batch: Sequence[Rating | Preference], reward_of: RewardOf) -> torch.
         y = torch.tensor([x.rating for x in rates], device=r.device)
         better = (y[:, None] > y[None, :]).float()
         if better.sum() > 0:
-            losses.append((F.softplus(-(r[:, None] - r[None, :])) * better).sum() / better.sum())
+            if objective == "cosent":
+                losses.append(_cosent((r[:, None] - r[None, :])[better.bool()]))
+            else:
+                losses.append((F.softplus(-(r[:, None] - r[None, :])) * better).sum() / better.sum())
     if prefs:
         n = len(prefs)
         r = reward_of([x.prompt for x in prefs] * 2, [x.chosen for x in prefs] + [x.rejected for x in prefs])
-        losses.append(F.softplus(-(r[:n] - r[n:])).mean())
+        losses.append(_cosent(r[:n] - r[n:]) if objective == "cosent" else F.softplus(-(r[:n] - r[n:])).mean())
     return torch.stack(losses).mean() if losses else None
 
 
+def _cosent(margins: torch.Tensor) -> torch.Tensor:
+    """CoSENT over the margins R(better) - R(worse) of a batch's comparisons."""
+    return torch.logsumexp(torch.cat([margins.new_zeros(1), -COSENT_SCALE * margins]), dim=0)
+
+
 def _bt_loss(heads: Heads, emb: torch.Tensor, batch: Sequence[Rating | Preference],
-             index: dict[str, int]) -> torch.Tensor | None:  # fmt: skip
+             index: dict[str, int], objective: str = "bt") -> torch.Tensor | None:  # fmt: skip
     """bt_loss on embeddings already computed (``index``: text -> row of ``emb``)."""
 
     def reward_of(prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
         return heads.reward(emb[[index[p] for p in prompts]], emb[[index[r] for r in responses]])[0]
 
-    return bt_loss(batch, reward_of)
+    return bt_loss(batch, reward_of, objective)
 
 
 class Steps:
@@ -182,12 +155,23 @@ def _batches(
     return out
 
 
-def fit(model: SimExpModel, data: Feedback, params: TrainParams, progress: ProgressFn | None = None) -> list[float]:
+def fit(
+    model: SimExpModel,
+    data: Feedback,
+    params: TrainParams,
+    progress: ProgressFn | None = None,
+    early_stopping: BestEpoch | None = None,
+) -> list[float]:
     """Train ``model``'s heads (replaced by trainable ones) and top encoder layers in place; return the
-    loss curve. With ``train_layers=0`` the embeddings are computed once and epochs cost almost nothing."""
+    loss curve. With ``train_layers=0`` the embeddings are computed once and epochs cost almost nothing.
+    With ``early_stopping`` the model ends with the weights of its best epoch on that validation slice."""
     torch.manual_seed(params.seed)
     rng = random.Random(params.seed)
+    if params.symmetric:
+        data = symmetric(data)
     texts = data.texts()
+    if early_stopping is not None and params.train_layers == 0:  # the slice is scored on cached embeddings too
+        texts = list(dict.fromkeys([*texts, *early_stopping.val.texts()]))
     index = {t: i for i, t in enumerate(texts)}
     frozen_emb = model.embed(texts).to(model.device)
     model.heads = Heads(model.dim, params.n_heads, trained=True, init_noise=0.05 if params.n_heads > 1 else 0.0)
@@ -206,20 +190,27 @@ def fit(model: SimExpModel, data: Feedback, params: TrainParams, progress: Progr
         model.encoder.train()
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
     steps = Steps(params.epochs * len(_batches(data, params.batch_size, random.Random(0))), params.epochs, progress)
+    if early_stopping is not None:
+        scorer = model if layers else CachedScorer(model.heads, frozen_emb, index)
+        early_stopping.bind(scorer, [model.heads, model.encoder])
     for epoch in range(params.epochs):
         steps.new_epoch()
         for batch in _batches(data, params.batch_size, rng):
             if layers:
                 batch_texts = list(dict.fromkeys(t for x in batch for t in _texts_of(x)))
                 emb = model.encode(batch_texts)
-                loss = _bt_loss(model.heads, emb, batch, {t: i for i, t in enumerate(batch_texts)})
+                loss = _bt_loss(model.heads, emb, batch, {t: i for i, t in enumerate(batch_texts)}, params.objective)
             else:
-                loss = _bt_loss(model.heads, frozen_emb, batch, index)
+                loss = _bt_loss(model.heads, frozen_emb, batch, index, params.objective)
             if loss is not None:
                 opt.zero_grad()
                 loss.backward()  # type: ignore[no-untyped-call]
                 opt.step()
             steps.record(epoch, None if loss is None else float(loss.detach()))
+        if early_stopping is not None and early_stopping.after_epoch(epoch):
+            break
+    if early_stopping is not None:
+        early_stopping.restore()
     model.encoder.eval()
     model.heads.eval()
     for p in model.encoder.parameters():
@@ -227,18 +218,17 @@ def fit(model: SimExpModel, data: Feedback, params: TrainParams, progress: Progr
     return steps.finish()
 
 
-def symmetric(data: Feedback) -> Feedback:
-    """The feedback plus every rating with prompt and response swapped (for unordered pairs such as STS)."""
-    swapped = [Rating(x.response, x.prompt, x.rating) for x in data.ratings]
-    return Feedback(ratings=[*data.ratings, *swapped], preferences=list(data.preferences))
-
-
 def fit_classifier(
-    model: ClassifierModel, data: Feedback, params: TrainParams, progress: ProgressFn | None = None
+    model: ClassifierModel,
+    data: Feedback,
+    params: TrainParams,
+    progress: ProgressFn | None = None,
+    early_stopping: BestEpoch | None = None,
 ) -> list[float]:
     """Train a cross-encoder with the TRL objective -log sigmoid(r_chosen - r_rejected) (ratings paired within a
     batch as for sim-exp): every weight but the word embeddings (frozen: half the parameters, a small share of
-    what a few thousand pairs can teach); AdamW with linear warmup (10 %) and decay. Returns the loss curve."""
+    what a few thousand pairs can teach); AdamW with linear warmup (10 %) and decay. Returns the loss curve.
+    With ``early_stopping`` the model ends with the weights of its best epoch on that validation slice."""
     torch.manual_seed(params.seed)
     rng = random.Random(params.seed)
     if params.symmetric:
@@ -266,16 +256,22 @@ def fit_classifier(
     )
     steps = Steps(total, params.epochs, progress)
     model.model.train()
+    if early_stopping is not None:
+        early_stopping.bind(model, [model.model])
     for epoch in range(params.epochs):
         steps.new_epoch()
         for batch in _batches(data, params.batch_size, rng, length):
-            loss = bt_loss(batch, model.forward)
+            loss = bt_loss(batch, model.forward, params.objective)
             if loss is not None:
                 opt.zero_grad()
                 loss.backward()  # type: ignore[no-untyped-call]
                 opt.step()
             sched.step()
             steps.record(epoch, None if loss is None else float(loss.detach()))
+        if early_stopping is not None and early_stopping.after_epoch(epoch):
+            break
+    if early_stopping is not None:
+        early_stopping.restore()
     model.model.eval()
     return steps.finish()
 
@@ -297,37 +293,3 @@ def _top_layers(model: SimExpModel, n: int) -> list[torch.nn.Module]:
     if n > len(stack):
         raise ValueError(f"train_layers={n} but the encoder has {len(stack)} layers")
     return list(stack[-n:])
-
-
-def evaluate(model: RewardModel, data: Feedback, max_rated_pairs: int = 2000,
-             collect: list[float] | None = None) -> dict[str, float | int | None]:  # fmt: skip
-    """Held-out metrics: pairwise accuracy over every comparison the feedback implies, Spearman on ratings.
-    Every score computed is appended to ``collect`` when given (the version's score distribution)."""
-    out: dict[str, float | int | None] = {"n": len(data), "pairwise_accuracy": None, "spearman": None}
-    correct = comparisons = 0
-    if data.ratings:
-        rows = data.ratings[:max_rated_pairs]
-        r = np.array(model.score([x.prompt for x in rows], [x.response for x in rows]).reward)
-        y = np.array([x.rating for x in rows])
-        if collect is not None:
-            collect += r.tolist()
-        better = y[:, None] > y[None, :]
-        correct += int((better & (r[:, None] > r[None, :])).sum())
-        comparisons += int(better.sum())
-        if len(rows) > 2:
-            from scipy.stats import spearmanr
-
-            rho = float(spearmanr(r, y).statistic)
-            out["spearman"] = None if math.isnan(rho) else rho
-    if data.preferences:
-        prefs = data.preferences
-        rc = np.array(model.score([x.prompt for x in prefs], [x.chosen for x in prefs]).reward)
-        rr = np.array(model.score([x.prompt for x in prefs], [x.rejected for x in prefs]).reward)
-        if collect is not None:
-            collect += rc.tolist() + rr.tolist()
-        correct += int((rc > rr).sum())
-        comparisons += len(prefs)
-    if comparisons:
-        out["pairwise_accuracy"] = correct / comparisons
-    out["comparisons"] = comparisons
-    return out

@@ -43,6 +43,9 @@ def _params(params: TrainingParams, admin: bool) -> dict[str, object]:
     if params.gate_margin is not None and params.gate_margin < 0 and not admin:
         # A negative margin promotes a worse model: only the operator may waive the gate.
         raise ApiError(403, "gate_margin below 0 needs an admin key", [FieldError("gate_margin", "admin only")])
+    if params.heldout_fraction + params.validation_fraction >= 0.9:
+        message = "heldout_fraction + validation_fraction must leave at least 10 % of the feedback to train on"
+        raise invalid([FieldError("validation_fraction", message)])
     return resolved(params.model_dump(exclude_none=True))
 
 
@@ -82,7 +85,7 @@ def start_run(session: SessionDep, settings: SettingsDep, caller: CallerDep, par
 
 def _check_steps(chosen: dict[str, object], n_feedback: int, limit: int) -> None:
     params = params_for(chosen)
-    steps = planned_steps(params, int(n_feedback * (1 - params.heldout_fraction)))
+    steps = planned_steps(params, int(n_feedback * (1 - params.heldout_fraction - params.validation_fraction)))
     if steps > limit:
         raise invalid(
             [
