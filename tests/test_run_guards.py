@@ -72,9 +72,15 @@ def test_duplicates_and_contradictions_are_merged_counted_and_both_slices_report
     rows = [{"kind": "rating", "prompt": x["prompt"], "response": x["response"], "rating": x["rating"]} for x in sts]
     rows += rows[:4]  # 4 exact duplicates
     rows += [{**r, "rating": r["rating"] + 1} for r in rows[10:13]]  # 3 pairs rated differently
-    prefs = [{"kind": "preference", "prompt": f"Say something about topic {i}.",
-              "chosen": f"Here is something about topic {i}.", "rejected": f"Unrelated remark number {i}."}
-             for i in range(20)]  # fmt: skip
+    prefs = [
+        {
+            "kind": "preference",
+            "prompt": f"Say something about topic {i}.",
+            "chosen": f"Here is something about topic {i}.",
+            "rejected": f"Unrelated remark number {i}.",
+        }
+        for i in range(20)
+    ]
     prefs += prefs[:2]  # 2 duplicates
     prefs += [{**p, "chosen": p["rejected"], "rejected": p["chosen"]} for p in prefs[5:7]]  # 2 swapped: ties
     prefs += [{**prefs[8], "chosen": prefs[8]["rejected"], "rejected": prefs[8]["chosen"]}]  # 1 swapped, outvoted

@@ -77,8 +77,10 @@ def test_saved_version_loads_and_scores_identically(sts: Feedback, tmp_path, tra
 
 
 def test_slices_are_disjoint_and_the_gate_slice_is_the_old_held_out_split():
-    data = Feedback(ratings=[Rating(f"p{i}", f"r{i}", i) for i in range(100)],
-                    preferences=[Preference(f"p{i}", "a", "b") for i in range(40)])  # fmt: skip
+    data = Feedback(
+        ratings=[Rating(f"p{i}", f"r{i}", i) for i in range(100)],
+        preferences=[Preference(f"p{i}", "a", "b") for i in range(40)],
+    )
     train, val, gate = data.slices(0.1, 0.05, seed=3)
     assert (len(gate.ratings), len(gate.preferences), len(val.ratings), len(val.preferences)) == (10, 4, 5, 2)
     assert gate.ratings == data.split(0.1, seed=3)[1].ratings  # the gate's numbers stay comparable

@@ -19,8 +19,9 @@ class Scorer(Protocol):
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> Scores: ...
 
 
-def evaluate(model: Scorer, data: Feedback, max_rated_pairs: int = 2000,
-             collect: list[float] | None = None) -> dict[str, float | int | None]:  # fmt: skip
+def evaluate(
+    model: Scorer, data: Feedback, max_rated_pairs: int = 2000, collect: list[float] | None = None
+) -> dict[str, float | int | None]:
     """Held-out metrics: pairwise accuracy over every comparison the feedback implies, Spearman on ratings.
     Every score computed is appended to ``collect`` when given (the version's score distribution)."""
     out: dict[str, float | int | None] = {"n": len(data), "pairwise_accuracy": None, "spearman": None}
@@ -62,8 +63,9 @@ class CachedScorer:
 
     @torch.inference_mode()
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> Scores:
-        reward, cos = self.heads.reward(self.emb[[self.index[p] for p in prompts]],
-                                        self.emb[[self.index[r] for r in responses]])  # fmt: skip
+        reward, cos = self.heads.reward(
+            self.emb[[self.index[p] for p in prompts]], self.emb[[self.index[r] for r in responses]]
+        )
         return Scores(reward=reward.cpu().tolist(), cos=cos.cpu().tolist(), truncated=[False] * len(prompts))
 
 
