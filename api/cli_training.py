@@ -75,6 +75,24 @@ _TRAIN_OPTIONS = [
     click.option(
         "--heldout-fraction", type=float, default=None, help="feedback kept aside for the gate  [default: 0.1]"
     ),
+    click.option(
+        "--validation-fraction",
+        type=float,
+        default=None,
+        help="feedback kept aside to pick the best epoch, 0: keep the last  [default: 0.05]",
+    ),
+    click.option(
+        "--patience", type=int, default=None, help="epochs without a better one before stopping  [default: 2]"
+    ),
+    click.option(
+        "--objective",
+        type=click.Choice(["bt", "cosent"]),
+        default=None,
+        help="bt: Bradley-Terry; cosent: a ranking loss on the worst-ordered comparisons  [default: bt]",
+    ),
+    click.option(
+        "--alpha-lr", type=float, default=None, help="learning rate of alpha and w (sim_exp)  [default: head-lr]"
+    ),
     click.option("--seed", type=int, default=None, help="split, shuffling, initialisation  [default: 0]"),
     click.option(
         "--symmetric/--no-symmetric",

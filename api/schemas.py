@@ -152,6 +152,9 @@ class TrainingParams(BaseModel):
         description="learning rate of heads, alpha and weight (classifier: the score head); "
         "default 1e-2 (sim_exp), 2e-3 (classifier)",
     )
+    alpha_lr: float | None = Field(
+        default=None, gt=0, le=10.0, description="sim_exp: learning rate of alpha and weight; default head_lr"
+    )
     n_heads: int = Field(default=1, ge=1, le=16, description="K")
     train_layers: int = Field(default=2, ge=0, le=48, description="top encoder layers to fine-tune (0: heads only)")
     batch_size: int | None = Field(

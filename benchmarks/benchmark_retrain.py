@@ -51,6 +51,8 @@ SWEEP: list[dict[str, Any]] = [
     {"lr": 1e-4},
     {"head_lr": 3e-3},
     {"head_lr": 3e-2},
+    {"alpha_lr": 1e-3},
+    {"alpha_lr": 1e-1},
     {"batch_size": 16},
     {"batch_size": 64},
     {"batch_size": 128},

@@ -12,6 +12,7 @@ class TrainParams:
     epochs: int = 2
     lr: float = 2e-5  # encoder layers
     head_lr: float = 1e-2  # heads, alpha, weight (classifier: the score head)
+    alpha_lr: float | None = None  # sim_exp: alpha and weight alone (None: head_lr)
     n_heads: int = 1
     train_layers: int = 2  # classifier: every layer is trained
     batch_size: int = 32

@@ -181,7 +181,11 @@ def fit(
     layers = _top_layers(model, params.train_layers)
     for p in model.encoder.parameters():
         p.requires_grad_(False)
-    groups = [{"params": list(model.heads.parameters()), "lr": params.head_lr}]
+    scales = [p for name, p in model.heads.named_parameters() if name not in ("alpha", "weight")]
+    groups = [
+        {"params": scales, "lr": params.head_lr},
+        {"params": [model.heads.alpha, model.heads.weight], "lr": params.alpha_lr or params.head_lr},
+    ]
     if layers:
         for layer in layers:
             for p in layer.parameters():
