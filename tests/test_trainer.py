@@ -8,7 +8,7 @@ import torch
 from api.samples import load_sts
 from tests.support import need
 from workers.artifacts import load_version, save_version
-from workers.models.sim_exp import SimExpModel
+from workers.models.sim_exp import SimExpModel, set_precision
 from workers.registry import default_encoder_path
 from workers.trainer import BestEpoch, Feedback, Preference, Rating, TrainParams, bt_loss, evaluate, fit
 
@@ -89,14 +89,16 @@ def test_slices_are_disjoint_and_the_gate_slice_is_the_old_held_out_split():
     assert sum(map(len, rows)) == len(data)
 
 
-@pytest.mark.parametrize("train_layers", [0, 1])
-def test_early_stopping_keeps_the_best_epoch_on_the_validation_slice(sts: Feedback, train_layers: int):
+@pytest.mark.parametrize(("train_layers", "precision"), [(0, "off"), (1, "off"), (1, "bf16")])
+def test_early_stopping_keeps_the_best_epoch_on_the_validation_slice(sts: Feedback, train_layers: int, precision: str):
     """A validation slice that disagrees with training (the training rows with their ratings reversed): each epoch
     that fits the training rows better scores the slice worse, so epoch 1 is the best; training stops after
-    ``patience`` epochs without a better one and the model ends with epoch 1's weights, not the last epoch's."""
+    ``patience`` epochs without a better one and the model ends with epoch 1's weights, not the last epoch's. In
+    bf16 (REWARDQ_PRECISION=fast) it scores as epoch 1 too: no low-precision copy of another epoch's encoder stays."""
     train = Feedback(ratings=sts.ratings[:96])
     val = Feedback(ratings=[Rating(x.prompt, x.response, -x.rating) for x in train.ratings])
     model = _model()
+    set_precision(model, precision)
     stop = BestEpoch(val, patience=2)
     fit(model, train, TrainParams(epochs=6, train_layers=train_layers, batch_size=16), early_stopping=stop)
     acc = [h["pairwise_accuracy"] for h in stop.history]

@@ -215,6 +215,7 @@ def fit(
             break
     if early_stopping is not None:
         early_stopping.restore()
+        model.weights_changed()
     model.encoder.eval()
     model.heads.eval()
     for p in model.encoder.parameters():

@@ -98,6 +98,11 @@ class SimExpModel(RewardModel):
                              return_tensors="pt").to(self.device)  # fmt: skip
         return self._pool(tok)
 
+    def weights_changed(self) -> None:
+        """The encoder's weights were set in place (a run restoring its best epoch): drop the low-precision copy,
+        which holds the old ones."""
+        self._low_precision = None
+
     def settings(self) -> dict[str, Any]:
         return {"kind": self.kind, "autocast": self.autocast, "max_length": self.max_length,
                 "kernel": kernels.path("sim_exp", self.device.type)}  # fmt: skip
