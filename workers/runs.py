@@ -101,8 +101,11 @@ def execute_run(run_id: str) -> str:
         liveness.working_on(settings.redis_url, settings.heartbeat_ttl_s, run_key(run_id), done=True)
 
 
-def _fit(params: TrainParams, train: Feedback, progress: Any, early: BestEpoch) -> tuple[Any, list[float], str]:
-    """(trained model, loss curve, base model name) for the run's kind, at its best epoch on ``early``'s slice."""
+def _fit(
+    params: TrainParams, train: Feedback, progress: Any, early: BestEpoch | None = None
+) -> tuple[Any, list[float], str]:
+    """(trained model, loss curve, base model name) for the run's kind; with ``early``, at its best epoch on that
+    validation slice."""
     settings = get_settings()
     encoder_path, base_name = resolve_encoder(settings.model)
     if params.kind == "classifier":
