@@ -35,14 +35,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def _cpu_flags() -> list[str]:
-    """The CPU's matrix-product features (what the fast profile's speed depends on)."""
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("flags"):
-            return sorted(f for f in line.split(":", 1)[1].split() if "amx" in f or "bf16" in f or "vnni" in f)
-    return []
-
-
 def workloads() -> dict[str, list[dict[str, str]]]:
     from api.samples import load_bundled, load_sts
 
@@ -61,11 +53,11 @@ def in_process(items: list[dict[str, str]], batch_size: int, profile: str = "exa
 
     def make() -> SimExpModel:
         from storage.settings import Settings
+        from workers.models.sim_exp import set_precision
         from workers.precision import resolve_autocast
 
         model = SimExpModel("bench", default_encoder_path())
-        model.autocast = resolve_autocast(Settings(precision=profile), model.device.type)
-        model.fixed_shapes = model.autocast != "off" and model.device.type == "cpu"
+        set_precision(model, resolve_autocast(Settings(precision=profile), model.device.type))
         return model
 
     model = _cached(f"model-{profile}", make)
@@ -334,6 +326,7 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "pipeline.json")
     args = p.parse_args()
     from storage.settings import get_settings
+    from workers.precision import matrix_flags
 
     batch_size = get_settings().batch_size
     profiles = [x for x in args.profiles.split(",") if x]
@@ -417,7 +410,7 @@ def main() -> int:
         print(f"| {db} | {r['items']:,} | {r['items_per_s']:,.0f} | {r['api_peak_rss_mb']:.0f} MB |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"cpus": os.cpu_count(), "repeat": args.repeat, "batch_size": batch_size, "nonce": nonce,
-            "profiles": profiles, "peers": peers, "skipped": skipped, "cpu_flags": _cpu_flags()}  # fmt: skip
+            "profiles": profiles, "peers": peers, "skipped": skipped, "cpu_flags": matrix_flags()}  # fmt: skip
     args.out.write_text(json.dumps({"meta": meta, "rows": rows, "ingestion": ingest}, indent=1))
     print(f"wrote {args.out}")
     return 0

@@ -28,13 +28,6 @@ RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT))
 
 
-def _cpu_flags() -> set[str]:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reps", type=int, default=5)
@@ -48,7 +41,7 @@ def main() -> int:
     from api.samples import load_sts
     from storage.settings import Settings
     from workers.models.sim_exp import load_sim_exp
-    from workers.precision import cpu_bf16_flag
+    from workers.precision import cpu_bf16_flag, matrix_flags
 
     torch.set_num_threads(args.threads)
     flag = cpu_bf16_flag()
@@ -154,7 +147,7 @@ def main() -> int:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "pairs": len(dev),
-        "cpu_flags": sorted(f for f in _cpu_flags() if "amx" in f or "bf16" in f or "vnni" in f),
+        "cpu_flags": matrix_flags(),
         "texts": len(texts),
     }
     for mode, row in rows.items():

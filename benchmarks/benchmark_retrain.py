@@ -61,6 +61,22 @@ SWEEP: list[dict[str, Any]] = [
 ]
 
 
+def run_and_read(run_id: str) -> tuple[str, float, Any]:
+    """Run ``run_id`` as a worker's training task would: (its status, its wall time, the run row read back)."""
+    from storage import training_repository as trepo
+    from storage.db import session_scope
+    from workers.runs import execute_run
+
+    t0 = time.perf_counter()
+    status = execute_run(run_id)
+    wall = time.perf_counter() - t0
+    with session_scope() as s:
+        run = trepo.get_run(s, run_id=run_id)
+        assert run is not None
+        s.expunge(run)
+    return status, wall, run
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train-layers", type=int, default=None, help="override the default")
@@ -106,7 +122,6 @@ def main() -> int:
     from storage.migrate import upgrade
     from workers import engine
     from workers.registry import register_base_version
-    from workers.runs import execute_run
     from workers.train_params import resolved
 
     train, dev = load_sts("train", limit=args.limit), load_sts("dev")
@@ -142,13 +157,8 @@ def main() -> int:
         return float(spearmanr(scores, [x["rating"] for x in dev]).statistic)
 
     before = dev_spearman(base)
-    t0 = time.perf_counter()
-    status = execute_run(run_id)
-    wall = time.perf_counter() - t0
-    with session_scope() as s:
-        run = trepo.get_run(s, run_id=run_id)
-        assert run is not None
-        version, metrics, curve, error = run.result_version, run.metrics, run.loss_curve, run.error
+    status, wall, run = run_and_read(run_id)
+    version, metrics, curve, error = run.result_version, run.metrics, run.loss_curve, run.error
     if status == "failed" or version is None:
         print(f"training run failed: {error}")
         return 1
@@ -199,7 +209,6 @@ def sweep(args: argparse.Namespace, overrides: dict[str, Any], n_feedback: int, 
     from api.schemas import TrainingParams
     from storage import training_repository as trepo
     from storage.db import session_scope
-    from workers.runs import execute_run
     from workers.train_params import resolved
 
     configs = SWEEP if args.configs is None else [json.loads(x) for x in args.configs.read_text().splitlines() if x]
@@ -214,13 +223,8 @@ def sweep(args: argparse.Namespace, overrides: dict[str, Any], n_feedback: int, 
                 with session_scope() as s:
                     params = resolved(TrainingParams(**given).model_dump(exclude_none=True))
                     run_id = trepo.create_run(s, tenant="bench", params=params).id
-                t0 = time.perf_counter()
-                status = execute_run(run_id)
-                wall = time.perf_counter() - t0
-                with session_scope() as s:
-                    run = trepo.get_run(s, run_id=run_id)
-                    assert run is not None
-                    metrics, error, version = dict(run.metrics), run.error, run.result_version
+                status, wall, run = run_and_read(run_id)
+                metrics, error, version = dict(run.metrics), run.error, run.result_version
                 if version:
                     shutil.rmtree(tmp / "artifacts" / version, ignore_errors=True)
                 if error or "candidate" not in metrics:

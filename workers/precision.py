@@ -9,13 +9,23 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
-def cpu_bf16_flag(cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
-    """The CPU feature that makes bf16 matrix products native here (AMX first, then AVX512-BF16), or None."""
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
+    """The CPU's feature flags (empty where /proc/cpuinfo cannot be read)."""
     try:
         text = cpuinfo.read_text()
     except OSError:
-        return None
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+        return set()
+    return set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
+
+
+def matrix_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str]:
+    """The features the fast profile's speed depends on (AMX, bf16, VNNI), sorted: what the benchmarks report."""
+    return sorted(f for f in cpu_flags(cpuinfo) if "amx" in f or "bf16" in f or "vnni" in f)
+
+
+def cpu_bf16_flag(cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
+    """The CPU feature that makes bf16 matrix products native here (AMX first, then AVX512-BF16), or None."""
+    flags = cpu_flags(cpuinfo)
     return next((f for f in ("amx_bf16", "avx512_bf16") if f in flags), None)
 
 
