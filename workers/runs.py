@@ -106,6 +106,8 @@ def _fit(
 ) -> tuple[Any, list[float], str]:
     """(trained model, loss curve, base model name) for the run's kind; with ``early``, at its best epoch on that
     validation slice."""
+    from workers.precision import resolve_autocast
+
     settings = get_settings()
     encoder_path, base_name = resolve_encoder(settings.model)
     if params.kind == "classifier":
@@ -124,11 +126,14 @@ def _fit(
             truncation_side="right",
             encode_batch_size=settings.encode_batch_size,
         )
+        # REWARDQ_PRECISION=fast trains in bf16 autocast on fp32 weights; the version is saved, evaluated and served
+        # in float32, so its scores stay exact.
+        model.train_autocast = resolve_autocast(settings, model.device.type)
+        model.train_autocast = model.train_autocast if model.train_autocast == "bf16" else "off"
         return model, fit_classifier(model, train, params, progress=progress, early_stopping=early), base_name
     if params.kind != "sim_exp":
         raise RunError(f"training is available for the sim_exp and classifier kinds, not {params.kind!r}")
     from workers.models.sim_exp import SimExpModel, set_precision
-    from workers.precision import resolve_autocast
     from workers.trainer import fit
 
     model = SimExpModel(
@@ -244,7 +249,7 @@ def _train_and_gate(
                     "validation": early.summary(params.epochs),
                     "feedback": report,
                     "train_seconds": round(train_s, 2),
-                    "train_precision": getattr(model, "autocast", "off"),
+                    "train_precision": getattr(model, "train_autocast", getattr(model, "autocast", "off")),
                     "n_train": len(train),
                     "n_validation": len(val),
                     "n_heldout": len(held),

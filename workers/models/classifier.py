@@ -65,6 +65,7 @@ class ClassifierModel(RewardModel):
         self.chat = bool(getattr(self.tokenizer, "chat_template", None))
         self.encode_batch_size = encode_batch_size
         self.token_budget = token_budget or (16384 if self.device.type == "cuda" else 2048)
+        self.train_autocast = "off"  # "bf16": fine-tuning's forward passes in bf16 autocast; scoring runs in ``dtype``
 
     def settings(self) -> dict[str, Any]:
         return {
@@ -112,7 +113,10 @@ class ClassifierModel(RewardModel):
     def forward(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
         """R for the pairs as one padded batch, autograd-aware (fine-tuning)."""
         encoded = [self.encode(p, r)[0] for p, r in zip(prompts, responses, strict=True)]
-        logits: torch.Tensor = self.model(**self._inputs(encoded)).logits
+        # bf16 only: fp16 would need loss scaling to train (a GPU without bf16 trains in float32).
+        lowered = self.train_autocast == "bf16" and torch.is_grad_enabled()
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=lowered):
+            logits: torch.Tensor = self.model(**self._inputs(encoded)).logits
         return logits[:, 0].float()
 
     @torch.inference_mode()
