@@ -217,6 +217,13 @@ def test_every_page_loads_without_console_errors(ui: Ui, browser: Any, trained: 
     assert "rejected" in page.locator("#run-metrics").inner_text()
     cand = trained["metrics"]["candidate"]["pairwise_accuracy"]
     assert f"{cand:.4f}" in page.locator("#run-metrics").inner_text()
+    # The validation slice's score after each epoch (the kept one marked), and the feedback the run started from.
+    val, fed = trained["metrics"]["validation"], trained["metrics"]["feedback"]
+    page.wait_for_selector("#run-validation table")
+    epochs = page.locator("#run-validation tbody tr").all_inner_texts()
+    assert len(epochs) == len(val["epochs"]) == val["epochs_run"] and f"{val['best_epoch']} (kept)" in "\n".join(epochs)
+    shown = page.locator("#run-feedback").inner_text()
+    assert "usable after merging" in shown and f"gate slice\t{fed['gate']:,}" in shown
     _shot(page, "run")
     # The models page: the run's version with its gate decision, next to the active version.
     page.goto(ui.base + "/ui/models")

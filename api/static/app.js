@@ -325,8 +325,11 @@ function runPage(runId) {
   const canvas = h("canvas", { id: "loss-curve", "aria-label": "training loss" });
   const metrics = h("div", { id: "run-metrics" }, h("p", { class: "muted" }, "Held-out metrics appear when the run ends."));
   const params = h("div", { id: "run-params" });
+  const validation = h("div", { id: "run-validation" }, h("p", { class: "muted" }, "Scored after each epoch."));
+  const feedback = h("div", { id: "run-feedback" }, h("p", { class: "muted" }, "Counted when the run starts."));
   $main.replaceChildren(title, card(null, facts),
     h("div", { class: "grid" }, card("Loss curve", h("div", { class: "chart" }, canvas)), card("Held-out metrics", metrics)),
+    h("div", { class: "grid" }, card("Validation slice: picks the epoch", validation), card("Feedback", feedback)),
     card("Parameters", params));
   poll(async () => {
     const r = await api(`/v1/training-runs/${enc}`);
@@ -351,6 +354,26 @@ function runPage(runId) {
         .map((k) => h("tr", {}, h("td", {}, k), h("td", { class: "num" }, metricText(c[k])), h("td", { class: "num" }, metricText(a[k]))))),
       g ? h("p", {}, "Gate: ", badge(g.decision), ` on ${g.metric}, margin ${g.margin} (active: ${short(a.version)})`) : null);
     }
+    const val = r.metrics.validation;
+    if (val && val.epochs && val.epochs.length) {
+      validation.replaceChildren(table(["Epoch", "num:Pairwise accuracy", "num:Spearman"], val.epochs.map((e) =>
+        h("tr", { class: e.epoch === val.best_epoch ? "best" : "" }, h("td", {}, e.epoch === val.best_epoch ? `${e.epoch} (kept)` : `${e.epoch}`),
+          h("td", { class: "num" }, metricText(e.pairwise_accuracy)), h("td", { class: "num" }, metricText(e.spearman))))),
+      h("p", { class: "muted" }, `${int(val.n)} rows, ${int(val.comparisons)} comparisons; ${val.stopped_early ? "stopped early" :
+        "ran every epoch"} (patience ${val.patience}).`));
+    } else if (val) {
+      validation.replaceChildren(h("p", { class: "muted" }, val.early_stopping ? "Scored after each epoch." :
+        "No validation slice (or it implies no comparison): the last epoch is kept."));
+    }
+    const f = r.metrics.feedback;
+    if (f) {
+      const rows = [["rows", f.rows], ["usable after merging", f.usable], ["duplicates", f.duplicates],
+        ["contradictory ratings", f.contradictory_ratings], ["contradictory preferences", f.contradictory_preferences],
+        ["train slice", f.train], ["validation slice", f.validation], ["gate slice", f.gate], ["gate comparisons", f.gate_comparisons]]
+        .filter(([, x]) => x !== undefined);
+      feedback.replaceChildren(table(["Feedback", "num:Count"], rows.map(([k, x]) => h("tr", {}, h("td", {}, k), h("td", { class: "num" }, int(x))))),
+        ...(f.warnings || []).map((w) => h("p", { class: "warning" }, w)));
+    }
     params.replaceChildren(table(["Parameter", "Value"], Object.entries(r.params).map(([k, v]) =>
       h("tr", {}, h("td", {}, k), h("td", { class: "mono" }, JSON.stringify(v))))));
     return !TERMINAL.has(r.status);
@@ -365,8 +388,8 @@ function schedulesPage() {
   const form = h("form", { class: "inline", id: "add-schedule" },
     field("cron (UTC)", { name: "cron", required: true, placeholder: "0 3 * * *", size: 16 }),
     field("min new feedback", { name: "min_new_feedback", type: "number", min: 0, value: 0, style: "width:110px" }),
-    field("epochs", { name: "epochs", type: "number", min: 1, max: 100, value: 2, style: "width:80px" }),
-    field("train layers", { name: "train_layers", type: "number", min: 0, max: 48, value: 2, style: "width:90px" }),
+    field("epochs", { name: "epochs", type: "number", min: 1, max: 100, value: 3, style: "width:80px" }),
+    field("train layers", { name: "train_layers", type: "number", min: 0, max: 48, value: 4, style: "width:90px" }),
     h("button", { type: "submit" }, "Add schedule"));
   const load = async () => {
     const { schedules } = await api("/v1/schedules");
