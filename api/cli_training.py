@@ -51,12 +51,12 @@ _TRAIN_OPTIONS = [
         default=None,
         help="sim_exp: heads and top encoder layers; classifier: a cross-encoder  [default: sim_exp]",
     ),
-    click.option("--epochs", type=int, default=None, help="passes over the training split  [default: 2; classifier 3]"),
+    click.option("--epochs", type=int, default=None, help="passes over the training split  [default: 3]"),
     click.option(
         "--lr",
         type=float,
         default=None,
-        help="learning rate of the trained encoder layers  [default: 2e-5; classifier 1e-4]",
+        help="peak learning rate of the trained encoder layers  [default: 5e-5; classifier 1e-4]",
     ),
     click.option(
         "--head-lr",
@@ -69,7 +69,7 @@ _TRAIN_OPTIONS = [
         "--train-layers",
         type=int,
         default=None,
-        help="top encoder layers fine-tuned, 0: heads only (sim_exp)  [default: 2]",
+        help="top encoder layers fine-tuned, 0: heads only (sim_exp)  [default: 4]",
     ),
     click.option("--batch-size", type=int, default=None, help="pairs per step  [default: 32; classifier 64]"),
     click.option(
@@ -100,6 +100,13 @@ _TRAIN_OPTIONS = [
         help="also train on (response, prompt), for unordered pairs  [default: off]",
     ),
     click.option("--max-length", type=int, default=None, help="classifier: tokens per pair  [default: 256]"),
+    click.option(
+        "--lr-schedule",
+        type=click.Choice(["constant", "linear", "cosine"]),
+        default=None,
+        help="learning rates over the run: constant, or linear/cosine decay to 0 after a warmup  [default: linear]",
+    ),
+    click.option("--warmup", type=float, default=None, help="share of the steps spent warming up  [default: 0.1]"),
     click.option(
         "--gate-margin",
         type=float,

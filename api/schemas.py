@@ -138,12 +138,12 @@ class TrainingParams(BaseModel):
 
     model_config = {"extra": "forbid"}
 
-    epochs: int | None = Field(default=None, ge=1, le=100, description="default 2 (sim_exp), 3 (classifier)")
+    epochs: int | None = Field(default=None, ge=1, le=100, description="passes over the training slice; default 3")
     lr: float | None = Field(
         default=None,
         gt=0,
         le=1.0,
-        description="learning rate of the trained encoder layers; default 2e-5 (sim_exp), 5e-5 (classifier)",
+        description="peak learning rate of the trained encoder layers; default 5e-5 (sim_exp), 1e-4 (classifier)",
     )
     head_lr: float | None = Field(
         default=None,
@@ -156,7 +156,7 @@ class TrainingParams(BaseModel):
         default=None, gt=0, le=10.0, description="sim_exp: learning rate of alpha and weight; default head_lr"
     )
     n_heads: int = Field(default=1, ge=1, le=16, description="K")
-    train_layers: int = Field(default=2, ge=0, le=48, description="top encoder layers to fine-tune (0: heads only)")
+    train_layers: int = Field(default=4, ge=0, le=48, description="top encoder layers to fine-tune (0: heads only)")
     batch_size: int | None = Field(
         default=None, ge=2, le=4096, description="pairs per step; default 32 (sim_exp), 64 (classifier)"
     )
@@ -177,6 +177,12 @@ class TrainingParams(BaseModel):
     )
     symmetric: bool | None = Field(default=None, description="also train on (response, prompt): unordered pairs")
     max_length: int | None = Field(default=None, ge=8, le=4096, description="classifier: tokens per pair")
+    lr_schedule: Literal["constant", "linear", "cosine"] | None = Field(
+        default=None,
+        description="learning rates over the run: constant, or linear/cosine decay to 0 after a linear warmup; "
+        "default linear",
+    )
+    warmup: float | None = Field(default=None, ge=0, lt=1, description="share of the steps spent warming up; 0.1")
 
 
 class TrainingRunOut(BaseModel):

@@ -44,8 +44,8 @@ SWEEP: list[dict[str, Any]] = [
     {"objective": "cosent", "symmetric": True},
     {"train_layers": 0},
     {"train_layers": 1},
-    {"train_layers": 3},
-    {"train_layers": 4},
+    {"train_layers": 2},
+    {"train_layers": 6},
     {"lr": 1e-5},
     {"lr": 5e-5},
     {"lr": 1e-4},
@@ -58,6 +58,8 @@ SWEEP: list[dict[str, Any]] = [
     {"batch_size": 128},
     {"n_heads": 4},
     {"epochs": 4},
+    {"lr_schedule": "linear"},
+    {"lr_schedule": "cosine", "epochs": 4},
 ]
 
 
@@ -93,6 +95,7 @@ def main() -> int:
     p.add_argument("--sweep", action="store_true", help="run the configurations, one JSON line each (no STS-B dev)")
     p.add_argument("--configs", type=Path, default=None, help="sweep: JSON Lines of run parameters (default SWEEP)")
     p.add_argument("--seeds", type=int, default=1, help="sweep: seeds per configuration (slices, order, init)")
+    p.add_argument("--first-seed", type=int, default=0, help="sweep: the seeds are first-seed .. first-seed+seeds-1")
     p.add_argument("--limit", type=int, default=None, help="only the first N STS-B train pairs as feedback")
     p.add_argument(
         "--sample",
@@ -217,7 +220,7 @@ def sweep(args: argparse.Namespace, overrides: dict[str, Any], n_feedback: int, 
     with args.out.open("w") as out:
         for config in configs:
             per_seed = []
-            for seed in range(args.seeds):
+            for seed in range(args.first_seed, args.first_seed + args.seeds):
                 # A gate no candidate passes: nothing is promoted, so every run is gated against the base version.
                 given = {**overrides, **config, "seed": seed, "gate_margin": 1.0}
                 with session_scope() as s:

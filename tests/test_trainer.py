@@ -10,7 +10,7 @@ from tests.support import need
 from workers.artifacts import load_version, save_version
 from workers.models.sim_exp import SimExpModel, set_precision
 from workers.registry import default_encoder_path
-from workers.trainer import BestEpoch, Feedback, Preference, Rating, TrainParams, bt_loss, evaluate, fit
+from workers.trainer import BestEpoch, Feedback, Preference, Rating, TrainParams, bt_loss, evaluate, fit, lr_factor
 
 
 @pytest.fixture(scope="module")
@@ -132,3 +132,33 @@ def test_symmetric_sim_exp_training_also_sees_the_swapped_pairs(sts: Feedback):
     data = Feedback(ratings=sts.ratings[:64])
     fit(_model(), data, TrainParams(epochs=1, train_layers=0, batch_size=16, symmetric=True), progress=seen.append)
     assert seen[-1]["total_steps"] == seen[-1]["step"] == 8  # 128 rows: each pair both ways
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
+def test_learning_rate_schedules_warm_up_then_decay_to_zero(schedule: str):
+    f = lr_factor(TrainParams(lr_schedule=schedule, warmup=0.1), total=100)
+    factors = [f(i) for i in range(100)]
+    if schedule == "constant":
+        assert factors == [1.0] * 100
+        return
+    assert factors[:10] == pytest.approx([(i + 1) / 10 for i in range(10)])  # the ramp ends at the peak
+    assert factors[10] == 1.0 and factors[-1] == pytest.approx(1 / 90 if schedule == "linear" else 0.0, abs=1e-3)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:], strict=False))  # then only down
+    if schedule == "linear":
+        assert factors[30] == pytest.approx(70 / 90)
+    else:  # cosine stays higher early on, and lower late
+        assert factors[30] > 70 / 90 + 0.05 and factors[80] < 20 / 90 - 0.05
+
+
+def test_a_run_steps_its_learning_rates_along_the_schedule(sts: Feedback):
+    """8 steps, 2 of them warmup: the last step runs at (8 - 7) / (8 - 2) of the peak, and the optimiser's rates
+    are the peak times that share (progress reports it)."""
+    data = Feedback(ratings=sts.ratings[:64])
+    seen: list[dict] = []
+    params = TrainParams(epochs=2, train_layers=0, batch_size=16, lr_schedule="linear", warmup=0.25)
+    fit(_model(), data, params, progress=seen.append)
+    assert seen[-1]["step"] == 8 and seen[-1]["lr_factor"] == pytest.approx(1 / 6, abs=1e-6)
+    seen.clear()
+    constant = TrainParams(epochs=2, train_layers=0, batch_size=16, lr_schedule="constant")
+    fit(_model(), data, constant, progress=seen.append)
+    assert seen[-1]["lr_factor"] == 1.0

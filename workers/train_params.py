@@ -9,12 +9,12 @@ from typing import Any
 @dataclass
 class TrainParams:
     kind: str = "sim_exp"  # or "classifier": a cross-encoder initialised from the encoder with a new score head
-    epochs: int = 2
-    lr: float = 2e-5  # encoder layers
+    epochs: int = 3
+    lr: float = 5e-5  # encoder layers (the peak, with lr_schedule)
     head_lr: float = 1e-2  # heads, alpha, weight (classifier: the score head)
     alpha_lr: float | None = None  # sim_exp: alpha and weight alone (None: head_lr)
     n_heads: int = 1
-    train_layers: int = 2  # classifier: every layer is trained
+    train_layers: int = 4  # classifier: every layer is trained
     batch_size: int = 32
     heldout_fraction: float = 0.1  # the gate slice: scored once, by the gate only
     validation_fraction: float = 0.05  # the validation slice: picks the best epoch (0: the last epoch is kept)
@@ -23,10 +23,12 @@ class TrainParams:
     seed: int = 0
     symmetric: bool = False  # also train on (response, prompt): for feedback whose pairs are unordered (STS)
     max_length: int = 256  # classifier: tokens of the prompt and response together
+    lr_schedule: str = "linear"  # "constant", or "linear"/"cosine" decay to 0 after a warmup
+    warmup: float = 0.1  # linear/cosine: the share of the steps over which the learning rates ramp up from 0
 
 
 # What differs from the defaults above for a kind (chosen on held-out training feedback, see the README).
-KIND_DEFAULTS: dict[str, dict[str, Any]] = {"classifier": {"epochs": 3, "lr": 1e-4, "head_lr": 2e-3, "batch_size": 64}}
+KIND_DEFAULTS: dict[str, dict[str, Any]] = {"classifier": {"lr": 1e-4, "head_lr": 2e-3, "batch_size": 64}}
 
 
 def params_for(raw: dict[str, Any]) -> TrainParams:

@@ -4,6 +4,7 @@ held-out evaluation the promotion gate reads (any kind: it only needs scores).""
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -82,6 +83,7 @@ class Steps:
         self.window = max(1, self.total // CURVE_POINTS)
         self.curve: list[float] = []
         self.step = 0
+        self.lr_factor = 1.0
         self._win_sum, self._win_n = 0.0, 0
         self._running, self._n = 0.0, 0
         self._t0 = time.perf_counter()
@@ -89,9 +91,11 @@ class Steps:
     def new_epoch(self) -> None:
         self._running, self._n = 0.0, 0
 
-    def record(self, epoch: int, loss: float | None) -> None:
-        """One step done (``loss`` None: the batch implied no comparison)."""
+    def record(self, epoch: int, loss: float | None, lr_factor: float = 1.0) -> None:
+        """One step done (``loss`` None: the batch implied no comparison; ``lr_factor``: the schedule's share of
+        the peak learning rates that the step used)."""
         self.step += 1
+        self.lr_factor = lr_factor
         if loss is None:
             return
         self._running += loss
@@ -109,6 +113,7 @@ class Steps:
                     "step": self.step,
                     "total_steps": self.total,
                     "loss": self._running / max(self._n, 1),
+                    "lr_factor": round(self.lr_factor, 6),
                     "elapsed_s": round(time.perf_counter() - self._t0, 2),
                     "curve": list(self.curve),
                 }
@@ -155,6 +160,23 @@ def _batches(
     return out
 
 
+def lr_factor(params: TrainParams, total: int) -> Callable[[int], float]:
+    """The share of the peak learning rates that step ``i`` (from 0) of ``total`` uses: 1 throughout for the
+    constant schedule, else a linear ramp from 0 over the ``warmup`` share of the steps, then a linear or cosine
+    decay to 0 at the last step."""
+    warm = max(1, int(total * params.warmup + 1e-9))
+
+    def factor(step: int) -> float:
+        if params.lr_schedule == "constant":
+            return 1.0
+        if step < warm:
+            return (step + 1) / warm
+        left = max(0.0, (total - step) / max(1, total - warm))
+        return left if params.lr_schedule == "linear" else 0.5 * (1.0 - math.cos(math.pi * left))
+
+    return factor
+
+
 def fit(
     model: SimExpModel,
     data: Feedback,
@@ -193,7 +215,10 @@ def fit(
         groups.append({"params": [p for layer in layers for p in layer.parameters()], "lr": params.lr})
         model.encoder.train()
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
-    steps = Steps(params.epochs * len(_batches(data, params.batch_size, random.Random(0))), params.epochs, progress)
+    total = params.epochs * len(_batches(data, params.batch_size, random.Random(0)))
+    factor = lr_factor(params, total)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    steps = Steps(total, params.epochs, progress)
     if early_stopping is not None:
         scorer = model if layers else CachedScorer(model.heads, frozen_emb, index)
         early_stopping.bind(scorer, [model.heads, model.encoder])
@@ -206,11 +231,13 @@ def fit(
                 loss = _bt_loss(model.heads, emb, batch, {t: i for i, t in enumerate(batch_texts)}, params.objective)
             else:
                 loss = _bt_loss(model.heads, frozen_emb, batch, index, params.objective)
+            used = factor(sched.last_epoch)
             if loss is not None:
                 opt.zero_grad()
                 loss.backward()  # type: ignore[no-untyped-call]
                 opt.step()
-            steps.record(epoch, None if loss is None else float(loss.detach()))
+            sched.step()
+            steps.record(epoch, None if loss is None else float(loss.detach()), used)
         if early_stopping is not None and early_stopping.after_epoch(epoch):
             break
     if early_stopping is not None:
@@ -255,10 +282,8 @@ def fit_classifier(
         [{"params": body, "lr": params.lr}, {"params": head, "lr": params.head_lr}], weight_decay=0.01
     )
     total = params.epochs * len(_batches(data, params.batch_size, random.Random(0)))
-    warm = max(1, total // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / (total - warm or 1)))
-    )
+    factor = lr_factor(params, total)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     steps = Steps(total, params.epochs, progress)
     model.model.train()
     if early_stopping is not None:
@@ -267,12 +292,13 @@ def fit_classifier(
         steps.new_epoch()
         for batch in _batches(data, params.batch_size, rng, length):
             loss = bt_loss(batch, model.forward, params.objective)
+            used = factor(sched.last_epoch)
             if loss is not None:
                 opt.zero_grad()
                 loss.backward()  # type: ignore[no-untyped-call]
                 opt.step()
             sched.step()
-            steps.record(epoch, None if loss is None else float(loss.detach()))
+            steps.record(epoch, None if loss is None else float(loss.detach()), used)
         if early_stopping is not None and early_stopping.after_epoch(epoch):
             break
     if early_stopping is not None:
