@@ -128,8 +128,7 @@ def _fit(
         )
         # REWARDQ_PRECISION=fast trains in bf16 autocast on fp32 weights; the version is saved, evaluated and served
         # in float32, so its scores stay exact.
-        model.train_autocast = resolve_autocast(settings, model.device.type)
-        model.train_autocast = model.train_autocast if model.train_autocast == "bf16" else "off"
+        model.train_autocast = "bf16" if resolve_autocast(settings, model.device.type) == "bf16" else "off"
         return model, fit_classifier(model, train, params, progress=progress, early_stopping=early), base_name
     if params.kind != "sim_exp":
         raise RunError(f"training is available for the sim_exp and classifier kinds, not {params.kind!r}")

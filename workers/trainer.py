@@ -75,15 +75,19 @@ def _bt_loss(heads: Heads, emb: torch.Tensor, batch: Sequence[Rating | Preferenc
 
 
 class Steps:
-    """Counts optimisation steps, reports progress, and keeps the loss curve: the mean loss over windows of
-    steps, about CURVE_POINTS points whatever the run's length."""
+    """Takes a run's optimisation steps with its learning-rate schedule (``params.lr_schedule``), counts them,
+    reports progress, and keeps the loss curve: the mean loss over windows of steps, about CURVE_POINTS points
+    whatever the run's length."""
 
-    def __init__(self, total: int, epochs: int, progress: ProgressFn | None):
-        self.total, self.epochs, self.progress = max(1, total), epochs, progress
+    def __init__(self, opt: torch.optim.Optimizer, params: TrainParams, batches: int, progress: ProgressFn | None):
+        self.total, self.epochs, self.progress = max(1, params.epochs * batches), params.epochs, progress
+        self.opt = opt
+        self.factor = lr_factor(params, self.total)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(opt, self.factor)
         self.window = max(1, self.total // CURVE_POINTS)
         self.curve: list[float] = []
         self.step = 0
-        self.lr_factor = 1.0
+        self.lr_factor = 1.0  # the share of the peak learning rates that the last step used
         self._win_sum, self._win_n = 0.0, 0
         self._running, self._n = 0.0, 0
         self._t0 = time.perf_counter()
@@ -91,16 +95,22 @@ class Steps:
     def new_epoch(self) -> None:
         self._running, self._n = 0.0, 0
 
-    def record(self, epoch: int, loss: float | None, lr_factor: float = 1.0) -> None:
-        """One step done (``loss`` None: the batch implied no comparison; ``lr_factor``: the schedule's share of
-        the peak learning rates that the step used)."""
+    def take(self, epoch: int, loss: torch.Tensor | None) -> None:
+        """One step of epoch ``epoch`` (from 0) on ``loss``, at the schedule's rates; ``loss`` None: the batch
+        implied no comparison, so the weights stay but the step counts."""
+        self.lr_factor = self.factor(self.step)
+        if loss is not None:
+            self.opt.zero_grad()
+            loss.backward()  # type: ignore[no-untyped-call]
+            self.opt.step()
+        self.sched.step()
         self.step += 1
-        self.lr_factor = lr_factor
         if loss is None:
             return
-        self._running += loss
+        value = float(loss.detach())
+        self._running += value
         self._n += 1
-        self._win_sum += loss
+        self._win_sum += value
         self._win_n += 1
         if self.step % self.window == 0:
             self.curve.append(self._win_sum / self._win_n)
@@ -215,10 +225,7 @@ def fit(
         groups.append({"params": [p for layer in layers for p in layer.parameters()], "lr": params.lr})
         model.encoder.train()
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
-    total = params.epochs * len(_batches(data, params.batch_size, random.Random(0)))
-    factor = lr_factor(params, total)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-    steps = Steps(total, params.epochs, progress)
+    steps = Steps(opt, params, len(_batches(data, params.batch_size, random.Random(0))), progress)
     if early_stopping is not None:
         scorer = model if layers else CachedScorer(model.heads, frozen_emb, index)
         early_stopping.bind(scorer, [model.heads, model.encoder])
@@ -231,13 +238,7 @@ def fit(
                 loss = _bt_loss(model.heads, emb, batch, {t: i for i, t in enumerate(batch_texts)}, params.objective)
             else:
                 loss = _bt_loss(model.heads, frozen_emb, batch, index, params.objective)
-            used = factor(sched.last_epoch)
-            if loss is not None:
-                opt.zero_grad()
-                loss.backward()  # type: ignore[no-untyped-call]
-                opt.step()
-            sched.step()
-            steps.record(epoch, None if loss is None else float(loss.detach()), used)
+            steps.take(epoch, loss)
         if early_stopping is not None and early_stopping.after_epoch(epoch):
             break
     if early_stopping is not None:
@@ -281,24 +282,14 @@ def fit_classifier(
     opt = torch.optim.AdamW(
         [{"params": body, "lr": params.lr}, {"params": head, "lr": params.head_lr}], weight_decay=0.01
     )
-    total = params.epochs * len(_batches(data, params.batch_size, random.Random(0)))
-    factor = lr_factor(params, total)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-    steps = Steps(total, params.epochs, progress)
+    steps = Steps(opt, params, len(_batches(data, params.batch_size, random.Random(0))), progress)
     model.model.train()
     if early_stopping is not None:
         early_stopping.bind(model, [model.model])
     for epoch in range(params.epochs):
         steps.new_epoch()
         for batch in _batches(data, params.batch_size, rng, length):
-            loss = bt_loss(batch, model.forward, params.objective)
-            used = factor(sched.last_epoch)
-            if loss is not None:
-                opt.zero_grad()
-                loss.backward()  # type: ignore[no-untyped-call]
-                opt.step()
-            sched.step()
-            steps.record(epoch, None if loss is None else float(loss.detach()), used)
+            steps.take(epoch, bt_loss(batch, model.forward, params.objective))
         if early_stopping is not None and early_stopping.after_epoch(epoch):
             break
     if early_stopping is not None:
