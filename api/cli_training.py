@@ -51,7 +51,7 @@ _TRAIN_OPTIONS = [
         default=None,
         help="sim_exp: heads and top encoder layers; classifier: a cross-encoder  [default: sim_exp]",
     ),
-    click.option("--epochs", type=int, default=None, help="passes over the training split  [default: 3]"),
+    click.option("--epochs", type=int, default=None, help="passes over the training split  [default: 3; classifier 2]"),
     click.option(
         "--lr",
         type=float,

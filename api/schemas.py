@@ -138,7 +138,9 @@ class TrainingParams(BaseModel):
 
     model_config = {"extra": "forbid"}
 
-    epochs: int | None = Field(default=None, ge=1, le=100, description="passes over the training slice; default 3")
+    epochs: int | None = Field(
+        default=None, ge=1, le=100, description="passes over the training slice; default 3 (sim_exp), 2 (classifier)"
+    )
     lr: float | None = Field(
         default=None,
         gt=0,
