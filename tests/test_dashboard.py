@@ -25,6 +25,7 @@ from api.procs import Proc, free_port, start_api
 from api.samples import load_sts
 from tests.conftest import POISON
 from tests.support import CHROMIUM, CHROMIUM_ARGS, Stack, need, seed_scored_job, wait_js
+from workers.train_params import TrainParams
 
 SHOTS = os.environ.get("REWARDQ_SCREENSHOTS")
 
@@ -286,12 +287,16 @@ def test_schedules_are_added_and_deleted_from_the_page(ui: Ui, browser: Any) -> 
     _loaded(page)
     page.fill("input[name=cron]", "17 3 * * 1")
     page.fill("input[name=min_new_feedback]", "25")
+    page.fill("input[name=epochs]", "")  # blank: the API's default, not one the page makes up
+    page.fill("input[name=train_layers]", "")
     page.click("#add-schedule button[type=submit]")
     row = page.locator("tr[data-schedule]", has_text="17 3 * * 1")
     row.wait_for(timeout=15_000)
     with ui.client("alice") as c:
         mine = [s for s in c.schedules() if s["cron"] == "17 3 * * 1"]
     assert len(mine) == 1 and mine[0]["min_new_feedback"] == 25
+    defaults = TrainParams()
+    assert (mine[0]["params"]["epochs"], mine[0]["params"]["train_layers"]) == (defaults.epochs, defaults.train_layers)
     # A bad cron is refused with the API's message, and nothing is added.
     page.fill("input[name=cron]", "every tuesday")
     page.click("#add-schedule button[type=submit]")

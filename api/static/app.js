@@ -408,8 +408,10 @@ function schedulesPage() {
   form.addEventListener("submit", async (ev) => {
     ev.preventDefault();
     const f = new FormData(form);
-    const payload = { cron: f.get("cron").trim(), min_new_feedback: Number(f.get("min_new_feedback") || 0),
-      params: { epochs: Number(f.get("epochs") || 2), train_layers: Number(f.get("train_layers") || 0) } };
+    // A field left blank is left out, so the run takes the API's default for it (not a value made up here).
+    const params = Object.fromEntries(["epochs", "train_layers"].filter((k) => String(f.get(k) ?? "").trim() !== "")
+      .map((k) => [k, Number(f.get(k))]));
+    const payload = { cron: f.get("cron").trim(), min_new_feedback: Number(f.get("min_new_feedback") || 0), params };
     try { await api("/v1/schedules", { method: "POST", body: JSON.stringify(payload) }); form.reset(); flash("schedule added"); }
     catch (e) { flash(e.message, true); }
     await load();
