@@ -25,7 +25,7 @@ from api.procs import Proc, free_port, start_api
 from api.samples import load_sts
 from tests.conftest import POISON
 from tests.support import CHROMIUM, CHROMIUM_ARGS, Stack, need, seed_scored_job, wait_js
-from workers.train_params import TrainParams
+from workers.train_params import TrainParams, params_for
 
 SHOTS = os.environ.get("REWARDQ_SCREENSHOTS")
 
@@ -297,6 +297,17 @@ def test_schedules_are_added_and_deleted_from_the_page(ui: Ui, browser: Any) -> 
     assert len(mine) == 1 and mine[0]["min_new_feedback"] == 25
     defaults = TrainParams()
     assert (mine[0]["params"]["epochs"], mine[0]["params"]["train_layers"]) == (defaults.epochs, defaults.train_layers)
+    # A classifier schedule: the kind's own defaults, and no layer count (a classifier run trains every layer).
+    page.select_option("select[name=kind]", "classifier")
+    assert page.is_disabled("input[name=train_layers]")
+    page.fill("input[name=cron]", "18 3 * * 1")
+    page.click("#add-schedule button[type=submit]")
+    page.locator("tr[data-schedule]", has_text="18 3 * * 1").wait_for(timeout=15_000)
+    with ui.client("alice") as c:
+        [clf] = [s for s in c.schedules() if s["cron"] == "18 3 * * 1"]
+        c.delete_schedule(clf["schedule_id"])
+    assert (clf["params"]["kind"], clf["params"]["epochs"]) == ("classifier", params_for({"kind": "classifier"}).epochs)
+    assert page.input_value("select[name=kind]") == "sim_exp" and not page.is_disabled("input[name=train_layers]")
     # A bad cron is refused with the API's message, and nothing is added.
     page.fill("input[name=cron]", "every tuesday")
     page.click("#add-schedule button[type=submit]")

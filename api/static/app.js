@@ -385,11 +385,25 @@ function runPage(runId) {
 function schedulesPage() {
   const body = h("div", { id: "schedules" });
   const field = (label, attrs) => h("label", {}, label, h("input", attrs));
+  // Epochs and layers start blank, showing the kind's defaults (README, training parameters): a blank field is
+  // left out of the request, so the API fills in the kind's default.
+  const kind = h("select", { name: "kind" }, h("option", { value: "sim_exp" }, "sim_exp"),
+    h("option", { value: "classifier" }, "classifier (cross-encoder)"));
+  const epochs = h("input", { name: "epochs", type: "number", min: 1, max: 100, style: "width:80px" });
+  const layers = h("input", { name: "train_layers", type: "number", min: 0, max: 48, style: "width:90px" });
+  const byKind = () => {
+    const clf = kind.value === "classifier";
+    epochs.placeholder = clf ? "2" : "3";
+    layers.placeholder = clf ? "all" : "4";
+    layers.disabled = clf; // a classifier run trains every layer
+    if (clf) layers.value = "";
+  };
+  kind.addEventListener("change", byKind);
+  byKind();
   const form = h("form", { class: "inline", id: "add-schedule" },
     field("cron (UTC)", { name: "cron", required: true, placeholder: "0 3 * * *", size: 16 }),
     field("min new feedback", { name: "min_new_feedback", type: "number", min: 0, value: 0, style: "width:110px" }),
-    field("epochs", { name: "epochs", type: "number", min: 1, max: 100, value: 3, style: "width:80px" }),
-    field("train layers", { name: "train_layers", type: "number", min: 0, max: 48, value: 4, style: "width:90px" }),
+    h("label", {}, "kind", kind), h("label", {}, "epochs", epochs), h("label", {}, "train layers", layers),
     h("button", { type: "submit" }, "Add schedule"));
   const load = async () => {
     const { schedules } = await api("/v1/schedules");
@@ -408,11 +422,15 @@ function schedulesPage() {
   form.addEventListener("submit", async (ev) => {
     ev.preventDefault();
     const f = new FormData(form);
-    // A field left blank is left out, so the run takes the API's default for it (not a value made up here).
+    // A blank field is left out: the API fills in the kind's default, never a value made up here.
     const params = Object.fromEntries(["epochs", "train_layers"].filter((k) => String(f.get(k) ?? "").trim() !== "")
       .map((k) => [k, Number(f.get(k))]));
+    params.kind = f.get("kind");
     const payload = { cron: f.get("cron").trim(), min_new_feedback: Number(f.get("min_new_feedback") || 0), params };
-    try { await api("/v1/schedules", { method: "POST", body: JSON.stringify(payload) }); form.reset(); flash("schedule added"); }
+    try {
+      await api("/v1/schedules", { method: "POST", body: JSON.stringify(payload) });
+      form.reset(); byKind(); flash("schedule added");
+    }
     catch (e) { flash(e.message, true); }
     await load();
   });
