@@ -247,12 +247,17 @@ def sweep(
     configs = SWEEP if args.configs is None else [json.loads(x) for x in args.configs.read_text().splitlines() if x]
     configs = configs[: args.only] if args.only else configs
     folds = folds_of(train, args.folds) if args.folds else []
-    for i, fold in enumerate(folds):  # tenant fold-i holds the feedback of every fold but i
+    for i, fold in enumerate(folds):  # tenant fold-i holds the feedback of every fold but i, in train's order
         held = {id(x) for x in fold}
         with session_scope() as s:
             trepo.add_feedback(s, tenant=f"fold-{i}", rows=rating_rows([x for x in train if id(x) not in held]))
     held_out = [Feedback(ratings=[Rating(x["prompt"], x["response"], x["rating"]) for x in f]) for f in folds]
-    base_on_fold = [evaluate(engine.get_model(base), h, max_rated_pairs=len(h)) for h in held_out]
+
+    def on_fold(version: str, i: int) -> dict[str, Any]:
+        """``version``'s metrics on fold ``i`` (every pair of it)."""
+        return evaluate(engine.get_model(version), held_out[i], max_rated_pairs=len(held_out[i]))
+
+    base_on_fold = [on_fold(base, i) for i in range(len(folds))]
     seeds = range(len(folds)) if folds else range(args.first_seed, args.first_seed + args.seeds)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("w") as out:
@@ -267,9 +272,7 @@ def sweep(
                     run_id = trepo.create_run(s, tenant=tenant, params=params).id
                 status, wall, run = run_and_read(run_id)
                 metrics, error, version = dict(run.metrics), run.error, run.result_version
-                on_fold = None
-                if version and folds and not error:
-                    on_fold = evaluate(engine.get_model(version), held_out[seed], max_rated_pairs=len(held_out[seed]))
+                fold = on_fold(version, seed) if version and folds and not error else None
                 if version:
                     shutil.rmtree(tmp / "artifacts" / version, ignore_errors=True)
                 if error or "candidate" not in metrics:
@@ -285,7 +288,7 @@ def sweep(
                         "validation": chosen,
                         "train_seconds": metrics["train_seconds"],
                         "run_seconds": round(wall, 2),
-                        **({"fold": on_fold, "base_on_fold": base_on_fold[seed]} if folds else {}),
+                        **({"fold": fold, "base_on_fold": base_on_fold[seed]} if folds else {}),
                     }
                 )
             ok = [x for x in per_seed if "gate" in x]

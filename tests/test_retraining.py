@@ -308,6 +308,14 @@ def test_schedule_fires_once_per_slot_with_two_beats_and_stops_when_deleted(db_u
         with get_sessionmaker(db_url)() as s:
             return list(s.query(TrainingRun).filter_by(schedule_id=sched_id))
 
+    def end_queued() -> None:
+        """A stand-in for the worker: each queued run of the schedule ends (the gate kept the active version), so
+        the next slot fires; a schedule never queues a run while one of its runs has not ended."""
+        with session_scope(db_url) as s:
+            s.query(TrainingRun).filter_by(schedule_id=every2["schedule_id"], status="queued").update(
+                {"status": "rejected"}
+            )
+
     def depth(queue: str) -> int:
         """Messages for this schedule's runs (the beats' sweeper may also re-enqueue other tests' stranded runs)."""
         ids = [r.id.encode() for r in runs_of(every2["schedule_id"])]
@@ -319,12 +327,7 @@ def test_schedule_fires_once_per_slot_with_two_beats_and_stops_when_deleted(db_u
         # Stop the beats between ticks, once every run seen is also enqueued: a beat stopped right after
         # it committed a run and before it enqueued it would leave that run queued with no message.
         def settled() -> bool:
-            # A stand-in for the worker: each run ends (the gate kept the active version), so the next slot fires;
-            # a schedule never queues a run while one of its runs has not ended.
-            with session_scope(db_url) as s:
-                s.query(TrainingRun).filter_by(schedule_id=every2["schedule_id"], status="queued").update(
-                    {"status": "rejected"}
-                )
+            end_queued()
             n = len(runs_of(every2["schedule_id"]))
             return n >= 3 and depth(queue) == n
 
@@ -333,12 +336,9 @@ def test_schedule_fires_once_per_slot_with_two_beats_and_stops_when_deleted(db_u
         for b in beats:
             b.stop()
         # A slot that came due while the beats were being stopped (one by one) left a run queued for this tenant,
-        # with no worker on its queue: end it as the stand-in worker would, or the tests after this one find the
-        # tenant's one run at a time taken (409).
-        with session_scope(db_url) as s:
-            s.query(TrainingRun).filter_by(schedule_id=every2["schedule_id"], status="queued").update(
-                {"status": "rejected"}
-            )
+        # with no worker on its queue: end it, or the tests after this one find the tenant's one run at a time
+        # taken (409).
+        end_queued()
     fired = runs_of(every2["schedule_id"])
     slots = [r.scheduled_for for r in fired]
     assert len(slots) == len(set(slots)), "a slot fired twice"
