@@ -285,6 +285,11 @@ def test_a_run_is_claimed_once_a_dead_workers_run_is_taken_over_and_a_lost_one_r
         assert sum(any(x.encode() in m for x in mine) for m in r.lrange(queue, 0, -1)) == 3  # d once, b and c again
         assert not mine & set(sweep_runs())  # and only once
     finally:
+        # End this test's runs: left queued or running, the sweeper of a later test's worker would take them over.
+        with session_scope(db_url) as s:
+            s.query(TrainingRun).filter(TrainingRun.tenant.like(f"{tenant}-%")).update(
+                {"status": "failed"}, synchronize_session=False
+            )
         r.delete(queue, liveness.PREFIX + live)
         monkeypatch.delenv("REWARDQ_TRAINING_QUEUE")
         get_settings.cache_clear()
