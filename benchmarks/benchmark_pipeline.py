@@ -326,7 +326,7 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "pipeline.json")
     args = p.parse_args()
     from storage.settings import get_settings
-    from workers.precision import matrix_flags
+    from workers.precision import cpu_model, matrix_flags
 
     batch_size = get_settings().batch_size
     profiles = [x for x in args.profiles.split(",") if x]
@@ -411,6 +411,7 @@ def main() -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"cpus": os.cpu_count(), "repeat": args.repeat, "batch_size": batch_size, "nonce": nonce,
             "profiles": profiles, "peers": peers, "skipped": skipped, "cpu_flags": matrix_flags()}  # fmt: skip
+    meta["cpu_model"] = cpu_model()
     args.out.write_text(json.dumps({"meta": meta, "rows": rows, "ingestion": ingest}, indent=1))
     print(f"wrote {args.out}")
     return 0

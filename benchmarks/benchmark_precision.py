@@ -41,7 +41,7 @@ def main() -> int:
     from api.samples import load_sts
     from storage.settings import Settings
     from workers.models.sim_exp import load_sim_exp
-    from workers.precision import cpu_bf16_flag, matrix_flags
+    from workers.precision import cpu_bf16_flag, cpu_model, matrix_flags
 
     torch.set_num_threads(args.threads)
     flag = cpu_bf16_flag()
@@ -148,6 +148,7 @@ def main() -> int:
         "python": platform.python_version(),
         "pairs": len(dev),
         "cpu_flags": matrix_flags(),
+        "cpu_model": cpu_model(),
         "texts": len(texts),
     }
     for mode, row in rows.items():

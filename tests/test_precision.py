@@ -12,14 +12,17 @@ import pytest
 
 from storage.settings import Settings
 from tests.support import need
-from workers.precision import cpu_bf16_flag, resolve_autocast
+from workers.precision import cpu_bf16_flag, cpu_model, resolve_autocast
 
 
 def test_the_fast_profile_follows_the_hardware_and_says_why_it_falls_back(tmp_path: Path, caplog):
     plain, amx = tmp_path / "plain", tmp_path / "amx"
     plain.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f\n")
-    amx.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile\n")
+    amx.write_text(
+        "processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Gold\nflags\t\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile\n"
+    )
     assert cpu_bf16_flag(plain) is None and cpu_bf16_flag(amx) == "amx_bf16"
+    assert (cpu_model(amx), cpu_model(plain), cpu_model(tmp_path / "absent")) == ("Intel(R) Xeon(R) Gold", "", "")
     assert cpu_bf16_flag(tmp_path / "absent") is None
     assert resolve_autocast(Settings(), "cpu", amx) == "off"  # exact is the default
     fast = Settings(precision="fast")

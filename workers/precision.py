@@ -23,6 +23,15 @@ def matrix_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str]:
     return sorted(f for f in cpu_flags(cpuinfo) if "amx" in f or "bf16" in f or "vnni" in f)
 
 
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's model name, as /proc/cpuinfo gives it (empty where it cannot be read): what the benchmarks report."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return ""
+    return next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "")
+
+
 def cpu_bf16_flag(cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
     """The CPU feature that makes bf16 matrix products native here (AMX first, then AVX512-BF16), or None."""
     flags = cpu_flags(cpuinfo)
