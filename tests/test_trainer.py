@@ -10,7 +10,19 @@ from tests.support import need
 from workers.artifacts import load_version, save_version
 from workers.models.sim_exp import SimExpModel, set_precision
 from workers.registry import default_encoder_path
-from workers.trainer import BestEpoch, Feedback, Preference, Rating, TrainParams, bt_loss, evaluate, fit, lr_factor
+from workers.trainer import (
+    BestEpoch,
+    Feedback,
+    Preference,
+    Rating,
+    TrainParams,
+    _batches,
+    _n_batches,
+    bt_loss,
+    evaluate,
+    fit,
+    lr_factor,
+)
 
 
 @pytest.fixture(scope="module")
@@ -162,3 +174,17 @@ def test_a_run_steps_its_learning_rates_along_the_schedule(sts: Feedback):
     constant = TrainParams(epochs=2, train_layers=0, batch_size=16, lr_schedule="constant")
     fit(_model(), data, constant, progress=seen.append)
     assert seen[-1]["lr_factor"] == 1.0
+
+
+@pytest.mark.parametrize("size", [1, 7, 32])
+def test_the_step_count_is_the_number_of_batches_cut(size: int):
+    import random
+
+    for n_ratings, n_prefs in ((0, 0), (5, 0), (0, 33), (64, 65), (100, 1)):
+        data = Feedback(
+            [Rating("p", f"r{i}", float(i)) for i in range(n_ratings)],
+            [Preference("p", f"c{i}", "x") for i in range(n_prefs)],
+        )
+        cut = _batches(data, size, random.Random(0), length=lambda row: len(str(row)))
+        assert _n_batches(data, size) == len(cut)
+        assert all(len({type(x) for x in b}) == 1 and len(b) <= size for b in cut)  # one kind of feedback per batch

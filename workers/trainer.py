@@ -170,6 +170,11 @@ def _batches(
     return out
 
 
+def _n_batches(data: Feedback, size: int) -> int:
+    """How many batches ``_batches`` cuts ``data`` into (one kind of feedback per batch), without cutting them."""
+    return sum(-(-len(rows) // size) for rows in (data.ratings, data.preferences))
+
+
 def lr_factor(params: TrainParams, total: int) -> Callable[[int], float]:
     """The share of the peak learning rates that step ``i`` (from 0) of ``total`` uses: 1 throughout for the
     constant schedule, else a linear ramp from 0 over the ``warmup`` share of the steps, then a linear or cosine
@@ -225,7 +230,7 @@ def fit(
         groups.append({"params": [p for layer in layers for p in layer.parameters()], "lr": params.lr})
         model.encoder.train()
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
-    steps = Steps(opt, params, len(_batches(data, params.batch_size, random.Random(0))), progress)
+    steps = Steps(opt, params, _n_batches(data, params.batch_size), progress)
     if early_stopping is not None:
         scorer = model if layers else CachedScorer(model.heads, frozen_emb, index)
         early_stopping.bind(scorer, [model.heads, model.encoder])
@@ -282,7 +287,7 @@ def fit_classifier(
     opt = torch.optim.AdamW(
         [{"params": body, "lr": params.lr}, {"params": head, "lr": params.head_lr}], weight_decay=0.01
     )
-    steps = Steps(opt, params, len(_batches(data, params.batch_size, random.Random(0))), progress)
+    steps = Steps(opt, params, _n_batches(data, params.batch_size), progress)
     model.model.train()
     if early_stopping is not None:
         early_stopping.bind(model, [model.model])
