@@ -346,6 +346,10 @@ class Client:
         """Start a fine-tuning run now (parameters as in POST /v1/training-runs); returns the run."""
         return dict(self._request("POST", "/v1/training-runs", json=params or None))
 
+    def training_defaults(self) -> dict[str, dict[str, Any]]:
+        """Every parameter a run of each trainable kind uses when it is not given (GET /v1/training-runs/defaults)."""
+        return dict(self._request("GET", "/v1/training-runs/defaults")["kinds"])
+
     def training_run(self, run_id: str) -> dict[str, Any]:
         return dict(self._request("GET", f"/v1/training-runs/{run_id}"))
 

@@ -208,6 +208,12 @@ class TrainingRunList(BaseModel):
     runs: list[TrainingRunOut]
 
 
+class TrainingDefaults(BaseModel):
+    kinds: dict[str, dict[str, Any]] = Field(
+        description="for each trainable kind, every parameter a run of that kind uses when the request leaves it out"
+    )
+
+
 class ModelVersionOut(BaseModel):
     version: str
     kind: str = Field(description="sim_exp, classifier or likelihood")

@@ -285,6 +285,10 @@ def test_schedules_are_added_and_deleted_from_the_page(ui: Ui, browser: Any) -> 
     page.on("dialog", lambda d: d.accept())
     page.goto(ui.base + "/ui/schedules")
     _loaded(page)
+    # The blank fields show the kind's defaults, as the API lists them (GET /v1/training-runs/defaults).
+    placeholders = "() => ['epochs', 'train_layers'].map((n) => document.querySelector(`input[name=${n}]`).placeholder)"
+    page.wait_for_function(f"({placeholders})()[0] !== ''")
+    assert page.evaluate(placeholders) == [str(TrainParams().epochs), str(TrainParams().train_layers)]
     page.fill("input[name=cron]", "17 3 * * 1")
     page.fill("input[name=min_new_feedback]", "25")
     page.fill("input[name=epochs]", "")  # blank: the API's default, not one the page makes up
@@ -300,13 +304,16 @@ def test_schedules_are_added_and_deleted_from_the_page(ui: Ui, browser: Any) -> 
     # A classifier schedule: the kind's own defaults, and no layer count (a classifier run trains every layer).
     page.select_option("select[name=kind]", "classifier")
     assert page.is_disabled("input[name=train_layers]")
+    assert page.evaluate(placeholders) == [str(params_for({"kind": "classifier"}).epochs), "all"]
     page.fill("input[name=cron]", "18 3 * * 1")
     page.click("#add-schedule button[type=submit]")
     page.locator("tr[data-schedule]", has_text="18 3 * * 1").wait_for(timeout=15_000)
     with ui.client("alice") as c:
         [clf] = [s for s in c.schedules() if s["cron"] == "18 3 * * 1"]
         c.delete_schedule(clf["schedule_id"])
+        listed = c.training_defaults()
     assert (clf["params"]["kind"], clf["params"]["epochs"]) == ("classifier", params_for({"kind": "classifier"}).epochs)
+    assert listed["classifier"]["epochs"] == clf["params"]["epochs"] and listed["sim_exp"]["train_layers"] == 4
     assert page.input_value("select[name=kind]") == "sim_exp" and not page.is_disabled("input[name=train_layers]")
     # A bad cron is refused with the API's message, and nothing is added.
     page.fill("input[name=cron]", "every tuesday")
@@ -318,6 +325,16 @@ def test_schedules_are_added_and_deleted_from_the_page(ui: Ui, browser: Any) -> 
         assert all(s["cron"] != "17 3 * * 1" for s in c.schedules())
     # The refused cron logged a failed request (422) in the console; nothing else may have.
     assert all("422" in e for e in errors), errors
+    ctx.close()
+    # The page takes the defaults from the API, never numbers of its own: answered other ones, it shows those.
+    ctx, page, _ = _page(browser, ui, "alice")
+    other = {"sim_exp": {"epochs": 7, "train_layers": 5}, "classifier": {"epochs": 9, "train_layers": 4}}
+    page.route("**/v1/training-runs/defaults", lambda route: route.fulfill(json={"kinds": other}))
+    page.goto(ui.base + "/ui/schedules")
+    page.wait_for_function(f"({placeholders})()[0] !== ''")
+    assert page.evaluate(placeholders) == ["7", "5"]
+    page.select_option("select[name=kind]", "classifier")
+    assert page.evaluate(placeholders) == ["9", "all"]
     ctx.close()
 
 

@@ -129,3 +129,15 @@ def test_beat_holds_an_older_schedule_to_the_minimum_interval(db_url: str, monke
         nxt = s.get(Schedule, sched_id).next_run_at
         s.delete(s.get(Schedule, sched_id))
     assert (cron.as_utc(nxt) - cron.as_utc(slot)).total_seconds() >= get_settings().min_schedule_interval_s == 300
+
+
+@pytest.mark.parametrize("kind", ["sim_exp", "classifier"])
+def test_the_listed_defaults_are_what_a_run_without_parameters_uses(tenant_client: tuple[TestClient, str], kind: str):
+    c, _ = tenant_client
+    kinds = c.get("/v1/training-runs/defaults").json()["kinds"]
+    assert set(kinds) == {"sim_exp", "classifier"} and kinds["classifier"]["epochs"] != kinds["sim_exp"]["epochs"]
+    assert c.post("/v1/feedback", json=RATINGS).status_code == 201
+    run = c.post("/v1/training-runs", json={"kind": kind})
+    assert run.status_code == 202, run.text
+    stored = run.json()["params"]
+    assert {k: stored[k] for k in kinds[kind]} == kinds[kind]

@@ -129,3 +129,26 @@ def test_failed_authentications_are_limited_per_client_address(fresh_db: str, le
     what = f"{default} wrong keys in a minute from one address, then the right one"
     outcome = "401 each, then 429 for any key from that address (API and dashboard); other addresses served"
     ledger.add("auth", what, "SQLite", outcome)
+
+
+def test_every_api_route_needs_a_key(fresh_db: str):
+    """Each route of the API reference, walked from the app's OpenAPI schema (so a route added later is covered
+    without a change here), answers 401 without a key and with a wrong one; only liveness is open."""
+    import re
+
+    with session_scope(fresh_db) as s:
+        create_key(s, tenant="solo")
+    with make_client(fresh_db, "test-secure", **SECURE) as c:
+        paths = c.app.openapi()["paths"]
+        assert {"/v1/jobs", "/v1/training-runs/defaults", "/v1/score", "/get_reward", "/metrics"} <= set(paths)
+        checked = 0
+        for path, methods in paths.items():
+            if path == "/healthz":
+                continue
+            for method in methods:
+                for headers in ({}, {"Authorization": "Bearer " + "x" * 40}):
+                    url = re.sub(r"\{[^}]+\}", "abc123", path)
+                    status = c.request(method.upper(), url, headers=headers, json={}).status_code
+                    assert status == 401, (method, path, headers, status)
+                    checked += 1
+    assert checked >= 2 * 25

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from datetime import datetime, timezone
 from typing import Annotated
 
@@ -14,6 +15,7 @@ from api.schemas import (
     ScheduleIn,
     ScheduleList,
     ScheduleOut,
+    TrainingDefaults,
     TrainingParams,
     TrainingRunList,
     TrainingRunOut,
@@ -23,7 +25,7 @@ from storage import repository as repo
 from storage import training_repository as trepo
 from storage.models import Schedule, TrainingRun
 from workers.messages import enqueue_training_run
-from workers.train_params import params_for, planned_steps, resolved
+from workers.train_params import TRAINABLE_KINDS, params_for, planned_steps, resolved
 
 runs = APIRouter(prefix="/v1/training-runs", tags=["training"])
 schedules = APIRouter(prefix="/v1/schedules", tags=["schedules"])
@@ -104,6 +106,13 @@ def _check_steps(chosen: dict[str, object], n_feedback: int, limit: int) -> None
 def list_runs(session: SessionDep, tenant: TenantDep, limit: Annotated[int, Query(ge=1, le=500)] = 50
               ) -> TrainingRunList:  # fmt: skip
     return TrainingRunList(runs=[run_out(r) for r in trepo.list_runs(session, tenant=tenant, limit=limit)])
+
+
+@runs.get("/defaults", response_model=TrainingDefaults)
+def training_defaults(tenant: TenantDep) -> TrainingDefaults:
+    """Every parameter a run of each trainable kind uses when the request leaves it out (the dashboard's
+    placeholders come from here)."""
+    return TrainingDefaults(kinds={kind: asdict(params_for({"kind": kind})) for kind in TRAINABLE_KINDS})
 
 
 @runs.get("/{run_id}", response_model=TrainingRunOut)

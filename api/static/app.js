@@ -385,16 +385,18 @@ function runPage(runId) {
 function schedulesPage() {
   const body = h("div", { id: "schedules" });
   const field = (label, attrs) => h("label", {}, label, h("input", attrs));
-  // Epochs and layers start blank, showing the kind's defaults (README, training parameters): a blank field is
+  // Epochs and layers start blank, showing the kind's defaults (GET /v1/training-runs/defaults): a blank field is
   // left out of the request, so the API fills in the kind's default.
   const kind = h("select", { name: "kind" }, h("option", { value: "sim_exp" }, "sim_exp"),
     h("option", { value: "classifier" }, "classifier (cross-encoder)"));
   const epochs = h("input", { name: "epochs", type: "number", min: 1, max: 100, style: "width:80px" });
   const layers = h("input", { name: "train_layers", type: "number", min: 0, max: 48, style: "width:90px" });
+  let defaults = {}; // each trainable kind's defaults, once the API has answered
   const byKind = () => {
     const clf = kind.value === "classifier";
-    epochs.placeholder = clf ? "2" : "3";
-    layers.placeholder = clf ? "all" : "4";
+    const own = defaults[kind.value] || {};
+    epochs.placeholder = own.epochs ?? "";
+    layers.placeholder = clf ? "all" : own.train_layers ?? "";
     layers.disabled = clf; // a classifier run trains every layer
     if (clf) layers.value = "";
   };
@@ -438,6 +440,8 @@ function schedulesPage() {
     card("Add a retraining schedule", form, h("p", { class: "muted" }, "Fired by ", h("code", {}, "rewardq beat"),
       "; a tick with fewer new feedback rows than the minimum is skipped.")),
     card(null, body));
+  api("/v1/training-runs/defaults").then((d) => { defaults = d.kinds; byKind(); })
+    .catch((e) => flash(e.message, true));
   poll(load);
 }
 
