@@ -108,6 +108,12 @@ _TRAIN_OPTIONS = [
     ),
     click.option("--warmup", type=float, default=None, help="share of the steps spent warming up  [default: 0.1]"),
     click.option(
+        "--dropout",
+        type=float,
+        default=None,
+        help="every dropout layer's rate while training; 0 turns it off  [default: the model's own, 0.1]",
+    ),
+    click.option(
         "--gate-margin",
         type=float,
         default=None,

@@ -185,6 +185,9 @@ class TrainingParams(BaseModel):
         "default linear",
     )
     warmup: float | None = Field(default=None, ge=0, lt=1, description="share of the steps spent warming up; 0.1")
+    dropout: float | None = Field(
+        default=None, ge=0, lt=1, description="every dropout layer's rate while training; default the model's own"
+    )
 
 
 class TrainingRunOut(BaseModel):

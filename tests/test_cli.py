@@ -131,6 +131,10 @@ def test_every_option_of_every_verb_has_help_and_shows_its_default():
 
     walk(main, "rewardq")
     assert {"jobs", "cancel", "runs", "status", "results", "retrain", "models", "submit"} <= set(main.commands)
+    from api.cli_training import retrain
+    from api.schemas import TrainingParams
+
+    assert set(TrainingParams.model_fields) <= {o.name for o in retrain.params}  # every run parameter has an option
     text = rewardq("retrain", "--help").stdout
     assert (
         "--batch-size" in text

@@ -19,6 +19,7 @@ from workers.trainer import (
     _batches,
     _n_batches,
     bt_loss,
+    dropout_rate,
     evaluate,
     fit,
     lr_factor,
@@ -188,3 +189,18 @@ def test_the_step_count_is_the_number_of_batches_cut(size: int):
         cut = _batches(data, size, random.Random(0), length=lambda row: len(str(row)))
         assert _n_batches(data, size) == len(cut)
         assert all(len({type(x) for x in b}) == 1 and len(b) <= size for b in cut)  # one kind of feedback per batch
+
+
+def test_dropout_rate_sets_every_dropout_layer_inside_the_block_only():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
+    model = BertForSequenceClassification(config).train()  # num_labels=1 is not needed for the dropout layers
+    ids = torch.randint(0, 50, (3, 7))
+    with dropout_rate([model], None):
+        assert not torch.equal(model(ids).logits, model(ids).logits)  # the model's own 0.1: training passes differ
+    with dropout_rate([model], 0.0):
+        assert torch.equal(model(ids).logits, model(ids).logits)  # none dropped, attention dropout included
+    rates = {d.p for d in model.modules() if isinstance(d, torch.nn.Dropout)}
+    assert rates == {0.1} and not torch.equal(model(ids).logits, model(ids).logits)  # as it was after the block

@@ -25,6 +25,7 @@ class TrainParams:
     max_length: int = 256  # classifier: tokens of the prompt and response together
     lr_schedule: str = "linear"  # "constant", or "linear"/"cosine" decay to 0 after a warmup
     warmup: float = 0.1  # linear/cosine: the share of the steps over which the learning rates ramp up from 0
+    dropout: float | None = None  # every dropout layer's rate while training (None: the model's own, 0.1 for MiniLM)
 
 
 # What differs from the defaults above for a kind (chosen on held-out training feedback, see the README). A kind

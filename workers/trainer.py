@@ -7,7 +7,8 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -170,6 +171,22 @@ def _batches(
     return out
 
 
+@contextmanager
+def dropout_rate(modules: Iterable[torch.nn.Module], p: float | None) -> Iterator[None]:
+    """Every dropout layer of ``modules`` (hidden, attention, classifier) at rate ``p`` inside the block, as it was
+    after; None leaves them as the model's config has them. Only training passes drop anything."""
+    drops = [m for module in modules for m in module.modules() if isinstance(m, torch.nn.Dropout)]
+    before = [d.p for d in drops]
+    if p is not None:
+        for d in drops:
+            d.p = p
+    try:
+        yield
+    finally:
+        for d, q in zip(drops, before, strict=True):
+            d.p = q
+
+
 def _n_batches(data: Feedback, size: int) -> int:
     """How many batches ``_batches`` cuts ``data`` into (one kind of feedback per batch), without cutting them."""
     return sum(-(-len(rows) // size) for rows in (data.ratings, data.preferences))
@@ -234,18 +251,20 @@ def fit(
     if early_stopping is not None:
         scorer = model if layers else CachedScorer(model.heads, frozen_emb, index)
         early_stopping.bind(scorer, [model.heads, model.encoder])
-    for epoch in range(params.epochs):
-        steps.new_epoch()
-        for batch in _batches(data, params.batch_size, rng):
-            if layers:
-                batch_texts = list(dict.fromkeys(t for x in batch for t in _texts_of(x)))
-                emb = model.encode(batch_texts)
-                loss = _bt_loss(model.heads, emb, batch, {t: i for i, t in enumerate(batch_texts)}, params.objective)
-            else:
-                loss = _bt_loss(model.heads, frozen_emb, batch, index, params.objective)
-            steps.take(epoch, loss)
-        if early_stopping is not None and early_stopping.after_epoch(epoch):
-            break
+    with dropout_rate([model.encoder, model.heads], params.dropout):
+        for epoch in range(params.epochs):
+            steps.new_epoch()
+            for batch in _batches(data, params.batch_size, rng):
+                if layers:
+                    batch_texts = list(dict.fromkeys(t for x in batch for t in _texts_of(x)))
+                    emb = model.encode(batch_texts)
+                    where = {t: i for i, t in enumerate(batch_texts)}
+                    loss = _bt_loss(model.heads, emb, batch, where, params.objective)
+                else:
+                    loss = _bt_loss(model.heads, frozen_emb, batch, index, params.objective)
+                steps.take(epoch, loss)
+            if early_stopping is not None and early_stopping.after_epoch(epoch):
+                break
     if early_stopping is not None:
         early_stopping.restore()
         model.weights_changed()
@@ -291,12 +310,13 @@ def fit_classifier(
     model.model.train()
     if early_stopping is not None:
         early_stopping.bind(model, [model.model])
-    for epoch in range(params.epochs):
-        steps.new_epoch()
-        for batch in _batches(data, params.batch_size, rng, length):
-            steps.take(epoch, bt_loss(batch, model.forward, params.objective))
-        if early_stopping is not None and early_stopping.after_epoch(epoch):
-            break
+    with dropout_rate([model.model], params.dropout):
+        for epoch in range(params.epochs):
+            steps.new_epoch()
+            for batch in _batches(data, params.batch_size, rng, length):
+                steps.take(epoch, bt_loss(batch, model.forward, params.objective))
+            if early_stopping is not None and early_stopping.after_epoch(epoch):
+                break
     if early_stopping is not None:
         early_stopping.restore()
     model.model.eval()
