@@ -9,13 +9,18 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
-def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
-    """The CPU's feature flags (empty where /proc/cpuinfo cannot be read)."""
+def _cpuinfo_field(cpuinfo: Path, name: str) -> str:
+    """The first CPU's ``name`` line of /proc/cpuinfo, after the colon ("" where it cannot be read or has none)."""
     try:
         text = cpuinfo.read_text()
     except OSError:
-        return set()
-    return set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
+        return ""
+    return next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith(name)), "")
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
+    """The CPU's feature flags (empty where /proc/cpuinfo cannot be read)."""
+    return set(_cpuinfo_field(cpuinfo, "flags").split())
 
 
 def matrix_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str]:
@@ -25,11 +30,7 @@ def matrix_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str]:
 
 def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     """The CPU's model name, as /proc/cpuinfo gives it (empty where it cannot be read): what the benchmarks report."""
-    try:
-        text = cpuinfo.read_text()
-    except OSError:
-        return ""
-    return next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "")
+    return _cpuinfo_field(cpuinfo, "model name")
 
 
 def cpu_bf16_flag(cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:

@@ -35,9 +35,6 @@ KIND_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-TRAINABLE_KINDS = ("sim_exp", "classifier")
-
-
 def params_for(raw: dict[str, Any]) -> TrainParams:
     """TrainParams from a run's parameters: the kind's defaults, then what the user gave (unknown keys ignored)."""
     known = {k: v for k, v in raw.items() if k in TrainParams.__dataclass_fields__ and v is not None}

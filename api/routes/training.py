@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from datetime import datetime, timezone
-from typing import Annotated
+from typing import Annotated, get_args
 
 from fastapi import APIRouter, Query, Response
 from sqlalchemy.exc import IntegrityError
@@ -25,7 +25,7 @@ from storage import repository as repo
 from storage import training_repository as trepo
 from storage.models import Schedule, TrainingRun
 from workers.messages import enqueue_training_run
-from workers.train_params import TRAINABLE_KINDS, params_for, planned_steps, resolved
+from workers.train_params import params_for, planned_steps, resolved
 
 runs = APIRouter(prefix="/v1/training-runs", tags=["training"])
 schedules = APIRouter(prefix="/v1/schedules", tags=["schedules"])
@@ -112,7 +112,8 @@ def list_runs(session: SessionDep, tenant: TenantDep, limit: Annotated[int, Quer
 def training_defaults(tenant: TenantDep) -> TrainingDefaults:
     """Every parameter a run of each trainable kind uses when the request leaves it out (the dashboard's
     placeholders come from here)."""
-    return TrainingDefaults(kinds={kind: asdict(params_for({"kind": kind})) for kind in TRAINABLE_KINDS})
+    kinds = get_args(TrainingParams.model_fields["kind"].annotation)  # those a run accepts
+    return TrainingDefaults(kinds={kind: asdict(params_for({"kind": kind})) for kind in kinds})
 
 
 @runs.get("/{run_id}", response_model=TrainingRunOut)
