@@ -114,6 +114,12 @@ _TRAIN_OPTIONS = [
         help="every dropout layer's rate while training; 0 turns it off  [default: the model's own, 0.1]",
     ),
     click.option(
+        "--layer-decay",
+        type=float,
+        default=None,
+        help="each trained encoder layer's learning rate is this times the one above's  [default: 1]",
+    ),
+    click.option(
         "--gate-margin",
         type=float,
         default=None,

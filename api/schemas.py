@@ -188,6 +188,13 @@ class TrainingParams(BaseModel):
     dropout: float | None = Field(
         default=None, ge=0, lt=1, description="every dropout layer's rate while training; default the model's own"
     )
+    layer_decay: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="each trained encoder layer's learning rate is this times the one above's (the embeddings' "
+        "below the lowest layer's); default 1, one rate for every layer",
+    )
 
 
 class TrainingRunOut(BaseModel):

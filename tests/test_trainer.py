@@ -22,6 +22,8 @@ from workers.trainer import (
     dropout_rate,
     evaluate,
     fit,
+    fit_classifier,
+    layer_groups,
     lr_factor,
 )
 
@@ -204,3 +206,67 @@ def test_dropout_rate_sets_every_dropout_layer_inside_the_block_only():
         assert torch.equal(model(ids).logits, model(ids).logits)  # none dropped, attention dropout included
     rates = {d.p for d in model.modules() if isinstance(d, torch.nn.Dropout)}
     assert rates == {0.1} and not torch.equal(model(ids).logits, model(ids).logits)  # as it was after the block
+
+
+def _tiny(arch: str) -> torch.nn.Module:
+    from transformers import BertConfig, BertModel, GPT2Config, GPT2Model, LlamaConfig, LlamaModel
+
+    small = {"vocab_size": 50}
+    if arch == "bert":
+        return BertModel(
+            BertConfig(**small, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32)
+        )
+    if arch == "gpt2":
+        return GPT2Model(GPT2Config(**small, n_embd=16, n_layer=3, n_head=2))
+    return LlamaModel(
+        LlamaConfig(**small, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32)
+    )
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2", "llama"])
+def test_layer_decay_gives_each_layer_its_rate_from_the_top(arch: str):
+    """The top layer and what sits above the stack (pooler, final norm) train at lr, each layer below at decay
+    times the one above, the embeddings below the lowest; every parameter is in exactly one group."""
+    import re
+
+    model = _tiny(arch)
+    named = list(model.named_parameters())
+    groups = layer_groups(named, 1e-3, 0.5)
+    rate = {id(p): g["lr"] for g in groups for p in g["params"]}
+    assert sum(len(g["params"]) for g in groups) == len(named) == len(rate)
+    for name, p in named:
+        m = re.search(r"\.(\d+)\.", f".{name}")
+        if m:
+            want = 1e-3 * 0.5 ** (2 - int(m.group(1)))
+        elif any(e in name for e in ("embeddings", "wte", "wpe", "embed_tokens")):
+            want = 1e-3 * 0.5**3
+        else:
+            want = 1e-3
+        assert rate[id(p)] == pytest.approx(want), name
+    assert layer_groups(named, 1e-3, 1.0) == [{"params": [p for _, p in named], "lr": 1e-3}]
+
+
+def test_layer_decay_reaches_the_classifier_and_sim_exp_optimizers(sts, tmp_path):
+    """With a decay that leaves every layer below the top still (within 1e-9), one epoch moves the top layer and
+    no other, in the cross-encoder (all layers trained) and in sim_exp (its top train_layers)."""
+    from tests import tiny_models
+    from workers.models.classifier import ClassifierModel
+
+    data = Feedback(ratings=sts.ratings[:48])
+    clf = ClassifierModel("candidate", str(tiny_models.save_bert_classifier(tmp_path / "rm")), max_length=64)
+    before = {n: p.detach().clone() for n, p in clf.model.named_parameters()}
+    fit_classifier(clf, data, TrainParams(kind="classifier", epochs=1, batch_size=16, layer_decay=1e-12))
+    moved = {n for n, p in clf.model.named_parameters() if (p - before[n]).abs().max() > 1e-9}  # zeros move 1e-16
+    top = max(int(n.split("layer.")[1].split(".")[0]) for n in before if "layer." in n)
+    assert any(f"layer.{top}." in n for n in moved) and any(n.startswith("classifier.") for n in moved)
+    assert not [n for n in moved if "embeddings" in n or ("layer." in n and f"layer.{top}." not in n)]
+
+    sim = _model()
+    stack = sim.encoder.encoder.layer
+    before_sim = [[p.detach().clone() for p in layer.parameters()] for layer in stack]
+    fit(sim, data, TrainParams(epochs=1, train_layers=2, layer_decay=1e-12))
+    changed = [
+        any((p - q).abs().max() > 1e-9 for p, q in zip(layer.parameters(), b, strict=True))
+        for layer, b in zip(stack, before_sim, strict=True)
+    ]
+    assert changed == [False] * (len(stack) - 1) + [True]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -244,7 +245,8 @@ def fit(
         for layer in layers:
             for p in layer.parameters():
                 p.requires_grad_(True)
-        groups.append({"params": [p for layer in layers for p in layer.parameters()], "lr": params.lr})
+        for depth, layer in enumerate(reversed(layers)):
+            groups.append({"params": list(layer.parameters()), "lr": params.lr * params.layer_decay**depth})
         model.encoder.train()
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
     steps = Steps(opt, params, _n_batches(data, params.batch_size), progress)
@@ -295,7 +297,7 @@ def fit_classifier(
         words.weight.requires_grad_(False)
     trainable = [(n, p) for n, p in model.model.named_parameters() if p.requires_grad]
     head = [p for n, p in trainable if _is_head(n)]
-    body = [p for n, p in trainable if not _is_head(n)]
+    body = layer_groups([(n, p) for n, p in trainable if not _is_head(n)], params.lr, params.layer_decay)
     lengths: dict[int, int] = {}
 
     def length(x: Rating | Preference) -> int:
@@ -303,9 +305,7 @@ def fit_classifier(
             lengths[id(x)] = len(x.prompt) + max(len(t) for t in _texts_of(x)[1:])
         return lengths[id(x)]
 
-    opt = torch.optim.AdamW(
-        [{"params": body, "lr": params.lr}, {"params": head, "lr": params.head_lr}], weight_decay=0.01
-    )
+    opt = torch.optim.AdamW([*body, {"params": head, "lr": params.head_lr}], weight_decay=0.01)
     steps = Steps(opt, params, _n_batches(data, params.batch_size), progress)
     model.model.train()
     if early_stopping is not None:
@@ -321,6 +321,30 @@ def fit_classifier(
         early_stopping.restore()
     model.model.eval()
     return steps.finish()
+
+
+_LAYER = re.compile(r"(?:^|\.)(?:layer|layers|h)\.(\d+)\.")
+_EMBEDDINGS = re.compile(r"(?:^|\.)(?:embeddings|embed_tokens|wte|wpe)\.")
+
+
+def layer_groups(named: Sequence[tuple[str, torch.nn.Parameter]], lr: float, decay: float) -> list[dict[str, Any]]:
+    """Optimizer groups for a transformer body's parameters with layer-wise learning-rate decay: the top layer
+    (and what sits above the stack: pooler, final norm) at ``lr``, each layer below at ``decay`` times the one
+    above, the embeddings below the lowest layer. ``decay`` 1: one group at ``lr``."""
+    if decay == 1.0:
+        return [{"params": [p for _, p in named], "lr": lr}] if named else []
+    index = {n: int(m.group(1)) for n, _ in named if (m := _LAYER.search(n))}
+    top = max(index.values(), default=-1)
+    by_depth: dict[int, list[torch.nn.Parameter]] = {}
+    for n, p in named:
+        if n in index:
+            depth = top - index[n]
+        elif _EMBEDDINGS.search(n):
+            depth = top + 1
+        else:
+            depth = 0
+        by_depth.setdefault(depth, []).append(p)
+    return [{"params": ps, "lr": lr * decay**d} for d, ps in sorted(by_depth.items())]
 
 
 def _is_head(name: str) -> bool:
