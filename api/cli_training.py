@@ -114,6 +114,12 @@ _TRAIN_OPTIONS = [
         help="every dropout layer's rate while training; 0 turns it off  [default: the model's own, 0.1]",
     ),
     click.option(
+        "--ema-decay",
+        type=float,
+        default=None,
+        help="keep a moving average of the trained weights, this decay per step; 0 turns it off  [default: 0]",
+    ),
+    click.option(
         "--layer-decay",
         type=float,
         default=None,

@@ -188,6 +188,13 @@ class TrainingParams(BaseModel):
     dropout: float | None = Field(
         default=None, ge=0, lt=1, description="every dropout layer's rate while training; default the model's own"
     )
+    ema_decay: float | None = Field(
+        default=None,
+        ge=0,
+        lt=1,
+        description="validate, keep and save an exponential moving average of the trained weights, with this decay "
+        "per step; default 0 (off)",
+    )
     layer_decay: float | None = Field(
         default=None,
         gt=0,

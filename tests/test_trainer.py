@@ -15,8 +15,11 @@ from workers.trainer import (
     Feedback,
     Preference,
     Rating,
+    Steps,
     TrainParams,
+    WeightAverage,
     _batches,
+    _epochs,
     _n_batches,
     bt_loss,
     dropout_rate,
@@ -270,3 +273,58 @@ def test_layer_decay_reaches_the_classifier_and_sim_exp_optimizers(sts, tmp_path
         for layer, b in zip(stack, before_sim, strict=True)
     ]
     assert changed == [False] * (len(stack) - 1) + [True]
+
+
+class _Recorder:
+    """Stands in for early stopping: records the weight each epoch is validated with."""
+
+    def __init__(self, p: torch.nn.Parameter):
+        self.p, self.seen = p, []
+
+    def after_epoch(self, epoch: int) -> bool:
+        self.seen.append(float(self.p))
+        return False
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.5, 0.9])
+def test_weight_average_is_validated_and_kept_while_training_goes_on_from_the_weights(decay: float):
+    """Each epoch is validated with the moving average of the weights after every step so far, the run ends with
+    it, and training itself follows the weights' own path (the same as without averaging)."""
+    p = torch.nn.Parameter(torch.tensor(0.0))
+    opt = torch.optim.SGD([p], lr=0.1)
+    params = TrainParams(epochs=3, lr_schedule="constant")
+    steps = Steps(opt, params, 4, None)
+    rec = _Recorder(p)
+    _epochs(steps, params, lambda: [[], [], [], []], lambda _: (p - 10.0) ** 2, WeightAverage([p], decay), rec)
+    w, avg, want = 0.0, 0.0, []
+    for _ in range(3):
+        for _ in range(4):
+            w -= 0.1 * 2 * (w - 10.0)
+            avg = decay * avg + (1 - decay) * w
+        want.append(avg if decay else w)
+    assert rec.seen == pytest.approx(want, rel=1e-6)
+    assert float(p) == pytest.approx(want[-1], rel=1e-6)
+    if decay:
+        assert want[-1] < w - 0.01  # the average lags the weights: the test tells them apart
+
+
+def test_a_classifier_run_with_averaging_ends_with_the_averaged_weights(sts, tmp_path):
+    """A decay that keeps the average at the start leaves the cross-encoder where it began, though it trained;
+    without averaging the same run moves it."""
+    from tests import tiny_models
+    from workers.models.classifier import ClassifierModel
+
+    data = Feedback(ratings=sts.ratings[:48])
+    moved = {}
+    for decay in (0.0, 1.0 - 1e-9):
+        clf = ClassifierModel("candidate", str(tiny_models.save_bert_classifier(tmp_path / "rm")), max_length=64)
+        before = [p.detach().clone() for p in clf.model.parameters()]
+        fit_classifier(clf, data, TrainParams(kind="classifier", epochs=2, batch_size=16, ema_decay=decay))
+        moved[decay] = max(float((p - b).abs().max()) for p, b in zip(clf.model.parameters(), before, strict=True))
+    assert moved[0.0] > 1e-3 and moved[1.0 - 1e-9] < 1e-6
+
+    sim = _model()  # sim_exp too: its trained top layer ends where it began (it moves without averaging, above)
+    top = sim.encoder.encoder.layer[-1]
+    before = [p.detach().clone() for p in top.parameters()]
+    fit(sim, data, TrainParams(epochs=1, train_layers=1, ema_decay=1.0 - 1e-9))
+    assert max(float((p - b).abs().max()) for p, b in zip(top.parameters(), before, strict=True)) < 1e-6

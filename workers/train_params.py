@@ -26,6 +26,7 @@ class TrainParams:
     lr_schedule: str = "linear"  # "constant", or "linear"/"cosine" decay to 0 after a warmup
     warmup: float = 0.1  # linear/cosine: the share of the steps over which the learning rates ramp up from 0
     dropout: float | None = None  # every dropout layer's rate while training (None: the model's own, 0.1 for MiniLM)
+    ema_decay: float = 0.0  # the run keeps an exponential moving average of its weights, this decay per step (0: off)
     layer_decay: float = 1.0  # each trained encoder layer's lr is this times the one above's (1: one lr for all)
 
 

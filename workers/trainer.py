@@ -188,6 +188,55 @@ def dropout_rate(modules: Iterable[torch.nn.Module], p: float | None) -> Iterato
             d.p = q
 
 
+class WeightAverage:
+    """An exponential moving average of trained weights (``decay`` per step; 0: off), and swapping it with the
+    weights in use: the model is validated, kept and saved with the averages, and trains on with its own."""
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], decay: float):
+        self.params = list(params)
+        self.decay = decay
+        self.avg = [p.detach().clone() for p in self.params] if decay > 0 else []
+
+    def update(self) -> None:
+        """Move the averages toward the weights after a step."""
+        if self.avg:
+            with torch.no_grad():
+                torch._foreach_lerp_(self.avg, [p.detach() for p in self.params], 1.0 - self.decay)
+
+    def swap(self) -> None:
+        """Exchange the averages and the weights in use (a no-op when off)."""
+        if not self.avg:
+            return
+        with torch.no_grad():
+            for p, a in zip(self.params, self.avg, strict=True):
+                held = p.detach().clone()
+                p.copy_(a)
+                a.copy_(held)
+
+
+def _epochs(
+    steps: Steps,
+    params: TrainParams,
+    batches: Callable[[], list[list[Rating | Preference]]],
+    loss_of: Callable[[list[Rating | Preference]], torch.Tensor | None],
+    average: WeightAverage,
+    early_stopping: BestEpoch | None,
+) -> None:
+    """The epochs of a run: a step per batch, then the epoch is validated (with the averaged weights when
+    ``average`` is on; training goes on from the model's own). The model ends with the weights of the last epoch
+    run, averaged when on; ``early_stopping.restore`` then puts the best epoch's back."""
+    for epoch in range(params.epochs):
+        steps.new_epoch()
+        for batch in batches():
+            steps.take(epoch, loss_of(batch))
+            average.update()
+        average.swap()
+        stop = early_stopping is not None and early_stopping.after_epoch(epoch)
+        if stop or epoch == params.epochs - 1:
+            return
+        average.swap()
+
+
 def _n_batches(data: Feedback, size: int) -> int:
     """How many batches ``_batches`` cuts ``data`` into (one kind of feedback per batch), without cutting them."""
     return sum(-(-len(rows) // size) for rows in (data.ratings, data.preferences))
@@ -253,22 +302,20 @@ def fit(
     if early_stopping is not None:
         scorer = model if layers else CachedScorer(model.heads, frozen_emb, index)
         early_stopping.bind(scorer, [model.heads, model.encoder])
+
+    def loss_of(batch: list[Rating | Preference]) -> torch.Tensor | None:
+        if not layers:
+            return _bt_loss(model.heads, frozen_emb, batch, index, params.objective)
+        batch_texts = list(dict.fromkeys(t for x in batch for t in _texts_of(x)))
+        where = {t: i for i, t in enumerate(batch_texts)}
+        return _bt_loss(model.heads, model.encode(batch_texts), batch, where, params.objective)
+
+    average = WeightAverage([p for group in opt.param_groups for p in group["params"]], params.ema_decay)
     with dropout_rate([model.encoder, model.heads], params.dropout):
-        for epoch in range(params.epochs):
-            steps.new_epoch()
-            for batch in _batches(data, params.batch_size, rng):
-                if layers:
-                    batch_texts = list(dict.fromkeys(t for x in batch for t in _texts_of(x)))
-                    emb = model.encode(batch_texts)
-                    where = {t: i for i, t in enumerate(batch_texts)}
-                    loss = _bt_loss(model.heads, emb, batch, where, params.objective)
-                else:
-                    loss = _bt_loss(model.heads, frozen_emb, batch, index, params.objective)
-                steps.take(epoch, loss)
-            if early_stopping is not None and early_stopping.after_epoch(epoch):
-                break
+        _epochs(steps, params, lambda: _batches(data, params.batch_size, rng), loss_of, average, early_stopping)
     if early_stopping is not None:
         early_stopping.restore()
+    if early_stopping is not None or average.avg:
         model.weights_changed()
     model.encoder.eval()
     model.heads.eval()
@@ -310,13 +357,16 @@ def fit_classifier(
     model.model.train()
     if early_stopping is not None:
         early_stopping.bind(model, [model.model])
+    average = WeightAverage([p for _, p in trainable], params.ema_decay)
     with dropout_rate([model.model], params.dropout):
-        for epoch in range(params.epochs):
-            steps.new_epoch()
-            for batch in _batches(data, params.batch_size, rng, length):
-                steps.take(epoch, bt_loss(batch, model.forward, params.objective))
-            if early_stopping is not None and early_stopping.after_epoch(epoch):
-                break
+        _epochs(
+            steps,
+            params,
+            lambda: _batches(data, params.batch_size, rng, length),
+            lambda batch: bt_loss(batch, model.forward, params.objective),
+            average,
+            early_stopping,
+        )
     if early_stopping is not None:
         early_stopping.restore()
     model.model.eval()
