@@ -7,6 +7,7 @@ next to the trained version's, with the run's wall time. Writes benchmarks/resul
     python benchmarks/benchmark_retrain.py [--train-layers N] [--epochs N]
     python benchmarks/benchmark_retrain.py --kind classifier   # a cross-encoder: results/retrain_classifier.json
     python benchmarks/benchmark_retrain.py --precision fast    # bf16 autocast training: results/retrain_fast.json
+    python benchmarks/benchmark_retrain.py --set ema_decay=0.98 --out FILE   # any run parameter, as the API takes it
 
 --sweep runs a list of configurations (the built-in SWEEP, one change at a time from the defaults, or
 --configs FILE: JSON Lines of run parameters), each with --seeds seeds (the seed draws the slices, the
@@ -114,6 +115,13 @@ def main() -> int:
         "sorted by source, so its first N are one genre)",
     )
     p.add_argument("--only", type=int, default=None, help="sweep: only the first N configurations")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=JSON",
+        help="a run parameter other than the defaults, as the API takes it (for example ema_decay=0.98); repeatable",
+    )
     args = p.parse_args()
     if args.folds is not None and (not args.sweep or args.folds < 2):
         p.error("--folds needs --sweep and at least 2 folds")
@@ -135,6 +143,7 @@ def main() -> int:
     from storage.db import session_scope
     from storage.migrate import upgrade
     from workers import engine
+    from workers.precision import cpu_model
     from workers.registry import register_base_version
     from workers.train_params import resolved
 
@@ -158,6 +167,12 @@ def main() -> int:
         overrides["epochs"] = args.epochs
     if args.symmetric:
         overrides["symmetric"] = True
+    for item in args.set:
+        name, _, value = item.partition("=")
+        try:
+            overrides[name] = json.loads(value)
+        except json.JSONDecodeError:
+            p.error(f'--set {item}: NAME=VALUE with a JSON value, for example ema_decay=0.98 or objective="bt"')
     if args.sweep:
         return sweep(args, overrides, train, base, Path(tmp))
     with session_scope() as s:
@@ -199,6 +214,7 @@ def main() -> int:
             "torch": torch.__version__,
             "python": platform.python_version(),
             "cuda": torch.cuda.is_available(),
+            "cpu_model": cpu_model(),
         },  # fmt: skip
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -117,7 +117,8 @@ def test_logprob_benchmark_gpu_path_as_a_dry_run_and_the_cpu_memory_comparison(t
 
 
 def test_retrain_sweep_writes_one_line_per_configuration_from_the_runs_own_slices(tmp_path):
-    """The sweep harness at a toy size: two heads-only configurations, two seeds each, on 80 STS-B train pairs."""
+    """The sweep harness at a toy size: two heads-only configurations, two seeds each, on 80 STS-B train pairs,
+    with a parameter set for every run (--set)."""
     import json
 
     from api.samples import load_sts
@@ -139,6 +140,8 @@ def test_retrain_sweep_writes_one_line_per_configuration_from_the_runs_own_slice
         "80",
         "--epochs",
         "1",
+        "--set",
+        "ema_decay=0.5",
         "--out",
         str(out),
     ]
@@ -148,6 +151,7 @@ def test_retrain_sweep_writes_one_line_per_configuration_from_the_runs_own_slice
     assert [x["config"] for x in lines] == [{"train_layers": 0}, {"train_layers": 0, "objective": "cosent"}]
     for line in lines:
         assert line["params"]["objective"] == line["config"].get("objective", "bt") and line["n_feedback"] == 80
+        assert line["params"]["ema_decay"] == 0.5  # --set reaches every run
         assert line["gate_spearman"]["n"] == 2 and [s["seed"] for s in line["seeds"]] == [0, 1]
         assert all(s["gate"]["n"] == 8 and s["validation"]["n"] == 4 for s in line["seeds"])
         assert not any("dev" in k for k in line)  # chosen on the training feedback's slices only
