@@ -198,6 +198,7 @@ class Stack:
         from workers.registry import register_base_version
 
         self.procs = []
+        self.last_cache_hits = 0  # embedding cache hits of the last job pipeline() ran (texts not encoded again)
         redis_url = os.environ.get("REWARDQ_REDIS_URL", "redis://127.0.0.1:6379/0")
         if not redis_answers(redis_url):
             port = free_port()
@@ -208,7 +209,8 @@ class Stack:
         self.env = {**os.environ, **(env or {}), "REWARDQ_DATABASE_URL": self.db_url,
                     "REWARDQ_REDIS_URL": redis_url, "REWARDQ_SCORING_QUEUE": q,
                     "REWARDQ_INTERACTIVE_QUEUE": f"{q}-interactive",
-                    "REWARDQ_TRAINING_QUEUE": f"{q}-training", "PYTHONPATH": str(ROOT),
+                    "REWARDQ_TRAINING_QUEUE": f"{q}-training",
+                    "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
                     # A loopback API for the benchmark's own clients: no keys, and no limit on what they measure.
                     "REWARDQ_ALLOW_ANONYMOUS": "1", "REWARDQ_RATE_LIMIT_PER_MINUTE": "0"}  # fmt: skip
         os.environ.update({k: self.env[k] for k in ("REWARDQ_DATABASE_URL", "REWARDQ_REDIS_URL")})
@@ -242,19 +244,15 @@ def pipeline(stack: Stack, items: list[dict[str, str]]) -> float:
         c.wait(job_id, progress=False, timeout=1800)  # long polls: the end is seen at once
         n = sum(1 for _ in c.results(job_id, page=10_000))
         took = time.perf_counter() - t0
+        # The job's own count, committed with its results (the worker's metrics counters are recorded after the
+        # results, so a read at this point can miss the last batch's).
+        stack.last_cache_hits = int(c.job(job_id)["embed_cache_hits"])
     assert n == len(items), (n, len(items))
     return len(items) / took
 
 
 def _median_ratio(num: list[float], den: list[float]) -> float:
     return statistics.median(x / y for x, y in zip(num, den, strict=True))
-
-
-def _cache_hits(stack: Stack) -> float:
-    """Embedding cache hits the worker has counted: texts it did not have to encode."""
-    from workers import metrics
-
-    return metrics.read(stack.env["REWARDQ_REDIS_URL"]).get("embed_cache_hits", 0.0)
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -369,10 +367,9 @@ def main() -> int:
                 v = _variant(items, f"{nonce}.{w}.{k}")
                 shift = k % len(names)
                 for way in names[shift:] + names[:shift]:
-                    hits0 = _cache_hits(stack)
                     took[way].append(ways[way](v))
                     if way == first_c:
-                        hits.append(_cache_hits(stack) - hits0)
+                        hits.append(float(stack.last_cache_hits))
             row = {"workload": name, "pairs": len(items), "runs": took, "pipeline_cache_hits": hits}
             row.update({f"{way}_pairs_per_s": statistics.median(took[way]) for way in names})
             row.update({f"{x}_over_{y}": _median_ratio(took[x], took[y])
