@@ -328,3 +328,40 @@ def test_a_classifier_run_with_averaging_ends_with_the_averaged_weights(sts, tmp
     before = [p.detach().clone() for p in top.parameters()]
     fit(sim, data, TrainParams(epochs=1, train_layers=1, ema_decay=1.0 - 1e-9))
     assert max(float((p - b).abs().max()) for p, b in zip(top.parameters(), before, strict=True)) < 1e-6
+
+
+def test_a_classifier_runs_new_score_head_comes_from_its_seed_whatever_the_process_drew_before(sts):
+    """A worker trains many runs in one process: the cross-encoder's new score head is drawn from the run's seed, not
+    from whatever torch's generator holds after the runs before, and the process's generator is left as it was; so
+    two runs with one seed train the same weights."""
+    import torch
+
+    from workers.models.classifier import ClassifierModel
+    from workers.registry import default_encoder_path
+    from workers.runs import new_cross_encoder
+
+    def head(seed: int) -> torch.Tensor:
+        return new_cross_encoder(default_encoder_path(), seed).classifier.weight.detach().clone()
+
+    torch.manual_seed(123)
+    first = head(0)
+    torch.rand(1000)  # the process draws between two runs
+    state = torch.random.get_rng_state()
+    again, other = head(0), head(1)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+    trained = []
+    for draws in (1, 1000):
+        torch.rand(draws)
+        clf = ClassifierModel(
+            "candidate",
+            default_encoder_path(),
+            model=new_cross_encoder(default_encoder_path(), 0),
+            max_length=64,
+            truncation_side="right",
+        )
+        fit_classifier(clf, Feedback(ratings=sts.ratings[:32]), TrainParams(kind="classifier", epochs=1, batch_size=16))
+        trained.append(torch.cat([p.detach().flatten() for p in clf.model.parameters()]))
+    assert torch.equal(trained[0], trained[1])

@@ -111,17 +111,13 @@ def _fit(
     settings = get_settings()
     encoder_path, base_name = resolve_encoder(settings.model)
     if params.kind == "classifier":
-        from transformers import AutoModelForSequenceClassification
-
         from workers.models.classifier import ClassifierModel
         from workers.trainer import fit_classifier
 
-        # A cross-encoder: the encoder's weights with a new one-output score head (TRL's reward model format).
-        net = AutoModelForSequenceClassification.from_pretrained(encoder_path, num_labels=1, use_safetensors=True)
         model: Any = ClassifierModel(
             "candidate",
             encoder_path,
-            model=net,
+            model=new_cross_encoder(encoder_path, params.seed),
             max_length=params.max_length,
             truncation_side="right",
             encode_batch_size=settings.encode_batch_size,
@@ -142,6 +138,18 @@ def _fit(
     # candidate is evaluated in the precision the worker serves in, as the active version is.
     set_precision(model, resolve_autocast(settings, model.device.type))
     return model, fit(model, train, params, progress=progress, early_stopping=early), base_name
+
+
+def new_cross_encoder(encoder_path: str, seed: int) -> Any:
+    """A cross-encoder to train: the encoder's weights with a new one-output score head (TRL's reward model format),
+    the head drawn from the run's ``seed``, whatever the process drew from torch's generator before (a worker runs
+    many runs); the process's generator is left as it was."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoModelForSequenceClassification.from_pretrained(encoder_path, num_labels=1, use_safetensors=True)
 
 
 def _save(model: Any, params: TrainParams, base_name: str, margin: float) -> tuple[str, Path, dict[str, Any]]:
