@@ -24,6 +24,7 @@ _AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 _MIN_ROWS = 512  # token rows per encoder pass in fixed shapes (below it oneDNN's bf16 kernel choice varies)
+_WIDTH = 16  # fixed shapes: sequences padded to a multiple of this (8 is faster, and breaks batch invariance)
 
 
 class Heads(nn.Module):
@@ -154,14 +155,14 @@ class SimExpModel(RewardModel):
                 masks = [[1] * lengths[j] for j in group]
                 if self.fixed_shapes:
                     # bf16 on a CPU: the matrix kernel oneDNN picks (and so the rounding) depends on the shapes.
-                    # Sequences padded to a multiple of 16 and at least _MIN_ROWS token rows in all (copies of the
+                    # Sequences padded to a multiple of _WIDTH and at least _MIN_ROWS token rows in all (copies of the
                     # last text, dropped after) keep every pass on one kernel: a text's embedding is then the same
                     # in any batch (tests/test_precision.py).
-                    width = max(16, -(-max(len(r) for r in rows) // 16) * 16)
+                    width = max(_WIDTH, -(-max(len(r) for r in rows) // _WIDTH) * _WIDTH)
                     extra = max(0, -(-_MIN_ROWS // width) - len(rows))
                     rows, masks = rows + [rows[-1]] * extra, masks + [masks[-1]] * extra
                 batch = self.tokenizer.pad({"input_ids": rows, "attention_mask": masks},
-                                           pad_to_multiple_of=16 if self.fixed_shapes else None,
+                                           pad_to_multiple_of=_WIDTH if self.fixed_shapes else None,
                                            return_tensors="pt")  # fmt: skip
                 if self.device.type == "cuda":  # pinned host memory: the copy to the GPU does not block
                     return {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
