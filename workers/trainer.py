@@ -294,8 +294,8 @@ def fit(
         for layer in layers:
             for p in layer.parameters():
                 p.requires_grad_(True)
-        for depth, layer in enumerate(reversed(layers)):
-            groups.append({"params": list(layer.parameters()), "lr": params.lr * params.layer_decay**depth})
+        trained = [(n, p) for n, p in model.encoder.named_parameters() if p.requires_grad]
+        groups += layer_groups(trained, params.lr, params.layer_decay)
         model.encoder.train()
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
     steps = Steps(opt, params, _n_batches(data, params.batch_size), progress)
