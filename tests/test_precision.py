@@ -47,7 +47,7 @@ def test_fast_scores_are_close_to_exact_and_the_same_in_any_batch():
     # (emulated, slower) so the closeness and the fixed shapes are checked on every machine.
     forced = {} if cpu_bf16_flag() is not None else {"autocast": "bf16"}
     fast = load_sim_exp("base", None, Settings(precision="fast", **common, **forced))
-    assert (exact.autocast, fast.autocast, fast.fixed_shapes) == ("off", "bf16", True)
+    assert (exact.autocast, fast.autocast, fast.fixed_shapes, fast.packed) == ("off", "bf16", True, True)
     want, got = exact.score(prompts, responses).reward, fast.score(prompts, responses).reward
     assert max(abs(a - b) for a, b in zip(want, got, strict=True)) < 5e-3
     # The same pair alone, in the whole batch, and in a shuffled half: the same score.
@@ -58,6 +58,34 @@ def test_fast_scores_are_close_to_exact_and_the_same_in_any_batch():
     for i in half[: 30 if not forced else 8]:  # each one alone is a full fixed-shape pass: few when emulated
         alone = fast.score([prompts[i]], [responses[i]]).reward[0]
         assert alone == got[i] == shuffled[i], (i, alone, got[i], shuffled[i])
+
+
+def test_the_packed_pass_computes_what_the_encoders_own_forward_does(tmp_path: Path):
+    """The fast profile's padding-free pass (workers.models.packed) is the encoder's forward: in float32 it gives the
+    padded pass's mean-pooled embeddings, for texts of mixed lengths, in one pass of at least the minimum rows and in
+    one past it; encoders it does not compute exactly as transformers does stay on the padded pass."""
+    import torch
+    from transformers import BertConfig, BertModel, GPT2Config, GPT2Model
+
+    from workers.models.packed import packed_mean_pool, supports
+    from workers.models.sim_exp import _MIN_ROWS, _WIDTH, load_sim_exp, set_precision
+
+    model = load_sim_exp("base", None, Settings(embed_cache_size=0, embed_shared_ttl_s=0))
+    words = "a man is slicing an onion while two dogs run along the beach in the morning sun".split()
+    texts = [" ".join(words[: 1 + (7 * i) % len(words)]) for i in range(60)] + ["Hi.", "A much longer text. " * 20]
+    ids = model.tokenizer(texts, truncation=True, max_length=model.max_length)["input_ids"]
+    assert sum(len(x) for x in ids) > _MIN_ROWS  # the second pass below is past the minimum rows
+    with torch.inference_mode():
+        want = model.embed(texts)  # the padded fp32 pass (exact)
+        for part in (slice(0, 9), slice(None)):
+            got = packed_mean_pool(model.encoder, ids[part], _WIDTH, _MIN_ROWS)
+            assert (got - want[part]).abs().max() < 1e-5
+    assert supports(model.encoder)
+    set_precision(model, "bf16")
+    assert model.packed
+    tiny = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}
+    assert not supports(BertModel(BertConfig(position_embedding_type="relative_key", **tiny)))
+    assert not supports(GPT2Model(GPT2Config(n_embd=32, n_layer=1, n_head=2)))
 
 
 def test_the_encoders_bf16_copy_changes_no_score_and_never_goes_stale():

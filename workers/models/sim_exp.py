@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import kernels
+from workers.models import packed
 from workers.models.base import Preempted, RewardModel, Scores, length_groups
 from workers.precision import resolve_autocast
 
@@ -85,6 +86,8 @@ class SimExpModel(RewardModel):
         self.autocast = "off"  # or "fp16" / "bf16" (REWARDQ_AUTOCAST, REWARDQ_PRECISION=fast)
         self._low_precision: tuple[torch.dtype, nn.Module] | None = None
         self.fixed_shapes = False  # pad every encoder pass to fixed shapes (bf16 on a CPU: batch invariance)
+        # In fixed shapes, a BERT encoder's real tokens packed into one matrix, no pad rows (workers.models.packed).
+        self.packed = False
         self._cache: OrderedDict[bytes, tuple[torch.Tensor, bool]] = OrderedDict()
         # Second level, shared by every worker (workers.embed_store.RedisEmbeddingStore), or None.
         self.shared: Any = None
@@ -173,7 +176,10 @@ class SimExpModel(RewardModel):
             pooled_groups = []
             for g, group in enumerate(groups):
                 sizes = (float(sum(lengths[j] for j in group)), float(len(group) * max(lengths[j] for j in group)))
-                pooled_groups.append(self._pool(collate(group), sizes))
+                if self.packed:
+                    pooled_groups.append(self._pool_packed([ids[j] for j in group], sizes[0]))
+                else:
+                    pooled_groups.append(self._pool(collate(group), sizes))
                 if g + 1 < len(groups) and self.preempt and self.cache_size >= len(todo) and self.preempt():
                     # Interactive work waits: keep the passes done (the batch resumes from the cache) and stop.
                     for done, pooled_dev in zip(groups, pooled_groups, strict=False):
@@ -224,6 +230,15 @@ class SimExpModel(RewardModel):
         # (tokens, padded tokens) from the host when given: reading the mask on a GPU would wait for it.
         tokens, padded = counts or (float(tok["attention_mask"].sum()), float(tok["attention_mask"].numel()))
         self._count(tokens=tokens, padded_tokens=padded, encoder_batches=1.0)
+        return pooled
+
+    def _pool_packed(self, ids: list[list[int]], tokens: float) -> torch.Tensor:
+        # The fast profile's pass without pad tokens in the linear layers; the same autocast and weight copy as _pool.
+        with torch.autocast(self.device.type, dtype=_AUTOCAST[self.autocast]):
+            pooled = packed.packed_mean_pool(self._low_precision_encoder(), ids, _WIDTH, _MIN_ROWS)
+        self._count(
+            tokens=tokens, padded_tokens=float(packed.packed_rows(int(tokens), _WIDTH, _MIN_ROWS)), encoder_batches=1.0
+        )
         return pooled
 
     def _from_cache(self, key: bytes, out: torch.Tensor, cut: list[bool], i: int) -> bool:
@@ -299,3 +314,4 @@ def set_precision(model: SimExpModel, autocast: str) -> None:
     """The encoder's autocast dtype ("off", "bf16", "fp16"); bf16 on a CPU runs in fixed shapes (batch invariance)."""
     model.autocast = autocast
     model.fixed_shapes = autocast != "off" and model.device.type == "cpu"
+    model.packed = model.fixed_shapes and packed.supports(model.encoder)
