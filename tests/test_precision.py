@@ -83,6 +83,13 @@ def test_the_packed_pass_computes_what_the_encoders_own_forward_does(tmp_path: P
     assert supports(model.encoder)
     set_precision(model, "bf16")
     assert model.packed
+    # Workers that run the encoder differently never share embeddings through Redis (the key names how).
+    forced = {} if cpu_bf16_flag() is not None else {"autocast": "bf16"}
+    prefixes = {
+        load_sim_exp("base", None, Settings(embed_shared_ttl_s=60, **extra)).shared.prefix
+        for extra in ({}, {"precision": "fast", **forced})
+    }
+    assert prefixes == {b"rewardq:emb:base:256:off:", b"rewardq:emb:base:256:bf16:packed:"}
     tiny = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}
     assert not supports(BertModel(BertConfig(position_embedding_type="relative_key", **tiny)))
     assert not supports(GPT2Model(GPT2Config(n_embd=32, n_layer=1, n_head=2)))

@@ -299,14 +299,15 @@ def load_sim_exp(version: str, path: Path | None, settings: Settings) -> SimExpM
                              encode_batch_size=settings.encode_batch_size)  # fmt: skip
     model.token_budget = settings.token_budget or model.token_budget
     model.cache_size = settings.embed_cache_size
-    autocast = resolve_autocast(settings, model.device.type)
+    set_precision(model, resolve_autocast(settings, model.device.type))
     if settings.embed_shared_ttl_s:
         from workers.embed_store import RedisEmbeddingStore
 
-        # The precision is part of the key: fp32 and bf16 workers never share embeddings.
-        model.shared = RedisEmbeddingStore(settings.redis_url, namespace=f"{version}:{model.max_length}:{autocast}",
+        # How the encoder runs is part of the key: fp32 and bf16 workers never share embeddings, nor a fast worker
+        # that packs its passes with one that pads them (their embeddings differ in the last bits).
+        how = model.autocast + (":packed" if model.packed else "")
+        model.shared = RedisEmbeddingStore(settings.redis_url, namespace=f"{version}:{model.max_length}:{how}",
                                            dim=model.dim, ttl_s=settings.embed_shared_ttl_s)  # fmt: skip
-    set_precision(model, autocast)
     return model
 
 
