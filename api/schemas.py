@@ -170,6 +170,13 @@ class TrainingParams(BaseModel):
     objective: Literal["bt", "cosent"] = Field(
         default="bt", description="bt: Bradley-Terry; cosent: a ranking loss weighing the worst-ordered comparisons"
     )
+    rating_margin: float | None = Field(
+        default=None,
+        ge=0,
+        le=100,
+        description="bt on ratings: two rated pairs' rewards should differ by at least this times their ratings' "
+        "difference (TRL's margin term); default 0",
+    )
     seed: int = Field(default=0, ge=0)
     gate_margin: float | None = Field(
         default=None, ge=-1, le=1, description="default REWARDQ_GATE_MARGIN; below 0 needs an admin key"

@@ -145,6 +145,46 @@ def test_cosent_objective_is_the_ranking_loss_and_trains(sts: Feedback):
     assert after["spearman"] > 0.5 and after["pairwise_accuracy"] > 0.7
 
 
+def test_rating_margin_is_trls_margin_from_the_ratings_and_reaches_both_kinds(sts, tmp_path, monkeypatch):
+    """bt with rating_margin m: -log sigmoid(R(better) - R(worse) - m * (rating(better) - rating(worse))), each
+    comparison its own margin; 0 is plain Bradley-Terry; a run's rating_margin reaches the loss for both kinds."""
+    import pydantic
+
+    import workers.trainer as trainer
+    from api.schemas import TrainingParams
+    from tests import tiny_models
+    from workers.models.classifier import ClassifierModel
+
+    rates = [Rating(f"p{i}", f"r{i}", y) for i, y in enumerate([3.0, 1.0, 2.0, 2.0])]
+    r = torch.tensor([0.5, 0.9, -0.2, 0.1], dtype=torch.float64)
+
+    def reward_of(prompts, responses):
+        return r[[int(p[1:]) for p in prompts]]
+
+    # Pairs (better, worse) and their rating gaps: (0, 1) 2, (0, 2) 1, (0, 3) 1, (2, 1) 1, (3, 1) 1.
+    margins = torch.stack([r[0] - r[1], r[0] - r[2], r[0] - r[3], r[2] - r[1], r[3] - r[1]])
+    gaps = torch.tensor([2.0, 1.0, 1.0, 1.0, 1.0], dtype=torch.float64)
+    want = torch.nn.functional.softplus(-(margins - 0.3 * gaps)).mean()
+    torch.testing.assert_close(bt_loss(rates, reward_of, rating_margin=0.3), want)
+    torch.testing.assert_close(bt_loss(rates, reward_of, rating_margin=0.0), bt_loss(rates, reward_of))
+    with pytest.raises(pydantic.ValidationError):
+        TrainingParams(rating_margin=-0.5)
+
+    seen: list[float] = []
+    real = trainer.bt_loss
+
+    def spy(batch, reward_of, objective="bt", rating_margin=0.0):
+        seen.append(rating_margin)
+        return real(batch, reward_of, objective, rating_margin)
+
+    monkeypatch.setattr(trainer, "bt_loss", spy)
+    data = Feedback(ratings=sts.ratings[:32])
+    fit(_model(), data, TrainParams(epochs=1, train_layers=1, batch_size=16, rating_margin=0.25))
+    clf = ClassifierModel("candidate", str(tiny_models.save_bert_classifier(tmp_path / "rm")), max_length=64)
+    fit_classifier(clf, data, TrainParams(kind="classifier", epochs=1, batch_size=16, rating_margin=0.75))
+    assert 0.25 in seen and 0.75 in seen  # (sim_exp's warm start of alpha and weight stays plain Bradley-Terry)
+
+
 def test_symmetric_sim_exp_training_also_sees_the_swapped_pairs(sts: Feedback):
     seen: list[dict] = []
     data = Feedback(ratings=sts.ratings[:64])

@@ -34,11 +34,17 @@ __all__ = ["BestEpoch", "Feedback", "Preference", "Rating", "TrainParams", "eval
 RewardOf = Callable[[Sequence[str], Sequence[str]], torch.Tensor]
 
 
-def bt_loss(batch: Sequence[Rating | Preference], reward_of: RewardOf, objective: str = "bt") -> torch.Tensor | None:
+def bt_loss(
+    batch: Sequence[Rating | Preference], reward_of: RewardOf, objective: str = "bt", rating_margin: float = 0.0
+) -> torch.Tensor | None:
     """The pairwise loss over every comparison the batch implies: for ratings every two pairs whose ratings
     differ, for preferences (chosen, rejected). ``objective`` "bt": Bradley-Terry, the mean of
     -log sigmoid(R(better) - R(worse)); "cosent": CoSENT, log(1 + sum exp(-lambda (R(better) - R(worse)))), which
     weighs the comparisons the model gets most wrong most.
+
+    ``rating_margin`` (bt only): two rated pairs must differ in R by at least this times their ratings' difference,
+    -log sigmoid(R(better) - R(worse) - rating_margin * (rating(better) - rating(worse))), TRL's margin term with the
+    margin taken from the ratings; 0 is plain Bradley-Terry.
 
     ``reward_of(prompts, responses)`` gives R for a list of pairs. None when the batch implies no
     comparison (one rating, or ratings all equal)."""
@@ -53,7 +59,8 @@ def bt_loss(batch: Sequence[Rating | Preference], reward_of: RewardOf, objective
             if objective == "cosent":
                 losses.append(_cosent((r[:, None] - r[None, :])[better.bool()]))
             else:
-                losses.append((F.softplus(-(r[:, None] - r[None, :])) * better).sum() / better.sum())
+                gap = rating_margin * (y[:, None] - y[None, :]).to(r.dtype)
+                losses.append((F.softplus(-(r[:, None] - r[None, :] - gap)) * better).sum() / better.sum())
     if prefs:
         n = len(prefs)
         r = reward_of([x.prompt for x in prefs] * 2, [x.chosen for x in prefs] + [x.rejected for x in prefs])
@@ -66,14 +73,20 @@ def _cosent(margins: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(torch.cat([margins.new_zeros(1), -COSENT_SCALE * margins]), dim=0)
 
 
-def _bt_loss(heads: Heads, emb: torch.Tensor, batch: Sequence[Rating | Preference],
-             index: dict[str, int], objective: str = "bt") -> torch.Tensor | None:  # fmt: skip
+def _bt_loss(
+    heads: Heads,
+    emb: torch.Tensor,
+    batch: Sequence[Rating | Preference],
+    index: dict[str, int],
+    objective: str = "bt",
+    rating_margin: float = 0.0,
+) -> torch.Tensor | None:
     """bt_loss on embeddings already computed (``index``: text -> row of ``emb``)."""
 
     def reward_of(prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
         return heads.reward(emb[[index[p] for p in prompts]], emb[[index[r] for r in responses]])[0]
 
-    return bt_loss(batch, reward_of, objective)
+    return bt_loss(batch, reward_of, objective, rating_margin)
 
 
 class Steps:
@@ -305,10 +318,10 @@ def fit(
 
     def loss_of(batch: list[Rating | Preference]) -> torch.Tensor | None:
         if not layers:
-            return _bt_loss(model.heads, frozen_emb, batch, index, params.objective)
+            return _bt_loss(model.heads, frozen_emb, batch, index, params.objective, params.rating_margin)
         batch_texts = list(dict.fromkeys(t for x in batch for t in _texts_of(x)))
         where = {t: i for i, t in enumerate(batch_texts)}
-        return _bt_loss(model.heads, model.encode(batch_texts), batch, where, params.objective)
+        return _bt_loss(model.heads, model.encode(batch_texts), batch, where, params.objective, params.rating_margin)
 
     average = WeightAverage([p for group in opt.param_groups for p in group["params"]], params.ema_decay)
     with dropout_rate([model.encoder, model.heads], params.dropout):
@@ -363,7 +376,7 @@ def fit_classifier(
             steps,
             params,
             lambda: _batches(data, params.batch_size, rng, length),
-            lambda batch: bt_loss(batch, model.forward, params.objective),
+            lambda batch: bt_loss(batch, model.forward, params.objective, params.rating_margin),
             average,
             early_stopping,
         )
