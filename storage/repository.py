@@ -7,9 +7,9 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import and_, case, func, insert, select, update
+from sqlalchemy import Table, and_, case, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -372,8 +372,10 @@ def _insert_new(session: Session, table: type[Result] | type[ItemError], rows: l
     if not rows:
         return 0
     dialect = session.get_bind().dialect.name
-    ins = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table).values(created_at=now_sql(session))
-    stmt = ins.on_conflict_do_nothing(index_elements=["job_id", "idx"]).returning(table.idx)
+    # Core, not the ORM's bulk insert: a None stays NULL, and rows are not regrouped by which keys they set.
+    columns = cast(Table, table.__table__)
+    ins = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(columns).values(created_at=now_sql(session))
+    stmt = ins.on_conflict_do_nothing(index_elements=["job_id", "idx"]).returning(columns.c.idx)
     return len(session.execute(stmt, rows).all())
 
 

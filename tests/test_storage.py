@@ -36,6 +36,51 @@ def _save(db_url: str, job_id: str, batch_no: int, start: int, scores: list[floa
                                  cos=[[0.5]] * len(scores), model_version=version)  # fmt: skip
 
 
+def test_a_partly_new_batch_counts_only_its_new_rows_and_keeps_nulls(db_url: str):
+    """A copy of a batch that overlaps rows already stored (a split batch's half, a redelivery after a partial
+    write) inserts and counts only the new ones, in one statement whatever mix of known and unknown token counts
+    its rows have, and an unknown count stays NULL."""
+    job_id = _job(db_url, 8)
+    with session_scope(db_url) as s:
+        version = s.get(Job, job_id).model_version
+        assert (
+            repo.save_results(
+                s,
+                job_id=job_id,
+                batch_no=0,
+                start_idx=2,
+                scores=[1.0, 2.0],
+                cos=[[0.5]] * 2,
+                model_version=version,
+                n_tokens=[7, None],
+            )
+            == 2
+        )
+    with session_scope(db_url) as s:
+        got = repo.save_results(
+            s,
+            job_id=job_id,
+            batch_no=0,
+            start_idx=0,
+            scores=[9.0] * 6,
+            cos=[[0.5]] * 6,
+            model_version=version,
+            n_tokens=[None, 5, None, 5, None, 5],
+        )
+        assert got == 4  # indices 0, 1, 4 and 5; 2 and 3 were there
+    with session_scope(db_url) as s:
+        rows = s.query(Result).filter_by(job_id=job_id).order_by(Result.idx).all()
+        assert [(r.idx, r.score, r.n_tokens) for r in rows] == [
+            (0, 9.0, None),
+            (1, 9.0, 5),
+            (2, 1.0, 7),
+            (3, 2.0, None),
+            (4, 9.0, None),
+            (5, 9.0, 5),
+        ]
+        assert all(r.created_at is not None for r in rows) and s.get(Job, job_id).n_done == 6
+
+
 def test_redelivered_batch_counts_once_and_job_finishes(db_url: str):
     job_id = _job(db_url, 6)
     with session_scope(db_url) as s:

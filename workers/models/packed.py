@@ -29,6 +29,7 @@ def supports(encoder: nn.Module) -> bool:
         and getattr(config, "position_embedding_type", "absolute") == "absolute"
         and not getattr(config, "is_decoder", False)
         and not getattr(config, "add_cross_attention", False)
+        and not getattr(config, "pruned_heads", None)  # transformers 4 prunes heads at load: fewer than the config's
     )
 
 
