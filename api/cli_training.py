@@ -91,6 +91,12 @@ _TRAIN_OPTIONS = [
         help="bt: Bradley-Terry; cosent: a ranking loss on the worst-ordered comparisons  [default: bt]",
     ),
     click.option(
+        "--rating-margin",
+        type=float,
+        default=None,
+        help="bt on ratings: rewards should differ by this times the ratings' difference (TRL's margin)  [default: 0]",
+    ),
+    click.option(
         "--alpha-lr", type=float, default=None, help="learning rate of alpha and w (sim_exp)  [default: head-lr]"
     ),
     click.option("--seed", type=int, default=None, help="split, shuffling, initialisation  [default: 0]"),
