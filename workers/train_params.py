@@ -20,9 +20,7 @@ class TrainParams:
     validation_fraction: float = 0.05  # the validation slice: picks the best epoch (0: the last epoch is kept)
     patience: int = 2  # stop after this many epochs without a better validation score (epochs is the most)
     objective: str = "bt"  # or "cosent": a ranking loss that weighs the worst-ordered comparisons most
-    rating_margin: float = (
-        0.0  # bt: R(better) - R(worse) is pushed past this times the ratings' difference (TRL's margin)
-    )
+    rating_margin: float = 0.0  # bt: R(better) - R(worse) must pass this times the rating gap (TRL's margin)
     seed: int = 0
     symmetric: bool = False  # also train on (response, prompt): for feedback whose pairs are unordered (STS)
     max_length: int = 256  # classifier: tokens of the prompt and response together

@@ -59,8 +59,8 @@ def bt_loss(
             if objective == "cosent":
                 losses.append(_cosent((r[:, None] - r[None, :])[better.bool()]))
             else:
-                gap = rating_margin * (y[:, None] - y[None, :]).to(r.dtype)
-                losses.append((F.softplus(-(r[:, None] - r[None, :] - gap)) * better).sum() / better.sum())
+                margin = rating_margin * (y[:, None] - y[None, :]).to(r.dtype)
+                losses.append((F.softplus(-(r[:, None] - r[None, :] - margin)) * better).sum() / better.sum())
     if prefs:
         n = len(prefs)
         r = reward_of([x.prompt for x in prefs] * 2, [x.chosen for x in prefs] + [x.rejected for x in prefs])

@@ -33,17 +33,18 @@ def supports(encoder: nn.Module) -> bool:
     )
 
 
-def packed_rows(tokens: int, width: int, min_rows: int) -> int:
-    """The rows of a packed pass over ``tokens`` real tokens: a multiple of ``width``, at least ``min_rows``."""
-    return max(min_rows, -(-tokens // width) * width)
+def round_up(n: int, multiple: int, least: int) -> int:
+    """``n`` rounded up to a multiple of ``multiple``, at least ``least``: the fixed shapes' one rule (a padded
+    sequence's length, a packed pass's rows, attention's span)."""
+    return max(least, -(-n // multiple) * multiple)
 
 
 def packed_mean_pool(encoder: Any, ids: list[list[int]], width: int, min_rows: int) -> torch.Tensor:
     """Mean-pooled last hidden states [len(ids), hidden] of the token id lists ``ids`` (no padding in them)."""
     lengths = [len(x) for x in ids]
     n, total = len(ids), sum(lengths)
-    span = max(width, -(-max(lengths) // width) * width)  # attention's padded length, as in the padded pass
-    rows = packed_rows(total, width, min_rows)
+    span = round_up(max(lengths), width, width)  # attention's padded length, as in the padded pass
+    rows = round_up(total, width, min_rows)
     flat = torch.zeros(rows, dtype=torch.long)
     flat[:total] = torch.tensor([t for x in ids for t in x])
     positions = torch.zeros(rows, dtype=torch.long)

@@ -161,7 +161,7 @@ class SimExpModel(RewardModel):
                     # Sequences padded to a multiple of _WIDTH and at least _MIN_ROWS token rows in all (copies of the
                     # last text, dropped after) keep every pass on one kernel: a text's embedding is then the same
                     # in any batch (tests/test_precision.py).
-                    width = max(_WIDTH, -(-max(len(r) for r in rows) // _WIDTH) * _WIDTH)
+                    width = packed.round_up(max(len(r) for r in rows), _WIDTH, _WIDTH)
                     extra = max(0, -(-_MIN_ROWS // width) - len(rows))
                     rows, masks = rows + [rows[-1]] * extra, masks + [masks[-1]] * extra
                 batch = self.tokenizer.pad({"input_ids": rows, "attention_mask": masks},
@@ -236,9 +236,8 @@ class SimExpModel(RewardModel):
         # The fast profile's pass without pad tokens in the linear layers; the same autocast and weight copy as _pool.
         with torch.autocast(self.device.type, dtype=_AUTOCAST[self.autocast]):
             pooled = packed.packed_mean_pool(self._low_precision_encoder(), ids, _WIDTH, _MIN_ROWS)
-        self._count(
-            tokens=tokens, padded_tokens=float(packed.packed_rows(int(tokens), _WIDTH, _MIN_ROWS)), encoder_batches=1.0
-        )
+        rows = packed.round_up(int(tokens), _WIDTH, _MIN_ROWS)  # the pass's rows, pad rows included
+        self._count(tokens=tokens, padded_tokens=float(rows), encoder_batches=1.0)
         return pooled
 
     def _from_cache(self, key: bytes, out: torch.Tensor, cut: list[bool], i: int) -> bool:
