@@ -67,8 +67,9 @@ def test_the_packed_pass_computes_what_the_encoders_own_forward_does(tmp_path: P
     import torch
     from transformers import BertConfig, BertModel, GPT2Config, GPT2Model
 
+    from workers.engine import scored_with
     from workers.models.packed import packed_mean_pool, supports
-    from workers.models.sim_exp import _MIN_ROWS, _WIDTH, load_sim_exp, set_precision
+    from workers.models.sim_exp import _MIN_ROWS, _WIDTH, SimExpModel, load_sim_exp, set_precision
 
     model = load_sim_exp("base", None, Settings(embed_cache_size=0, embed_shared_ttl_s=0))
     words = "a man is slicing an onion while two dogs run along the beach in the morning sun".split()
@@ -90,8 +91,27 @@ def test_the_packed_pass_computes_what_the_encoders_own_forward_does(tmp_path: P
         for extra in ({}, {"precision": "fast", **forced})
     }
     assert prefixes == {b"rewardq:emb:base:256:off:", b"rewardq:emb:base:256:bf16:packed:"}
+    # ... and each batch records it: exact passes are named by their precision alone, fast ones by their shape too.
+    kernel = model.settings()["kernel"]
+    assert scored_with(model, {}) == f"sim_exp kernel={kernel} precision=bf16 passes=packed"
+    set_precision(model, "off")
+    assert scored_with(model, {}) == f"sim_exp kernel={kernel} precision=off"
     tiny = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}
-    assert not supports(BertModel(BertConfig(position_embedding_type="relative_key", **tiny)))
+    relative = BertModel(
+        BertConfig(position_embedding_type="relative_key", vocab_size=model.tokenizer.vocab_size, **tiny)
+    )
+    assert not supports(relative)
+    # An encoder the packed pass does not compute runs padded to fixed shapes, and neither shares nor records as packed.
+    relative.save_pretrained(tmp_path / "relative")
+    model.tokenizer.save_pretrained(tmp_path / "relative")
+    other = SimExpModel("base", str(tmp_path / "relative"))
+    set_precision(other, "bf16")
+    assert (other.packed, other.passes) == (False, "fixed")
+    assert scored_with(other, {}) == f"sim_exp kernel={kernel} precision=bf16 passes=fixed"
+    fixed = Settings(model=str(tmp_path / "relative"), precision="fast", embed_shared_ttl_s=60, **forced)
+    assert load_sim_exp("base", None, fixed).shared.prefix == b"rewardq:emb:base:256:bf16:fixed:"
+    with torch.inference_mode():
+        assert torch.isfinite(other.embed(texts[:5])).all()
     assert not supports(GPT2Model(GPT2Config(n_embd=32, n_layer=1, n_head=2)))
 
 

@@ -92,7 +92,8 @@ def cache_scope(settings: Settings, tenant: str, fallback: str) -> str:
 
 
 def scored_with(model: RewardModel, stats: dict[str, float]) -> str:
-    """How a batch was scored, as recorded on it ("sim_exp kernel=triton precision=bf16"); the batch is counted in
+    """How a batch was scored, as recorded on it ("sim_exp kernel=triton precision=bf16 passes=packed"; the shape of
+    the encoder's passes is named in low precision only, where it changes the last bits); the batch is counted in
     ``stats`` under its kernel path (batches_kernel_triton or _torch; a kind with no reward kernel of its own in
     neither)."""
     s = model.settings()
@@ -100,7 +101,8 @@ def scored_with(model: RewardModel, stats: dict[str, float]) -> str:
     if path:
         stats[f"batches_kernel_{path}"] = 1.0
     precision = s.get("autocast") or s.get("dtype") or "off"
-    return f"{s['kind']} kernel={path or 'none'} precision={precision}"
+    passes = f" passes={s['passes']}" if s.get("passes") and precision != "off" else ""
+    return f"{s['kind']} kernel={path or 'none'} precision={precision}{passes}"
 
 
 def _score(model: RewardModel, prompts: list[str], responses: list[str], scope: str) -> Scores:

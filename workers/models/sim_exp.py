@@ -107,8 +107,16 @@ class SimExpModel(RewardModel):
         which holds the old ones."""
         self._low_precision = None
 
+    @property
+    def passes(self) -> str:
+        """How the encoder's passes are shaped: "packed" (fast profile, BERT on a CPU: no pad rows), "fixed" (fast
+        profile, other encoders on a CPU: padded to fixed shapes) or "dynamic" (padded to the longest text, as
+        transformers does: exact, and low precision on a GPU). Embeddings made in different ways differ in the last
+        bits, so the shared cache keeps them apart and each batch records it."""
+        return "packed" if self.packed else "fixed" if self.fixed_shapes else "dynamic"
+
     def settings(self) -> dict[str, Any]:
-        return {"kind": self.kind, "autocast": self.autocast, "max_length": self.max_length,
+        return {"kind": self.kind, "autocast": self.autocast, "max_length": self.max_length, "passes": self.passes,
                 "kernel": kernels.path("sim_exp", self.device.type)}  # fmt: skip
 
     def embed(self, texts: Sequence[str]) -> torch.Tensor:
@@ -302,9 +310,9 @@ def load_sim_exp(version: str, path: Path | None, settings: Settings) -> SimExpM
     if settings.embed_shared_ttl_s:
         from workers.embed_store import RedisEmbeddingStore
 
-        # How the encoder runs is part of the key: fp32 and bf16 workers never share embeddings, nor a fast worker
-        # that packs its passes with one that pads them (their embeddings differ in the last bits).
-        how = model.autocast + (":packed" if model.packed else "")
+        # How the encoder runs is part of the key: fp32 and bf16 workers never share embeddings, nor bf16 workers whose
+        # passes are shaped differently (a CPU's packed or fixed shapes, a GPU's dynamic ones: the last bits differ).
+        how = model.autocast if model.autocast == "off" else f"{model.autocast}:{model.passes}"
         model.shared = RedisEmbeddingStore(settings.redis_url, namespace=f"{version}:{model.max_length}:{how}",
                                            dim=model.dim, ttl_s=settings.embed_shared_ttl_s)  # fmt: skip
     return model
