@@ -332,6 +332,43 @@ def test_reject_mode_fails_too_long_items(db_url: str, redis_url: str, monkeypat
         redis.Redis.from_url(redis_url).delete("test-reject-unused")
 
 
+def test_a_jobs_last_batch_is_counted_in_metrics_before_its_end_is_announced(db_url: str, redis_url: str, monkeypatch):
+    """Whoever waited for a job (GET /v1/jobs/{id}?wait=) and then reads /metrics sees the job's last batch: the
+    engine counts a batch before it announces the end. Read at the very moment of the announcement."""
+    from storage import repository as repo
+    from storage.db import session_scope
+    from storage.settings import get_settings
+    from workers import engine, metrics
+    from workers.messages import ScoreBatch
+
+    monkeypatch.setenv("REWARDQ_DATABASE_URL", db_url)
+    monkeypatch.setenv("REWARDQ_SCORING_QUEUE", "test-metrics-unused")
+    get_settings.cache_clear()
+    seen: dict[str, float] = {}
+
+    def publish_finished(url: str, job_id: str) -> None:
+        seen.update(metrics.read(url))
+
+    monkeypatch.setattr(engine.events, "publish_finished", publish_finished)
+    try:
+        tag = uuid.uuid4().hex[:8]
+        with session_scope(db_url) as s:
+            version = registry.default_version(s)
+            items = [repo.NewItem(str(i), f"q {tag}", f"answer {i}") for i in range(3)]
+            job = repo.create_job(s, tenant="default", model_version=version, batch_size=3, items=items)
+            job_id = job.id
+        before = metrics.read(redis_url)
+        texts = {"prompts": [f"q {tag}"] * 3, "responses": [f"answer {i}" for i in range(3)]}
+        msg = ScoreBatch(job_id=job_id, batch_no=0, start_idx=0, model_version=version, tenant="default", **texts)
+        assert engine.score_batch(msg) == 3
+        assert seen, "the job's end was not announced"
+        assert seen["items_scored"] - before.get("items_scored", 0) >= 3
+        assert seen["batches"] - before.get("batches", 0) >= 1
+    finally:
+        get_settings.cache_clear()
+        redis.Redis.from_url(redis_url).delete("test-metrics-unused")
+
+
 def test_repeated_prompts_hit_the_embedding_cache_and_the_job_says_so(stack: Stack):
     # RLHF-shaped: 4 prompts x 12 responses; texts unique to this test so no earlier job warmed the cache.
     tag = uuid.uuid4().hex[:8]

@@ -246,13 +246,8 @@ def _take_and_score(msg: ScoreBatch, queue: str | None, settings: Settings, work
             scored_with=how,
         )
         ended = repo.job_status(s, job_id=msg.job_id) in FINISHED  # this batch may have been the job's last
-    if ended:
-        events.publish_finished(settings.redis_url, msg.job_id)  # wakes GET /v1/jobs/{id}?wait=
-    try:
-        note_served(settings.redis_url, msg.tenant)  # fair share: this tenant does not jump the queue for a while
-    except redis.RedisError:
-        log.warning("could not note tenant %s as served", msg.tenant)
-    feed_quietly()  # keep the queue topped up from SQL as batches complete
+    # Counted as soon as its results are committed, before anyone is told the job ended: a client that waited for
+    # the job and then reads /metrics sees its last batch.
     metrics.record(
         settings.redis_url,
         {
@@ -263,6 +258,13 @@ def _take_and_score(msg: ScoreBatch, queue: str | None, settings: Settings, work
             "db_seconds": time.perf_counter() - t0,
         },
     )
+    if ended:
+        events.publish_finished(settings.redis_url, msg.job_id)  # wakes GET /v1/jobs/{id}?wait=
+    try:
+        note_served(settings.redis_url, msg.tenant)  # fair share: this tenant does not jump the queue for a while
+    except redis.RedisError:
+        log.warning("could not note tenant %s as served", msg.tenant)
+    feed_quietly()  # keep the queue topped up from SQL as batches complete
     return inserted
 
 
