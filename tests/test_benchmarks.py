@@ -112,6 +112,34 @@ def test_pipeline_benchmark_runs_every_way_and_both_ingestions(tmp_path):
         assert doc["ingestion"][db]["items"] == 3000 and doc["ingestion"][db]["api_peak_rss_mb"] > 0
 
 
+def test_int8_and_widths_benchmark_runs_and_the_shipped_width_is_batch_invariant(tmp_path):
+    """benchmark_int8_shapes.py --quick: every width and attention timed and rescored in shuffled batches (the width
+    that ships, 16 with torch's attention, changes no score), int8 accuracy against fp32, one int8 matrix shape."""
+    import json
+
+    from workers.precision import cpu_bf16_flag
+
+    out = tmp_path / "int8.json"
+    script = str(ROOT / "benchmarks" / "benchmark_int8_shapes.py")
+    run = subprocess.run(
+        [sys.executable, script, "--quick", "--out", str(out)], capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    if cpu_bf16_flag() is None:
+        assert "nothing to measure" in run.stdout and not out.exists()
+        return
+    doc = json.loads(out.read_text())
+    widths = {(w["width"], w["attention"]): w for w in doc["widths"]}
+    assert sorted(widths) == [(8, "eager"), (8, "sdpa"), (16, "eager"), (16, "sdpa")]
+    assert all(w["pairs_per_s"] > 0 and w["rescored"] == 4 * 64 for w in widths.values())
+    assert widths[(16, "sdpa")]["changed"] == 0
+    fp32, *int8 = doc["int8_accuracy"]
+    assert fp32["mode"] == "fp32" and fp32["largest_change"] == 0 and 0.5 < fp32["spearman"] <= 1
+    assert len(int8) == 2 and all(0 < row["largest_change"] < 0.5 and -1 <= row["spearman"] <= 1 for row in int8)
+    [speed] = doc["int8_speed"]
+    assert speed["shape"] == [1024, 384, 1536] and speed["bf16_ms"] > 0 and speed["compiled"] is False
+
+
 @pytest.mark.slow
 def test_logprob_benchmark_gpu_path_as_a_dry_run_and_the_cpu_memory_comparison(tmp_path):
     """benchmark_logprob.py: the GPU table code on CPU at toy sizes, and its CPU measurement at a small batch (the
