@@ -68,7 +68,8 @@ class JobOut(BaseModel):
     embed_cache_misses: int = Field(default=0, description="texts the encoder ran on")
     scored_with: dict[str, int] | None = Field(
         default=None,
-        description="batches by how they were scored: kind, reward kernel path (triton, torch) and encoder precision",
+        description="batches by how they were scored: kind, reward kernel path (triton, torch), encoder precision and,"
+        " in low precision, how the encoder's passes were shaped (packed, fixed, dynamic)",
     )
     summary: ScoreSummary | None = None
     error_counts: dict[str, int] | None = Field(default=None, description="failed items by reason code")

@@ -36,11 +36,20 @@ sys.path.insert(0, str(ROOT))
 
 
 def widths(model: Any, prompts: list[str], responses: list[str], reps: int) -> list[dict[str, Any]]:
+    """The padded pass, whose widths and attention these are (the packed one has its own), whatever ``model`` runs."""
+    was = model.packed
+    model.packed = False
+    try:
+        return _padded_widths(model, prompts, responses, reps)
+    finally:
+        model.packed = was
+
+
+def _padded_widths(model: Any, prompts: list[str], responses: list[str], reps: int) -> list[dict[str, Any]]:
     import torch
 
     import workers.models.sim_exp as sim_exp
 
-    model.packed = False  # the padded pass, whose widths and attention these are (the packed one has its own)
     with torch.inference_mode():  # the encoder's bf16 copy, which the fast passes run (made for inference only)
         encoder = model._low_precision_encoder()
     modes = [(16, "sdpa"), (8, "sdpa"), (16, "eager"), (8, "eager")]
@@ -85,7 +94,6 @@ def widths(model: Any, prompts: list[str], responses: list[str], reps: int) -> l
         print(row, flush=True)
         out.append(row)
     use(16, "sdpa")
-    model.packed = True
     return out
 
 
@@ -202,8 +210,11 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="a smoke test: 64 pairs, one repetition and shape, no compile")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "int8_shapes.json")
+    p.add_argument("--out", type=Path, default=None, help="default benchmarks/results/int8_shapes.json")
     args = p.parse_args()
+    if args.quick and args.out is None:
+        p.error("--quick needs --out: its smoke-test figures must not replace the committed results")
+    args.out = args.out or ROOT / "benchmarks" / "results" / "int8_shapes.json"
     import torch
 
     from api.samples import load_sts

@@ -151,7 +151,7 @@ class Batch(Base):
     started_at: Mapped[datetime | None] = mapped_column()  # a worker took it (last time)
     worker: Mapped[str | None] = mapped_column(String(255))  # which worker process took it last (workers.liveness)
     deaths: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # workers that died on it
-    scored_with: Mapped[str | None] = mapped_column(String(128))  # "sim_exp kernel=triton precision=bf16"
+    scored_with: Mapped[str | None] = mapped_column(String(128))  # "sim_exp kernel=triton precision=bf16 passes=packed"
     done_at: Mapped[datetime | None] = mapped_column()
 
 
