@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,11 @@ import click
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
-# Seconds each GPU step may take (the sum stays under 8 minutes with the checks and start-up).
-LIMITS = {"sim_exp": 90, "logprob": 90, "pipeline_fp32": 120, "pipeline_bf16": 120}
+# Seconds each GPU step may take at most; the whole command also keeps to --budget-s (default 450 s, under the
+# 8 minutes promised): a step gets what is left when that is less, and one that starts with under MIN_STEP_S left is
+# skipped and says so. The JSON is rewritten after every step, so a command killed from outside keeps what ran.
+LIMITS = {"sim_exp": 90, "logprob": 150, "pipeline_fp32": 120, "pipeline_bf16": 120}
+MIN_STEP_S = 20.0
 NO_GPU = "GPU figures need a GPU: only the interpreter checks ran here (run `rewardq selfcheck` on a CUDA machine)"
 
 
@@ -101,8 +105,16 @@ def kernel_checks(device: str) -> dict[str, Any]:
     }
 
 
-def _bench(name: str, argv: list[str], out_dir: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
-    code, out, took = _run([sys.executable, *argv], LIMITS[name], env)
+def _bench(
+    name: str, argv: list[str], out_dir: Path, env: dict[str, str] | None = None, deadline: float | None = None
+) -> dict[str, Any]:
+    limit = float(LIMITS[name])
+    if deadline is not None:
+        left = deadline - time.monotonic()
+        if left < MIN_STEP_S:
+            return {"skipped": f"out of time: {left:.0f} s of the command's budget left"}
+        limit = min(limit, left)
+    code, out, took = _run([sys.executable, *argv], limit, env)
     found = sorted(out_dir.glob(f"{name.split('_')[0]}*.json"))
     result: dict[str, Any] = {"exit": code, "seconds": round(took, 1)}
     if found:
@@ -113,17 +125,28 @@ def _bench(name: str, argv: list[str], out_dir: Path, env: dict[str, str] | None
     return result
 
 
-def gpu_benchmarks(tmp: Path, dry_run: bool = False) -> dict[str, Any]:
-    """The GPU steps; ``dry_run``: the same steps at toy sizes on the CPU (what CI runs to keep them working)."""
-    out: dict[str, Any] = {}
+def gpu_benchmarks(
+    tmp: Path,
+    dry_run: bool = False,
+    deadline: float | None = None,
+    out: dict[str, Any] | None = None,
+    progress: Callable[[], None] = lambda: None,
+) -> dict[str, Any]:
+    """The GPU steps, each result added to ``out`` as it comes (``progress`` is called after each); ``dry_run``: the
+    same steps at toy sizes on the CPU (what CI runs to keep them working)."""
+    out = {} if out is None else out
     size = "--dry-run" if dry_run else "--quick"
-    out["sim_exp"] = _bench("sim_exp", [str(BENCH / "benchmark_sim_exp.py"), size, "--out-dir", str(tmp)], tmp)
-    out["logprob"] = _bench("logprob", [str(BENCH / "benchmark_logprob.py"), size, "--out-dir", str(tmp)], tmp)
+    for name in ("sim_exp", "logprob"):
+        script = BENCH / f"benchmark_{name}.py"
+        out[name] = _bench(name, [str(script), size, "--out-dir", str(tmp)], tmp, deadline=deadline)
+        progress()
     if shutil.which("redis-server") is None and not os.environ.get("REWARDQ_REDIS_URL"):
         out["pipeline"] = {"skipped": "no redis-server here and no REWARDQ_REDIS_URL: the pipeline needs Redis"}
         return out
     for precision, label in (("exact", "pipeline_fp32"), ("fast", "pipeline_bf16"))[: 1 if dry_run else 2]:
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "REWARDQ_PRECISION": precision}
+        # ROOT first, and whatever PYTHONPATH already holds after it (device_check.sh puts carried packages there)
+        path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+        env = {**os.environ, "PYTHONPATH": path, "REWARDQ_PRECISION": precision}
         argv = [
             str(BENCH / "benchmark_pipeline.py"),
             "--pairs",
@@ -141,7 +164,8 @@ def gpu_benchmarks(tmp: Path, dry_run: bool = False) -> dict[str, Any]:
             "--out",
             str(tmp / f"pipeline_{precision}.json"),
         ]
-        out[label] = _bench(label, argv, tmp, env)
+        out[label] = _bench(label, argv, tmp, env, deadline=deadline)
+        progress()
     return out
 
 
@@ -188,37 +212,48 @@ def table(report: dict[str, Any]) -> str:
 @click.option(
     "--dry-run", is_flag=True, help="on a CPU: run the GPU steps too, at toy sizes (their figures mean nothing)"
 )
-def selfcheck(out: Path, skip_benchmarks: bool, dry_run: bool) -> None:
+@click.option(
+    "--budget-s",
+    type=click.FloatRange(min=60),
+    default=450.0,
+    show_default=True,
+    help="seconds the whole command may take: a step gets what is left when that is less than its own limit",
+)
+@click.option("--note", default="", help="a line to keep in the JSON (how this machine was set up, say)")
+def selfcheck(out: Path, skip_benchmarks: bool, dry_run: bool, budget_s: float, note: str) -> None:
     """Check this machine: versions, every compiled kernel against the float64 reference, and (on a GPU) short
     kernel and pipeline benchmarks, in under 8 minutes. Exits 1 when a kernel check fails."""
     t0 = time.monotonic()
+    deadline = t0 + budget_s
     info = device_info()
     click.echo(
         f"device: {info.get('name', info['type'])}; torch {info['torch']}, triton {info.get('triton')}, "
         f"CUDA {info.get('cuda')}, driver {info.get('driver', '-')}"
     )
-    checks = kernel_checks(info["type"])
-    benchmarks: dict[str, Any] = {}
-    note = ""
+    report: dict[str, Any] = {"device": info, "checks": {}, "benchmarks": {}, "note": "", "seconds": 0.0}
+    notes = [note] if note else []
     if info["type"] != "cuda":
-        note = NO_GPU
+        notes.append(NO_GPU)
+
+    def save() -> None:
+        report["note"] = "; ".join(notes)
+        report["seconds"] = round(time.monotonic() - t0, 1)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=1) + "\n")
+
+    report["checks"] = checks = kernel_checks(info["type"])
+    save()
     if not skip_benchmarks and (info["type"] == "cuda" or dry_run):
         if info["type"] != "cuda":
-            note += "; dry run: the GPU steps ran at toy sizes on this CPU, and their figures mean nothing"
+            notes.append("dry run: the GPU steps ran at toy sizes on this CPU, and their figures mean nothing")
         with tempfile.TemporaryDirectory(prefix="rewardq-selfcheck-") as tmp:
-            benchmarks = gpu_benchmarks(Path(tmp), dry_run=info["type"] != "cuda")
-    report = {
-        "device": info,
-        "checks": checks,
-        "benchmarks": benchmarks,
-        "note": note,
-        "seconds": round(time.monotonic() - t0, 1),
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
+            gpu_benchmarks(
+                Path(tmp), dry_run=info["type"] != "cuda", deadline=deadline, out=report["benchmarks"], progress=save
+            )
+    save()
     click.echo(table(report))
-    if note:
-        click.echo(note)
+    if report["note"]:
+        click.echo(report["note"])
     click.echo(f"wrote {out}")
     if not checks["passed"]:
         raise SystemExit(1)

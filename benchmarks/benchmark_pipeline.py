@@ -77,7 +77,8 @@ def user_script(items: list[dict[str, str]], bf16: bool = False) -> float:
     def make() -> SentenceTransformer:
         import torch
 
-        st = SentenceTransformer(default_encoder_path(), device="cpu")
+        # What the user would run on this machine: the GPU when there is one, else the CPU.
+        st = SentenceTransformer(default_encoder_path(), device="cuda" if torch.cuda.is_available() else "cpu")
         return st.to(torch.bfloat16) if bf16 else st
 
     st = _cached(f"st-{bf16}", make)

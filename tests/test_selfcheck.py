@@ -105,3 +105,32 @@ def test_the_device_script_dry_run(tmp_path: Path, how: str):
     bench = doc["benchmarks"]
     assert {"sim_exp", "logprob", "pipeline_fp32"} <= set(bench) and all(r["exit"] == 0 for r in bench.values()), bench
     assert [r["pairs"] for r in bench["pipeline_fp32"]["figures"]["rows"]] == [32, 32]
+
+
+def test_selfcheck_steps_keep_to_the_budget_report_as_they_go_and_keep_the_carried_packages(monkeypatch, tmp_path):
+    """A step that would start with too little of the command's budget left is skipped and says so; each result is
+    reported as it comes (the JSON is rewritten after every step); the pipeline steps' PYTHONPATH keeps what was
+    already there (device_check.sh puts the packages it carried to a GPU machine there) after the repository."""
+    import time
+
+    from api import selfcheck
+
+    skipped = selfcheck._bench("sim_exp", ["-c", "pass"], tmp_path, deadline=time.monotonic() + 5)
+    assert skipped == {"skipped": "out of time: 5 s of the command's budget left"}
+
+    seen: list[tuple[str, dict | None]] = []
+
+    def fake_bench(name, argv, out_dir, env=None, deadline=None):
+        seen.append((name, env))
+        return {"exit": 0, "seconds": 0.0}
+
+    monkeypatch.setattr(selfcheck, "_bench", fake_bench)
+    monkeypatch.setenv("PYTHONPATH", "/carried/site")
+    monkeypatch.setenv("REWARDQ_REDIS_URL", "redis://127.0.0.1:6379/0")
+    progress: list[int] = []
+    out: dict = {}
+    selfcheck.gpu_benchmarks(tmp_path, dry_run=False, out=out, progress=lambda: progress.append(len(out)))
+    assert [name for name, _ in seen] == ["sim_exp", "logprob", "pipeline_fp32", "pipeline_bf16"]
+    assert progress == [1, 2, 3, 4]
+    for _, env in seen[2:]:
+        assert env is not None and env["PYTHONPATH"].split(os.pathsep) == [str(ROOT), "/carried/site"]
