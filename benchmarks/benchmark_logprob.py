@@ -106,8 +106,52 @@ def gpu_bench(quick: bool, dry_run: bool, out_dir: Path) -> int:
             )
             if not dry_run:
                 torch.cuda.empty_cache()
+    sweep = block_sweep(*cases[0], dtypes[0], device, dry_run)
     slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
-    return _write(out_dir / f"logprob_{slug}.json", {"device": name, "torch": torch.__version__}, rows)
+    meta = {"device": name, "torch": torch.__version__, "block_sweep": sweep}
+    return _write(out_dir / f"logprob_{slug}.json", meta, rows)
+
+
+# (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages) tried on CUDA (the first H200 loan chose kernels.logprob's
+# default for 2-byte inputs, (128, 256, 64, 8, 3), from this list).
+GPU_BLOCKS = [(64, 128, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3),
+              (64, 256, 64, 8, 3), (128, 128, 64, 4, 3), (128, 64, 64, 4, 4), (256, 128, 64, 8, 3)]  # fmt: skip
+
+
+def block_sweep(n: int, h: int, v: int, dtype, device: str, dry_run: bool) -> list[dict]:
+    """The kernel's median time and error at one shape for each candidate block shape (a config that fails to
+    compile or launch is reported, not fatal), so the default is chosen by measurement."""
+    import torch
+
+    from kernels.logprob import _blocks, token_logprobs_fwd
+
+    g = torch.Generator(device=device).manual_seed(1)
+    hidden = torch.randn(n, h, device=device, dtype=dtype, generator=g)
+    weight = (torch.randn(v, h, device=device, dtype=dtype, generator=g) / h**0.5).to(dtype)
+    targets = torch.randint(0, v, (n,), device=device, generator=g)
+    ref = eager(hidden.float(), weight.float(), targets)  # fp32 products of the same rounded inputs
+    configs = [_blocks(n, v, h, torch.device(device)), (16, 32, 16, 1, 1)] if dry_run else GPU_BLOCKS
+    out = []
+    for cfg in configs:
+        row: dict = {"blocks": list(cfg), "N": n, "H": h, "V": v, "dtype": str(dtype).removeprefix("torch.")}
+        try:
+            got = token_logprobs_fwd(hidden, weight, targets, blocks=cfg)[0]
+            row["max_err"] = (got - ref).abs().max().item()
+            if dry_run:
+                row["ms"] = 0.0
+            else:
+                from triton.testing import do_bench
+
+                row["ms"] = float(
+                    do_bench(
+                        lambda cfg=cfg: token_logprobs_fwd(hidden, weight, targets, blocks=cfg), return_mode="median"
+                    )
+                )
+        except Exception as exc:  # out of shared memory or registers: this shape cannot run here
+            row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+        out.append(row)
+        print(f"blocks {cfg}: " + (row.get("error") or f"{row['ms']:.2f} ms, err {row['max_err']:.1e}"), flush=True)
+    return out
 
 
 # -- CPU: the scorer's chunked path vs eager on a 32k-vocabulary model, peak RSS per fresh process ---------------

@@ -67,12 +67,30 @@ def _logprob_fwd_kernel(
     tl.store(lse_ptr + rows, lse, mask=row_ok)
 
 
-def _blocks(n: int, v: int, h: int, device: torch.device) -> tuple[int, int, int, int, int]:
+# (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages) on CUDA, largest first: the first whose pipelined tiles fit the
+# device's shared memory. On an H200 at N 16,384, H 4,096, V 128,256 in bf16 (benchmark_logprob.py's sweep,
+# benchmarks/results/selfcheck_h200.json) 128 x 256 tiles took 32.3 ms, 64 x 128 tiles 48.2 ms, eager 37.6 ms.
+_CUDA_BLOCKS = ((128, 256, 64, 8, 3), (64, 128, 64, 8, 3), (32, 64, 32, 4, 2))
+
+
+def _shared_bytes(cfg: tuple[int, int, int, int, int], itemsize: int) -> int:
+    block_n, block_v, block_h, _, stages = cfg
+    return stages * (block_n * block_h + block_h * block_v) * itemsize
+
+
+def cuda_blocks(shared_limit: int, itemsize: int) -> tuple[int, int, int, int, int]:
+    """The largest of _CUDA_BLOCKS whose pipelined input tiles fit ``shared_limit`` bytes of shared memory."""
+    return next((c for c in _CUDA_BLOCKS if _shared_bytes(c, itemsize) <= shared_limit), _CUDA_BLOCKS[-1])
+
+
+def _blocks(n: int, v: int, h: int, device: torch.device, itemsize: int = 2) -> tuple[int, int, int, int, int]:
     """(BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages). tl.dot needs every block dim >= 16."""
     block_h = max(16, min(64, triton.next_power_of_2(h)))
     if device.type == "cuda":
-        # A [64 x 128] fp32 tile per program: the matmul runs on tensor cores, the softmax in registers.
-        return 64, 128, block_h, 8, 3
+        # The matmul runs on tensor cores, the online softmax on the fp32 tile in registers. fp32 inputs (twice the
+        # bytes) and GPUs with less shared memory than a Hopper get the smaller tiles.
+        props = torch.cuda.get_device_properties(device)
+        return cuda_blocks(getattr(props, "shared_memory_per_block_optin", 0) or 48 * 1024, itemsize)
     # The interpreter pays per program and per op: few, wide programs.
     block_n = max(16, min(64, triton.next_power_of_2(n)))
     return block_n, max(16, min(256, triton.next_power_of_2(v))), block_h, 1, 1
@@ -95,9 +113,14 @@ def _check(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bi
 
 
 def token_logprobs_fwd(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None = None
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    blocks: tuple[int, int, int, int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log p(target) [N], logsumexp [N]), both float32, for hidden[N, H], weight[V, H], targets[N]."""
+    """(log p(target) [N], logsumexp [N]), both float32, for hidden[N, H], weight[V, H], targets[N]. ``blocks``:
+    (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages) instead of ``_blocks``' choice (benchmark_logprob.py's sweep)."""
     _check(hidden, weight, targets, bias)
     if hidden.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("the Triton kernel on a CPU tensor needs TRITON_INTERPRET=1 (set before importing triton)")
@@ -109,7 +132,7 @@ def token_logprobs_fwd(
         return out, lse
     if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= v):
         raise ValueError(f"targets must lie in [0, {v})")
-    block_n, block_v, block_h, warps, stages = _blocks(n, v, h, hidden.device)
+    block_n, block_v, block_h, warps, stages = blocks or _blocks(n, v, h, hidden.device, hidden.element_size())
     _logprob_fwd_kernel[(triton.cdiv(n, block_n),)](
         hidden, weight, bias if bias is not None else weight, targets.contiguous(),
         out, lse, n, v, h,
