@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from workers.models.base import RewardModel, Scores, length_groups, pad_rows
+from workers.models.base import RewardModel, Scores, half_precision, length_groups, pad_rows
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -115,7 +115,7 @@ class ClassifierModel(RewardModel):
         encoded = [self.encode(p, r)[0] for p, r in zip(prompts, responses, strict=True)]
         # bf16 only: fp16 would need loss scaling to train (a GPU without bf16 trains in float32).
         lowered = self.train_autocast == "bf16" and torch.is_grad_enabled()
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=lowered):
+        with half_precision(self.device.type, torch.bfloat16, enabled=lowered):
             logits: torch.Tensor = self.model(**self._inputs(encoded)).logits
         return logits[:, 0].float()
 

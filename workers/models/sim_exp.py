@@ -15,7 +15,7 @@ from torch import nn
 
 import kernels
 from workers.models import packed
-from workers.models.base import Preempted, RewardModel, Scores, length_groups
+from workers.models.base import Preempted, RewardModel, Scores, half_precision, length_groups
 from workers.precision import resolve_autocast
 
 if TYPE_CHECKING:
@@ -230,7 +230,7 @@ class SimExpModel(RewardModel):
         if self.autocast == "off":
             out = self.encoder(**tok).last_hidden_state
         else:
-            with torch.autocast(self.device.type, dtype=_AUTOCAST[self.autocast]):
+            with half_precision(self.device.type, _AUTOCAST[self.autocast]):
                 out = self._low_precision_encoder()(**tok).last_hidden_state
         hidden: torch.Tensor = out.float()
         mask: torch.Tensor = tok["attention_mask"].unsqueeze(-1).to(hidden.dtype)
@@ -242,7 +242,7 @@ class SimExpModel(RewardModel):
 
     def _pool_packed(self, ids: list[list[int]], tokens: float) -> torch.Tensor:
         # The fast profile's pass without pad tokens in the linear layers; the same autocast and weight copy as _pool.
-        with torch.autocast(self.device.type, dtype=_AUTOCAST[self.autocast]):
+        with half_precision(self.device.type, _AUTOCAST[self.autocast]):
             pooled = packed.packed_mean_pool(self._low_precision_encoder(), ids, _WIDTH, _MIN_ROWS)
         rows = packed.round_up(int(tokens), _WIDTH, _MIN_ROWS)  # the pass's rows, pad rows included
         self._count(tokens=tokens, padded_tokens=float(rows), encoder_batches=1.0)
