@@ -26,7 +26,14 @@ BENCH = ROOT / "benchmarks"
 # Seconds each GPU step may take at most; the whole command also keeps to --budget-s (default 450 s, under the
 # 8 minutes promised): a step gets what is left when that is less, and one that starts with under MIN_STEP_S left is
 # skipped and says so. The JSON is rewritten after every step, so a command killed from outside keeps what ran.
-LIMITS = {"sim_exp": 90, "logprob": 150, "pipeline_fp32": 120, "pipeline_bf16": 120}
+LIMITS = {
+    "sim_exp": 90,
+    "logprob": 150,
+    "pipeline_fp32": 120,
+    "pipeline_bf16": 120,
+    "probe": 90,
+    "pipeline_fp32_batch2048": 120,
+}
 MIN_STEP_S = 20.0
 NO_GPU = "GPU figures need a GPU: only the interpreter checks ran here (run `rewardq selfcheck` on a CUDA machine)"
 
@@ -143,10 +150,13 @@ def gpu_benchmarks(
     if shutil.which("redis-server") is None and not os.environ.get("REWARDQ_REDIS_URL"):
         out["pipeline"] = {"skipped": "no redis-server here and no REWARDQ_REDIS_URL: the pipeline needs Redis"}
         return out
-    for precision, label in (("exact", "pipeline_fp32"), ("fast", "pipeline_bf16"))[: 1 if dry_run else 2]:
+    steps: list[tuple[str, str, dict[str, str]]] = [("exact", "pipeline_fp32", {}), ("fast", "pipeline_bf16", {})]
+    if not dry_run:  # REWARDQ_BATCH_SIZE on a GPU, where each message's fixed cost decides the rate
+        steps.append(("exact", "pipeline_fp32_batch2048", {"REWARDQ_BATCH_SIZE": "2048"}))
+    for precision, label, extra in steps[:1] if dry_run else steps:
         # ROOT first, and whatever PYTHONPATH already holds after it (device_check.sh puts carried packages there)
         path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-        env = {**os.environ, "PYTHONPATH": path, "REWARDQ_PRECISION": precision}
+        env = {**os.environ, "PYTHONPATH": path, "REWARDQ_PRECISION": precision, **extra}
         argv = [
             str(BENCH / "benchmark_pipeline.py"),
             "--pairs",
@@ -162,10 +172,14 @@ def gpu_benchmarks(
             "--peers",
             "b",
             "--out",
-            str(tmp / f"pipeline_{precision}.json"),
+            str(tmp / f"{label}.json"),
         ]
         out[label] = _bench(label, argv, tmp, env, deadline=deadline)
         progress()
+        if label == "pipeline_bf16" or dry_run:  # where a batch's time goes in each profile, in process
+            probe = [str(BENCH / "probe_precision_gpu.py"), *(["--dry-run"] if dry_run else []), "--out"]
+            out["probe"] = _bench("probe", [*probe, str(tmp / "probe.json")], tmp, deadline=deadline)
+            progress()
     return out
 
 
@@ -195,6 +209,10 @@ def table(report: dict[str, Any]) -> str:
             )
         elif rows:
             summary = f"{len(rows)} rows"
+        elif name == "probe" and isinstance(figures, dict) and figures.get("profiles"):
+            summary = "ms per 256-pair batch in process: " + ", ".join(
+                f"{k} {v['batch_ms_median']:.1f}" for k, v in figures["profiles"].items()
+            )
         lines.append(f"| {name} | {summary}, {result['seconds']} s |")
     lines.append(f"| total | {report['seconds']} s |")
     return "\n".join(lines)

@@ -3,7 +3,9 @@ of a 256-pair batch of unique STS-B dev pairs, exact (fp32) against fast (bf16 a
 operators by host time and by device time for one batch of each. A diagnostic for a GPU loan (the first one found the
 fast profile slower than the exact one in the pipeline on an H200); on a CPU it runs the same steps.
 
-    python benchmarks/probe_precision_gpu.py [--out FILE] [--batches 8]
+    python benchmarks/probe_precision_gpu.py [--out FILE] [--batches 8] [--dry-run]
+
+`rewardq selfcheck` runs it on a GPU after the pipeline steps.
 """
 
 from __future__ import annotations
@@ -23,7 +25,10 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=None, help="JSON with the timings and the profiler tables")
     p.add_argument("--batches", type=int, default=8)
+    p.add_argument("--dry-run", action="store_true", help="one 16-pair batch (CI runs it on the CPU)")
     args = p.parse_args()
+    size = 16 if args.dry_run else 256
+    args.batches = 1 if args.dry_run else args.batches
 
     import torch
     from torch.profiler import ProfilerActivity
@@ -43,7 +48,7 @@ def main() -> int:
         model = SimExpModel("probe", default_encoder_path())
         model.cache_size = 0  # every batch encodes its texts
         set_precision(model, resolve_autocast(Settings(precision=profile), model.device.type))
-        batches = [pairs[i * 256 : (i + 1) * 256] for i in range(args.batches + 2)]
+        batches = [pairs[i * size : (i + 1) * size] for i in range(args.batches + 2)]
         for b in batches[:2]:  # first-call costs
             model.score([x["prompt"] for x in b], [x["response"] for x in b])
         took = []

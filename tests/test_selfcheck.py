@@ -103,7 +103,9 @@ def test_the_device_script_dry_run(tmp_path: Path, how: str):
     doc = json.loads((tmp_path / "selfcheck.json").read_text())
     assert doc["checks"]["passed"] and doc["device"]["type"] == "cpu"
     bench = doc["benchmarks"]
-    assert {"sim_exp", "logprob", "pipeline_fp32"} <= set(bench) and all(r["exit"] == 0 for r in bench.values()), bench
+    assert {"sim_exp", "logprob", "pipeline_fp32", "probe"} <= set(bench), bench
+    assert all(r["exit"] == 0 for r in bench.values()), bench
+    assert set(bench["probe"]["figures"]["profiles"]) == {"exact", "fast"}
     assert [r["pairs"] for r in bench["pipeline_fp32"]["figures"]["rows"]] == [32, 32]
 
 
@@ -130,7 +132,10 @@ def test_selfcheck_steps_keep_to_the_budget_report_as_they_go_and_keep_the_carri
     progress: list[int] = []
     out: dict = {}
     selfcheck.gpu_benchmarks(tmp_path, dry_run=False, out=out, progress=lambda: progress.append(len(out)))
-    assert [name for name, _ in seen] == ["sim_exp", "logprob", "pipeline_fp32", "pipeline_bf16"]
-    assert progress == [1, 2, 3, 4]
-    for _, env in seen[2:]:
-        assert env is not None and env["PYTHONPATH"].split(os.pathsep) == [str(ROOT), "/carried/site"]
+    names = ["sim_exp", "logprob", "pipeline_fp32", "pipeline_bf16", "probe", "pipeline_fp32_batch2048"]
+    assert [name for name, _ in seen] == names
+    assert progress == [1, 2, 3, 4, 5, 6]
+    for name, env in seen:
+        if name.startswith("pipeline"):
+            assert env is not None and env["PYTHONPATH"].split(os.pathsep) == [str(ROOT), "/carried/site"]
+    assert seen[-1][1] is not None and seen[-1][1]["REWARDQ_BATCH_SIZE"] == "2048"
