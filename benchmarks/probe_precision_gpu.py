@@ -1,6 +1,8 @@
-"""Where a batch's time goes in each precision profile, in process (what a worker runs per batch): the median time
-of a 256-pair batch of unique STS-B dev pairs, exact (fp32) against fast (bf16 autocast), and torch.profiler's top
-operators by host time and by device time for one batch of each. A diagnostic for a GPU loan (the first one found the
+"""Where a batch's time goes in each precision profile, in process (what a worker runs per batch): exact (fp32)
+against fast (bf16 autocast), on full 256-pair batches of STS-B train pairs. Each batch is timed twice: first when its
+shapes are new to the process (as a worker's batches nearly always are), then again with every shape seen, so a cost
+paid once per shape (an execution plan, a heuristic) shows as the difference. torch.profiler's top operators by host
+time and by device time come from one more batch, also new. A diagnostic for a GPU loan (the first one found the
 fast profile slower than the exact one in the pipeline on an H200); on a CPU it runs the same steps.
 
     python benchmarks/probe_precision_gpu.py [--out FILE] [--batches 8] [--dry-run]
@@ -40,38 +42,49 @@ def main() -> int:
     from workers.precision import resolve_autocast
     from workers.registry import default_encoder_path
 
-    pairs = load_sts("dev") or load_bundled()
+    pool = load_sts("train") or load_sts("dev") or load_bundled()
+    need = (args.batches + 3) * size
+    pairs = [pool[i % len(pool)] for i in range(need)]  # full batches (the bundled sample is small: it repeats)
     cuda = torch.cuda.is_available()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    report: dict = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "profiles": {}}
+    report: dict = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "batch_pairs": size, "profiles": {}}
+
+    def run(model, batch) -> float:
+        t0 = time.perf_counter()
+        model.score([x["prompt"] for x in batch], [x["response"] for x in batch])
+        return (time.perf_counter() - t0) * 1e3
+
     for profile in ("exact", "fast"):
         model = SimExpModel("probe", default_encoder_path())
         model.cache_size = 0  # every batch encodes its texts
         set_precision(model, resolve_autocast(Settings(precision=profile), model.device.type))
-        batches = [pairs[i * size : (i + 1) * size] for i in range(args.batches + 2)]
-        for b in batches[:2]:  # first-call costs
-            model.score([x["prompt"] for x in b], [x["response"] for x in b])
-        took = []
-        for b in batches[2:]:
-            t0 = time.perf_counter()
-            model.score([x["prompt"] for x in b], [x["response"] for x in b])
-            took.append((time.perf_counter() - t0) * 1e3)
-        b = batches[2]
+        # Each profile gets batches of its own, so neither sees shapes the other ran first.
+        offset = 0 if profile == "exact" else len(pairs) // 2
+        mine = pairs[offset:] + pairs[:offset]
+        batches = [mine[i * size : (i + 1) * size] for i in range(args.batches + 3)]
+        assert all(len(b) == size for b in batches)
+        run(model, batches[0])  # model load and first-call costs
+        timed = batches[1 : args.batches + 1]
+        new = [run(model, b) for b in timed]
+        seen = [run(model, b) for b in timed]
         with torch_profile(activities=activities) as prof:
-            model.score([x["prompt"] for x in b], [x["response"] for x in b])
+            run(model, batches[-1])
         ka = prof.key_averages()
         host = ka.table(sort_by="self_cpu_time_total", row_limit=15)
         device = ka.table(sort_by="self_cuda_time_total", row_limit=15) if cuda else ""
         report["profiles"][profile] = {
             "autocast": model.autocast,
             "passes": model.passes,
-            "batch_ms_median": statistics.median(took),
-            "batch_ms": took,
-            "host_table": host,
-            "device_table": device,
+            "new_shapes_ms_median": statistics.median(new),
+            "seen_shapes_ms_median": statistics.median(seen),
+            "new_shapes_ms": new,
+            "seen_shapes_ms": seen,
+            "profiled_batch_host_table": host,
+            "profiled_batch_device_table": device,
         }
         print(
-            f"== {profile} (autocast {model.autocast}, passes {model.passes}): median {statistics.median(took):.1f} ms"
+            f"== {profile} (autocast {model.autocast}, passes {model.passes}): median ms per {size}-pair batch, "
+            f"new shapes {statistics.median(new):.1f}, seen shapes {statistics.median(seen):.1f}"
         )
         print(host)
         print(device)
