@@ -223,20 +223,25 @@ def test_a_fast_classifier_run_trains_in_bf16_and_its_version_scores_in_float32(
 
 
 def test_half_precision_on_cuda_keeps_attention_off_cudnn(recwarn):
-    """cuDNN's attention builds a plan per new (batch, padded length), which made the fast profile on an H200 three
-    times slower than fp32 per batch: half precision on CUDA runs flash or memory-efficient attention instead, and
-    puts the process's choice back afterwards. On a CPU it changes nothing but autocast."""
+    """cuDNN's attention builds a plan per new (batch, padded length), which the bf16 batches paid on an H200: half
+    precision on CUDA (autocast for sim-exp and classifier training, half-precision classifier and likelihood versions)
+    runs flash or memory-efficient attention instead, and puts the process's choice back afterwards, an error
+    included. On a CPU it changes nothing but autocast."""
     import torch
 
-    from workers.models.base import half_precision
+    from workers.models.base import half_precision, no_cudnn_attention
 
     assert torch.backends.cuda.cudnn_sdp_enabled()
     with half_precision("cuda", torch.bfloat16):  # on this CPU-only build autocast warns and stays off
         assert not torch.backends.cuda.cudnn_sdp_enabled()
         assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
     assert torch.backends.cuda.cudnn_sdp_enabled()
-    with half_precision("cuda", torch.bfloat16, enabled=False):  # exact: torch's own choice
-        assert torch.backends.cuda.cudnn_sdp_enabled()
+    with pytest.raises(RuntimeError), no_cudnn_attention("cuda"):
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        raise RuntimeError("a pass that fails")
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    with half_precision("cuda", torch.bfloat16, enabled=False), no_cudnn_attention("cuda", enabled=False):
+        assert torch.backends.cuda.cudnn_sdp_enabled()  # exact: torch's own choice
     with half_precision("cpu", torch.bfloat16):
         assert torch.backends.cuda.cudnn_sdp_enabled() and torch.is_autocast_enabled("cpu")
     assert not torch.is_autocast_enabled("cpu")

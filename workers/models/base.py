@@ -4,28 +4,36 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 
-def half_precision(device_type: str, dtype: Any, enabled: bool = True) -> contextlib.ExitStack:
-    """Autocast to ``dtype``; on CUDA, also keeps attention off cuDNN's SDPA backend. torch sends masked bf16/fp16
-    attention to cuDNN first on Hopper and newer, and cuDNN builds an execution plan for every new (batch, padded
-    length): a reward model's batches are padded to their longest text, so nearly every pass paid for a new plan. On
-    an H200 the fast profile's 256-pair batch took a median 76.5 ms against 24.2 ms in fp32, though its GPU work was
-    5.2 ms against 12.9 ms (benchmarks/results/probe_precision_h200.json). Flash and memory-efficient attention keep
-    no per-shape plan."""
+@contextlib.contextmanager
+def no_cudnn_attention(device_type: str, enabled: bool = True) -> Iterator[None]:
+    """On CUDA, attention runs flash or memory-efficient kernels, never cuDNN's SDPA backend. torch sends masked
+    bf16/fp16 attention to cuDNN first on Hopper and newer, and cuDNN builds an execution plan for every new (batch,
+    padded length): a reward model's batches are padded to their longest text, so nearly every batch would pay for
+    plans (on an H200 bf16 batches of new shapes took 153-423 ms in process against 48-349 ms in fp32, whose
+    attention ran the memory-efficient kernel; benchmarks/results/probe_precision_h200.json). The backend flags are
+    process-wide while the block runs: a worker with ``--pool threads`` may see them switched by another thread,
+    which changes speed, never a result."""
+    if not (enabled and device_type == "cuda"):
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        yield
+
+
+@contextlib.contextmanager
+def half_precision(device_type: str, dtype: Any, enabled: bool = True) -> Iterator[None]:
+    """Autocast to ``dtype``, with attention kept off cuDNN on CUDA (``no_cudnn_attention``)."""
     import torch
 
-    stack = contextlib.ExitStack()
-    stack.enter_context(torch.autocast(device_type, dtype=dtype, enabled=enabled))
-    if enabled and device_type == "cuda":
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-        stack.enter_context(sdpa_kernel(backends))
-    return stack
+    with torch.autocast(device_type, dtype=dtype, enabled=enabled), no_cudnn_attention(device_type, enabled):
+        yield
 
 
 @dataclass

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from workers.models.base import RewardModel, Scores, half_precision, length_groups, pad_rows
+from workers.models.base import RewardModel, Scores, half_precision, length_groups, no_cudnn_attention, pad_rows
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -131,7 +131,8 @@ class ClassifierModel(RewardModel):
         reward = [0.0] * len(prompts)
         for group in length_groups(lengths, per_group, self.token_budget):
             inputs = self._inputs([encoded[i][0] for i in group])
-            logits = self.model(**inputs).logits[:, 0].float().cpu().tolist()
+            with no_cudnn_attention(self.device.type, self.dtype != "float32"):
+                logits = self.model(**inputs).logits[:, 0].float().cpu().tolist()
             for i, value in zip(group, logits, strict=True):
                 reward[i] = value
             self._count(

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 import kernels
-from workers.models.base import RewardModel, Scores, length_groups, pad_rows
+from workers.models.base import RewardModel, Scores, length_groups, no_cudnn_attention, pad_rows
 from workers.models.classifier import DTYPES
 
 
@@ -124,7 +124,9 @@ class LikelihoodModel(RewardModel):
             rows = [todo[j] for j in group]
             ids, mask = pad_rows([encoded[i][0] for i in rows], self.fill_id)
             ids_t = torch.tensor(ids, device=self.device)
-            hidden = self.body(input_ids=ids_t, attention_mask=torch.tensor(mask, device=self.device)).last_hidden_state
+            with no_cudnn_attention(self.device.type, self.dtype != "float32"):
+                mask_t = torch.tensor(mask, device=self.device)
+                hidden = self.body(input_ids=ids_t, attention_mask=mask_t).last_hidden_state
             # Position t predicts token t + 1: the hidden states before each response token, and those tokens.
             pos = [(b, t) for b, i in enumerate(rows) for t in range(encoded[i][1] - 1, lengths[i] - 1)]
             at_b = torch.tensor([b for b, _ in pos], device=self.device)
