@@ -69,7 +69,8 @@ def _logprob_fwd_kernel(
 
 # (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages) on CUDA, largest first: the first whose pipelined tiles fit the
 # device's shared memory. On an H200 at N 16,384, H 4,096, V 128,256 in bf16 (benchmark_logprob.py's sweep,
-# benchmarks/results/selfcheck_h200.json) 128 x 256 tiles took 32.3 ms, 64 x 128 tiles 48.2 ms, eager 37.6 ms.
+# benchmarks/results/selfcheck_h200.json) 128 x 256 tiles took 32.3 ms, 64 x 128 tiles 48.2 ms, eager 37.6 ms. The
+# 128 x 256 tiles were measured on Hopper only: older GPUs keep 64 x 128.
 _CUDA_BLOCKS = ((128, 256, 64, 8, 3), (64, 128, 64, 8, 3), (32, 64, 32, 4, 2))
 
 
@@ -78,20 +79,23 @@ def _shared_bytes(cfg: tuple[int, int, int, int, int], itemsize: int) -> int:
     return stages * (block_n * block_h + block_h * block_v) * itemsize
 
 
-def cuda_blocks(shared_limit: int, itemsize: int) -> tuple[int, int, int, int, int]:
-    """The largest of _CUDA_BLOCKS whose pipelined input tiles fit ``shared_limit`` bytes of shared memory."""
-    return next((c for c in _CUDA_BLOCKS if _shared_bytes(c, itemsize) <= shared_limit), _CUDA_BLOCKS[-1])
+def cuda_blocks(shared_limit: int, itemsize: int, major: int = 9) -> tuple[int, int, int, int, int]:
+    """The largest of _CUDA_BLOCKS whose pipelined input tiles fit ``shared_limit`` bytes of shared memory, on a GPU
+    of compute capability ``major``.x (the largest tiles only from Hopper, 9.x, where they were measured)."""
+    fits = [c for c in _CUDA_BLOCKS[0 if major >= 9 else 1 :] if _shared_bytes(c, itemsize) <= shared_limit]
+    return fits[0] if fits else _CUDA_BLOCKS[-1]
 
 
 def _blocks(n: int, v: int, h: int, device: torch.device, itemsize: int = 2) -> tuple[int, int, int, int, int]:
     """(BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages). tl.dot needs every block dim >= 16."""
-    block_h = max(16, min(64, triton.next_power_of_2(h)))
     if device.type == "cuda":
         # The matmul runs on tensor cores, the online softmax on the fp32 tile in registers. fp32 inputs (twice the
         # bytes) and GPUs with less shared memory than a Hopper get the smaller tiles.
         props = torch.cuda.get_device_properties(device)
-        return cuda_blocks(getattr(props, "shared_memory_per_block_optin", 0) or 48 * 1024, itemsize)
+        limit = getattr(props, "shared_memory_per_block_optin", 0) or 48 * 1024
+        return cuda_blocks(limit, itemsize, props.major)
     # The interpreter pays per program and per op: few, wide programs.
+    block_h = max(16, min(64, triton.next_power_of_2(h)))
     block_n = max(16, min(64, triton.next_power_of_2(n)))
     return block_n, max(16, min(256, triton.next_power_of_2(v))), block_h, 1, 1
 
