@@ -164,18 +164,27 @@ def gpu_benchmarks(
         script = BENCH / f"benchmark_{name}.py"
         out[name] = _bench(name, [str(script), size, "--out-dir", str(tmp)], tmp, deadline=deadline)
         progress()
-    probe = [str(BENCH / "probe_precision_gpu.py"), *(["--dry-run"] if dry_run else []), "--out"]
+
+    def probe() -> None:  # where a batch's time goes in each profile, in process
+        argv = [
+            str(BENCH / "probe_precision_gpu.py"),
+            *(["--dry-run"] if dry_run else []),
+            "--out",
+            str(tmp / "probe.json"),
+        ]
+        out["probe"] = _bench("probe", argv, tmp, deadline=deadline)
+        progress()
+
     if shutil.which("redis-server") is None and not os.environ.get("REWARDQ_REDIS_URL"):
         out["pipeline"] = {"skipped": "no redis-server here and no REWARDQ_REDIS_URL: the pipeline needs Redis"}
-        out["probe"] = _bench("probe", [*probe, str(tmp / "probe.json")], tmp, deadline=deadline)
-        progress()
+        probe()
         return out
-    steps: list[tuple[str, str, dict[str, str]]] = [("exact", "pipeline_fp32", {}), ("fast", "pipeline_bf16", {})]
-    if not dry_run:  # REWARDQ_BATCH_SIZE on a GPU, where each message's fixed cost decides the rate
-        steps.append(("exact", "pipeline_fp32_batch2048", {"REWARDQ_BATCH_SIZE": "2048"}))
-    for precision, label, extra in steps[:1] if dry_run else steps:
-        # ROOT first, and whatever PYTHONPATH already holds after it (device_check.sh puts carried packages there)
-        path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    steps: list[tuple[str, str, dict[str, str]]] = [("exact", "pipeline_fp32", {})]
+    if not dry_run:  # and REWARDQ_BATCH_SIZE on a GPU, where each message's fixed cost decides the rate
+        steps += [("fast", "pipeline_bf16", {}), ("exact", "pipeline_fp32_batch2048", {"REWARDQ_BATCH_SIZE": "2048"})]
+    # ROOT first, and whatever PYTHONPATH already holds after it (device_check.sh puts carried packages there)
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    for precision, label, extra in steps:
         env = {**os.environ, "PYTHONPATH": path, "REWARDQ_PRECISION": precision, **extra}
         argv = [
             str(BENCH / "benchmark_pipeline.py"),
@@ -196,9 +205,8 @@ def gpu_benchmarks(
         ]
         out[label] = _bench(label, argv, tmp, env, deadline=deadline)
         progress()
-        if label == "pipeline_bf16" or dry_run:  # where a batch's time goes in each profile, in process
-            out["probe"] = _bench("probe", [*probe, str(tmp / "probe.json")], tmp, deadline=deadline)
-            progress()
+        if label == "pipeline_bf16" or dry_run:  # after the bf16 pipeline (the dry run has only the fp32 one)
+            probe()
     return out
 
 

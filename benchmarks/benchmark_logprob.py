@@ -114,8 +114,16 @@ def gpu_bench(quick: bool, dry_run: bool, out_dir: Path) -> int:
 
 # (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages) tried on CUDA (the first H200 loan chose kernels.logprob's
 # default for 2-byte inputs, (128, 256, 64, 8, 3), from this list).
-GPU_BLOCKS = [(64, 128, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3),
-              (64, 256, 64, 8, 3), (128, 128, 64, 4, 3), (128, 64, 64, 4, 4), (256, 128, 64, 8, 3)]  # fmt: skip
+GPU_BLOCKS = [
+    (64, 128, 64, 8, 3),
+    (128, 128, 64, 8, 3),
+    (128, 128, 64, 8, 4),
+    (128, 256, 64, 8, 3),
+    (64, 256, 64, 8, 3),
+    (128, 128, 64, 4, 3),
+    (128, 64, 64, 4, 4),
+    (256, 128, 64, 8, 3),
+]
 
 
 def block_sweep(n: int, h: int, v: int, dtype, device: str, dry_run: bool) -> list[dict]:
