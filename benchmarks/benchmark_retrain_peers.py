@@ -180,12 +180,12 @@ def main() -> int:
 
     bf16 = args.precision == "fast" and cpu_bf16_flag() is not None
     if args.one:
-        import torch
-
-        torch.set_num_threads(args.threads)
-        if args.one.startswith("rewardq_"):
+        if args.one.startswith("rewardq_"):  # its own child process takes the threads from OMP_NUM_THREADS
             result = run_rewardq(args.one, args.limit, args.epochs, args.precision, args.eval_limit)
         else:
+            import torch
+
+            torch.set_num_threads(args.threads)
             result = run_st(args.one, args.limit, args.epochs, bf16, args.seed, args.eval_limit)
         print("RESULT " + json.dumps(result))
         return 0
@@ -193,9 +193,7 @@ def main() -> int:
     unknown = sorted(set(ways) - set(WAYS))
     if unknown:
         p.error(f"unknown ways {unknown}; choose from {WAYS}")
-    import sentence_transformers
-    import torch
-    import transformers
+    from importlib.metadata import version  # not the packages themselves: each way imports them in its own process
 
     report: dict[str, Any] = {
         "precision": args.precision,
@@ -209,9 +207,9 @@ def main() -> int:
             "cpu_model": cpu_model(),
             "bf16_flag": cpu_bf16_flag(),
             "threads": args.threads,
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "sentence_transformers": sentence_transformers.__version__,
+            "torch": version("torch"),
+            "transformers": version("transformers"),
+            "sentence_transformers": version("sentence-transformers"),
             "python": platform.python_version(),
         },
     }
