@@ -181,18 +181,18 @@ def main() -> int:
         params = resolved(TrainingParams(**overrides).model_dump(exclude_none=True))
         run_id = trepo.create_run(s, tenant="bench", params=params).id
 
-    def dev_spearman(version: str, pairs: list[dict[str, Any]] = dev) -> float:
+    def spearman_on(pairs: list[dict[str, Any]], version: str) -> float:
         scores = engine.get_model(version).score([x["prompt"] for x in pairs], [x["response"] for x in pairs]).reward
         return float(spearmanr(scores, [x["rating"] for x in pairs]).statistic)
 
-    before = dev_spearman(base)
+    before = spearman_on(dev, base)
     status, wall, run = run_and_read(run_id)
     version, metrics, curve, error = run.result_version, run.metrics, run.loss_curve, run.error
     if status == "failed" or version is None:
         print(f"training run failed: {error}")
         return 1
     t1 = time.perf_counter()
-    after = dev_spearman(version)
+    after = spearman_on(dev, version)
     dev_s = time.perf_counter() - t1
     test = load_sts("test", limit=args.eval_limit) if args.test else None
     result: dict[str, Any] = {
@@ -212,7 +212,7 @@ def main() -> int:
         "loss_curve": curve,
         "n_train_feedback": len(train),
         "n_dev": len(dev),
-        **({"test_spearman_after": dev_spearman(version, test), "n_test": len(test)} if test else {}),
+        **({"test_spearman_after": spearman_on(test, version), "n_test": len(test)} if test else {}),
         "machine": {
             "cpus": os.cpu_count(),
             "torch": torch.__version__,

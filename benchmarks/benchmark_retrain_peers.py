@@ -133,6 +133,12 @@ def run_st(
     return {"dev_spearman": dev_s, "test_spearman": test_s, "train_seconds": train_s, "n_train": len(train)}
 
 
+def _smoke_flags(limit: int | None, epochs: int | None, eval_limit: int | None) -> list[str]:
+    """The options both this script and benchmark_retrain.py take, as given (None: not passed)."""
+    given = {"--limit": limit, "--epochs": epochs, "--eval-limit": eval_limit}
+    return [x for flag, value in given.items() if value is not None for x in (flag, str(value))]
+
+
 def run_rewardq(
     way: str, limit: int | None, epochs: int | None, precision: str, eval_limit: int | None = None
 ) -> dict[str, Any]:
@@ -142,13 +148,7 @@ def run_rewardq(
            "--out", str(out)]  # fmt: skip
     if way == "rewardq_classifier":
         cmd += ["--kind", "classifier", "--symmetric"]
-    if limit is not None:
-        cmd += ["--limit", str(limit)]
-    if epochs is not None:
-        cmd += ["--epochs", str(epochs)]
-    if eval_limit is not None:
-        cmd += ["--eval-limit", str(eval_limit)]
-    subprocess.run(cmd, check=True, cwd=ROOT)
+    subprocess.run(cmd + _smoke_flags(limit, epochs, eval_limit), check=True, cwd=ROOT)
     run = json.loads(out.read_text())
     return {
         "dev_spearman": run["dev_spearman_after"],
@@ -218,9 +218,7 @@ def main() -> int:
     for way in ways:
         cmd = [sys.executable, __file__, "--one", way, "--precision", args.precision, "--threads", str(args.threads),
                "--seed", str(args.seed)]  # fmt: skip
-        cmd += ["--limit", str(args.limit)] if args.limit is not None else []
-        cmd += ["--epochs", str(args.epochs)] if args.epochs is not None else []
-        cmd += ["--eval-limit", str(args.eval_limit)] if args.eval_limit is not None else []
+        cmd += _smoke_flags(args.limit, args.epochs, args.eval_limit)
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
         wall = time.perf_counter() - t0
