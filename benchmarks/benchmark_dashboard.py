@@ -72,8 +72,8 @@ def browser_load(browser: Any, base: str, job_id: str, n: int, repeat: int) -> f
 
 
 def measure(stack: Stack, sizes: list[int], repeat: int, browser: Any) -> list[dict[str, Any]]:
-    from storage.db import get_sessionmaker
-    from storage.registry import default_version
+    from rewardq.storage.db import get_sessionmaker
+    from rewardq.storage.registry import default_version
 
     with get_sessionmaker(stack.db_url)() as s:
         version = default_version(s)

@@ -23,7 +23,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from api.procs import free_port, start_api, start_redis, start_worker, wait_for  # noqa: E402
+from rewardq.api.procs import free_port, start_api, start_redis, start_worker, wait_for  # noqa: E402
 
 PG_ADMIN = os.environ.get("REWARDQ_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 KEY_A, KEY_B = "bench-a-" + uuid.uuid4().hex, "bench-b-" + uuid.uuid4().hex
@@ -87,7 +87,7 @@ def main() -> None:
     }
     procs = []
     try:
-        subprocess.run([sys.executable, "-m", "api.cli", "db", "upgrade"], env=env, check=True, capture_output=True)
+        subprocess.run([sys.executable, "-m", "rewardq", "db", "upgrade"], env=env, check=True, capture_output=True)
         port = free_port()
         procs.append(start_api(env, tmp / "api.log", port))
         procs.append(start_worker(env, tmp / "worker.log", concurrency=args.concurrency))

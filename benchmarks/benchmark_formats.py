@@ -56,7 +56,7 @@ _WRAP = (
     "import atexit, resource, runpy, sys; "
     "peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
     "atexit.register(lambda: print('PEAK_RSS_KB', peak(), file=sys.stderr)); "
-    "sys.argv = ['rewardq', *sys.argv[1:]]; runpy.run_module('api.cli', run_name='__main__')"
+    "sys.argv = ['rewardq', *sys.argv[1:]]; runpy.run_module('rewardq', run_name='__main__')"
 )
 
 
@@ -87,13 +87,13 @@ def main() -> int:
             env = {**stack.env, "REWARDQ_API_URL": f"http://127.0.0.1:{stack.port}"}
             # In: the Parquet file streamed as ndjson; the first child is the only one waited for so far.
             sub_s, sub_rss, job_in = timed_cli(["submit", str(src)], env)
-            from api.client import Client
+            from rewardq.client.client import Client
 
             with Client(env["REWARDQ_API_URL"]) as c:
                 assert c.job(job_in, summary=False)["progress"]["total"] == args.rows
                 c.cancel(job_in)
-            from storage.db import get_sessionmaker
-            from storage.registry import default_version
+            from rewardq.storage.db import get_sessionmaker
+            from rewardq.storage.registry import default_version
 
             with get_sessionmaker(stack.db_url)() as s:
                 version = default_version(s)

@@ -48,7 +48,7 @@ def widths(model: Any, prompts: list[str], responses: list[str], reps: int) -> l
 def _padded_widths(model: Any, prompts: list[str], responses: list[str], reps: int) -> list[dict[str, Any]]:
     import torch
 
-    import workers.models.sim_exp as sim_exp
+    import rewardq.workers.models.sim_exp as sim_exp
 
     with torch.inference_mode():  # the encoder's bf16 copy, which the fast passes run (made for inference only)
         encoder = model._low_precision_encoder()
@@ -105,7 +105,7 @@ def int8_accuracy(
     from scipy.stats import spearmanr
     from torch import nn
 
-    from api.samples import load_sts
+    from rewardq.client.samples import load_sts
 
     fp32 = model.encoder
     ref = model.score(prompts, responses)
@@ -217,10 +217,10 @@ def main() -> int:
     args.out = args.out or ROOT / "benchmarks" / "results" / "int8_shapes.json"
     import torch
 
-    from api.samples import load_sts
-    from storage.settings import Settings
-    from workers.models.sim_exp import load_sim_exp
-    from workers.precision import cpu_bf16_flag, cpu_model, matrix_flags
+    from rewardq.client.samples import load_sts
+    from rewardq.storage.settings import Settings
+    from rewardq.workers.models.sim_exp import load_sim_exp
+    from rewardq.workers.precision import cpu_bf16_flag, cpu_model, matrix_flags
 
     torch.set_num_threads(2)
     if cpu_bf16_flag() is None:

@@ -44,7 +44,7 @@ def _summary(values: list[float]) -> dict[str, float]:
 
 
 def _pairs(n: int, tag: str) -> list[dict[str, str]]:
-    from api.samples import load_bundled, load_sts
+    from rewardq.client.samples import load_bundled, load_sts
 
     base = load_sts("dev") or load_bundled()
     return [
@@ -102,7 +102,7 @@ def loaded(client, job_id: str, window: float, gap16: float, gap256: float) -> d
 
 
 def run_mode(mode: str, args: argparse.Namespace) -> dict[str, object]:
-    from api.client import Client
+    from rewardq.client.client import Client
 
     with tempfile.TemporaryDirectory(prefix=f"rewardq-interactive-{mode}-") as tmp:
         stack = Stack(Path(tmp), reserved=mode == "reserved")

@@ -81,7 +81,7 @@ def gpu_case(n: int, h: int, v: int, dtype, device: str, impls: dict, dry_run: b
 def gpu_bench(quick: bool, dry_run: bool, out_dir: Path) -> int:
     import torch
 
-    from kernels.logprob import token_logprobs_triton
+    from rewardq.kernels.logprob import token_logprobs_triton
 
     device = "cpu" if dry_run else "cuda"
     name = "dry-run-cpu" if dry_run else torch.cuda.get_device_name(0)
@@ -131,7 +131,7 @@ def block_sweep(n: int, h: int, v: int, dtype, device: str, dry_run: bool) -> li
     compile or launch is reported, not fatal), so the default is chosen by measurement."""
     import torch
 
-    from kernels.logprob import _blocks, token_logprobs_fwd
+    from rewardq.kernels.logprob import _blocks, token_logprobs_fwd
 
     g = torch.Generator(device=device).manual_seed(1)
     hidden = torch.randn(n, h, device=device, dtype=dtype, generator=g)
@@ -179,7 +179,7 @@ def cpu_child(mode: str, model_dir: str, n_pairs: int, response_words: int) -> N
     prompts = [f"Question {i}: tell me about topic {i % 17}." for i in range(n_pairs)]
     responses = [" ".join(f"word{(i * 7 + j) % 50}" for j in range(response_words)) for i in range(n_pairs)]
     if mode == "chunked":
-        from workers.models.likelihood import LikelihoodModel
+        from rewardq.workers.models.likelihood import LikelihoodModel
 
         model = LikelihoodModel("bench", model_dir, encode_batch_size=n_pairs, token_budget=10**9)
         model.score(prompts[:2], responses[:2])  # warm-up outside the measured region

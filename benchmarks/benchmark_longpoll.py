@@ -24,7 +24,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from api.procs import free_port, start_api, start_redis  # noqa: E402
+from rewardq.api.procs import free_port, start_api, start_redis  # noqa: E402
 
 PG_ADMIN = os.environ.get("REWARDQ_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 KEY_A, KEY_B = "bench-a-" + uuid.uuid4().hex, "bench-b-" + uuid.uuid4().hex
@@ -110,7 +110,7 @@ def main() -> None:
     try:
         import subprocess
 
-        subprocess.run([sys.executable, "-m", "api.cli", "db", "upgrade"], env=env, check=True, capture_output=True)
+        subprocess.run([sys.executable, "-m", "rewardq", "db", "upgrade"], env=env, check=True, capture_output=True)
         port = free_port()
         api = start_api(env, tmp / "api.log", port)
         url = f"http://127.0.0.1:{port}"

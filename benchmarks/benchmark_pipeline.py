@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def workloads() -> dict[str, list[dict[str, str]]]:
-    from api.samples import load_bundled, load_sts
+    from rewardq.client.samples import load_bundled, load_sts
 
     dev = load_sts("dev") or load_bundled()
     unique = [{"id": str(i), "prompt": x["prompt"], "response": x["response"]} for i, x in enumerate(dev)]
@@ -49,13 +49,13 @@ def workloads() -> dict[str, list[dict[str, str]]]:
 
 
 def in_process(items: list[dict[str, str]], batch_size: int, profile: str = "exact") -> float:
-    from workers.models.sim_exp import SimExpModel
-    from workers.registry import default_encoder_path
+    from rewardq.workers.models.sim_exp import SimExpModel
+    from rewardq.workers.registry import default_encoder_path
 
     def make() -> SimExpModel:
-        from storage.settings import Settings
-        from workers.models.sim_exp import set_precision
-        from workers.precision import resolve_autocast
+        from rewardq.storage.settings import Settings
+        from rewardq.workers.models.sim_exp import set_precision
+        from rewardq.workers.precision import resolve_autocast
 
         model = SimExpModel("bench", default_encoder_path())
         set_precision(model, resolve_autocast(Settings(precision=profile), model.device.type))
@@ -73,7 +73,7 @@ def user_script(items: list[dict[str, str]], bf16: bool = False) -> float:
     import numpy as np
     from sentence_transformers import SentenceTransformer
 
-    from workers.registry import default_encoder_path
+    from rewardq.workers.registry import default_encoder_path
 
     def make() -> SentenceTransformer:
         import torch
@@ -106,7 +106,7 @@ def _onnx_session(threads: int) -> tuple[object, object]:
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    from workers.registry import default_encoder_path
+    from rewardq.workers.registry import default_encoder_path
 
     path = default_encoder_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -195,9 +195,9 @@ class Stack:
         """``reserved``: a second worker process that serves only the interactive queue (the first one takes
         bulk and training work); otherwise one worker serves every queue, interactive first. ``name``: a stack
         of its own beside another one (its queues and logs); ``env``: more settings for its processes."""
-        from api.procs import free_port, redis_answers, start_api, start_redis, start_worker
-        from storage.migrate import upgrade
-        from workers.registry import register_base_version
+        from rewardq.api.procs import free_port, redis_answers, start_api, start_redis, start_worker
+        from rewardq.storage.migrate import upgrade
+        from rewardq.workers.registry import register_base_version
 
         self.procs = []
         self.last_cache_hits = 0  # embedding cache hits of the last job pipeline() ran (texts not encoded again)
@@ -216,7 +216,7 @@ class Stack:
                     # A loopback API for the benchmark's own clients: no keys, and no limit on what they measure.
                     "REWARDQ_ALLOW_ANONYMOUS": "1", "REWARDQ_RATE_LIMIT_PER_MINUTE": "0"}  # fmt: skip
         os.environ.update({k: self.env[k] for k in ("REWARDQ_DATABASE_URL", "REWARDQ_REDIS_URL")})
-        from storage.settings import get_settings
+        from rewardq.storage.settings import get_settings
 
         get_settings.cache_clear()
         upgrade()
@@ -238,7 +238,7 @@ class Stack:
 
 
 def pipeline(stack: Stack, items: list[dict[str, str]]) -> float:
-    from api.client import Client
+    from rewardq.client.client import Client
 
     with Client(f"http://127.0.0.1:{stack.port}") as c:
         t0 = time.perf_counter()
@@ -284,7 +284,7 @@ def throwaway_database(admin_url: str, name: str) -> Iterator[str]:
     """A PostgreSQL database made for one measurement and dropped after it; yields its SQLAlchemy URL."""
     import psycopg
 
-    from storage.db import get_engine
+    from rewardq.storage.db import get_engine
 
     with psycopg.connect(admin_url, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
@@ -325,8 +325,8 @@ def main() -> int:
     p.add_argument("--peers", default="b,b2,b3", help="the user scripts to measure beside them")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "pipeline.json")
     args = p.parse_args()
-    from storage.settings import get_settings
-    from workers.precision import cpu_model, matrix_flags
+    from rewardq.storage.settings import get_settings
+    from rewardq.workers.precision import cpu_model, matrix_flags
 
     batch_size = get_settings().batch_size
     profiles = [x for x in args.profiles.split(",") if x]

@@ -40,10 +40,10 @@ def main() -> int:
     import torch
     from scipy.stats import spearmanr
 
-    from api.samples import load_sts
-    from storage.settings import Settings
-    from workers.models.sim_exp import load_sim_exp
-    from workers.precision import cpu_bf16_flag, cpu_model, matrix_flags
+    from rewardq.client.samples import load_sts
+    from rewardq.storage.settings import Settings
+    from rewardq.workers.models.sim_exp import load_sim_exp
+    from rewardq.workers.precision import cpu_bf16_flag, cpu_model, matrix_flags
 
     torch.set_num_threads(args.threads)
     flag = cpu_bf16_flag()

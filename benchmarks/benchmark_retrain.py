@@ -74,9 +74,9 @@ SWEEP: list[dict[str, Any]] = [
 
 def run_and_read(run_id: str) -> tuple[str, float, Any]:
     """Run ``run_id`` as a worker's training task would: (its status, its wall time, the run row read back)."""
-    from storage import training_repository as trepo
-    from storage.db import session_scope
-    from workers.runs import execute_run
+    from rewardq.storage import training_repository as trepo
+    from rewardq.storage.db import session_scope
+    from rewardq.workers.runs import execute_run
 
     t0 = time.perf_counter()
     status = execute_run(run_id)
@@ -139,15 +139,15 @@ def main() -> int:
     import torch
     from scipy.stats import spearmanr
 
-    from api.samples import load_sts
-    from api.schemas import TrainingParams
-    from storage import training_repository as trepo
-    from storage.db import session_scope
-    from storage.migrate import upgrade
-    from workers import engine
-    from workers.precision import cpu_model
-    from workers.registry import register_base_version
-    from workers.train_params import resolved
+    from rewardq.api.schemas import TrainingParams
+    from rewardq.client.samples import load_sts
+    from rewardq.storage import training_repository as trepo
+    from rewardq.storage.db import session_scope
+    from rewardq.storage.migrate import upgrade
+    from rewardq.workers import engine
+    from rewardq.workers.precision import cpu_model
+    from rewardq.workers.registry import register_base_version
+    from rewardq.workers.train_params import resolved
 
     train, dev = load_sts("train", limit=args.limit), load_sts("dev", limit=args.eval_limit)
     if not train or not dev:
@@ -256,13 +256,13 @@ def sweep(
 
     import numpy as np
 
-    from api.schemas import TrainingParams
-    from storage import training_repository as trepo
-    from storage.db import session_scope
-    from workers import engine
-    from workers.evaluation import evaluate
-    from workers.feedback import Feedback, Rating
-    from workers.train_params import resolved
+    from rewardq.api.schemas import TrainingParams
+    from rewardq.storage import training_repository as trepo
+    from rewardq.storage.db import session_scope
+    from rewardq.workers import engine
+    from rewardq.workers.evaluation import evaluate
+    from rewardq.workers.feedback import Feedback, Rating
+    from rewardq.workers.train_params import resolved
 
     configs = SWEEP if args.configs is None else [json.loads(x) for x in args.configs.read_text().splitlines() if x]
     configs = configs[: args.only] if args.only else configs

@@ -49,7 +49,7 @@ def _spearman(pred: Any, gold: list[float]) -> float:
 
 
 def _split(name: str, limit: int | None = None) -> dict[str, list[Any]]:
-    from api.samples import load_sts
+    from rewardq.client.samples import load_sts
 
     rows = load_sts(name, limit=limit)
     if not rows:
@@ -89,7 +89,7 @@ def run_st(
     import torch
     from datasets import Dataset
 
-    from workers.registry import default_encoder_path
+    from rewardq.workers.registry import default_encoder_path
 
     train = Dataset.from_dict(_split("train", limit))
     dev, test = _split("dev", eval_limit), _split("test", eval_limit)
@@ -176,7 +176,7 @@ def main() -> int:
     sys.path.insert(0, str(ROOT))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from workers.precision import cpu_bf16_flag, cpu_model
+    from rewardq.workers.precision import cpu_bf16_flag, cpu_model
 
     bf16 = args.precision == "fast" and cpu_bf16_flag() is not None
     if args.one:

@@ -35,8 +35,8 @@ def cpu_check() -> int:
     os.environ["TRITON_INTERPRET"] = "1"
     import torch
 
-    from kernels.reference import sim_exp_reward_torch
-    from kernels.sim_exp import sim_exp_reward_triton
+    from rewardq.kernels.reference import sim_exp_reward_torch
+    from rewardq.kernels.sim_exp import sim_exp_reward_triton
 
     print("no CUDA GPU found: checking the Triton kernel under TRITON_INTERPRET=1 at a small size instead")
     worst = 0.0
@@ -130,7 +130,7 @@ def gpu_bench(quick: bool, max_gb: float, dry_run: bool = False, out_dir: Path =
     import torch
     import torch._dynamo
 
-    from kernels.sim_exp import sim_exp_reward_triton
+    from rewardq.kernels.sim_exp import sim_exp_reward_triton
 
     name = torch.cuda.get_device_name(0) if not dry_run else "dry-run-cpu"
     copy_gbs = copy_bandwidth(2**30 if not dry_run else 2**20)

@@ -106,7 +106,7 @@ fi
 "$PY" -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)' || true
 read -r -a extra <<< "${DEVICE_CHECK_ARGS:-}"  # more selfcheck options, split on spaces (no globbing)
 status=0
-timeout "${SELFCHECK_TIMEOUT_S:-540}" "$PY" -m api.cli selfcheck --out "$out/selfcheck.json" "${args[@]}" "${extra[@]}" || status=$?
+timeout "${SELFCHECK_TIMEOUT_S:-540}" "$PY" -m rewardq selfcheck --out "$out/selfcheck.json" "${args[@]}" "${extra[@]}" || status=$?
 if [ "$mode" != "--dry-run" ]; then  # the pipeline benchmark's process logs (kept in /tmp), for a step that failed
     for f in /tmp/rewardq-bench-*/*.log; do [ -f "$f" ] && { echo "== $f"; tail -n 40 "$f"; }; done > "$out/bench_logs.txt" 2>&1 || true
 fi

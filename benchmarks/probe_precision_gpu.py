@@ -36,11 +36,11 @@ def main() -> int:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    from api.samples import load_bundled, load_sts
-    from storage.settings import Settings
-    from workers.models.sim_exp import SimExpModel, set_precision
-    from workers.precision import resolve_autocast
-    from workers.registry import default_encoder_path
+    from rewardq.client.samples import load_bundled, load_sts
+    from rewardq.storage.settings import Settings
+    from rewardq.workers.models.sim_exp import SimExpModel, set_precision
+    from rewardq.workers.precision import resolve_autocast
+    from rewardq.workers.registry import default_encoder_path
 
     pool = load_sts("train") or load_sts("dev") or load_bundled()
     need = (args.batches + 3) * size

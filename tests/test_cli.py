@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from api.procs import free_port
+from rewardq.api.procs import free_port
 from tests.support import SECRET, Live
 
 pytestmark = pytest.mark.slow
@@ -27,7 +27,7 @@ def rewardq(
     if key:
         env["REWARDQ_API_KEY"] = key
     return subprocess.run(
-        [sys.executable, "-m", "api.cli", *args], capture_output=True, text=True, env=env, timeout=300, cwd=cwd
+        [sys.executable, "-m", "rewardq", *args], capture_output=True, text=True, env=env, timeout=300, cwd=cwd
     )
 
 
@@ -119,7 +119,7 @@ def test_formats_are_detected_and_others_refused_naming_what_is_accepted(live: L
 def test_every_option_of_every_verb_has_help_and_shows_its_default():
     import click
 
-    from api.cli import main
+    from rewardq.cli import main
 
     def walk(cmd: click.Command, path: str) -> None:
         for param in cmd.params:
@@ -131,8 +131,8 @@ def test_every_option_of_every_verb_has_help_and_shows_its_default():
 
     walk(main, "rewardq")
     assert {"jobs", "cancel", "runs", "status", "results", "retrain", "models", "submit"} <= set(main.commands)
-    from api.cli_training import retrain
-    from api.schemas import TrainingParams
+    from rewardq.api.schemas import TrainingParams
+    from rewardq.client.cli_training import retrain
 
     assert set(TrainingParams.model_fields) <= {o.name for o in retrain.params}  # every run parameter has an option
     text = rewardq("retrain", "--help").stdout
@@ -145,7 +145,7 @@ def test_every_option_of_every_verb_has_help_and_shows_its_default():
 
 
 def test_retrain_runs_and_waits_show_briefly_and_time_out(live: Live):
-    from api.samples import load_sts
+    from rewardq.client.samples import load_sts
 
     rows = load_sts("train", limit=40) or []
     with live.client() as c:
@@ -182,3 +182,44 @@ def test_retrain_runs_and_waits_show_briefly_and_time_out(live: Live):
         models = c.models()
     base = next(m for m in models["models"] if m["version"].startswith("base-"))
     assert base["score_stats"]["n"] == 40 and len(base["score_stats"]["quantiles"]) == 101
+
+
+def test_first_hour_files_long_lines_gzip_and_empty(live: Live, tmp_path: Path):
+    """A JSON Lines file whose first line is longer than any sniff, the same file gzipped (by name or not), and an
+    empty file's message without Python's bytes notation."""
+    import gzip
+
+    long = tmp_path / "long.jsonl"
+    long.write_text(
+        "".join(json.dumps({"prompt": "why " * 3000 + str(i), "response": f"because {i}"}) + "\n" for i in range(3))
+    )
+    assert len(long.read_text().splitlines()[0]) > 10_000
+    (tmp_path / "long.jsonl.gz").write_bytes(gzip.compress(long.read_bytes()))
+    (tmp_path / "gzipped-no-suffix").write_bytes(gzip.compress(long.read_bytes()))
+    for name in ("long.jsonl", "long.jsonl.gz", "gzipped-no-suffix"):
+        out = rewardq("submit", str(tmp_path / name), "--wait", url=live.url)
+        assert out.returncode == 0, (name, out.stderr)
+        assert json.loads("\n".join(out.stdout.splitlines()[1:]))["progress"]["done"] == 3
+    feedback = tmp_path / "feedback.jsonl.gz"
+    feedback.write_bytes(gzip.compress(b'{"prompt": "2+2?", "chosen": "4", "rejected": "5"}\n' * 2))
+    out = rewardq("feedback", str(feedback), url=live.url)
+    assert out.returncode == 0 and json.loads(out.stdout)["added"] == 2, out.stderr
+    (tmp_path / "empty.jsonl").write_text("")
+    out = rewardq("submit", str(tmp_path / "empty.jsonl"), url=live.url)
+    assert out.returncode == 1 and "is empty" in out.stderr and "b''" not in out.stderr, out.stderr
+
+
+def test_first_hour_listings_header_short_schedule_ids_and_brief_models(live: Live):
+    listing = rewardq("jobs", url=live.url).stdout.splitlines()
+    assert listing[0].split()[:3] == ["JOB", "STATUS", "DONE/TOTAL"] and len(listing) > 1
+    added = json.loads(rewardq("schedule", "add", "0 3 * * *", url=live.url).stdout)
+    short = added["schedule_id"][:8]
+    out = rewardq("schedule", "rm", short, url=live.url)
+    assert out.returncode == 0, out.stderr
+    assert added["schedule_id"] not in rewardq("schedule", "list", url=live.url).stdout
+    assert rewardq("schedule", "rm", short, url=live.url).returncode == 1  # gone: 404
+    brief = json.loads(rewardq("models", url=live.url).stdout)
+    full = json.loads(rewardq("models", "--full", url=live.url).stdout)
+    stats = [m["score_stats"] for m in brief["models"] if m.get("score_stats")]
+    assert stats and all("quantiles" not in s and "mean" in s for s in stats)
+    assert all(len(m["score_stats"]["quantiles"]) == 101 for m in full["models"] if m.get("score_stats"))

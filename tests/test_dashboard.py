@@ -20,12 +20,12 @@ from typing import Any
 import httpx
 import pytest
 
-from api.client import Client
-from api.procs import Proc, free_port, start_api
-from api.samples import load_sts
+from rewardq.api.procs import Proc, free_port, start_api
+from rewardq.client.client import Client
+from rewardq.client.samples import load_sts
+from rewardq.workers.train_params import TrainParams, params_for
 from tests.conftest import POISON
 from tests.support import CHROMIUM, CHROMIUM_ARGS, Stack, need, seed_scored_job, wait_js
-from workers.train_params import TrainParams, params_for
 
 SHOTS = os.environ.get("REWARDQ_SCREENSHOTS")
 

@@ -13,7 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.exc import OperationalError
 
-from storage.settings import get_settings
+from rewardq.storage.settings import get_settings
 from tests.conftest import make_client
 
 SECRET_HOST = "db-primary.internal.example:5432"
@@ -52,7 +52,7 @@ def test_the_api_reference_can_be_turned_off(db_url: str, monkeypatch):
 
 
 def test_failures_answer_a_request_id_and_keep_the_details_in_the_log(keyed, monkeypatch, caplog):
-    from storage import repository
+    from rewardq.storage import repository
 
     c, tenant, _, _ = keyed
 
@@ -79,7 +79,7 @@ def test_failures_answer_a_request_id_and_keep_the_details_in_the_log(keyed, mon
 
 
 def test_worker_errors_name_a_reference_not_the_exception_text(caplog):
-    from workers.errors import InjectedFault, public_message
+    from rewardq.workers.errors import InjectedFault, public_message
 
     log = logging.getLogger("test.exposure")
     with caplog.at_level(logging.ERROR):
@@ -94,9 +94,9 @@ def test_worker_errors_name_a_reference_not_the_exception_text(caplog):
 
 
 def test_base_model_never_shows_a_server_path(tmp_path: Path, stack):
-    from storage import registry
-    from storage.db import session_scope
-    from workers.registry import resolve_encoder
+    from rewardq.storage import registry
+    from rewardq.storage.db import session_scope
+    from rewardq.workers.registry import resolve_encoder
 
     folder = tmp_path / "srv" / "my-encoder"
     folder.mkdir(parents=True)

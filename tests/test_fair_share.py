@@ -9,11 +9,11 @@ import uuid
 
 import redis
 
-from storage import registry
-from storage import repository as repo
-from storage.db import session_scope
-from storage.models import Job
-from storage.settings import Settings
+from rewardq.storage import ledger, registry
+from rewardq.storage import repository as repo
+from rewardq.storage.db import session_scope
+from rewardq.storage.models import Job
+from rewardq.storage.settings import Settings
 from tests.support import delete_queue, take_messages
 
 
@@ -30,7 +30,7 @@ def _owner(message: bytes) -> tuple[str, int]:
 
 
 def test_a_small_job_goes_ahead_of_another_tenants_queued_backlog(db_url: str, redis_url: str):
-    from workers.feeder import feed, queue_depth
+    from rewardq.workers.feeder import feed, queue_depth
 
     with session_scope(db_url) as s:  # the feeder serves every live job: only this test's may be live
         s.query(Job).filter(Job.status.in_(("queued", "running"))).update({"status": "cancelled"})
@@ -68,7 +68,7 @@ def test_tenants_are_fed_round_robin(db_url: str):
         for name, n in zip(names, (40, 10, 10), strict=True):
             _job(db_url, name, n)
         with session_scope(db_url) as s:
-            picked = [tenant for _, _, tenant in repo.unqueued_batches(s, limit=6)]
+            picked = [tenant for _, _, tenant in ledger.unqueued_batches(s, limit=6)]
         assert sorted(picked) == sorted(names * 2) and picked[:3] == names  # one each, then again
     finally:
         with session_scope(db_url) as s:
@@ -80,9 +80,9 @@ def test_two_large_jobs_share_the_workers_and_neither_starves(db_url: str, redis
     arrives while A's fills the queue. A must never go 8 batches without one, and once A's backlog is through, both
     share. Two earlier rules starved A here: B's later batches ranked by B's few batches in flight, and "jump when
     nothing is in flight" (a single worker finishes B's batch before the next feed, so B jumped every time)."""
-    from storage.models import Batch
-    from workers.feeder import feed
-    from workers.messages import note_served
+    from rewardq.storage.models import Batch
+    from rewardq.workers.feeder import feed
+    from rewardq.workers.messages import note_served
 
     with session_scope(db_url) as s:
         s.query(Job).filter(Job.status.in_(("queued", "running"))).update({"status": "cancelled"})
@@ -116,9 +116,9 @@ def test_a_stream_of_small_jobs_never_starves_a_large_one(db_url: str, redis_url
     """Forced: tenant B submits a one-batch job each time its last one is done, while A's large job fills the queue
     (one worker, so nothing else finishes in between). B's batches jump the queue only when another tenant's batch
     was finished since B's last one: A keeps at least every other batch, and B never waits longer than the queue."""
-    from storage.models import Batch
-    from workers.feeder import feed
-    from workers.messages import note_served
+    from rewardq.storage.models import Batch
+    from rewardq.workers.feeder import feed
+    from rewardq.workers.messages import note_served
 
     with session_scope(db_url) as s:
         s.query(Job).filter(Job.status.in_(("queued", "running"))).update({"status": "cancelled"})

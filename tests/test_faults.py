@@ -14,9 +14,9 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
-from api.procs import Proc, free_port, start_api, start_beat, start_redis, start_worker, wait_for
-from storage.db import get_sessionmaker
-from storage.models import Batch, Item, Job, Result
+from rewardq.api.procs import Proc, free_port, start_api, start_beat, start_redis, start_worker, wait_for
+from rewardq.storage.db import get_sessionmaker
+from rewardq.storage.models import Batch, Item, Job, Result
 from tests.conftest import Ledger, migrated, worker_env
 from tests.support import TcpProxy, need
 

@@ -9,8 +9,8 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 
-from storage.db import session_scope
-from storage.models import Schedule
+from rewardq.storage.db import session_scope
+from rewardq.storage.models import Schedule
 from tests.conftest import Ledger, make_client
 from tests.support import Stack
 

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from storage.db import get_sessionmaker
-from storage.models import Item, Job
+from rewardq.storage.db import get_sessionmaker
+from rewardq.storage.models import Item, Job
 from tests.conftest import make_client
 from tests.support import Stack, wait_job
 
@@ -106,7 +106,7 @@ def _score_while_paused(stack: Stack, c: TestClient, items: list[dict], job_id: 
     queued, resume the worker. Returns the response and how many of the bulk job's pairs were stored when it came."""
     import redis
 
-    from api.procs import wait_for
+    from rewardq.api.procs import wait_for
 
     box: dict = {}
 
@@ -152,7 +152,7 @@ def test_a_bulk_batch_under_way_stops_for_interactive_work_and_resumes(stack: St
     request arrives, and the worker resumes. It must answer the request before it finishes any bulk batch (the
     batch stops between encoder passes and goes back to the queue), and the job must still end with every pair
     scored as it would be alone. Without preemption the request waits for the whole batch."""
-    from storage.models import Batch
+    from rewardq.storage.models import Batch
 
     tag = uuid.uuid4().hex  # texts no cache holds: each bulk batch is 512 encoder inputs, several passes
     bulk = [
@@ -167,7 +167,7 @@ def test_a_bulk_batch_under_way_stops_for_interactive_work_and_resumes(stack: St
             with Session() as s:
                 return any(b.started_at is not None for b in s.query(Batch).filter_by(job_id=job_id))
 
-        from api.procs import wait_for
+        from rewardq.api.procs import wait_for
 
         wait_for(under_way, 120, "a bulk batch taken")
         stack.worker.kill(signal.SIGSTOP)

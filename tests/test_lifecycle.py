@@ -15,11 +15,11 @@ import redis
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select, update
 
-from storage import lifecycle, registry
-from storage import repository as repo
-from storage import training_repository as trepo
-from storage.db import session_scope
-from storage.models import Batch, Feedback, Item, ItemError, Job, Result
+from rewardq.storage import lifecycle, registry
+from rewardq.storage import repository as repo
+from rewardq.storage import training_repository as trepo
+from rewardq.storage.db import session_scope
+from rewardq.storage.models import Batch, Feedback, Item, ItemError, Job, Result
 from tests.conftest import RUN_ID, TEST_REDIS_URL, make_client
 
 KEY_A, KEY_B = "key-lifecycle-a-" + "a" * 32, "key-lifecycle-b-" + "b" * 32
@@ -71,13 +71,13 @@ def _score(db_url: str, job_id: str, fail: frozenset[int] = frozenset()) -> None
 
 
 def _queued_key(job_id: str, batch_no: int = 0) -> bool:
-    from workers.messages import QUEUED_BATCHES, batch_key
+    from rewardq.workers.messages import QUEUED_BATCHES, batch_key
 
     return bool(redis.Redis.from_url(TEST_REDIS_URL).sismember(QUEUED_BATCHES, batch_key(job_id, batch_no)))
 
 
 def test_delete_removes_the_job_and_every_row_it_holds(db_url: str, tenants: tuple[TestClient, str, str]):
-    from workers.messages import QUEUED_BATCHES, batch_key
+    from rewardq.workers.messages import QUEUED_BATCHES, batch_key
 
     c, _, _ = tenants
     done = c.post("/v1/jobs", json={"items": ITEMS}, headers=A).json()["job_id"]
@@ -106,7 +106,7 @@ def test_delete_removes_the_job_and_every_row_it_holds(db_url: str, tenants: tup
 
 
 def test_a_long_poll_on_a_job_that_is_deleted_answers_404(db_url: str, tenants: tuple[TestClient, str, str]):
-    from workers import events
+    from rewardq.workers import events
 
     c, a, b = tenants
     job = c.post("/v1/jobs", json={"items": ITEMS}, headers=A).json()["job_id"]
@@ -116,7 +116,7 @@ def test_a_long_poll_on_a_job_that_is_deleted_answers_404(db_url: str, tenants: 
             target=lambda: answer.append(poller.get(f"/v1/jobs/{job}?wait=30", headers=A).status_code)
         )
         waiter.start()
-        from api.procs import wait_for
+        from rewardq.api.procs import wait_for
 
         wait_for(lambda: any(w.count for ws in events._waiters.values() for w in ws.values()), 10, "the long poll")
         assert c.delete(f"/v1/jobs/{job}", headers=A).status_code == 200
@@ -125,7 +125,7 @@ def test_a_long_poll_on_a_job_that_is_deleted_answers_404(db_url: str, tenants: 
 
 
 def test_another_tenants_delete_is_404_and_deletes_nothing(db_url: str, tenants: tuple[TestClient, str, str]):
-    from api.deps import UI_HEADER
+    from rewardq.api.deps import UI_HEADER
 
     c, a, _ = tenants
     job = c.post("/v1/jobs", json={"items": ITEMS}, headers=A).json()["job_id"]
@@ -205,10 +205,10 @@ def test_a_worker_finishing_a_batch_of_a_deleted_job_writes_nothing(
     """Forced interleaving: the job is deleted while a worker scores one of its batches (between its take and its
     write). The worker's outcome writers find no job under its lock and drop the batch: no row comes back, no
     exception escapes (the old writers raised a foreign-key violation, and failed the task)."""
-    from storage.settings import get_settings
-    from workers import engine
-    from workers.messages import ScoreBatch
-    from workers.models.base import RewardModel, Scores
+    from rewardq.storage.settings import get_settings
+    from rewardq.workers import engine
+    from rewardq.workers.messages import ScoreBatch
+    from rewardq.workers.models.base import RewardModel, Scores
 
     job = _job(db_url, 4)
     with session_scope(db_url) as s:
@@ -246,7 +246,7 @@ def test_a_worker_finishing_a_batch_of_a_deleted_job_writes_nothing(
 def test_rows_a_worker_commits_while_its_job_is_deleted_are_deleted_too(db_url: str):
     """Forced interleaving in two transactions: a worker has written a batch's results but not committed when the
     job is deleted. The deletion waits for the worker's commit (the job's row lock) and then deletes its rows."""
-    from storage.db import get_sessionmaker
+    from rewardq.storage.db import get_sessionmaker
 
     job = _job(db_url, 8)
     gone: list[lifecycle.JobDeletion | None] = []
@@ -280,8 +280,8 @@ def _status(db_url: str, job_id: str) -> str | None:
 def test_retention_purges_only_old_finished_jobs_and_old_feedback(
     db_url: str, redis_url: str, monkeypatch: pytest.MonkeyPatch
 ):
-    from storage.settings import get_settings
-    from workers import retention
+    from rewardq.storage.settings import get_settings
+    from rewardq.workers import retention
 
     tenant = f"lc-purge-{uuid.uuid4().hex[:8]}"
     old_done, recent_done, old_running, old_queued, old_cancelled = (_job(db_url, 6, tenant) for _ in range(5))
@@ -328,8 +328,8 @@ def test_retention_purges_only_old_finished_jobs_and_old_feedback(
 
 
 def test_two_beats_purging_at_once_delete_each_row_once(db_url: str, redis_url: str, monkeypatch: pytest.MonkeyPatch):
-    from storage.settings import get_settings
-    from workers import retention
+    from rewardq.storage.settings import get_settings
+    from rewardq.workers import retention
 
     tenant = f"lc-beats-{uuid.uuid4().hex[:8]}"
     jobs = [_job(db_url, 30, tenant) for _ in range(3)]
@@ -368,8 +368,8 @@ def test_rewardq_purge_refuses_without_a_retention_unless_days_are_given(db_url:
     """`rewardq purge`: operator-side, on the database; refused while the retention is 0 unless --days is given."""
     from click.testing import CliRunner
 
-    from api.cli import main
-    from storage.settings import get_settings
+    from rewardq.cli import main
+    from rewardq.storage.settings import get_settings
 
     old = _job(db_url, 3, f"lc-cli-{uuid.uuid4().hex[:8]}")
     _score(db_url, old)
@@ -388,7 +388,7 @@ def test_rewardq_purge_refuses_without_a_retention_unless_days_are_given(db_url:
 
 @pytest.mark.slow
 def test_cli_deletes_jobs_and_feedback(db_url: str, redis_url: str, tmp_path: Path):
-    from api.procs import free_port, start_api
+    from rewardq.api.procs import free_port, start_api
     from tests.conftest import worker_env
     from tests.test_cli import rewardq
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels
-from kernels.logprob import token_logprobs_triton
-from kernels.reference import token_logprobs_torch
+from rewardq import kernels
+from rewardq.kernels.logprob import token_logprobs_triton
+from rewardq.kernels.reference import token_logprobs_torch
 
 # (tokens N, hidden H, vocabulary V): 1, primes, near powers of two; V never a multiple of the 16..256 blocks.
 SHAPES = [(1, 1, 1), (1, 16, 3), (7, 33, 101), (37, 64, 1000), (65, 24, 257), (130, 48, 517), (16, 100, 4099)]
@@ -86,7 +86,7 @@ def test_dispatch_and_bad_inputs(monkeypatch):
 
 
 def test_the_cuda_tiles_fit_shared_memory_and_compute_the_same_log_probs():
-    from kernels.logprob import cuda_blocks, token_logprobs_fwd
+    from rewardq.kernels.logprob import cuda_blocks, token_logprobs_fwd
 
     # An H200's 227 KiB per block: the 128 x 256 tiles the sweep chose for 2-byte inputs, smaller ones for fp32, for
     # GPUs before Hopper and for GPUs with less shared memory (an RTX 4090's 99 KiB; the 48 KiB every CUDA GPU has).

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from rewardq.workers.importer import ImportRefused, check_folder, import_folder
+from rewardq.workers.models.classifier import ClassifierModel, chat_messages
+from rewardq.workers.models.likelihood import LikelihoodModel
 from tests import tiny_models
-from workers.importer import ImportRefused, check_folder, import_folder
-from workers.models.classifier import ClassifierModel, chat_messages
-from workers.models.likelihood import LikelihoodModel
 
 PROMPTS = [
     "What is the capital of France?",

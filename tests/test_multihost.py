@@ -21,10 +21,10 @@ import psycopg
 import pytest
 from sqlalchemy import func, select
 
-from api.procs import Proc, redis_answers, wait_for
-from storage.db import get_engine, get_sessionmaker
-from storage.models import Batch, Result
-from storage.settings import get_settings
+from rewardq.api.procs import Proc, redis_answers, wait_for
+from rewardq.storage.db import get_engine, get_sessionmaker
+from rewardq.storage.models import Batch, Result
+from rewardq.storage.settings import get_settings
 from tests.conftest import Ledger, migrated, worker_env
 from tests.netns import PREFIX, Host, NetnsError, Network, stale
 from tests.test_faults import ITEMS, Rig, _under_way
@@ -75,7 +75,7 @@ class HostRig(Rig):
 
     def start(self, name: str) -> Proc:
         """'redis', 'api', 'beat' or 'worker-<host>'; a second start of one gets a name and a log of its own."""
-        py = [sys.executable, "-m", "api.cli"]
+        py = [sys.executable, "-m", "rewardq"]
         if name == "redis":
             host = self.hosts["db"]
             argv = ["redis-server", "--bind", host.addr, "--port", str(REDIS_PORT), "--save", ""]

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import redis
 
-from api.procs import free_port, start_api, wait_for
-from api.samples import load_sts
-from storage import registry, results
-from storage.db import get_sessionmaker
-from storage.models import Result
+from rewardq.api.procs import free_port, start_api, wait_for
+from rewardq.client.samples import load_sts
+from rewardq.storage import registry, results
+from rewardq.storage.db import get_sessionmaker
+from rewardq.storage.models import Result
 from tests.conftest import make_client
 from tests.support import Stack, need, queued_messages, wait_job
 
@@ -37,14 +37,14 @@ def sts_dev_300() -> list[dict]:
 def reference_model():
     from sentence_transformers import SentenceTransformer
 
-    from workers.registry import default_encoder_path
+    from rewardq.workers.registry import default_encoder_path
 
     return SentenceTransformer(default_encoder_path(), device="cpu")
 
 
 def test_client_wait_polls_without_the_summary_and_returns_the_finished_job_with_it(stack: Stack, sts_dev_300):
     """The summary reads every result, so `rewardq submit --wait` must not ask for it on every poll."""
-    from api.client import Client
+    from rewardq.client.client import Client
 
     seen: list[str] = []
     with make_client(stack.db_url, stack.queue) as http:
@@ -203,7 +203,7 @@ def test_cli_submit_wait_status_and_export(stack: Stack, tmp_path):
     port = free_port()
     api = start_api(stack.env, tmp_path / "api.log", port)
     try:
-        cli = [sys.executable, "-m", "api.cli", "--url", f"http://127.0.0.1:{port}"]
+        cli = [sys.executable, "-m", "rewardq", "--url", f"http://127.0.0.1:{port}"]
         out = subprocess.run([*cli, "submit", str(src), "--wait"], env=stack.env, capture_output=True, text=True,
                              timeout=180)  # fmt: skip
         assert out.returncode == 0, out.stderr
@@ -226,7 +226,7 @@ def test_cli_submit_wait_status_and_export(stack: Stack, tmp_path):
 
 
 def test_a_batch_that_cannot_be_scored_fails_the_job_with_its_reason(stack: Stack):
-    from storage.db import session_scope
+    from rewardq.storage.db import session_scope
 
     with session_scope(stack.db_url) as s:
         registry.register(
@@ -251,7 +251,7 @@ def test_demo_starts_its_own_redis_when_none_answers(tmp_path):
     """The newcomer path: `rewardq demo` with nothing listening at REWARDQ_REDIS_URL."""
     env = {**stack_free_env(), "REWARDQ_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
     api_port = free_port()
-    out = subprocess.run([sys.executable, "-m", "api.cli", "demo", "--limit", "40", "--port", str(api_port)],
+    out = subprocess.run([sys.executable, "-m", "rewardq", "demo", "--limit", "40", "--port", str(api_port)],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "started redis-server" in out.stdout and f"http://127.0.0.1:{api_port}" in out.stdout
@@ -301,11 +301,11 @@ def test_truncation_is_recorded_on_the_result(stack: Stack):
 
 def test_reject_mode_fails_too_long_items(db_url: str, redis_url: str, monkeypatch):
     """REWARDQ_TRUNCATION=reject: the engine puts a too-long item in the error ledger and scores the rest."""
-    from storage import repository as repo
-    from storage.db import session_scope
-    from storage.settings import get_settings
-    from workers import engine
-    from workers.messages import ScoreBatch
+    from rewardq.storage import repository as repo
+    from rewardq.storage.db import session_scope
+    from rewardq.storage.settings import get_settings
+    from rewardq.workers import engine
+    from rewardq.workers.messages import ScoreBatch
 
     monkeypatch.setenv("REWARDQ_DATABASE_URL", db_url)
     monkeypatch.setenv("REWARDQ_TRUNCATION", "reject")
@@ -335,11 +335,11 @@ def test_reject_mode_fails_too_long_items(db_url: str, redis_url: str, monkeypat
 def test_a_jobs_last_batch_is_counted_in_metrics_before_its_end_is_announced(db_url: str, redis_url: str, monkeypatch):
     """Whoever waited for a job (GET /v1/jobs/{id}?wait=) and then reads /metrics sees the job's last batch: the
     engine counts a batch before it announces the end. Read at the very moment of the announcement."""
-    from storage import repository as repo
-    from storage.db import session_scope
-    from storage.settings import get_settings
-    from workers import engine, metrics
-    from workers.messages import ScoreBatch
+    from rewardq.storage import repository as repo
+    from rewardq.storage.db import session_scope
+    from rewardq.storage.settings import get_settings
+    from rewardq.workers import engine, metrics
+    from rewardq.workers.messages import ScoreBatch
 
     monkeypatch.setenv("REWARDQ_DATABASE_URL", db_url)
     monkeypatch.setenv("REWARDQ_SCORING_QUEUE", "test-metrics-unused")
@@ -409,11 +409,11 @@ def test_a_cache_hit_never_says_what_another_tenant_scored(stack: Stack):
 def test_workers_share_embeddings_through_redis(stack: Stack, db_url: str, redis_url: str, monkeypatch):
     """A text one worker encoded is not encoded again by another: the stack's worker scores a job, then
     this test process (a second worker, its own LRU emptied) scores the same texts from Redis alone."""
-    from storage import repository as repo
-    from storage.db import session_scope
-    from storage.settings import get_settings
-    from workers import engine
-    from workers.messages import ScoreBatch
+    from rewardq.storage import repository as repo
+    from rewardq.storage.db import session_scope
+    from rewardq.storage.settings import get_settings
+    from rewardq.workers import engine
+    from rewardq.workers.messages import ScoreBatch
 
     tag = uuid.uuid4().hex[:8]
     pairs = [(f"shared prompt {p} {tag}", f"shared response {r} to {p} {tag}") for p in range(3) for r in range(4)]
@@ -455,7 +455,7 @@ def test_long_polls_hold_no_database_connection_and_are_capped(db_url: str, redi
     """Forced: two requests wait on a job that no worker takes. While they wait, the API holds no database
     connection (the old wait kept the one its status check took, so ~15 waiters emptied PostgreSQL's pool); a
     third waiter over REWARDQ_MAX_WAITERS gets 429; a cancel wakes both."""
-    from storage.db import get_engine
+    from rewardq.storage.db import get_engine
 
     queue = f"test-waiters-{uuid.uuid4().hex[:8]}"
     with make_client(db_url, queue, max_waiters=2) as c:

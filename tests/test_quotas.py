@@ -11,11 +11,11 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.exc import IntegrityError
 
-from storage import cron
-from storage import training_repository as trepo
-from storage.db import get_sessionmaker, session_scope
-from storage.models import Schedule, TrainingRun, db_now
-from storage.settings import get_settings
+from rewardq.storage import training_repository as trepo
+from rewardq.storage.clock import as_utc
+from rewardq.storage.db import get_sessionmaker, session_scope
+from rewardq.storage.models import Schedule, TrainingRun, db_now
+from rewardq.storage.settings import get_settings
 from tests.conftest import make_client
 
 RATINGS = [{"prompt": f"question {i}", "response": f"answer {i}", "rating": float(i % 5)} for i in range(40)]
@@ -73,7 +73,7 @@ def test_two_racing_run_requests_make_one_run(db_url: str):
 
 def test_a_run_that_grew_past_the_step_cap_fails_in_the_worker(db_url: str, monkeypatch):
     """A scheduled run (or one whose feedback grew after it was accepted) is checked again when it starts."""
-    from workers.runs import execute_run
+    from rewardq.workers.runs import execute_run
 
     tenant = f"steps-{uuid.uuid4().hex[:8]}"
     monkeypatch.setenv("REWARDQ_DATABASE_URL", db_url)
@@ -111,7 +111,7 @@ def test_feedback_and_schedules_have_quotas_and_schedules_a_minimum_interval(ten
 
 def test_beat_holds_an_older_schedule_to_the_minimum_interval(db_url: str, monkeypatch):
     """A schedule stored before the limit existed (every second) fires at most every REWARDQ_MIN_SCHEDULE_INTERVAL_S."""
-    from workers.schedule import fire_due_schedules
+    from rewardq.workers.schedule import fire_due_schedules
 
     tenant = f"old-{uuid.uuid4().hex[:8]}"
     with session_scope(db_url) as s:
@@ -128,7 +128,7 @@ def test_beat_holds_an_older_schedule_to_the_minimum_interval(db_url: str, monke
     with session_scope(db_url) as s:
         nxt = s.get(Schedule, sched_id).next_run_at
         s.delete(s.get(Schedule, sched_id))
-    assert (cron.as_utc(nxt) - cron.as_utc(slot)).total_seconds() >= get_settings().min_schedule_interval_s == 300
+    assert (as_utc(nxt) - as_utc(slot)).total_seconds() >= get_settings().min_schedule_interval_s == 300
 
 
 @pytest.mark.parametrize("kind", ["sim_exp", "classifier"])

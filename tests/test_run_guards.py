@@ -10,18 +10,18 @@ from typing import Any
 
 import pytest
 
-from api.samples import load_sts
-from storage import training_repository as trepo
-from storage.db import session_scope
-from storage.models import TrainingRun
-from storage.settings import get_settings
+from rewardq.client.samples import load_sts
+from rewardq.storage import training_repository as trepo
+from rewardq.storage.db import session_scope
+from rewardq.storage.models import TrainingRun
+from rewardq.storage.settings import get_settings
 from tests.support import need
 
 
 @pytest.fixture()
 def run_in_process(db_url: str, redis_url: str, tmp_path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     """run(rows, params) -> the ended run's (status, error, result_version, metrics), for a tenant of its own."""
-    from workers.runs import execute_run
+    from rewardq.workers.runs import execute_run
 
     monkeypatch.setenv("REWARDQ_DATABASE_URL", db_url)
     monkeypatch.setenv("REWARDQ_ARTIFACTS_DIR", str(tmp_path))

@@ -13,10 +13,10 @@ import pytest
 from click.testing import CliRunner
 from fastapi.testclient import TestClient
 
-from api.cli import main
-from storage.db import session_scope
-from storage.keys import create_key
-from storage.settings import Settings, get_settings
+from rewardq.cli import main
+from rewardq.storage.db import session_scope
+from rewardq.storage.keys import create_key
+from rewardq.storage.settings import Settings, get_settings
 from tests.conftest import Ledger, make_client, migrated
 
 SECURE = {"allow_anonymous": False, "rate_limit_per_minute": 0, "auth_failures_per_minute": 0}

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-import kernels
-from kernels.selfcheck import describe_failures, failed_kernels, run_checks
-from storage.settings import Settings
+from rewardq import kernels
+from rewardq.kernels.selfcheck import describe_failures, failed_kernels, run_checks
+from rewardq.storage.settings import Settings
 from tests.conftest import ROOT, worker_env
 
 
@@ -31,7 +31,7 @@ def test_every_kernel_passes_its_checks_and_an_injected_error_is_caught(monkeypa
 
 
 def test_a_failed_kernel_runs_the_torch_path_and_the_other_stays_compiled(monkeypatch, caplog):
-    from workers.kernel_check import check_kernels
+    from rewardq.workers.kernel_check import check_kernels
 
     monkeypatch.setenv("REWARDQ_SELFCHECK_INJECT", "logprob")
     monkeypatch.delenv(kernels.FALLBACK_ENV, raising=False)
@@ -56,7 +56,7 @@ def test_a_worker_forced_to_triton_refuses_to_start_with_a_wrong_kernel(tmp_path
         REWARDQ_SELFCHECK_INJECT="sim_exp",
     )
     done = subprocess.run(
-        [sys.executable, "-m", "api.cli", "worker", "-Q", "test-selfcheck-unused"],
+        [sys.executable, "-m", "rewardq", "worker", "-Q", "test-selfcheck-unused"],
         env=env,
         capture_output=True,
         text=True,
@@ -72,7 +72,7 @@ def test_rewardq_selfcheck_on_a_cpu_machine(tmp_path: Path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("TRITON_INTERPRET", None)  # the command sets it itself for the interpreter checks
     done = subprocess.run(
-        [sys.executable, "-m", "api.cli", "selfcheck", "--out", str(out)],
+        [sys.executable, "-m", "rewardq", "selfcheck", "--out", str(out)],
         env=env,
         capture_output=True,
         text=True,
@@ -115,7 +115,7 @@ def test_selfcheck_steps_keep_to_the_budget_report_as_they_go_and_keep_the_carri
     already there (device_check.sh puts the packages it carried to a GPU machine there) after the repository."""
     import time
 
-    from api import selfcheck
+    from rewardq.api import selfcheck
 
     skipped = selfcheck._bench("sim_exp", ["-c", "pass"], tmp_path, deadline=time.monotonic() + 5)
     assert skipped == {"skipped": "out of time: 5 s of the command's budget left"}

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels
-from kernels.reference import sim_exp_reward_torch
-from kernels.sim_exp import sim_exp_reward_triton
+from rewardq import kernels
+from rewardq.kernels.reference import sim_exp_reward_torch
+from rewardq.kernels.sim_exp import sim_exp_reward_triton
 
 # Odd shapes: 1, primes, near powers of two; d up to 1031 (> 1024, so the d loop runs twice), K up to 16.
 SHAPES = [(1, 1, 1), (1, 1, 384), (7, 3, 31), (37, 4, 384), (127, 1, 128), (257, 2, 65), (64, 16, 257), (5, 1, 1031),

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import inspect
 
-from storage import registry, results
-from storage import repository as repo
-from storage.db import get_engine, session_scope
-from storage.models import Batch, Job, Result
+from rewardq.storage import registry, results
+from rewardq.storage import repository as repo
+from rewardq.storage.db import get_engine, session_scope
+from rewardq.storage.models import Batch, Job, Result
 from tests.support import delete_queue, drop_message, queued_messages
 
 
@@ -168,10 +168,10 @@ def test_a_lost_batch_is_found_while_the_queue_never_drains(db_url: str, monkeyp
 
     import redis
 
-    from storage.settings import get_settings
-    from workers.feeder import enqueue_claimed
-    from workers.messages import QUEUED_BATCHES, batch_key
-    from workers.sweeper import sweep
+    from rewardq.storage.settings import get_settings
+    from rewardq.workers.feeder import enqueue_claimed
+    from rewardq.workers.messages import QUEUED_BATCHES, batch_key
+    from rewardq.workers.sweeper import sweep
 
     queue = f"test-lost-{uuid.uuid4().hex[:8]}"
     monkeypatch.setenv("REWARDQ_SCORING_QUEUE", queue)
@@ -206,7 +206,7 @@ def test_a_lost_batch_is_found_while_the_queue_never_drains(db_url: str, monkeyp
 
 
 def _outcomes(db_url: str, job_id: str) -> tuple[list[int], list[int], tuple[int, int, int, str]]:
-    from storage.models import ItemError
+    from rewardq.storage.models import ItemError
 
     with session_scope(db_url) as s:
         scored = [r.idx for r in s.query(Result).filter_by(job_id=job_id).order_by(Result.idx)]
@@ -238,7 +238,7 @@ def test_concurrent_score_and_failure_of_one_item_leave_one_outcome(db_url: str)
     write nothing (the old code recorded both)."""
     import threading
 
-    from storage.db import get_sessionmaker
+    from rewardq.storage.db import get_sessionmaker
 
     job_id = _job(db_url, 4)
     with get_sessionmaker(db_url)() as first:
@@ -270,13 +270,13 @@ def test_times_compared_across_hosts_are_the_databases(pg_url: str, monkeypatch:
 
     import redis
 
-    from storage import models
-    from storage.settings import get_settings
+    from rewardq.storage import models
+    from rewardq.storage.settings import get_settings
+    from rewardq.workers import liveness
+    from rewardq.workers.feeder import enqueue_claimed
+    from rewardq.workers.messages import QUEUED_BATCHES, batch_key
+    from rewardq.workers.sweeper import sweep
     from tests.conftest import migrated
-    from workers import liveness
-    from workers.feeder import enqueue_claimed
-    from workers.messages import QUEUED_BATCHES, batch_key
-    from workers.sweeper import sweep
 
     db_url = migrated(pg_url)
     queue = f"test-clock-{uuid.uuid4().hex[:8]}"
@@ -326,8 +326,8 @@ def _taken_job(db_url: str, queue: str, takers: list[str]) -> tuple[str, list[in
     """A job of one 4-item batch per taker, each enqueued, delivered (the queue emptied) and taken by its taker."""
     import redis
 
-    from storage.settings import get_settings
-    from workers.feeder import enqueue_claimed
+    from rewardq.storage.settings import get_settings
+    from rewardq.workers.feeder import enqueue_claimed
 
     job_id = _job(db_url, 4 * len(takers))
     with session_scope(db_url) as s:
@@ -356,10 +356,10 @@ def test_a_batch_its_live_worker_left_is_queued_again(db_url: str, monkeypatch: 
 
     import redis
 
-    from storage.settings import get_settings
-    from workers import liveness
-    from workers.messages import batch_key
-    from workers.sweeper import sweep
+    from rewardq.storage.settings import get_settings
+    from rewardq.workers import liveness
+    from rewardq.workers.messages import batch_key
+    from rewardq.workers.sweeper import sweep
 
     queue = f"test-left-{uuid.uuid4().hex[:8]}"
     monkeypatch.setenv("REWARDQ_SCORING_QUEUE", queue)
@@ -393,13 +393,13 @@ def test_missing_heartbeats_mean_nothing_until_a_restarted_redis_is_a_ttl_old(
     import uuid
     from datetime import timedelta
 
-    from api.procs import free_port, start_redis, wait_for
-    from storage import training_repository as trepo
-    from storage.models import db_now
-    from storage.settings import get_settings
+    from rewardq.api.procs import free_port, start_redis, wait_for
+    from rewardq.storage import training_repository as trepo
+    from rewardq.storage.models import db_now
+    from rewardq.storage.settings import get_settings
+    from rewardq.workers import liveness
+    from rewardq.workers.sweeper import sweep, sweep_runs
     from tests.support import need
-    from workers import liveness
-    from workers.sweeper import sweep, sweep_runs
 
     port = free_port()
     server = start_redis(port, tmp_path / "redis.log")
@@ -437,8 +437,8 @@ def test_missing_heartbeats_mean_nothing_until_a_restarted_redis_is_a_ttl_old(
 def test_a_heartbeat_names_each_piece_of_work_of_its_process(redis_url: str, monkeypatch: pytest.MonkeyPatch):
     """With the threads pool one process works on several batches at once: its heartbeat names each, and one
     finishing does not make the other look left."""
-    from storage.settings import get_settings
-    from workers import liveness
+    from rewardq.storage.settings import get_settings
+    from rewardq.workers import liveness
 
     monkeypatch.setenv("REWARDQ_REDIS_URL", redis_url)
     get_settings.cache_clear()

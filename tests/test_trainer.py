@@ -5,12 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from api.samples import load_sts
-from tests.support import need
-from workers.artifacts import load_version, save_version
-from workers.models.sim_exp import SimExpModel, set_precision
-from workers.registry import default_encoder_path
-from workers.trainer import (
+from rewardq.client.samples import load_sts
+from rewardq.workers.artifacts import load_version, save_version
+from rewardq.workers.models.sim_exp import SimExpModel, set_precision
+from rewardq.workers.registry import default_encoder_path
+from rewardq.workers.trainer import (
     BestEpoch,
     Feedback,
     Preference,
@@ -29,6 +28,7 @@ from workers.trainer import (
     layer_groups,
     lr_factor,
 )
+from tests.support import need
 
 
 @pytest.fixture(scope="module")
@@ -150,10 +150,10 @@ def test_rating_margin_is_trls_margin_from_the_ratings_and_reaches_both_kinds(st
     comparison its own margin; 0 is plain Bradley-Terry; a run's rating_margin reaches the loss for both kinds."""
     import pydantic
 
-    import workers.trainer as trainer
-    from api.schemas import TrainingParams
+    import rewardq.workers.trainer as trainer
+    from rewardq.api.schemas import TrainingParams
+    from rewardq.workers.models.classifier import ClassifierModel
     from tests import tiny_models
-    from workers.models.classifier import ClassifierModel
 
     rates = [Rating(f"p{i}", f"r{i}", y) for i, y in enumerate([3.0, 1.0, 2.0, 2.0])]
     r = torch.tensor([0.5, 0.9, -0.2, 0.1], dtype=torch.float64)
@@ -292,8 +292,8 @@ def test_layer_decay_gives_each_layer_its_rate_from_the_top(arch: str):
 def test_layer_decay_reaches_the_classifier_and_sim_exp_optimizers(sts, tmp_path):
     """With a decay that leaves every layer below the top still (within 1e-9), one epoch moves the top layer and
     no other, in the cross-encoder (all layers trained) and in sim_exp (its top train_layers)."""
+    from rewardq.workers.models.classifier import ClassifierModel
     from tests import tiny_models
-    from workers.models.classifier import ClassifierModel
 
     data = Feedback(ratings=sts.ratings[:48])
     clf = ClassifierModel("candidate", str(tiny_models.save_bert_classifier(tmp_path / "rm")), max_length=64)
@@ -351,8 +351,8 @@ def test_weight_average_is_validated_and_kept_while_training_goes_on_from_the_we
 def test_a_classifier_run_with_averaging_ends_with_the_averaged_weights(sts, tmp_path):
     """A decay that keeps the average at the start leaves the cross-encoder where it began, though it trained;
     without averaging the same run moves it."""
+    from rewardq.workers.models.classifier import ClassifierModel
     from tests import tiny_models
-    from workers.models.classifier import ClassifierModel
 
     data = Feedback(ratings=sts.ratings[:48])
     moved = {}
@@ -376,9 +376,9 @@ def test_a_classifier_runs_new_score_head_comes_from_its_seed_whatever_the_proce
     two runs with one seed train the same weights."""
     import torch
 
-    from workers.models.classifier import ClassifierModel
-    from workers.registry import default_encoder_path
-    from workers.runs import new_cross_encoder
+    from rewardq.workers.models.classifier import ClassifierModel
+    from rewardq.workers.registry import default_encoder_path
+    from rewardq.workers.runs import new_cross_encoder
 
     def head(seed: int) -> torch.Tensor:
         return new_cross_encoder(default_encoder_path(), seed).classifier.weight.detach().clone()

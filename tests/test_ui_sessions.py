@@ -16,11 +16,12 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import delete, select, update
 
-from api.procs import free_port, start_api
-from storage.db import session_scope
-from storage.keys import create_key, hash_key
-from storage.models import ApiKey, UiSession, utcnow
-from storage.settings import get_settings
+from rewardq.api.procs import free_port, start_api
+from rewardq.storage.clock import utcnow
+from rewardq.storage.db import session_scope
+from rewardq.storage.keys import create_key, hash_key
+from rewardq.storage.models import ApiKey, UiSession
+from rewardq.storage.settings import get_settings
 from tests.conftest import make_client, migrated, worker_env
 from tests.test_security import SECURE, _cli
 

@@ -67,7 +67,7 @@ def save_bert_classifier(path: Path, seed: int = 0) -> Path:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from workers.registry import default_encoder_path
+    from rewardq.workers.registry import default_encoder_path
 
     tokenizer = AutoTokenizer.from_pretrained(default_encoder_path())
     torch.manual_seed(seed)

@@ -1,0 +1,70 @@
+"""OpenRLHF's remote reward model protocol: POST /get_reward (also /openrlhf/get_reward) with
+``{"query": [prompt + response, ...], "prompts": [...], "labels": [...]}``, answered with
+``{"rewards": [...], "scores": [...], "extra_logs": {...}}``, through the interactive lane.
+
+OpenRLHF's client sends no Authorization header: give it the key in the URL's credentials,
+``--remote_rm_url http://rewardq:KEY@host:8000/get_reward``; its HTTP client turns those into Basic auth.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+
+from rewardq.api.deps import SessionDep, SettingsDep, TenantDep, read_body
+from rewardq.api.errors import FieldError, invalid
+from rewardq.api.lane import check_items, resolve_version, score_pairs
+from rewardq.api.parsing import loads
+
+router = APIRouter(tags=["integrations"])
+
+
+def split_queries(queries: list[Any], prompts: list[Any]) -> list[dict[str, Any]]:
+    """Items {prompt, response}: each query with its prompt prefix removed (where the prompt is not a prefix,
+    as when decoding changed its spaces, the text after the prompt's last occurrence is the response)."""
+    items = []
+    for i, (q, p) in enumerate(zip(queries, prompts, strict=True)):
+        if not isinstance(q, str) or not isinstance(p, str):
+            raise invalid([FieldError("query" if not isinstance(q, str) else "prompts", "must be a string", i)])
+        if q.startswith(p):
+            response = q[len(p) :]
+        elif p and p in q:
+            response = q[q.rindex(p) + len(p) :]
+        else:
+            raise invalid([FieldError("prompts", "the prompt is not part of its query", i)])
+        items.append({"prompt": p, "response": response})
+    return items
+
+
+@router.post("/get_reward", summary="OpenRLHF remote reward model")
+@router.post("/openrlhf/get_reward", summary="OpenRLHF remote reward model (prefixed)")
+async def get_reward(
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    tenant: TenantDep,
+    model_version: Annotated[str | None, Query(max_length=64, description="default: your active version")] = None,
+) -> dict[str, Any]:
+    body = await read_body(request, settings.max_json_bytes)
+    try:
+        doc = loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise invalid([FieldError("body", f"not valid JSON: {exc}")]) from exc
+    if not isinstance(doc, dict) or not isinstance(doc.get("query"), list):
+        raise invalid([FieldError("query", 'the body must be {"query": [...], "prompts": [...]}')])
+    queries, prompts = doc["query"], doc.get("prompts")
+    if not isinstance(prompts, list) or len(prompts) != len(queries):
+        raise invalid([FieldError("prompts", "a list as long as query, each query's prompt")])
+    items = check_items(split_queries(queries, prompts), settings)
+    version = await resolve_version(session, tenant, model_version)
+    scored = await score_pairs(settings, tenant, version, [it.prompt for it in items], [it.response for it in items])
+    failed = [i for i, row in enumerate(scored.rows) if row["error"]]
+    if failed:
+        row = scored.rows[failed[0]]
+        raise invalid([FieldError("query", f"{row['error']['code']}: {row['error']['message']}", failed[0])])
+    rewards = [float(row["score"]) for row in scored.rows]
+    extra = {"rewardq_truncated": [float(row["truncated"]) for row in scored.rows]}
+    if scored.kind == "likelihood":
+        extra["rewardq_n_tokens"] = [float(row["n_tokens"] or 0) for row in scored.rows]
+    return {"rewards": rewards, "scores": rewards, "extra_logs": extra, "model_version": version}

@@ -1,0 +1,79 @@
+"""A TRL reward function served by rewardq's interactive lane: ``GRPOTrainer(reward_funcs=[trl_reward_func(...)])``.
+
+The callable has GRPOTrainer's signature ``(prompts, completions, **kwargs) -> list[float]`` and takes both of
+TRL's formats: plain strings, or conversations (lists of ``{"role", "content"}`` messages). Large calls are
+split into requests of ``batch_size`` pairs; 429 and 503 are retried honouring ``Retry-After`` (httpx-retries);
+every request has a timeout. Needs only httpx: ``pip install '.[client]'`` on the training machine.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from rewardq.client.client import Client
+
+RewardFunc = Callable[..., list[float]]
+
+
+def _content(message: Any) -> str:
+    content = message.get("content", "") if isinstance(message, dict) else message
+    if isinstance(content, list):  # multimodal parts: keep the text ones
+        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return str(content)
+
+
+def as_prompt(prompt: Any) -> str:
+    """A TRL prompt as rewardq text: a string as is; a conversation's single user turn as its content, or
+    longer conversations as 'role: content' lines (what a template-less reward model can read)."""
+    if isinstance(prompt, str):
+        return prompt
+    turns = list(prompt)
+    if len(turns) == 1:
+        return _content(turns[0])
+    return "\n".join(f"{m.get('role', 'user')}: {_content(m)}" for m in turns)
+
+
+def as_completion(completion: Any) -> str:
+    """A TRL completion as rewardq text: a string as is; a conversation's assistant turns, joined."""
+    if isinstance(completion, str):
+        return completion
+    return "".join(
+        _content(m) for m in completion if not isinstance(m, dict) or m.get("role", "assistant") == "assistant"
+    )
+
+
+def trl_reward_func(
+    base_url: str | None = None,
+    api_key: str | None = None,
+    *,
+    model_version: str | None = None,
+    batch_size: int = 256,
+    timeout: float = 120.0,
+    retries: int = 8,
+    name: str = "rewardq",
+) -> RewardFunc:
+    """A reward function for TRL trainers that scores each (prompt, completion) with rewardq.
+
+    ``base_url``/``api_key`` default to REWARDQ_API_URL/REWARDQ_API_KEY; ``model_version`` to the key's active
+    version (pin one for a reproducible run). ``name`` is what TRL logs the rewards under (``rewards/<name>``).
+    """
+    client = Client(base_url, api_key or os.environ.get("REWARDQ_API_KEY"), timeout=timeout, retries=retries)
+
+    def reward(prompts: Sequence[Any], completions: Sequence[Any], **_: Any) -> list[float]:
+        if len(prompts) != len(completions):
+            raise ValueError(f"{len(prompts)} prompts for {len(completions)} completions")
+        pairs = [(as_prompt(p), as_completion(c)) for p, c in zip(prompts, completions, strict=True)]
+        out: list[float] = []
+        for lo in range(0, len(pairs), batch_size):
+            rows = client.score(pairs[lo : lo + batch_size], model_version=model_version)["results"]
+            for row in rows:
+                if row["score"] is None:
+                    raise RuntimeError(f"rewardq could not score a completion: {row['error']}")
+                out.append(float(row["score"]))
+        return out
+
+    reward.__name__ = name
+    reward.__qualname__ = name
+    return reward

@@ -1,0 +1,40 @@
+"""vLLM's score API: POST /score with ``text_1`` and ``text_2`` (a string or a list each: one-to-many when text_1
+is one text, else zipped), answered as ``{"object": "list", "data": [{"index", "object": "score", "score"}],
+"usage"}``, through the interactive lane. Batch files in the OpenAI/vLLM format: ``api.formats``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+
+from rewardq.api.deps import SessionDep, SettingsDep, TenantDep, read_body
+from rewardq.api.errors import FieldError, invalid
+from rewardq.api.lane import check_items, resolve_version, score_pairs
+from rewardq.api.parsing import loads
+from rewardq.client.formats import FormatError, score_pairs_of, score_response
+
+router = APIRouter(tags=["integrations"])
+
+
+@router.post("/score", summary="vLLM-compatible scoring")
+async def vllm_score(request: Request, session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> dict[str, Any]:
+    """`{"model"?, "text_1", "text_2"}`: `model` is a version id (default: your active version)."""
+    try:
+        doc = loads(await read_body(request, settings.max_json_bytes))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise invalid([FieldError("body", f"not valid JSON: {exc}")]) from exc
+    try:
+        pairs = score_pairs_of(doc)
+    except FormatError as exc:
+        field, _, message = str(exc).partition(": ")
+        raise invalid([FieldError(field, message)]) from exc
+    items = check_items([{"prompt": a, "response": b} for a, b in pairs], settings)
+    model = doc.get("model")
+    version = await resolve_version(session, tenant, model if isinstance(model, str) and model else None)
+    scored = await score_pairs(settings, tenant, version, [it.prompt for it in items], [it.response for it in items])
+    failed = [i for i, row in enumerate(scored.rows) if row["error"]]
+    if failed:
+        row = scored.rows[failed[0]]
+        raise invalid([FieldError("text_2", f"{row['error']['code']}: {row['error']['message']}", failed[0])])
+    return score_response(version, [float(row["score"]) for row in scored.rows], scored.tokens)

@@ -1,0 +1,101 @@
+"""The interactive lane: a small request's pairs go to the workers over the `interactive` queue (served before
+bulk work) in parts of REWARDQ_BATCH_SIZE, and the API waits for their replies. Nothing is written to SQL.
+POST /v1/score, OpenRLHF's /get_reward and vLLM's /score all come through here."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from fastapi.concurrency import run_in_threadpool
+from sqlalchemy.orm import Session
+
+from rewardq.api.errors import ApiError, FieldError, invalid
+from rewardq.api.parsing import validate_items
+from rewardq.api.routes.jobs import pinned_version
+from rewardq.storage.repository import NewItem
+from rewardq.storage.settings import Settings
+from rewardq.workers import events
+from rewardq.workers.messages import InteractiveBatch, enqueue_interactive
+
+
+@dataclass
+class Scored:
+    model_version: str
+    kind: str
+    rows: list[dict[str, Any]]  # per pair: score, cos, truncated, n_tokens, error
+    tokens: int = 0  # tokens the workers encoded for it (none for texts their caches held)
+
+
+def check_items(raw: Any, settings: Settings) -> list[NewItem]:
+    """{prompt, response, id?} objects, at most REWARDQ_INTERACTIVE_MAX_ITEMS, each checked as a job's items are."""
+    if isinstance(raw, list) and len(raw) > settings.interactive_max_items:
+        raise invalid(
+            [
+                FieldError(
+                    "items",
+                    f"at most {settings.interactive_max_items} pairs per interactive request "
+                    "(REWARDQ_INTERACTIVE_MAX_ITEMS); submit a job for more",
+                )
+            ],
+            status=413,
+        )
+    return validate_items(raw, max_items=settings.interactive_max_items, max_chars=settings.max_text_chars)
+
+
+async def resolve_version(session: Session, tenant: str, requested: str | None) -> str:
+    return await run_in_threadpool(pinned_version, session, tenant, requested)
+
+
+async def score_pairs(
+    settings: Settings, tenant: str, version: str, prompts: Sequence[str], responses: Sequence[str]
+) -> Scored:
+    """Score the pairs through the interactive queue and wait for every part (504 after the timeout)."""
+    request_id = uuid.uuid4().hex
+    size = settings.batch_size
+    parts = [
+        InteractiveBatch(
+            request_id=request_id,
+            part=k,
+            model_version=version,
+            prompts=list(prompts[lo : lo + size]),
+            responses=list(responses[lo : lo + size]),
+            tenant=tenant,
+        )
+        for k, lo in enumerate(range(0, len(prompts), size))
+    ]
+    timeout = settings.interactive_timeout_s
+    try:
+        await run_in_threadpool(enqueue_interactive, parts, settings.interactive_queue, timeout)
+    except Exception as exc:
+        raise ApiError(503, "could not reach the queue (is Redis up?)", headers={"Retry-After": "5"}) from exc
+    try:
+        replies = await events.await_replies(settings.redis_url, request_id, len(parts), timeout)
+    except TimeoutError as exc:
+        raise ApiError(
+            504,
+            f"no worker answered within {timeout:.0f}s ({exc}): is a worker consuming the "
+            f"'{settings.interactive_queue}' queue? (rewardq worker serves it by default)",
+            headers={"Retry-After": "5"},
+        ) from exc
+    except (redis.ConnectionError, OSError) as exc:
+        raise ApiError(503, "lost the queue while waiting (is Redis up?)", headers={"Retry-After": "5"}) from exc
+
+    rows: list[dict[str, Any]] = []
+    kind, tokens = "", 0
+    for reply in sorted(replies, key=lambda r: int(r.get("part") or 0)):
+        if reply.get("error"):
+            err = reply["error"]
+            status = 503 if err.get("code") in ("model_unavailable", "model_load_failed", "scoring_error") else 422
+            raise ApiError(
+                status,
+                f"the worker could not score this request: {err.get('code')}",
+                [FieldError("model_version", str(err.get("message", "")))],
+            )
+        kind = reply.get("kind", kind)
+        tokens += int(reply.get("tokens", 0))
+        rows += reply["rows"]
+    return Scored(version, kind, rows, tokens)

@@ -1,0 +1,223 @@
+"""Turn a request body (JSON or ndjson) into validated items, or raise an ApiError that names field and index."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from rewardq.api.errors import ApiError, FieldError, invalid
+from rewardq.storage.repository import NewItem
+
+MAX_REPORTED = 20
+NDJSON_TYPES = ("application/x-ndjson", "application/jsonl", "application/jsonlines", "application/x-jsonlines")
+_MAX_ID = 256
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+_DECODER = json.JSONDecoder(parse_constant=_no_constants)
+
+
+def loads(text: str | bytes) -> Any:
+    """json.loads that refuses NaN and Infinity instead of letting them into the database, and turns
+    nesting too deep for the parser into a ValueError instead of a crash. Bytes must be UTF-8 (a
+    byte order mark is allowed); one decoder serves every call (an ndjson upload calls this per line)."""
+    if isinstance(text, bytes | bytearray):
+        text = text.decode("utf-8")
+        if text.startswith("\ufeff"):
+            text = text[1:]
+    try:
+        return _DECODER.decode(text)
+    except RecursionError as exc:
+        raise ValueError("JSON nested too deeply") from exc
+
+
+@dataclass
+class JobRequest:
+    items: list[NewItem]
+    model_version: str | None
+    metadata: dict[str, Any]
+
+
+def _text(value: Any, name: str, idx: int, max_chars: int, errors: list[FieldError]) -> str:
+    if value is None:
+        errors.append(FieldError(name, "field required", idx))
+    elif not isinstance(value, str):
+        errors.append(FieldError(name, f"must be a string, got {type(value).__name__}", idx))
+    elif "\x00" in value:
+        errors.append(FieldError(name, "contains a NUL character", idx))
+    elif len(value) > max_chars:
+        errors.append(FieldError(name, f"longer than {max_chars} characters", idx))
+    else:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            errors.append(FieldError(name, "is not valid Unicode (lone surrogate)", idx))
+            return ""
+        return value
+    return ""
+
+
+def _check_list(raw: Any, name: str, max_items: int) -> list[Any]:
+    if not isinstance(raw, list):
+        raise invalid([FieldError(name, "must be a list of objects")])
+    if not raw:
+        raise invalid([FieldError(name, "must contain at least one entry")])
+    if len(raw) > max_items:
+        raise invalid([FieldError(name, f"at most {max_items} entries per request, got {len(raw)}")], status=413)
+    return raw
+
+
+def validate_item(obj: Any, i: int, max_chars: int, errors: list[FieldError]) -> NewItem | None:
+    """One scoring item (at index ``i``), or None with the reasons appended to ``errors``."""
+    if not isinstance(obj, dict):
+        errors.append(FieldError("item", f"must be an object, got {type(obj).__name__}", i))
+        return None
+    n_errors = len(errors)
+    prompt = _text(obj.get("prompt"), "prompt", i, max_chars, errors)
+    response = _text(obj.get("response"), "response", i, max_chars, errors)
+    raw_id = obj.get("id")
+    if raw_id is None:
+        item_id = str(i)
+    elif isinstance(raw_id, bool) or not isinstance(raw_id, str | int):
+        errors.append(FieldError("id", f"must be a string or an integer, got {type(raw_id).__name__}", i))
+    else:
+        item_id = str(raw_id)
+        if not item_id or len(item_id) > _MAX_ID or "\x00" in item_id:
+            errors.append(FieldError("id", f"must be 1 to {_MAX_ID} characters without NUL", i))
+    return NewItem(item_id, prompt, response) if len(errors) == n_errors else None
+
+
+def validate_items(raw: Any, *, max_items: int, max_chars: int) -> list[NewItem]:
+    _check_list(raw, "items", max_items)
+    errors: list[FieldError] = []
+    items: list[NewItem] = []
+    seen: dict[str, int] = {}
+    for i, obj in enumerate(raw):
+        if len(errors) >= MAX_REPORTED:
+            break
+        item = validate_item(obj, i, max_chars, errors)
+        if item is None:
+            continue
+        item_id = item.item_id
+        if item_id in seen:
+            errors.append(FieldError("id", f"duplicate id {item_id!r} (first at index {seen[item_id]})", i))
+            continue
+        seen[item_id] = i
+        items.append(item)
+    if errors:
+        raise invalid(errors)
+    return items
+
+
+def parse_json_job(body: bytes, *, max_items: int, max_chars: int) -> JobRequest:
+    try:
+        doc = loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise invalid([FieldError("body", f"not valid JSON: {exc}")]) from exc
+    if not isinstance(doc, dict):
+        raise invalid([FieldError("body", 'must be an object like {"items": [...]}')])
+    if "items" not in doc:
+        raise invalid([FieldError("items", "field required")])
+    model_version = doc.get("model_version")
+    if model_version is not None and not isinstance(model_version, str):
+        raise invalid([FieldError("model_version", "must be a string")])
+    metadata = check_metadata(doc.get("metadata") or {})
+    items = validate_items(doc["items"], max_items=max_items, max_chars=max_chars)
+    return JobRequest(items, model_version, metadata)
+
+
+def parse_ndjson(body: bytes, *, max_items: int) -> list[Any]:
+    """One JSON value per line; blank lines are skipped but still counted in the reported line number."""
+    objs: list[Any] = []
+    for lineno, line in enumerate(body.split(b"\n")):
+        if not line.strip():
+            continue
+        try:
+            obj = loads(line)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise invalid([FieldError("line", f"line {lineno + 1} is not valid JSON: {exc}", len(objs))]) from exc
+        objs.append(obj)
+        if len(objs) > max_items:
+            raise invalid([FieldError("items", f"at most {max_items} items per request")], status=413)
+    return objs
+
+
+def _rating(value: Any, idx: int, errors: list[FieldError]) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        errors.append(FieldError("rating", f"must be a number, got {type(value).__name__}", idx))
+        return None
+    if not math.isfinite(value):
+        errors.append(FieldError("rating", "must be finite", idx))
+        return None
+    return float(value)
+
+
+def validate_feedback(raw: Any, *, max_items: int, max_chars: int) -> list[dict[str, Any]]:
+    """Preferences {prompt, chosen, rejected} and ratings {prompt, response, rating} as repository rows."""
+    _check_list(raw, "feedback", max_items)
+    errors: list[FieldError] = []
+    rows: list[dict[str, Any]] = []
+    for i, obj in enumerate(raw):
+        if len(errors) >= MAX_REPORTED:
+            break
+        if not isinstance(obj, dict):
+            errors.append(FieldError("feedback", f"must be an object, got {type(obj).__name__}", i))
+            continue
+        prompt = _text(obj.get("prompt"), "prompt", i, max_chars, errors)
+        if "chosen" in obj or "rejected" in obj:
+            chosen = _text(obj.get("chosen"), "chosen", i, max_chars, errors)
+            rejected = _text(obj.get("rejected"), "rejected", i, max_chars, errors)
+            rows.append({"kind": "preference", "prompt": prompt, "chosen": chosen, "rejected": rejected})
+        elif "rating" in obj or "response" in obj:
+            response = _text(obj.get("response"), "response", i, max_chars, errors)
+            rating = _rating(obj.get("rating"), i, errors) if "rating" in obj else None
+            if "rating" not in obj:
+                errors.append(FieldError("rating", "field required", i))
+            rows.append({"kind": "rating", "prompt": prompt, "response": response, "rating": rating})
+        else:
+            errors.append(FieldError("feedback", "needs chosen and rejected (a preference) or response and "
+                                                 "rating (a rating)", i))  # fmt: skip
+    if errors:
+        raise invalid(errors)
+    return rows
+
+
+__all__ = [
+    "ApiError",
+    "JobRequest",
+    "parse_json_job",
+    "parse_ndjson",
+    "validate_feedback",
+    "validate_items",
+    "loads",
+]
+
+
+METADATA_MAX_BYTES = 16 * 1024
+METADATA_MAX_DEPTH = 4
+
+
+def check_metadata(metadata: Any) -> dict[str, Any]:
+    """A job's metadata: an object of at most 16 KB (as JSON) nested at most 4 deep; it comes back with every job
+    listed, so it must stay small. 422 naming ``metadata`` otherwise."""
+    if not isinstance(metadata, dict):
+        raise invalid([FieldError("metadata", "must be an object")])
+
+    def depth(v: Any) -> int:
+        if isinstance(v, dict):
+            return 1 + max((depth(x) for x in v.values()), default=0)
+        if isinstance(v, list):
+            return 1 + max((depth(x) for x in v), default=0)
+        return 0
+
+    size = len(json.dumps(metadata, ensure_ascii=False).encode())
+    if size > METADATA_MAX_BYTES:
+        raise invalid([FieldError("metadata", f"{size} bytes as JSON; at most {METADATA_MAX_BYTES}")])
+    if depth(metadata) > METADATA_MAX_DEPTH:
+        raise invalid([FieldError("metadata", f"nested more than {METADATA_MAX_DEPTH} levels deep")])
+    return metadata

@@ -1,0 +1,144 @@
+"""POST /v1/score: the interactive lane. A few hundred pairs, answered in the same response; bulk work never
+delays it by more than one encoder pass (a bulk batch under way stops and goes back to the queue). Answer-only by
+default; ``persist`` makes it a normal job."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from sqlalchemy.orm import Session
+
+from rewardq.api.deps import SessionDep, SettingsDep, TenantDep, read_body
+from rewardq.api.errors import ApiError, FieldError, invalid
+from rewardq.api.lane import check_items, resolve_version, score_pairs
+from rewardq.api.parsing import check_metadata, loads
+from rewardq.api.routes.jobs import wait_for_job
+from rewardq.api.schemas import ErrorOut, ScoreOut, ScoreRow
+from rewardq.storage import ledger, registry, results
+from rewardq.storage import repository as repo
+from rewardq.storage.models import FINISHED
+from rewardq.storage.score_stats import place
+from rewardq.storage.settings import Settings
+from rewardq.workers.messages import build_messages, enqueue_score_batches
+
+router = APIRouter(prefix="/v1/score", tags=["interactive"])
+
+_DOC: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ScoreRequest"}}},
+    }
+}
+
+
+def _parse(body: bytes) -> dict[str, Any]:
+    try:
+        doc = loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise invalid([FieldError("body", f"not valid JSON: {exc}")]) from exc
+    if not isinstance(doc, dict):
+        raise invalid([FieldError("body", 'must be an object like {"items": [...]}')])
+    unknown = set(doc) - {"items", "model_version", "persist", "metadata"}
+    if unknown:
+        raise invalid([FieldError(sorted(unknown)[0], "unknown field")])
+    if "items" not in doc:
+        raise invalid([FieldError("items", "field required")])
+    if doc.get("model_version") is not None and not isinstance(doc["model_version"], str):
+        raise invalid([FieldError("model_version", "must be a string")])
+    if not isinstance(doc.get("persist", False), bool):
+        raise invalid([FieldError("persist", "must be true or false")])
+    return doc
+
+
+@router.post(
+    "",
+    response_model=ScoreOut,
+    openapi_extra=_DOC,
+    responses={c: {"model": ErrorOut} for c in (413, 415, 422, 503, 504)},
+)
+async def score(
+    request: Request, response: Response, session: SessionDep, settings: SettingsDep, tenant: TenantDep
+) -> ScoreOut:
+    """Score up to REWARDQ_INTERACTIVE_MAX_ITEMS pairs now: `{"items": [{prompt, response, id?}], "model_version"?,
+    "persist"?}`. With `"persist": true` the pairs become a job (its id is returned) whose batches go through the
+    interactive queue; the default writes nothing."""
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+        raise ApiError(415, "use application/json", [FieldError("content-type", "unsupported")])
+    doc = _parse(await read_body(request, settings.max_json_bytes))
+    items = check_items(doc["items"], settings)
+    version = await resolve_version(session, tenant, doc.get("model_version"))
+    if doc.get("persist"):
+        return await _persisted(session, settings, tenant, version, items, doc.get("metadata") or {}, response)
+    scored = await score_pairs(settings, tenant, version, [it.prompt for it in items], [it.response for it in items])
+    stats = await run_in_threadpool(registry.score_stats, session, version=version)
+    rows = []
+    for i, (it, row) in enumerate(zip(items, scored.rows, strict=True)):
+        z, pct = place(row["score"], stats)
+        rows.append(ScoreRow(index=i, id=it.item_id, score_z=z, percentile=pct, **row))
+    return ScoreOut(model_version=version, kind=scored.kind, results=rows)
+
+
+async def _persisted(
+    session: Session,
+    settings: Settings,
+    tenant: str,
+    version: str,
+    items: list[repo.NewItem],
+    metadata: dict[str, Any],
+    response: Response,
+) -> ScoreOut:
+    """A normal job whose batches skip the bulk queue; answered when it ends (202 with its id if it takes longer)."""
+    metadata = check_metadata(metadata)
+
+    def create() -> tuple[str, list[Any]]:
+        job = repo.create_job(
+            session,
+            tenant=tenant,
+            items=items,
+            model_version=version,
+            batch_size=settings.batch_size,
+            metadata={**metadata, "lane": "interactive"},
+        )
+        batches = [repo.BatchRef(b.batch_no, b.start_idx, b.end_idx) for b in repo.job_batches(session, job_id=job.id)]
+        for b in batches:  # claimed now, so the feeder never puts them on the bulk queue
+            ledger.claim_requeue(session, job_id=job.id, batch_no=b.batch_no, seen=None)
+        messages = build_messages(session, job_id=job.id, model_version=version, batches=batches)
+        session.commit()
+        return job.id, messages
+
+    job_id, messages = await run_in_threadpool(create)
+    try:
+        await run_in_threadpool(enqueue_score_batches, messages, settings.interactive_queue)
+    except Exception:  # the sweeper re-enqueues claimed batches nobody took: the job still completes
+        pass
+
+    await wait_for_job(session, settings, job_id, settings.interactive_timeout_s)
+
+    def read() -> ScoreOut:
+        job = repo.get_job(session, job_id=job_id)
+        assert job is not None
+        if job.status not in FINISHED:
+            response.status_code = 202
+            return ScoreOut(model_version=version, kind="", results=[], job_id=job_id, status=job.status)
+        rows, _ = results.results_page(session, job_id=job_id, sort="index", cursor=None, limit=len(items))
+        by_idx = {r.idx: r for r, _ in rows}
+        errors = {e.idx: e for e, _ in results.item_errors(session, job_id=job_id, limit=None)}
+        out = []
+        for i, it in enumerate(items):
+            r, e = by_idx.get(i), errors.get(i)
+            out.append(
+                ScoreRow(
+                    index=i,
+                    id=it.item_id,
+                    score=r.score if r else None,
+                    cos=r.cos if r else None,
+                    truncated=bool(r and r.truncated),
+                    n_tokens=r.n_tokens if r else None,
+                    error={"code": e.code, "message": e.message} if e else None,
+                )
+            )
+        return ScoreOut(model_version=version, kind="", results=out, job_id=job_id, status=job.status)
+
+    return await run_in_threadpool(read)

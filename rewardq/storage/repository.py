@@ -1,0 +1,386 @@
+"""Repository functions over the tables: session first, keyword-only arguments, no commits inside."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+from sqlalchemy import ColumnElement, Table, case, func, insert, select, true, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from rewardq.storage.ledger import LIVE_JOB, TAKEN_SINCE_ENQUEUED
+from rewardq.storage.models import FINISHED, Batch, Item, ItemError, Job, JobStatus, Result, now_sql
+
+_CHUNK = 5000
+
+
+@dataclass(frozen=True)
+class NewItem:
+    item_id: str
+    prompt: str
+    response: str
+
+
+@dataclass(frozen=True)
+class BatchRef:
+    batch_no: int
+    start_idx: int
+    end_idx: int
+
+
+# -- jobs ---------------------------------------------------------------------------------------
+
+
+def begin_job(
+    session: Session,
+    *,
+    tenant: str,
+    model_version: str,
+    metadata: dict[str, Any] | None = None,
+    idempotency_key: str | None = None,
+) -> Job:
+    """The job row, with no items yet; items are added in chunks, then finish_job() closes the ledger."""
+    job = Job(id=uuid.uuid4().hex, tenant=tenant, model_version=model_version, n_items=0, meta=metadata or {},
+              idempotency_key=idempotency_key)  # fmt: skip
+    session.add(job)
+    session.flush()
+    return job
+
+
+_ITEM_COLUMNS = ("job_id", "idx", "item_id", "prompt", "response")
+
+
+def add_items(session: Session, *, job_id: str, start_idx: int, items: Sequence[NewItem]) -> None:
+    """Insert a chunk of a job's items (COPY on PostgreSQL); a duplicate id raises IntegrityError."""
+    if not items:
+        return
+    if session.get_bind().dialect.name == "postgresql":
+        import psycopg
+
+        raw = session.connection().connection.driver_connection
+        assert raw is not None
+        copy_sql = "COPY items (job_id, idx, item_id, prompt, response) FROM STDIN"
+        try:
+            with raw.cursor() as cur, cur.copy(copy_sql) as cp:
+                for i, it in enumerate(items, start=start_idx):
+                    cp.write_row((job_id, i, it.item_id, it.prompt, it.response))
+        except psycopg.IntegrityError as exc:  # the driver's own error: COPY bypasses SQLAlchemy
+            raise IntegrityError(copy_sql, None, exc) from exc
+        return
+    rows = [(job_id, i, it.item_id, it.prompt, it.response) for i, it in enumerate(items, start=start_idx)]
+    if session.get_bind().dialect.name == "sqlite":
+        # The driver's executemany: the ORM's bulk insert builds a parameter dict per row, 2.5x slower.
+        session.connection().exec_driver_sql(
+            "INSERT INTO items (job_id, idx, item_id, prompt, response) VALUES (?, ?, ?, ?, ?)", rows
+        )
+        return
+    session.execute(insert(Item), [dict(zip(_ITEM_COLUMNS, r, strict=True)) for r in rows])
+
+
+def first_duplicate_id(session: Session, *, job_id: str, item_ids: Sequence[str]) -> str | None:
+    """Which of ``item_ids`` the job already holds (to name the item a unique violation was about)."""
+    q = select(Item.item_id).where(Item.job_id == job_id, Item.item_id.in_(list(item_ids))).limit(1)
+    return session.scalar(q)
+
+
+def finish_job(session: Session, *, job: Job, n_items: int, batch_size: int, request_hash: str | None) -> None:
+    """Write the batch ledger (nothing enqueued yet: the feeder does that) and the job's item count."""
+    batch_rows = [{"job_id": job.id, "batch_no": n, "start_idx": lo, "end_idx": min(lo + batch_size, n_items)}
+                  for n, lo in enumerate(range(0, n_items, batch_size))]  # fmt: skip
+    for lo in range(0, len(batch_rows), _CHUNK):
+        session.execute(insert(Batch), batch_rows[lo : lo + _CHUNK])
+    job.n_items = n_items
+    job.n_batches = len(batch_rows)
+    job.request_hash = request_hash
+    session.flush()
+
+
+def create_job(
+    session: Session,
+    *,
+    tenant: str,
+    items: Sequence[NewItem],
+    model_version: str,
+    batch_size: int,
+    metadata: dict[str, Any] | None = None,
+    idempotency_key: str | None = None,
+    request_hash: str | None = None,
+) -> Job:
+    """A job from items already in memory; the caller commits, then feeds the queue."""
+    job = begin_job(session, tenant=tenant, model_version=model_version, metadata=metadata,
+                    idempotency_key=idempotency_key)  # fmt: skip
+    for lo in range(0, len(items), _CHUNK):
+        add_items(session, job_id=job.id, start_idx=lo, items=items[lo : lo + _CHUNK])
+    finish_job(session, job=job, n_items=len(items), batch_size=batch_size, request_hash=request_hash)
+    return job
+
+
+def job_batches(session: Session, *, job_id: str) -> list[Batch]:
+    return list(session.scalars(select(Batch).where(Batch.job_id == job_id).order_by(Batch.batch_no)))
+
+
+SHORT_ID_MIN = 8  # a job or run id may be given by its first 8 or more characters
+
+
+def matching_ids(session: Session, table: Any, *, prefix: str, tenant: str, limit: int = 2) -> list[str]:
+    """Ids of the tenant's rows of ``table`` (jobs or training runs) that start with ``prefix``: a short id
+    resolves when exactly one matches."""
+    if not SHORT_ID_MIN <= len(prefix) < 32 or not all(c in "0123456789abcdef" for c in prefix):
+        return []
+    q = select(table.id).where(table.tenant == tenant, table.id.startswith(prefix)).order_by(table.id).limit(limit)
+    return list(session.scalars(q))
+
+
+def get_job(session: Session, *, job_id: str, tenant: str | None = None) -> Job | None:
+    job = session.get(Job, job_id)
+    if job is None or (tenant is not None and job.tenant != tenant):
+        return None
+    return job
+
+
+def find_job_by_idempotency_key(session: Session, *, tenant: str, key: str) -> Job | None:
+    return session.scalar(select(Job).where(Job.tenant == tenant, Job.idempotency_key == key))
+
+
+def list_jobs(session: Session, *, tenant: str | None, limit: int = 50, status: str | None = None) -> list[Job]:
+    q = select(Job).order_by(Job.created_at.desc(), Job.id).limit(limit)
+    if tenant is not None:
+        q = q.where(Job.tenant == tenant)
+    if status is not None:
+        q = q.where(Job.status == status)
+    return list(session.scalars(q))
+
+
+def batch_texts(session: Session, *, job_id: str, start_idx: int, end_idx: int) -> list[Item]:
+    q = select(Item).where(Item.job_id == job_id, Item.idx >= start_idx, Item.idx < end_idx).order_by(Item.idx)
+    return list(session.scalars(q))
+
+
+def cancel_job(session: Session, *, job: Job) -> Job:
+    """Cancel a job that has not ended: a compare-and-set on its status in SQL, so a job whose last batch a worker
+    committed after ``job`` was read stays succeeded (or failed). Returns the job as it now stands."""
+    session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.status.not_in(FINISHED))
+        .values(status=JobStatus.cancelled.value, finished_at=now_sql(session)),
+        execution_options={"synchronize_session": False},
+    )
+    session.refresh(job)
+    return job
+
+
+def mark_failed(session: Session, *, job_id: str, error: str) -> None:
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status.not_in(FINISHED))
+        .values(status=JobStatus.failed.value, error=error, finished_at=now_sql(session))
+    )
+
+
+def job_status(session: Session, *, job_id: str) -> str | None:
+    return session.scalar(select(Job.status).where(Job.id == job_id))
+
+
+def scored_with(session: Session, *, job_id: str) -> dict[str, int]:
+    """How the job's finished batches were scored ("sim_exp kernel=triton precision=off": batches)."""
+    q = (
+        select(Batch.scored_with, func.count())
+        .where(Batch.job_id == job_id, Batch.scored_with.is_not(None))
+        .group_by(Batch.scored_with)
+    )
+    return {str(how): int(n) for how, n in session.execute(q).tuples()}
+
+
+def job_tenant(session: Session, *, job_id: str) -> str | None:
+    return session.scalar(select(Job.tenant).where(Job.id == job_id))
+
+
+def start_batch(session: Session, *, job_id: str, batch_no: int, worker: str | None = None) -> int | None:
+    """Note that ``worker`` took the batch; returns how many workers have died on it so far, or None when it is
+    already done (a redelivery or a superseded split). A batch taken again without being enqueued again since its
+    last take (the broker redelivered it: its worker died) counts one more death."""
+    retake = case((TAKEN_SINCE_ENQUEUED, Batch.deaths + 1), else_=Batch.deaths)
+    return session.execute(
+        update(Batch)
+        .where(Batch.job_id == job_id, Batch.batch_no == batch_no, Batch.done.is_(False))
+        .values(started_at=now_sql(session), worker=worker, deaths=retake)
+        .returning(Batch.deaths)
+    ).scalar_one_or_none()
+
+
+def hand_back_batch(session: Session, *, job_id: str, batch_no: int) -> bool:
+    """A batch its worker stopped (interactive work came first) goes back to the queue: its deadline starts again.
+    False when it is done already (a redelivery finished it), so nothing is queued again."""
+    res = session.execute(
+        update(Batch)
+        .where(Batch.job_id == job_id, Batch.batch_no == batch_no, Batch.done.is_(False))
+        .values(enqueued_at=now_sql(session))
+    )
+    return bool(res.rowcount)  # type: ignore[attr-defined]
+
+
+def mark_running(session: Session, *, job_id: str) -> None:
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.queued.value)
+        .values(status=JobStatus.running.value, started_at=now_sql(session))
+    )
+
+
+def save_results(
+    session: Session,
+    *,
+    job_id: str,
+    batch_no: int,
+    start_idx: int,
+    scores: Sequence[float],
+    cos: Sequence[Sequence[float]],
+    model_version: str,
+    truncated: Sequence[bool] | None = None,
+    n_tokens: Sequence[int | None] | None = None,
+    skip: frozenset[int] = frozenset(),
+    cache_hits: int = 0,
+    cache_misses: int = 0,
+    scored_with: str | None = None,
+) -> int:
+    """Upsert one batch's results and advance the job's progress in the caller's transaction.
+
+    Idempotent: a redelivered batch inserts nothing new and counts nothing twice. Offsets in
+    ``skip``, and items already in the error ledger, are not stored: an item is scored or failed,
+    never both (the job's row lock orders this against record_item_failure). Returns the number of
+    rows actually inserted: 0 when the job was deleted meanwhile (the batch is dropped, nothing is written).
+    """
+    if not lock_job(session, job_id=job_id):
+        return 0
+    failed = session.scalars(
+        select(ItemError.idx).where(
+            ItemError.job_id == job_id, ItemError.idx >= start_idx, ItemError.idx < start_idx + len(scores)
+        )
+    )
+    skip = skip | {idx - start_idx for idx in failed}  # failed meanwhile (a split copy): an item has one outcome
+    now = now_sql(session)
+    flags = truncated or [False] * len(scores)
+    counts = n_tokens or [None] * len(scores)
+    rows = [
+        {"job_id": job_id, "idx": start_idx + i, "score": s, "cos": list(c), "model_version": model_version,
+         "truncated": t, "n_tokens": n}
+        for i, (s, c, t, n) in enumerate(zip(scores, cos, flags, counts, strict=True)) if i not in skip
+    ]  # fmt: skip
+    inserted = _insert_new(session, Result, rows)
+    session.execute(
+        update(Batch)
+        .where(Batch.job_id == job_id, Batch.batch_no == batch_no)
+        .values(done=True, done_at=now, **({"scored_with": scored_with[:128]} if scored_with else {}))
+    )
+    if inserted:  # a redelivery inserts nothing and counts nothing, cache lookups included
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(
+                n_done=Job.n_done + inserted,
+                cache_hits=Job.cache_hits + cache_hits,
+                cache_misses=Job.cache_misses + cache_misses,
+            )  # fmt: skip
+        )
+    _finish_if_complete(session, job_id=job_id)
+    return inserted
+
+
+def lock_job(session: Session, *, job_id: str, where: ColumnElement[bool] | None = None) -> bool:
+    """Take the job's row lock first (a no-op update: PostgreSQL's row lock, SQLite's write lock), so writers of
+    its items' outcomes go one at a time and each sees what the previous one committed; always job before batch.
+    The first statement of each transaction (on SQLite: the write lock before any read). False when the job is gone
+    (storage.lifecycle deleted it, under this same lock) or does not match ``where``: write nothing for it then."""
+    res = session.execute(
+        update(Job).where(Job.id == job_id, where if where is not None else true()).values(n_done=Job.n_done),
+        execution_options={"synchronize_session": False},
+    )
+    return bool(res.rowcount)  # type: ignore[attr-defined]
+
+
+def _insert_new(session: Session, table: type[Result] | type[ItemError], rows: list[dict[str, Any]]) -> int:
+    """INSERT … ON CONFLICT (job_id, idx) DO NOTHING; how many rows were new (the idempotent upsert). Every row is
+    stamped ``created_at`` now (now_sql: on PostgreSQL the database's clock, an SQL expression).
+
+    The rows go as parameter sets of one cached statement, which SQLAlchemy sends in multi-row batches: a statement
+    built around the rows' values is compiled anew for every batch (7x slower on SQLite, 3x on PostgreSQL, for
+    256 results)."""
+    if not rows:
+        return 0
+    dialect = session.get_bind().dialect.name
+    # Core, not the ORM's bulk insert: a None stays NULL, and rows are not regrouped by which keys they set.
+    columns = cast(Table, table.__table__)
+    ins = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(columns).values(created_at=now_sql(session))
+    stmt = ins.on_conflict_do_nothing(index_elements=["job_id", "idx"]).returning(columns.c.idx)
+    return len(session.execute(stmt, rows).all())
+
+
+def _finish_if_complete(session: Session, *, job_id: str) -> None:
+    """Close a job whose every item is scored or failed: succeeded, or failed when nothing could be scored."""
+    now = now_sql(session)
+    session.execute(
+        update(Job)
+        .where(
+            Job.id == job_id,
+            LIVE_JOB,
+            Job.n_done + Job.n_failed >= Job.n_items,
+        )
+        .values(
+            status=case((Job.n_done > 0, JobStatus.succeeded.value), else_=JobStatus.failed.value),
+            error=case((Job.n_done > 0, Job.error), else_="no item could be scored; see the job's failed items"),
+            finished_at=now,
+            started_at=func.coalesce(Job.started_at, now),
+        )
+    )
+
+
+def record_item_failure(session: Session, *, job_id: str, batch_no: int, idx: int, code: str, message: str) -> bool:
+    """Put one item in the error ledger (once), count it failed, close its batch; True if newly recorded. An item
+    that another copy of its batch scored meanwhile stays scored (an item has one outcome). False, writing nothing,
+    when the job was deleted meanwhile."""
+    if not lock_job(session, job_id=job_id):
+        return False
+    scored = session.scalar(select(Result.idx).where(Result.job_id == job_id, Result.idx == idx))
+    row = {"job_id": job_id, "idx": idx, "code": code, "message": message[:2000]}
+    new = scored is None and bool(_insert_new(session, ItemError, [row]))
+    if new:
+        session.execute(update(Job).where(Job.id == job_id).values(n_failed=Job.n_failed + 1))
+    session.execute(
+        update(Batch)
+        .where(Batch.job_id == job_id, Batch.batch_no == batch_no)
+        .values(done=True, done_at=now_sql(session))
+    )
+    _finish_if_complete(session, job_id=job_id)
+    return new
+
+
+def split_batch(session: Session, *, job_id: str, batch_no: int) -> list[BatchRef]:
+    """Replace a failing batch by its two halves (new ledger rows); [] if someone already handled it, or the job was
+    deleted."""
+    if not lock_job(session, job_id=job_id):
+        return []
+    parent = session.get(Batch, (job_id, batch_no), with_for_update=True)
+    if parent is None or parent.done or parent.end_idx - parent.start_idx < 2:
+        return []
+    parent.done = True  # superseded by its halves
+    parent.done_at = now_sql(session)
+    first = (
+        session.execute(
+            update(Job).where(Job.id == job_id).values(n_batches=Job.n_batches + 2).returning(Job.n_batches)
+        ).scalar_one()
+        - 2
+    )
+    mid = (parent.start_idx + parent.end_idx) // 2
+    halves = [BatchRef(first, parent.start_idx, mid), BatchRef(first + 1, mid, parent.end_idx)]
+    now = now_sql(session)
+    # One multi-row VALUES (not executemany): ``now`` is the database's clock, an SQL expression, not a parameter.
+    rows = [
+        dict(job_id=job_id, batch_no=h.batch_no, start_idx=h.start_idx, end_idx=h.end_idx, enqueued_at=now)
+        for h in halves
+    ]
+    session.execute(insert(Batch).values(rows))
+    return halves

@@ -1,0 +1,81 @@
+"""Backpressure: batches go to Redis only while the scoring queue is below its high-water mark.
+
+SQL holds every batch; the feeder moves the next ones (tenants round robin, each its oldest job first) into the
+queue whenever a job is created, a worker finishes a batch, or beat ticks, so Redis never holds a whole large job.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import redis
+
+from rewardq.storage import ledger
+from rewardq.storage import repository as repo
+from rewardq.storage.db import session_scope
+from rewardq.storage.settings import Settings, get_settings
+from rewardq.workers import metrics
+from rewardq.workers.messages import ScoreBatch, build_messages, enqueue_score_batches, fair_priority, served_last
+
+log = logging.getLogger(__name__)
+
+
+def queue_depth(url: str, queue: str) -> int:
+    """Messages waiting in ``queue``, over all its priority steps."""
+    return metrics.queue_depths(url, [queue])[queue]
+
+
+def enqueue_claimed(
+    rows: Sequence[tuple[Any, ...]],
+    settings: Settings | None = None,
+    died: bool = False,
+    flight: dict[str, int] | None = None,
+) -> int:
+    """Claim each (job, batch, start, end, seen enqueue time, version) by compare-and-set and publish the
+    ones won, each at its tenant's fair-share priority; a publish that fails leaves them to the sweeper.
+    ``died``: their worker died on them (counted). ``flight``: each tenant's batches in flight before these claims,
+    when the caller counted them already. Returns how many were published."""
+    settings = settings or get_settings()
+    messages: list[ScoreBatch] = []
+    with session_scope(settings.database_url) as s:
+        if flight is None:  # before these claims: a tenant's first batch in flight goes first
+            flight = ledger.in_flight_by_tenant(s)
+        for job_id, batch_no, start, end, seen, version in rows:
+            if ledger.claim_requeue(s, job_id=job_id, batch_no=batch_no, seen=seen, died=died):
+                messages += build_messages(s, job_id=job_id, model_version=version,
+                                           batches=[repo.BatchRef(batch_no, start, end)])  # fmt: skip
+    try:
+        last = served_last(settings.redis_url, sorted({m.tenant for m in messages}))
+    except redis.RedisError:  # then no tenant jumps the queue: the publish below says whether Redis is back
+        last = {m.tenant for m in messages}
+    priorities = []
+    for msg in messages:
+        priorities.append(fair_priority(flight.get(msg.tenant, 0), msg.tenant in last))
+        flight[msg.tenant] = flight.get(msg.tenant, 0) + 1
+    if messages:
+        enqueue_score_batches(messages, queue=settings.scoring_queue, priorities=priorities)
+    return len(messages)
+
+
+def feed(settings: Settings | None = None) -> int:
+    """Top the scoring queue up to REWARDQ_QUEUE_HIGH_WATER messages, tenants served round robin; return how many
+    were added."""
+    settings = settings or get_settings()
+    room = settings.queue_high_water - queue_depth(settings.redis_url, settings.scoring_queue)
+    if room <= 0:
+        return 0
+    with session_scope(settings.database_url) as s:
+        flight = ledger.in_flight_by_tenant(s)  # once: the round robin and the priorities both read it
+        rows = [(b.job_id, b.batch_no, b.start_idx, b.end_idx, None, version)
+                for b, version, _ in ledger.unqueued_batches(s, limit=room, flight=flight)]  # fmt: skip
+    return enqueue_claimed(rows, settings, flight=flight) if rows else 0
+
+
+def feed_quietly() -> None:
+    """feed(), for callers whose own work must not fail because of it (the next feed catches up)."""
+    try:
+        feed()
+    except Exception:
+        log.exception("could not feed the scoring queue")

@@ -1,0 +1,176 @@
+"""Worker liveness: each process that takes work keeps a Redis key alive from a thread; a batch records who took
+it, and the sweeper queues again the batches whose worker's key has expired (killed, frozen or cut off), without
+waiting for a deadline that must exceed the longest batch."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+import threading
+from collections.abc import Iterable
+
+import redis
+
+from rewardq.workers import metrics
+
+log = logging.getLogger(__name__)
+
+PREFIX = "rewardq:worker:"
+IDLE = "idle"
+_lock = threading.Lock()
+_started_in: int | None = None  # the pid whose heartbeat thread runs (a forked child starts its own)
+_doing: set[str] = set()  # what this process works on now (batches, runs; several with the threads pool)
+_beat_lock = threading.Lock()  # a beat writes what _doing says at that moment, never an older value
+
+
+_token: tuple[int, str] | None = None  # (pid, random) of this process: a forked child makes its own
+
+
+def worker_id() -> str:
+    """This process, as batches record it: host, pid and a random token of the process, so a restarted worker that
+    gets the same host name and pid (pid 1 in a container) is never taken for the one that died."""
+    global _token
+    if _token is None or _token[0] != os.getpid():
+        _token = (os.getpid(), secrets.token_hex(4))
+    return f"{socket.gethostname()}:{os.getpid()}:{_token[1]}"
+
+
+def _beat(client: redis.Redis, key: str, ttl_s: float) -> bool:
+    try:
+        with _beat_lock:
+            client.set(key, ",".join(sorted(_doing)) or IDLE, px=max(1, int(ttl_s * 1000)))
+        return True
+    except (redis.RedisError, OSError):
+        return False
+
+
+def ensure_heartbeat(url: str, ttl_s: float) -> str:
+    """Start this process's heartbeat (once per process) and return its id. The first beat is written before this
+    returns, so a batch this process claims next is never seen without one."""
+    global _started_in
+    wid = worker_id()
+    key = PREFIX + wid
+    with _lock:
+        if _started_in == os.getpid():
+            return wid
+        client = metrics.client(url)
+        _beat(client, key, ttl_s)
+        stop = threading.Event()
+
+        def run() -> None:
+            # A third of the TTL: two beats may fail (a Redis blip) before the key expires.
+            while not stop.wait(ttl_s / 3):
+                if not _beat(client, key, ttl_s):
+                    log.warning("heartbeat to Redis failed; retrying")
+
+        threading.Thread(target=run, name="rewardq-heartbeat", daemon=True).start()
+        _started_in = os.getpid()
+        return wid
+
+
+def working_on(url: str, ttl_s: float, what: str, done: bool = False) -> None:
+    """Say in this process's heartbeat, at once, that it works on ``what`` (a batch or a run) now, or (``done``) no
+    longer: a batch or run that its live worker no longer works on (a retry waiting in memory, a message lost with
+    it) is then taken back by the sweeper, not left to the deadline."""
+    with _beat_lock:
+        if done:
+            _doing.discard(what)
+        else:
+            _doing.add(what)
+    _beat(metrics.client(url), PREFIX + worker_id(), ttl_s)
+
+
+def doing(url: str, workers: Iterable[str]) -> dict[str, str]:
+    """What each of these workers with a live heartbeat says it works on (absent: its heartbeat expired)."""
+    ids = sorted(set(workers))
+    if not ids:
+        return {}
+    found = metrics.client(url).mget([PREFIX + w for w in ids])
+    return {w: v.decode() if isinstance(v, bytes) else str(v) for w, v in zip(ids, found, strict=True) if v is not None}
+
+
+def abandoned(beat: str | None, what: str) -> bool:
+    """A live worker whose heartbeat names other work (or none) than ``what`` it took. A heartbeat from before
+    workers said what they do ('1') never counts as abandoning."""
+    return beat is not None and beat != "1" and what not in beat.split(",")
+
+
+def trusted(url: str, ttl_s: float) -> bool:
+    """Whether missing heartbeats mean anything yet: a Redis that restarted has lost every heartbeat, and live
+    workers write theirs again within a third of the TTL, so they count once it has been up for two beats. A Redis
+    that does not tell its uptime (INFO refused by an ACL, a proxy) is trusted, as before this check."""
+    try:
+        uptime = metrics.client(url).info("server").get("uptime_in_seconds")
+    except redis.ResponseError:
+        return True
+    except (redis.RedisError, OSError):
+        return False
+    return uptime is None or float(uptime) >= ttl_s * 2 / 3
+
+
+# Which queues live workers consume: one sorted set per queue, a member per `rewardq worker` (its main process),
+# scored with Redis's own clock at its last beat, so hosts whose clocks differ still compare.
+CONSUMERS = "rewardq:consumers:"
+
+
+def _redis_now(client: redis.Redis) -> float:
+    sec, usec = client.time()
+    return float(sec) + usec / 1e6
+
+
+def advertise(url: str, queues: Iterable[str], ttl_s: float) -> threading.Event:
+    """Say, every third of ``ttl_s`` from a daemon thread, that this process consumes ``queues``; set the returned
+    event to stop (the entry then goes at once; a killed worker's entry is stale after ``ttl_s``)."""
+    client = metrics.client(url)
+    member = f"{socket.gethostname()}:{os.getpid()}"
+    keys = [CONSUMERS + q for q in queues]
+    stop = threading.Event()
+
+    def beat() -> None:
+        try:
+            now = _redis_now(client)
+            pipe = client.pipeline(transaction=False)
+            for key in keys:
+                pipe.zadd(key, {member: now})
+                pipe.zremrangebyscore(key, "-inf", now - 3600)  # entries of workers gone for an hour
+            pipe.execute()
+        except (redis.RedisError, OSError) as exc:
+            log.warning("could not advertise the queues this worker consumes: %s", exc)
+
+    def run() -> None:
+        while not stop.wait(ttl_s / 3):
+            beat()
+        try:
+            pipe = client.pipeline(transaction=False)
+            for key in keys:
+                pipe.zrem(key, member)
+            pipe.execute()
+        except (redis.RedisError, OSError):
+            pass
+
+    beat()
+    threading.Thread(target=run, name="rewardq-consumer-beat", daemon=True).start()
+    return stop
+
+
+def live_consumers(url: str, queue: str, ttl_s: float) -> int:
+    """How many workers beat for ``queue`` within the last ``ttl_s`` seconds (by Redis's clock)."""
+    client = metrics.client(url)
+    now = _redis_now(client)
+    return int(client.zcount(CONSUMERS + queue, now - ttl_s, "+inf"))
+
+
+def no_worker_notice(url: str, queue: str, ttl_s: float, waiting: str) -> str | None:
+    """What to tell a user whose ``waiting`` (a job, a run) sits on ``queue`` that no live worker consumes; None
+    when one does, or when Redis cannot say."""
+    try:
+        if live_consumers(url, queue, ttl_s):
+            return None
+    except (redis.RedisError, OSError):
+        return None
+    return (
+        f"no live worker consumes queue {queue!r}, so {waiting} waits: start one with `rewardq worker` "
+        f"(with the same REWARDQ_REDIS_URL and REWARDQ_DATABASE_URL; `-Q` must include {queue})"
+    )

@@ -1,0 +1,44 @@
+"""Reward model families behind one interface (``base.RewardModel``), one module per kind, loaded by kind.
+
+Kept free of torch at import: the API reads ``KINDS`` from here, and the modules load on first use.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rewardq.storage.settings import Settings
+    from rewardq.workers.models.base import RewardModel
+
+KINDS = ("sim_exp", "classifier", "likelihood")
+IMPORTABLE = ("classifier", "likelihood")  # sim_exp versions come from the base encoder and from training runs
+
+
+def version_dir(path: str, artifacts_dir: Path) -> Path:
+    """A version's files: ``path`` is relative to REWARDQ_ARTIFACTS_DIR (older rows hold absolute paths)."""
+    p = Path(path)
+    return p if p.is_absolute() else artifacts_dir / p
+
+
+def load_model(kind: str, version: str, path: str | None, config: dict[str, Any], settings: Settings) -> RewardModel:
+    """The model of one registered version, ready to score on this machine's device."""
+    common: dict[str, Any] = {"encode_batch_size": settings.encode_batch_size, "token_budget": settings.token_budget}
+    if kind == "sim_exp":
+        from rewardq.workers.models.sim_exp import load_sim_exp
+
+        return load_sim_exp(version, None if path is None else version_dir(path, settings.artifacts_dir), settings)
+    if path is None:
+        raise ValueError(f"model version {version} of kind {kind} has no files")
+    where = str(version_dir(path, settings.artifacts_dir))
+    options = {k: config[k] for k in ("max_length", "truncation_side", "dtype") if k in config}
+    if kind == "classifier":
+        from rewardq.workers.models.classifier import ClassifierModel
+
+        return ClassifierModel(version, where, **options, **common)
+    if kind == "likelihood":
+        from rewardq.workers.models.likelihood import LikelihoodModel
+
+        return LikelihoodModel(version, where, reduction=config.get("reduction", "mean"), **options, **common)
+    raise ValueError(f"unknown model kind {kind!r}; known: {', '.join(KINDS)}")

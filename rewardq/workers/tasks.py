@@ -1,0 +1,118 @@
+"""Thin Celery tasks: validate the payload, call the engine."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery.signals import worker_process_init
+from celery.utils.time import get_exponential_backoff_interval
+from sqlalchemy.exc import OperationalError
+
+from rewardq.storage.settings import get_settings
+from rewardq.workers import engine, events
+from rewardq.workers.celery_app import SCORE_BATCH, SCORE_INTERACTIVE, TRAIN, app
+from rewardq.workers.errors import (
+    RETRY_BACKOFF_MAX_S,
+    TRANSIENT,
+    ModelLoadFailed,
+    ModelUnavailable,
+    is_transient,
+    public_message,
+)
+from rewardq.workers.messages import InteractiveBatch, ScoreBatch
+
+log = logging.getLogger(__name__)
+
+
+@worker_process_init.connect
+def _preload(**_: Any) -> None:
+    # Load the default model in each child after the fork, before the first batch arrives.
+    from rewardq.storage import registry
+    from rewardq.storage.db import session_scope
+
+    try:
+        with session_scope() as s:
+            version = registry.default_version(s)
+        if version:
+            engine.get_model(version)
+    except Exception:  # a missing DB here must not kill the worker; the first task retries
+        log.exception("could not preload the active model")
+
+
+class _ScoringTask(app.Task):  # type: ignore[misc]
+    def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        # Not transient (transient errors are retried without end): say so on the job instead of leaving it running.
+        job_id = (kwargs.get("payload") or {}).get("job_id")
+        if job_id:
+            engine.fail_job(job_id, public_message(exc, log, f"job {job_id}"))
+
+
+_settings = get_settings()
+
+
+@app.task(
+    bind=True,
+    base=_ScoringTask,
+    name=SCORE_BATCH,
+    time_limit=_settings.batch_time_limit_s,  # a hung batch: its process is replaced, and that counts as a death
+    max_retries=None,
+)
+def score_batch(self: Any, payload: dict[str, Any]) -> int:
+    """Transient failures (the database, Redis) are retried with backoff up to a minute apart for as long as they
+    last: an outage, or a database busy with another tenant's work, never fails the job, and a retry never counts as
+    a worker death. So is a model this worker cannot load: the message goes back to the queue, where a worker that
+    can load it takes it."""
+    msg = ScoreBatch.model_validate(payload)
+    queue = (self.request.delivery_info or {}).get("routing_key")  # a bulk batch may stop for interactive work
+    try:
+        return engine.score_batch(msg, queue=queue)
+    except Exception as exc:
+        if not (is_transient(exc) or isinstance(exc, ModelLoadFailed)):
+            raise
+        engine.release_for_retry(msg)
+        countdown = get_exponential_backoff_interval(1, self.request.retries, RETRY_BACKOFF_MAX_S, full_jitter=True)
+        raise self.retry(exc=exc, countdown=countdown) from exc
+
+
+class _InteractiveTask(app.Task):  # type: ignore[misc]
+    def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        # Answer the waiting request now rather than let it time out.
+        payload = kwargs.get("payload") or {}
+        if payload.get("request_id"):
+            error = {"code": "scoring_error", "message": f"{type(exc).__name__}: {exc}"[:500]}
+            events.push_reply(
+                get_settings().redis_url, payload["request_id"], {"part": payload.get("part"), "error": error}
+            )
+
+
+@app.task(
+    base=_InteractiveTask,
+    name=SCORE_INTERACTIVE,
+    autoretry_for=TRANSIENT,
+    retry_backoff=True,
+    retry_backoff_max=5,
+    max_retries=3,
+)
+def score_interactive(payload: dict[str, Any]) -> None:
+    msg = InteractiveBatch.model_validate(payload)
+    try:
+        reply = engine.score_interactive(msg)
+    except (ModelUnavailable, ModelLoadFailed) as exc:
+        reply = {"part": msg.part, "error": {"code": exc.code, "message": str(exc)}}
+    events.push_reply(get_settings().redis_url, msg.request_id, reply)
+
+
+@app.task(
+    name=TRAIN,
+    autoretry_for=(OperationalError,),
+    retry_backoff=True,
+    retry_backoff_max=120,
+    max_retries=10,
+    soft_time_limit=_settings.run_time_limit_s,  # the run fails, saying so
+    time_limit=_settings.run_time_limit_s + 120,
+)
+def train(run_id: str) -> str:
+    from rewardq.workers.runs import execute_run
+
+    return execute_run(run_id)
