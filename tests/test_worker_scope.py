@@ -81,7 +81,7 @@ def test_batches_a_worker_cannot_load_go_back_and_a_good_worker_finishes(
             good_worker = start_worker(worker_env(db, queue, REWARDQ_MODEL=str(good)), tmp_path / "good.log", queue)
             job = wait_job(c, job_id, timeout=240)
         assert job["status"] == "succeeded", job
-        assert job["progress"] == {"done": 20, "failed": 0, "total": 20}, job
+        assert (job["progress"]["done"], job["progress"]["failed"], job["progress"]["total"]) == (20, 0, 20), job
     finally:
         for w in (bad, good_worker):
             if w is not None:

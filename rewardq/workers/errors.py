@@ -45,6 +45,7 @@ class WorkerLost(RewardqError):
 
 # Failures of the services around a batch, not of its items: retry the task with capped backoff.
 RETRY_BACKOFF_MAX_S = 60
+LOAD_RETRY_MAX_S = 10  # a batch whose model this worker cannot load (ModelLoadFailed)
 TRANSIENT: tuple[type[BaseException], ...] = (OperationalError, ConnectionError, TimeoutError, OSError)
 
 

@@ -13,6 +13,7 @@ from rewardq.storage.settings import get_settings
 from rewardq.workers import engine, events
 from rewardq.workers.celery_app import SCORE_BATCH, SCORE_INTERACTIVE, TRAIN, app
 from rewardq.workers.errors import (
+    LOAD_RETRY_MAX_S,
     RETRY_BACKOFF_MAX_S,
     TRANSIENT,
     ModelLoadFailed,
@@ -71,7 +72,9 @@ def score_batch(self: Any, payload: dict[str, Any]) -> int:
         if not (is_transient(exc) or isinstance(exc, ModelLoadFailed)):
             raise
         engine.release_for_retry(msg)
-        countdown = get_exponential_backoff_interval(1, self.request.retries, RETRY_BACKOFF_MAX_S, full_jitter=True)
+        # A model this worker cannot load: back soon (10 s at most), since another worker may be able to take it.
+        cap = LOAD_RETRY_MAX_S if isinstance(exc, ModelLoadFailed) else RETRY_BACKOFF_MAX_S
+        countdown = get_exponential_backoff_interval(1, self.request.retries, cap, full_jitter=True)
         raise self.retry(exc=exc, countdown=countdown) from exc
 
 
