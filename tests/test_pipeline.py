@@ -55,9 +55,9 @@ def test_client_wait_polls_without_the_summary_and_returns_the_finished_job_with
         job_id = client.submit([{k: it[k] for k in ("id", "prompt", "response")} for it in sts_dev_300[:40]])
         job = client.wait(job_id, progress=False, timeout=180)
         polls = [u for u in seen if u.split("?")[0].endswith(f"/v1/jobs/{job_id}")]
-        # No progress bar to draw: one long poll (30 s at most) answered at the end, then the full job.
+        # No progress bar to draw: one long poll (15 s at most) answered at the end, then the full job.
         assert job["status"] == "succeeded" and job["summary"]["count"] == 40
-        assert 2 <= len(polls) <= 3 and all(u.endswith("?summary=false&wait=30.0") for u in polls[:-1]), polls
+        assert 2 <= len(polls) <= 3 and all(u.endswith("?summary=false&wait=15.0") for u in polls[:-1]), polls
         assert "?" not in polls[-1], polls
         job_id = client.submit([{"prompt": f"{it['prompt']} {uuid.uuid4().hex}", "response": it["response"]}
                                 for it in sts_dev_300[:20]])  # fmt: skip

@@ -95,9 +95,7 @@ def test_work_on_a_queue_no_worker_consumes_says_so(tmp_path: Path, monkeypatch:
     queue = f"test-nobody-{RUN_ID}-{uuid.uuid4().hex[:6]}"
     with make_client(db, queue) as c:
         job_id = c.post("/v1/jobs", json={"items": [{"prompt": "p", "response": "r"}]}).json()["job_id"]
-        t0 = time.monotonic()
-        job = c.get(f"/v1/jobs/{job_id}", params={"wait": 30}).json()  # answers at once: nothing will move it
-        assert time.monotonic() - t0 < 20
+        job = c.get(f"/v1/jobs/{job_id}").json()
         assert f"no live worker consumes queue {queue!r}" in job["notice"] and "rewardq worker" in job["notice"]
         worker = start_worker(worker_env(db, queue, REWARDQ_MODEL=str(good)), tmp_path / "w.log", queue)
         try:

@@ -243,13 +243,13 @@ class Client:
             return p["total"], p["done"] + p["failed"], job["status"]
 
         # Each poll is a long poll: the server answers as soon as the job ends, or after ``poll`` seconds with
-        # the progress for the bar; with no bar to draw, one request waits up to 30 s. Polls skip the score
+        # the progress for the bar; with no bar to draw, one request waits up to 15 s. Polls skip the score
         # summary (a pass over every result: on a big job it would compete with the workers); the finished
         # job is fetched once with it.
         deadline = None if timeout is None else time.monotonic() + timeout
 
         def fetch() -> dict[str, Any]:
-            hold = poll if progress else 30.0
+            hold = poll if progress else 15.0  # a notice (no worker on the queue) is seen within 15 s
             if deadline is not None:
                 hold = max(0.0, min(hold, deadline - time.monotonic()))
             return self.job(job_id, summary=False, wait=round(hold, 3))

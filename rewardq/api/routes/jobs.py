@@ -288,7 +288,7 @@ async def get_job(
             session.rollback()  # before the response goes out, not when the request's session closes
 
     job, full, status, notice = await run_in_threadpool(load)
-    if wait and status not in FINISHED and notice is None:  # nothing will move it: say so now, not after the wait
+    if wait and status not in FINISHED:
         await wait_for_job(session, settings, full, wait)
     out = await run_in_threadpool(detail, job)
     if out.status not in FINISHED:
