@@ -225,7 +225,9 @@ def test_cli_submit_wait_status_and_export(stack: Stack, tmp_path):
         api.stop()
 
 
-def test_a_batch_that_cannot_be_scored_fails_the_job_with_its_reason(stack: Stack):
+def test_a_version_no_worker_can_load_waits_and_fails_nothing(stack: Stack):
+    """Files missing on this worker are the worker's failure (issue #35): the batch goes back to the queue with
+    backoff, no item and not the job fails, and the user can cancel it (it used to fail the whole job)."""
     from rewardq.storage.db import session_scope
 
     with session_scope(stack.db_url) as s:
@@ -241,10 +243,11 @@ def test_a_batch_that_cannot_be_scored_fails_the_job_with_its_reason(stack: Stac
         "/v1/jobs", json={"items": [{"prompt": "p", "response": "r"}], "model_version": "broken-v1"}
     )
     assert resp.status_code == 202, resp.text
-    job = wait_job(stack.client, resp.json()["job_id"], timeout=120)
-    assert job["status"] == "failed"
-    assert "broken-v1" in job["error"] and "/nonexistent" not in job["error"]  # no server path
-    assert job["progress"]["done"] == 0
+    job_id = resp.json()["job_id"]
+    wait_for(lambda: "broken-v1 (sim_exp) cannot be loaded" in stack.worker.tail(400), 120, "a load try")
+    job = stack.client.get(f"/v1/jobs/{job_id}").json()
+    assert job["status"] in ("queued", "running") and job["progress"]["failed"] == 0, job
+    assert stack.client.post(f"/v1/jobs/{job_id}/cancel").json()["status"] == "cancelled"
 
 
 def test_demo_starts_its_own_redis_when_none_answers(tmp_path):
