@@ -10,14 +10,15 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
 from rewardq.api.procs import Proc, free_port, start_worker, wait_for
-from tests.conftest import RUN_ID, make_client, migrated, worker_env
-from tests.support import wait_job
+from tests.conftest import RUN_ID, TEST_PG_ADMIN_URL, make_client, migrated, worker_env
+from tests.support import need, wait_job
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -107,9 +108,31 @@ def test_work_on_a_queue_no_worker_consumes_says_so(tmp_path: Path, monkeypatch:
             worker.stop()
 
 
-def test_an_api_on_an_unmigrated_database_says_to_run_db_upgrade(tmp_path: Path):
+@pytest.fixture(params=["sqlite", "postgresql"])
+def empty_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A database with no tables: a new SQLite file, or a new PostgreSQL database (dropped after)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'new.db'}"
+        return
+    import psycopg
+
+    try:
+        admin = psycopg.connect(TEST_PG_ADMIN_URL, autocommit=True, connect_timeout=3)
+    except psycopg.Error:
+        need(False, f"PostgreSQL at {TEST_PG_ADMIN_URL}")
+        raise
+    name = f"rewardq_empty_{RUN_ID}_{uuid.uuid4().hex[:6]}"
+    admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"{TEST_PG_ADMIN_URL.rsplit('/', 1)[0]}/{name}".replace("postgresql://", "postgresql+psycopg://", 1)
+    finally:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+def test_an_api_on_an_unmigrated_database_says_to_run_db_upgrade(empty_db: str, tmp_path: Path):
     port = free_port()
-    env = worker_env(f"sqlite:///{tmp_path / 'new.db'}", f"test-unmigrated-{RUN_ID}")
+    env = worker_env(empty_db, f"test-unmigrated-{RUN_ID}")
     api = Proc("api", [sys.executable, "-m", "rewardq", "api", "--port", str(port)], env, tmp_path / "api.log")
     url = f"http://127.0.0.1:{port}"
     try:
@@ -123,8 +146,8 @@ def test_an_api_on_an_unmigrated_database_says_to_run_db_upgrade(tmp_path: Path)
         wait_for(answers, 60, "api", api.popen)
         health = httpx.get(f"{url}/healthz").json()
         assert health["status"] == "unmigrated" and "run `rewardq db upgrade`" in health["detail"]
-        jobs = httpx.get(f"{url}/v1/jobs")
-        assert jobs.status_code == 503 and "run `rewardq db upgrade`" in jobs.json()["detail"]
+        jobs = httpx.get(f"{url}/v1/jobs")  # SQLite: "no such table"; PostgreSQL: "relation does not exist"
+        assert jobs.status_code == 503 and "run `rewardq db upgrade`" in jobs.json()["detail"], jobs.text
         assert "run `rewardq db upgrade`" in api.tail(50)  # said at start, in its log
         subprocess.run([sys.executable, "-m", "rewardq", "db", "upgrade"], env=env, check=True, capture_output=True)
         assert httpx.get(f"{url}/healthz").json() == {"status": "ok"}

@@ -63,19 +63,20 @@ def worker(queues: str | None, concurrency: int, pool: str, loglevel: str) -> No
     from rewardq.storage.settings import get_settings
     from rewardq.workers.celery_app import app
     from rewardq.workers.kernel_check import KernelsUntrusted, check_kernels
-    from rewardq.workers.liveness import advertise
+    from rewardq.workers.liveness import advertise, withdraw
     from rewardq.workers.registry import register_base_version
 
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # a weights-loading bar in a log is noise
-    queues = queues or get_settings().worker_queues()
+    settings = get_settings()
+    queues = queues or settings.worker_queues()
     try:
         click.echo(f"model version: {register_base_version()}", err=True)
     except Exception as exc:  # the DB may not be migrated yet; tasks will say so when they run
         click.echo(f"warning: could not register the base model version: {exc}", err=True)
-    if get_settings().worker_preflight:
+    if settings.worker_preflight:
         _preflight()
     try:  # compiled kernels are proven on this device before any work is taken (workers.kernel_check)
-        checked = check_kernels(get_settings())
+        checked = check_kernels(settings)
     except KernelsUntrusted as exc:
         raise click.ClickException(str(exc)) from exc
     if checked is not None:
@@ -83,26 +84,18 @@ def worker(queues: str | None, concurrency: int, pool: str, loglevel: str) -> No
         click.echo(f"kernel self-check on {checked.device}: {len(checked.checks)} checks, {verdict}", err=True)
     click.echo(f"consuming {queues} (in this order)", err=True)
     # Said from the main process while it lives: a status of work on a queue nobody consumes says so (API notice).
-    settings = get_settings()
+    stop = None
     try:
-        advertise(settings.redis_url, queues.split(","), settings.heartbeat_ttl_s)
+        stop = advertise(settings.redis_url, queues.split(","), settings.heartbeat_ttl_s)
     except Exception as exc:  # Redis down at start: Celery itself waits for it and says so
         click.echo(f"warning: could not advertise the queues consumed: {exc}", err=True)
-    app.worker_main(
-        [
-            "worker",
-            "-Q",
-            queues,
-            "-c",
-            str(concurrency),
-            "--pool",
-            pool,
-            "--loglevel",
-            loglevel,
-            "-n",
-            f"rewardq-{os.getpid()}@%h",
-        ]
-    )
+    try:
+        argv = ["worker", "-Q", queues, "-c", str(concurrency), "--pool", pool, "--loglevel", loglevel]
+        app.worker_main([*argv, "-n", f"rewardq-{os.getpid()}@%h"])
+    finally:
+        if stop is not None:
+            stop.set()
+            withdraw(settings.redis_url, queues.split(","))  # at once: a status need not wait for the entry to age
 
 
 def _preflight() -> None:
@@ -118,8 +111,11 @@ def _preflight() -> None:
         return
     if version is None:
         return
-    why = preflight.check(version)
-    if why is not None:
+    loads, why = preflight.check(version)
+    if loads and why:
+        click.echo(f"warning: {why}; starting all the same", err=True)
+        return
+    if not loads:
         raise click.ClickException(
             f"this worker cannot load model {version}: {why}. It takes no work: fix the model (REWARDQ_MODEL, the "
             "version's files, the install, free memory) and start it again; queued work waits for a worker that "

@@ -11,7 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import OperationalError, ProgrammingError
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -122,6 +122,20 @@ def create_app() -> FastAPI:
         )
         return JSONResponse(
             {"detail": detail, "errors": [], "request_id": rid},
+            status_code=503,
+            headers={"Retry-After": "5", "X-Request-ID": rid},
+        )
+
+    @app.exception_handler(ProgrammingError)
+    async def _no_tables(request: Request, exc: ProgrammingError) -> JSONResponse:
+        # PostgreSQL says "relation does not exist" for a database never migrated: say what to do. Anything else is
+        # an internal error.
+        pending = await run_in_threadpool(unmigrated, get_settings().database_url)
+        if not pending:
+            return await _unexpected(request, exc)
+        rid = request_id(request.scope)
+        return JSONResponse(
+            {"detail": f"{pending} (request id {rid})", "errors": [], "request_id": rid},
             status_code=503,
             headers={"Retry-After": "5", "X-Request-ID": rid},
         )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
@@ -32,7 +34,6 @@ def unmigrated(url: str | None = None) -> str | None:
     """Why the database at ``url`` is not ready for this version of rewardq (not migrated, or behind), saying to run
     `rewardq db upgrade`; None when it is at the head revision, or cannot be reached (that error speaks for itself)."""
     from alembic.runtime.migration import MigrationContext
-    from alembic.script import ScriptDirectory
     from sqlalchemy.exc import SQLAlchemyError
 
     from rewardq.storage.db import get_engine
@@ -40,7 +41,8 @@ def unmigrated(url: str | None = None) -> str | None:
     url = url or get_settings().database_url
     if url in _migrated:
         return None
-    head = ScriptDirectory.from_config(alembic_config(url)).get_current_head()
+    scripts = _scripts()
+    head = scripts.get_current_head()
     try:
         with get_engine(url).connect() as conn:
             current = MigrationContext.configure(conn).get_current_revision()
@@ -49,5 +51,17 @@ def unmigrated(url: str | None = None) -> str | None:
     if current == head:
         _migrated.add(url)
         return None
-    state = "has no rewardq tables" if current is None else f"is at migration {current}, this rewardq needs {head}"
-    return f"the database {state}: {UPGRADE_HINT}"
+    if current is None:
+        return f"the database has no rewardq tables: {UPGRADE_HINT}"
+    try:
+        scripts.get_revision(current)
+    except Exception:  # a revision this release does not know: a newer rewardq migrated it
+        return f"the database is at migration {current}, which this rewardq does not know: run the newer rewardq"
+    return f"the database is at migration {current}, this rewardq needs {head}: {UPGRADE_HINT}"
+
+
+@lru_cache(maxsize=1)
+def _scripts() -> Any:
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(alembic_config("sqlite://"))

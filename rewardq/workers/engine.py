@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import redis
+from billiard.exceptions import SoftTimeLimitExceeded
 
 from rewardq.storage import registry
 from rewardq.storage import repository as repo
@@ -66,9 +67,13 @@ def get_model(version: str) -> RewardModel:
             if mv is None:
                 raise ModelUnavailable(version)
             kind, path, config = mv.kind, mv.path, dict(mv.config)
+        while len(_models) >= _MAX_LOADED:  # make room first: at most _MAX_LOADED models, the new one included
+            _models.popitem(last=False)
         t0 = time.perf_counter()
         try:
             model = load_model(kind, version, path, config, settings)
+        except SoftTimeLimitExceeded:
+            raise  # the task's own time limit (a training run's), not a load failure
         except Exception as exc:  # an import, the files, memory at load: this worker's failure, never the batch's
             ref = uuid.uuid4().hex[:12]
             log.error("model %s (%s) cannot be loaded (ref %s): %s: %s", version, kind, ref, type(exc).__name__, exc)
@@ -78,8 +83,6 @@ def get_model(version: str) -> RewardModel:
         log.info("loaded %s model %s in %.1fs on %s", kind, version, time.perf_counter() - t0, model.device)
         calibrate(version, model)
         _models[version] = model
-        while len(_models) > _MAX_LOADED:
-            _models.popitem(last=False)
         return model
 
 

@@ -120,11 +120,26 @@ def _redis_now(client: redis.Redis) -> float:
     return float(sec) + usec / 1e6
 
 
+def _consumer() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def withdraw(url: str, queues: Iterable[str]) -> None:
+    """This process no longer consumes ``queues`` (a worker that stops cleanly)."""
+    try:
+        pipe = metrics.client(url).pipeline(transaction=False)
+        for q in queues:
+            pipe.zrem(CONSUMERS + q, _consumer())
+        pipe.execute()
+    except (redis.RedisError, OSError):
+        pass
+
+
 def advertise(url: str, queues: Iterable[str], ttl_s: float) -> threading.Event:
     """Say, every third of ``ttl_s`` from a daemon thread, that this process consumes ``queues``; set the returned
     event to stop (the entry then goes at once; a killed worker's entry is stale after ``ttl_s``)."""
     client = metrics.client(url)
-    member = f"{socket.gethostname()}:{os.getpid()}"
+    member = _consumer()
     keys = [CONSUMERS + q for q in queues]
     stop = threading.Event()
 
@@ -142,13 +157,6 @@ def advertise(url: str, queues: Iterable[str], ttl_s: float) -> threading.Event:
     def run() -> None:
         while not stop.wait(ttl_s / 3):
             beat()
-        try:
-            pipe = client.pipeline(transaction=False)
-            for key in keys:
-                pipe.zrem(key, member)
-            pipe.execute()
-        except (redis.RedisError, OSError):
-            pass
 
     beat()
     threading.Thread(target=run, name="rewardq-consumer-beat", daemon=True).start()

@@ -83,7 +83,7 @@ class _InteractiveTask(app.Task):  # type: ignore[misc]
         # Answer the waiting request now rather than let it time out.
         payload = kwargs.get("payload") or {}
         if payload.get("request_id"):
-            error = {"code": "scoring_error", "message": f"{type(exc).__name__}: {exc}"[:500]}
+            error = {"code": "scoring_error", "message": public_message(exc, log, "an interactive request")[:500]}
             events.push_reply(
                 get_settings().redis_url, payload["request_id"], {"part": payload.get("part"), "error": error}
             )
