@@ -106,6 +106,12 @@ def test_work_on_a_queue_no_worker_consumes_says_so(tmp_path: Path, monkeypatch:
             assert c.get(f"/v1/jobs/{queued}").json().get("notice") is None  # a live worker consumes it
         finally:
             worker.stop()
+        # A training run on a training queue nobody consumes (the worker above consumed the scoring queue only).
+        feedback = [{"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(4)]
+        assert c.post("/v1/feedback", json=feedback).status_code == 201
+        run = c.post("/v1/training-runs", json={"train_layers": 0}).json()
+        notice = c.get(f"/v1/training-runs/{run['run_id']}").json()["notice"]
+        assert f"no live worker consumes queue '{queue}-training'" in notice and "rewardq worker" in notice
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
