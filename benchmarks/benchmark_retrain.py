@@ -24,7 +24,7 @@ promoted, each run is gated against the base version), and its version's files a
 folds (seeded, the same for every configuration, so configurations compare fold by fold); run i trains, through
 the product, on the feedback of every other fold (the run takes its own validation and gate slices from it) and
 its version is then scored on fold i, which no part of the run saw. Each line adds the folds' Spearman and
-pairwise accuracy (mean and sd over the K folds): the spread the README quotes.
+pairwise accuracy (mean and sd over the K folds): the spread docs/retraining.md quotes.
 
     python benchmarks/benchmark_retrain.py --sweep --folds 5 --configs FILE --precision fast
     python benchmarks/benchmark_retrain.py --sweep --limit 200 --epochs 1 --only 2  # a smoke test

@@ -1,6 +1,7 @@
-"""The README's "several workers on several machines", on hosts made with network namespaces: Redis and PostgreSQL on
-one, the API and beat on another, a worker on each of two more. Mid-job one worker host is cut off the network for
-60 s and healed, the other's processes are killed and started again; the job still scores every item once."""
+"""Several workers on several machines (docs/operations.md), on hosts made with network namespaces: Redis and
+PostgreSQL on one, the API and beat on another, a worker on each of two more. Mid-job one worker host is cut off the
+network for 60 s and healed, the other's processes are killed and started again; the job still scores every item
+once."""
 
 from __future__ import annotations
 

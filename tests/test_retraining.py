@@ -455,7 +455,7 @@ def test_a_run_its_live_worker_left_is_taken_over(db_url: str, monkeypatch: pyte
 
 def test_each_kind_runs_with_its_own_defaults(api: TestClient):
     """A schedule stores every parameter its runs will use. The classifier keeps the defaults it was measured with
-    (2 epochs: gate Spearman 0.876 against 0.870 with 3, see the README) when the sim_exp ones change."""
+    (2 epochs: gate Spearman 0.876 against 0.870 with 3, see docs/retraining.md) when the sim_exp ones change."""
     kinds = (({}, {"epochs": 3, "lr": 5e-5, "batch_size": 32}), ({"kind": "classifier"}, {"epochs": 2, "lr": 1e-4}))
     for params, want in kinds:
         resp = api.post("/v1/schedules", json={"cron": "0 3 * * *", "params": params})

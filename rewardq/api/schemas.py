@@ -139,7 +139,7 @@ class FeedbackStats(BaseModel):
 
 
 class TrainingParams(BaseModel):
-    """Fine-tuning parameters; every field has a default (some depend on the kind: see the README)."""
+    """Fine-tuning parameters; every field has a default (some depend on the kind: see docs/retraining.md)."""
 
     model_config = {"extra": "forbid"}
 

@@ -1,7 +1,7 @@
 """`rewardq selfcheck` (and `make gpu-check`): one command for a new GPU box. It prints the device, driver, torch,
 Triton and CUDA versions, proves every compiled kernel against the float64 reference (kernels.selfcheck), then runs
 short versions of the kernel benchmarks and the pipeline benchmark on 20,000 pairs with the encoder in fp32 and in
-bf16, writes every figure to one JSON file and prints the table the README shows. Each step has its own time limit,
+bf16, writes every figure to one JSON file and prints the table docs/gpu.md shows. Each step has its own time limit,
 so the whole fits in 8 minutes on one GPU. On a CPU machine it runs the checks under the Triton interpreter and says
 plainly that GPU figures need a GPU."""
 

@@ -43,7 +43,7 @@ def feedback_delete(ctx: click.Context, before: str | None) -> None:
         echo_json(c.delete_feedback(before))
 
 
-# Every training option shows its default; None means "the kind's default" (see the README's table).
+# Every training option shows its default; None means "the kind's default" (see docs/retraining.md).
 _TRAIN_OPTIONS = [
     click.option(
         "--kind",

@@ -31,7 +31,7 @@ class TrainParams:
     layer_decay: float = 1.0  # each trained encoder layer's lr is this times the one above's (1: one lr for all)
 
 
-# What differs from the defaults above for a kind (chosen on held-out training feedback, see the README). A kind
+# What differs from the defaults above for a kind (chosen on held-out training feedback, see docs/retraining.md). A kind
 # names every default its figures were measured with, so a change to the sim_exp ones leaves its runs as they were.
 KIND_DEFAULTS: dict[str, dict[str, Any]] = {
     "classifier": {"epochs": 2, "lr": 1e-4, "head_lr": 2e-3, "batch_size": 64},
