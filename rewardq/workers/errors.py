@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import uuid
 
+import kombu.exceptions
+import redis.exceptions
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 
@@ -46,7 +48,17 @@ class WorkerLost(RewardqError):
 # Failures of the services around a batch, not of its items: retry the task with capped backoff.
 RETRY_BACKOFF_MAX_S = 60
 LOAD_RETRY_MAX_S = 10  # a batch whose model this worker cannot load (ModelLoadFailed)
-TRANSIENT: tuple[type[BaseException], ...] = (OperationalError, ConnectionError, TimeoutError, OSError)
+# redis-py's and kombu's connection errors derive from their own bases, not from the builtins: listed by name (a Redis
+# restarting mid-batch, or the broker unreachable while a split's halves are published, is an outage too).
+TRANSIENT: tuple[type[BaseException], ...] = (
+    OperationalError,
+    ConnectionError,
+    TimeoutError,
+    OSError,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    kombu.exceptions.OperationalError,
+)
 
 
 def is_transient(exc: BaseException) -> bool:
