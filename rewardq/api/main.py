@@ -23,7 +23,7 @@ from rewardq.api.integrations import openrlhf, vllm
 from rewardq.api.routes import feedback, jobs, models, ops, score, training
 from rewardq.api.schemas import JobCreate, ScoreRequest
 from rewardq.storage.migrate import unmigrated
-from rewardq.storage.settings import get_settings
+from rewardq.storage.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +73,28 @@ class SecurityHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
+def _settings_of(app: FastAPI) -> Settings:
+    """The settings the app's routes see (a test may override them)."""
+    return app.dependency_overrides.get(get_settings, get_settings)()  # type: ignore[no-any-return]
+
+
+async def _pending(request: Request) -> str | None:
+    """Why the app's database is not migrated ("run `rewardq db upgrade`"), or None."""
+    return await run_in_threadpool(unmigrated, _settings_of(request.app).database_url)
+
+
+def _retry_later(request: Request, detail: str) -> JSONResponse:
+    rid = request_id(request.scope)
+    return JSONResponse(
+        {"detail": f"{detail} (request id {rid})", "errors": [], "request_id": rid},
+        status_code=503,
+        headers={"Retry-After": "5", "X-Request-ID": rid},
+    )
+
+
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    settings = app.dependency_overrides.get(get_settings, get_settings)()
+    settings = _settings_of(app)
     warning = check_auth_setup(settings)  # raises: the API does not start open by accident
     if warning:
         log.warning(warning)
@@ -116,29 +135,14 @@ def create_app() -> FastAPI:
         log.warning("request %s %r: database unavailable (request id %s): %s", request.method, request.url.path,
                     rid, exc)  # fmt: skip
         # SQLite says "no such table" with the same error: a database never migrated is not a passing outage.
-        pending = await run_in_threadpool(unmigrated, get_settings().database_url)
-        detail = (
-            f"{pending} (request id {rid})" if pending else f"database unavailable, retry shortly (request id {rid})"
-        )
-        return JSONResponse(
-            {"detail": detail, "errors": [], "request_id": rid},
-            status_code=503,
-            headers={"Retry-After": "5", "X-Request-ID": rid},
-        )
+        return _retry_later(request, await _pending(request) or "database unavailable, retry shortly")
 
     @app.exception_handler(ProgrammingError)
     async def _no_tables(request: Request, exc: ProgrammingError) -> JSONResponse:
         # PostgreSQL says "relation does not exist" for a database never migrated: say what to do. Anything else is
         # an internal error.
-        pending = await run_in_threadpool(unmigrated, get_settings().database_url)
-        if not pending:
-            return await _unexpected(request, exc)
-        rid = request_id(request.scope)
-        return JSONResponse(
-            {"detail": f"{pending} (request id {rid})", "errors": [], "request_id": rid},
-            status_code=503,
-            headers={"Retry-After": "5", "X-Request-ID": rid},
-        )
+        pending = await _pending(request)
+        return _retry_later(request, pending) if pending else await _unexpected(request, exc)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

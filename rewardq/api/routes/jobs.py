@@ -263,21 +263,16 @@ async def get_job(
     ] = 0,
 ) -> JobOut:
 
-    def load() -> tuple[Job, str, str, str | None]:
+    def load() -> tuple[Job, str, str]:
         job = _load_job(session, job_id, tenant)
-        notice = None
-        if job.status not in FINISHED:
-            notice = liveness.no_worker_notice(
-                settings.redis_url, settings.scoring_queue, settings.heartbeat_ttl_s, f"job {job.id}"
-            )
         if wait and job.status not in FINISHED:
             # End the read transaction in the same thread hop: no connection is held while waiting (nor while
             # waiting for a thread), and the next read is fresh. (The rollback expires ``job``: it is only touched
             # again in the thread pool, where it reloads.)
             full, status = job.id, job.status
             session.rollback()
-            return job, full, status, notice
-        return job, job.id, job.status, notice
+            return job, full, status
+        return job, job.id, job.status
 
     def detail(job: Job) -> JobOut:
         try:
@@ -287,12 +282,18 @@ async def get_job(
         finally:
             session.rollback()  # before the response goes out, not when the request's session closes
 
-    job, full, status, notice = await run_in_threadpool(load)
+    job, full, status = await run_in_threadpool(load)
     if wait and status not in FINISHED:
         await wait_for_job(session, settings, full, wait)
     out = await run_in_threadpool(detail, job)
-    if out.status not in FINISHED:
-        out.notice = notice
+    if out.status not in FINISHED:  # asked of Redis once the answer is read (no transaction open), and only then
+        out.notice = await run_in_threadpool(
+            liveness.no_worker_notice,
+            settings.redis_url,
+            settings.scoring_queue,
+            settings.heartbeat_ttl_s,
+            f"job {full}",
+        )
     return out
 
 
