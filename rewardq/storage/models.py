@@ -229,6 +229,10 @@ class TrainingRun(Base):
     finished_at: Mapped[datetime | None] = mapped_column()
     worker: Mapped[str | None] = mapped_column(String(255))  # the worker process that claimed it (workers.liveness)
     enqueued_at: Mapped[datetime | None] = mapped_column()  # its message was last published then
+    # The fencing token: one more at each claim. A worker writes progress, its version, a promotion and the run's end
+    # only while the run still carries the token it claimed it with (training_repository.fence).
+    lease: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    deaths: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # workers that died running it
 
 
 class Schedule(Base):

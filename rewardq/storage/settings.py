@@ -79,7 +79,8 @@ class Settings(BaseSettings):
     max_worker_deaths: int = Field(
         default=3,
         ge=1,
-        description="a batch on which this many workers died is split; a single item then fails as worker_lost",
+        description="a batch on which this many workers died is split, and a single item then fails as "
+        "worker_lost; a training run on which this many workers died fails",
     )
     batch_time_limit_s: float = Field(
         default=3600.0, gt=0, description="hard time limit of one scoring task (its worker process is replaced)"

@@ -94,6 +94,11 @@ def list_runs(session: Session, *, tenant: str, limit: int = 50) -> list[Trainin
     return list(session.scalars(q.order_by(TrainingRun.created_at.desc(), TrainingRun.id).limit(limit)))
 
 
+class LeaseLost(Exception):
+    """The run is no longer this worker's (the sweeper gave it back and another worker claimed it, or it ended): the
+    worker must stop and write nothing more about it."""
+
+
 def start_run(
     session: Session,
     *,
@@ -102,10 +107,11 @@ def start_run(
     n_feedback: int,
     max_feedback_id: int,
     worker: str | None = None,
-) -> bool:
+) -> int | None:
     """Claim a queued run for ``worker``: a compare-and-set on ``queued``, so a redelivered message (a visibility
-    timeout, a duplicate from the sweeper) finds it running and does nothing. False when someone else has it."""
-    res = session.execute(
+    timeout, a duplicate from the sweeper) finds it running and does nothing. Returns the claim's fencing token (one
+    more than the last claim's), or None when someone else has it."""
+    return session.execute(
         update(TrainingRun)
         .where(TrainingRun.id == run_id, TrainingRun.status == RunStatus.queued.value)
         .values(
@@ -115,28 +121,74 @@ def start_run(
             n_feedback=n_feedback,
             max_feedback_id=max_feedback_id,
             worker=worker,
+            lease=TrainingRun.lease + 1,
         )
-    )
-    return bool(res.rowcount)  # type: ignore[attr-defined]
+        .returning(TrainingRun.lease)
+    ).scalar_one_or_none()
 
 
-def release_runs_of(session: Session, *, run_ids: Sequence[str], workers: Sequence[str]) -> list[str]:
+def _held(run_id: str, lease: int) -> Any:
+    return (TrainingRun.id == run_id) & (TrainingRun.status == RunStatus.running.value) & (TrainingRun.lease == lease)
+
+
+def fence(session: Session, *, run_id: str, lease: int) -> None:
+    """Raise LeaseLost unless the run is running under ``lease``; otherwise lock its row until the transaction ends
+    (a write, so SQLite takes its write lock too): the sweeper cannot give it back, nor another claim take it, before
+    this transaction's other writes (a version, a promotion) commit with it."""
+    held = session.execute(
+        update(TrainingRun).where(_held(run_id, lease)).values(lease=TrainingRun.lease).returning(TrainingRun.id)
+    ).all()
+    if not held:
+        raise LeaseLost(f"training run {run_id} is no longer held under lease {lease}")
+
+
+def release_runs_of(
+    session: Session,
+    *,
+    run_ids: Sequence[str],
+    workers: Sequence[str],
+    died: Sequence[bool] | None = None,
+    max_deaths: int | None = None,
+) -> tuple[list[str], list[str]]:
     """Put back to ``queued`` the running runs whose worker is gone (each still held by the worker the caller saw
-    dead: a compare-and-set), for another worker to take over; returns the ids released."""
-    released = []
-    for run_id, worker in zip(run_ids, workers, strict=True):
-        res = session.execute(
+    dead: a compare-and-set), for another worker to take over. A run whose worker died (``died``) counts a death; at
+    ``max_deaths`` it fails with the reason instead (it kills its workers: out of memory, a native crash, the hard
+    time limit), freeing the tenant's slot. Returns (ids released, ids failed)."""
+    released, failed = [], []
+    flags = list(died) if died is not None else [True] * len(run_ids)
+    for run_id, worker, dead in zip(run_ids, workers, flags, strict=True):
+        deaths = session.execute(
             update(TrainingRun)
             .where(
                 TrainingRun.id == run_id,
                 TrainingRun.status == RunStatus.running.value,
                 TrainingRun.worker == worker,
             )
-            .values(status=RunStatus.queued.value, worker=None, enqueued_at=now_sql(session))
-        )
-        if res.rowcount:  # type: ignore[attr-defined]
+            .values(
+                status=RunStatus.queued.value,
+                worker=None,
+                enqueued_at=now_sql(session),
+                deaths=TrainingRun.deaths + int(dead),
+            )  # fmt: skip
+            .returning(TrainingRun.deaths)
+        ).scalar_one_or_none()
+        if deaths is None:
+            continue
+        if max_deaths is not None and dead and deaths >= max_deaths:
+            session.execute(
+                update(TrainingRun)
+                .where(TrainingRun.id == run_id)
+                .values(
+                    status=RunStatus.failed.value,
+                    finished_at=now_sql(session),
+                    error=f"its worker died {deaths} times running it (out of memory, a native crash or the hard "
+                    "time limit): use a smaller batch_size or max_length, or a worker with more memory",
+                )
+            )
+            failed.append(run_id)
+        else:
             released.append(run_id)
-    return released
+    return released, failed
 
 
 def running_runs(session: Session, *, limit: int = 500) -> list[tuple[str, str | None, datetime | None]]:
@@ -167,10 +219,18 @@ def claim_run_requeue(session: Session, *, run_id: str, seen: datetime | None) -
     return bool(res.rowcount)  # type: ignore[attr-defined]
 
 
-def set_run_progress(session: Session, *, run_id: str, progress: dict[str, Any], loss_curve: list[Any]) -> None:
-    session.execute(
-        update(TrainingRun).where(TrainingRun.id == run_id).values(progress=progress, loss_curve=loss_curve)
-    )
+def set_run_progress(
+    session: Session, *, run_id: str, lease: int, progress: dict[str, Any], loss_curve: list[Any]
+) -> None:
+    """Record the run's progress; LeaseLost when the run is no longer held under ``lease``."""
+    held = session.execute(
+        update(TrainingRun)
+        .where(_held(run_id, lease))
+        .values(progress=progress, loss_curve=loss_curve)
+        .returning(TrainingRun.id)
+    ).all()
+    if not held:
+        raise LeaseLost(f"training run {run_id} is no longer held under lease {lease}")
 
 
 def finish_run(
@@ -181,16 +241,18 @@ def finish_run(
     metrics: dict[str, Any] | None = None,
     result_version: str | None = None,
     error: str | None = None,
-    worker: str | None = None,
-) -> None:
+    lease: int | None = None,
+) -> bool:
+    """End the run; with ``lease``, only while it is still held under that lease (a run taken over is the new
+    worker's). True when this call ended it."""
     values: dict[str, Any] = {"status": status.value, "finished_at": now_sql(session), "result_version": result_version,
                               "error": error}  # fmt: skip
     if metrics is not None:
         values["metrics"] = metrics
     q = update(TrainingRun).where(TrainingRun.id == run_id, TrainingRun.status.not_in(FINISHED_RUNS))
-    if worker is not None:  # only while this worker still holds it (a run taken over is the new worker's)
-        q = q.where(TrainingRun.worker == worker)
-    session.execute(q.values(**values))
+    if lease is not None:
+        q = q.where(_held(run_id, lease))
+    return bool(session.execute(q.values(**values).returning(TrainingRun.id)).all())
 
 
 def last_run_feedback_id(session: Session, *, tenant: str) -> int:

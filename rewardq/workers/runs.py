@@ -30,6 +30,7 @@ from rewardq.workers.train_params import TrainParams, params_for, planned_steps
 
 log = logging.getLogger(__name__)
 
+LOST = "lost"  # execute_run's answer when the run was taken over by another worker while this one held it
 MAX_GATES = 3  # the active version moved while the run trained: gate again against the new one, this many times
 
 
@@ -67,7 +68,7 @@ def execute_run(run_id: str) -> str:
         active = registry.active_version(s, tenant=run.tenant)
         stats = trepo.feedback_stats(s, tenant=run.tenant)
         tenant, raw_params = run.tenant, dict(run.params)
-        claimed = trepo.start_run(
+        lease = trepo.start_run(
             s,
             run_id=run_id,
             base_version=active or "",
@@ -75,14 +76,19 @@ def execute_run(run_id: str) -> str:
             max_feedback_id=stats["max_id"],
             worker=worker,
         )
-    if not claimed:
+    if lease is None:
         log.info("run %s was claimed by another worker", run_id)
         return RunStatus.running.value
     liveness.working_on(settings.redis_url, settings.heartbeat_ttl_s, run_key(run_id))
     try:
         if active is None:
             raise RunError("no active model version: run 'rewardq db upgrade' or start a worker")
-        return _train_and_gate(run_id, tenant, raw_params, active, stats["max_id"], settings.gate_margin, worker)
+        return _train_and_gate(run_id, tenant, raw_params, active, stats["max_id"], settings.gate_margin, lease)
+    except trepo.LeaseLost:
+        # Frozen past its heartbeat (a long GC or swap pause, a stopped process, a partition), it lost the run to
+        # another worker: it writes nothing, and what it trained is discarded (its files stay unregistered).
+        log.warning("training run %s was taken over by another worker while this one held it: stopping", run_id)
+        return LOST
     except Exception as exc:
         error = public_message(exc, log, f"training run {run_id}", own=(RunError,))[:2000]
         log.warning("training run %s failed: %s", run_id, error)
@@ -94,7 +100,7 @@ def execute_run(run_id: str) -> str:
                 run_id=run_id,
                 status=RunStatus.failed,
                 error=error,
-                worker=worker,
+                lease=lease,
             )
         return RunStatus.failed.value
     finally:
@@ -176,7 +182,7 @@ def _train_and_gate(
     active_version: str,
     max_id: int,
     default_margin: float,
-    worker: str,
+    lease: int,
 ) -> str:
     params = params_for(raw_params)
     margin = float(raw_params.get("gate_margin", default_margin))
@@ -195,7 +201,7 @@ def _train_and_gate(
                 run_id=run_id,
                 status=RunStatus.rejected,
                 error=reason,
-                worker=worker,
+                lease=lease,
                 metrics={"feedback": report, "guard": {"decision": "rejected", "reason": reason}},
             )
         return RunStatus.rejected.value
@@ -218,7 +224,7 @@ def _train_and_gate(
             return
         last_write[0] = time.monotonic()
         with session_scope() as s:
-            trepo.set_run_progress(s, run_id=run_id, progress=p, loss_curve=curve_so_far)
+            trepo.set_run_progress(s, run_id=run_id, lease=lease, progress=p, loss_curve=curve_so_far)
 
     t0 = time.perf_counter()
     early = BestEpoch(val, params.patience)
@@ -233,6 +239,9 @@ def _train_and_gate(
         incumbent = evaluate(engine.get_model(compared), held)
         passes = gate(candidate, incumbent, margin)
         with session_scope() as s:
+            # Fenced: the version, the promotion and the run's end are written only while this worker still holds the
+            # run, in one transaction that holds its row (a worker that lost it to another promotes nothing).
+            trepo.fence(s, run_id=run_id, lease=lease)
             registry.register(
                 s,
                 version=version,
@@ -261,14 +270,14 @@ def _train_and_gate(
                     "n_validation": len(val),
                     "n_heldout": len(held),
                 }
-                trepo.set_run_progress(s, run_id=run_id, loss_curve=curve, progress={**last, "done": True})
+                trepo.set_run_progress(s, run_id=run_id, lease=lease, loss_curve=curve, progress={**last, "done": True})
                 trepo.finish_run(
                     s,
                     run_id=run_id,
                     status=RunStatus.succeeded if promoted else RunStatus.rejected,
                     metrics=metrics,
                     result_version=version,
-                    worker=worker,
+                    lease=lease,
                 )
                 log.info(
                     "run %s: %s %s (%s %.4f vs %.4f of %s)",

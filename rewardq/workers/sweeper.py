@@ -106,8 +106,8 @@ def sweep(now: datetime | None = None) -> int:
 
 def sweep_runs(now: datetime | None = None) -> list[str]:
     """Training runs cannot be lost: a running run whose worker's heartbeat expired, or whose live worker no longer
-    works on it, goes back to ``queued`` (a
-    compare-and-set on that worker) and is enqueued again for another worker; a queued run enqueued
+    works on it, goes back to ``queued`` (a compare-and-set on that worker) and is enqueued again for another worker,
+    until REWARDQ_MAX_WORKER_DEATHS workers have died on it: then it fails with that reason; a queued run enqueued
     REWARDQ_LOST_AFTER_S ago whose message is not in the training queue (a beat killed between its commit and its
     publish, a Redis restart) is enqueued again. A duplicate message is harmless: a run is claimed once. Returns
     the ids enqueued."""
@@ -119,8 +119,9 @@ def sweep_runs(now: datetime | None = None) -> list[str]:
         running = []  # Redis has just restarted: every worker looks dead until it beats again
     beats = liveness.doing(settings.redis_url, [w for _, w, _ in running if w])
     fresh = now - timedelta(seconds=settings.heartbeat_ttl_s)  # it names the run in its heartbeat once claimed
+    # Its worker is gone (a death: killed, out of memory, frozen past its heartbeat), or alive but no longer on it.
     dead = [
-        (r, w)
+        (r, w, w not in beats)
         for r, w, started in running
         if w
         and (
@@ -131,7 +132,15 @@ def sweep_runs(now: datetime | None = None) -> list[str]:
     released: list[str] = []
     if dead:
         with session_scope() as s:
-            released = trepo.release_runs_of(s, run_ids=[r for r, _ in dead], workers=[w for _, w in dead])
+            released, failed = trepo.release_runs_of(
+                s,
+                run_ids=[r for r, _, _ in dead],
+                workers=[w for _, w, _ in dead],
+                died=[d for _, _, d in dead],
+                max_deaths=settings.max_worker_deaths,
+            )
+        if failed:
+            log.warning("training runs %s failed: their workers died %d times", failed, settings.max_worker_deaths)
     with session_scope() as s:
         stale = trepo.queued_runs_before(s, before=now - timedelta(seconds=settings.lost_after_s))
     lost: list[str] = []
