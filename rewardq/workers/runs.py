@@ -158,13 +158,15 @@ def new_cross_encoder(encoder_path: str, seed: int) -> Any:
         return AutoModelForSequenceClassification.from_pretrained(encoder_path, num_labels=1, use_safetensors=True)
 
 
-def _save(model: Any, params: TrainParams, base_name: str, margin: float) -> tuple[str, Path, dict[str, Any]]:
+def _save(
+    model: Any, params: TrainParams, base_name: str, margin: float, owner: str
+) -> tuple[str, Path, dict[str, Any]]:
     from rewardq.workers.artifacts import save_classifier, save_version
 
     settings = get_settings()
     stored = {**asdict(params), "gate_margin": margin}
     if params.kind == "classifier":
-        return save_classifier(model, settings.artifacts_dir, base_model=base_name, params=stored)
+        return save_classifier(model, settings.artifacts_dir, base_model=base_name, params=stored, owner=owner)
     return save_version(
         model,
         settings.artifacts_dir,
@@ -172,6 +174,7 @@ def _save(model: Any, params: TrainParams, base_name: str, margin: float) -> tup
         base_encoder=settings.model or None,
         train_layers=params.train_layers,
         params=stored,
+        owner=owner,
     )
 
 
@@ -233,7 +236,7 @@ def _train_and_gate(
     held_scores: list[float] = []
     candidate = evaluate(model, held, collect=held_scores)
     stats = summarize(held_scores, f"its scores on the run's held-out feedback ({len(held)} rows)")
-    version, path, config = _save(model, params, base_name, margin)
+    version, path, config = _save(model, params, base_name, margin, tenant)
     compared = active_version
     for _ in range(MAX_GATES):
         incumbent = evaluate(engine.get_model(compared), held)
