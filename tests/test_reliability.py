@@ -88,7 +88,8 @@ def test_hostile_input_gets_4xx_never_5xx(api: TestClient, db_url: str, ledger: 
 
 
 def test_size_limits(db_url: str, redis_url: str, ledger: Ledger):
-    with make_client(db_url, "test-limits", max_body_bytes=2048, max_items_per_job=5, max_text_chars=100) as c:
+    with make_client(db_url, "test-limits", max_body_bytes=2048, max_json_bytes=2048, max_items_per_job=5,
+                     max_text_chars=100) as c:  # fmt: skip
         before = _counts(db_url)
         big = json.dumps({"items": [{"prompt": "x" * 90, "response": "y"}] * 30}).encode()
         resp = c.post("/v1/jobs", content=big, headers={"Content-Type": "application/json"})
@@ -106,7 +107,7 @@ def test_size_limits(db_url: str, redis_url: str, ledger: Ledger):
         assert resp.status_code == 422 and resp.json()["errors"][0] == {
             "field": "prompt", "index": 1, "message": "longer than 100 characters"}  # fmt: skip
         assert _counts(db_url) == before
-    for what, outcome in (("body over REWARDQ_MAX_BODY_BYTES (Content-Length)", "413 before parsing"),
+    for what, outcome in (("JSON body over REWARDQ_MAX_JSON_BYTES (Content-Length)", "413 before parsing"),
                           ("chunked body over the limit", "413 while streaming"),
                           ("more items than REWARDQ_MAX_ITEMS_PER_JOB", "413, names `items`"),
                           ("text over REWARDQ_MAX_TEXT_CHARS", "422, names the field and index")):  # fmt: skip

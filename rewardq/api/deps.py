@@ -280,17 +280,20 @@ def request_content_type(request: Request) -> str:
     return ctype
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it is known to exceed ``limit`` bytes."""
+async def read_body(request: Request, limit: int, hint: str = "") -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed ``limit`` bytes (``hint``: what to do
+    instead, appended to the message)."""
+    more = f"; {hint}" if hint else ""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"request body of {declared} bytes exceeds the limit of {limit}",
+        raise ApiError(413, f"request body of {declared} bytes exceeds the limit of {limit}{more}",
                        [FieldError("body", "too large")])  # fmt: skip
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise ApiError(413, f"request body exceeds the limit of {limit} bytes", [FieldError("body", "too large")])
+            raise ApiError(413, f"request body exceeds the limit of {limit} bytes{more}",
+                           [FieldError("body", "too large")])  # fmt: skip
         chunks.append(chunk)
     return b"".join(chunks)
 

@@ -157,12 +157,13 @@ def _rating(value: Any, idx: int, errors: list[FieldError]) -> float | None:
     return float(value)
 
 
-def validate_feedback(raw: Any, *, max_items: int, max_chars: int) -> list[dict[str, Any]]:
-    """Preferences {prompt, chosen, rejected} and ratings {prompt, response, rating} as repository rows."""
+def validate_feedback(raw: Any, *, max_items: int, max_chars: int, offset: int = 0) -> list[dict[str, Any]]:
+    """Preferences {prompt, chosen, rejected} and ratings {prompt, response, rating} as repository rows (errors
+    name indexes from ``offset``: a chunk of a streamed upload)."""
     _check_list(raw, "feedback", max_items)
     errors: list[FieldError] = []
     rows: list[dict[str, Any]] = []
-    for i, obj in enumerate(raw):
+    for i, obj in enumerate(raw, start=offset):
         if len(errors) >= MAX_REPORTED:
             break
         if not isinstance(obj, dict):

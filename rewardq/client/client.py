@@ -329,15 +329,26 @@ class Client:
     def add_feedback(self, rows: Iterable[Mapping[str, Any]] | str | Path) -> dict[str, Any]:
         """Add preferences {prompt, chosen, rejected} and ratings {prompt, response, rating}, or a file of them
         (JSON Lines, or a JSON array)."""
+        # Sent as JSON Lines, which the server streams (an application/json body is capped at
+        # REWARDQ_MAX_JSON_BYTES, 32 MiB by default, since it is parsed in memory).
         if isinstance(rows, str | Path):
             fmt = detect(Path(rows))
             if fmt not in ("jsonl", "json"):
                 raise FormatError(f"{rows}: feedback files are JSON Lines or a JSON array, not {fmt}")
             with open_binary(Path(rows)) as fh:
                 body = fh.read()
-            ctype = "application/json" if fmt == "json" else "application/x-ndjson"
-            return dict(self._request("POST", "/v1/feedback", content=body, headers={"Content-Type": ctype}))
-        return dict(self._request("POST", "/v1/feedback", json=list(rows)))
+            if fmt == "json":
+                try:
+                    array = json.loads(body)
+                except ValueError as exc:
+                    raise FormatError(f"{rows}: not valid JSON: {exc}") from exc
+                if not isinstance(array, list):
+                    raise FormatError(f"{rows}: a JSON feedback file holds an array of objects")
+                body = _ndjson(array)
+        else:
+            body = _ndjson(rows)
+        headers = {"Content-Type": "application/x-ndjson"}
+        return dict(self._request("POST", "/v1/feedback", content=body, headers=headers))
 
     def feedback_stats(self) -> dict[str, Any]:
         return dict(self._request("GET", "/v1/feedback"))
@@ -416,3 +427,7 @@ class Client:
             return self._http.get("/healthz", timeout=2).status_code == 200
         except httpx.HTTPError:
             return False
+
+
+def _ndjson(rows: Iterable[Any]) -> bytes:
+    return b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in rows)

@@ -52,7 +52,8 @@ class Settings(BaseSettings):
     max_json_bytes: int = Field(
         default=32 * 1024 * 1024,
         ge=1024,
-        description="larger bodies of the interactive routes (parsed in memory) get 413",
+        description="larger application/json bodies (parsed in memory: jobs, feedback and the interactive "
+        "routes) get 413; ndjson bodies are streamed, up to REWARDQ_MAX_BODY_BYTES",
     )
     max_page_bytes: int = Field(
         default=8 * 1024 * 1024,

@@ -7,7 +7,7 @@ from collections.abc import Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import func, insert, select, text, update
 from sqlalchemy.orm import Session
 
 from rewardq.storage.clock import utcnow
@@ -28,6 +28,14 @@ def add_feedback(session: Session, *, tenant: str, rows: Sequence[dict[str, Any]
                   "rating": None, **r} for r in rows[lo : lo + _CHUNK]]  # fmt: skip
         session.execute(insert(Feedback), chunk)
     return len(rows)
+
+
+def lock_feedback_quota(session: Session, *, tenant: str) -> None:
+    """Serialise the tenant's feedback uploads until the transaction ends, so a quota checked is a quota kept: a
+    transaction-scoped advisory lock on PostgreSQL; SQLite has one writer, and a transaction that read the count
+    cannot write after another committed."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"), {"key": f"feedback:{tenant}"})
 
 
 def feedback_stats(session: Session, *, tenant: str) -> dict[str, int]:

@@ -10,11 +10,13 @@ from fastapi.concurrency import run_in_threadpool
 
 from rewardq.api.deps import SessionDep, SettingsDep, TenantDep, read_body, request_content_type
 from rewardq.api.errors import ApiError, FieldError, invalid
-from rewardq.api.parsing import loads, parse_ndjson, validate_feedback
+from rewardq.api.ingest import JSON_LIMIT_HINT, ingest_feedback, receive
+from rewardq.api.parsing import loads, validate_feedback
 from rewardq.api.schemas import ErrorOut, FeedbackAdded, FeedbackDeleted, FeedbackStats
 from rewardq.storage import lifecycle
 from rewardq.storage import training_repository as trepo
 from rewardq.storage.clock import as_utc
+from rewardq.storage.settings import Settings
 
 router = APIRouter(prefix="/v1/feedback", tags=["feedback"])
 
@@ -42,32 +44,45 @@ async def add_feedback(
 ) -> FeedbackAdded:
     """Add preferences `{prompt, chosen, rejected}` and ratings `{prompt, response, rating}` (any real scale)."""
     ctype = request_content_type(request)
-    body = await read_body(request, settings.max_body_bytes)
+    if ctype == "application/json":
+        body = await read_body(request, settings.max_json_bytes, hint=JSON_LIMIT_HINT)
+        upload = None
+    else:  # ndjson: received (spooled) in full before any database work, then validated and written in chunks
+        upload = await receive(request, settings, ctype)
 
     def store() -> FeedbackAdded:
-        if ctype == "application/json":
+        trepo.lock_feedback_quota(session, tenant=tenant)  # two uploads cannot both pass the quota
+        have = trepo.feedback_stats(session, tenant=tenant)["total"]
+        if upload is None:
             try:
                 raw = loads(body)
             except (ValueError, UnicodeDecodeError) as exc:
                 raise invalid([FieldError("body", f"not valid JSON: {exc}")]) from exc
+            rows = validate_feedback(raw, max_items=settings.max_items_per_job, max_chars=settings.max_text_chars)
+            _check_quota(settings, have, len(rows))
+            trepo.add_feedback(session, tenant=tenant, rows=rows)
+            added, prefs = len(rows), sum(r["kind"] == "preference" for r in rows)
         else:
-            raw = parse_ndjson(body, max_items=settings.max_items_per_job)
-        rows = validate_feedback(raw, max_items=settings.max_items_per_job, max_chars=settings.max_text_chars)
-        have = trepo.feedback_stats(session, tenant=tenant)["total"]
-        if have + len(rows) > settings.max_feedback_per_tenant:
-            raise ApiError(
-                403,
-                f"feedback quota: {have} rows kept, {len(rows)} more would pass the "
-                f"{settings.max_feedback_per_tenant} allowed (REWARDQ_MAX_FEEDBACK_PER_TENANT); "
-                "delete old feedback first (DELETE /v1/feedback, `rewardq feedback delete`)",
-            )
-        trepo.add_feedback(session, tenant=tenant, rows=rows)
+            try:
+                added, prefs = ingest_feedback(upload, session, settings, tenant=tenant)
+            finally:
+                upload.close()
+            _check_quota(settings, have, added)  # over it: the transaction rolls back, nothing is kept
         session.commit()
         stats = trepo.feedback_stats(session, tenant=tenant)
-        prefs = sum(r["kind"] == "preference" for r in rows)
-        return FeedbackAdded(added=len(rows), preferences=prefs, ratings=len(rows) - prefs, total=stats["total"])
+        return FeedbackAdded(added=added, preferences=prefs, ratings=added - prefs, total=stats["total"])
 
     return await run_in_threadpool(store)
+
+
+def _check_quota(settings: Settings, have: int, adding: int) -> None:
+    if have + adding > settings.max_feedback_per_tenant:
+        raise ApiError(
+            403,
+            f"feedback quota: {have} rows kept, {adding} more would pass the "
+            f"{settings.max_feedback_per_tenant} allowed (REWARDQ_MAX_FEEDBACK_PER_TENANT); "
+            "delete old feedback first (DELETE /v1/feedback, `rewardq feedback delete`)",
+        )
 
 
 @router.get("", response_model=FeedbackStats)

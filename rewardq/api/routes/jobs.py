@@ -17,7 +17,7 @@ from rewardq.api import exports
 from rewardq.api.correlation import request_id
 from rewardq.api.deps import SessionDep, SettingsDep, TenantDep, full_id, read_body, request_content_type
 from rewardq.api.errors import ApiError, FieldError, invalid
-from rewardq.api.ingest import ingest_ndjson
+from rewardq.api.ingest import JSON_LIMIT_HINT, ingest_ndjson, receive
 from rewardq.api.parsing import NDJSON_TYPES, parse_json_job
 from rewardq.api.schemas import (
     DeletedRows,
@@ -184,22 +184,24 @@ async def create_job(
     """Create a scoring job from `{"items": [...]}` JSON or from an ndjson body (one item a line)."""
     ctype = request_content_type(request)
     if ctype in NDJSON_TYPES:
-        # Streamed into SQL as it arrives; the Idempotency-Key is checked once the body's hash is known.
-        version = await run_in_threadpool(pinned_version, session, tenant, model_version)
-        job, body_hash = await ingest_ndjson(
-            request, session, settings, tenant=tenant, model_version=version, ctype=ctype
-        )
-        prior = await run_in_threadpool(_prior, session, tenant, idempotency_key, body_hash)
-        if prior is not None:
-            session.rollback()
-            response.status_code = 200
-            return prior
-        created, is_new = await run_in_threadpool(
-            _commit_and_feed, session, settings, job, tenant, idempotency_key, body_hash
-        )
+        # Received in full (spooled) before any database work, then streamed into SQL in one transaction.
+        upload = await receive(request, settings, ctype)
+
+        def ingest() -> tuple[JobCreated, bool]:
+            try:
+                prior = _prior(session, tenant, idempotency_key, upload.digest)
+                if prior is not None:
+                    return prior, False
+                version = pinned_version(session, tenant, model_version)
+                job = ingest_ndjson(upload, session, settings, tenant=tenant, model_version=version)
+                return _commit_and_feed(session, settings, job, tenant, idempotency_key, upload.digest)
+            finally:
+                upload.close()
+
+        created, is_new = await run_in_threadpool(ingest)
         response.status_code = 202 if is_new else 200
         return created
-    body = await read_body(request, settings.max_body_bytes)
+    body = await read_body(request, settings.max_json_bytes, hint=JSON_LIMIT_HINT)
 
     def build() -> tuple[JobCreated, bool]:
         req = parse_json_job(body, max_items=settings.max_items_per_job, max_chars=settings.max_text_chars)
