@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -272,3 +273,21 @@ def test_retrain_peers_trains_each_way_from_the_bundled_encoder_and_scores_dev_a
     assert report["ways"]["rewardq_sim_exp"]["params"]["kind"] == "sim_exp"
     bad = subprocess.run([sys.executable, script, "--ways", "nope"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "unknown ways" in bad.stderr
+
+
+def test_orchestration_ledger_benchmark_runs_on_both_databases(tmp_path):
+    """benchmark_orchestration.py --ledger at toy sizes: it builds each ledger on a fresh database of each backend
+    (a PostgreSQL database it creates and drops), times the feeder's and the sweeper's queries, and reports ratios."""
+    out = tmp_path / "ledger.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "benchmark_orchestration.py"), "--ledger", "--sizes", "200,2000",
+         "--repeats", "3", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    for backend in ("sqlite", "postgresql"):
+        rows = result["ledger"][backend]["rows"]
+        assert [r["batches"] for r in rows] == [200, 2000]
+        assert all(r["feed_ms"] > 0 and r["sweep_ms"] > 0 for r in rows)
+        assert result["ledger"][backend]["feed_ratio_largest_to_smallest"] > 0

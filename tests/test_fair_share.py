@@ -59,6 +59,37 @@ def test_a_small_job_goes_ahead_of_another_tenants_queued_backlog(db_url: str, r
             s.query(Job).filter(Job.tenant.in_((big, small))).update({"status": "cancelled"})
 
 
+def test_a_tenants_small_job_does_not_wait_behind_its_own_big_job(db_url: str, redis_url: str):
+    """Issue #37, item 9: fair share was between tenants only, so one tenant's three 2-item jobs waited 18 minutes
+    behind its own 50k job. Now a tenant's own jobs are fed round robin too: the small job made after the big one
+    filled the queue gets the next free slots (its batch 0, then its batch 1), not the big job's remaining 92."""
+    from rewardq.workers.feeder import feed
+
+    with session_scope(db_url) as s:
+        s.query(Job).filter(Job.status.in_(("queued", "running"))).update({"status": "cancelled"})
+    queue = f"test-own-{uuid.uuid4().hex[:8]}"
+    r = redis.Redis.from_url(redis_url)
+    settings = Settings(database_url=db_url, redis_url=redis_url, scoring_queue=queue, queue_high_water=8)
+    tenant = f"own-{uuid.uuid4().hex[:6]}"
+    try:
+        big = _job(db_url, tenant, 200)  # 100 batches
+        assert feed(settings) == 8
+        small = _job(db_url, tenant, 4)  # 2 batches, made after the big job filled the queue
+        fed = []
+        for _ in range(2):
+            take_messages(r, queue, 1)  # a worker takes one: room for one more
+            assert feed(settings) == 1
+            with session_scope(db_url) as s:
+                fed += [(b.job_id, b.batch_no) for b in repo.job_batches(s, job_id=small) if b.enqueued_at]
+        assert fed == [(small, 0), (small, 0), (small, 1)], fed  # after the first feed, then after the second
+        with session_scope(db_url) as s:
+            assert sum(b.enqueued_at is not None for b in repo.job_batches(s, job_id=big)) == 8
+    finally:
+        delete_queue(r, queue)
+        with session_scope(db_url) as s:
+            s.query(Job).filter(Job.tenant == tenant).update({"status": "cancelled"})
+
+
 def test_tenants_are_fed_round_robin(db_url: str):
     """With room for 6, three tenants with work get 2 each (the least busy first), whatever the jobs' ages."""
     with session_scope(db_url) as s:

@@ -134,10 +134,38 @@ class Item(Base):
     response: Mapped[str] = mapped_column(Text)
 
 
+# The ledger's partial indexes hold only the batches the feeder and the sweeper look for, so their queries cost the
+# same at 1k and 400k batches (issue #36): their predicates are written as SQLAlchemy renders the queries' own terms
+# (``done IS 0`` on SQLite, ``done IS false`` on PostgreSQL), which each planner must match to use them.
+UNQUEUED_BATCH = {"sqlite": "enqueued_at IS NULL AND done IS 0", "postgresql": "enqueued_at IS NULL AND done IS false"}
+IN_FLIGHT_BATCH = {
+    "sqlite": "enqueued_at IS NOT NULL AND done IS 0",
+    "postgresql": "enqueued_at IS NOT NULL AND done IS false",
+}
+
+
 class Batch(Base):
     """A contiguous range of a job's items sent as one queue message; SQL, not Redis, says what is done."""
 
     __tablename__ = "batches"
+    __table_args__ = (
+        # Never enqueued, not done: the feeder's next batches, per job in order.
+        Index(
+            "ix_batches_unqueued",
+            "job_id",
+            "batch_no",
+            sqlite_where=text(UNQUEUED_BATCH["sqlite"]),
+            postgresql_where=text(UNQUEUED_BATCH["postgresql"]),
+        ),
+        # Enqueued, not done: in flight (waiting in Redis or being scored), what the sweeper checks.
+        Index(
+            "ix_batches_in_flight",
+            "job_id",
+            "batch_no",
+            sqlite_where=text(IN_FLIGHT_BATCH["sqlite"]),
+            postgresql_where=text(IN_FLIGHT_BATCH["postgresql"]),
+        ),
+    )
 
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
     batch_no: Mapped[int] = mapped_column(Integer, primary_key=True)

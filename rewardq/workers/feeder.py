@@ -1,7 +1,8 @@
 """Backpressure: batches go to Redis only while the scoring queue is below its high-water mark.
 
-SQL holds every batch; the feeder moves the next ones (tenants round robin, each its oldest job first) into the
-queue whenever a job is created, a worker finishes a batch, or beat ticks, so Redis never holds a whole large job.
+SQL holds every batch; the feeder moves the next ones (tenants round robin, and each tenant's own jobs round robin)
+into the queue whenever a job is created, a worker finishes a batch, or beat ticks, so Redis never holds a whole
+large job.
 """
 
 from __future__ import annotations
@@ -67,9 +68,10 @@ def feed(settings: Settings | None = None) -> int:
     if room <= 0:
         return 0
     with session_scope(settings.database_url) as s:
-        flight = ledger.in_flight_by_tenant(s)  # once: the round robin and the priorities both read it
+        by_job = ledger.in_flight_by_job(s)  # once: the round robin and the priorities both read it
+        flight = ledger.in_flight_by_tenant(s, by_job)
         rows = [(b.job_id, b.batch_no, b.start_idx, b.end_idx, None, version)
-                for b, version, _ in ledger.unqueued_batches(s, limit=room, flight=flight)]  # fmt: skip
+                for b, version, _ in ledger.unqueued_batches(s, limit=room, flight=flight, by_job=by_job)]  # fmt: skip
     return enqueue_claimed(rows, settings, flight=flight) if rows else 0
 
 
