@@ -82,3 +82,52 @@ def _payloads(messages: list[bytes]) -> list[dict[str, object]]:
         kwargs = json.loads(base64.b64decode(body))[1]
         out.append(kwargs["payload"])
     return out
+
+
+def test_a_non_finite_score_is_the_items_failure_and_results_stay_readable(
+    db_url: str, redis_url: str, monkeypatch: pytest.MonkeyPatch
+):
+    """Issue #37, item 10: a model that returns NaN or infinity for a pair (an fp16 head overflowing, a broken
+    checkpoint) had the value stored, and reading the job's results was a 500. Fault injected into the real model's
+    output: the pair fails alone with `non_finite_score`, the others are stored, and the results read as JSON."""
+    import math
+
+    from rewardq.storage import registry
+    from rewardq.storage import repository as repo
+    from rewardq.storage.db import session_scope
+    from rewardq.storage.settings import get_settings
+    from rewardq.workers import engine
+    from rewardq.workers.messages import ScoreBatch
+    from tests.conftest import make_client
+
+    monkeypatch.setenv("REWARDQ_DATABASE_URL", db_url)
+    monkeypatch.setenv("REWARDQ_SCORING_QUEUE", f"test-nan-{RUN_ID}")
+    get_settings.cache_clear()
+    try:
+        with session_scope(db_url) as s:
+            version = registry.default_version(s)
+            items = [repo.NewItem(f"i{k}", "q", f"answer {k}") for k in range(3)]
+            job_id = repo.create_job(s, tenant="default", model_version=version, batch_size=3, items=items).id
+        model = engine.get_model(str(version))
+        real = model.score
+
+        def overflowing(prompts, responses):
+            out = real(prompts, responses)
+            out.reward[1], out.reward[2] = math.nan, math.inf
+            return out
+
+        monkeypatch.setattr(model, "score", overflowing)
+        msg = ScoreBatch(job_id=job_id, batch_no=0, start_idx=0, model_version=str(version), tenant="default",
+                         prompts=["q"] * 3, responses=[f"answer {k}" for k in range(3)])  # fmt: skip
+        assert engine.score_batch(msg) == 1
+        with session_scope(db_url) as s:
+            job = repo.get_job(s, job_id=job_id)
+            assert job is not None and (job.status, job.n_done, job.n_failed) == ("succeeded", 1, 2)
+        with make_client(db_url, f"test-nan-{RUN_ID}") as c:
+            resp = c.get(f"/v1/jobs/{job_id}/results")
+            assert resp.status_code == 200, resp.text
+            assert [r["id"] for r in resp.json()["results"]] == ["i0"]
+            errors = c.get(f"/v1/jobs/{job_id}/errors").json()
+            assert [(e["id"], e["code"]) for e in errors] == [("i1", "non_finite_score"), ("i2", "non_finite_score")]
+    finally:
+        get_settings.cache_clear()

@@ -185,6 +185,13 @@ def test_import_refusals_say_why(folders, tmp_path):
         cfg["auto_map"] = {"AutoModelForSequenceClassification": "modeling_evil.EvilModel"}
         (d / "config.json").write_text(json.dumps(cfg))
 
+    secret = tmp_path / "outside" / "server.key"
+    secret.parent.mkdir()
+    secret.write_text("not for the registry")
+
+    def link_out(d: Path) -> None:  # issue #37, item 10: imports followed links out of the folder
+        (d / "tokenizer_extra.json").symlink_to(secret)
+
     def two_labels(d: Path) -> None:
         cfg = json.loads((d / "config.json").read_text())
         cfg["id2label"] = {"0": "bad", "1": "good"}
@@ -195,6 +202,7 @@ def test_import_refusals_say_why(folders, tmp_path):
         (variant("pickle", pickle_only), "classifier", "pickle checkpoints are refused"),
         (variant("remote", remote_code), "classifier", "trust_remote_code"),
         (variant("labels", two_labels), "classifier", "num_labels=1"),
+        (variant("link", link_out), "classifier", "symbolic link to a file outside"),
         (folders["bert_classifier"], "likelihood", "has no likelihood head"),
         (folders["gpt2_lm"], "classifier", "cannot be loaded with AutoModelForSequenceClassification|no classifier"),
         (tmp_path / "missing", "classifier", "not a directory"),
@@ -206,3 +214,23 @@ def test_import_refusals_say_why(folders, tmp_path):
     with pytest.raises(ImportRefused, match="reduction must be"):
         import_folder(folders["gpt2_lm"], "likelihood", tmp_path / "a", {"reduction": "median"})
     assert not list((tmp_path / "a").glob("*")) if (tmp_path / "a").exists() else True
+
+
+def test_sim_exp_encoders_load_safetensors_only(folders, tmp_path):
+    """Issue #37, item 10: a sim-exp version's encoder was loaded with from_pretrained's defaults, which unpickle a
+    pytorch_model.bin (pickle can run code). The same tiny encoder loads from safetensors and is refused as a pickle."""
+    import shutil
+
+    from rewardq.workers.models.sim_exp import SimExpModel
+
+    safe = tmp_path / "safe"
+    shutil.copytree(folders["bert_classifier"], safe)
+    assert SimExpModel("v", str(safe), device="cpu").score(PROMPTS, RESPONSES).reward
+    pickled = tmp_path / "pickled"
+    shutil.copytree(safe, pickled)
+    from safetensors.torch import load_file
+
+    torch.save(load_file(str(pickled / "model.safetensors")), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    with pytest.raises((OSError, ValueError), match="safetensors|model.safetensors"):
+        SimExpModel("v", str(pickled), device="cpu")

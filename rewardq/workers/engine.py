@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import threading
@@ -215,6 +216,7 @@ def _take_and_score(msg: ScoreBatch, queue: str | None, settings: Settings, work
     how = scored_with(model, stats)
     t0 = time.perf_counter()
     failed = dict(scores.errors)  # pairs the model cannot score (an empty response for a likelihood, ...)
+    failed.update(non_finite(scores, failed))
     if settings.truncation == "reject":
         limit = getattr(model, "max_length", settings.max_length)
         failed.update(
@@ -311,7 +313,17 @@ def _quarantine(msg: ScoreBatch, exc: BaseException) -> None:
     enqueue_score_batches(messages, queue=get_settings().scoring_queue)
 
 
+NON_FINITE = ("non_finite_score", "the model returned a non-finite score (NaN or infinity) for this pair")
+
+
+def non_finite(scores: Scores, failed: dict[int, tuple[str, str]]) -> dict[int, tuple[str, str]]:
+    """The pairs whose score is NaN or infinite (an overflow in a model's fp16 head, a broken checkpoint): the
+    item's own failure, recorded with its reason, never a stored score that JSON cannot carry."""
+    return {i: NON_FINITE for i, r in enumerate(scores.reward) if i not in failed and not math.isfinite(r)}
+
+
 def _rows(scores: Scores) -> list[dict[str, Any]]:
+    scores.errors.update(non_finite(scores, scores.errors))
     n_tokens = scores.n_tokens or [None] * len(scores.reward)
     rows: list[dict[str, Any]] = []
     for i, (r, c, t, n) in enumerate(zip(scores.reward, scores.cos, scores.truncated, n_tokens, strict=True)):

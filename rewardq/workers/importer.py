@@ -81,6 +81,13 @@ def check_folder(src: Path, kind: str) -> tuple[dict[str, Any], list[Path]]:
     files = [
         p for p in src.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(src).parts)
     ]
+    # A link that leads out of the folder would copy whatever it points to (another model, a key file) into the
+    # registry: refused. Links inside the folder (a Hugging Face cache snapshot's) are followed.
+    outside = [p for p in files if p.is_symlink() and not p.resolve().is_relative_to(src)]
+    if outside:
+        raise ImportRefused(
+            f"{outside[0].relative_to(src)} is a symbolic link to a file outside {src}: copy the file in instead"
+        )
     weights = [p for p in files if p.suffix == ".safetensors"]
     pickles = [p for p in files if p.suffix in PICKLE_SUFFIXES]
     if not weights:

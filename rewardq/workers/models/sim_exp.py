@@ -73,7 +73,9 @@ class SimExpModel(RewardModel):
         self.version = version
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer = AutoTokenizer.from_pretrained(encoder_path)
-        self.encoder = AutoModel.from_pretrained(encoder_path).to(self.device).eval()
+        # safetensors only: a pickle checkpoint can run code when loaded (a sim-exp version's own encoder folder,
+        # or an operator's REWARDQ_MODEL, is refused rather than unpickled).
+        self.encoder = AutoModel.from_pretrained(encoder_path, use_safetensors=True).to(self.device).eval()
         dim = int(self.encoder.config.hidden_size)
         self.heads = (heads or Heads(dim)).to(self.device).eval()
         self.max_length = min(max_length, int(getattr(self.tokenizer, "model_max_length", max_length) or max_length))
