@@ -11,7 +11,6 @@ import json
 import os
 import secrets
 import signal
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -433,12 +432,9 @@ def test_a_large_job_page_ships_aggregates_not_rows(ui: Ui, browser: Any) -> Non
     ctx, page, errors = _page(browser, ui, "alice")
     sizes: dict[str, int] = {}
     page.on("response", lambda r: sizes.__setitem__(r.url, len(r.body())) if "/v1/" in r.url else None)
-    t0 = time.perf_counter()
     page.goto(f"{ui.base}/ui/jobs/{job_id}")
     wait_js(page, f"document.querySelector('#histogram').dataset.total === '{n}'", timeout=60_000)
-    elapsed = time.perf_counter() - t0
-    assert sum(sizes.values()) < 40_000, sizes
-    assert elapsed < 30, elapsed  # generous: a shared 2-core machine; the benchmark has the real figures
+    assert sum(sizes.values()) < 40_000, sizes  # its speed: benchmarks/benchmark_dashboard.py, not a timed test
     assert "100,000" in page.locator("#summary").inner_text()
     assert errors == []
     ctx.close()

@@ -22,21 +22,24 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = "rewardq/client/samples/sample.jsonl"
 
-# What each step must print (a regular expression over its output), keyed by the start of the README line.
+# What each step must print (a regular expression over its output), keyed by the start of the README line. NOTHING:
+# the line prints nothing at all (a warning, an error or a usage text fails it).
+NOTHING = r"\A\Z"
 EXPECT = {
-    "source": r"",
-    "export": r"",
+    "source": NOTHING,
+    "export REWARDQ_API_KEY": r"\Akey for tenant 'me': store it now, it is not shown again\n\Z",  # stderr only
+    "export": NOTHING,
     "rewardq db upgrade": r"is at head; base model version base-",
-    "rewardq worker": r"",
-    "rewardq api": r"",
-    "until curl": r"",
+    "rewardq worker": NOTHING,
+    "rewardq api": NOTHING,
+    "until curl": NOTHING,
     "rewardq submit": r"(?s)\b[0-9a-f]{32}\b.*\"status\": \"succeeded\".*\"done\": 40",
     "rewardq jobs": r"succeeded\s+40/40",
     "rewardq results": r"wrote 40 rows to scores.csv",
     "rewardq feedback": r"\"added\": 40",
     "rewardq retrain": r"version ft-[0-9a-f]{12} (promoted|rejected)",
     "rewardq models": r"\"active\": \"(base|ft)-",
-    "kill": r"",
+    "kill": NOTHING,
 }
 
 

@@ -218,19 +218,19 @@ def test_security_headers_on_every_response(db: str) -> None:
         key = create_key(s, tenant="acme")
     with _client(db) as c:
         name, token, _ = _cookie(_login(c, key))
-        checks = {
-            "/ui/login": UI_CSP,
-            "/ui/jobs": UI_CSP,
-            "/ui/jobs/nope": UI_CSP,
-            "/ui/static/app.js": UI_CSP,
-            "/v1/jobs": API_CSP,
-            "/healthz": API_CSP,
-            "/docs": None,  # Swagger UI: a CDN and inline script
-            "/openapi.json": None,
+        checks = {  # each path's own status: a page that vanished (404 everywhere) must fail this test
+            "/ui/login": (200, UI_CSP),
+            "/ui/jobs": (200, UI_CSP),
+            "/ui/jobs/nope": (404, UI_CSP),
+            "/ui/static/app.js": (200, UI_CSP),
+            "/v1/jobs": (200, API_CSP),
+            "/healthz": (200, API_CSP),
+            "/docs": (200, None),  # Swagger UI: a CDN and inline script
+            "/openapi.json": (200, None),
         }
-        for path, csp in checks.items():
+        for path, (status, csp) in checks.items():
             resp = _with(c, name, token, path)
-            assert resp.status_code in (200, 404), (path, resp.status_code)
+            assert resp.status_code == status, (path, resp.status_code)
             assert resp.headers.get("content-security-policy") == csp, path
             assert resp.headers["x-content-type-options"] == "nosniff", path
             assert resp.headers["x-frame-options"] == "DENY", path
