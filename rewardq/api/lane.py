@@ -5,7 +5,8 @@ POST /v1/score, OpenRLHF's /get_reward and vLLM's /score all come through here."
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +19,7 @@ from rewardq.api.parsing import validate_items
 from rewardq.api.routes.jobs import pinned_version
 from rewardq.storage.repository import NewItem
 from rewardq.storage.settings import Settings
-from rewardq.workers import events
+from rewardq.workers import events, metrics
 from rewardq.workers.messages import InteractiveBatch, enqueue_interactive
 
 
@@ -50,10 +51,54 @@ async def resolve_version(session: Session, tenant: str, requested: str | None) 
     return await run_in_threadpool(pinned_version, session, tenant, requested)
 
 
+LANE_PAIRS = "rewardq:interactive:pairs:"  # + tenant: its pairs on the interactive lane now (a Redis counter)
+
+
+@asynccontextmanager
+async def lane_share(settings: Settings, tenant: str, n: int) -> AsyncIterator[None]:
+    """Hold ``n`` of the tenant's REWARDQ_INTERACTIVE_TENANT_MAX_PAIRS on the interactive lane while the body runs;
+    429 when they would pass it. The workers serve the lane before bulk work, so without a share one tenant's
+    stream of large requests would hold every other tenant's requests, and all bulk work, behind it. The counter
+    expires on its own should an API process die holding it."""
+    client = metrics.client(settings.redis_url)
+    key = LANE_PAIRS + tenant
+    ttl = int(settings.interactive_timeout_s * 2) + 10
+    try:
+        pipe = client.pipeline()
+        pipe.incrby(key, n)
+        pipe.expire(key, ttl)
+        held = int(pipe.execute()[0])
+    except redis.RedisError as exc:
+        raise ApiError(503, "could not reach the queue (is Redis up?)", headers={"Retry-After": "5"}) from exc
+    try:
+        if held > settings.interactive_tenant_max_pairs:
+            raise ApiError(
+                429,
+                f"this tenant already has {held - n} pairs on the interactive lane; {n} more would pass the "
+                f"{settings.interactive_tenant_max_pairs} allowed (REWARDQ_INTERACTIVE_TENANT_MAX_PAIRS): retry when "
+                "they are answered, or submit a job",
+                headers={"Retry-After": "1"},
+            )
+        yield
+    finally:
+        try:
+            client.decrby(key, n)
+        except redis.RedisError:
+            pass  # it expires
+
+
 async def score_pairs(
     settings: Settings, tenant: str, version: str, prompts: Sequence[str], responses: Sequence[str]
 ) -> Scored:
-    """Score the pairs through the interactive queue and wait for every part (504 after the timeout)."""
+    """Score the pairs through the interactive queue and wait for every part (504 after the timeout), within the
+    tenant's share of the lane (lane_share)."""
+    async with lane_share(settings, tenant, len(prompts)):
+        return await _score_pairs(settings, tenant, version, prompts, responses)
+
+
+async def _score_pairs(
+    settings: Settings, tenant: str, version: str, prompts: Sequence[str], responses: Sequence[str]
+) -> Scored:
     request_id = uuid.uuid4().hex
     size = settings.batch_size
     parts = [

@@ -170,6 +170,12 @@ class Settings(BaseSettings):
     interactive_timeout_s: float = Field(
         default=60.0, gt=0, le=600, description="an interactive request waits this long"
     )
+    interactive_tenant_max_pairs: int = Field(
+        default=4096,
+        ge=1,
+        description="pairs one tenant may have on the interactive lane at once (queued or being scored, "
+        "persisted requests included); more get 429 with Retry-After, so one tenant's flood cannot fill the lane",
+    )
 
     @field_validator("database_url")
     @classmethod
