@@ -1,7 +1,10 @@
 """A seeded fault campaign: the whole stack (PostgreSQL through a cuttable proxy, its own Redis, the API, beat, two
-workers) under a workload of concurrent jobs, cancels, feedback, a training run and activations, while random faults
-are injected: SIGKILL of a worker, of beat or of the API; a Redis restart; PostgreSQL connections cut; a worker
-frozen with SIGSTOP past its heartbeat, then resumed. Afterwards a checker verifies the guarantees from SQL.
+workers) under a workload of concurrent jobs (some with a poison item, so batches split), cancels, feedback,
+training runs one after another, activations, an interactive flood from one tenant and a training run that kills
+its worker, while random faults are injected: SIGKILL of a worker, of beat or of the API; a Redis restart (in the
+middle of splits, hand-backs and runs); PostgreSQL connections cut; a worker frozen with SIGSTOP past its heartbeat,
+then resumed after another took its batches or its run over; a model that fails to load on one worker. Afterwards a
+checker verifies the guarantees from SQL.
 
     python -m tests.campaign --faults 200 --seed 1     # the full campaign (writes benchmarks/results/)
     python -m tests.campaign --faults 24 --quick       # what CI runs (tests/test_campaign.py)
@@ -13,6 +16,7 @@ import argparse
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -38,7 +42,11 @@ WORKERS = ("worker1", "worker2")
 FINISHED = ("succeeded", "failed", "cancelled")
 RUN_FINISHED = ("succeeded", "rejected", "failed")
 # How often each fault is drawn: the cheap ones most, so a campaign of a few hundred fits in minutes.
-FAULTS = {"pg_cut": 30, "api_kill": 15, "beat_kill": 15, "worker_kill": 15, "worker_freeze": 10, "redis_restart": 15}
+FAULTS = {"pg_cut": 30, "api_kill": 15, "beat_kill": 15, "worker_kill": 15, "worker_freeze": 10, "redis_restart": 15,
+          "load_fail": 8}  # fmt: skip
+POISON = "@@campaign-poison@@"  # an item holding it fails to score (the poison-batch path: split until it is alone)
+KILLER = "@@campaign-kill@@"  # a training run whose feedback holds it kills its worker (bounded by run deaths)
+KEYS = {tenant: f"campaign-{tenant}-" + uuid.uuid4().hex for tenant in ("default", "flood", "killer")}
 
 
 @dataclass
@@ -61,6 +69,10 @@ class Report:
     lost: int = 0
     duplicated: int = 0
     failed_items: int = 0
+    stale_promotions: int = 0  # a version promoted or registered by a worker that no longer held its run
+    runs_taken_over: int = 0  # runs another worker took over (their first worker froze or died): lease > 1
+    lane: Counter[str] = field(default_factory=Counter)  # the interactive flood's answers, by status
+    lane_errors: Counter[str] = field(default_factory=Counter)  # what its 5xx answers and dropped calls said
     violations: list[str] = field(default_factory=list)
     crashes: list[str] = field(default_factory=list)  # processes that exited on their own (and were started again)
     jobs: int = 0
@@ -79,7 +91,8 @@ class Report:
 
     def ok(self, recovery_limit: float = 30.0) -> bool:
         worst = self.worst_recovery
-        return not (self.lost or self.duplicated or self.violations) and (worst is None or worst < recovery_limit)
+        bad = self.lost or self.duplicated or self.violations or self.stale_promotions
+        return not bad and (worst is None or worst < recovery_limit)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -92,6 +105,10 @@ class Report:
             "lost": self.lost,
             "duplicated": self.duplicated,
             "failed_items": self.failed_items,
+            "stale_promotions": self.stale_promotions,
+            "runs_taken_over": self.runs_taken_over,
+            "interactive_flood": dict(self.lane),
+            "interactive_flood_errors": dict(self.lane_errors.most_common(5)),
             "violations": self.violations,
             "crashes": self.crashes,
             "worker_kill_recoveries": len(self.recoveries),
@@ -121,7 +138,13 @@ class Report:
             ("items lost", str(self.lost)),
             ("items duplicated", str(self.duplicated)),
             ("invariant violations", str(len(self.violations))),
-            ("items failed (in the error ledger)", str(self.failed_items)),
+            ("stale promotions", f"{self.stale_promotions} ({self.runs_taken_over} runs taken over by another worker)"),
+            ("items failed (in the error ledger): the poison items, and only they", str(self.failed_items)),
+            ("interactive flood answers", ", ".join(f"{k} {v}" for k, v in sorted(self.lane.items())) or "none"),
+            (
+                "what its 5xx answers and dropped calls said",
+                "; ".join(f"{w} ({n})" for w, n in self.lane_errors.most_common(4)) or "none",
+            ),
             ("processes that exited on their own (started again)", str(len(self.crashes))),
             ("worst recovery after a worker kill", recovery),
             ("wall time", wall),
@@ -149,6 +172,10 @@ class Campaign:
         self.proxy = TcpProxy(5432)
         self.via_proxy = self.direct.replace("127.0.0.1:5432", f"127.0.0.1:{self.proxy.port}")
         self.redis_port, self.api_port = free_port(), free_port()
+        self.load_fail_file = tmp / "load-fail"
+        self.poison: set[tuple[str, str]] = set()  # (job id, item id) of the poison items
+        self.runs: list[str] = []
+        self.killer_run: str | None = None
 
     # -- the stack ------------------------------------------------------------------------------------------------
 
@@ -162,8 +189,12 @@ class Campaign:
             REWARDQ_REDIS_URL=f"redis://127.0.0.1:{self.redis_port}/0",
             REWARDQ_SCORING_QUEUE="campaign-scoring",
             REWARDQ_TRAINING_QUEUE="campaign-training",
+            REWARDQ_INTERACTIVE_QUEUE="campaign-interactive",
+            REWARDQ_INTERACTIVE_TENANT_MAX_PAIRS="1000",  # the flood's three clients of 400 pairs meet it
             REWARDQ_BATCH_SIZE="16",
-            REWARDQ_ALLOW_ANONYMOUS="1",  # its API listens on 127.0.0.1, for the campaign's own client
+            REWARDQ_API_KEYS=f"default:{KEYS['default']}:admin,flood:{KEYS['flood']},killer:{KEYS['killer']}",
+            REWARDQ_FAULT_POISON_MARKER=POISON,
+            REWARDQ_FAULT_KILL_MARKER=KILLER,
             REWARDQ_ARTIFACTS_DIR=str(self.tmp / "artifacts"),
             HF_HUB_OFFLINE="1",
             TRANSFORMERS_OFFLINE="1",
@@ -178,7 +209,13 @@ class Campaign:
             proc = start_redis(self.redis_port, log)
             assert proc is not None, "redis-server is not installed"
         elif name in WORKERS:
-            proc = start_worker(self.env, log, queues="campaign-scoring,campaign-training")
+            # worker1 fails to load any model while the load_fail fault holds its file
+            env = (
+                {**self.env, "REWARDQ_FAULT_LOAD_FAIL_FILE": str(self.load_fail_file)}
+                if name == WORKERS[0]
+                else self.env
+            )
+            proc = start_worker(env, log, queues="campaign-interactive,campaign-scoring,campaign-training")
         elif name == "beat":
             proc = start_beat(self.env, log)
         else:
@@ -217,8 +254,9 @@ class Campaign:
 
     # -- the workload -----------------------------------------------------------------------------------------------
 
-    def call(self, method: str, path: str, **kw: Any) -> httpx.Response:
+    def call(self, method: str, path: str, tenant: str = "default", **kw: Any) -> httpx.Response:
         """An API call retried through API kills and database cuts (a 5xx or no answer), as a careful client does."""
+        kw["headers"] = {"Authorization": f"Bearer {KEYS[tenant]}", **kw.get("headers", {})}
         deadline = time.monotonic() + 180
         while True:
             try:
@@ -239,10 +277,16 @@ class Campaign:
             {"id": f"{tag}-{i}", "prompt": f"Campaign question {tag} {i}?", "response": f"An answer to {tag}, {i}."}
             for i in range(n)
         ]
+        poisoned = None
+        if self.load_rng.random() < 0.3:  # a poison item: its batch splits until it fails alone
+            poisoned = items[self.load_rng.randrange(n)]
+            poisoned["response"] += f" {POISON}"
         key = f"campaign-{tag}"
         resp = self.call("POST", "/v1/jobs", json={"items": items}, headers={"Idempotency-Key": key})
         assert resp.status_code in (200, 202), resp.text
         self.submitted[key] = resp.json()["job_id"]
+        if poisoned is not None:
+            self.poison.add((self.submitted[key], poisoned["id"]))
         self.report.operations["jobs submitted"] += 1
 
     def live(self) -> list[str]:
@@ -272,12 +316,22 @@ class Campaign:
             if steps % 10 == 3:
                 assert self.call("POST", "/v1/feedback", json=ratings).status_code == 201
                 self.report.operations["feedback posts"] += 1
-            if steps == 20:
+            if steps >= 20 and steps % 5 == 0:  # runs one after another: a freeze often meets one under way
                 params = {"epochs": 1, "train_layers": 0, "batch_size": 16}
                 resp = self.call("POST", "/v1/training-runs", json=params)
+                assert resp.status_code in (202, 409), resp.text  # 409: the tenant's last run is still open
+                if resp.status_code == 202:
+                    run_id = resp.json()["run_id"]
+                    self.runs.append(run_id)
+                    self.report.operations["training runs"] += 1
+            if steps == 30:  # a run that kills every worker that takes it: it must fail after N deaths, not loop
+                killer = [{"prompt": f"{KILLER} prompt {i}", "response": f"answer {i}", "rating": float(i % 5)}
+                          for i in range(40)]  # fmt: skip
+                assert self.call("POST", "/v1/feedback", tenant="killer", json=killer).status_code == 201
+                resp = self.call("POST", "/v1/training-runs", tenant="killer", json={"epochs": 1, "train_layers": 0})
                 assert resp.status_code == 202, resp.text
-                run_id = resp.json()["run_id"]
-                self.report.operations["training runs"] += 1
+                self.killer_run = resp.json()["run_id"]
+                self.report.operations["training runs that kill their worker"] += 1
             if steps % 25 == 12:
                 models = self.call("GET", "/v1/models").json()
                 versions = [m["version"] for m in models["models"]]
@@ -285,6 +339,26 @@ class Campaign:
                 self.report.operations["activations"] += 1
             self.stop_load.wait(1.0)
         self.run_id = run_id
+
+    def flood(self, k: int) -> None:
+        """Tenant 'flood' sends large interactive requests back to back, as an eager RLHF loop would: its share of
+        the lane holds (429 past it), and every other tenant's work still ends. The same pairs each time (the
+        embedding cache serves them after the first), so the flood costs the workers little CPU."""
+        items = [{"prompt": f"Flood prompt {i % 37}?", "response": f"Flood answer {i}."} for i in range(400)]
+        headers = {"Authorization": f"Bearer {KEYS['flood']}"}
+        while not self.stop_load.is_set():
+            try:
+                with httpx.Client(base_url=f"http://127.0.0.1:{self.api_port}", timeout=90) as c:
+                    resp = c.post("/v1/score", json={"items": items}, headers=headers)
+                status = resp.status_code
+                why = re.sub(r"[0-9a-f]{12,}", "…", resp.text)[:200] if status >= 500 else ""
+            except httpx.HTTPError as exc:
+                status, why = 0, type(exc).__name__  # the API was killed under it
+            with self.lock:
+                self.report.lane[str(status)] += 1
+                if why:
+                    self.report.lane_errors[why] += 1
+            self.stop_load.wait(0.5 if status == 429 else 0.1)
 
     # -- the faults ---------------------------------------------------------------------------------------------------
 
@@ -347,6 +421,24 @@ class Campaign:
                 with self.lock:
                     self.watch.append(Kill(time.monotonic(), held[0][2], [(j, n) for j, n, _ in held]))
             self.start(name)
+        elif kind == "load_fail":
+            # worker1 cannot load a model for a while; its pool process is replaced, so it must load one now: the
+            # work it takes goes back to the queue for the other worker, and nothing is split or failed for it
+            self.load_fail_file.touch()
+            main = self.procs[WORKERS[0]].pid
+            children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(main)], capture_output=True, text=True)
+            for pid in children.stdout.split():
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            hold = rng.uniform(5.0, 15.0)
+
+            def heal() -> None:
+                time.sleep(hold)
+                self.load_fail_file.unlink(missing_ok=True)
+
+            threading.Thread(target=heal, daemon=True).start()
         elif kind == "worker_freeze":
             name = rng.choice([w for w in WORKERS if w not in self.frozen])
             self.procs[name].kill(signal.SIGSTOP)
@@ -393,9 +485,12 @@ class Campaign:
         self.setup()
         self.load_rng = random.Random(self.rng.random())  # its own stream: the faults' draws stay the seed's
         loader = threading.Thread(target=self.load, daemon=True)
+        flooders = [threading.Thread(target=self.flood, args=(k,), daemon=True) for k in range(3)]
         watcher = threading.Thread(target=self.watch_recoveries, daemon=True)
         supervisor = threading.Thread(target=self.supervise, daemon=True)
         loader.start()
+        for t in flooders:
+            t.start()
         watcher.start()
         supervisor.start()
         time.sleep(self.interval)
@@ -410,6 +505,8 @@ class Campaign:
         print(file=sys.stderr)
         self.stop_load.set()
         loader.join(240)
+        for t in flooders:
+            t.join(120)
         t_settle = time.monotonic()
         wait_for(lambda: not self.frozen, 30, "frozen workers resumed")
         ids = list(self.submitted.values())
@@ -481,6 +578,37 @@ class Campaign:
                 r.violations.append(f"run {run_id} never ended ({status})")
             elif status in ("succeeded", "rejected") and not result:
                 r.violations.append(f"run {run_id} {status} without a version")
+        # Only the poison items failed, each alone with its reason (a split, a Redis restart in the middle of one,
+        # a hand-back or a model that failed to load on one worker never fails an item).
+        failed = {
+            (j, i): code
+            for j, i, code in self.sql(
+                "SELECT e.job_id, i.item_id, e.code FROM item_errors e JOIN items i ON i.job_id = e.job_id"
+                " AND i.idx = e.idx"
+            )
+        }
+        cancelled = {row[0] for row in jobs if row[1] == "cancelled"}
+        for key, code in failed.items():
+            if key not in self.poison:
+                r.violations.append(f"item {key} failed ({code}) though it holds no poison")
+            elif code != "injected_fault":
+                r.violations.append(f"poison item {key} failed as {code}, not injected_fault")
+        for key in self.poison - set(failed):
+            if key[0] not in cancelled:
+                r.violations.append(f"poison item {key} did not fail")
+        # One promotion per run: a version a run registered is that run's result, and a run ended gated has one.
+        for version, run_id, status, result in self.sql(
+            "SELECT m.version, m.run_id, r.status, r.result_version FROM model_versions m"
+            " LEFT JOIN training_runs r ON r.id = m.run_id WHERE m.run_id IS NOT NULL"
+        ):
+            if status not in ("succeeded", "rejected") or result != version:
+                r.stale_promotions += 1
+                r.violations.append(f"version {version} of run {run_id} ({status}, result {result}): a stale write")
+        r.runs_taken_over = self.sql("SELECT count(*) FROM training_runs WHERE lease > 1")[0][0]
+        if self.killer_run:
+            status, error = self.sql("SELECT status, error FROM training_runs WHERE id = %s", self.killer_run)[0]
+            if status != "failed" or "its worker died" not in (error or ""):
+                r.violations.append(f"the run that kills its worker ended {status}: {error}")
         default = self.sql("SELECT count(*) FROM active_versions WHERE scope = '*'")[0][0]
         if default != 1:
             r.violations.append(f"{default} default active versions")
@@ -512,16 +640,23 @@ def campaign(
 
 def markdown(command: str, table: str) -> str:
     return (
-        f"`{command}`, on {os.cpu_count()} CPUs at default reliability settings. The stack: PostgreSQL through a "
-        "proxy that cuts its connections, a Redis of its own, the API, beat and two workers. The workload: a few "
-        "jobs live at all times (new ones as others end), cancels, feedback, a training run and activations. Faults "
-        "are drawn at random from the seed about every 2 s: a worker, beat or the API SIGKILLed (and started again), "
-        "Redis restarted without persistence, PostgreSQL's connections cut for 0.5 to 3 s, a worker frozen with "
-        "SIGSTOP past its heartbeat, then resumed. A process that exits on its own is started again, as a restart "
-        "policy would, and counted. Afterwards the checker reads SQL: every item of every job not "
-        "cancelled has exactly one outcome (scored or failed), the counters match the rows, no job was created "
-        "twice, no job, batch or run is left in an impossible state, every run ended, and there is one default "
-        f"active version.\n\n{table}\n"
+        f"`{command}`, on {os.cpu_count()} CPUs"
+        " at default reliability settings. The stack: PostgreSQL through a proxy that cuts its connections, a Redis "
+        "of its own, the API, beat and two workers. The workload: a few jobs live at all times (new ones as others "
+        "end; about one in three holds a poison item, so its batches split), cancels, feedback, training runs one "
+        "after another, activations, three clients of one tenant flooding the interactive lane with 400-pair requests"
+        " (past its share of 1,000 pairs), and one training run whose feedback kills every worker that takes it. "
+        "Faults are drawn at random from the seed about every 2 s: a worker, beat or the API SIGKILLed (and started "
+        "again), Redis restarted without persistence (in the middle of splits, hand-backs and runs), PostgreSQL's "
+        "connections cut for 0.5 to 3 s, a worker frozen with SIGSTOP past its heartbeat, then resumed after the "
+        "other took its batches or its run over, and a model that fails to load on one worker for 5 to 15 s while its"
+        " pool process is replaced. A process that exits on its own is started again, as a restart policy would, and "
+        "counted. Afterwards the checker reads SQL: every item of every job not cancelled has exactly one outcome "
+        "(scored or failed), only the poison items failed, the counters match the rows, no job was created twice, no "
+        "job, batch or run is left in an impossible state, every run ended, a version a run registered is that run's "
+        "result (one promotion per run: no stale worker wrote), the run that kills its worker failed saying so, and "
+        "there is one default active version.\n\n"
+        f"{table}\n"
     )
 
 
@@ -538,6 +673,8 @@ def main() -> None:
         print("VIOLATION:", v)
     for c in report.crashes:
         print("EXITED:", c)
+    for why, n in report.lane_errors.most_common(5):
+        print(f"FLOOD ERROR x{n}: {why}")
     if not args.quick:
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / "fault_campaign.json").write_text(json.dumps(report.as_dict(), indent=2) + "\n")

@@ -59,3 +59,35 @@ def test_one_tenant_cannot_take_the_whole_interactive_lane(db_url: str, redis_ur
         for name in r.scan_iter(f"{queue}*"):
             r.delete(name)
         r.delete(LANE_PAIRS + a, LANE_PAIRS + b)
+
+
+def test_a_request_waiting_for_the_workers_holds_no_database_connection(db_url: str, redis_url: str):
+    """The version lookup took a pooled connection and the request kept it while the workers scored: three
+    clients of 1,500-pair requests held three, and a database cut in the wait turned the answer into a 503. Forced:
+    no worker answers, so the request waits on the lane while the pool is read."""
+    from rewardq.storage.db import get_engine
+
+    queue = f"test-lane-conn-{uuid.uuid4().hex[:8]}"
+    tenant, key = f"lane-c-{uuid.uuid4().hex[:6]}", f"kc-{uuid.uuid4().hex}"
+    r = redis.Redis.from_url(redis_url)
+    try:
+        with make_client(db_url, queue, api_keys=f"{tenant}:{key}", interactive_timeout_s=4.0) as c:
+            pool = get_engine(db_url).pool
+            headers = {"Authorization": f"Bearer {key}"}
+            out: dict[str, Any] = {}
+            t = threading.Thread(
+                target=lambda: out.update(resp=c.post("/v1/score", json={"items": _items(10, "c")}, headers=headers))
+            )
+            t.start()
+            deadline = time.monotonic() + 30
+            while not r.llen(f"{queue}-interactive"):  # its parts are on the lane: the API is waiting for replies
+                assert time.monotonic() < deadline and t.is_alive(), out
+                time.sleep(0.02)
+            held = pool.checkedout()  # type: ignore[attr-defined]
+            t.join(30)
+        assert held == 0, f"{held} pooled connection(s) held while the request waited for the workers"
+        assert out["resp"].status_code == 504, out["resp"].text  # no worker here: it timed out
+    finally:
+        for name in r.scan_iter(f"{queue}*"):
+            r.delete(name)
+        r.delete(LANE_PAIRS + tenant)

@@ -8,10 +8,12 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -67,10 +69,10 @@ def test_batches_a_worker_cannot_load_go_back_and_a_good_worker_finishes(
     queue = f"test-midrun-{RUN_ID}-{uuid.uuid4().hex[:6]}"
     # Preflight off: the worker starts with a model it cannot load (a folder broken after it started, a GPU full).
     bad_env = worker_env(db, queue, REWARDQ_MODEL=str(broken), REWARDQ_WORKER_PREFLIGHT="0")
-    bad = start_worker(bad_env, tmp_path / "bad.log", queues=queue)
+    bad = start_worker(bad_env, tmp_path / "bad.log", queues=f"{queue},{queue}-interactive")
     good_worker = None
     try:
-        with make_client(db, queue) as c:
+        with make_client(db, queue, interactive_timeout_s=120.0) as c:
             items = [{"prompt": f"question {i}", "response": f"answer {i}"} for i in range(20)]
             job_id = c.post("/v1/jobs", json={"items": items}).json()["job_id"]
             wait_for(lambda: "cannot be loaded" in bad.tail(200), 120, "the bad worker's first try", bad.popen)
@@ -79,8 +81,19 @@ def test_batches_a_worker_cannot_load_go_back_and_a_good_worker_finishes(
             assert job["status"] in ("queued", "running") and job["progress"]["failed"] == 0, job
             with session_scope(db) as s:
                 assert len(repo.job_batches(s, job_id=job_id)) == 1  # never split
-            good_worker = start_worker(worker_env(db, queue, REWARDQ_MODEL=str(good)), tmp_path / "good.log", queue)
+            # An interactive request the bad worker takes first: it hands the part back rather than answer 503.
+            asked: dict[str, Any] = {}
+            pairs = {"items": [{"prompt": "now?", "response": "yes"}]}
+            ask = threading.Thread(target=lambda: asked.update(resp=c.post("/v1/score", json=pairs)))
+            ask.start()
+            wait_for(lambda: "score_interactive" in bad.tail(50) and "retry" in bad.tail(50), 60,
+                     "the bad worker handing the interactive part back", bad.popen)  # fmt: skip
+            queues = f"{queue},{queue}-interactive"
+            good_worker = start_worker(worker_env(db, queue, REWARDQ_MODEL=str(good)), tmp_path / "good.log", queues)
             job = wait_job(c, job_id, timeout=240)
+            ask.join(120)
+        assert asked["resp"].status_code == 200, asked["resp"].text
+        assert asked["resp"].json()["results"][0]["score"] > 0
         assert job["status"] == "succeeded", job
         assert (job["progress"]["done"], job["progress"]["failed"], job["progress"]["total"]) == (20, 0, 20), job
     finally:

@@ -48,7 +48,16 @@ def check_items(raw: Any, settings: Settings) -> list[NewItem]:
 
 
 async def resolve_version(session: Session, tenant: str, requested: str | None) -> str:
-    return await run_in_threadpool(pinned_version, session, tenant, requested)
+    """The version to score with; the session's pooled connection goes back to the pool after, so a request that
+    then waits for the workers holds none (the session takes a new one if it is used again)."""
+
+    def resolve() -> str:
+        try:
+            return pinned_version(session, tenant, requested)
+        finally:
+            session.close()
+
+    return await run_in_threadpool(resolve)
 
 
 LANE_PAIRS = "rewardq:interactive:pairs:"  # + tenant: its pairs on the interactive lane now (a Redis counter)

@@ -102,7 +102,12 @@ class Settings(BaseSettings):
         default=300, ge=1, description="a retraining schedule fires at most this often (5 minutes)"
     )
     fault_kill_marker: str = Field(
-        default="", description="testing aid: a worker process that meets a text containing it kills itself"
+        default="",
+        description="testing aid: a worker process that meets a text containing it (in a batch, or in the feedback a "
+        "training run reads) kills itself",
+    )
+    fault_load_fail_file: str = Field(
+        default="", description="testing aid: while this file exists, loading a model fails on this worker"
     )
     fault_transient_file: str = Field(
         default="",

@@ -72,6 +72,8 @@ def get_model(version: str) -> RewardModel:
             _models.popitem(last=False)
         t0 = time.perf_counter()
         try:
+            if settings.fault_load_fail_file and os.path.exists(settings.fault_load_fail_file):
+                raise OSError(f"injected: {settings.fault_load_fail_file} exists")  # testing aid
             model = load_model(kind, version, path, config, settings)
         except SoftTimeLimitExceeded:
             raise  # the task's own time limit (a training run's), not a load failure

@@ -7,6 +7,8 @@ one)."""
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -47,6 +49,13 @@ def _load_feedback(tenant: str, max_id: int) -> Feedback:
             else:
                 data.ratings.append(Rating(row.prompt, row.response or "", float(row.rating or 0.0)))
     return data
+
+
+def _fault_kill(marker: str, data: Feedback) -> None:
+    """Testing aid (REWARDQ_FAULT_KILL_MARKER): a run whose feedback holds the marker kills its worker process, as
+    an out-of-memory kill or a native crash would."""
+    if marker and any(marker in r.prompt or marker in r.response for r in data.ratings):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def gate(candidate: dict[str, Any], active: dict[str, Any], margin: float) -> bool:
@@ -191,6 +200,7 @@ def _train_and_gate(
     margin = float(raw_params.get("gate_margin", default_margin))
     settings = get_settings()
     data, report = clean(_load_feedback(tenant, max_id))
+    _fault_kill(settings.fault_kill_marker, data)
     train, val, held = data.slices(params.heldout_fraction, params.validation_fraction, params.seed)
     report.update(train=len(train), validation=len(val), gate=len(held), gate_comparisons=comparisons(held))
     reason = refusal(

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
+from datetime import datetime, timezone
 from typing import Any
 
 from celery.signals import worker_process_init
-from celery.utils.time import get_exponential_backoff_interval
+from celery.utils.time import get_exponential_backoff_interval, maybe_iso8601
 from sqlalchemy.exc import OperationalError
 
 from rewardq.storage.settings import get_settings
@@ -78,6 +79,16 @@ def score_batch(self: Any, payload: dict[str, Any]) -> int:
         raise self.retry(exc=exc, countdown=countdown) from exc
 
 
+def _seconds_left(expires: Any) -> float:
+    """Seconds until a message's expiry (0 if it has none: it is answered, not handed back)."""
+    if not expires:
+        return 0.0
+    when = maybe_iso8601(expires) if isinstance(expires, str) else expires
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return float((when - datetime.now(timezone.utc)).total_seconds())
+
+
 class _InteractiveTask(app.Task):  # type: ignore[misc]
     def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
         # Answer the waiting request now rather than let it time out.
@@ -90,6 +101,7 @@ class _InteractiveTask(app.Task):  # type: ignore[misc]
 
 
 @app.task(
+    bind=True,
     base=_InteractiveTask,
     name=SCORE_INTERACTIVE,
     autoretry_for=TRANSIENT,
@@ -97,11 +109,19 @@ class _InteractiveTask(app.Task):  # type: ignore[misc]
     retry_backoff_max=5,
     max_retries=3,
 )
-def score_interactive(payload: dict[str, Any]) -> None:
+def score_interactive(self: Any, payload: dict[str, Any]) -> None:
+    """A model this worker cannot load is the worker's failure, not the request's: the part goes back to the queue
+    (1 to 5 s apart) for as long as the request waits, so another worker, or this one once it can load the model,
+    answers it; the request hears model_load_failed only when its wait would end first."""
     msg = InteractiveBatch.model_validate(payload)
     try:
         reply = engine.score_interactive(msg)
-    except (ModelUnavailable, ModelLoadFailed) as exc:
+    except ModelLoadFailed as exc:
+        countdown = min(1 + self.request.retries, 5)
+        if _seconds_left(self.request.expires) > countdown + 1:
+            raise self.retry(exc=exc, countdown=countdown, max_retries=self.request.retries + 1) from exc
+        reply = {"part": msg.part, "error": {"code": exc.code, "message": str(exc)}}
+    except ModelUnavailable as exc:
         reply = {"part": msg.part, "error": {"code": exc.code, "message": str(exc)}}
     events.push_reply(get_settings().redis_url, msg.request_id, reply)
 
