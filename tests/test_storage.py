@@ -187,7 +187,7 @@ def test_a_lost_batch_is_found_while_the_queue_never_drains(db_url: str, monkeyp
         with session_scope(db_url) as s:
             version = s.get(Job, job_id).model_version
             batches = s.query(Batch).filter_by(job_id=job_id)
-            rows = [(job_id, b.batch_no, b.start_idx, b.end_idx, None, version) for b in batches]
+            rows = [(job_id, b.batch_no, b.start_idx, b.end_idx, None, version, None) for b in batches]
         assert enqueue_claimed(rows) == 3 and batch_nos() == [0, 1, 2]
         [lost] = [m for m in queued_messages(r, queue) if "'batch_no': 1," in json.loads(m)["headers"]["kwargsrepr"]]
         drop_message(r, queue, lost)
@@ -304,7 +304,7 @@ def test_times_compared_across_hosts_are_the_databases(pg_url: str, monkeypatch:
         job_id = _job(db_url, 8)
         with session_scope(db_url) as s:
             version = s.get(Job, job_id).model_version
-        assert enqueue_claimed([(job_id, n, 4 * n, 4 * n + 4, None, version) for n in range(2)]) == 2
+        assert enqueue_claimed([(job_id, n, 4 * n, 4 * n + 4, None, version, None) for n in range(2)]) == 2
         delete_queue(r, queue)  # both messages delivered
         r.set(liveness.PREFIX + healthy, "1", ex=300)
         take(0, healthy, -120.0)
@@ -332,7 +332,7 @@ def _taken_job(db_url: str, queue: str, takers: list[str]) -> tuple[str, list[in
     job_id = _job(db_url, 4 * len(takers))
     with session_scope(db_url) as s:
         version = s.get(Job, job_id).model_version
-    rows = [(job_id, n, 4 * n, 4 * n + 4, None, version) for n in range(len(takers))]
+    rows = [(job_id, n, 4 * n, 4 * n + 4, None, version, None) for n in range(len(takers))]
     assert enqueue_claimed(rows) == len(takers)
     delete_queue(redis.Redis.from_url(get_settings().redis_url), queue)
     for n, worker in enumerate(takers):
@@ -483,3 +483,30 @@ def test_a_forked_child_never_uses_its_parents_connection(db_url: str):
     with engine.connect() as c:  # and the parent's own connection still works
         assert c.execute(text("SELECT pg_backend_pid()")).scalar() == parent
     assert got and int(got) != parent
+
+
+def test_a_batch_taken_after_the_sweeper_read_it_is_not_queued_again(db_url: str):
+    """claim_requeue compared only the enqueue time, so a batch the sweeper read as lost (or as its dead worker's)
+    and a worker took before the claim (a slow message, the broker's redelivery) was queued a second time while the
+    worker scored it. Forced: the sweeper's read, then the take, then the claim; the claim must lose. Before the
+    fix the claim won (True)."""
+    from rewardq.storage import ledger
+
+    job_id = _job(db_url, 8)
+    with session_scope(db_url) as s:
+        assert ledger.claim_requeue(s, job_id=job_id, batch_no=0, seen=None)  # the feeder's enqueue
+    with session_scope(db_url) as s:  # the sweeper reads it: enqueued, not taken since
+        b = s.get(Batch, (job_id, 0))
+        seen, taken = b.enqueued_at, b.started_at
+    assert taken is None
+    with session_scope(db_url) as s:  # a worker takes it now
+        assert repo.start_batch(s, job_id=job_id, batch_no=0, worker="w1") == 0
+    with session_scope(db_url) as s:
+        assert not ledger.claim_requeue(s, job_id=job_id, batch_no=0, seen=seen, taken=taken)
+    with session_scope(db_url) as s:  # read again, it is the take the claim compares: a dead taker's batch goes back
+        b = s.get(Batch, (job_id, 0))
+        seen, taken = b.enqueued_at, b.started_at
+        assert ledger.claim_requeue(s, job_id=job_id, batch_no=0, seen=seen, taken=taken, died=True)
+    with session_scope(db_url) as s:
+        b = s.get(Batch, (job_id, 0))
+        assert (b.attempts, b.deaths) == (2, 1)

@@ -168,13 +168,24 @@ def taken_batches(session: Session, *, limit: int = 2000) -> list[tuple[Batch, s
     return [(b, v) for b, v in session.execute(q).tuples()]
 
 
-def claim_requeue(session: Session, *, job_id: str, batch_no: int, seen: datetime | None, died: bool = False) -> bool:
-    """Compare-and-set on the batch's enqueue time, so two feeders or sweepers enqueue a batch once. ``died``: it
-    goes back because its worker died on it (counted)."""
+def claim_requeue(
+    session: Session,
+    *,
+    job_id: str,
+    batch_no: int,
+    seen: datetime | None,
+    taken: datetime | None = None,
+    died: bool = False,
+) -> bool:
+    """Compare-and-set on the batch's enqueue time and its take time, as the caller read them (``seen``,
+    ``taken``), so two feeders or sweepers enqueue a batch once, and a batch a worker took since it was read (a
+    slow message, a redelivery) is not queued a second time. ``died``: it goes back because its worker died on it
+    (counted)."""
     seen_cond = Batch.enqueued_at.is_(None) if seen is None else Batch.enqueued_at == seen
+    taken_cond = Batch.started_at.is_(None) if taken is None else Batch.started_at == taken
     res = session.execute(
         update(Batch)
-        .where(Batch.job_id == job_id, Batch.batch_no == batch_no, Batch.done.is_(False), seen_cond)
+        .where(Batch.job_id == job_id, Batch.batch_no == batch_no, Batch.done.is_(False), seen_cond, taken_cond)
         .values(enqueued_at=now_sql(session), attempts=Batch.attempts + 1, deaths=Batch.deaths + int(died))
     )
     return bool(res.rowcount)  # type: ignore[attr-defined]

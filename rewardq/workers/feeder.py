@@ -34,8 +34,8 @@ def enqueue_claimed(
     died: bool = False,
     flight: dict[str, int] | None = None,
 ) -> int:
-    """Claim each (job, batch, start, end, seen enqueue time, version) by compare-and-set and publish the
-    ones won, each at its tenant's fair-share priority; a publish that fails leaves them to the sweeper.
+    """Claim each (job, batch, start, end, seen enqueue time, version, seen take time) by compare-and-set and
+    publish the ones won, each at its tenant's fair-share priority; a publish that fails leaves them to the sweeper.
     ``died``: their worker died on them (counted). ``flight``: each tenant's batches in flight before these claims,
     when the caller counted them already. Returns how many were published."""
     settings = settings or get_settings()
@@ -43,8 +43,8 @@ def enqueue_claimed(
     with session_scope(settings.database_url) as s:
         if flight is None:  # before these claims: a tenant's first batch in flight goes first
             flight = ledger.in_flight_by_tenant(s)
-        for job_id, batch_no, start, end, seen, version in rows:
-            if ledger.claim_requeue(s, job_id=job_id, batch_no=batch_no, seen=seen, died=died):
+        for job_id, batch_no, start, end, seen, version, taken in rows:
+            if ledger.claim_requeue(s, job_id=job_id, batch_no=batch_no, seen=seen, taken=taken, died=died):
                 messages += build_messages(s, job_id=job_id, model_version=version,
                                            batches=[repo.BatchRef(batch_no, start, end)])  # fmt: skip
     try:
@@ -70,7 +70,7 @@ def feed(settings: Settings | None = None) -> int:
     with session_scope(settings.database_url) as s:
         by_job = ledger.in_flight_by_job(s)  # once: the round robin and the priorities both read it
         flight = ledger.in_flight_by_tenant(s, by_job)
-        rows = [(b.job_id, b.batch_no, b.start_idx, b.end_idx, None, version)
+        rows = [(b.job_id, b.batch_no, b.start_idx, b.end_idx, None, version, b.started_at)
                 for b, version, _ in ledger.unqueued_batches(s, limit=room, flight=flight, by_job=by_job)]  # fmt: skip
     return enqueue_claimed(rows, settings, flight=flight) if rows else 0
 

@@ -43,31 +43,41 @@ def sweep(now: datetime | None = None) -> int:
     lost_before = now - timedelta(seconds=min(settings.lost_after_s, settings.batch_deadline_s))
     with session_scope() as s:
         taken_rows = [
-            (b.job_id, b.batch_no, b.start_idx, b.end_idx, b.enqueued_at, v, b.worker, as_utc(b.started_at))
+            (
+                b.job_id,
+                b.batch_no,
+                b.start_idx,
+                b.end_idx,
+                b.enqueued_at,
+                v,
+                b.started_at,
+                b.worker,
+                as_utc(b.started_at),
+            )  # fmt: skip
             for b, v in ledger.taken_batches(s)
             if b.started_at is not None
         ]
         lost_rows = [
-            (b.job_id, b.batch_no, b.start_idx, b.end_idx, b.enqueued_at, v)
+            (b.job_id, b.batch_no, b.start_idx, b.end_idx, b.enqueued_at, v, b.started_at)
             for b, v in ledger.untaken_batches(s, older_than=lost_before)
         ]
     if liveness.trusted(settings.redis_url, settings.heartbeat_ttl_s):
-        beats = liveness.doing(settings.redis_url, [row[6] for row in taken_rows if row[6]])
+        beats = liveness.doing(settings.redis_url, [row[7] for row in taken_rows if row[7]])
     else:  # Redis has just restarted: every worker looks dead until it beats again
-        beats = {row[6]: "1" for row in taken_rows if row[6]}
-    orphaned = [row[:6] for row in taken_rows if row[6] and row[6] not in beats and row[7] < fresh]
+        beats = {row[7]: "1" for row in taken_rows if row[7]}
+    orphaned = [row[:7] for row in taken_rows if row[7] and row[7] not in beats and row[8] < fresh]
     # A live worker that no longer works on a batch it took (a retry waiting in its memory, lost with a Redis
     # restart) left it: no death, but no reason to wait for the deadline either.
     left = [
-        row[:6]
+        row[:7]
         for row in taken_rows
-        if row[6] and liveness.abandoned(beats.get(row[6]), batch_key(row[0], row[1])) and row[7] < retries_done
+        if row[7] and liveness.abandoned(beats.get(row[7]), batch_key(row[0], row[1])) and row[8] < retries_done
     ]
     left_keys = {row[:2] for row in left}
     overdue = [
-        row[:6]
+        row[:7]
         for row in taken_rows
-        if (not row[6] or row[6] in beats) and row[7] < deadline and row[:2] not in left_keys
+        if (not row[7] or row[7] in beats) and row[8] < deadline and row[:2] not in left_keys
     ]
     if lost_rows:  # lost, unless its message still waits behind a backlog (checked directly, not by an empty queue)
         client = metrics.client(settings.redis_url)
