@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -35,6 +35,11 @@ class Settings(BaseSettings):
     embed_cache_size: int = Field(default=50_000, ge=0, description="embeddings kept per worker and model version")
     embed_shared_ttl_s: int = Field(
         default=86_400, ge=0, description="seconds an embedding stays in the Redis cache all workers share; 0: off"
+    )
+    embed_cache_redis_url: str = Field(
+        default="",
+        description="the Redis of the shared embedding cache; empty: REWARDQ_REDIS_URL. Give it its own Redis with "
+        "maxmemory and allkeys-lru: on the broker's, that policy would evict queues and heartbeats",
     )
     embed_cache_scope: Literal["tenant", "global"] = Field(
         default="tenant",
@@ -198,12 +203,16 @@ class Settings(BaseSettings):
             raise ValueError(f"REWARDQ_METRICS_TOKEN must be at least {MIN_KEY_CHARS} characters")
         return v
 
-    @field_validator("redis_url")
+    @field_validator("redis_url", "embed_cache_redis_url")
     @classmethod
-    def _check_redis_url(cls, v: str) -> str:
-        if not v.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("REWARDQ_REDIS_URL must start with redis://, rediss:// or unix://")
+    def _check_redis_url(cls, v: str, info: ValidationInfo) -> str:
+        if (v or info.field_name == "redis_url") and not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"REWARDQ_{str(info.field_name).upper()} must start with redis://, rediss:// or unix://")
         return v
+
+    def embed_cache_url(self) -> str:
+        """Where the shared embedding cache lives: its own Redis, or the broker's."""
+        return self.embed_cache_redis_url or self.redis_url
 
     def worker_queues(self) -> str:
         """What `rewardq worker` consumes by default: every queue, interactive first (it is served first)."""

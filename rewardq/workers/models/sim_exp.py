@@ -315,7 +315,7 @@ def load_sim_exp(version: str, path: Path | None, settings: Settings) -> SimExpM
         # How the encoder runs is part of the key: fp32 and bf16 workers never share embeddings, nor bf16 workers whose
         # passes are shaped differently (a CPU's packed or fixed shapes, a GPU's dynamic ones: the last bits differ).
         how = model.autocast if model.autocast == "off" else f"{model.autocast}:{model.passes}"
-        model.shared = RedisEmbeddingStore(settings.redis_url, namespace=f"{version}:{model.max_length}:{how}",
+        model.shared = RedisEmbeddingStore(settings.embed_cache_url(), namespace=f"{version}:{model.max_length}:{how}",
                                            dim=model.dim, ttl_s=settings.embed_shared_ttl_s)  # fmt: skip
     return model
 
