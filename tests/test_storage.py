@@ -510,3 +510,30 @@ def test_a_batch_taken_after_the_sweeper_read_it_is_not_queued_again(db_url: str
     with session_scope(db_url) as s:
         b = s.get(Batch, (job_id, 0))
         assert (b.attempts, b.deaths) == (2, 1)
+
+
+def test_a_succeeded_jobs_summary_is_stored_once_and_read_after(db_url: str):
+    """GET /v1/jobs/{id} read every result of the job on each call for its summary (issue #37, item 10). A
+    succeeded job's is stored the first time; a running job's is computed each time (it still changes)."""
+    from sqlalchemy import update
+
+    job_id = _job(db_url, 4, batch_size=4)
+    assert _save(db_url, job_id, 0, 0, [0.1, 0.2, 0.3, 0.4]) == 4
+    with session_scope(db_url) as s:
+        job = s.get(Job, job_id)
+        assert job.status == "succeeded"
+        first = results.job_summary(s, job)
+    assert first["count"] == 4 and first["max"] == pytest.approx(0.4)
+    with session_scope(db_url) as s:  # a result changed behind its back: the stored summary is what is read
+        assert s.get(Job, job_id).summary == first
+        s.execute(update(Result).where(Result.job_id == job_id, Result.idx == 3).values(score=9.0))
+    with session_scope(db_url) as s:
+        assert results.job_summary(s, s.get(Job, job_id)) == first
+    running = _job(db_url, 8, batch_size=4)
+    _save(db_url, running, 0, 0, [0.5] * 4)
+    with session_scope(db_url) as s:
+        job = s.get(Job, running)
+        assert job.status != "succeeded" and results.job_summary(s, job)["count"] == 4
+    _save(db_url, running, 1, 4, [0.7] * 4)
+    with session_scope(db_url) as s:
+        assert results.job_summary(s, s.get(Job, running))["count"] == 8  # not a stale stored one

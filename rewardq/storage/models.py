@@ -115,6 +115,8 @@ class Job(Base):
     cache_hits: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     cache_misses: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     meta: Mapped[dict[str, Any]] = mapped_column("metadata", default=dict)
+    # A succeeded job's score summary, stored the first time it is read: no result changes after that.
+    summary: Mapped[dict[str, Any] | None] = mapped_column(default=None)
     idempotency_key: Mapped[str | None] = mapped_column(String(256))
     request_hash: Mapped[str | None] = mapped_column(String(64))
     error: Mapped[str | None] = mapped_column(Text)

@@ -5,18 +5,30 @@ from __future__ import annotations
 import base64
 import math
 from collections.abc import Iterator
-from typing import Literal
+from typing import Any, Literal
 
-from sqlalchemy import Integer, and_, cast, func, or_, select
+from sqlalchemy import Integer, and_, cast, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from rewardq.storage.models import Item, ItemError, Result
+from rewardq.storage.models import Item, ItemError, Job, JobStatus, Result
 
 Sort = Literal["index", "score", "-score"]
 
 
 class CursorError(ValueError):
     """A results cursor that this sort order did not produce."""
+
+
+def job_summary(session: Session, job: Job) -> dict[str, Any]:
+    """The job's score summary: computed over its results (every one of them is read), and stored once the job has
+    succeeded, when none can change any more, so later reads cost nothing (the caller commits). A cancelled or
+    failed job's batches under way may still write, so theirs is computed each time."""
+    if job.summary is not None:
+        return job.summary
+    summary = score_summary(session, job_id=job.id)
+    if job.status == JobStatus.succeeded.value:
+        session.execute(update(Job).where(Job.id == job.id, Job.summary.is_(None)).values(summary=summary))
+    return summary
 
 
 def score_summary(session: Session, *, job_id: str) -> dict[str, float | int | None]:

@@ -65,9 +65,10 @@ def _job_detail(session: Session, job: Job, summary: bool = True) -> JobOut:
     """A job with its score summary (unless ``summary`` is false) and its error ledger (GET /v1/jobs/{id}).
 
     The summary reads every result of the job (a third of a second for a million on SQLite), so
-    whatever polls a running job asks without it and fetches it once at the end.
+    whatever polls a running job asks without it and fetches it once at the end; a succeeded job's is stored the
+    first time, and read from its row after.
     """
-    out = _job_out(job, results.score_summary(session, job_id=job.id) if summary else None)
+    out = _job_out(job, results.job_summary(session, job) if summary else None)
     out.scored_with = repo.scored_with(session, job_id=job.id)
     if job.n_failed:
         out.error_counts = results.error_counts(session, job_id=job.id)
@@ -75,6 +76,7 @@ def _job_detail(session: Session, job: Job, summary: bool = True) -> JobOut:
             FailedItem(index=e.idx, id=it.item_id, code=e.code, message=e.message)
             for e, it in results.item_errors(session, job_id=job.id, limit=100)
         ]
+    session.commit()  # a summary stored now
     return out
 
 
