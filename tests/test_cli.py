@@ -223,3 +223,15 @@ def test_first_hour_listings_header_short_schedule_ids_and_brief_models(live: Li
     stats = [m["score_stats"] for m in brief["models"] if m.get("score_stats")]
     assert stats and all("quantiles" not in s and "mean" in s for s in stats)
     assert all(len(m["score_stats"]["quantiles"]) == 101 for m in full["models"] if m.get("score_stats"))
+
+
+def test_the_worker_refuses_a_threads_pool_before_it_starts():
+    """Issue #37, item 10: with --pool threads every thread shared one model's per-batch state (its cache scope and
+    stats), so cache counters moved between tenants' jobs. The option is gone: refused, naming the pools there are."""
+    from click.testing import CliRunner
+
+    from rewardq.cli import main
+
+    out = CliRunner().invoke(main, ["worker", "--pool", "threads"])
+    assert out.exit_code == 2, out.output
+    assert "'threads' is not one of 'prefork', 'solo'" in out.output

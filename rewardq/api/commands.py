@@ -52,8 +52,9 @@ def api(host: str, port: int, workers: int, forwarded_allow_ips: str) -> None:
 @click.option(
     "--pool",
     default="prefork",
-    type=click.Choice(["prefork", "solo", "threads"]),
-    help="solo: one process per GPU, the model and CUDA context in it",
+    type=click.Choice(["prefork", "solo"]),
+    help="solo: one process per GPU, the model and CUDA context in it. There is no threads pool: a model's "
+    "per-batch state (its cache scope, its stats) is its process's, and threads would mix tenants' in it",
 )
 @click.option("--loglevel", default="info", help="Celery's log level")
 def worker(queues: str | None, concurrency: int, pool: str, loglevel: str) -> None:

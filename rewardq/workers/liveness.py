@@ -21,7 +21,7 @@ PREFIX = "rewardq:worker:"
 IDLE = "idle"
 _lock = threading.Lock()
 _started_in: int | None = None  # the pid whose heartbeat thread runs (a forked child starts its own)
-_doing: set[str] = set()  # what this process works on now (batches, runs; several with the threads pool)
+_doing: set[str] = set()  # what this process works on now (a batch or a run)
 _beat_lock = threading.Lock()  # a beat writes what _doing says at that moment, never an older value
 
 

@@ -16,8 +16,7 @@ def no_cudnn_attention(device_type: str, enabled: bool = True) -> Iterator[None]
     padded length): a reward model's batches are padded to their longest text, so nearly every batch would pay for
     plans (on an H200 bf16 batches of new shapes took 153-423 ms in process against 48-349 ms in fp32, whose
     attention ran the memory-efficient kernel; benchmarks/results/probe_precision_h200.json). The backend flags are
-    process-wide while the block runs: a worker with ``--pool threads`` may see them switched by another thread,
-    which changes speed, never a result."""
+    process-wide while the block runs (a worker process runs one task at a time: there is no threads pool)."""
     if not (enabled and device_type == "cuda"):
         yield
         return
