@@ -1,4 +1,5 @@
-"""Deleting data: one job with everything it holds, a tenant's feedback, and what REWARDQ_RETENTION_DAYS lets go.
+"""Deleting data: one job with everything it holds, a tenant's feedback, what REWARDQ_RETENTION_DAYS lets go, and
+fine-tuned versions nothing uses (rejected candidates, versions past REWARDQ_KEEP_VERSIONS).
 
 A job is removed, not tombstoned: its items, results, error ledger, batches and row go, so its id answers 404 as if
 it never existed (and its Idempotency-Key may make a new job). Big deletions go in chunks, each its own short
@@ -13,12 +14,28 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, delete, select, true, update
-from sqlalchemy.orm import Session
+from sqlalchemy import ColumnElement, and_, delete, exists, func, select, true, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, aliased
 
 from rewardq.storage.clock import as_utc
 from rewardq.storage.db import session_scope
-from rewardq.storage.models import FINISHED, Batch, Feedback, Item, ItemError, Job, JobStatus, Result, db_now, now_sql
+from rewardq.storage.models import (
+    FINISHED,
+    ActiveVersion,
+    Batch,
+    Feedback,
+    Item,
+    ItemError,
+    Job,
+    JobStatus,
+    ModelVersion,
+    Result,
+    RunStatus,
+    TrainingRun,
+    db_now,
+    now_sql,
+)
 from rewardq.storage.repository import lock_job
 
 CHUNK = 10_000  # rows per statement and transaction: a fraction of a second of locks
@@ -161,3 +178,62 @@ def retention_cutoff(url: str | None, days: float) -> datetime:
 def finished_before(cutoff: datetime) -> ColumnElement[bool]:
     """The purge's test on a job row, checked again under its lock."""
     return Job.status.in_(FINISHED) & (Job.finished_at < cutoff)
+
+
+def _unused(mv: Any) -> ColumnElement[bool]:
+    """A version nothing uses: active in no scope, and named by no job (a job keeps the version it was scored with)."""
+    return ~exists().where(ActiveVersion.version == mv.version) & ~exists().where(Job.model_version == mv.version)
+
+
+def collectable_versions(
+    session: Session, *, rejected_before: datetime | None, keep_newest: int, limit: int = 100
+) -> list[tuple[str, str | None]]:
+    """(version, path) of fine-tuned versions that may go: a candidate its run's gate rejected, made before
+    ``rejected_before`` (None: none of these), and, when ``keep_newest`` > 0, any of a tenant's fine-tuned versions
+    past its newest ``keep_newest``; in both cases only one nothing uses (_unused). Imported and base versions stay."""
+    mv = aliased(ModelVersion)
+    picks: list[tuple[str, str | None]] = []
+    if rejected_before is not None:
+        q = (
+            select(mv.version, mv.path)
+            .join(TrainingRun, and_(TrainingRun.id == mv.run_id, TrainingRun.result_version == mv.version))
+            .where(TrainingRun.status == RunStatus.rejected.value, mv.created_at < rejected_before, _unused(mv))
+            .order_by(mv.created_at)
+            .limit(limit)
+        )
+        picks += [(v, p) for v, p in session.execute(q).tuples()]
+    if keep_newest > 0:
+        rank = (
+            func.row_number()
+            .over(partition_by=ModelVersion.owner, order_by=(ModelVersion.created_at.desc(), ModelVersion.version))
+            .label("rank")
+        )
+        ranked = (
+            select(ModelVersion.version.label("version"), rank)
+            .where(ModelVersion.run_id.is_not(None), ModelVersion.owner.is_not(None))
+            .subquery()
+        )
+        q = (
+            select(mv.version, mv.path)
+            .join(ranked, ranked.c.version == mv.version)
+            .where(ranked.c.rank > keep_newest, _unused(mv))
+            .order_by(mv.created_at)
+            .limit(limit)
+        )
+        picks += [(v, p) for v, p in session.execute(q).tuples() if v not in {x for x, _ in picks}]
+    return picks
+
+
+def delete_version(session: Session, *, version: str) -> bool:
+    """Delete one version's row if nothing uses it now, checked in the same statement; False if something took it
+    up meanwhile (an activation, a job: the foreign key refuses the delete) or it is gone. Its files are the
+    caller's to remove after the commit."""
+    try:
+        with session.begin_nested():
+            res = session.execute(
+                delete(ModelVersion).where(ModelVersion.version == version, _unused(ModelVersion)),
+                execution_options={"synchronize_session": False},
+            )
+    except IntegrityError:  # a job or an activation that committed between the check and the delete
+        return False
+    return bool(res.rowcount)  # type: ignore[attr-defined]

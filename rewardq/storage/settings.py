@@ -127,6 +127,18 @@ class Settings(BaseSettings):
         description="beat deletes jobs that ended (succeeded, failed, cancelled) and feedback older than this many "
         "days, a bounded chunk at a time, hourly; 0: keep everything",
     )
+    rejected_version_days: float = Field(
+        default=7,
+        ge=0,
+        description="beat deletes a candidate version its run's gate rejected, and its files, this many days after it "
+        "was made, unless something uses it (active anywhere, or named by a job); 0: keep them",
+    )
+    keep_versions: int = Field(
+        default=0,
+        ge=0,
+        description="beat keeps each tenant's newest this many fine-tuned versions and deletes older ones nothing uses "
+        "(active anywhere, or named by a job), with their files; 0: keep every version",
+    )
     allow_anonymous: bool = Field(
         default=False,
         description="without any key, serve requests without one (as the admin of tenant 'default'); for loopback "

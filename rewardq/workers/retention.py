@@ -1,10 +1,13 @@
 """REWARDQ_RETENTION_DAYS: beat deletes the jobs that ended and the feedback given longer ago than that, a bounded
-number of rows per tick (`rewardq purge` runs the same once, to the end)."""
+number of rows per tick (`rewardq purge` runs the same once, to the end). And fine-tuned versions nothing uses:
+rejected candidates after REWARDQ_REJECTED_VERSION_DAYS, versions past a tenant's newest REWARDQ_KEEP_VERSIONS."""
 
 from __future__ import annotations
 
 import logging
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 from rewardq.storage import lifecycle
 from rewardq.storage.db import session_scope
@@ -69,8 +72,44 @@ def purge(days: float, *, max_rows: int | None = ROWS_PER_TICK, settings: Settin
     return out
 
 
+def collect_versions(settings: Settings | None = None, limit: int = 100) -> list[str]:
+    """Delete fine-tuned versions nothing uses: candidates their gate rejected more than REWARDQ_REJECTED_VERSION_DAYS
+    ago, and a tenant's versions past its newest REWARDQ_KEEP_VERSIONS; each row in its own transaction (checked
+    again as it is deleted), then its folder under REWARDQ_ARTIFACTS_DIR. Returns the versions deleted."""
+    settings = settings or get_settings()
+    url = settings.database_url
+    rejected_before = None
+    if settings.rejected_version_days > 0:
+        rejected_before = lifecycle.retention_cutoff(url, settings.rejected_version_days)
+    if rejected_before is None and settings.keep_versions <= 0:
+        return []
+    with session_scope(url) as s:
+        picks = lifecycle.collectable_versions(
+            s, rejected_before=rejected_before, keep_newest=settings.keep_versions, limit=limit
+        )
+    root = Path(settings.artifacts_dir).resolve()
+    gone = []
+    for version, path in picks:
+        with session_scope(url) as s:
+            if not lifecycle.delete_version(s, version=version):
+                continue
+        gone.append(version)
+        folder = (root / path).resolve() if path else None
+        if folder is not None and folder.parent == root and folder.is_dir():  # its own folder, and nothing else
+            shutil.rmtree(folder, ignore_errors=True)
+    return gone
+
+
 def purge_tick() -> float:
-    """Beat's call: one bounded purge when REWARDQ_RETENTION_DAYS is set; returns the seconds until the next."""
+    """Beat's call: versions nothing uses collected, then one bounded purge when REWARDQ_RETENTION_DAYS is set;
+    returns the seconds until the next."""
+    try:
+        collected = collect_versions()
+    except Exception:  # the database is out: not a reason to stop beat
+        log.exception("collecting unused versions failed")
+        return RETRY_S
+    if collected:
+        log.info("deleted %d fine-tuned version(s) nothing used: %s", len(collected), ", ".join(collected))
     days = get_settings().retention_days
     if days <= 0:
         return EVERY_S
