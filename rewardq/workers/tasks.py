@@ -16,7 +16,6 @@ from rewardq.workers.celery_app import SCORE_BATCH, SCORE_INTERACTIVE, TRAIN, ap
 from rewardq.workers.errors import (
     LOAD_RETRY_MAX_S,
     RETRY_BACKOFF_MAX_S,
-    TRANSIENT,
     ModelLoadFailed,
     ModelUnavailable,
     is_transient,
@@ -100,28 +99,25 @@ class _InteractiveTask(app.Task):  # type: ignore[misc]
             )
 
 
-@app.task(
-    bind=True,
-    base=_InteractiveTask,
-    name=SCORE_INTERACTIVE,
-    autoretry_for=TRANSIENT,
-    retry_backoff=True,
-    retry_backoff_max=5,
-    max_retries=3,
-)
+@app.task(bind=True, base=_InteractiveTask, name=SCORE_INTERACTIVE)
 def score_interactive(self: Any, payload: dict[str, Any]) -> None:
-    """A model this worker cannot load is the worker's failure, not the request's: the part goes back to the queue
-    (1 to 5 s apart) for as long as the request waits, so another worker, or this one once it can load the model,
-    answers it; the request hears model_load_failed only when its wait would end first."""
+    """A model this worker cannot load, or a brief outage (the database, Redis), is the worker's failure, not the
+    request's: the part goes back to the queue (1 to 5 s apart) for as long as the request waits, so another worker,
+    or this one once it can, answers it. Only when its wait would end first does the request hear
+    model_load_failed, or scoring_error (_InteractiveTask.on_failure)."""
     msg = InteractiveBatch.model_validate(payload)
     try:
         reply = engine.score_interactive(msg)
-    except ModelLoadFailed as exc:
+    except ModelUnavailable as exc:
+        reply = {"part": msg.part, "error": {"code": exc.code, "message": str(exc)}}
+    except Exception as exc:
+        if not (isinstance(exc, ModelLoadFailed) or is_transient(exc)):
+            raise
         countdown = min(1 + self.request.retries, 5)
         if _seconds_left(self.request.expires) > countdown + 1:
             raise self.retry(exc=exc, countdown=countdown, max_retries=self.request.retries + 1) from exc
-        reply = {"part": msg.part, "error": {"code": exc.code, "message": str(exc)}}
-    except ModelUnavailable as exc:
+        if not isinstance(exc, ModelLoadFailed):
+            raise
         reply = {"part": msg.part, "error": {"code": exc.code, "message": str(exc)}}
     events.push_reply(get_settings().redis_url, msg.request_id, reply)
 
