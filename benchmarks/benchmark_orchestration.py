@@ -13,6 +13,12 @@ from a worktree of the older commit: ``PYTHONPATH=/tmp/before python benchmarks/
 
     python benchmarks/benchmark_orchestration.py --ledger                         # 1k, 10k, 100k, 400k batches
     python benchmarks/benchmark_orchestration.py --ledger --sizes 1000,10000 --db sqlite
+
+(a) ``--pipeline``: pairs/s of one worker process through API -> Redis -> worker -> SQL, with the encoder out of
+the way: the timed job's texts (100 prompts, 1,000 responses by default) were all scored by a first job, so every
+one is in the embedding cache. Timed from the upload to the last result, on a fresh database of each backend.
+
+    python benchmarks/benchmark_orchestration.py --pipeline --pairs 100000
 """
 
 from __future__ import annotations
@@ -169,27 +175,118 @@ def run_ledger(backends: list[str], sizes: list[int], repeats: int) -> dict[str,
     return out
 
 
+REDIS = os.environ.get("REWARDQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+def _wait_job(c: Any, job_id: str, timeout: float, every: float = 0.25) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        job = c.get(f"/v1/jobs/{job_id}", params={"summary": "false"}).json()
+        if job["status"] in ("succeeded", "failed", "cancelled"):
+            return dict(job)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"job {job_id} not done after {timeout:.0f} s: {job['progress']}")
+        time.sleep(every)
+
+
+def run_pipeline(backends: list[str], pairs: int, n_prompts: int, n_responses: int) -> dict[str, Any]:
+    """(a): one worker process through API -> Redis -> worker -> SQL with every text in the embedding cache (a first
+    job of the same texts warms it), so what is timed is the orchestration around the encoder: the upload, the
+    ledger, the queue, the cache lookups, the kernel and the result writes."""
+    import httpx
+    import redis
+
+    from rewardq.api.procs import free_port, start_api, start_worker, wait_for
+    from rewardq.storage.migrate import upgrade
+
+    prompts = [f"Benchmark question {i}: what is the answer to this one?" for i in range(n_prompts)]
+    responses = [f"An answer of a few words, number {j}, to one of the questions." for j in range(n_responses)]
+    warm = [{"prompt": prompts[j % n_prompts], "response": responses[j]} for j in range(n_responses)]
+    main = [{"prompt": prompts[i % n_prompts], "response": responses[(i * 7) % n_responses]} for i in range(pairs)]
+    body = "".join(json.dumps(it) + "\n" for it in main).encode()
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for backend in backends:
+            url, drop = _fresh_database(backend, Path(tmp))
+            tag = uuid.uuid4().hex[:8]
+            queues = {"scoring": f"bench-{tag}", "interactive": f"bench-{tag}-interactive"}
+            env = {
+                **os.environ,
+                "REWARDQ_DATABASE_URL": url,
+                "REWARDQ_REDIS_URL": REDIS,
+                "REWARDQ_SCORING_QUEUE": queues["scoring"],
+                "REWARDQ_INTERACTIVE_QUEUE": queues["interactive"],
+                "REWARDQ_TRAINING_QUEUE": f"bench-{tag}-training",
+                "REWARDQ_ALLOW_ANONYMOUS": "1",  # on 127.0.0.1, for this script only
+                "REWARDQ_ARTIFACTS_DIR": str(Path(tmp) / "artifacts"),
+                "HF_HUB_OFFLINE": "1",
+                "TRANSFORMERS_OFFLINE": "1",
+                "PYTHONPATH": os.environ.get("PYTHONPATH", str(ROOT)),
+            }
+            worker = api = None
+            try:
+                upgrade(url)
+                worker = start_worker(env, Path(tmp) / f"worker-{backend}.log",
+                                      queues=f"{queues['interactive']},{queues['scoring']}")  # fmt: skip
+                wait_for(lambda w=worker: "consuming" in w.tail(80), 300, "the worker", worker.popen)
+                port = free_port()
+                api = start_api(env, Path(tmp) / f"api-{backend}.log", port)
+                with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600) as c:
+                    first = c.post("/v1/jobs", json={"items": warm}).json()["job_id"]
+                    assert _wait_job(c, first, 600)["status"] == "succeeded"
+                    t0 = time.perf_counter()
+                    resp = c.post("/v1/jobs", content=body, headers={"Content-Type": "application/x-ndjson"})
+                    ingest_s = time.perf_counter() - t0
+                    assert resp.status_code == 202, resp.text
+                    job = _wait_job(c, resp.json()["job_id"], 1800)
+                    total_s = time.perf_counter() - t0
+                assert job["status"] == "succeeded", job
+                row = {
+                    "pairs": pairs,
+                    "seconds_submit_to_last_result": round(total_s, 2),
+                    "seconds_ingest": round(ingest_s, 2),
+                    "pairs_per_s": round(pairs / total_s),
+                    "host_us_per_pair": round(total_s / pairs * 1e6, 1),
+                    "embed_cache_misses": job["embed_cache_misses"],
+                    "embed_cache_hits": job["embed_cache_hits"],
+                }
+                out[backend] = row
+                print(f"{backend:10s} {pairs} pairs: {row['pairs_per_s']} pairs/s ({total_s:.1f} s, ingest "
+                      f"{ingest_s:.1f} s, {row['embed_cache_misses']} misses)", flush=True)  # fmt: skip
+            finally:
+                for proc in (api, worker):
+                    if proc is not None:
+                        proc.stop()
+                drop()
+                r = redis.Redis.from_url(REDIS)
+                for name in r.scan_iter(f"bench-{tag}*"):
+                    r.delete(name)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ledger", action="store_true", help="(b): the ledger's queries as it grows")
+    parser.add_argument("--pipeline", action="store_true", help="(a): pairs/s of one worker, every text cached")
+    parser.add_argument("--pairs", type=int, default=100_000, help="--pipeline: pairs in the timed job")
+    parser.add_argument("--texts", default="100,1000", help="--pipeline: distinct prompts,responses (all cached)")
     parser.add_argument("--sizes", default="1000,10000,100000,400000")
     parser.add_argument("--db", choices=["sqlite", "postgresql", "both"], default="both")
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--label", default="", help="what was measured (a commit, 'before', 'after')")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    if not args.ledger:
-        parser.error("say what to measure: --ledger")
+    if not (args.ledger or args.pipeline):
+        parser.error("say what to measure: --ledger, --pipeline or both")
     backends = ["sqlite", "postgresql"] if args.db == "both" else [args.db]
-    sizes = [int(x) for x in args.sizes.split(",")]
-    result = {
-        "benchmark": "orchestration: ledger queries as the ledger grows",
-        "label": args.label,
-        "cpu": _cpu(),
-        "cores": os.cpu_count(),
-        "repeats": args.repeats,
-        "ledger": run_ledger(backends, sizes, args.repeats),
-    }
+    result: dict[str, Any] = {"benchmark": "orchestration", "label": args.label, "cpu": _cpu(), "cores": os.cpu_count()}
+    if args.pipeline:
+        n_prompts, n_responses = (int(x) for x in args.texts.split(","))
+        result["pipeline"] = run_pipeline(backends, args.pairs, n_prompts, n_responses)
+    if args.ledger:
+        sizes = [int(x) for x in args.sizes.split(",")]
+        result["repeats"] = args.repeats
+        result["ledger"] = run_ledger(backends, sizes, args.repeats)
     text_out = json.dumps(result, indent=2)
     print(text_out)
     if args.out:

@@ -291,3 +291,17 @@ def test_orchestration_ledger_benchmark_runs_on_both_databases(tmp_path):
         assert [r["batches"] for r in rows] == [200, 2000]
         assert all(r["feed_ms"] > 0 and r["sweep_ms"] > 0 for r in rows)
         assert result["ledger"][backend]["feed_ratio_largest_to_smallest"] > 0
+
+
+def test_orchestration_pipeline_benchmark_times_cached_pairs_end_to_end(tmp_path):
+    """benchmark_orchestration.py --pipeline at a toy size, on SQLite: a real worker and API process, a warm-up job,
+    then a timed job whose every text is in the embedding cache (no misses)."""
+    out = tmp_path / "pipeline.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "benchmark_orchestration.py"), "--pipeline", "--pairs", "600",
+         "--texts", "10,50", "--db", "sqlite", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = json.loads(out.read_text())["pipeline"]["sqlite"]
+    assert row["pairs"] == 600 and row["embed_cache_misses"] == 0 and row["pairs_per_s"] > 0
