@@ -220,7 +220,8 @@ def collectable_versions(
             .order_by(mv.created_at)
             .limit(limit)
         )
-        picks += [(v, p) for v, p in session.execute(q).tuples() if v not in {x for x, _ in picks}]
+        seen = {v for v, _ in picks}
+        picks += [(v, p) for v, p in session.execute(q).tuples() if v not in seen]
     return picks
 
 

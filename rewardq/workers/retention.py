@@ -103,16 +103,17 @@ def collect_versions(settings: Settings | None = None, limit: int = 100) -> list
 def purge_tick() -> float:
     """Beat's call: versions nothing uses collected, then one bounded purge when REWARDQ_RETENTION_DAYS is set;
     returns the seconds until the next."""
+    failed = False
     try:
         collected = collect_versions()
-    except Exception:  # the database is out: not a reason to stop beat
+        if collected:
+            log.info("deleted %d fine-tuned version(s) nothing used: %s", len(collected), ", ".join(collected))
+    except Exception:  # the database is out: not a reason to stop beat, nor to skip the purge below
         log.exception("collecting unused versions failed")
-        return RETRY_S
-    if collected:
-        log.info("deleted %d fine-tuned version(s) nothing used: %s", len(collected), ", ".join(collected))
+        failed = True
     days = get_settings().retention_days
     if days <= 0:
-        return EVERY_S
+        return RETRY_S if failed else EVERY_S
     try:
         out = purge(days)
     except Exception:  # the database or Redis is out: not a reason to stop beat
