@@ -297,7 +297,7 @@ def test_times_compared_across_hosts_are_the_databases(pg_url: str, monkeypatch:
             m.setattr(models, "utcnow", skewed)
             m.setattr(repo, "utcnow", skewed, raising=False)
             with session_scope(db_url) as s:
-                assert repo.start_batch(s, job_id=job_id, batch_no=batch_no, worker=worker) == 0
+                assert repo.start_batch(s, job_id=job_id, batch_no=batch_no, worker=worker).deaths == 0
         r.srem(QUEUED_BATCHES, batch_key(job_id, batch_no))
 
     try:
@@ -337,7 +337,7 @@ def _taken_job(db_url: str, queue: str, takers: list[str]) -> tuple[str, list[in
     delete_queue(redis.Redis.from_url(get_settings().redis_url), queue)
     for n, worker in enumerate(takers):
         with session_scope(db_url) as s:
-            assert repo.start_batch(s, job_id=job_id, batch_no=n, worker=worker) == 0
+            assert repo.start_batch(s, job_id=job_id, batch_no=n, worker=worker).deaths == 0
     return job_id, list(range(len(takers)))
 
 
@@ -500,7 +500,7 @@ def test_a_batch_taken_after_the_sweeper_read_it_is_not_queued_again(db_url: str
         seen, taken = b.enqueued_at, b.started_at
     assert taken is None
     with session_scope(db_url) as s:  # a worker takes it now
-        assert repo.start_batch(s, job_id=job_id, batch_no=0, worker="w1") == 0
+        assert repo.start_batch(s, job_id=job_id, batch_no=0, worker="w1").deaths == 0
     with session_scope(db_url) as s:
         assert not ledger.claim_requeue(s, job_id=job_id, batch_no=0, seen=seen, taken=taken)
     with session_scope(db_url) as s:  # read again, it is the take the claim compares: a dead taker's batch goes back

@@ -179,6 +179,9 @@ class Batch(Base):
     started_at: Mapped[datetime | None] = mapped_column()  # a worker took it (last time)
     worker: Mapped[str | None] = mapped_column(String(255))  # which worker process took it last (workers.liveness)
     deaths: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # workers that died on it
+    # The fencing token: one more at each take. A worker writes the batch's results, its failures, its split and its
+    # hand-back only while the batch still carries the token it took it with (repository.fence_batch).
+    lease: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     scored_with: Mapped[str | None] = mapped_column(String(128))  # "sim_exp kernel=triton precision=bf16 passes=packed"
     done_at: Mapped[datetime | None] = mapped_column()
 

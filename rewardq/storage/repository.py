@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 from sqlalchemy import ColumnElement, Table, case, func, insert, select, true, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -199,25 +199,59 @@ def job_tenant(session: Session, *, job_id: str) -> str | None:
     return session.scalar(select(Job.tenant).where(Job.id == job_id))
 
 
-def start_batch(session: Session, *, job_id: str, batch_no: int, worker: str | None = None) -> int | None:
-    """Note that ``worker`` took the batch; returns how many workers have died on it so far, or None when it is
-    already done (a redelivery or a superseded split). A batch taken again without being enqueued again since its
-    last take (the broker redelivered it: its worker died) counts one more death."""
+class Take(NamedTuple):
+    """A worker's take of a batch: how many workers died on it before, and the take's fencing token."""
+
+    deaths: int
+    lease: int
+
+
+def start_batch(session: Session, *, job_id: str, batch_no: int, worker: str | None = None) -> Take | None:
+    """Note that ``worker`` took the batch; returns how many workers have died on it so far and the take's lease (its
+    fencing token: every write for the batch then names it, fence_batch), or None when it is already done (a
+    redelivery or a superseded split). A batch taken again without being enqueued again since its last take (the
+    broker redelivered it: its worker died) counts one more death."""
     retake = case((TAKEN_SINCE_ENQUEUED, Batch.deaths + 1), else_=Batch.deaths)
-    return session.execute(
+    row = session.execute(
         update(Batch)
         .where(Batch.job_id == job_id, Batch.batch_no == batch_no, Batch.done.is_(False))
-        .values(started_at=now_sql(session), worker=worker, deaths=retake)
-        .returning(Batch.deaths)
-    ).scalar_one_or_none()
+        .values(started_at=now_sql(session), worker=worker, deaths=retake, lease=Batch.lease + 1)
+        .returning(Batch.deaths, Batch.lease)
+    ).one_or_none()
+    return None if row is None else Take(int(row[0]), int(row[1]))
 
 
-def hand_back_batch(session: Session, *, job_id: str, batch_no: int) -> bool:
-    """A batch its worker stopped (interactive work came first) goes back to the queue: its deadline starts again.
-    False when it is done already (a redelivery finished it), so nothing is queued again."""
+def fence_batch(session: Session, *, job_id: str, batch_no: int, lease: int | None) -> bool:
+    """The first statement of a transaction that writes for a batch: the job's row lock (lock_job), then the batch's
+    row, locked, on the condition that it still carries ``lease``. False, and the caller writes nothing, when the job
+    is gone or another worker took the batch since (the sweeper gave it back after this worker froze past its
+    heartbeat, or the broker redelivered it): a stale worker never finishes, fails, splits or hands back a batch that
+    is someone else's. ``lease`` None: no take to check (a writer that is not a worker's take)."""
+    if not lock_job(session, job_id=job_id):
+        return False
+    if lease is None:
+        return True
     res = session.execute(
         update(Batch)
-        .where(Batch.job_id == job_id, Batch.batch_no == batch_no, Batch.done.is_(False))
+        .where(Batch.job_id == job_id, Batch.batch_no == batch_no, Batch.lease == lease)
+        .values(lease=Batch.lease),
+        execution_options={"synchronize_session": False},
+    )
+    return bool(res.rowcount)  # type: ignore[attr-defined]
+
+
+def hand_back_batch(session: Session, *, job_id: str, batch_no: int, lease: int | None = None) -> bool:
+    """A batch its worker stopped (interactive work came first, or a brief outage) goes back to the queue: its
+    deadline starts again. False when it is done already (a redelivery finished it), or another worker took it
+    since ``lease`` (then it is that worker's), so nothing is queued again."""
+    res = session.execute(
+        update(Batch)
+        .where(
+            Batch.job_id == job_id,
+            Batch.batch_no == batch_no,
+            Batch.done.is_(False),
+            Batch.lease == lease if lease is not None else true(),
+        )
         .values(enqueued_at=now_sql(session))
     )
     return bool(res.rowcount)  # type: ignore[attr-defined]
@@ -246,15 +280,17 @@ def save_results(
     cache_hits: int = 0,
     cache_misses: int = 0,
     scored_with: str | None = None,
+    lease: int | None = None,
 ) -> int:
     """Upsert one batch's results and advance the job's progress in the caller's transaction.
 
     Idempotent: a redelivered batch inserts nothing new and counts nothing twice. Offsets in
     ``skip``, and items already in the error ledger, are not stored: an item is scored or failed,
     never both (the job's row lock orders this against record_item_failure). Returns the number of
-    rows actually inserted: 0 when the job was deleted meanwhile (the batch is dropped, nothing is written).
+    rows actually inserted: 0 when the job was deleted meanwhile, or another worker took the batch since ``lease``
+    (fence_batch): the batch is dropped, nothing is written.
     """
-    if not lock_job(session, job_id=job_id):
+    if not fence_batch(session, job_id=job_id, batch_no=batch_no, lease=lease):
         return 0
     failed = session.scalars(
         select(ItemError.idx).where(
@@ -338,11 +374,13 @@ def _finish_if_complete(session: Session, *, job_id: str) -> None:
     )
 
 
-def record_item_failure(session: Session, *, job_id: str, batch_no: int, idx: int, code: str, message: str) -> bool:
+def record_item_failure(
+    session: Session, *, job_id: str, batch_no: int, idx: int, code: str, message: str, lease: int | None = None
+) -> bool:
     """Put one item in the error ledger (once), count it failed, close its batch; True if newly recorded. An item
     that another copy of its batch scored meanwhile stays scored (an item has one outcome). False, writing nothing,
-    when the job was deleted meanwhile."""
-    if not lock_job(session, job_id=job_id):
+    when the job was deleted meanwhile, or another worker took the batch since ``lease`` (fence_batch)."""
+    if not fence_batch(session, job_id=job_id, batch_no=batch_no, lease=lease):
         return False
     scored = session.scalar(select(Result.idx).where(Result.job_id == job_id, Result.idx == idx))
     row = {"job_id": job_id, "idx": idx, "code": code, "message": message[:2000]}
@@ -358,10 +396,10 @@ def record_item_failure(session: Session, *, job_id: str, batch_no: int, idx: in
     return new
 
 
-def split_batch(session: Session, *, job_id: str, batch_no: int) -> list[BatchRef]:
-    """Replace a failing batch by its two halves (new ledger rows); [] if someone already handled it, or the job was
-    deleted."""
-    if not lock_job(session, job_id=job_id):
+def split_batch(session: Session, *, job_id: str, batch_no: int, lease: int | None = None) -> list[BatchRef]:
+    """Replace a failing batch by its two halves (new ledger rows); [] if someone already handled it, the job was
+    deleted, or another worker took the batch since ``lease`` (fence_batch)."""
+    if not fence_batch(session, job_id=job_id, batch_no=batch_no, lease=lease):
         return []
     parent = session.get(Batch, (job_id, batch_no), with_for_update=True)
     if parent is None or parent.done or parent.end_idx - parent.start_idx < 2:

@@ -139,22 +139,27 @@ def _interactive_waiting(settings: Settings) -> Callable[[], bool]:
     return waiting
 
 
-def _hand_back(msg: ScoreBatch, queue: str, why: Preempted) -> None:
+def _ref(msg: ScoreBatch) -> tuple[str, int]:
+    return msg.job_id, msg.batch_no
+
+
+def _hand_back(msg: ScoreBatch, queue: str, why: Preempted, lease: int) -> None:
     """Queue a stopped batch again (at the back of its queue); the worker then takes the interactive work."""
     with session_scope() as s:
-        again = repo.hand_back_batch(s, job_id=msg.job_id, batch_no=msg.batch_no)
+        again = repo.hand_back_batch(s, job_id=msg.job_id, batch_no=msg.batch_no, lease=lease)
     if again:
         enqueue_score_batches([msg], queue=queue)
     log.info("batch %s/%d handed back for interactive work: %s", msg.job_id, msg.batch_no, why)
     metrics.record(get_settings().redis_url, {"batches_preempted": 1.0})
 
 
-def release_for_retry(msg: ScoreBatch) -> None:
-    """A batch that failed for a transient reason (a database or Redis outage) and will be retried: note it as
-    enqueued again, so its next take is not counted as a worker death. Best effort: the outage may still last."""
+def release_for_retry(msg: ScoreBatch, lease: int) -> None:
+    """A batch that failed for a transient reason (a database or Redis outage) or a model this worker cannot load,
+    and will be retried: note it as enqueued again, so its next take is not counted as a worker death, unless
+    another worker took it since (``lease``). Best effort: the outage may still last."""
     try:
         with session_scope() as s:
-            repo.hand_back_batch(s, job_id=msg.job_id, batch_no=msg.batch_no)
+            repo.hand_back_batch(s, job_id=msg.job_id, batch_no=msg.batch_no, lease=lease)
     except Exception as exc:
         log.warning("batch %s/%d: could not note the retry (%s)", msg.job_id, msg.batch_no, exc)
 
@@ -173,13 +178,18 @@ def score_batch(msg: ScoreBatch, queue: str | None = None) -> int:
     # Said in the heartbeat before the take, so a sweeper that sees the take also sees the work.
     key = batch_key(msg.job_id, msg.batch_no)
     liveness.working_on(settings.redis_url, settings.heartbeat_ttl_s, key)
+    took: list[int] = []  # the take's lease, once taken
     try:
-        return _take_and_score(msg, queue, settings, worker)
+        return _take_and_score(msg, queue, settings, worker, took)
+    except Exception as exc:
+        if took and (is_transient(exc) or isinstance(exc, ModelLoadFailed)):
+            release_for_retry(msg, took[0])  # tasks.score_batch retries it
+        raise
     finally:
         liveness.working_on(settings.redis_url, settings.heartbeat_ttl_s, key, done=True)
 
 
-def _take_and_score(msg: ScoreBatch, queue: str | None, settings: Settings, worker: str) -> int:
+def _take_and_score(msg: ScoreBatch, queue: str | None, settings: Settings, worker: str, took: list[int]) -> int:
     try:  # no longer waiting in a queue (the sweeper's membership test for lost messages)
         metrics.client(settings.redis_url).srem(QUEUED_BATCHES, batch_key(msg.job_id, msg.batch_no))
     except redis.RedisError:
@@ -187,13 +197,14 @@ def _take_and_score(msg: ScoreBatch, queue: str | None, settings: Settings, work
     with session_scope() as s:
         status = repo.job_status(s, job_id=msg.job_id)
         live = status is not None and status not in FINISHED
-        deaths = repo.start_batch(s, job_id=msg.job_id, batch_no=msg.batch_no, worker=worker) if live else None
-        if deaths is None:
+        take = repo.start_batch(s, job_id=msg.job_id, batch_no=msg.batch_no, worker=worker) if live else None
+        if take is None:
             log.info("skipping batch %s/%d: job %s or batch done", msg.job_id, msg.batch_no, status or "gone")
             return 0
         repo.mark_running(s, job_id=msg.job_id)
-    if deaths >= settings.max_worker_deaths:  # it kills its workers (OOM, a crash, the time limit): no more tries
-        _quarantine(msg, WorkerLost(f"its worker died {deaths} times scoring it"))
+    took.append(take.lease)
+    if take.deaths >= settings.max_worker_deaths:  # it kills its workers (OOM, a crash, the time limit): no more
+        _quarantine(msg, WorkerLost(f"its worker died {take.deaths} times scoring it"), take.lease)
         return 0
     preemptible = settings.interactive_preempt and queue is not None and queue != settings.interactive_queue
     try:
@@ -205,14 +216,14 @@ def _take_and_score(msg: ScoreBatch, queue: str | None, settings: Settings, work
             model.preempt = None
     except Preempted as why:
         assert queue is not None
-        _hand_back(msg, queue, why)
+        _hand_back(msg, queue, why, take.lease)
         return 0
     except (ModelUnavailable, ModelLoadFailed):
         raise  # the job's failure (no such version) or this worker's (tasks.score_batch): never split for it
     except Exception as exc:
         if is_transient(exc):
             raise
-        _quarantine(msg, exc)
+        _quarantine(msg, exc, take.lease)
         return 0
     stats = model.take_stats()
     how = scored_with(model, stats)
@@ -229,6 +240,10 @@ def _take_and_score(msg: ScoreBatch, queue: str | None, settings: Settings, work
             }
         )
     with session_scope() as s:
+        if not repo.fence_batch(s, job_id=msg.job_id, batch_no=msg.batch_no, lease=take.lease):
+            log.warning("batch %s/%d: another worker took it since, or its job is gone: dropped", *_ref(msg))
+            metrics.record(settings.redis_url, {"batches_fenced": 1.0})
+            return 0
         for i in sorted(failed):
             repo.record_item_failure(
                 s,
@@ -237,6 +252,7 @@ def _take_and_score(msg: ScoreBatch, queue: str | None, settings: Settings, work
                 idx=msg.start_idx + i,
                 code=failed[i][0],
                 message=failed[i][1],
+                lease=take.lease,
             )
         inserted = repo.save_results(
             s,
@@ -252,6 +268,7 @@ def _take_and_score(msg: ScoreBatch, queue: str | None, settings: Settings, work
             cache_hits=int(stats.get("embed_cache_hits", 0)),
             cache_misses=int(stats.get("embed_cache_misses", 0)),
             scored_with=how,
+            lease=take.lease,
         )
         ended = repo.job_status(s, job_id=msg.job_id) in FINISHED  # this batch may have been the job's last
     # Counted as soon as its results are committed, before anyone is told the job ended: a client that waited for
@@ -291,7 +308,7 @@ def fail_job(job_id: str, error: str) -> None:
     _announce_if_finished(job_id)
 
 
-def _quarantine(msg: ScoreBatch, exc: BaseException) -> None:
+def _quarantine(msg: ScoreBatch, exc: BaseException, lease: int) -> None:
     if len(msg.prompts) == 1:
         log.warning("item %s/%d failed: %s", msg.job_id, msg.start_idx, exc)
         with session_scope() as s:
@@ -302,12 +319,13 @@ def _quarantine(msg: ScoreBatch, exc: BaseException) -> None:
                 idx=msg.start_idx,
                 code=reason_code(exc),
                 message=public_message(exc, log, f"item {msg.job_id}/{msg.start_idx}"),
+                lease=lease,
             )
         metrics.record(get_settings().redis_url, {"items_failed": float(new)})
         _announce_if_finished(msg.job_id)
         return
     with session_scope() as s:
-        halves = repo.split_batch(s, job_id=msg.job_id, batch_no=msg.batch_no)
+        halves = repo.split_batch(s, job_id=msg.job_id, batch_no=msg.batch_no, lease=lease)
         messages = build_messages(s, job_id=msg.job_id, model_version=msg.model_version, batches=halves)
     log.warning(
         "batch %s/%d (%d items) failed (%s): split in %d", msg.job_id, msg.batch_no, len(msg.prompts), exc, len(halves)

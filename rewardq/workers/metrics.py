@@ -32,6 +32,7 @@ COUNTERS: dict[str, str] = {
     "interactive_items": "pairs scored in the interactive lane (POST /v1/score, /get_reward, /score)",
     "interactive_batches": "interactive request parts scored",
     "batches_preempted": "bulk batches stopped for waiting interactive work and queued again",
+    "batches_fenced": "batches a worker scored after another took them over (it froze past its heartbeat): dropped",
     "batches_kernel_triton": "batches (bulk and interactive) whose reward kernel ran compiled Triton",
     "batches_kernel_torch": "batches whose reward kernel ran the torch path (no GPU, forced, or a failed self-check)",
     "kernel_selfcheck_failures": "worker starts whose kernel self-check failed (that kernel then runs the torch path)",

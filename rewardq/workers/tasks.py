@@ -71,7 +71,6 @@ def score_batch(self: Any, payload: dict[str, Any]) -> int:
     except Exception as exc:
         if not (is_transient(exc) or isinstance(exc, ModelLoadFailed)):
             raise
-        engine.release_for_retry(msg)
         # A model this worker cannot load: back soon (10 s at most), since another worker may be able to take it.
         cap = LOAD_RETRY_MAX_S if isinstance(exc, ModelLoadFailed) else RETRY_BACKOFF_MAX_S
         countdown = get_exponential_backoff_interval(1, self.request.retries, cap, full_jitter=True)
