@@ -66,6 +66,9 @@ class Report:
     faults: Counter[str] = field(default_factory=Counter)
     # Per worker kill that stranded batches: seconds until they were all back in the queue, and all done.
     recoveries: list[tuple[float, float]] = field(default_factory=list)
+    # The faults in order (seconds since the first, kind), and for each recovery over 15 s the faults during it.
+    timeline: list[tuple[float, str]] = field(default_factory=list)
+    slow_recoveries: list[dict[str, Any]] = field(default_factory=list)
     lost: int = 0
     duplicated: int = 0
     failed_items: int = 0
@@ -115,6 +118,7 @@ class Report:
             "recoveries_s": [[round(r, 1), round(d, 1)] for r, d in self.recoveries],
             "worst_recovery_s": self.worst_recovery,
             "worst_recovery_done_s": self.worst_done,
+            "slow_recoveries": self.slow_recoveries,
             "seconds": round(self.seconds, 1),
             "settle_seconds": round(self.settle_seconds, 1),
         }
@@ -147,6 +151,15 @@ class Report:
             ),
             ("processes that exited on their own (started again)", str(len(self.crashes))),
             ("worst recovery after a worker kill", recovery),
+            (
+                "recoveries over 15 s, and the faults during each",
+                "; ".join(
+                    f"kill at {x['kill_at_s']} s, back {x['requeued_s']} s later: "
+                    + (", ".join(f"{k} +{t}" for t, k in x["faults_during"]) or "none")
+                    for x in self.slow_recoveries
+                )
+                or "none",
+            ),
             ("wall time", wall),
         ]
         return "\n".join(["| measure | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
@@ -166,6 +179,7 @@ class Campaign:
         self.stop_load = threading.Event()
         self.submitted: dict[str, str] = {}  # idempotency key -> job id
         self.watch: list[Kill] = []  # worker kills whose batches are not all done yet
+        self.t_faults = time.monotonic()  # set again when the first fault is due
         self.db_name = f"rewardq_campaign_{uuid.uuid4().hex[:8]}"
         base = PG_ADMIN.rsplit("/", 1)[0]
         self.direct = f"{base}/{self.db_name}"
@@ -384,6 +398,8 @@ class Campaign:
             time.sleep(1.0)
 
     def inject(self, kind: str) -> None:
+        with self.lock:
+            self.report.timeline.append((round(time.monotonic() - self.t_faults, 1), kind))
         with self.proc_lock:
             self._inject(kind)
 
@@ -409,9 +425,12 @@ class Campaign:
             name = rng.choice([w for w in WORKERS if w not in self.frozen])
             ids = self.worker_ids(name)
             self.procs[name].kill(signal.SIGSTOP)  # what it holds now is what the kill strands
+            # Taken since last enqueued: a batch it handed back (preempted, a model it could not load, an outage)
+            # still names it but waits in the queue, stranded by nothing.
             held = self.sql(
                 "SELECT b.job_id, b.batch_no, statement_timestamp() FROM batches b JOIN jobs j ON j.id = b.job_id"
-                " WHERE NOT b.done AND b.worker LIKE ANY(%s) AND j.status IN ('queued', 'running')",
+                " WHERE NOT b.done AND b.worker LIKE ANY(%s) AND j.status IN ('queued', 'running')"
+                " AND b.started_at >= b.enqueued_at",
                 ids,
             )
             self.procs[name].kill()
@@ -453,6 +472,20 @@ class Campaign:
             threading.Thread(target=resume, daemon=True).start()
         self.report.faults[kind] += 1
 
+    def note_slow(self, kill: Kill, done: float) -> None:
+        """What else happened while a killed worker's batches waited: the faults from the kill until they were back."""
+        start = kill.t0 - self.t_faults
+        during = [(round(t - start, 1), k) for t, k in self.report.timeline if start - 0.5 <= t <= start + done]
+        self.report.slow_recoveries.append(
+            {
+                "kill_at_s": round(start, 1),
+                "requeued_s": round(kill.requeued or done, 1),
+                "done_s": round(done, 1),
+                "batches": len(kill.held),
+                "faults_during": during,
+            }  # fmt: skip
+        )
+
     def watch_recoveries(self) -> None:
         """A worker kill's recovery: from the kill until every batch it stranded is back in the queue (enqueued again
         by the sweeper), and until each is done (or its job ended)."""
@@ -473,6 +506,8 @@ class Campaign:
                 if all(done for done, _ in state.values()):
                     kill.requeued = now if kill.requeued is None else kill.requeued
                     self.report.recoveries.append((kill.requeued, now))
+                    if kill.requeued > 15.0:
+                        self.note_slow(kill, now)
                     with self.lock:
                         self.watch.remove(kill)
             time.sleep(0.5)
@@ -494,6 +529,7 @@ class Campaign:
         watcher.start()
         supervisor.start()
         time.sleep(self.interval)
+        self.t_faults = time.monotonic()
         kinds, weights = list(FAULTS), list(FAULTS.values())
         while sum(self.report.faults.values()) < self.n_faults:
             kind = self.rng.choices(kinds, weights)[0]
@@ -675,6 +711,8 @@ def main() -> None:
         print("EXITED:", c)
     for why, n in report.lane_errors.most_common(5):
         print(f"FLOOD ERROR x{n}: {why}")
+    for slow in report.slow_recoveries:
+        print("SLOW RECOVERY:", slow)
     if not args.quick:
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / "fault_campaign.json").write_text(json.dumps(report.as_dict(), indent=2) + "\n")
