@@ -51,6 +51,45 @@ def test_no_api_is_one_line_naming_the_url_and_the_setting(tmp_path: Path):
     assert "Traceback" in debug.stderr  # --debug keeps it
 
 
+def test_the_cli_says_no_api_at_once_and_rides_out_a_restart_once_it_has_reached_one(monkeypatch: pytest.MonkeyPatch):
+    """A refused connection before the API ever answered is said at once: a newcomer whose API is not started waited
+    15 s of backoff (5 retries) for the one line above. Once the API has answered, a refused connection is a restart
+    and is retried with backoff, as before. No timing: the backoff sleeps are counted."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import httpx
+
+    from rewardq.client.client import FirstContactTransport
+
+    slept: list[float] = []
+    monkeypatch.setattr("httpx_retries.retry.time.sleep", slept.append)
+
+    class Ok(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    port = free_port()
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", transport=FirstContactTransport(5)) as c:
+        with pytest.raises(httpx.ConnectError):
+            c.get("/healthz")
+        assert slept == []  # said at once
+        server = ThreadingHTTPServer(("127.0.0.1", port), Ok)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        assert c.get("/healthz").status_code == 200  # it answered once ...
+        server.shutdown()
+        server.server_close()
+        with pytest.raises(httpx.ConnectError):
+            c.get("/healthz")  # ... so a refusal now is retried with backoff before it is said
+        assert len(slept) == 5, slept
+
+
 def test_options_after_the_subcommand_short_ids_and_status(live: Live, tmp_path: Path):
     out = rewardq("submit", str(_pairs(tmp_path / "p.jsonl", 5, "short")), "--wait", "--url", live.url)
     assert out.returncode == 0, out.stderr

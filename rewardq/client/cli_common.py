@@ -63,7 +63,7 @@ class DefaultGroup(click.Group):
 
 def client(ctx: click.Context) -> Client:
     obj = ctx.ensure_object(dict)
-    return Client(obj.get("url") or DEFAULT_URL, obj.get("api_key"))
+    return Client(obj.get("url") or DEFAULT_URL, obj.get("api_key"), wait_for_api=False)
 
 
 def echo_json(obj: Any) -> None:

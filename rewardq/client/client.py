@@ -58,10 +58,10 @@ def _plain_jsonl(path: Path) -> bool:
     return True
 
 
-def retrying_transport(retries: int) -> RetryTransport:
+def retrying_transport(retries: int, on_refused: bool = True) -> RetryTransport:
     """Retries on 429 and 503 (rewardq processed nothing: rate-limited, or a service briefly down) honouring
-    Retry-After, and on connections refused or reset before a request was sent; any method, since a refused
-    request changed nothing (job submissions also carry an Idempotency-Key)."""
+    Retry-After, and (``on_refused``) on connections refused or reset before a request was sent; any method, since a
+    refused request changed nothing (job submissions also carry an Idempotency-Key)."""
     retry = Retry(
         total=retries,
         backoff_factor=0.5,
@@ -69,10 +69,30 @@ def retrying_transport(retries: int) -> RetryTransport:
         status_forcelist=[429, 503],
         allowed_methods=["GET", "HEAD", "POST", "PUT", "DELETE"],
         respect_retry_after_header=True,
-        retry_on_exceptions=[httpx.ConnectError, httpx.ConnectTimeout],
+        retry_on_exceptions=[httpx.ConnectError, httpx.ConnectTimeout] if on_refused else [],
         total_timeout=300,
     )
     return RetryTransport(retry=retry)
+
+
+class FirstContactTransport(httpx.BaseTransport):
+    """For the CLI: until the API has answered once, a refused connection is said at once (no API at that URL: one
+    not started, a wrong --url), not after 15 s of retries; once it has answered, a refused connection is a restart
+    under way and is retried with backoff, as the library's client always does."""
+
+    def __init__(self, retries: int):
+        self._first = retrying_transport(retries, on_refused=False)
+        self._after = retrying_transport(retries)
+        self._answered = False
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        resp = (self._after if self._answered else self._first).handle_request(request)
+        self._answered = True
+        return resp
+
+    def close(self) -> None:
+        self._first.close()
+        self._after.close()
 
 
 def _raise_for(resp: httpx.Response) -> None:
@@ -105,11 +125,21 @@ class ClientError(RuntimeError):
 
 class Client:
     def __init__(
-        self, base_url: str | None = None, api_key: str | None = None, timeout: float = 120.0, retries: int = 5
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        timeout: float = 120.0,
+        retries: int = 5,
+        wait_for_api: bool = True,
     ):
+        """``retries``: how many times a request refused (429, 503, a refused connection) is sent again, with
+        backoff. ``wait_for_api`` False: a connection refused before the API has ever answered this client fails at
+        once (the CLI: no API there), and only later ones are retried."""
         self.base_url = (base_url or os.environ.get("REWARDQ_API_URL") or DEFAULT_URL).rstrip("/")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        transport = retrying_transport(retries) if retries else None
+        transport: httpx.BaseTransport | None = None
+        if retries:
+            transport = retrying_transport(retries) if wait_for_api else FirstContactTransport(retries)
         self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout, transport=transport)
 
     def close(self) -> None:
