@@ -86,7 +86,7 @@ def test_batches_a_worker_cannot_load_go_back_and_a_good_worker_finishes(
             pairs = {"items": [{"prompt": "now?", "response": "yes"}]}
             ask = threading.Thread(target=lambda: asked.update(resp=c.post("/v1/score", json=pairs)))
             ask.start()
-            wait_for(lambda: "score_interactive" in bad.tail(50) and "retry" in bad.tail(50), 60,
+            wait_for(lambda: "score_interactive" in bad.tail(50) and "passed back to the queue" in bad.tail(50), 60,
                      "the bad worker handing the interactive part back", bad.popen)  # fmt: skip
             queues = f"{queue},{queue}-interactive"
             good_worker = start_worker(worker_env(db, queue, REWARDQ_MODEL=str(good)), tmp_path / "good.log", queues)
