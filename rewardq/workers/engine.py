@@ -33,7 +33,7 @@ from rewardq.workers.errors import (
     public_message,
     reason_code,
 )
-from rewardq.workers.feeder import feed_quietly
+from rewardq.workers.feeder import feed_quietly, refill_room
 from rewardq.workers.messages import (
     QUEUED_BATCHES,
     InteractiveBatch,
@@ -289,7 +289,7 @@ def _take_and_score(msg: ScoreBatch, queue: str | None, settings: Settings, work
         note_served(settings.redis_url, msg.tenant)  # fair share: this tenant does not jump the queue for a while
     except redis.RedisError:
         log.warning("could not note tenant %s as served", msg.tenant)
-    feed_quietly()  # keep the queue topped up from SQL as batches complete
+    feed_quietly(refill_room(settings))  # keep the queue topped up from SQL as batches complete, a few at a time
     return inserted
 
 

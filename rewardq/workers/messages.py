@@ -136,6 +136,6 @@ def build_messages(
     for b in batches:
         items = repo.batch_texts(session, job_id=job_id, start_idx=b.start_idx, end_idx=b.end_idx)
         out.append(ScoreBatch(job_id=job_id, batch_no=b.batch_no, start_idx=b.start_idx,
-                              model_version=model_version, prompts=[it.prompt for it in items],
-                              responses=[it.response for it in items], tenant=tenant))  # fmt: skip
+                              model_version=model_version, prompts=[p for p, _ in items],
+                              responses=[r for _, r in items], tenant=tenant))  # fmt: skip
     return out
