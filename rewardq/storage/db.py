@@ -21,9 +21,9 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.execute("PRAGMA busy_timeout=30000")
     cur.execute("PRAGMA foreign_keys=ON")
-    # A 32 MiB page cache per connection (SQLite's default is 2 MiB): a job of a few hundred thousand items outgrew
-    # the default, and every result insert then read its index pages again (a worker's throughput fell by 40 %
-    # between a 60k and a 400k job; benchmarks/benchmark_orchestration.py --pipeline). Pages are taken as used.
+    # A 32 MiB page cache per connection (SQLite's default is 2 MiB): the result indexes of a job of a few hundred
+    # thousand items outgrow the default, and each insert then reads its index pages again from the OS. Pages are
+    # taken as they are used, so a connection that reads little stays small.
     cur.execute("PRAGMA cache_size=-32768")
     cur.close()
 
