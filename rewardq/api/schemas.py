@@ -183,6 +183,19 @@ class TrainingParams(BaseModel):
         "difference (TRL's margin term); default 0",
     )
     seed: int = Field(default=0, ge=0)
+    window: int | None = Field(
+        default=None,
+        ge=0,
+        le=100_000_000,
+        description="train on the tenant's newest feedback rows, this many (0: all); default REWARDQ_TRAIN_WINDOW "
+        "(100,000). The gate and validation slices come from the same rows",
+    )
+    window_sample: int = Field(
+        default=0,
+        ge=0,
+        le=100_000_000,
+        description="and this many of the older rows beside the window, drawn uniformly with the run's seed",
+    )
     gate_margin: float | None = Field(
         default=None, ge=-1, le=1, description="default REWARDQ_GATE_MARGIN; below 0 needs an admin key"
     )

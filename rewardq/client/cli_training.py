@@ -132,6 +132,18 @@ _TRAIN_OPTIONS = [
         help="each trained encoder layer's learning rate is this times the one above's  [default: 1]",
     ),
     click.option(
+        "--window",
+        type=int,
+        default=None,
+        help="train on the newest feedback rows, this many; 0: all  [default: REWARDQ_TRAIN_WINDOW, 100000]",
+    ),
+    click.option(
+        "--window-sample",
+        type=int,
+        default=None,
+        help="and this many older rows beside them, drawn uniformly with the seed  [default: 0]",
+    ),
+    click.option(
         "--gate-margin",
         type=float,
         default=None,

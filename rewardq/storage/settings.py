@@ -164,6 +164,12 @@ class Settings(BaseSettings):
     )
     fault_poison_marker: str = Field(default="", description="testing aid: a text containing it fails to score")
     gate_margin: float = Field(default=0.005, description="a candidate must beat the active version by this much")
+    train_window: int = Field(
+        default=100_000,
+        ge=0,
+        description="a training run trains on the tenant's newest feedback rows, this many (0: all of them), unless "
+        "the run names its own window",
+    )
     min_train_feedback: int = Field(
         default=30, ge=1, description="a run on fewer usable feedback rows (duplicates merged) ends rejected"
     )

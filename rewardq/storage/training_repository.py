@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import uuid
 from collections.abc import Iterator, Sequence
 from datetime import datetime
@@ -54,9 +55,11 @@ def count_feedback_after(session: Session, *, tenant: str, after_id: int) -> int
     return int(session.scalar(q) or 0)
 
 
-def iter_feedback(session: Session, *, tenant: str, max_id: int, page: int = 10_000) -> Iterator[Feedback]:
-    """A tenant's feedback up to ``max_id`` in id order, page by page."""
-    last = 0
+def iter_feedback(
+    session: Session, *, tenant: str, max_id: int, page: int = 10_000, min_id: int = 0
+) -> Iterator[Feedback]:
+    """A tenant's feedback from ``min_id`` up to ``max_id`` in id order, page by page."""
+    last = min_id - 1
     while True:
         q = (
             select(Feedback)
@@ -69,6 +72,34 @@ def iter_feedback(session: Session, *, tenant: str, max_id: int, page: int = 10_
         if len(rows) < page:
             return
         last = rows[-1].id
+
+
+def window_start(session: Session, *, tenant: str, max_id: int, window: int) -> int:
+    """The lowest id among the tenant's newest ``window`` feedback rows up to ``max_id`` (0: the window holds them
+    all). One range of the (tenant, id) index, read backwards."""
+    if window <= 0:
+        return 0
+    q = (
+        select(Feedback.id)
+        .where(Feedback.tenant == tenant, Feedback.id <= max_id)
+        .order_by(Feedback.id.desc())
+        .offset(window - 1)
+        .limit(1)
+    )
+    return int(session.scalar(q) or 0)
+
+
+def sample_before(session: Session, *, tenant: str, before_id: int, k: int, seed: int) -> list[Feedback]:
+    """``k`` of the tenant's feedback rows older than ``before_id``, drawn uniformly with ``seed`` (all of them when
+    there are fewer): their ids are read (the index alone), the draw is made here, the rows are read by id."""
+    if k <= 0 or before_id <= 0:
+        return []
+    ids = list(session.scalars(select(Feedback.id).where(Feedback.tenant == tenant, Feedback.id < before_id)))
+    picked = sorted(random.Random(seed).sample(ids, min(k, len(ids))))
+    rows: list[Feedback] = []
+    for i in range(0, len(picked), 1000):
+        rows += session.scalars(select(Feedback).where(Feedback.id.in_(picked[i : i + 1000])).order_by(Feedback.id))
+    return rows
 
 
 # -- training runs --------------------------------------------------------------------------------

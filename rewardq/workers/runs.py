@@ -40,15 +40,32 @@ class RunError(Exception):
     """A run that cannot proceed for a reason the user can act on (recorded on the run)."""
 
 
-def _load_feedback(tenant: str, max_id: int) -> Feedback:
+def _load_feedback(
+    tenant: str, max_id: int, params: TrainParams, default_window: int
+) -> tuple[Feedback, dict[str, int]]:
+    """The run's feedback up to ``max_id`` (the watermark: everything up to it counts as consumed, trained on or
+    not): the newest ``params.window`` rows (``default_window``, REWARDQ_TRAIN_WINDOW, when the run names none; 0:
+    all) and ``params.window_sample`` of the older ones drawn uniformly, so a run's cost stays bounded however much
+    feedback a tenant has collected. Also what the window held, for the run's report."""
+    window = default_window if params.window is None else params.window
     data = Feedback()
+
+    def add(row: Any) -> None:
+        if row.kind == "preference":
+            data.preferences.append(Preference(row.prompt, row.chosen or "", row.rejected or ""))
+        else:
+            data.ratings.append(Rating(row.prompt, row.response or "", float(row.rating or 0.0)))
+
     with session_scope() as s:
-        for row in trepo.iter_feedback(s, tenant=tenant, max_id=max_id):
-            if row.kind == "preference":
-                data.preferences.append(Preference(row.prompt, row.chosen or "", row.rejected or ""))
-            else:
-                data.ratings.append(Rating(row.prompt, row.response or "", float(row.rating or 0.0)))
-    return data
+        start = trepo.window_start(s, tenant=tenant, max_id=max_id, window=window)
+        older = trepo.sample_before(s, tenant=tenant, before_id=start, k=params.window_sample, seed=params.seed)
+        for row in older:
+            add(row)
+        n_window = 0
+        for row in trepo.iter_feedback(s, tenant=tenant, max_id=max_id, min_id=start):
+            add(row)
+            n_window += 1
+    return data, {"window": window, "newest": n_window, "older_sampled": len(older), "from_id": start}
 
 
 def _fault_kill(marker: str, data: Feedback) -> None:
@@ -199,7 +216,9 @@ def _train_and_gate(
     params = params_for(raw_params)
     margin = float(raw_params.get("gate_margin", default_margin))
     settings = get_settings()
-    data, report = clean(_load_feedback(tenant, max_id))
+    loaded, window = _load_feedback(tenant, max_id, params, settings.train_window)
+    data, report = clean(loaded)
+    report["window"] = window
     _fault_kill(settings.fault_kill_marker, data)
     train, val, held = data.slices(params.heldout_fraction, params.validation_fraction, params.seed)
     report.update(train=len(train), validation=len(val), gate=len(held), gate_comparisons=comparisons(held))
@@ -223,7 +242,8 @@ def _train_and_gate(
     if steps > limit:  # the feedback grew since the run was accepted (or a schedule)
         raise RunError(
             f"this run would take about {steps} steps on {len(train)} feedback rows, "
-            f"more than the {limit} allowed (REWARDQ_MAX_TRAIN_STEPS): use fewer epochs or a larger batch_size"
+            f"more than the {limit} allowed (REWARDQ_MAX_TRAIN_STEPS): use fewer epochs, a larger batch_size or a "
+            "smaller window (REWARDQ_TRAIN_WINDOW)"
         )
     last_write = [0.0]
     last: dict[str, Any] = {}

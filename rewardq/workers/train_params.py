@@ -29,6 +29,8 @@ class TrainParams:
     dropout: float | None = None  # every dropout layer's rate while training (None: the model's own, 0.1 for MiniLM)
     ema_decay: float = 0.0  # the run keeps an exponential moving average of its weights, this decay per step (0: off)
     layer_decay: float = 1.0  # each trained encoder layer's lr is this times the one above's (1: one lr for all)
+    window: int | None = None  # the newest feedback rows the run uses (None: REWARDQ_TRAIN_WINDOW; 0: all)
+    window_sample: int = 0  # and this many of the older rows beside them, drawn uniformly (seeded)
 
 
 # What differs from the defaults above for a kind (chosen on held-out training feedback, see docs/retraining.md). A kind
@@ -47,6 +49,15 @@ def params_for(raw: dict[str, Any]) -> TrainParams:
 def resolved(raw: dict[str, Any]) -> dict[str, Any]:
     """Every parameter a run will use, for storing on the run (gate_margin and other extras kept as given)."""
     return {**raw, **asdict(params_for(raw))}
+
+
+def window_rows(params: TrainParams, n_feedback: int, default_window: int) -> int:
+    """How many of ``n_feedback`` rows a run uses: its window of the newest (``default_window`` when it names none;
+    0: all), and its sample of the older ones."""
+    window = default_window if params.window is None else params.window
+    if window <= 0 or n_feedback <= window:
+        return n_feedback
+    return window + min(params.window_sample, n_feedback - window)
 
 
 def planned_steps(params: TrainParams, n_train: int) -> int:

@@ -25,7 +25,7 @@ from rewardq.storage.clock import utcnow
 from rewardq.storage.models import RunStatus, Schedule, TrainingRun
 from rewardq.workers import liveness
 from rewardq.workers.messages import enqueue_training_run
-from rewardq.workers.train_params import params_for, planned_steps, resolved
+from rewardq.workers.train_params import params_for, planned_steps, resolved, window_rows
 
 runs = APIRouter(prefix="/v1/training-runs", tags=["training"])
 schedules = APIRouter(prefix="/v1/schedules", tags=["schedules"])
@@ -61,7 +61,7 @@ def start_run(session: SessionDep, settings: SettingsDep, caller: CallerDep, par
     if stats["total"] < 3:
         raise invalid([FieldError("feedback", f"need at least 3 feedback rows to train, have {stats['total']}")])
     chosen = _params(params or TrainingParams(), caller.admin)
-    _check_steps(chosen, stats["total"], settings.max_train_steps)
+    _check_steps(chosen, stats["total"], settings.max_train_steps, settings.train_window)
     busy = trepo.open_run_of_tenant(session, tenant=tenant)
     if busy is None:
         try:
@@ -85,8 +85,9 @@ def start_run(session: SessionDep, settings: SettingsDep, caller: CallerDep, par
     return run_out(run)
 
 
-def _check_steps(chosen: dict[str, object], n_feedback: int, limit: int) -> None:
+def _check_steps(chosen: dict[str, object], n_feedback: int, limit: int, default_window: int) -> None:
     params = params_for(chosen)
+    n_feedback = window_rows(params, n_feedback, default_window)
     steps = planned_steps(params, int(n_feedback * (1 - params.heldout_fraction - params.validation_fraction)))
     if steps > limit:
         raise invalid(
@@ -96,7 +97,7 @@ def _check_steps(chosen: dict[str, object], n_feedback: int, limit: int) -> None
                     f"this run would take about {steps} steps ({params.epochs} epochs of "
                     f"batches of {params.batch_size} over {n_feedback} feedback rows), more "
                     f"than the {limit} allowed (REWARDQ_MAX_TRAIN_STEPS): use fewer epochs "
-                    "or a larger batch_size",
+                    "or a larger batch_size, or a smaller window (REWARDQ_TRAIN_WINDOW)",
                 )
             ]
         )
