@@ -233,3 +233,66 @@ def test_out_of_range_numbers_and_dates_are_422_not_500(api: TestClient):
     assert resp.status_code == 422 and resp.json()["errors"][0]["field"] == "min_new_feedback"
     resp = api.delete("/v1/feedback", params={"before": "0001-01-01T00:00:00+01:00"})
     assert resp.status_code == 422 and resp.json()["errors"][0]["field"] == "before"
+
+
+def test_every_export_format_carries_the_same_fields(api: TestClient, db_url: str, tmp_path):
+    """JSON Lines, CSV and Parquet carry the same columns in the same order (issue #38, item 5: Parquet lacked
+    score_z and percentile, and a scored JSON Lines row lacked the error fields a failed one has), with the same
+    values; the results page carries the same fields but the error ones."""
+    from sqlalchemy import update
+
+    from rewardq.storage import registry
+    from rewardq.storage.db import session_scope
+    from rewardq.storage.models import ModelVersion
+    from rewardq.storage.score_stats import summarize
+
+    items = [{"id": f"f{i}", "prompt": f"p{i}", "response": f"r{i}"} for i in range(3)]
+    job_id = api.post("/v1/jobs", json={"items": items}).json()["job_id"]
+    with session_scope(db_url) as s:
+        version = s.get(Job, job_id).model_version
+        before = registry.score_stats(s, version=version)
+        # A worker calibrates a version on first load; here none runs: stats, so score_z and percentile have values.
+        registry.set_score_stats(s, version=version, stats=summarize([0.1 * i for i in range(11)], "test"))
+        assert registry.score_stats(s, version=version)
+    try:
+        _same_fields(api, db_url, job_id, version, tmp_path)
+    finally:  # the session's database is shared: leave the version as a worker's calibration would find it
+        with session_scope(db_url) as s:
+            s.execute(update(ModelVersion).where(ModelVersion.version == version).values(score_stats=before))
+
+
+def _same_fields(api: TestClient, db_url: str, job_id: str, version: str, tmp_path) -> None:
+    import csv
+    import io
+    import math
+
+    import pyarrow.parquet as pq
+
+    from rewardq.client.formats import RESULT_FIELDS, write_parquet
+    from rewardq.storage import repository as repo
+    from rewardq.storage.db import session_scope
+
+    with session_scope(db_url) as s:
+        repo.save_results(s, job_id=job_id, batch_no=0, start_idx=0, scores=[0.4, 0.6], cos=[[0.2], [0.1]],
+                          model_version=version)  # fmt: skip
+        repo.record_item_failure(s, job_id=job_id, batch_no=0, idx=2, code="poison", message="bad")
+    jsonl = api.get(f"/v1/jobs/{job_id}/results", params={"format": "jsonl"}).text
+    rows = [json.loads(line) for line in jsonl.splitlines() if line.strip()]
+    assert [list(r) for r in rows] == [list(RESULT_FIELDS)] * 3
+    assert rows[0]["score_z"] is not None and rows[0]["percentile"] is not None and rows[2]["error_code"] == "poison"
+    table = list(csv.DictReader(io.StringIO(api.get(f"/v1/jobs/{job_id}/results", params={"format": "csv"}).text)))
+    assert list(table[0]) == list(RESULT_FIELDS) and len(table) == 3
+    write_parquet(jsonl.splitlines(), tmp_path / "r.parquet")
+    parquet = pq.read_table(tmp_path / "r.parquet")
+    assert parquet.column_names == list(RESULT_FIELDS)
+    got = parquet.to_pylist()
+    for row, cells, pq_row in zip(rows, table, got, strict=True):
+        for name in ("score", "score_z", "percentile"):
+            if row[name] is None:
+                assert cells[name] == "" and pq_row[name] is None
+            else:
+                assert math.isclose(float(cells[name]), row[name]) and math.isclose(pq_row[name], row[name])
+        assert cells["error_code"] == (row["error_code"] or "") and pq_row["error_code"] == row["error_code"]
+    page = api.get(f"/v1/jobs/{job_id}/results").json()["results"]
+    assert [list(r) for r in page] == [[f for f in RESULT_FIELDS if not f.startswith("error")]] * 2
+    assert [(r["score_z"], r["percentile"]) for r in page] == [(r["score_z"], r["percentile"]) for r in rows[:2]]

@@ -58,6 +58,12 @@ def test_persist_makes_a_job_through_the_interactive_queue(stack: Stack):
     assert job["progress"]["done"] == 4 and job["metadata"] == {"step": 7, "lane": "interactive"}
     stored = [r["score"] for r in c.get(f"/v1/jobs/{out['job_id']}/results").json()["results"]]
     assert stored == [r["score"] for r in out["results"]]
+    # The same fields as an answer-only request (issue #38, item 5: kind was '', score_z and percentile None).
+    answer = c.post("/v1/score", json={"items": [{"prompt": p, "response": r} for p, r in PAIRS]}).json()
+    assert out["kind"] == answer["kind"] == "sim_exp"
+    for mine, theirs in zip(out["results"], answer["results"], strict=True):
+        assert set(mine) == set(theirs) and mine["percentile"] is not None
+        assert abs(mine["score_z"] - theirs["score_z"]) < 1e-6 and abs(mine["percentile"] - theirs["percentile"]) < 1e-3
 
 
 def test_limits_validation_and_tenancy(stack: Stack):

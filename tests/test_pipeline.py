@@ -170,7 +170,10 @@ def test_ndjson_job_sorting_and_exports_agree(stack: Stack):
 
     jsonl = stack.client.get(f"/v1/jobs/{job_id}/results", params={"format": "jsonl"})
     assert jsonl.headers["content-type"].startswith("application/x-ndjson")
-    assert [json.loads(x) for x in jsonl.text.splitlines()] == by_index
+    # The export also carries the error fields (None for a scored item), as every export format does.
+    assert [json.loads(x) for x in jsonl.text.splitlines()] == [
+        {**r, "error_code": None, "error": None} for r in by_index
+    ]
     text = stack.client.get(f"/v1/jobs/{job_id}/results", params={"format": "csv"}).text
     table = list(csv.DictReader(io.StringIO(text)))
     assert len(table) == 45

@@ -13,7 +13,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from rewardq.client.formats import batch_output
+from rewardq.client.formats import RESULT_FIELDS, batch_output
 from rewardq.storage import registry, results
 from rewardq.storage import repository as repo
 from rewardq.storage.db import get_sessionmaker
@@ -22,6 +22,7 @@ from rewardq.storage.score_stats import place
 
 
 def result_row(r: Result, it: Item, stats: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A scored item as every export writes it (RESULT_FIELDS: its error fields are None)."""
     z, pct = place(r.score, stats)
     return {
         "index": r.idx,
@@ -35,24 +36,12 @@ def result_row(r: Result, it: Item, stats: dict[str, Any] | None = None) -> dict
         "model_version": r.model_version,
         "truncated": r.truncated,
         "n_tokens": r.n_tokens,
+        "error_code": None,
+        "error": None,
     }
 
 
-_CSV_FIELDS = [
-    "index",
-    "id",
-    "prompt",
-    "response",
-    "score",
-    "score_z",
-    "percentile",
-    "cos",
-    "model_version",
-    "truncated",
-    "n_tokens",
-    "error_code",
-    "error",
-]
+_CSV_FIELDS = list(RESULT_FIELDS)
 
 
 def _stats_of_job(session: Session, job_id: str) -> dict[str, Any] | None:

@@ -347,7 +347,7 @@ class ScoreRow(BaseModel):
 
 class ScoreOut(BaseModel):
     model_version: str
-    kind: str = Field(description="the version's kind (empty for a persisted request: see the job)")
+    kind: str = Field(description="the version's kind")
     results: list[ScoreRow]
     job_id: str | None = Field(default=None, description="with persist: the job that keeps these scores")
     status: str | None = Field(default=None, description="with persist: the job's status")

@@ -344,26 +344,20 @@ def batch_output(rows: Iterable[dict[str, Any]], version: str, job_id: str) -> I
         yield line()
 
 
+# The columns of every export of a job's results (JSON Lines, CSV, Parquet), in order: a failed item has no score
+# and says why in error_code and error; a scored one has None there.
+RESULT_FIELDS = ("index", "id", "prompt", "response", "score", "score_z", "percentile", "cos", "model_version",
+                 "truncated", "n_tokens", "error_code", "error")  # fmt: skip
+
+
 def write_parquet(lines: Iterable[str | bytes], path: Path, rows_per_group: int = 10_000) -> int:
     """Rows of a jsonl results stream written as Parquet, a row group at a time; returns the rows written."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    schema = pa.schema(
-        [
-            ("index", pa.int64()),
-            ("id", pa.string()),
-            ("prompt", pa.string()),
-            ("response", pa.string()),
-            ("score", pa.float64()),
-            ("cos", pa.list_(pa.float64())),
-            ("model_version", pa.string()),
-            ("truncated", pa.bool_()),
-            ("n_tokens", pa.int64()),
-            ("error_code", pa.string()),
-            ("error", pa.string()),
-        ]
-    )
+    types = {"index": pa.int64(), "score": pa.float64(), "score_z": pa.float64(), "percentile": pa.float64(),
+             "cos": pa.list_(pa.float64()), "truncated": pa.bool_(), "n_tokens": pa.int64()}  # fmt: skip
+    schema = pa.schema([(name, types.get(name, pa.string())) for name in RESULT_FIELDS])
     n = 0
     pending: list[dict[str, Any]] = []
     with pq.ParquetWriter(str(path), schema) as writer:

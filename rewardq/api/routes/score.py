@@ -121,26 +121,32 @@ async def _persisted(
     def read() -> ScoreOut:
         job = repo.get_job(session, job_id=job_id)
         assert job is not None
+        mv = registry.get_version(session, version=version)
+        kind = mv.kind if mv is not None else ""
         if job.status not in FINISHED:
             response.status_code = 202
-            return ScoreOut(model_version=version, kind="", results=[], job_id=job_id, status=job.status)
+            return ScoreOut(model_version=version, kind=kind, results=[], job_id=job_id, status=job.status)
+        stats = registry.score_stats(session, version=version)
         rows, _ = results.results_page(session, job_id=job_id, sort="index", cursor=None, limit=len(items))
         by_idx = {r.idx: r for r, _ in rows}
         errors = {e.idx: e for e, _ in results.item_errors(session, job_id=job_id, limit=None)}
         out = []
         for i, it in enumerate(items):
             r, e = by_idx.get(i), errors.get(i)
+            z, pct = place(r.score if r else None, stats)
             out.append(
                 ScoreRow(
                     index=i,
                     id=it.item_id,
                     score=r.score if r else None,
+                    score_z=z,
+                    percentile=pct,
                     cos=r.cos if r else None,
                     truncated=bool(r and r.truncated),
                     n_tokens=r.n_tokens if r else None,
                     error={"code": e.code, "message": e.message} if e else None,
                 )
             )
-        return ScoreOut(model_version=version, kind="", results=out, job_id=job_id, status=job.status)
+        return ScoreOut(model_version=version, kind=kind, results=out, job_id=job_id, status=job.status)
 
     return await run_in_threadpool(read)
