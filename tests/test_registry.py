@@ -178,3 +178,65 @@ def test_roles_and_tenancy_of_the_models_api(db_url: str, redis_url: str):
         assert resp.status_code == 403 and resp.json()["errors"][0]["field"] == "gate_margin"
         resp = c.post("/v1/schedules", headers=alice, json={"cron": "0 3 * * *", "params": {"gate_margin": -0.1}})
         assert resp.status_code == 403
+
+
+def test_a_version_is_named_by_its_id_or_its_name_unique_per_owner(db_url: str, redis_url: str):
+    """Issue #38, item 3: vLLM sends the served model's name; rewardq took only version ids (422 unknown model
+    version 'my-rm'). A name now stands for its version within its owner: the tenant's own first, then a shared
+    one; another tenant's name is as unknown as its id, and a second version of an owner cannot take a name."""
+    tag = uuid.uuid4().hex[:8]
+    shared, own, other = f"s-{tag}", f"o-{tag}", f"x-{tag}"
+    name = f"my-rm-{tag}"
+    with session_scope(db_url) as s:
+        registry.register(s, version=shared, kind="sim_exp", base_model="t", path=None, config={}, name=name)
+        registry.register(s, version=other, kind="sim_exp", base_model="t", path=None, config={}, name=name,
+                          owner="bob")  # fmt: skip
+    with session_scope(db_url) as s:
+        assert registry.resolve(s, ref=name, tenant="alice").version == shared
+        assert registry.resolve(s, ref=name, tenant="bob").version == other  # bob's own comes first
+        assert registry.resolve(s, ref=shared, tenant="alice").version == shared  # the id still works
+        assert registry.resolve(s, ref=other, tenant="alice") is None  # bob's, by id: unknown to alice
+        registry.register(s, version=own, kind="sim_exp", base_model="t", path=None, config={}, name=name,
+                          owner="alice")  # fmt: skip
+    with session_scope(db_url) as s:
+        assert registry.resolve(s, ref=name, tenant="alice").version == own
+    with pytest.raises(IntegrityError), session_scope(db_url) as s:  # a second shared version of that name
+        registry.register(s, version=f"t-{tag}", kind="sim_exp", base_model="t", path=None, config={}, name=name)
+
+    keys = "alice:key-alice-0123456789abcdef0123456789,carol:key-carol-0123456789abcdef012345678"
+    with make_client(db_url, "test-registry-names", api_keys=keys) as c:
+        carol = {"Authorization": "Bearer key-carol-0123456789abcdef012345678"}
+        item = {"items": [{"prompt": "p", "response": "r"}], "model_version": name}
+        resp = c.post("/v1/jobs", headers=carol, json=item)
+        assert resp.status_code == 202 and resp.json()["model_version"] == shared, resp.text  # pinned to the id
+        alice = {"Authorization": "Bearer key-alice-0123456789abcdef0123456789"}
+        assert c.post("/v1/jobs", headers=alice, json=item).json()["model_version"] == own
+        assert c.post(f"/v1/models/{name}/activate", headers=carol).json()["active"] == shared
+        bad = c.post("/v1/jobs", headers=carol, json={**item, "model_version": f"nope-{tag}"})
+        assert bad.status_code == 422 and bad.json()["errors"][0]["field"] == "model_version"
+
+
+def test_names_given_twice_before_they_had_to_be_unique_are_kept_apart_by_the_migration(tmp_path):
+    """Migration 0018 on a database whose two shared versions share a name: the older keeps it, the newer gets its
+    id's start appended, and the unique index then holds."""
+    from sqlalchemy import create_engine, text
+
+    from rewardq.storage.migrate import upgrade
+
+    url = f"sqlite:///{tmp_path / 'names.db'}"
+    upgrade(url, revision="0017")
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        for version, when in (("aaaa1111", "2026-01-01"), ("bbbb2222", "2026-02-01"), ("cccc3333", "2026-03-01")):
+            conn.execute(
+                text(
+                    "INSERT INTO model_versions (version, kind, name, owner, base_model, n_heads, config, metrics,"
+                    " created_at) VALUES (:v, 'sim_exp', 'rm', NULL, 't', 1, '{}', '{}', :t)"
+                ),
+                {"v": version, "t": when},
+            )
+    upgrade(url)
+    with engine.begin() as conn:
+        names = dict(conn.execute(text("SELECT version, name FROM model_versions")).tuples().all())
+    assert names == {"aaaa1111": "rm", "bbbb2222": "rm-bbbb2222", "cccc3333": "rm-cccc3333"}
+    engine.dispose()

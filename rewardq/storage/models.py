@@ -66,6 +66,17 @@ class ModelVersion(Base):
     """A scorable model: its kind, where its files are, and who may use it (owner None: every tenant)."""
 
     __tablename__ = "model_versions"
+    # A name stands for its version within its owner's (a tenant's, or every shared version's: '*'): unique there.
+    __table_args__ = (
+        Index(
+            "ux_model_versions_owner_name",
+            func.coalesce(text("owner"), "*"),
+            "name",
+            unique=True,
+            sqlite_where=text("name IS NOT NULL"),
+            postgresql_where=text("name IS NOT NULL"),
+        ),
+    )
 
     version: Mapped[str] = mapped_column(String(64), primary_key=True)
     kind: Mapped[str] = mapped_column(String(16), default="sim_exp", server_default="sim_exp")

@@ -23,6 +23,24 @@ def get_version(session: Session, *, version: str, tenant: str | None = None) ->
     return session.scalar(select(ModelVersion).where(ModelVersion.version == version, _visible(tenant)))
 
 
+def resolve(session: Session, *, ref: str, tenant: str | None) -> ModelVersion | None:
+    """The version ``ref`` names, by id or by name: the tenant's own version of that name first, then a shared one
+    (names are unique within an owner). None when neither exists or the version is another tenant's."""
+    mv = get_version(session, version=ref, tenant=tenant)
+    if mv is not None:
+        return mv
+    owners = (
+        [ModelVersion.owner.is_(None)]
+        if tenant is None
+        else [ModelVersion.owner == tenant, ModelVersion.owner.is_(None)]
+    )
+    for owner in owners:
+        mv = session.scalar(select(ModelVersion).where(ModelVersion.name == ref, owner))
+        if mv is not None:
+            return mv
+    return None
+
+
 def list_versions(session: Session, *, tenant: str | None = None) -> list[ModelVersion]:
     q = select(ModelVersion).where(_visible(tenant))
     return list(session.scalars(q.order_by(ModelVersion.created_at, ModelVersion.version)))

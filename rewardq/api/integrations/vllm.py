@@ -19,7 +19,7 @@ router = APIRouter(tags=["integrations"])
 
 @router.post("/score", summary="vLLM-compatible scoring")
 async def vllm_score(request: Request, session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> dict[str, Any]:
-    """`{"model"?, "text_1", "text_2"}`: `model` is a version id (default: your active version)."""
+    """`{"model"?, "text_1", "text_2"}`: `model` is a version's id or name (default: your active version)."""
     try:
         doc = loads(await read_body(request, settings.max_json_bytes))
     except (ValueError, UnicodeDecodeError) as exc:

@@ -126,9 +126,10 @@ def pinned_version(session: Session, tenant: str, requested: str | None) -> str:
         if active is None:
             raise ApiError(503, "no model version is registered yet: run 'rewardq db upgrade' or start a worker")
         return active
-    if registry.get_version(session, version=requested, tenant=tenant) is None:
-        raise invalid([FieldError("model_version", f"unknown model version {requested!r}")])
-    return requested
+    mv = registry.resolve(session, ref=requested, tenant=tenant)
+    if mv is None:
+        raise invalid([FieldError("model_version", f"unknown model version {requested!r} (an id or a name)")])
+    return mv.version
 
 
 def _prior(session: Session, tenant: str, idem_key: str | None, body_hash: str) -> JobCreated | None:

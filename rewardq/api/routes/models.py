@@ -47,7 +47,8 @@ def model_list(session: Session, tenant: str) -> ModelList:
 
 
 def _visible(session: Session, version: str, tenant: str) -> ModelVersion:
-    mv = registry.get_version(session, version=version, tenant=tenant)
+    """The version ``version`` names (its id or its name), if the tenant may see it."""
+    mv = registry.resolve(session, ref=version, tenant=tenant)
     if mv is None:
         raise ApiError(404, f"model version {version!r} not found", [FieldError("version", "not found")])
     return mv
@@ -72,7 +73,7 @@ def activate(
     mv = _visible(session, version, caller.tenant)
     if default and mv.owner is not None:
         raise invalid([FieldError("version", "a tenant's own version cannot be every tenant's default")])
-    registry.activate(session, scope=DEFAULT_SCOPE if default else caller.tenant, version=version)
+    registry.activate(session, scope=DEFAULT_SCOPE if default else caller.tenant, version=mv.version)
     session.commit()
     return model_list(session, caller.tenant)
 
@@ -85,7 +86,7 @@ def follow_default(session: SessionDep, tenant: TenantDep) -> ModelList:
     return model_list(session, tenant)
 
 
-@router.post("/import", response_model=ModelVersionOut, responses={c: {"model": ErrorOut} for c in (403, 422)})
+@router.post("/import", response_model=ModelVersionOut, responses={c: {"model": ErrorOut} for c in (403, 409, 422)})
 async def import_model(
     body: ModelImport, response: Response, session: SessionDep, settings: SettingsDep, caller: AdminDep
 ) -> ModelVersionOut:
@@ -98,13 +99,23 @@ async def import_model(
     except ImportRefused as exc:
         raise invalid([FieldError("path", str(exc))]) from exc
 
+    name = body.name or Path(body.path).name
+
     def register() -> tuple[ModelVersion, bool]:
         existed = registry.get_version(session, version=done.version) is not None
+        taken = registry.resolve(session, ref=name, tenant=None)
+        if not existed and taken is not None and taken.name == name:
+            raise ApiError(
+                409,
+                f"a shared version is already named {name!r} ({taken.version}): a name stands for one version, "
+                "give this one another (--name)",
+                [FieldError("name", "taken")],
+            )
         mv = registry.register(
             session,
             version=done.version,
             kind=body.kind,
-            name=body.name or Path(body.path).name,
+            name=name,
             base_model=done.base_model,
             path=done.directory.name,
             config=done.config,
