@@ -115,6 +115,29 @@ def test_trl_conversational_format(live: Live):
     assert convo == plain and len(plain) == len(PAIRS)
 
 
+def test_normalised_rewards_on_request(live: Live):
+    """Issue #38, item 4: the README recommends score_z for RLHF, but /get_reward, vLLM's /score and the TRL reward
+    function returned raw scores only. normalize=z asks each for the z-score /v1/score reports beside each score."""
+    from rewardq.api.integrations import trl_reward_func
+
+    with live.client() as c:
+        want = [r["score_z"] for r in c.score(PAIRS)["results"]]
+    assert all(z is not None for z in want) and len(set(want)) > 1
+    auth = ("rewardq", SECRET)
+    body = {"query": [p + r for p, r in PAIRS], "prompts": [p for p, _ in PAIRS]}
+    got = httpx.post(f"{live.url}/get_reward", params={"normalize": "z"}, json=body, auth=auth).json()["rewards"]
+    raw = httpx.post(f"{live.url}/get_reward", json=body, auth=auth).json()["rewards"]
+    assert max(abs(a - b) for a, b in zip(got, want, strict=True)) < 1e-6 and got != raw
+    body = {"text_1": [p for p, _ in PAIRS], "text_2": [r for _, r in PAIRS]}
+    data = httpx.post(f"{live.url}/score", params={"normalize": "z"}, json=body, auth=auth).json()["data"]
+    assert max(abs(d["score"] - w) for d, w in zip(data, want, strict=True)) < 1e-6
+    reward = trl_reward_func(live.url, SECRET, normalize="z")
+    assert max(abs(a - b) for a, b in zip(reward(prompts=[p for p, _ in PAIRS], completions=[r for _, r in PAIRS]),
+                                          want, strict=True)) < 1e-6  # fmt: skip
+    bad = httpx.post(f"{live.url}/score", params={"normalize": "minmax"}, json=body, auth=auth)
+    assert bad.status_code == 422
+
+
 def _cli(live: Live, *args: str) -> subprocess.CompletedProcess[str]:
     env = {"PATH": "/usr/bin:/bin", "REWARDQ_API_URL": live.url, "REWARDQ_API_KEY": SECRET}
     return subprocess.run(

@@ -8,7 +8,7 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import redis
 from fastapi.concurrency import run_in_threadpool
@@ -17,7 +17,9 @@ from sqlalchemy.orm import Session
 from rewardq.api.errors import ApiError, FieldError, invalid
 from rewardq.api.parsing import validate_items
 from rewardq.api.routes.jobs import pinned_version
+from rewardq.storage import registry
 from rewardq.storage.repository import NewItem
+from rewardq.storage.score_stats import place
 from rewardq.storage.settings import Settings
 from rewardq.workers import events, metrics
 from rewardq.workers.messages import InteractiveBatch, enqueue_interactive
@@ -153,3 +155,22 @@ async def _score_pairs(
         tokens += int(reply.get("tokens", 0))
         rows += reply["rows"]
     return Scored(version, kind, rows, tokens)
+
+
+Normalize = Literal["none", "z"]
+NORMALIZE_DOC = (
+    "none: raw rewards; z: each reward as (score - mean) / std of the version's scores on known pairs (score_z, "
+    "what the README recommends for RLHF: a reward model's scale then never sets the policy's step size)"
+)
+
+
+async def normalized(session: Session, version: str, scores: list[float], how: Normalize) -> list[float]:
+    """``scores`` as asked: raw, or each one's z-score in the version's distribution (409 when the version has none
+    yet: a worker records it when it first loads the version, so it exists once anything was scored with it)."""
+    if how == "none":
+        return scores
+    stats = await run_in_threadpool(registry.score_stats, session, version=version)
+    zs = [place(x, stats)[0] for x in scores]
+    if any(z is None for z in zs):
+        raise ApiError(409, f"no score distribution is known for version {version} yet: ask again without normalize")
+    return [float(z) for z in zs if z is not None]

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Query, Request
 
 from rewardq.api.deps import SessionDep, SettingsDep, TenantDep, read_body
 from rewardq.api.errors import FieldError, invalid
-from rewardq.api.lane import check_items, resolve_version, score_pairs
+from rewardq.api.lane import NORMALIZE_DOC, Normalize, check_items, normalized, resolve_version, score_pairs
 from rewardq.api.parsing import loads
 
 router = APIRouter(tags=["integrations"])
@@ -44,7 +44,10 @@ async def get_reward(
     session: SessionDep,
     settings: SettingsDep,
     tenant: TenantDep,
-    model_version: Annotated[str | None, Query(max_length=64, description="default: your active version")] = None,
+    model_version: Annotated[
+        str | None, Query(max_length=256, description="an id or a name; default: your active one")
+    ] = None,
+    normalize: Annotated[Normalize, Query(description=NORMALIZE_DOC)] = "none",
 ) -> dict[str, Any]:
     body = await read_body(request, settings.max_json_bytes)
     try:
@@ -63,7 +66,7 @@ async def get_reward(
     if failed:
         row = scored.rows[failed[0]]
         raise invalid([FieldError("query", f"{row['error']['code']}: {row['error']['message']}", failed[0])])
-    rewards = [float(row["score"]) for row in scored.rows]
+    rewards = await normalized(session, version, [float(row["score"]) for row in scored.rows], normalize)
     extra = {"rewardq_truncated": [float(row["truncated"]) for row in scored.rows]}
     if scored.kind == "likelihood":
         extra["rewardq_n_tokens"] = [float(row["n_tokens"] or 0) for row in scored.rows]

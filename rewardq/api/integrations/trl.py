@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from rewardq.client.client import Client
 
@@ -53,12 +53,18 @@ def trl_reward_func(
     timeout: float = 120.0,
     retries: int = 8,
     name: str = "rewardq",
+    normalize: Literal["none", "z"] = "none",
 ) -> RewardFunc:
     """A reward function for TRL trainers that scores each (prompt, completion) with rewardq.
 
     ``base_url``/``api_key`` default to REWARDQ_API_URL/REWARDQ_API_KEY; ``model_version`` to the key's active
     version (pin one for a reproducible run). ``name`` is what TRL logs the rewards under (``rewards/<name>``).
+    ``normalize="z"``: each reward as its z-score in the version's distribution (``score_z``), so the reward model's
+    scale does not set the policy's step size.
     """
+    if normalize not in ("none", "z"):
+        raise ValueError(f"normalize must be 'none' or 'z', not {normalize!r}")
+    field = "score_z" if normalize == "z" else "score"
     client = Client(base_url, api_key or os.environ.get("REWARDQ_API_KEY"), timeout=timeout, retries=retries)
 
     def reward(prompts: Sequence[Any], completions: Sequence[Any], **_: Any) -> list[float]:
@@ -71,7 +77,9 @@ def trl_reward_func(
             for row in rows:
                 if row["score"] is None:
                     raise RuntimeError(f"rewardq could not score a completion: {row['error']}")
-                out.append(float(row["score"]))
+                if row[field] is None:
+                    raise RuntimeError(f"rewardq knows no score distribution for {row.get('model_version')} yet")
+                out.append(float(row[field]))
         return out
 
     reward.__name__ = name

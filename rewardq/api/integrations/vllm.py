@@ -4,13 +4,13 @@ is one text, else zipped), answered as ``{"object": "list", "data": [{"index", "
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 
 from rewardq.api.deps import SessionDep, SettingsDep, TenantDep, read_body
 from rewardq.api.errors import FieldError, invalid
-from rewardq.api.lane import check_items, resolve_version, score_pairs
+from rewardq.api.lane import NORMALIZE_DOC, Normalize, check_items, normalized, resolve_version, score_pairs
 from rewardq.api.parsing import loads
 from rewardq.client.formats import FormatError, score_pairs_of, score_response
 
@@ -18,7 +18,13 @@ router = APIRouter(tags=["integrations"])
 
 
 @router.post("/score", summary="vLLM-compatible scoring")
-async def vllm_score(request: Request, session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> dict[str, Any]:
+async def vllm_score(
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    tenant: TenantDep,
+    normalize: Annotated[Normalize, Query(description=NORMALIZE_DOC)] = "none",
+) -> dict[str, Any]:
     """`{"model"?, "text_1", "text_2"}`: `model` is a version's id or name (default: your active version)."""
     try:
         doc = loads(await read_body(request, settings.max_json_bytes))
@@ -37,4 +43,5 @@ async def vllm_score(request: Request, session: SessionDep, settings: SettingsDe
     if failed:
         row = scored.rows[failed[0]]
         raise invalid([FieldError("text_2", f"{row['error']['code']}: {row['error']['message']}", failed[0])])
-    return score_response(version, [float(row["score"]) for row in scored.rows], scored.tokens)
+    scores = await normalized(session, version, [float(row["score"]) for row in scored.rows], normalize)
+    return score_response(version, scores, scored.tokens)
