@@ -157,9 +157,61 @@ def _rating(value: Any, idx: int, errors: list[FieldError]) -> float | None:
     return float(value)
 
 
+def _conversation(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(m, dict) and "content" in m for m in value)
+
+
+def _extract_prompt(chosen: Any, rejected: Any) -> tuple[Any, Any, Any]:
+    """(prompt, chosen, rejected) as TRL's extract_prompt splits them, to the same index (trl/data_utils.py), but
+    for answers that differ from their first character on (TRL then looks at the last character)."""
+    idx = 0
+    for idx in range(min(len(chosen), len(rejected))):  # noqa: B007 (the index after the loop is TRL's answer)
+        if chosen[idx] != rejected[idx]:
+            if idx and chosen[idx - 1] == " ":  # the space before the answers stays with them
+                idx -= 1
+            break
+    return chosen[:idx], chosen[idx:], rejected[idx:]
+
+
+def trl_feedback(obj: dict[str, Any], idx: int, errors: list[FieldError]) -> dict[str, Any]:
+    """TRL's dataset shapes as rewardq's feedback, flattened as the TRL reward function flattens what it scores
+    (integrations.trl), so feedback and scores read the same text:
+
+    - conversations (lists of ``{"role", "content"}`` messages) for ``prompt``, ``chosen``, ``rejected`` and
+      ``completion``: the prompt's single user turn or its ``role: content`` lines, a completion's assistant turns;
+    - an implicit prompt, ``{"chosen", "rejected"}`` alone: their common beginning is the prompt, as TRL's
+      ``extract_prompt`` takes it (message by message for conversations, character by character for text);
+    - prompt-completion, ``{"prompt", "completion", "rating"}``, and KTO's unpaired ``{"prompt", "completion",
+      "label"}`` (label true: rating 1, false: rating 0)."""
+    from rewardq.api.integrations.trl import as_completion, as_prompt
+
+    out = dict(obj)
+    if "completion" in out and "response" not in out and "chosen" not in out:
+        out["response"] = out.pop("completion")
+        if "rating" not in out and isinstance(out.get("label"), bool):
+            out["rating"] = 1.0 if out.pop("label") else 0.0
+    chosen, rejected = out.get("chosen"), out.get("rejected")
+    same_shape = (isinstance(chosen, str) and isinstance(rejected, str)) or (
+        _conversation(chosen) and _conversation(rejected)
+    )
+    # TRL's maybe_extract_prompt: no prompt, or a prompt of the other shape than the answers (a dataset that also
+    # keeps the question as text beside conversations that hold it): the answers' common beginning is the prompt.
+    if same_shape and ("prompt" not in out or _conversation(out["prompt"]) != _conversation(chosen)):
+        out["prompt"], out["chosen"], out["rejected"] = _extract_prompt(chosen, rejected)
+    for name in ("prompt", "response", "chosen", "rejected"):
+        value = out.get(name)
+        if isinstance(value, list):
+            if not _conversation(value):
+                errors.append(FieldError(name, "a list must be a conversation: {role, content} messages", idx))
+                out[name] = ""
+            else:
+                out[name] = as_prompt(value) if name == "prompt" else as_completion(value)
+    return out
+
+
 def validate_feedback(raw: Any, *, max_items: int, max_chars: int, offset: int = 0) -> list[dict[str, Any]]:
     """Preferences {prompt, chosen, rejected} and ratings {prompt, response, rating} as repository rows (errors
-    name indexes from ``offset``: a chunk of a streamed upload)."""
+    name indexes from ``offset``: a chunk of a streamed upload), and TRL's dataset shapes (trl_feedback)."""
     _check_list(raw, "feedback", max_items)
     errors: list[FieldError] = []
     rows: list[dict[str, Any]] = []
@@ -169,6 +221,7 @@ def validate_feedback(raw: Any, *, max_items: int, max_chars: int, offset: int =
         if not isinstance(obj, dict):
             errors.append(FieldError("feedback", f"must be an object, got {type(obj).__name__}", i))
             continue
+        obj = trl_feedback(obj, i, errors)
         prompt = _text(obj.get("prompt"), "prompt", i, max_chars, errors)
         if "chosen" in obj or "rejected" in obj:
             chosen = _text(obj.get("chosen"), "chosen", i, max_chars, errors)
