@@ -138,6 +138,27 @@ def test_normalised_rewards_on_request(live: Live):
     assert bad.status_code == 422
 
 
+def test_v1_score_takes_vllms_body_beside_rewardqs_own(live: Live):
+    """Issue #38, item 3: vLLM serves its score API at /v1/score too, and rewardq refused its body there
+    (``model: unknown field``). A body with text_1/text_2 (and no items) is vLLM's: answered in vLLM's ScoreResponse
+    shape, as POST /score answers it; {"items": [...]} stays rewardq's own."""
+    auth = ("rewardq", SECRET)
+    body = {"text_1": [p for p, _ in PAIRS], "text_2": [r for _, r in PAIRS]}
+    v1 = httpx.post(f"{live.url}/v1/score", json=body, auth=auth)
+    plain = httpx.post(f"{live.url}/score", json=body, auth=auth)
+    assert v1.status_code == plain.status_code == 200, v1.text
+    got, want = v1.json(), plain.json()
+    # vLLM's ScoreResponse: id, object "list", created, model, data [{index, object "score", score}], usage.
+    assert set(got) == {"id", "object", "created", "model", "data", "usage"} and got["object"] == "list"
+    assert set(got["usage"]) == {"prompt_tokens", "total_tokens", "completion_tokens"}
+    assert [set(d) for d in got["data"]] == [{"index", "object", "score"}] * len(PAIRS)
+    assert [d["score"] for d in got["data"]] == [d["score"] for d in want["data"]] == _lane_scores(live, PAIRS)
+    one_to_many = httpx.post(f"{live.url}/v1/score", json={"text_1": "2+2? ", "text_2": ["4", "5"]}, auth=auth)
+    assert [d["score"] for d in one_to_many.json()["data"]] == _lane_scores(live, PAIRS[2:])
+    both = httpx.post(f"{live.url}/v1/score", json={"items": [], "text_1": "x", "text_2": "y"}, auth=auth)
+    assert both.status_code == 422  # rewardq's shape, with unknown fields: refused
+
+
 def _cli(live: Live, *args: str) -> subprocess.CompletedProcess[str]:
     env = {"PATH": "/usr/bin:/bin", "REWARDQ_API_URL": live.url, "REWARDQ_API_KEY": SECRET}
     return subprocess.run(

@@ -8,10 +8,12 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session
 
 from rewardq.api.deps import SessionDep, SettingsDep, TenantDep, read_body
 from rewardq.api.errors import ApiError, FieldError, invalid
+from rewardq.api.integrations import vllm
 from rewardq.api.lane import check_items, lane_share, resolve_version, score_pairs
 from rewardq.api.parsing import check_metadata, loads
 from rewardq.api.routes.jobs import wait_for_job
@@ -33,11 +35,14 @@ _DOC: dict[str, Any] = {
 }
 
 
-def _parse(body: bytes) -> dict[str, Any]:
+def _load(body: bytes) -> Any:
     try:
-        doc = loads(body)
+        return loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise invalid([FieldError("body", f"not valid JSON: {exc}")]) from exc
+
+
+def _parse(doc: Any) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise invalid([FieldError("body", 'must be an object like {"items": [...]}')])
     unknown = set(doc) - {"items", "model_version", "persist", "metadata"}
@@ -66,7 +71,10 @@ async def score(
     interactive queue; the default writes nothing."""
     if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
         raise ApiError(415, "use application/json", [FieldError("content-type", "unsupported")])
-    doc = _parse(await read_body(request, settings.max_json_bytes))
+    raw = _load(await read_body(request, settings.max_json_bytes))
+    if vllm.is_vllm_score(raw):  # vLLM's score body: answered in vLLM's shape, as POST /score does
+        return JSONResponse(await vllm.score_doc(raw, session, settings, tenant))  # type: ignore[return-value]
+    doc = _parse(raw)
     items = check_items(doc["items"], settings)
     version = await resolve_version(session, tenant, doc.get("model_version"))
     if doc.get("persist"):
