@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import random
-import time
 from datetime import datetime, timezone
 from typing import Any
 
@@ -54,16 +52,6 @@ class _ScoringTask(app.Task):  # type: ignore[misc]
 _settings = get_settings()
 
 
-def _stand_back(task: Any, exc: ModelLoadFailed, pause: float, **retry_kw: Any) -> None:
-    """A model this worker cannot load is this worker's failure, not the message's: the message goes back to the
-    queue at once, for a worker that can load it, and this worker stands back for ``pause`` seconds, taking nothing
-    meanwhile (prefetch is one: the message it ends still holds its only slot), so it does not take the message
-    straight back and hold it through a countdown. Alone, it takes it again after the pause and tries once more."""
-    task.retry(exc=exc, countdown=0, throw=False, **retry_kw)
-    log.warning("%s: passed back to the queue; this worker takes nothing for %.1f s", exc, pause)
-    time.sleep(pause)
-
-
 @app.task(
     bind=True,
     base=_ScoringTask,
@@ -74,19 +62,19 @@ def _stand_back(task: Any, exc: ModelLoadFailed, pause: float, **retry_kw: Any) 
 def score_batch(self: Any, payload: dict[str, Any]) -> int:
     """Transient failures (the database, Redis) are retried with backoff up to a minute apart for as long as they
     last: an outage, or a database busy with another tenant's work, never fails the job, and a retry never counts as
-    a worker death. A model this worker cannot load is this worker's failure: the message goes back to the queue at
-    once, where a worker that can load it takes it, while this one stands back (_stand_back)."""
+    a worker death. So is a model this worker cannot load: the message goes back to the queue, where a worker that
+    can load it takes it. (It is not passed back at once while this worker pauses: a version no worker can load, its
+    files gone, then stalled every worker that met it, and all other work with it.)"""
     msg = ScoreBatch.model_validate(payload)
     queue = (self.request.delivery_info or {}).get("routing_key")  # a bulk batch may stop for interactive work
     try:
         return engine.score_batch(msg, queue=queue)
     except Exception as exc:
-        if isinstance(exc, ModelLoadFailed):  # this worker stands back 1 to 10 s, longer each time
-            _stand_back(self, exc, min(2.0**self.request.retries, LOAD_RETRY_MAX_S) * random.uniform(0.5, 1.0) + 0.5)
-            return 0
-        if not is_transient(exc):
+        if not (is_transient(exc) or isinstance(exc, ModelLoadFailed)):
             raise
-        countdown = get_exponential_backoff_interval(1, self.request.retries, RETRY_BACKOFF_MAX_S, full_jitter=True)
+        # A model this worker cannot load: back soon (10 s at most), since another worker may be able to take it.
+        cap = LOAD_RETRY_MAX_S if isinstance(exc, ModelLoadFailed) else RETRY_BACKOFF_MAX_S
+        countdown = get_exponential_backoff_interval(1, self.request.retries, cap, full_jitter=True)
         raise self.retry(exc=exc, countdown=countdown) from exc
 
 
@@ -127,9 +115,6 @@ def score_interactive(self: Any, payload: dict[str, Any]) -> None:
             raise
         countdown = min(1 + self.request.retries, 5)
         if _seconds_left(self.request.expires) > countdown + 1:
-            if isinstance(exc, ModelLoadFailed):  # back to the queue at once, for a worker that can load it
-                _stand_back(self, exc, countdown, max_retries=self.request.retries + 1)
-                return
             raise self.retry(exc=exc, countdown=countdown, max_retries=self.request.retries + 1) from exc
         if not isinstance(exc, ModelLoadFailed):
             raise
