@@ -69,9 +69,7 @@ def test_batches_a_worker_cannot_load_go_back_and_a_good_worker_finishes(
     queue = f"test-midrun-{RUN_ID}-{uuid.uuid4().hex[:6]}"
     # Preflight off: the worker starts with a model it cannot load (a folder broken after it started, a GPU full).
     bad_env = worker_env(db, queue, REWARDQ_MODEL=str(broken), REWARDQ_WORKER_PREFLIGHT="0")
-    # Interactive first, as `rewardq worker` orders its queues.
-    queues = f"{queue}-interactive,{queue}"
-    bad = start_worker(bad_env, tmp_path / "bad.log", queues=queues)
+    bad = start_worker(bad_env, tmp_path / "bad.log", queues=f"{queue},{queue}-interactive")
     good_worker = None
     try:
         with make_client(db, queue, interactive_timeout_s=120.0) as c:
@@ -90,6 +88,7 @@ def test_batches_a_worker_cannot_load_go_back_and_a_good_worker_finishes(
             ask.start()
             wait_for(lambda: "score_interactive" in bad.tail(50) and "retry" in bad.tail(50), 60,
                      "the bad worker handing the interactive part back", bad.popen)  # fmt: skip
+            queues = f"{queue},{queue}-interactive"
             good_worker = start_worker(worker_env(db, queue, REWARDQ_MODEL=str(good)), tmp_path / "good.log", queues)
             job = wait_job(c, job_id, timeout=240)
             ask.join(120)
