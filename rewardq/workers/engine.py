@@ -240,6 +240,8 @@ def _take_and_score(msg: ScoreBatch, queue: str | None, settings: Settings, work
             }
         )
     with session_scope() as s:
+        # Fenced once for the whole transaction (the job's and the batch's row locks are held until it commits), so
+        # the writes below need not check the lease again.
         if not repo.fence_batch(s, job_id=msg.job_id, batch_no=msg.batch_no, lease=take.lease):
             log.warning("batch %s/%d: another worker took it since, or its job is gone: dropped", *_ref(msg))
             metrics.record(settings.redis_url, {"batches_fenced": 1.0})
@@ -252,7 +254,6 @@ def _take_and_score(msg: ScoreBatch, queue: str | None, settings: Settings, work
                 idx=msg.start_idx + i,
                 code=failed[i][0],
                 message=failed[i][1],
-                lease=take.lease,
             )
         inserted = repo.save_results(
             s,
@@ -268,7 +269,6 @@ def _take_and_score(msg: ScoreBatch, queue: str | None, settings: Settings, work
             cache_hits=int(stats.get("embed_cache_hits", 0)),
             cache_misses=int(stats.get("embed_cache_misses", 0)),
             scored_with=how,
-            lease=take.lease,
         )
         ended = repo.job_status(s, job_id=msg.job_id) in FINISHED  # this batch may have been the job's last
     # Counted as soon as its results are committed, before anyone is told the job ended: a client that waited for
