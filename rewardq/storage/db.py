@@ -13,6 +13,18 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from rewardq.storage.settings import get_settings
 
+# SQLite's default page cache, 2 MiB per connection, unless the process asks for more (use_sqlite_cache).
+_sqlite_cache_kib = 2000
+
+
+def use_sqlite_cache(mib: int) -> None:
+    """A larger SQLite page cache for this process's connections opened from now on. Workers ask for one: the result
+    indexes of a job of a few hundred thousand items outgrow the default, and each insert then reads its index pages
+    again from the OS. The API keeps the default: its pool holds up to 15 connections, and a cache fills as a long
+    upload writes, so a large one would make an upload's memory grow with its size."""
+    global _sqlite_cache_kib
+    _sqlite_cache_kib = max(1, mib) * 1024
+
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     # WAL lets the API read while a worker writes; busy_timeout queues writers instead of failing.
@@ -21,10 +33,7 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.execute("PRAGMA busy_timeout=30000")
     cur.execute("PRAGMA foreign_keys=ON")
-    # A 32 MiB page cache per connection (SQLite's default is 2 MiB): the result indexes of a job of a few hundred
-    # thousand items outgrow the default, and each insert then reads its index pages again from the OS. Pages are
-    # taken as they are used, so a connection that reads little stays small.
-    cur.execute("PRAGMA cache_size=-32768")
+    cur.execute(f"PRAGMA cache_size=-{_sqlite_cache_kib}")
     cur.close()
 
 

@@ -32,6 +32,9 @@ class Settings(BaseSettings):
         description="exact: the encoder in fp32; fast: bf16 on a GPU or a CPU with AMX or AVX512-BF16 (fp32 "
         "elsewhere), in fixed shapes so a pair scores the same in any batch",
     )
+    sqlite_worker_cache_mib: int = Field(
+        default=32, ge=1, le=4096, description="SQLite page cache per worker connection (the API keeps SQLite's 2 MiB)"
+    )
     embed_cache_size: int = Field(default=50_000, ge=0, description="embeddings kept per worker and model version")
     embed_shared_ttl_s: int = Field(
         default=86_400, ge=0, description="seconds an embedding stays in the Redis cache all workers share; 0: off"

@@ -10,6 +10,7 @@ from celery.signals import worker_process_init
 from celery.utils.time import get_exponential_backoff_interval, maybe_iso8601
 from sqlalchemy.exc import OperationalError
 
+from rewardq.storage import db
 from rewardq.storage.settings import get_settings
 from rewardq.workers import engine, events
 from rewardq.workers.celery_app import SCORE_BATCH, SCORE_INTERACTIVE, TRAIN, app
@@ -50,6 +51,7 @@ class _ScoringTask(app.Task):  # type: ignore[misc]
 
 
 _settings = get_settings()
+db.use_sqlite_cache(_settings.sqlite_worker_cache_mib)  # only workers import this module
 
 
 @app.task(
