@@ -75,11 +75,13 @@ class Live:
         return Client(self.url, SECRET)
 
 
-def wait_job(client: TestClient, job_id: str, timeout: float = 180) -> dict[str, object]:
+def wait_job(
+    client: TestClient, job_id: str, timeout: float = 180, headers: dict[str, str] | None = None
+) -> dict[str, object]:
     box: dict[str, dict[str, object]] = {}
 
     def done() -> bool:
-        box["job"] = client.get(f"/v1/jobs/{job_id}").json()
+        box["job"] = client.get(f"/v1/jobs/{job_id}", headers=headers).json()
         return box["job"]["status"] in ("succeeded", "failed", "cancelled")
 
     wait_for(done, timeout, f"job {job_id}")

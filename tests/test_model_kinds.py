@@ -206,7 +206,7 @@ def test_import_refusals_say_why(folders, tmp_path):
         (folders["bert_classifier"], "likelihood", "has no likelihood head"),
         (folders["gpt2_lm"], "classifier", "cannot be loaded with AutoModelForSequenceClassification|no classifier"),
         (tmp_path / "missing", "classifier", "not a directory"),
-        (folders["gpt2_lm"], "sim_exp", "kind must be one of"),
+        (folders["gpt2_lm"], "regression", "kind must be one of"),
     ]
     for path, kind, message in cases:
         with pytest.raises(ImportRefused, match=message):

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 from tests import tiny_models
@@ -34,15 +35,17 @@ def _import(client: TestClient, path: Path, kind: str, **options: object) -> str
     return str(resp.json()["version"])
 
 
-def _score(client: TestClient, version: str, prompts: list[str], responses: list[str]) -> dict[str, dict]:
+def _score(
+    client: TestClient, version: str, prompts: list[str], responses: list[str], headers: dict[str, str] | None = None
+) -> dict[str, dict]:
     items = [
         {"id": str(i), "prompt": p, "response": r} for i, (p, r) in enumerate(zip(prompts, responses, strict=True))
     ]
-    resp = client.post("/v1/jobs", json={"items": items, "model_version": version})
+    resp = client.post("/v1/jobs", json={"items": items, "model_version": version}, headers=headers)
     assert resp.status_code == 202, resp.text
-    job = wait_job(client, resp.json()["job_id"])
+    job = wait_job(client, resp.json()["job_id"], headers=headers)
     assert job["model_version"] == version and job["status"] == "succeeded", job
-    rows = client.get(f"/v1/jobs/{job['job_id']}/results", params={"limit": 1000}).json()["results"]
+    rows = client.get(f"/v1/jobs/{job['job_id']}/results", params={"limit": 1000}, headers=headers).json()["results"]
     return {r["id"]: r for r in rows} | {"_job": job}
 
 
@@ -148,3 +151,103 @@ def test_classifier_run_trains_a_cross_encoder_the_tenant_owns(stack: Stack, tmp
                 assert abs(net(**enc).logits[0, 0].item() - row["score"]) < 1e-4
         resp = c.post("/v1/jobs", headers=other, json={"items": items, "model_version": version})
         assert resp.status_code == 422  # another tenant cannot score with it
+
+
+def _run(c: TestClient, auth: dict[str, str], body: dict[str, object]) -> dict:
+    from rewardq.api.procs import wait_for
+
+    resp = c.post("/v1/training-runs", headers=auth, json=body)
+    assert resp.status_code == 202, resp.text
+    run_id, box = resp.json()["run_id"], {}
+
+    def ended() -> bool:
+        box["run"] = c.get(f"/v1/training-runs/{run_id}", headers=auth).json()
+        return box["run"]["status"] in ("succeeded", "rejected", "failed")
+
+    wait_for(ended, 300, f"training run {run_id}")
+    return box["run"]
+
+
+def _tenant_client(stack: Stack, name: str) -> tuple[TestClient, dict[str, str]]:
+    key = f"key-{name}-0123456789abcdef0123456789"
+    c = make_client(stack.db_url, stack.queue, f"{stack.queue}-training",
+                    artifacts_dir=stack.env["REWARDQ_ARTIFACTS_DIR"], api_keys=f"{name}:{key}")  # fmt: skip
+    return c, {"Authorization": f"Bearer {key}"}
+
+
+@pytest.mark.sqlite_only  # the registry and runs are tested on both backends elsewhere
+def test_a_sentence_transformers_encoder_imports_scores_and_trains_through_the_pipeline(stack: Stack, tmp_path):
+    """Issue #39, item 3: a sentence-transformers folder (CLS pooling) is a sim-exp version: scored through the
+    pipeline as SentenceTransformer.encode + the formula, and a run started from it keeps its encoder and pooling."""
+    import json
+
+    from rewardq.client.samples import load_sts
+    from tests.test_sim_exp_import import PROMPTS, RESPONSES, _sentence_transformers
+
+    folder = tiny_models.save_st_encoder(tmp_path / "st-cls", "cls")
+    version = _import(stack.client, folder, "sim_exp")
+    got = _score(stack.client, version, PROMPTS, RESPONSES)
+    for i, want in enumerate(_sentence_transformers(folder)):
+        assert abs(got[str(i)]["score"] - want) < 1e-5, (got[str(i)], want)
+    listed = {m["version"]: m for m in stack.client.get("/v1/models").json()["models"]}[version]
+    assert listed["settings"] == {"max_length": 64, "pooling": "cls"} and listed["kind"] == "sim_exp"
+
+    sts = load_sts("train", limit=48)
+    assert sts is not None
+    c, me = _tenant_client(stack, "enc-user")
+    with c:
+        rows = [{"prompt": x["prompt"], "response": x["response"], "rating": x["rating"]} for x in sts]
+        assert c.post("/v1/feedback", headers=me, json=rows).status_code == 201
+        active = c.get("/v1/models", headers=me).json()["active"]
+        run = _run(c, me, {"start_version": version, "epochs": 1, "train_layers": 1, "gate_margin": 0})
+        assert run["status"] in ("succeeded", "rejected"), run
+        assert run["start_version"] == version and run["base_version"] == active  # trained from; gated against
+        config = json.loads(
+            (Path(stack.env["REWARDQ_ARTIFACTS_DIR"]) / run["result_version"] / "rewardq.json").read_text()
+        )
+        assert config["encoder"] and config["pooling"] == "cls" and config["max_length"] == 64
+        assert config["params"]["start_version"] == version
+        trained = _score(c, run["result_version"], PROMPTS, RESPONSES, me)  # its own encoder copy, CLS pooled
+        assert trained["_job"]["status"] == "succeeded"
+
+
+@pytest.mark.sqlite_only
+def test_an_imported_classifier_is_retrained_from_its_own_weights_and_promoted(stack: Stack, folders):
+    """Issue #39, item 2: with an imported TRL-format classifier active, a classifier run fine-tunes it (not a new
+    cross-encoder on MiniLM), the gate promotes it, and its scores move toward the tenant's preferences."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    imported = _import(stack.client, folders["bert"], "classifier")
+    prefs = [
+        {"prompt": f"question number {i}", "chosen": f"a careful helpful answer {i}", "rejected": f"go away {i}"}
+        for i in range(96)
+    ]
+
+    def margins(folder: Path) -> list[float]:
+        tok = AutoTokenizer.from_pretrained(folder)
+        net = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+        with torch.no_grad():
+            score = [
+                net(**tok([p["prompt"]] * 2, [p["chosen"], p["rejected"]], return_tensors="pt", padding=True))
+                .logits[:, 0]
+                .tolist()
+                for p in prefs
+            ]
+        return [ch - rj for ch, rj in score]
+
+    c, me = _tenant_client(stack, "clf-retrainer")
+    with c:
+        assert c.post("/v1/feedback", headers=me, json=prefs).status_code == 201
+        assert c.post(f"/v1/models/{imported}/activate", headers=me).json()["active"] == imported
+        body = {"kind": "classifier", "epochs": 6, "batch_size": 8, "lr": 1e-3, "head_lr": 1e-2, "gate_margin": 0}
+        run = _run(c, me, body)
+        assert run["status"] == "succeeded", run
+        assert run["start_version"] == imported and run["base_version"] == imported
+        new = run["result_version"]
+        assert c.get("/v1/models", headers=me).json()["active"] == new
+        before, after = margins(folders["bert"]), margins(Path(stack.env["REWARDQ_ARTIFACTS_DIR"]) / new)
+        # Chosen above rejected: about half the pairs before (a random head), nearly all of them after.
+        assert sum(m > 0 for m in after) >= 0.95 * len(prefs) > sum(m > 0 for m in before) + 0.2 * len(prefs)
+        assert sum(after) > sum(before), (sum(before), sum(after))
+        settings = {m["version"]: m for m in c.get("/v1/models", headers=me).json()["models"]}[new]["settings"]
+        assert settings["max_length"] == 512 and settings["truncation_side"] == "left"  # the imported version's

@@ -63,25 +63,31 @@ def _llama_config(tokenizer, vocab_size: int | None = None, **extra):  # type: i
     )
 
 
-def save_bert_classifier(path: Path, seed: int = 0) -> Path:
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+def _bert_config(tokenizer, **extra):  # type: ignore[no-untyped-def]
+    """A two-layer, 32-wide BERT on the bundled MiniLM's WordPiece vocabulary."""
+    from transformers import BertConfig
 
-    from rewardq.workers.registry import default_encoder_path
-
-    tokenizer = AutoTokenizer.from_pretrained(default_encoder_path())
-    torch.manual_seed(seed)
-    config = BertConfig(
+    return BertConfig(
         vocab_size=tokenizer.vocab_size,
         hidden_size=32,
         num_hidden_layers=2,
         num_attention_heads=4,
         intermediate_size=64,
         max_position_embeddings=512,
-        num_labels=1,
         pad_token_id=tokenizer.pad_token_id,
+        **extra,
     )
-    model = BertForSequenceClassification(config)
+
+
+def save_bert_classifier(path: Path, seed: int = 0) -> Path:
+    import torch
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    from rewardq.workers.registry import default_encoder_path
+
+    tokenizer = AutoTokenizer.from_pretrained(default_encoder_path())
+    torch.manual_seed(seed)
+    model = BertForSequenceClassification(_bert_config(tokenizer, num_labels=1))
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return path
@@ -130,4 +136,24 @@ def save_gpt2_lm(path: Path, seed: int = 0) -> Path:
     )
     GPT2LMHeadModel(config).save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
+    return path
+
+
+def save_st_encoder(path: Path, pooling: str, seed: int = 0, max_seq_length: int = 64) -> Path:
+    """A tiny random BERT saved as a sentence-transformers folder (modules.json: Transformer, Pooling by ``pooling``
+    ("cls" or "mean"), Normalize) on the bundled MiniLM's tokenizer."""
+    import torch
+    from sentence_transformers import SentenceTransformer, models
+    from transformers import AutoTokenizer, BertModel
+
+    from rewardq.workers.registry import default_encoder_path
+
+    raw = path.parent / f".{path.name}-bert"
+    tokenizer = AutoTokenizer.from_pretrained(default_encoder_path())
+    torch.manual_seed(seed)
+    BertModel(_bert_config(tokenizer)).save_pretrained(raw, safe_serialization=True)
+    tokenizer.save_pretrained(raw)
+    encoder = models.Transformer(str(raw), max_seq_length=max_seq_length)
+    pool = models.Pooling(encoder.get_embedding_dimension(), pooling_mode=pooling)
+    SentenceTransformer(modules=[encoder, pool, models.Normalize()], device="cpu").save(str(path))
     return path

@@ -200,7 +200,17 @@ class TrainingParams(BaseModel):
         default=None, ge=-1, le=1, description="default REWARDQ_GATE_MARGIN; below 0 needs an admin key"
     )
     kind: Literal["sim_exp", "classifier"] = Field(
-        default="sim_exp", description="classifier: a cross-encoder initialised from the encoder with a new score head"
+        default="sim_exp",
+        description="classifier: a cross-encoder initialised from the encoder with a new score head; default the "
+        "start_version's kind when one is named, else sim_exp",
+    )
+    start_version: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=256,
+        description="the version to train from (its id or name; sim_exp or classifier): its weights, and for an "
+        "imported sentence encoder its pooling. Default: the tenant's active version when it is of the run's kind, "
+        "else the base encoder",
     )
     symmetric: bool | None = Field(default=None, description="also train on (response, prompt): unordered pairs")
     max_length: int | None = Field(default=None, ge=8, le=4096, description="classifier: tokens per pair")
@@ -236,7 +246,12 @@ class TrainingRunOut(BaseModel):
     progress: dict[str, Any]
     loss_curve: list[float]
     metrics: dict[str, Any]
-    base_version: str | None
+    base_version: str | None = Field(
+        description="the tenant's active version when the run started: the gate's opponent"
+    )
+    start_version: str | None = Field(
+        default=None, description="the version whose weights the run trained from (the base encoder's for a new model)"
+    )
     result_version: str | None
     n_feedback: int
     schedule_id: str | None
@@ -291,10 +306,20 @@ class ModelImport(BaseModel):
 
     model_config = {"extra": "forbid"}
 
-    path: str = Field(min_length=1, max_length=4096, description="folder with config.json and *.safetensors")
-    kind: Literal["classifier", "likelihood"]
+    path: str = Field(
+        min_length=1,
+        max_length=4096,
+        description="folder with config.json and *.safetensors; for sim_exp, a sentence-transformers folder "
+        "(modules.json) or a plain encoder (mean pooling)",
+    )
+    kind: Literal["classifier", "likelihood", "sim_exp"]
     name: str | None = Field(default=None, max_length=256)
-    max_length: int | None = Field(default=None, ge=8, le=131072, description="tokens per pair (default 512 / 1024)")
+    max_length: int | None = Field(
+        default=None,
+        ge=8,
+        le=131072,
+        description="tokens per pair (default 512 / 1024); sim_exp: per text (default its max_seq_length, or 256)",
+    )
     truncation_side: Literal["left", "right"] | None = Field(default=None, description="default left")
     reduction: Literal["mean", "sum"] | None = Field(default=None, description="likelihood: default mean")
     dtype: Literal["float32", "bfloat16", "float16"] | None = Field(default=None, description="default float32")

@@ -49,7 +49,16 @@ _TRAIN_OPTIONS = [
         "--kind",
         type=click.Choice(["sim_exp", "classifier"]),
         default=None,
-        help="sim_exp: heads and top encoder layers; classifier: a cross-encoder  [default: sim_exp]",
+        help="sim_exp: heads and top encoder layers; classifier: a cross-encoder  [default: --from's kind, else "
+        "sim_exp]",
+    ),
+    click.option(
+        "--from",
+        "start_version",
+        default=None,
+        metavar="VERSION",
+        help="the version to train from, by id or name (sim_exp or classifier)  [default: your active version when it "
+        "is of the run's kind, else the base encoder]",
     ),
     click.option("--epochs", type=int, default=None, help="passes over the training split  [default: 3; classifier 2]"),
     click.option(
@@ -272,12 +281,18 @@ def models_follow_default(ctx: click.Context) -> None:
 @click.option(
     "--kind",
     required=True,
-    type=click.Choice(["classifier", "likelihood"]),
+    type=click.Choice(["classifier", "likelihood", "sim_exp"]),
     help="classifier: AutoModelForSequenceClassification with num_labels=1 (what TRL and OpenRLHF save); "
-    "likelihood: AutoModelForCausalLM",
+    "likelihood: AutoModelForCausalLM; sim_exp: a sentence-transformers folder (its pooling, safetensors), scored "
+    "by the sim-exp formula and trainable by runs",
 )
 @click.option("--name", default=None, help="a display name  [default: the folder's name]")
-@click.option("--max-length", type=int, default=None, help="tokens per pair  [default: 512; likelihood 1024]")
+@click.option(
+    "--max-length",
+    type=int,
+    default=None,
+    help="tokens per pair  [default: 512; likelihood 1024; sim_exp: per text, the folder's max_seq_length or 256]",
+)
 @click.option(
     "--truncation-side",
     type=click.Choice(["left", "right"]),

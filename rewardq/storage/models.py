@@ -261,7 +261,9 @@ class TrainingRun(Base):
     progress: Mapped[dict[str, Any]] = mapped_column(default=dict)
     loss_curve: Mapped[list[Any]] = mapped_column(default=list)
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
-    base_version: Mapped[str | None] = mapped_column(String(64))  # the active version when the run started
+    base_version: Mapped[str | None] = mapped_column(String(64))  # the active version when the run started: the gate's
+    # opponent; start_version: the version whose weights it trained from (the base encoder's version for a new one)
+    start_version: Mapped[str | None] = mapped_column(String(64))
     result_version: Mapped[str | None] = mapped_column(String(64))
     n_feedback: Mapped[int] = mapped_column(Integer, default=0)
     max_feedback_id: Mapped[int] = mapped_column(Integer, default=0)

@@ -146,6 +146,7 @@ def start_run(
     n_feedback: int,
     max_feedback_id: int,
     worker: str | None = None,
+    start_version: str | None = None,
 ) -> int | None:
     """Claim a queued run for ``worker``: a compare-and-set on ``queued``, so a redelivered message (a visibility
     timeout, a duplicate from the sweeper) finds it running and does nothing. Returns the claim's fencing token (one
@@ -157,6 +158,7 @@ def start_run(
             status=RunStatus.running.value,
             started_at=now_sql(session),
             base_version=base_version,
+            start_version=start_version,
             n_feedback=n_feedback,
             max_feedback_id=max_feedback_id,
             worker=worker,

@@ -69,13 +69,16 @@ def save_version(
     train_layers: int,
     params: dict[str, Any],
     owner: str | None = None,
+    own_encoder: bool = False,
 ) -> tuple[str, Path, dict[str, Any]]:
-    """A trained sim-exp model: its heads, and the encoder when layers of it were trained."""
+    """A trained sim-exp model: its heads, and the encoder when layers of it were trained or when it was trained from
+    a version's own encoder (``own_encoder``: with its pooling and token limit)."""
+    with_encoder = train_layers > 0 or own_encoder
 
     def write(tmp: Path) -> None:
         state = {k: v.detach().cpu().contiguous() for k, v in model.heads.state_dict().items()}
         save_file(state, str(tmp / HEADS_FILE))
-        if train_layers > 0:
+        if with_encoder:
             model.encoder.save_pretrained(tmp / ENCODER_DIR, safe_serialization=True)
             model.tokenizer.save_pretrained(tmp / ENCODER_DIR)
 
@@ -83,7 +86,9 @@ def save_version(
         "kind": "sim_exp",
         "base_model": base_model,
         "base_encoder": base_encoder,  # None: the bundled encoder, resolved on each machine
-        "encoder": ENCODER_DIR if train_layers > 0 else None,
+        "encoder": ENCODER_DIR if with_encoder else None,
+        "pooling": model.pooling,
+        **({"max_length": model.max_length} if own_encoder else {}),
         "n_heads": model.heads.n_heads,
         "dim": model.dim,
         "train_layers": train_layers,
@@ -118,15 +123,25 @@ def save_classifier(
 
 
 def load_version(path: Path, default_encoder: str, *, max_length: int, encode_batch_size: int) -> SimExpModel:
+    """A sim-exp version's files: a trained one (heads, and its encoder when it trained layers of it), or an imported
+    sentence encoder (rewardq.workers.importer: no heads, the untrained formula on its own encoder and pooling, and
+    its own token limit)."""
     config = json.loads((path / CONFIG_FILE).read_text())
-    if config.get("encoder"):
+    if config.get("encoder") is not None:
         encoder_path = str(path / config["encoder"])
     else:
         encoder_path = config.get("base_encoder") or default_encoder
-    heads = Heads(int(config["dim"]), int(config["n_heads"]), trained=True)
-    heads.load_state_dict(load_file(str(path / HEADS_FILE)))
+    heads = None
+    if (path / HEADS_FILE).is_file():
+        heads = Heads(int(config["dim"]), int(config["n_heads"]), trained=True)
+        heads.load_state_dict(load_file(str(path / HEADS_FILE)))
     model = SimExpModel(
-        config["version"], encoder_path, heads=heads, max_length=max_length, encode_batch_size=encode_batch_size
+        str(config.get("version") or path.name),
+        encoder_path,
+        heads=heads,
+        max_length=int(config.get("max_length") or max_length),
+        encode_batch_size=encode_batch_size,
+        pooling=str(config.get("pooling") or "mean"),
     )
     model.heads.to(torch.float32)
     return model

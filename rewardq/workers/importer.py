@@ -4,6 +4,10 @@ artifacts directory. No torch here: the API runs this; workers load the copy by 
 Refused: folders without safetensors weights (pickle checkpoints are never loaded), configs that need
 ``trust_remote_code`` (an ``auto_map``), architectures transformers cannot load for the kind, and
 classifiers whose head is not one score (``num_labels`` != 1).
+
+A sim-exp version is a sentence encoder: a sentence-transformers folder (``modules.json``: a Transformer, a Pooling
+and optionally a Normalize module; see sentence_encoder) or a plain encoder folder, which is mean-pooled as
+sentence-transformers itself would pool it.
 """
 
 from __future__ import annotations
@@ -18,9 +22,22 @@ from pathlib import Path
 from typing import Any
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-PREFIX = {"classifier": "clf-", "likelihood": "lm-"}
+PREFIX = {"classifier": "clf-", "likelihood": "lm-", "sim_exp": "enc-"}
 HEAD_SUFFIXES = {"classifier": ("ForSequenceClassification",), "likelihood": ("ForCausalLM", "LMHeadModel")}
-DEFAULT_MAX_LENGTH = {"classifier": 512, "likelihood": 1024}
+DEFAULT_MAX_LENGTH = {"classifier": 512, "likelihood": 1024, "sim_exp": 256}
+# sentence-transformers' pooling modes that a sim-exp version scores with. Mean over sqrt(length) is mean scaled per
+# text, which no cosine can tell apart: it is scored as mean. Max over tokens, weighted mean and the last token are
+# refused (not implemented here).
+POOLING_MODES = {"cls": "cls", "mean": "mean", "mean_sqrt_len_tokens": "mean"}
+# The boolean keys of pooling configs saved by sentence-transformers before v6 (v6 writes "pooling_mode": "cls").
+_LEGACY_POOLING = {
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+    "pooling_mode_weightedmean_tokens": "weightedmean",
+    "pooling_mode_lasttoken": "lasttoken",
+}
 CHOICES = {
     "truncation_side": ("left", "right"),
     "reduction": ("mean", "sum"),
@@ -57,12 +74,77 @@ def _architecture_ok(model_type: str, kind: str) -> bool | None:
         from transformers.models.auto import modeling_auto
     except ImportError:
         return None
-    names = (
-        modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
-        if kind == "classifier"
-        else modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-    )
-    return model_type in names
+    names: dict[str, Any] = {
+        "classifier": modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+        "likelihood": modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        "sim_exp": modeling_auto.MODEL_MAPPING_NAMES,
+    }
+    return model_type in names[kind]
+
+
+def _json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ImportRefused(f"{what} is not readable JSON: {exc}") from exc
+
+
+def sentence_encoder(src: Path) -> dict[str, Any]:
+    """How a sentence-transformers folder encodes: ``{"encoder": the Transformer module's folder, relative ("" for
+    the root), "pooling": "mean" or "cls", "max_length": its max_seq_length or None}``. A folder without
+    ``modules.json`` is a plain encoder: mean pooling, as sentence-transformers gives one. Refused: modules after
+    the pooling that change the embedding (Dense, LayerNorm, ...), pooling modes not implemented, lower-casing, and a
+    default prompt (sentence-transformers would prepend it to every text)."""
+    if not (src / "modules.json").is_file():
+        return {"encoder": "", "pooling": "mean", "max_length": None}
+    modules = _json(src / "modules.json", "modules.json")
+    if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
+        raise ImportRefused("modules.json is not a list of modules")
+    # "sentence_transformers.models.Pooling" before v6, "sentence_transformers.sentence_transformer.modules.[...]"
+    kinds = [str(m.get("type", "")).rsplit(".", 1)[-1] for m in modules]
+    if kinds[:2] != ["Transformer", "Pooling"] or any(k != "Normalize" for k in kinds[2:]):
+        raise ImportRefused(
+            f"modules.json holds {' -> '.join(kinds) or 'nothing'}: a sim-exp version takes a Transformer, a Pooling "
+            "and optionally a Normalize module (cosine ignores the norm); other modules are not supported"
+        )
+    encoder, pooling_dir = (str(m.get("path") or "") for m in modules[:2])
+    for rel in (encoder, pooling_dir):
+        where = (src / rel).resolve()
+        if not where.is_relative_to(src) or not where.is_dir():
+            raise ImportRefused(f"modules.json names the folder {rel!r}, which is not inside {src}")
+    pool_cfg = _json(src / pooling_dir / "config.json", f"{pooling_dir}/config.json")
+    if not isinstance(pool_cfg, dict):
+        raise ImportRefused(f"{pooling_dir}/config.json is not a pooling configuration")
+    given = pool_cfg.get("pooling_mode")
+    if isinstance(given, str):
+        modes = [given]
+    elif isinstance(given, list):
+        modes = [str(m) for m in given]
+    else:
+        modes = [mode for key, mode in _LEGACY_POOLING.items() if pool_cfg.get(key) is True]
+    if len(modes) != 1 or modes[0] not in POOLING_MODES:
+        raise ImportRefused(
+            f"the pooling is {' + '.join(modes) or 'none'}: a sim-exp version pools by one of "
+            f"{', '.join(POOLING_MODES)}"
+        )
+    bert_cfg_path = src / encoder / "sentence_bert_config.json"
+    bert_cfg = _json(bert_cfg_path, "sentence_bert_config.json") if bert_cfg_path.is_file() else {}
+    if bert_cfg.get("do_lower_case"):
+        raise ImportRefused("sentence_bert_config.json sets do_lower_case, which rewardq does not apply")
+    st_cfg_path = src / "config_sentence_transformers.json"
+    st_cfg = _json(st_cfg_path, "config_sentence_transformers.json") if st_cfg_path.is_file() else {}
+    if st_cfg.get("default_prompt_name"):
+        raise ImportRefused(
+            f"config_sentence_transformers.json sets default_prompt_name {st_cfg['default_prompt_name']!r}: "
+            "rewardq scores the texts as they are; save the model without a default prompt"
+        )
+    # sentence-transformers before v6 keeps the limit in sentence_bert_config.json, v6 in the tokenizer's config.
+    max_len = bert_cfg.get("max_seq_length")
+    tok_cfg_path = src / encoder / "tokenizer_config.json"
+    if not max_len and tok_cfg_path.is_file():
+        tok_max = _json(tok_cfg_path, "tokenizer_config.json").get("model_max_length")
+        max_len = tok_max if isinstance(tok_max, int) and tok_max <= 131072 else None
+    return {"encoder": encoder, "pooling": POOLING_MODES[modes[0]], "max_length": int(max_len) if max_len else None}
 
 
 def check_folder(src: Path, kind: str) -> tuple[dict[str, Any], list[Path]]:
@@ -71,13 +153,10 @@ def check_folder(src: Path, kind: str) -> tuple[dict[str, Any], list[Path]]:
         raise ImportRefused(f"kind must be one of {', '.join(PREFIX)}, got {kind!r}")
     if "\x00" in str(src) or not src.is_dir():
         raise ImportRefused(f"{str(src)!r} is not a directory on the API's machine")
-    cfg_path = src / "config.json"
+    cfg_path = src / (sentence_encoder(src)["encoder"] if kind == "sim_exp" else "") / "config.json"
     if not cfg_path.is_file():
         raise ImportRefused(f"{src} has no config.json: not a Hugging Face model folder (save it with save_pretrained)")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ImportRefused(f"config.json is not readable JSON: {exc}") from exc
+    config = _json(cfg_path, "config.json")
     files = [
         p for p in src.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(src).parts)
     ]
@@ -99,11 +178,13 @@ def check_folder(src: Path, kind: str) -> tuple[dict[str, Any], list[Path]]:
     if config.get("auto_map"):
         raise ImportRefused("config.json has an auto_map: this model needs trust_remote_code, which rewardq never sets")
     model_type = str(config.get("model_type") or "")
-    auto = "AutoModelForSequenceClassification" if kind == "classifier" else "AutoModelForCausalLM"
+    auto = {"classifier": "AutoModelForSequenceClassification", "likelihood": "AutoModelForCausalLM"}.get(
+        kind, "AutoModel"
+    )
     if _architecture_ok(model_type, kind) is False:
         raise ImportRefused(f"model_type {model_type!r} cannot be loaded with {auto} (kind {kind!r})")
     saved_as = [str(a) for a in config.get("architectures") or []]
-    if saved_as and not any(a.endswith(HEAD_SUFFIXES[kind]) for a in saved_as):
+    if kind in HEAD_SUFFIXES and saved_as and not any(a.endswith(HEAD_SUFFIXES[kind]) for a in saved_as):
         # Weights saved without the kind's head would load with a random one: scores would be noise.
         raise ImportRefused(
             f"the folder holds a {saved_as[0]}, which has no {kind} head; {auto} needs one of "
@@ -120,9 +201,15 @@ def check_folder(src: Path, kind: str) -> tuple[dict[str, Any], list[Path]]:
 
 
 def version_options(kind: str, given: dict[str, Any]) -> dict[str, Any]:
-    """The per-version settings stored with it (token limit, truncation side, reduction, dtype), defaults filled."""
+    """The per-version settings stored with it (token limit, truncation side, reduction, dtype), defaults filled. A
+    sim-exp version has only a token limit per text (and how the folder pools, from sentence_encoder)."""
     out: dict[str, Any] = {"max_length": int(given.get("max_length") or DEFAULT_MAX_LENGTH[kind])}
-    for key in ("truncation_side", "dtype") + (("reduction",) if kind == "likelihood" else ()):
+    if kind == "sim_exp":
+        unsupported = sorted(k for k in ("truncation_side", "dtype", "reduction") if given.get(k))
+        if unsupported:
+            raise ImportRefused(f"{', '.join(unsupported)}: not a setting of a sim_exp version")
+    keys = () if kind == "sim_exp" else ("truncation_side", "dtype") + (("reduction",) if kind == "likelihood" else ())
+    for key in keys:
         value = given.get(key) or CHOICES[key][0]
         if value not in CHOICES[key]:
             raise ImportRefused(f"{key} must be one of {', '.join(CHOICES[key])}, got {value!r}")
@@ -140,7 +227,12 @@ def import_folder(src: Path, kind: str, artifacts_dir: Path, options: dict[str, 
     except (OSError, ValueError, RuntimeError) as exc:  # a NUL byte, a symlink loop, no home directory
         raise ImportRefused(f"{str(src)!r} is not a usable path: {exc}") from exc
     config, files = check_folder(src, kind)
-    settings = version_options(kind, options or {})
+    given = dict(options or {})
+    encoding = sentence_encoder(src) if kind == "sim_exp" else {}
+    if encoding:  # its own token limit unless the import names one; and its encoder folder and pooling
+        given["max_length"] = given.get("max_length") or encoding.pop("max_length")
+        encoding.pop("max_length", None)
+    settings = {**version_options(kind, given), **encoding}
     artifacts_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".import-", dir=artifacts_dir))
     try:

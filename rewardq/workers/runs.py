@@ -10,7 +10,7 @@ import logging
 import os
 import signal
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,47 @@ MAX_GATES = 3  # the active version moved while the run trained: gate again agai
 
 class RunError(Exception):
     """A run that cannot proceed for a reason the user can act on (recorded on the run)."""
+
+
+TRAINABLE = ("sim_exp", "classifier")
+
+
+@dataclass(frozen=True)
+class Start:
+    """The version a run trains from: its id, kind, files (None: the configured encoder, REWARDQ_MODEL or the bundled
+    MiniLM), registry config and display name."""
+
+    version: str
+    kind: str
+    path: Path | None
+    config: dict[str, Any]
+    base_model: str
+
+
+def _base_start(kind: str) -> Start:
+    from rewardq.workers.registry import base_version_id
+
+    encoder_path, name = resolve_encoder(get_settings().model)
+    return Start(base_version_id(encoder_path), kind, None, {}, name)
+
+
+def start_of(session: Any, params: TrainParams, tenant: str, active: str | None) -> Start:
+    """Where a run starts: the version it names (checked again: it may have gone since the run was made), else the
+    tenant's active version when it is of the run's kind, else the configured encoder (a new model of the kind)."""
+    from rewardq.workers.models import version_dir
+
+    chosen = params.start_version or active
+    mv = registry.get_version(session, version=chosen, tenant=tenant) if chosen else None
+    if params.start_version and mv is None:
+        raise RunError(f"the start version {params.start_version} is gone: name another (start_version)")
+    if mv is None or mv.kind != params.kind:
+        if params.start_version:
+            raise RunError(f"the start version {mv.version if mv else chosen} is not a {params.kind} version")
+        return _base_start(params.kind)
+    if mv.kind not in TRAINABLE:  # only a named one reaches here (an active one of the run's kind is trainable)
+        raise RunError(f"{mv.version} is a {mv.kind} model, which runs cannot train")
+    path = None if mv.path is None else version_dir(mv.path, get_settings().artifacts_dir)
+    return Start(mv.version, mv.kind, path, dict(mv.config or {}), mv.base_model)
 
 
 def _load_feedback(
@@ -94,10 +135,15 @@ def execute_run(run_id: str) -> str:
         active = registry.active_version(s, tenant=run.tenant)
         stats = trepo.feedback_stats(s, tenant=run.tenant)
         tenant, raw_params = run.tenant, dict(run.params)
+        try:
+            start: Start | RunError = start_of(s, params_for(raw_params), tenant, active)
+        except RunError as exc:
+            start = exc
         lease = trepo.start_run(
             s,
             run_id=run_id,
             base_version=active or "",
+            start_version=start.version if isinstance(start, Start) else None,
             n_feedback=stats["total"],
             max_feedback_id=stats["max_id"],
             worker=worker,
@@ -109,7 +155,9 @@ def execute_run(run_id: str) -> str:
     try:
         if active is None:
             raise RunError("no active model version: run 'rewardq db upgrade' or start a worker")
-        return _train_and_gate(run_id, tenant, raw_params, active, stats["max_id"], settings.gate_margin, lease)
+        if isinstance(start, RunError):
+            raise start
+        return _train_and_gate(run_id, tenant, raw_params, active, stats["max_id"], settings.gate_margin, lease, start)
     except trepo.LeaseLost:
         # Frozen past its heartbeat (a long GC or swap pause, a stopped process, a partition), it lost the run to
         # another worker: it writes nothing, and what it trained is discarded (its files stay unregistered).
@@ -134,42 +182,59 @@ def execute_run(run_id: str) -> str:
 
 
 def _fit(
-    params: TrainParams, train: Feedback, progress: Any, early: BestEpoch | None = None
+    params: TrainParams, train: Feedback, progress: Any, early: BestEpoch | None = None, start: Start | None = None
 ) -> tuple[Any, list[float], str]:
-    """(trained model, loss curve, base model name) for the run's kind; with ``early``, at its best epoch on that
-    validation slice."""
+    """(trained model, loss curve, base model name) for the run's kind, trained from ``start`` (default: a new model
+    on the configured encoder); with ``early``, at its best epoch on that validation slice."""
     from rewardq.workers.precision import resolve_autocast
 
     settings = get_settings()
-    encoder_path, base_name = resolve_encoder(settings.model)
+    start = start or _base_start(params.kind)
+    encoder_path, _ = resolve_encoder(settings.model)
     if params.kind == "classifier":
         from rewardq.workers.models.classifier import ClassifierModel
         from rewardq.workers.trainer import fit_classifier
 
-        model: Any = ClassifierModel(
-            "candidate",
-            encoder_path,
-            model=new_cross_encoder(encoder_path, params.seed),
-            max_length=params.max_length,
-            truncation_side="right",
-            encode_batch_size=settings.encode_batch_size,
-        )
+        if start.path is None:  # a new score head on the encoder
+            model: Any = ClassifierModel(
+                "candidate",
+                encoder_path,
+                model=new_cross_encoder(encoder_path, params.seed),
+                max_length=params.max_length,
+                truncation_side="right",
+                encode_batch_size=settings.encode_batch_size,
+            )
+        else:  # its own weights (in float32 whatever it serves in), its token limit and truncation side
+            model = ClassifierModel(
+                "candidate",
+                str(start.path),
+                max_length=int(start.config.get("max_length") or params.max_length),
+                truncation_side=str(start.config.get("truncation_side") or "left"),
+                encode_batch_size=settings.encode_batch_size,
+            )
         # REWARDQ_PRECISION=fast trains in bf16 autocast on fp32 weights; the version is saved, evaluated and served
         # in float32, so its scores stay exact.
         model.train_autocast = "bf16" if resolve_autocast(settings, model.device.type) == "bf16" else "off"
-        return model, fit_classifier(model, train, params, progress=progress, early_stopping=early), base_name
+        return model, fit_classifier(model, train, params, progress=progress, early_stopping=early), start.base_model
     if params.kind != "sim_exp":
         raise RunError(f"training is available for the sim_exp and classifier kinds, not {params.kind!r}")
     from rewardq.workers.models.sim_exp import SimExpModel, set_precision
     from rewardq.workers.trainer import fit
 
-    model = SimExpModel(
-        "candidate", encoder_path, max_length=settings.max_length, encode_batch_size=settings.encode_batch_size
-    )
+    if start.path is None:
+        model = SimExpModel(
+            "candidate", encoder_path, max_length=settings.max_length, encode_batch_size=settings.encode_batch_size
+        )
+    else:  # its encoder (a trained version's, or an imported sentence encoder with its pooling); new heads
+        from rewardq.workers.artifacts import load_version
+
+        model = load_version(
+            start.path, encoder_path, max_length=settings.max_length, encode_batch_size=settings.encode_batch_size
+        )
     # REWARDQ_PRECISION=fast trains in bf16 autocast too, on fp32 weights (the saved version is fp32), and the
     # candidate is evaluated in the precision the worker serves in, as the active version is.
     set_precision(model, resolve_autocast(settings, model.device.type))
-    return model, fit(model, train, params, progress=progress, early_stopping=early), base_name
+    return model, fit(model, train, params, progress=progress, early_stopping=early), start.base_model
 
 
 def new_cross_encoder(encoder_path: str, seed: int) -> Any:
@@ -185,12 +250,14 @@ def new_cross_encoder(encoder_path: str, seed: int) -> Any:
 
 
 def _save(
-    model: Any, params: TrainParams, base_name: str, margin: float, owner: str
+    model: Any, params: TrainParams, base_name: str, margin: float, owner: str, start: Start | None = None
 ) -> tuple[str, Path, dict[str, Any]]:
     from rewardq.workers.artifacts import save_classifier, save_version
 
     settings = get_settings()
     stored = {**asdict(params), "gate_margin": margin}
+    if start is not None:
+        stored["start_version"] = start.version
     if params.kind == "classifier":
         return save_classifier(model, settings.artifacts_dir, base_model=base_name, params=stored, owner=owner)
     return save_version(
@@ -201,6 +268,9 @@ def _save(
         train_layers=params.train_layers,
         params=stored,
         owner=owner,
+        # Trained from a version's own files: the encoder goes with it (those files may be deleted), with how it pools
+        # and its token limit.
+        own_encoder=start is not None and start.path is not None,
     )
 
 
@@ -212,6 +282,7 @@ def _train_and_gate(
     max_id: int,
     default_margin: float,
     lease: int,
+    start: Start | None = None,
 ) -> str:
     params = params_for(raw_params)
     margin = float(raw_params.get("gate_margin", default_margin))
@@ -261,12 +332,12 @@ def _train_and_gate(
 
     t0 = time.perf_counter()
     early = BestEpoch(val, params.patience)
-    model, curve, base_name = _fit(params, train, progress, early)
+    model, curve, base_name = _fit(params, train, progress, early, start)
     train_s = time.perf_counter() - t0
     held_scores: list[float] = []
     candidate = evaluate(model, held, collect=held_scores)
     stats = summarize(held_scores, f"its scores on the run's held-out feedback ({len(held)} rows)")
-    version, path, config = _save(model, params, base_name, margin, tenant)
+    version, path, config = _save(model, params, base_name, margin, tenant, start)
     compared = active_version
     for _ in range(MAX_GATES):
         incumbent = evaluate(engine.get_model(compared), held)

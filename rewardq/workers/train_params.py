@@ -31,6 +31,7 @@ class TrainParams:
     layer_decay: float = 1.0  # each trained encoder layer's lr is this times the one above's (1: one lr for all)
     window: int | None = None  # the newest feedback rows the run uses (None: REWARDQ_TRAIN_WINDOW; 0: all)
     window_sample: int = 0  # and this many of the older rows beside them, drawn uniformly (seeded)
+    start_version: str | None = None  # train from this version (None: the active one when of this kind, else the base)
 
 
 # What differs from the defaults above for a kind (chosen on held-out training feedback, see docs/retraining.md). A kind

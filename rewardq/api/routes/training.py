@@ -7,6 +7,7 @@ from typing import Annotated, get_args
 
 from fastapi import APIRouter, Query, Response
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from rewardq.api.deps import CallerDep, SessionDep, SettingsDep, TenantDep, full_id
 from rewardq.api.errors import ApiError, FieldError, invalid
@@ -19,7 +20,7 @@ from rewardq.api.schemas import (
     TrainingRunList,
     TrainingRunOut,
 )
-from rewardq.storage import cron
+from rewardq.storage import cron, registry
 from rewardq.storage import training_repository as trepo
 from rewardq.storage.clock import utcnow
 from rewardq.storage.models import RunStatus, Schedule, TrainingRun
@@ -34,13 +35,42 @@ schedules = APIRouter(prefix="/v1/schedules", tags=["schedules"])
 def run_out(run: TrainingRun) -> TrainingRunOut:
     return TrainingRunOut(
         run_id=run.id, status=run.status, params=run.params, progress=run.progress, loss_curve=run.loss_curve,
-        metrics=run.metrics, base_version=run.base_version, result_version=run.result_version,
+        metrics=run.metrics, base_version=run.base_version, start_version=run.start_version,
+        result_version=run.result_version,
         n_feedback=run.n_feedback, schedule_id=run.schedule_id, error=run.error, created_at=run.created_at,
         started_at=run.started_at, finished_at=run.finished_at,
     )  # fmt: skip
 
 
-def _params(params: TrainingParams, admin: bool) -> dict[str, object]:
+TRAINABLE = ("sim_exp", "classifier")
+
+
+def _start(session: Session, params: TrainingParams, tenant: str) -> dict[str, object]:
+    """The run's start version, resolved to its id (a name may later name another version), and its kind when the
+    request names no kind; a version the tenant cannot see, or of a kind no run trains, is refused."""
+    if params.start_version is None:
+        return {}
+    mv = registry.resolve(session, ref=params.start_version, tenant=tenant)
+    if mv is None:
+        raise invalid([FieldError("start_version", f"unknown model version {params.start_version!r}")])
+    if mv.kind not in TRAINABLE:
+        raise invalid(
+            [
+                FieldError(
+                    "start_version",
+                    f"{mv.version} is a {mv.kind} model, which runs cannot train: rewardq fine-tunes sim_exp and "
+                    "classifier versions (a likelihood model scores with a language model's log-probabilities; "
+                    "fine-tune it with your own trainer and import the result)",
+                )
+            ]
+        )
+    if "kind" in params.model_fields_set and params.kind != mv.kind:
+        message = f"{mv.version} is a {mv.kind} version: a {params.kind} run cannot start from it (leave kind out)"
+        raise invalid([FieldError("kind", message)])
+    return {"start_version": mv.version, "kind": mv.kind}
+
+
+def _params(params: TrainingParams, admin: bool, session: Session, tenant: str) -> dict[str, object]:
     """Every parameter the run will use (the kind's defaults filled in)."""
     if params.gate_margin is not None and params.gate_margin < 0 and not admin:
         # A negative margin promotes a worse model: only the operator may waive the gate.
@@ -48,7 +78,7 @@ def _params(params: TrainingParams, admin: bool) -> dict[str, object]:
     if params.heldout_fraction + params.validation_fraction >= 0.9:
         message = "heldout_fraction + validation_fraction must leave at least 10 % of the feedback to train on"
         raise invalid([FieldError("validation_fraction", message)])
-    return resolved(params.model_dump(exclude_none=True))
+    return resolved({**params.model_dump(exclude_none=True), **_start(session, params, tenant)})
 
 
 @runs.post("", status_code=202, response_model=TrainingRunOut)
@@ -60,7 +90,7 @@ def start_run(session: SessionDep, settings: SettingsDep, caller: CallerDep, par
     stats = trepo.feedback_stats(session, tenant=tenant)
     if stats["total"] < 3:
         raise invalid([FieldError("feedback", f"need at least 3 feedback rows to train, have {stats['total']}")])
-    chosen = _params(params or TrainingParams(), caller.admin)
+    chosen = _params(params or TrainingParams(), caller.admin, session, tenant)
     _check_steps(chosen, stats["total"], settings.max_train_steps, settings.train_window)
     busy = trepo.open_run_of_tenant(session, tenant=tenant)
     if busy is None:
@@ -167,8 +197,9 @@ def add_schedule(body: ScheduleIn, session: SessionDep, settings: SettingsDep, c
             f"schedule quota of {settings.max_schedules_per_tenant} reached "
             "(REWARDQ_MAX_SCHEDULES_PER_TENANT): delete one first",
         )
+    params = _params(body.params, caller.admin, session, caller.tenant)
     sched = trepo.create_schedule(session, tenant=caller.tenant, cron=body.cron,
-                                  min_new_feedback=body.min_new_feedback, params=_params(body.params, caller.admin),
+                                  min_new_feedback=body.min_new_feedback, params=params,
                                   next_run_at=cron.next_fire(body.cron, utcnow()))  # fmt: skip
     session.commit()
     return _schedule_out(sched)

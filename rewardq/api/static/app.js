@@ -336,7 +336,8 @@ function runPage(runId) {
     const p = r.progress || {};
     title.replaceChildren("Training run ", h("span", { class: "mono" }, runId), " ", badge(r.status));
     facts.replaceChildren(stats([["Status", r.status], ["Step", p.total_steps ? `${p.step} / ${p.total_steps}` : "–"],
-      ["Epoch", p.epoch ?? "–"], ["Feedback rows", int(r.n_feedback)], ["Base version", short(r.base_version)],
+      ["Epoch", p.epoch ?? "–"], ["Feedback rows", int(r.n_feedback)], ["Trained from", short(r.start_version)],
+      ["Gated against", short(r.base_version)],
       ["Result version", short(r.result_version)], ["Started", when(r.started_at)], ["Finished", when(r.finished_at)]]),
       ...(r.error ? [h("p", { class: "error" }, r.error)] : []),
       ...(r.status === "queued" ? [h("p", { class: "muted", id: "queued-hint" }, "Waiting for a worker that consumes the " +

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from rewardq.workers.models.base import RewardModel
 
 KINDS = ("sim_exp", "classifier", "likelihood")
-IMPORTABLE = ("classifier", "likelihood")  # sim_exp versions come from the base encoder and from training runs
+IMPORTABLE = ("classifier", "likelihood", "sim_exp")  # sim_exp: a sentence-transformers folder (its encoder)
 
 
 def version_dir(path: str, artifacts_dir: Path) -> Path:

@@ -1,4 +1,4 @@
-"""The sim-exp reward model: a transformers encoder with mean pooling, K projection heads, alpha and weight."""
+"""The sim-exp reward model: a transformers encoder with mean (or CLS) pooling, K projection heads, alpha and weight."""
 
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ class SimExpModel(RewardModel):
 
     def __init__(self, version: str, encoder_path: str, heads: Heads | None = None, max_length: int = 256,
                  encode_batch_size: int = 64, device: str | None = None, token_budget: int = 0,
-                 cache_size: int = 0):  # fmt: skip
+                 cache_size: int = 0, pooling: str = "mean"):  # fmt: skip
         from transformers import AutoModel, AutoTokenizer
 
         super().__init__()
@@ -77,6 +77,9 @@ class SimExpModel(RewardModel):
         # or an operator's REWARDQ_MODEL, is refused rather than unpickled).
         self.encoder = AutoModel.from_pretrained(encoder_path, use_safetensors=True).to(self.device).eval()
         dim = int(self.encoder.config.hidden_size)
+        if pooling not in ("mean", "cls"):
+            raise ValueError(f"pooling must be mean or cls, got {pooling!r}")
+        self.pooling = pooling  # over the attention mask, or the first token's state (a sentence-transformers folder's)
         self.heads = (heads or Heads(dim)).to(self.device).eval()
         self.max_length = min(max_length, int(getattr(self.tokenizer, "model_max_length", max_length) or max_length))
         self.encode_batch_size = encode_batch_size
@@ -99,7 +102,8 @@ class SimExpModel(RewardModel):
         return int(self.encoder.config.hidden_size)
 
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
-        """Mean pooling over the attention mask, float32 [N, D], on the model's device; autograd-aware."""
+        """The pooled embeddings (mean over the attention mask, or the first token's), float32 [N, D], on the model's
+        device; autograd-aware."""
         tok = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
                              return_tensors="pt").to(self.device)  # fmt: skip
         return self._pool(tok)
@@ -119,7 +123,7 @@ class SimExpModel(RewardModel):
 
     def settings(self) -> dict[str, Any]:
         return {"kind": self.kind, "autocast": self.autocast, "max_length": self.max_length, "passes": self.passes,
-                "kernel": kernels.path("sim_exp", self.device.type)}  # fmt: skip
+                "pooling": self.pooling, "kernel": kernels.path("sim_exp", self.device.type)}  # fmt: skip
 
     def embed(self, texts: Sequence[str]) -> torch.Tensor:
         """Embeddings [N, D] on the CPU (see embed_flagged)."""
@@ -235,8 +239,11 @@ class SimExpModel(RewardModel):
             with half_precision(self.device.type, _AUTOCAST[self.autocast]):
                 out = self._low_precision_encoder()(**tok).last_hidden_state
         hidden: torch.Tensor = out.float()
-        mask: torch.Tensor = tok["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        pooled: torch.Tensor = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+        if self.pooling == "cls":
+            pooled: torch.Tensor = hidden[:, 0]
+        else:
+            mask: torch.Tensor = tok["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
         # (tokens, padded tokens) from the host when given: reading the mask on a GPU would wait for it.
         tokens, padded = counts or (float(tok["attention_mask"].sum()), float(tok["attention_mask"].numel()))
         self._count(tokens=tokens, padded_tokens=padded, encoder_batches=1.0)
@@ -324,4 +331,4 @@ def set_precision(model: SimExpModel, autocast: str) -> None:
     """The encoder's autocast dtype ("off", "bf16", "fp16"); bf16 on a CPU runs in fixed shapes (batch invariance)."""
     model.autocast = autocast
     model.fixed_shapes = autocast != "off" and model.device.type == "cpu"
-    model.packed = model.fixed_shapes and packed.supports(model.encoder)
+    model.packed = model.fixed_shapes and model.pooling == "mean" and packed.supports(model.encoder)
