@@ -157,3 +157,32 @@ def save_st_encoder(path: Path, pooling: str, seed: int = 0, max_seq_length: int
     pool = models.Pooling(encoder.get_embedding_dimension(), pooling_mode=pooling)
     SentenceTransformer(modules=[encoder, pool, models.Normalize()], device="cpu").save(str(path))
     return path
+
+
+def save_openrlhf_rm(
+    path: Path, prefix: str = "value_head", seed: int = 0, mean: float = 0.25, std: float = 2.0
+) -> Path:
+    """A tiny Llama reward model in the layout OpenRLHF's train_rm saves: one checkpoint of the base model's weights
+    (under ``model.``) and a bias-free one-output value head named ``prefix``; config.json with
+    ``value_head_prefix``, ``normalize_reward`` (false, as train_rm leaves it) and the mean and std its evaluation
+    writes; the class name ``RewardModel`` as architecture. A chat template."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaModel
+
+    tokenizer = bpe_tokenizer(CHAT_TEMPLATE)
+    torch.manual_seed(seed)
+    config = _llama_config(tokenizer)
+    base = LlamaModel(config)
+    head = torch.randn(1, config.hidden_size)
+    state = {f"model.{k}": v.contiguous() for k, v in base.state_dict().items()}
+    state[f"{prefix}.weight"] = head
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    raw = config.to_dict()
+    raw.update(architectures=["RewardModel"], value_head_prefix=prefix, normalize_reward=False, mean=mean, std=std)
+    (path / "config.json").write_text(json.dumps(raw))
+    tokenizer.save_pretrained(path)
+    return path

@@ -323,6 +323,11 @@ class ModelImport(BaseModel):
     truncation_side: Literal["left", "right"] | None = Field(default=None, description="default left")
     reduction: Literal["mean", "sum"] | None = Field(default=None, description="likelihood: default mean")
     dtype: Literal["float32", "bfloat16", "float16"] | None = Field(default=None, description="default float32")
+    normalize: bool | None = Field(
+        default=None,
+        description="an OpenRLHF reward model: (r - mean) / std with the mean and std in its config.json, as serve_rm "
+        "--reward.normalize_enable; default its config's normalize_reward",
+    )
 
 
 class ScheduleIn(BaseModel):

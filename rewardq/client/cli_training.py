@@ -311,6 +311,12 @@ def models_follow_default(ctx: click.Context) -> None:
     default=None,
     help="weights' precision on the workers  [default: float32]",
 )
+@click.option(
+    "--normalize/--no-normalize",
+    default=None,
+    help="an OpenRLHF reward model: (r - mean) / std from its config.json, as serve_rm --reward.normalize_enable  "
+    "[default: its config's normalize_reward]",
+)
 @connection
 @click.pass_context
 def models_import(ctx: click.Context, /, path: str, kind: str, name: str | None, **options: Any) -> None:

@@ -119,6 +119,12 @@ def save_classifier(
         "dtype": "float32",
         "params": params,
     }
+    if model.value_head is not None:
+        # Trained from an OpenRLHF reward model: saved in its format, unnormalized (the mean and std in its config
+        # describe the rewards of the model it started from, not of this one).
+        model.model.normalize = False
+        model.model.raw_config = {**model.model.raw_config, "normalize_reward": False}
+        config.update(format="openrlhf", value_head_prefix=model.model.prefix, normalize=False)
     return _stage(artifacts_dir, write, config, owner)
 
 

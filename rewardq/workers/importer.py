@@ -147,6 +147,27 @@ def sentence_encoder(src: Path) -> dict[str, Any]:
     return {"encoder": encoder, "pooling": POOLING_MODES[modes[0]], "max_length": int(max_len) if max_len else None}
 
 
+def openrlhf_format(config: dict[str, Any]) -> bool:
+    """A reward model saved by OpenRLHF's train_rm: its own RewardModel class (a base model and a value head), with
+    ``value_head_prefix`` in its config (OpenRLHF writes it since 0.3)."""
+    return "value_head_prefix" in config or [str(a) for a in config.get("architectures") or []] == ["RewardModel"]
+
+
+def _safetensors_keys(files: list[Path]) -> set[str]:
+    """The tensor names in safetensors files, read from their headers (8 bytes of length, then JSON)."""
+    keys: set[str] = set()
+    for f in files:
+        try:
+            with open(f, "rb") as fh:
+                size = int.from_bytes(fh.read(8), "little")
+                if not 0 < size <= 100 << 20:
+                    raise ValueError(f"a header of {size} bytes")
+                keys.update(k for k in json.loads(fh.read(size)) if k != "__metadata__")
+        except (OSError, ValueError) as exc:
+            raise ImportRefused(f"{f.name} is not a readable safetensors file: {exc}") from exc
+    return keys
+
+
 def check_folder(src: Path, kind: str) -> tuple[dict[str, Any], list[Path]]:
     """The folder's config.json and the files to copy (everything but pickle weights), or ImportRefused."""
     if kind not in PREFIX:
@@ -178,6 +199,16 @@ def check_folder(src: Path, kind: str) -> tuple[dict[str, Any], list[Path]]:
     if config.get("auto_map"):
         raise ImportRefused("config.json has an auto_map: this model needs trust_remote_code, which rewardq never sets")
     model_type = str(config.get("model_type") or "")
+    if kind == "classifier" and openrlhf_format(config):
+        prefix = str(config.get("value_head_prefix") or "score")
+        if _architecture_ok(model_type, "sim_exp") is False:  # its base loads with AutoModel
+            raise ImportRefused(f"model_type {model_type!r} cannot be loaded with AutoModel (OpenRLHF's base model)")
+        if f"{prefix}.weight" not in _safetensors_keys(weights):
+            raise ImportRefused(
+                f"an OpenRLHF reward model (value_head_prefix {prefix!r}) without a {prefix}.weight tensor: was it "
+                "saved by train_rm? (a critic or an SFT model has no reward head)"
+            )
+        return config, [p for p in files if p.suffix not in PICKLE_SUFFIXES]
     auto = {"classifier": "AutoModelForSequenceClassification", "likelihood": "AutoModelForCausalLM"}.get(
         kind, "AutoModel"
     )
@@ -233,6 +264,16 @@ def import_folder(src: Path, kind: str, artifacts_dir: Path, options: dict[str, 
         given["max_length"] = given.get("max_length") or encoding.pop("max_length")
         encoding.pop("max_length", None)
     settings = {**version_options(kind, given), **encoding}
+    if given.get("normalize") is not None and not (kind == "classifier" and openrlhf_format(config)):
+        raise ImportRefused("normalize: a setting of an OpenRLHF reward model (value_head_prefix in its config) only")
+    if kind == "classifier" and openrlhf_format(config):
+        # OpenRLHF's serve_rm normalizes with --reward.normalize_enable; the import's option, default what the config
+        # says, and the mean and std its evaluation wrote.
+        normalize = given.get("normalize")
+        settings.update(format="openrlhf", value_head_prefix=str(config.get("value_head_prefix") or "score"),
+                        normalize=bool(config.get("normalize_reward") if normalize is None else normalize))  # fmt: skip
+        if settings["normalize"] and not isinstance(config.get("std"), (int, float)):
+            raise ImportRefused("normalize: config.json has no mean and std (OpenRLHF writes them when it evaluates)")
     artifacts_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".import-", dir=artifacts_dir))
     try:

@@ -205,12 +205,14 @@ def _fit(
                 encode_batch_size=settings.encode_batch_size,
             )
         else:  # its own weights (in float32 whatever it serves in), its token limit and truncation side
+            openrlhf = start.config.get("format") == "openrlhf"
             model = ClassifierModel(
                 "candidate",
                 str(start.path),
                 max_length=int(start.config.get("max_length") or params.max_length),
                 truncation_side=str(start.config.get("truncation_side") or "left"),
                 encode_batch_size=settings.encode_batch_size,
+                value_head={"normalize": False} if openrlhf else None,
             )
         # REWARDQ_PRECISION=fast trains in bf16 autocast on fp32 weights; the version is saved, evaluated and served
         # in float32, so its scores stay exact.

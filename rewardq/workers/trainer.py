@@ -411,7 +411,7 @@ def layer_groups(named: Sequence[tuple[str, torch.nn.Parameter]], lr: float, dec
 
 
 def _is_head(name: str) -> bool:
-    return name.startswith(("classifier.", "score."))
+    return name.startswith(("classifier.", "score.", "value_head."))  # value_head: an OpenRLHF model's, wrapped
 
 
 def _texts_of(x: Rating | Preference) -> tuple[str, ...]:

@@ -19,7 +19,7 @@ from rewardq.workers.importer import ImportRefused, import_folder
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
-_SETTINGS = ("max_length", "truncation_side", "reduction", "dtype", "input", "pooling")
+_SETTINGS = ("max_length", "truncation_side", "reduction", "dtype", "input", "pooling", "format", "normalize")
 
 
 def _model_out(mv: ModelVersion, active: str | None, default: str | None) -> ModelVersionOut:
@@ -94,7 +94,9 @@ async def import_model(
     (safetensors only, no remote code, one score for a classifier; for sim_exp a sentence-transformers folder's
     pooling) and copied into REWARDQ_ARTIFACTS_DIR; the version id is a hash of its content. Importing the same
     folder again returns the same version (200)."""
-    options = body.model_dump(include={"max_length", "truncation_side", "reduction", "dtype"}, exclude_none=True)
+    options = body.model_dump(
+        include={"max_length", "truncation_side", "reduction", "dtype", "normalize"}, exclude_none=True
+    )
     try:
         done = await run_in_threadpool(import_folder, Path(body.path), body.kind, settings.artifacts_dir, options)
     except ImportRefused as exc:

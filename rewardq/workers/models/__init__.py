@@ -36,7 +36,8 @@ def load_model(kind: str, version: str, path: str | None, config: dict[str, Any]
     if kind == "classifier":
         from rewardq.workers.models.classifier import ClassifierModel
 
-        return ClassifierModel(version, where, **options, **common)
+        head = {"normalize": config.get("normalize", False)} if config.get("format") == "openrlhf" else None
+        return ClassifierModel(version, where, **options, **common, value_head=head)
     if kind == "likelihood":
         from rewardq.workers.models.likelihood import LikelihoodModel
 

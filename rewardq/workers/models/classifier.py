@@ -39,6 +39,7 @@ class ClassifierModel(RewardModel):
         device: str | None = None,
         model: Any = None,
         tokenizer: Any = None,
+        value_head: dict[str, Any] | None = None,
     ):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -46,6 +47,10 @@ class ClassifierModel(RewardModel):
         self.version = version
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(path)
+        if model is None and value_head is not None:  # OpenRLHF's format (workers.models.value_head)
+            from rewardq.workers.models.value_head import ValueHeadModel
+
+            model = ValueHeadModel.from_folder(path, normalize=bool(value_head.get("normalize")), dtype=DTYPES[dtype])
         self.model = (
             (
                 model
@@ -59,6 +64,11 @@ class ClassifierModel(RewardModel):
         self.dtype = dtype
         self.pad_id = self.model.config.get_text_config().pad_token_id
         self.fill_id = self.pad_id if self.pad_id is not None else (self.tokenizer.pad_token_id or 0)
+        if value_head is not None:  # it pools by the attention mask: any filler pads a batch
+            self.pad_id = self.fill_id = next(
+                (t for t in (self.pad_id, self.tokenizer.pad_token_id, self.tokenizer.eos_token_id) if t is not None), 0
+            )
+        self.value_head = value_head
         limit = getattr(self.model.config.get_text_config(), "max_position_embeddings", None) or max_length
         self.max_length = min(max_length, int(limit))
         self.truncation_side = truncation_side
@@ -74,6 +84,7 @@ class ClassifierModel(RewardModel):
             "max_length": self.max_length,
             "truncation_side": self.truncation_side,
             "input": "chat_template" if self.chat else "text_pair",
+            **({"format": "openrlhf", "normalize": bool(self.value_head.get("normalize"))} if self.value_head else {}),
         }
 
     def text(self, prompt: str, response: str) -> str | tuple[str, str]:
