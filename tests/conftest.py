@@ -75,19 +75,6 @@ def migrated(url: str) -> str:
     return url
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked sqlite_only run on SQLite alone: the suite's time goes where the backends differ."""
-    left_out = [
-        item
-        for item in items
-        if item.get_closest_marker("sqlite_only")
-        and getattr(getattr(item, "callspec", None), "params", {}).get("db_url") == "postgresql"
-    ]
-    if left_out:
-        config.hook.pytest_deselected(items=left_out)
-        items[:] = [item for item in items if item not in left_out]
-
-
 def _reset_settings() -> None:
     from rewardq.storage.settings import get_settings
 

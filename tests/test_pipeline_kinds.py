@@ -175,7 +175,7 @@ def _tenant_client(stack: Stack, name: str) -> tuple[TestClient, dict[str, str]]
     return c, {"Authorization": f"Bearer {key}"}
 
 
-@pytest.mark.sqlite_only  # the registry and runs are tested on both backends elsewhere
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # registry and runs: both backends elsewhere
 def test_a_sentence_transformers_encoder_imports_scores_and_trains_through_the_pipeline(stack: Stack, tmp_path):
     """Issue #39, item 3: a sentence-transformers folder (CLS pooling) is a sim-exp version: scored through the
     pipeline as SentenceTransformer.encode + the formula, and a run started from it keeps its encoder and pooling."""
@@ -211,7 +211,7 @@ def test_a_sentence_transformers_encoder_imports_scores_and_trains_through_the_p
         assert trained["_job"]["status"] == "succeeded"
 
 
-@pytest.mark.sqlite_only
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_an_imported_classifier_is_retrained_from_its_own_weights_and_promoted(stack: Stack, folders):
     """Issue #39, item 2: with an imported TRL-format classifier active, a classifier run fine-tunes it (not a new
     cross-encoder on MiniLM), the gate promotes it, and its scores move toward the tenant's preferences."""

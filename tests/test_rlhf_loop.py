@@ -253,3 +253,41 @@ def test_data_formats_in_and_parquet_out(live: Live, tmp_path: Path):
     out = _cli(live, "submit", str(bad))
     assert out.returncode != 0 and "JSON Lines, a JSON array, CSV, Parquet" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # nothing of it is stored: one database is enough
+def test_get_reward_scores_a_query_as_openrlhf_serve_rm_does(live: Live, tmp_path: Path):
+    """Issue #38, item 2: OpenRLHF's serve_rm tokenizes each query as it is and ignores prompts; rewardq required
+    prompts and templated the pair again, so an already-templated query scored 1.950 against 1.981. Now a query
+    alone, or one whose prompt went through the template already, scores as serve_rm scores it; a plain prompt
+    still gets the model's template (TRL's input)."""
+    from transformers import AutoTokenizer
+
+    from rewardq.workers.models.classifier import chat_messages
+    from tests.test_openrlhf_models import serve_rm
+    from tests.tiny_models import save_openrlhf_rm
+
+    folder = save_openrlhf_rm(tmp_path / "rm")
+    resp = live.stack.client.post("/v1/models/import", json={"path": str(folder), "kind": "classifier"})
+    assert resp.status_code in (200, 201), resp.text
+    version, auth = resp.json()["version"], ("rewardq", SECRET)
+    tok = AutoTokenizer.from_pretrained(folder)
+    templated = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+                 for p, _ in PAIRS]  # fmt: skip
+    queries = [t + r for t, (_, r) in zip(templated, PAIRS, strict=True)]  # OpenRLHF --apply_chat_template
+
+    def rewards(body: dict[str, object]) -> list[float]:
+        url = f"{live.url}/get_reward"
+        got = httpx.post(url, params={"model_version": version}, json=body, auth=auth, timeout=120)  # a first load
+        assert got.status_code == 200, got.text
+        return list(got.json()["rewards"])
+
+    want = serve_rm(folder, queries, normalize=False)
+    for body in ({"query": queries}, {"query": queries, "prompts": templated}):
+        assert max(abs(a - b) for a, b in zip(rewards(body), want, strict=True)) < 1e-5
+    plain = rewards({"query": [p + r for p, r in PAIRS], "prompts": [p for p, _ in PAIRS]})
+    trl = [tok.apply_chat_template(chat_messages(p, r), tokenize=False) for p, r in PAIRS]
+    assert max(abs(a - b) for a, b in zip(plain, serve_rm(folder, trl, normalize=False), strict=True)) < 1e-5
+    # A sim-exp version scores a pair: a query alone is refused with what to send.
+    resp = httpx.post(f"{live.url}/get_reward", json={"query": queries}, auth=auth, timeout=60)
+    assert resp.status_code == 422 and resp.json()["errors"][0]["field"] == "prompts", resp.text

@@ -2,6 +2,13 @@
 ``{"query": [prompt + response, ...], "prompts": [...], "labels": [...]}``, answered with
 ``{"rewards": [...], "scores": [...], "extra_logs": {...}}``, through the interactive lane.
 
+How a query is scored (docs/rlhf.md):
+- with ``prompts``, each query is split into its prompt and response, and the version scores the pair as it scores
+  a job's: a chat classifier applies its template, unless the prompt went through the template already (OpenRLHF's
+  ``--apply_chat_template``), which it then scores as the text it is, as serve_rm does;
+- without ``prompts`` (serve_rm ignores them), a classifier scores each query as it is, without special tokens:
+  serve_rm's tokenization. A sim-exp or likelihood version scores a (prompt, response) pair, so it needs prompts.
+
 OpenRLHF's client sends no Authorization header: give it the key in the URL's credentials,
 ``--remote_rm_url http://rewardq:KEY@host:8000/get_reward``; its HTTP client turns those into Basic auth.
 """
@@ -11,13 +18,25 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from sqlalchemy.orm import Session
 
 from rewardq.api.deps import SessionDep, SettingsDep, TenantDep, read_body
 from rewardq.api.errors import FieldError, invalid
 from rewardq.api.lane import NORMALIZE_DOC, Normalize, check_items, normalized, resolve_version, score_pairs
 from rewardq.api.parsing import loads
+from rewardq.storage import registry
+from rewardq.workers.models import TEXT_ONLY
 
 router = APIRouter(tags=["integrations"])
+
+
+def _kind_of(session: Session, version: str) -> str:
+    try:
+        mv = registry.get_version(session, version=version)
+        return mv.kind if mv is not None else "unknown"
+    finally:
+        session.close()
 
 
 def split_queries(queries: list[Any], prompts: list[Any]) -> list[dict[str, Any]]:
@@ -57,11 +76,30 @@ async def get_reward(
     if not isinstance(doc, dict) or not isinstance(doc.get("query"), list):
         raise invalid([FieldError("query", 'the body must be {"query": [...], "prompts": [...]}')])
     queries, prompts = doc["query"], doc.get("prompts")
-    if not isinstance(prompts, list) or len(prompts) != len(queries):
+    if prompts is not None and (not isinstance(prompts, list) or len(prompts) != len(queries)):
         raise invalid([FieldError("prompts", "a list as long as query, each query's prompt")])
-    items = check_items(split_queries(queries, prompts), settings)
+    if prompts is None:  # the query alone, as serve_rm reads it (checked as a pair with an empty prompt)
+        bad = next((i for i, q in enumerate(queries) if not isinstance(q, str)), None)
+        if bad is not None:
+            raise invalid([FieldError("query", "must be a string", bad)])
+        items = check_items([{"prompt": "", "response": q} for q in queries], settings)
+    else:
+        items = check_items(split_queries(queries, prompts), settings)
     version = await resolve_version(session, tenant, model_version)
-    scored = await score_pairs(settings, tenant, version, [it.prompt for it in items], [it.response for it in items])
+    if prompts is None:
+        kind = await run_in_threadpool(_kind_of, session, version)
+        if kind != "classifier":
+            raise invalid(
+                [
+                    FieldError(
+                        "prompts",
+                        f"{version} is a {kind} version, which scores a (prompt, response) pair: send each query's "
+                        "prompt in prompts (a classifier scores a query alone, as OpenRLHF's serve_rm does)",
+                    )
+                ]
+            )
+    texts = [TEXT_ONLY if prompts is None else it.prompt for it in items]
+    scored = await score_pairs(settings, tenant, version, texts, [it.response for it in items])
     failed = [i for i, row in enumerate(scored.rows) if row["error"]]
     if failed:
         row = scored.rows[failed[0]]

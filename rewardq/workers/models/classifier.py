@@ -1,19 +1,24 @@
 """Sequence-classification reward models (what TRL's RewardTrainer and OpenRLHF save): raw ``logits[:, 0]``.
 
 The input is the tokenizer's chat template over [user: prompt, assistant: response] when it has one
-(tokenized without adding special tokens again, as TRL does), else the tokenizer's text-pair encoding.
+(tokenized without adding special tokens again, as TRL does), else the tokenizer's text-pair encoding. A pair
+whose text went through the template already (it begins as every rendering of the template begins: OpenRLHF's
+``--apply_chat_template`` prompts), or that is one text (prompt ``TEXT_ONLY``: OpenRLHF's query alone), is scored
+as its text as it is, without special tokens, as OpenRLHF's serve_rm tokenizes a query.
 Batches are right-padded with the model config's ``pad_token_id``, so the model's own pooling (the
 last non-pad token for decoder models, [CLS] for BERT-style ones) sees exactly what it would see alone.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from rewardq.workers.models import TEXT_ONLY
 from rewardq.workers.models.base import RewardModel, Scores, half_precision, length_groups, no_cudnn_attention, pad_rows
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -21,6 +26,24 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def chat_messages(prompt: str, response: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+
+
+def template_start(tokenizer: Any) -> str:
+    """What every rendering of the tokenizer's chat template begins with (a BOS, a start-of-turn marker): the common
+    start of a user turn alone and of a system turn then a user turn, without whitespace-only starts. Empty when the
+    template begins with the content itself: then no text is taken as templated already."""
+    probes = [[{"role": "user", "content": "\x01a"}], [{"role": "system", "content": "\x01b"},
+              {"role": "user", "content": "\x01c"}]]  # fmt: skip
+    rendered = []
+    for messages in probes:
+        try:
+            rendered.append(str(tokenizer.apply_chat_template(messages, tokenize=False)))
+        except Exception:  # a template that refuses a system turn (Gemma's): the other rendering alone
+            continue
+    if not rendered:
+        return ""
+    start = os.path.commonprefix(rendered).split("\x01", 1)[0]
+    return start if start.strip() else ""
 
 
 class ClassifierModel(RewardModel):
@@ -73,6 +96,7 @@ class ClassifierModel(RewardModel):
         self.max_length = min(max_length, int(limit))
         self.truncation_side = truncation_side
         self.chat = bool(getattr(self.tokenizer, "chat_template", None))
+        self.chat_start = template_start(self.tokenizer) if self.chat else ""
         self.encode_batch_size = encode_batch_size
         self.token_budget = token_budget or (16384 if self.device.type == "cuda" else 2048)
         self.train_autocast = "off"  # "bf16": fine-tuning's forward passes in bf16 autocast; scoring runs in ``dtype``
@@ -88,8 +112,13 @@ class ClassifierModel(RewardModel):
         }
 
     def text(self, prompt: str, response: str) -> str | tuple[str, str]:
-        """The model's input for a pair: the chat-template text, or (prompt, response) for a text-pair encoding."""
+        """The model's input for a pair: the chat-template text, or (prompt, response) for a text-pair encoding; for a
+        chat model the text as it is when it was templated already or has no prompt (see the module's doc)."""
+        if prompt == TEXT_ONLY:
+            return response
         if self.chat:
+            if self.chat_start and prompt.startswith(self.chat_start):
+                return prompt + response
             return str(self.tokenizer.apply_chat_template(chat_messages(prompt, response), tokenize=False))
         return prompt, response
 
