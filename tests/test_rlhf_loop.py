@@ -291,3 +291,55 @@ def test_get_reward_scores_a_query_as_openrlhf_serve_rm_does(live: Live, tmp_pat
     # A sim-exp version scores a pair: a query alone is refused with what to send.
     resp = httpx.post(f"{live.url}/get_reward", json={"query": queries}, auth=auth, timeout=60)
     assert resp.status_code == 422 and resp.json()["errors"][0]["field"] == "prompts", resp.text
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # nothing of it is stored: one database is enough
+def test_vllm_classify_and_pooling_in_vllms_shapes(live: Live, tmp_path: Path):
+    """Issue #38, item 3: /classify and /pooling (what verl's reward loop calls on a vLLM reward server) for a
+    classifier version: each input text scored as it is, in the shapes of vLLM's protocol definitions
+    (ClassificationResponse: data [{index, label, probs, num_classes}]; PoolingResponse: data [{index, object
+    "pooling", data}]; UsageInfo), equal to transformers on the same text."""
+    import math
+
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from tests.tiny_models import save_llama_classifier
+
+    folder = save_llama_classifier(tmp_path / "rm")
+    resp = live.stack.client.post("/v1/models/import", json={"path": str(folder), "kind": "classifier"})
+    assert resp.status_code in (200, 201), resp.text
+    version, auth = resp.json()["version"], ("rewardq", SECRET)
+    tok = AutoTokenizer.from_pretrained(folder)
+    texts = [tok.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": r}],
+                                     tokenize=False) for p, r in PAIRS]  # fmt: skip
+    net = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    with torch.no_grad():
+        want = [net(**tok(t, add_special_tokens=False, return_tensors="pt")).logits[0, 0].item() for t in texts]
+
+    def post(route: str, body: dict[str, object]) -> dict:
+        got = httpx.post(f"{live.url}{route}", json={"model": version, **body}, auth=auth, timeout=120)
+        assert got.status_code == 200, got.text
+        doc = got.json()
+        assert set(doc) == {"id", "object", "created", "model", "data", "usage"} and doc["object"] == "list"
+        assert doc["model"] == version and doc["usage"]["prompt_tokens"] > 0
+        assert set(doc["usage"]) == {"prompt_tokens", "total_tokens", "completion_tokens", "prompt_tokens_details"}
+        return doc
+
+    classified = post("/classify", {"input": texts})
+    assert classified["id"].startswith("classify-")
+    assert [set(d) for d in classified["data"]] == [{"index", "label", "probs", "num_classes"}] * len(texts)
+    assert [d["index"] for d in classified["data"]] == list(range(len(texts)))
+    probs = [d["probs"][0] for d in classified["data"]]
+    assert max(abs(p - 1 / (1 + math.exp(-w))) for p, w in zip(probs, want, strict=True)) < 1e-5
+    raw = post("/v1/classify", {"input": texts, "use_activation": False})["data"]
+    assert max(abs(d["probs"][0] - w) for d, w in zip(raw, want, strict=True)) < 1e-4
+    pooled = post("/pooling", {"input": texts[0]})  # one text: one row
+    assert pooled["id"].startswith("pool-") and [set(d) for d in pooled["data"]] == [{"index", "object", "data"}]
+    assert pooled["data"][0]["object"] == "pooling" and abs(pooled["data"][0]["data"][0] - want[0]) < 1e-4
+    # The default version is sim-exp: it scores pairs, so a text alone is refused with where to send pairs.
+    resp = httpx.post(f"{live.url}/classify", json={"input": texts}, auth=auth, timeout=60)
+    assert resp.status_code == 422 and "/score" in resp.json()["errors"][0]["message"]
+    resp = httpx.post(f"{live.url}/pooling", json={"model": version, "input": [1, 2, 3]}, auth=auth, timeout=60)
+    assert resp.status_code == 422 and resp.json()["errors"][0]["field"] == "input"
+    assert httpx.post(f"{live.url}/classify", json={"input": texts}, timeout=60).status_code == 401

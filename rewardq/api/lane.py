@@ -62,6 +62,17 @@ async def resolve_version(session: Session, tenant: str, requested: str | None) 
     return await run_in_threadpool(resolve)
 
 
+def kind_of(session: Session, version: str) -> str:
+    """The version's kind (run in a thread; the session's connection goes back to the pool after)."""
+    from rewardq.storage import registry
+
+    try:
+        mv = registry.get_version(session, version=version)
+        return mv.kind if mv is not None else "unknown"
+    finally:
+        session.close()
+
+
 LANE_PAIRS = "rewardq:interactive:pairs:"  # + tenant: its pairs on the interactive lane now (a Redis counter)
 
 

@@ -19,24 +19,22 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from sqlalchemy.orm import Session
 
 from rewardq.api.deps import SessionDep, SettingsDep, TenantDep, read_body
 from rewardq.api.errors import FieldError, invalid
-from rewardq.api.lane import NORMALIZE_DOC, Normalize, check_items, normalized, resolve_version, score_pairs
+from rewardq.api.lane import (
+    NORMALIZE_DOC,
+    Normalize,
+    check_items,
+    kind_of,
+    normalized,
+    resolve_version,
+    score_pairs,
+)
 from rewardq.api.parsing import loads
-from rewardq.storage import registry
 from rewardq.workers.models import TEXT_ONLY
 
 router = APIRouter(tags=["integrations"])
-
-
-def _kind_of(session: Session, version: str) -> str:
-    try:
-        mv = registry.get_version(session, version=version)
-        return mv.kind if mv is not None else "unknown"
-    finally:
-        session.close()
 
 
 def split_queries(queries: list[Any], prompts: list[Any]) -> list[dict[str, Any]]:
@@ -87,7 +85,7 @@ async def get_reward(
         items = check_items(split_queries(queries, prompts), settings)
     version = await resolve_version(session, tenant, model_version)
     if prompts is None:
-        kind = await run_in_threadpool(_kind_of, session, version)
+        kind = await run_in_threadpool(kind_of, session, version)
         if kind != "classifier":
             raise invalid(
                 [
