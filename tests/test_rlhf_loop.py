@@ -7,6 +7,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import httpx
@@ -268,7 +269,9 @@ def test_get_reward_scores_a_query_as_openrlhf_serve_rm_does(live: Live, tmp_pat
     from tests.tiny_models import save_openrlhf_rm
 
     folder = save_openrlhf_rm(tmp_path / "rm")
-    resp = live.stack.client.post("/v1/models/import", json={"path": str(folder), "kind": "classifier"})
+    resp = live.stack.client.post(
+        "/v1/models/import", json={"path": str(folder), "kind": "classifier", "name": f"rm-{uuid.uuid4().hex[:8]}"}
+    )
     assert resp.status_code in (200, 201), resp.text
     version, auth = resp.json()["version"], ("rewardq", SECRET)
     tok = AutoTokenizer.from_pretrained(folder)
@@ -307,7 +310,9 @@ def test_vllm_classify_and_pooling_in_vllms_shapes(live: Live, tmp_path: Path):
     from tests.tiny_models import save_llama_classifier
 
     folder = save_llama_classifier(tmp_path / "rm")
-    resp = live.stack.client.post("/v1/models/import", json={"path": str(folder), "kind": "classifier"})
+    resp = live.stack.client.post(
+        "/v1/models/import", json={"path": str(folder), "kind": "classifier", "name": f"rm-{uuid.uuid4().hex[:8]}"}
+    )
     assert resp.status_code in (200, 201), resp.text
     version, auth = resp.json()["version"], ("rewardq", SECRET)
     tok = AutoTokenizer.from_pretrained(folder)
@@ -343,3 +348,39 @@ def test_vllm_classify_and_pooling_in_vllms_shapes(live: Live, tmp_path: Path):
     resp = httpx.post(f"{live.url}/pooling", json={"model": version, "input": [1, 2, 3]}, auth=auth, timeout=60)
     assert resp.status_code == 422 and resp.json()["errors"][0]["field"] == "input"
     assert httpx.post(f"{live.url}/classify", json={"input": texts}, timeout=60).status_code == 401
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # what is stored is the prompt text: one database
+def test_conversations_reach_a_chat_reward_model_through_the_pipeline(live: Live, tmp_path: Path):
+    """Issue #38, item 1: system prompts and multi-turn conversations, from the TRL reward function and in a job's
+    items, are scored by the reward model's own chat template over the real conversation (within 1e-4 of
+    transformers); the results show the conversation."""
+    from rewardq.api.integrations import trl_reward_func
+    from tests.support import wait_job
+    from tests.test_conversations import ANSWER, SYSTEM, TURNS, transformers_reward
+    from tests.tiny_models import save_llama_classifier
+
+    folder = save_llama_classifier(tmp_path / "rm")
+    resp = live.stack.client.post(
+        "/v1/models/import", json={"path": str(folder), "kind": "classifier", "name": f"rm-{uuid.uuid4().hex[:8]}"}
+    )
+    assert resp.status_code in (200, 201), resp.text
+    version = resp.json()["version"]
+    prompts = [TURNS, [SYSTEM, {"role": "user", "content": "Tell me a joke."}]]
+    completions = [[{"role": "assistant", "content": ANSWER}], [{"role": "assistant", "content": "No."}]]
+    want = [transformers_reward(folder, p + c) for p, c in zip(prompts, completions, strict=True)]
+    reward = trl_reward_func(live.url, SECRET, model_version=version)
+    got = reward(prompts=prompts, completions=completions)
+    assert max(abs(a - b) for a, b in zip(got, want, strict=True)) < 1e-4, (got, want)
+
+    headers = {"Authorization": f"Bearer {SECRET}"}
+    items = [{"id": "a", "messages": [*TURNS, {"role": "assistant", "content": ANSWER}]},
+             {"id": "b", "prompt": prompts[1], "response": "No."}]  # fmt: skip
+    with httpx.Client(base_url=live.url, headers=headers, timeout=60) as c:
+        resp = c.post("/v1/jobs", json={"items": items, "model_version": version})
+        assert resp.status_code == 202, resp.text
+        job = wait_job(c, resp.json()["job_id"])  # type: ignore[arg-type]
+        assert job["status"] == "succeeded", job
+        rows = {r["id"]: r for r in c.get(f"/v1/jobs/{job['job_id']}/results").json()["results"]}
+    assert abs(rows["a"]["score"] - want[0]) < 1e-4 and abs(rows["b"]["score"] - want[1]) < 1e-4
+    assert json.loads(rows["a"]["prompt"]) == TURNS and rows["a"]["response"] == ANSWER

@@ -13,6 +13,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from rewardq import conversations
 from rewardq.client.formats import RESULT_FIELDS, batch_output
 from rewardq.storage import registry, results
 from rewardq.storage import repository as repo
@@ -27,7 +28,7 @@ def result_row(r: Result, it: Item, stats: dict[str, Any] | None = None) -> dict
     return {
         "index": r.idx,
         "id": it.item_id,
-        "prompt": it.prompt,
+        "prompt": conversations.shown(it.prompt),
         "response": it.response,
         "score": r.score,
         "score_z": z,
@@ -62,7 +63,7 @@ def _failed_row(e: Any, it: Item) -> dict[str, Any]:
     return {
         "index": e.idx,
         "id": it.item_id,
-        "prompt": it.prompt,
+        "prompt": conversations.shown(it.prompt),
         "response": it.response,
         "score": None,
         "score_z": None,

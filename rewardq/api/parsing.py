@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from rewardq import conversations
 from rewardq.api.errors import ApiError, FieldError, invalid
 from rewardq.storage.repository import NewItem
 
@@ -72,14 +73,71 @@ def _check_list(raw: Any, name: str, max_items: int) -> list[Any]:
     return raw
 
 
+def _messages(value: Any, name: str, idx: int, max_chars: int, errors: list[FieldError]) -> list[dict[str, str]]:
+    """A conversation: a non-empty list of ``{"role", "content"}`` messages (content text, or text parts)."""
+    if not isinstance(value, list) or not value:
+        errors.append(FieldError(name, "a conversation is a non-empty list of {role, content} messages", idx))
+        return []
+    out = []
+    for message in value:
+        role = message.get("role") if isinstance(message, dict) else None
+        if role not in conversations.ROLES:
+            errors.append(FieldError(name, f"each message needs a role, one of {', '.join(conversations.ROLES)}", idx))
+            return []
+        body = message.get("content")
+        if not isinstance(body, str | list):
+            errors.append(FieldError(name, f"a {role} message's content must be text", idx))
+            return []
+        out.append({"role": role, "content": _text(conversations.content(message), name, idx, max_chars, errors)})
+    return out
+
+
+def _prompt_and_response(obj: dict[str, Any], i: int, max_chars: int, errors: list[FieldError]) -> tuple[str, str]:
+    """An item's prompt and response: texts, or conversations (rewardq.conversations): ``messages`` ending with the
+    assistant's answer, or a ``prompt`` that is a list of messages (TRL's conversational prompts) with a response
+    that is text or the assistant's messages."""
+    n_errors, plain = len(errors), ""
+    if "messages" in obj:
+        if "prompt" in obj or "response" in obj:
+            errors.append(FieldError("messages", "give messages, or prompt and response, not both", i))
+            return "", ""
+        turns = _messages(obj["messages"], "messages", i, max_chars, errors)
+        if len(errors) > n_errors:
+            return "", ""
+        if turns[-1]["role"] != "assistant" or len(turns) < 2:
+            errors.append(FieldError("messages", "must end with the assistant's answer, after at least one turn", i))
+            return "", ""
+        prompt_turns, response = turns[:-1], turns[-1]["content"]
+    else:
+        raw_prompt, raw_response = obj.get("prompt"), obj.get("response")
+        if isinstance(raw_prompt, list):
+            prompt_turns = _messages(raw_prompt, "prompt", i, max_chars, errors)
+        else:
+            prompt_turns = []
+            plain = _text(raw_prompt, "prompt", i, max_chars, errors)
+            if plain.startswith(conversations.CONVERSATION):
+                message = "begins with U+0001, which rewardq keeps for conversations: send them as messages"
+                errors.append(FieldError("prompt", message, i))
+        if isinstance(raw_response, list):
+            answer = [m for m in _messages(raw_response, "response", i, max_chars, errors) if m["role"] == "assistant"]
+            response = "".join(m["content"] for m in answer)
+        else:
+            response = _text(raw_response, "response", i, max_chars, errors)
+        if not prompt_turns:
+            return ("" if len(errors) > n_errors else plain), response
+    prompt = conversations.encode(prompt_turns)
+    if len(prompt) > max_chars:
+        errors.append(FieldError("prompt", f"the conversation is longer than {max_chars} characters as JSON", i))
+    return prompt, response
+
+
 def validate_item(obj: Any, i: int, max_chars: int, errors: list[FieldError]) -> NewItem | None:
     """One scoring item (at index ``i``), or None with the reasons appended to ``errors``."""
     if not isinstance(obj, dict):
         errors.append(FieldError("item", f"must be an object, got {type(obj).__name__}", i))
         return None
     n_errors = len(errors)
-    prompt = _text(obj.get("prompt"), "prompt", i, max_chars, errors)
-    response = _text(obj.get("response"), "response", i, max_chars, errors)
+    prompt, response = _prompt_and_response(obj, i, max_chars, errors)
     raw_id = obj.get("id")
     if raw_id is None:
         item_id = str(i)

@@ -93,15 +93,10 @@ def detect(path: Path) -> str:
     raise FormatError(f"{path} is not {ACCEPTED} (it starts with {shown!r})")
 
 
-def _messages_text(messages: list[Any]) -> str:
-    if len(messages) == 1 and isinstance(messages[0], dict):
-        return str(messages[0].get("content", ""))
-    return "\n".join(f"{m.get('role', 'user')}: {m.get('content', '')}" for m in messages if isinstance(m, dict))
-
-
 def conversational(prompt: Any, response: Any) -> tuple[Any, Any]:
     """Prompt and response from conversational columns (lists of {role, content}): the last assistant turn is the
-    response and the conversation before it the prompt; a list prompt becomes text. Plain strings pass."""
+    response and the conversation before it the prompt, kept as messages (the server applies the reward model's
+    chat template to them: rewardq.conversations). Plain strings pass."""
     if isinstance(response, list):
         turns = [m for m in response if isinstance(m, dict)]
         last = max((i for i, m in enumerate(turns) if m.get("role") == "assistant"), default=None)
@@ -112,7 +107,9 @@ def conversational(prompt: Any, response: Any) -> tuple[Any, Any]:
         if before:  # the whole conversation sat in the response column
             prompt = (prompt if isinstance(prompt, list) else []) + before if prompt is not None else before
     if isinstance(prompt, list):
-        prompt = _messages_text(prompt)
+        prompt = [
+            {"role": m.get("role", "user"), "content": m.get("content", "")} for m in prompt if isinstance(m, dict)
+        ]
     return prompt, response
 
 

@@ -1,7 +1,9 @@
 """A TRL reward function served by rewardq's interactive lane: ``GRPOTrainer(reward_funcs=[trl_reward_func(...)])``.
 
 The callable has GRPOTrainer's signature ``(prompts, completions, **kwargs) -> list[float]`` and takes both of
-TRL's formats: plain strings, or conversations (lists of ``{"role", "content"}`` messages). Large calls are
+TRL's formats: plain strings, or conversations (lists of ``{"role", "content"}`` messages). A conversational prompt
+goes to rewardq as its messages (system prompt and earlier turns included), so a reward model with a chat template
+scores the real conversation (rewardq.conversations); the completion is its assistant turns. Large calls are
 split into requests of ``batch_size`` pairs; 429 and 503 are retried honouring ``Retry-After`` (httpx-retries);
 every request has a timeout. Needs only httpx: ``pip install '.[client]'`` on the training machine.
 """
@@ -33,6 +35,14 @@ def as_prompt(prompt: Any) -> str:
     if len(turns) == 1:
         return _content(turns[0])
     return "\n".join(f"{m.get('role', 'user')}: {_content(m)}" for m in turns)
+
+
+def as_messages(prompt: Any) -> Any:
+    """A TRL prompt as rewardq takes it: a string as is, a conversation as its ``{"role", "content"}`` messages."""
+    if isinstance(prompt, str):
+        return prompt
+    return [{"role": m.get("role", "user"), "content": _content(m)} if isinstance(m, dict) else
+            {"role": "user", "content": str(m)} for m in prompt]  # fmt: skip
 
 
 def as_completion(completion: Any) -> str:
@@ -70,7 +80,7 @@ def trl_reward_func(
     def reward(prompts: Sequence[Any], completions: Sequence[Any], **_: Any) -> list[float]:
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts for {len(completions)} completions")
-        pairs = [(as_prompt(p), as_completion(c)) for p, c in zip(prompts, completions, strict=True)]
+        pairs = [(as_messages(p), as_completion(c)) for p, c in zip(prompts, completions, strict=True)]
         out: list[float] = []
         for lo in range(0, len(pairs), batch_size):
             rows = client.score(pairs[lo : lo + batch_size], model_version=model_version)["results"]

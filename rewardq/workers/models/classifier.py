@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from rewardq import conversations
 from rewardq.workers.models import TEXT_ONLY
 from rewardq.workers.models.base import RewardModel, Scores, half_precision, length_groups, no_cudnn_attention, pad_rows
 
@@ -116,11 +117,15 @@ class ClassifierModel(RewardModel):
         chat model the text as it is when it was templated already or has no prompt (see the module's doc)."""
         if prompt == TEXT_ONLY:
             return response
+        messages = conversations.decode(prompt)  # a conversation's turns before the answer, or None
         if self.chat:
+            if messages is not None:
+                turns = [*messages, {"role": "assistant", "content": response}]
+                return str(self.tokenizer.apply_chat_template(turns, tokenize=False))
             if self.chat_start and prompt.startswith(self.chat_start):
                 return prompt + response
             return str(self.tokenizer.apply_chat_template(chat_messages(prompt, response), tokenize=False))
-        return prompt, response
+        return conversations.text(prompt), response
 
     def encode(self, prompt: str, response: str) -> tuple[dict[str, list[int]], bool]:
         """Token ids (and token type ids) for one pair, cut to max_length on the version's side; and whether cut."""

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from rewardq import kernels
+from rewardq import conversations, kernels
 from rewardq.workers.models.base import RewardModel, Scores, length_groups, no_cudnn_attention, pad_rows
 from rewardq.workers.models.classifier import DTYPES
 
@@ -80,12 +80,16 @@ class LikelihoodModel(RewardModel):
         }
 
     def prompt_ids(self, prompt: str) -> list[int]:
+        messages = conversations.decode(prompt)  # a conversation's turns (system, earlier turns), or None
         if self.chat:
             ids = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], tokenize=True, add_generation_prompt=True, return_dict=False
+                messages or [{"role": "user", "content": prompt}],
+                tokenize=True,
+                add_generation_prompt=True,
+                return_dict=False,
             )
         else:
-            ids = self.tokenizer(prompt)["input_ids"]
+            ids = self.tokenizer(conversations.text(prompt))["input_ids"]
         if not ids and self.tokenizer.bos_token_id is not None:
             ids = [self.tokenizer.bos_token_id]  # the first response token needs something to be predicted from
         return list(ids)

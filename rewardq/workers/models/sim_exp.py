@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from rewardq import kernels
+from rewardq import conversations, kernels
 from rewardq.workers.models import packed
 from rewardq.workers.models.base import Preempted, RewardModel, Scores, half_precision, length_groups
 from rewardq.workers.precision import resolve_autocast
@@ -278,6 +278,7 @@ class SimExpModel(RewardModel):
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> Scores:
         if len(prompts) != len(responses):
             raise ValueError("prompts and responses differ in length")
+        prompts = [conversations.text(p) for p in prompts]  # a conversation is embedded as one text
         # Each distinct text is encoded once per batch (RLHF batches repeat the prompt).
         uniq = list(dict.fromkeys([*prompts, *responses]))
         pos = {t: i for i, t in enumerate(uniq)}
