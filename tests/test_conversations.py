@@ -110,3 +110,15 @@ def test_sim_exp_embeds_a_conversation_as_its_text():
     model.cache_size, model.shared = 0, None
     prompt = conversations.encode(TURNS)
     assert model.score([prompt], [ANSWER]).reward == model.score([conversations.text(prompt)], [ANSWER]).reward
+
+
+def test_a_classifier_trains_on_the_conversation_it_scores(chat_rm):
+    """Feedback keeps a conversation as messages too: a classifier run's forward pass reads the same templated
+    conversation its scores come from (sim-exp runs train on the text they embed, conversations.text)."""
+    from rewardq.workers.models.classifier import ClassifierModel
+
+    model = ClassifierModel("v", str(chat_rm))
+    prompt = conversations.encode(TURNS)
+    with torch.no_grad():
+        trained_on = model.forward([prompt], [ANSWER])[0].item()
+    assert abs(trained_on - model.score([prompt], [ANSWER]).reward[0]) < 1e-5

@@ -1,7 +1,7 @@
 """TRL's dataset shapes as feedback (issue #38, item 4): conversational chosen/rejected (``must be a string, got
 list`` before), an implicit prompt, prompt-completion ratings and KTO's unpaired labels. Each is compared with what
-TRL's own ``maybe_extract_prompt`` makes of the example, then flattened as the TRL reward function flattens what it
-scores (so feedback and scores read the same text)."""
+TRL's own ``maybe_extract_prompt`` makes of the example, the prompt kept as a conversation as a scoring item keeps it
+(rewardq.conversations: a single user turn as its content), the answers as their assistant turns."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from typing import Any
 
 import pytest
 
+from rewardq import conversations
 from rewardq.api.errors import ApiError
-from rewardq.api.integrations.trl import as_completion, as_prompt
+from rewardq.api.integrations.trl import as_completion
 from rewardq.api.parsing import validate_feedback
 
 SKY = [{"role": "user", "content": "What color is the sky?"}]
@@ -43,7 +44,8 @@ def test_preferences_in_trls_shapes_are_split_as_trl_splits_them(name: str):
 
     example = EXAMPLES[name]
     trl = maybe_extract_prompt(dict(example))
-    want = {"kind": "preference", "prompt": as_prompt(trl["prompt"]), "chosen": as_completion(trl["chosen"]),
+    prompt = trl["prompt"] if isinstance(trl["prompt"], str) else conversations.encode(trl["prompt"])
+    want = {"kind": "preference", "prompt": prompt, "chosen": as_completion(trl["chosen"]),
             "rejected": as_completion(trl["rejected"])}  # fmt: skip
     assert _row(example) == want
     assert want["chosen"] != want["rejected"] and want["prompt"]
@@ -55,6 +57,14 @@ def test_prompt_completion_ratings_and_kto_labels():
     assert _row({"prompt": SKY, "completion": BLUE, "label": True})["rating"] == 1.0
     assert _row({"prompt": SKY, "completion": GREEN, "label": False}) == {
         "kind": "rating", "prompt": "What color is the sky?", "response": "It is green.", "rating": 0.0}  # fmt: skip
+
+
+def test_a_system_prompt_is_kept_as_a_conversation():
+    row = _row(EXAMPLES["conversational with a system turn"])
+    assert conversations.decode(row["prompt"]) == SYSTEM and row["chosen"] == "It is blue."
+    with pytest.raises(ApiError) as err:
+        validate_feedback([{"prompt": "\x01[]", "response": "r", "rating": 1}], max_items=10, max_chars=100)
+    assert err.value.errors[0].field == "prompt" and "U+0001" in err.value.errors[0].message
 
 
 def test_a_list_that_is_not_a_conversation_is_refused_with_its_field():

@@ -231,19 +231,23 @@ def _extract_prompt(chosen: Any, rejected: Any) -> tuple[Any, Any, Any]:
     return chosen[:idx], chosen[idx:], rejected[idx:]
 
 
-def trl_feedback(obj: dict[str, Any], idx: int, errors: list[FieldError]) -> dict[str, Any]:
-    """TRL's dataset shapes as rewardq's feedback, flattened as the TRL reward function flattens what it scores
-    (integrations.trl), so feedback and scores read the same text:
+def trl_feedback(obj: dict[str, Any], idx: int, errors: list[FieldError], max_chars: int = 1 << 20) -> dict[str, Any]:
+    """TRL's dataset shapes as rewardq's feedback, read as a scoring item is read, so feedback and scores see the
+    same input:
 
     - conversations (lists of ``{"role", "content"}`` messages) for ``prompt``, ``chosen``, ``rejected`` and
-      ``completion``: the prompt's single user turn or its ``role: content`` lines, a completion's assistant turns;
+      ``completion``: the prompt kept as its messages (rewardq.conversations; a single user turn as its content),
+      a completion's assistant turns;
     - an implicit prompt, ``{"chosen", "rejected"}`` alone: their common beginning is the prompt, as TRL's
       ``extract_prompt`` takes it (message by message for conversations, character by character for text);
     - prompt-completion, ``{"prompt", "completion", "rating"}``, and KTO's unpaired ``{"prompt", "completion",
       "label"}`` (label true: rating 1, false: rating 0)."""
-    from rewardq.api.integrations.trl import as_completion, as_prompt
+    from rewardq.api.integrations.trl import as_completion
 
     out = dict(obj)
+    if isinstance(out.get("prompt"), str) and out["prompt"].startswith(conversations.CONVERSATION):
+        errors.append(FieldError("prompt", "begins with U+0001, which rewardq keeps for conversations", idx))
+        out["prompt"] = ""
     if "completion" in out and "response" not in out and "chosen" not in out:
         out["response"] = out.pop("completion")
         if "rating" not in out and isinstance(out.get("label"), bool):
@@ -262,8 +266,10 @@ def trl_feedback(obj: dict[str, Any], idx: int, errors: list[FieldError]) -> dic
             if not _conversation(value):
                 errors.append(FieldError(name, "a list must be a conversation: {role, content} messages", idx))
                 out[name] = ""
+            elif name == "prompt":
+                out[name] = conversations.encode(_messages(value, name, idx, max_chars, errors))
             else:
-                out[name] = as_prompt(value) if name == "prompt" else as_completion(value)
+                out[name] = as_completion(value)
     return out
 
 
@@ -279,7 +285,7 @@ def validate_feedback(raw: Any, *, max_items: int, max_chars: int, offset: int =
         if not isinstance(obj, dict):
             errors.append(FieldError("feedback", f"must be an object, got {type(obj).__name__}", i))
             continue
-        obj = trl_feedback(obj, i, errors)
+        obj = trl_feedback(obj, i, errors, max_chars)
         prompt = _text(obj.get("prompt"), "prompt", i, max_chars, errors)
         if "chosen" in obj or "rejected" in obj:
             chosen = _text(obj.get("chosen"), "chosen", i, max_chars, errors)

@@ -16,6 +16,7 @@ from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 
+from rewardq import conversations
 from rewardq.storage import registry
 from rewardq.storage import training_repository as trepo
 from rewardq.storage.db import session_scope
@@ -90,12 +91,15 @@ def _load_feedback(
     feedback a tenant has collected. Also what the window held, for the run's report."""
     window = default_window if params.window is None else params.window
     data = Feedback()
+    # A conversation's prompt: a classifier reads its messages (its chat template); sim-exp trains on the text it
+    # embeds when it scores (rewardq.conversations.text).
+    prompt_of = (lambda p: p) if params.kind == "classifier" else conversations.text
 
     def add(row: Any) -> None:
         if row.kind == "preference":
-            data.preferences.append(Preference(row.prompt, row.chosen or "", row.rejected or ""))
+            data.preferences.append(Preference(prompt_of(row.prompt), row.chosen or "", row.rejected or ""))
         else:
-            data.ratings.append(Rating(row.prompt, row.response or "", float(row.rating or 0.0)))
+            data.ratings.append(Rating(prompt_of(row.prompt), row.response or "", float(row.rating or 0.0)))
 
     with session_scope() as s:
         start = trepo.window_start(s, tenant=tenant, max_id=max_id, window=window)
