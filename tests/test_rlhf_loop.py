@@ -342,6 +342,9 @@ def test_vllm_classify_and_pooling_in_vllms_shapes(live: Live, tmp_path: Path):
     pooled = post("/pooling", {"input": texts[0]})  # one text: one row
     assert pooled["id"].startswith("pool-") and [set(d) for d in pooled["data"]] == [{"index", "object", "data"}]
     assert pooled["data"][0]["object"] == "pooling" and abs(pooled["data"][0]["data"][0] - want[0]) < 1e-4
+    # vLLM's chat form: one conversation, through the model's template (the same text as texts[0]).
+    chat = [{"role": "user", "content": PAIRS[0][0]}, {"role": "assistant", "content": PAIRS[0][1]}]
+    assert abs(post("/classify", {"messages": chat, "use_activation": False})["data"][0]["probs"][0] - want[0]) < 1e-4
     # The default version is sim-exp: it scores pairs, so a text alone is refused with where to send pairs.
     resp = httpx.post(f"{live.url}/classify", json={"input": texts}, auth=auth, timeout=60)
     assert resp.status_code == 422 and "/score" in resp.json()["errors"][0]["message"]

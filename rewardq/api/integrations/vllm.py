@@ -77,12 +77,17 @@ async def vllm_score(
     return await score_doc(doc, session, settings, tenant, normalize)
 
 
-def _texts(doc: Any, settings: Settings) -> list[str]:
-    """vLLM's ``input``: one text or a list of texts (token ids and ``messages`` are refused with what to send)."""
+def _texts(doc: Any, settings: Settings) -> tuple[list[str], list[str]]:
+    """(prompts, texts) to score: vLLM's ``input``, one text or a list of texts, each scored as it is (prompt
+    TEXT_ONLY); or its chat form, ``messages``, one conversation ending with the assistant's answer, which the
+    classifier's chat template renders (rewardq.conversations). Token ids are refused with what to send."""
     if not isinstance(doc, dict):
         raise invalid([FieldError("body", 'must be {"model"?, "input": "..." or ["...", ...]}')])
-    if "messages" in doc and "input" not in doc:
-        raise invalid([FieldError("messages", "send the conversation as text, templated, in input")])
+    if "messages" in doc:
+        if "input" in doc:
+            raise invalid([FieldError("messages", "give input or messages, not both")])
+        [item] = check_items([{"messages": doc["messages"]}], settings)
+        return [item.prompt], [item.response]
     given = doc.get("input")
     texts = [given] if isinstance(given, str) else given
     if not isinstance(texts, list) or not texts:
@@ -90,19 +95,20 @@ def _texts(doc: Any, settings: Settings) -> list[str]:
     bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
     if bad is not None:
         raise invalid([FieldError("input", "must be text (token ids are not accepted)", bad)])
-    return [it.response for it in check_items([{"prompt": "", "response": t} for t in texts], settings)]
+    checked = [it.response for it in check_items([{"prompt": "", "response": t} for t in texts], settings)]
+    return [TEXT_ONLY] * len(checked), checked
 
 
 async def _score_texts(doc: Any, session: Session, settings: Settings, tenant: str) -> tuple[str, list[float], int]:
     """Each text scored as it is by a classifier version (the version's id, the rewards, the tokens)."""
-    texts = _texts(doc, settings)
+    prompts, texts = _texts(doc, settings)
     model = doc.get("model")
     version = await resolve_version(session, tenant, model if isinstance(model, str) and model else None)
     kind = await run_in_threadpool(kind_of, session, version)
     if kind != "classifier":
         message = f"{version} is a {kind} version, which scores (prompt, response) pairs: use /score or /v1/score"
         raise invalid([FieldError("model", message)])
-    scored = await score_pairs(settings, tenant, version, [TEXT_ONLY] * len(texts), texts)
+    scored = await score_pairs(settings, tenant, version, prompts, texts)
     failed = [i for i, row in enumerate(scored.rows) if row["error"]]
     if failed:
         row = scored.rows[failed[0]]
@@ -126,8 +132,9 @@ async def _body(request: Request, settings: Settings) -> Any:
 async def vllm_classify(request: Request, session: SessionDep, settings: SettingsDep, tenant: TenantDep
                         ) -> dict[str, Any]:  # fmt: skip
     """`{"model"?, "input", "use_activation"?}` for a classifier version: each text scored as it is (no special
-    tokens added), answered in vLLM's ClassificationResponse shape. A reward model has one class: `probs` is
-    `[sigmoid(reward)]`, as vLLM activates a one-label model, or `[reward]` with `"use_activation": false`."""
+    tokens added), or `{"model"?, "messages"}`: one conversation through the model's chat template. Answered in
+    vLLM's ClassificationResponse shape; a reward model has one class: `probs` is `[sigmoid(reward)]`, as vLLM
+    activates a one-label model, or `[reward]` with `"use_activation": false`."""
     doc = await _body(request, settings)
     version, rewards, tokens = await _score_texts(doc, session, settings, tenant)
     active = doc.get("use_activation", doc.get("activation", True))
