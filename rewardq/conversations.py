@@ -41,16 +41,22 @@ def flatten(messages: list[dict[str, str]]) -> str:
 def encode(messages: list[dict[str, str]]) -> str:
     """The prompt text that holds ``messages``; a single user turn is its content alone (the same input for every
     kind: a chat template over [user: content] is what a plain prompt gets)."""
-    if len(messages) == 1 and messages[0]["role"] == "user":
+    if len(messages) == 1 and messages[0]["role"] == "user" and not messages[0]["content"].startswith(CONVERSATION):
         return messages[0]["content"]
     return CONVERSATION + json.dumps(messages, ensure_ascii=False, separators=(",", ":"))
 
 
 def decode(prompt: str) -> list[dict[str, str]] | None:
-    """The messages a prompt holds, or None for a plain prompt."""
+    """The messages a prompt holds, or None for a plain prompt (also one stored before conversations were kept, which
+    could begin with U+0001 and is then not their JSON)."""
     if not prompt.startswith(CONVERSATION):
         return None
-    messages: list[dict[str, str]] = json.loads(prompt[1:])
+    try:
+        messages = json.loads(prompt[1:])
+    except ValueError:
+        return None
+    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
+        return None
     return messages
 
 

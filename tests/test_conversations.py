@@ -38,6 +38,11 @@ def test_items_take_conversations_in_each_shape():
     # A single user turn is the plain prompt: every kind reads both the same way.
     assert _items({"prompt": [{"role": "user", "content": "hi"}], "response": "x"})[0].prompt == "hi"
     assert _items({"prompt": "hi", "response": "x"})[0].prompt == "hi"
+    # A single turn whose text begins with the conversation mark stays a conversation; an old plain prompt that
+    # began with it (stored before conversations were kept) reads as plain text.
+    odd = _items({"prompt": [{"role": "user", "content": "\x01[]"}], "response": "x"})[0].prompt
+    assert conversations.decode(odd) == [{"role": "user", "content": "\x01[]"}]
+    assert conversations.decode("\x01not json") is None and conversations.text("\x01[1]") == "\x01[1]"
 
 
 @pytest.mark.parametrize(

@@ -41,9 +41,6 @@ class RunError(Exception):
     """A run that cannot proceed for a reason the user can act on (recorded on the run)."""
 
 
-TRAINABLE = ("sim_exp", "classifier")
-
-
 @dataclass(frozen=True)
 class Start:
     """The version a run trains from: its id, kind, files (None: the configured encoder, REWARDQ_MODEL or the bundled
@@ -72,12 +69,10 @@ def start_of(session: Any, params: TrainParams, tenant: str, active: str | None)
     mv = registry.get_version(session, version=chosen, tenant=tenant) if chosen else None
     if params.start_version and mv is None:
         raise RunError(f"the start version {params.start_version} is gone: name another (start_version)")
-    if mv is None or mv.kind != params.kind:
-        if params.start_version:
-            raise RunError(f"the start version {mv.version if mv else chosen} is not a {params.kind} version")
+    if mv is None or mv.kind != params.kind:  # a run's kind is one that trains (the API takes no other)
+        if mv is not None and params.start_version:
+            raise RunError(f"the start version {mv.version} is not a {params.kind} version")
         return _base_start(params.kind)
-    if mv.kind not in TRAINABLE:  # only a named one reaches here (an active one of the run's kind is trainable)
-        raise RunError(f"{mv.version} is a {mv.kind} model, which runs cannot train")
     path = None if mv.path is None else version_dir(mv.path, get_settings().artifacts_dir)
     return Start(mv.version, mv.kind, path, dict(mv.config or {}), mv.base_model)
 

@@ -26,6 +26,7 @@ from rewardq.storage.clock import utcnow
 from rewardq.storage.models import RunStatus, Schedule, TrainingRun
 from rewardq.workers import liveness
 from rewardq.workers.messages import enqueue_training_run
+from rewardq.workers.models import TRAINABLE
 from rewardq.workers.train_params import params_for, planned_steps, resolved, window_rows
 
 runs = APIRouter(prefix="/v1/training-runs", tags=["training"])
@@ -40,9 +41,6 @@ def run_out(run: TrainingRun) -> TrainingRunOut:
         n_feedback=run.n_feedback, schedule_id=run.schedule_id, error=run.error, created_at=run.created_at,
         started_at=run.started_at, finished_at=run.finished_at,
     )  # fmt: skip
-
-
-TRAINABLE = ("sim_exp", "classifier")
 
 
 def _start(session: Session, params: TrainingParams, tenant: str) -> dict[str, object]:

@@ -16,6 +16,7 @@ KINDS = ("sim_exp", "classifier", "likelihood")
 # The prompt of a pair that is one text, scored as it is (OpenRLHF's query alone, /get_reward without prompts): no
 # user text can be it, since texts with NUL are refused. Only a classifier scores such a pair.
 TEXT_ONLY = "\x00"
+TRAINABLE = ("sim_exp", "classifier")  # what a training run can fine-tune (a likelihood model is refused)
 IMPORTABLE = ("classifier", "likelihood", "sim_exp")  # sim_exp: a sentence-transformers folder (its encoder)
 
 
