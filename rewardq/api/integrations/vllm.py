@@ -70,11 +70,7 @@ async def vllm_score(
     normalize: Annotated[Normalize, Query(description=NORMALIZE_DOC)] = "none",
 ) -> dict[str, Any]:
     """`{"model"?, "text_1", "text_2"}`: `model` is a version's id or name (default: your active version)."""
-    try:
-        doc = loads(await read_body(request, settings.max_json_bytes))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise invalid([FieldError("body", f"not valid JSON: {exc}")]) from exc
-    return await score_doc(doc, session, settings, tenant, normalize)
+    return await score_doc(await _body(request, settings), session, settings, tenant, normalize)
 
 
 def _texts(doc: Any, settings: Settings) -> tuple[list[str], list[str]]:
@@ -121,6 +117,7 @@ def _usage(tokens: int) -> dict[str, Any]:
 
 
 async def _body(request: Request, settings: Settings) -> Any:
+    """The request's JSON, read within REWARDQ_MAX_JSON_BYTES."""
     try:
         return loads(await read_body(request, settings.max_json_bytes))
     except (ValueError, UnicodeDecodeError) as exc:

@@ -114,7 +114,8 @@ class ClassifierModel(RewardModel):
 
     def text(self, prompt: str, response: str) -> str | tuple[str, str]:
         """The model's input for a pair: the chat-template text, or (prompt, response) for a text-pair encoding; for a
-        chat model the text as it is when it was templated already or has no prompt (see the module's doc)."""
+        chat model the text as it is when it was templated already; a conversation through the template; a pair that
+        is one text (TEXT_ONLY) as that text (see the module's doc)."""
         if prompt == TEXT_ONLY:
             return response
         messages = conversations.decode(prompt)  # a conversation's turns before the answer, or None
