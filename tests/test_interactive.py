@@ -192,3 +192,19 @@ def test_a_bulk_batch_under_way_stops_for_interactive_work_and_resumes(stack: St
             assert abs(stored[x["index"]] - x["score"]) < 1e-5
         with Session() as s:
             assert s.query(Batch).filter_by(job_id=job_id).count() == 2  # handed back whole, never split
+
+
+def test_a_protocol_answer_names_the_first_pair_that_could_not_be_scored():
+    """/get_reward, vLLM's /score, /classify and /pooling answer all or nothing: Scored.scores raises a 422 naming
+    the request's field and the first failed pair's index, with its code and message."""
+    from rewardq.api.errors import ApiError
+    from rewardq.api.lane import Scored
+
+    ok = {"score": 1.5, "error": None}
+    bad = {"score": None, "error": {"code": "empty_response", "message": "the response has no tokens to score"}}
+    assert Scored("v", "likelihood", [ok, ok]).scores("query") == [1.5, 1.5]
+    with pytest.raises(ApiError) as err:
+        Scored("v", "likelihood", [ok, bad, bad]).scores("query")
+    assert err.value.status == 422 and [(e.field, e.index, e.message) for e in err.value.errors] == [
+        ("query", 1, "empty_response: the response has no tokens to score")
+    ]

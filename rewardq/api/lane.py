@@ -32,6 +32,15 @@ class Scored:
     rows: list[dict[str, Any]]  # per pair: score, cos, truncated, n_tokens, error
     tokens: int = 0  # tokens the workers encoded for it (none for texts their caches held)
 
+    def scores(self, field: str) -> list[float]:
+        """Every pair's score, for the protocols that answer all or nothing: the first pair that could not be scored
+        is a 422 naming ``field`` (the request's field that held it) and its index."""
+        failed = next((i for i, row in enumerate(self.rows) if row["error"]), None)
+        if failed is not None:
+            error = self.rows[failed]["error"]
+            raise invalid([FieldError(field, f"{error['code']}: {error['message']}", failed)])
+        return [float(row["score"]) for row in self.rows]
+
 
 def check_items(raw: Any, settings: Settings) -> list[NewItem]:
     """{prompt, response, id?} objects, at most REWARDQ_INTERACTIVE_MAX_ITEMS, each checked as a job's items are."""

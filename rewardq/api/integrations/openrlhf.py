@@ -98,11 +98,7 @@ async def get_reward(
             )
     texts = [TEXT_ONLY if prompts is None else it.prompt for it in items]
     scored = await score_pairs(settings, tenant, version, texts, [it.response for it in items])
-    failed = [i for i, row in enumerate(scored.rows) if row["error"]]
-    if failed:
-        row = scored.rows[failed[0]]
-        raise invalid([FieldError("query", f"{row['error']['code']}: {row['error']['message']}", failed[0])])
-    rewards = await normalized(session, version, [float(row["score"]) for row in scored.rows], normalize)
+    rewards = await normalized(session, version, scored.scores("query"), normalize)
     extra = {"rewardq_truncated": [float(row["truncated"]) for row in scored.rows]}
     if scored.kind == "likelihood":
         extra["rewardq_n_tokens"] = [float(row["n_tokens"] or 0) for row in scored.rows]

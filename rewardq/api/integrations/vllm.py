@@ -53,11 +53,7 @@ async def score_doc(
     model = doc.get("model")
     version = await resolve_version(session, tenant, model if isinstance(model, str) and model else None)
     scored = await score_pairs(settings, tenant, version, [it.prompt for it in items], [it.response for it in items])
-    failed = [i for i, row in enumerate(scored.rows) if row["error"]]
-    if failed:
-        row = scored.rows[failed[0]]
-        raise invalid([FieldError("text_2", f"{row['error']['code']}: {row['error']['message']}", failed[0])])
-    scores = await normalized(session, version, [float(row["score"]) for row in scored.rows], normalize)
+    scores = await normalized(session, version, scored.scores("text_2"), normalize)
     return score_response(version, scores, scored.tokens)
 
 
@@ -105,11 +101,7 @@ async def _score_texts(doc: Any, session: Session, settings: Settings, tenant: s
         message = f"{version} is a {kind} version, which scores (prompt, response) pairs: use /score or /v1/score"
         raise invalid([FieldError("model", message)])
     scored = await score_pairs(settings, tenant, version, prompts, texts)
-    failed = [i for i, row in enumerate(scored.rows) if row["error"]]
-    if failed:
-        row = scored.rows[failed[0]]
-        raise invalid([FieldError("input", f"{row['error']['code']}: {row['error']['message']}", failed[0])])
-    return version, [float(row["score"]) for row in scored.rows], scored.tokens
+    return version, scored.scores("input"), scored.tokens
 
 
 def _usage(tokens: int) -> dict[str, Any]:
