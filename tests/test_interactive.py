@@ -208,3 +208,25 @@ def test_a_protocol_answer_names_the_first_pair_that_could_not_be_scored():
     assert err.value.status == 422 and [(e.field, e.index, e.message) for e in err.value.errors] == [
         ("query", 1, "empty_response: the response has no tokens to score")
     ]
+
+
+def test_another_tenants_version_does_not_exist_for_classify_and_pooling(db_url: str, redis_url: str):
+    """The vLLM routes resolve ``model`` within the caller's tenant: bob's classifier, by id or by name, is as
+    unknown to alice as a version that does not exist (nothing is scored, so no worker is needed)."""
+    import uuid
+
+    from rewardq.storage import registry
+    from rewardq.storage.db import session_scope
+    from tests.conftest import make_client
+
+    tag = uuid.uuid4().hex[:8]
+    with session_scope(db_url) as s:
+        registry.register(s, version=f"clf-{tag}", kind="classifier", base_model="t", path=f"clf-{tag}", config={},
+                          name=f"bob-rm-{tag}", owner="bob")  # fmt: skip
+    key = f"key-alice-{tag}-0123456789abcdef0123"
+    with make_client(db_url, f"test-vllm-tenancy-{tag}", api_keys=f"alice:{key}") as c:
+        for route in ("/classify", "/pooling", "/v1/classify"):
+            for model in (f"clf-{tag}", f"bob-rm-{tag}"):
+                resp = c.post(route, json={"model": model, "input": "x"}, headers={"Authorization": f"Bearer {key}"})
+                assert resp.status_code == 422, resp.text
+                assert resp.json()["errors"][0]["field"] == "model_version" and "unknown" in resp.text
