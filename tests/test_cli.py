@@ -274,3 +274,25 @@ def test_the_worker_refuses_a_threads_pool_before_it_starts():
     out = CliRunner().invoke(main, ["worker", "--pool", "threads"])
     assert out.exit_code == 2, out.output
     assert "'threads' is not one of 'prefork', 'solo'" in out.output
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # the CLI's side; storage: tests/test_ensembles.py
+def test_models_ensemble_makes_a_version_to_submit_with(live: Live, tmp_path: Path):
+    """Issue #38, item 6, from the CLI: VERSION=WEIGHT members (names or ids), a name to submit with."""
+    with live.client() as c:
+        base = c.models()["default"]
+    bad = rewardq("models", "ensemble", base, "x=1", url=live.url)
+    assert bad.returncode == 2 and "VERSION=WEIGHT" in bad.stderr
+    unknown = rewardq("models", "ensemble", f"{base}=1", "nope=2", url=live.url)
+    assert unknown.returncode != 0 and "unknown model version 'nope'" in unknown.stderr
+    from tests.test_ensembles import _second_version
+
+    other = _second_version(live.stack.db_url)  # the untrained formula again, under another id
+    made = rewardq("models", "ensemble", f"{base}=0.5", f"{other}=2", "--name", "cli-mix", url=live.url)
+    assert made.returncode == 0, made.stderr
+    out = json.loads(made.stdout)
+    assert out["kind"] == "ensemble" and out["name"] == "cli-mix"
+    assert out["settings"]["members"] == [{"version": base, "weight": 0.5}, {"version": other, "weight": 2.0}]
+    pairs = str(_pairs(tmp_path / "p.jsonl", 3, "ens"))
+    done = rewardq("submit", pairs, "--model-version", "cli-mix", "--wait", url=live.url)
+    assert done.returncode == 0, done.stderr

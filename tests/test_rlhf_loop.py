@@ -387,3 +387,46 @@ def test_conversations_reach_a_chat_reward_model_through_the_pipeline(live: Live
         rows = {r["id"]: r for r in c.get(f"/v1/jobs/{job['job_id']}/results").json()["results"]}
     assert abs(rows["a"]["score"] - want[0]) < 1e-4 and abs(rows["b"]["score"] - want[1]) < 1e-4
     assert json.loads(rows["a"]["prompt"]) == TURNS and rows["a"]["response"] == ANSWER
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # the client's side; storage: tests/test_ensembles.py
+def test_trl_reward_weights_score_one_ensemble(live: Live):
+    """Issue #38, item 6: TRL's reward_weights as one rewardq ensemble. The base and a version trained on its encoder
+    (heads only) share one encoding on the worker; the reward is their weighted sum, and /v1/score through the
+    Python client keeps each member's score."""
+    import torch
+
+    from rewardq.api.integrations import trl_reward_func
+    from rewardq.storage import registry
+    from rewardq.storage.db import get_sessionmaker
+    from rewardq.workers import artifacts
+    from rewardq.workers.models.sim_exp import Heads, SimExpModel
+    from rewardq.workers.registry import resolve_encoder
+
+    path, _ = resolve_encoder("")
+    model = SimExpModel("heads", path)
+    torch.manual_seed(1)
+    model.heads = Heads(model.dim, n_heads=2, trained=True, init_noise=0.5)
+    version, where, config = artifacts.save_version(
+        model, Path(live.stack.env["REWARDQ_ARTIFACTS_DIR"]), base_model="MiniLM", base_encoder=None,
+        train_layers=0, params={},
+    )  # fmt: skip
+    with get_sessionmaker(live.stack.db_url)() as s:
+        registry.register(s, version=version, kind="sim_exp", base_model="MiniLM", path=where.name, config=config)
+        base = registry.default_version(s)
+        s.commit()
+    assert base is not None and config["encoder"] is None  # the base's encoder: the two share it
+    weights = {base: 0.25, version: 1.0}
+    reward = trl_reward_func(live.url, SECRET, reward_weights=weights)
+    got = reward(prompts=[p for p, _ in PAIRS], completions=[r for _, r in PAIRS])
+    with live.client() as c:
+        alone = {v: [r["score"] for r in c.score(PAIRS, model_version=v)["results"]] for v in weights}
+        mixed = c.score(PAIRS, model_version=weights)
+    for i, g in enumerate(got):
+        assert abs(g - (0.25 * alone[base][i] + alone[version][i])) < 1e-5
+        parts = mixed["results"][i]["components"]
+        assert [p["version"] for p in parts] == [base, version]
+        assert [p["score"] for p in parts] == pytest.approx([alone[base][i], alone[version][i]], abs=1e-5)
+    assert mixed["kind"] == "ensemble" and len(set(got)) > 1
+    with pytest.raises(ValueError, match="not both"):
+        trl_reward_func(live.url, SECRET, model_version=base, reward_weights=weights)

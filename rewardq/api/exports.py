@@ -22,8 +22,11 @@ from rewardq.storage.models import Item, Job, Result
 from rewardq.storage.score_stats import place
 
 
-def result_row(r: Result, it: Item, stats: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A scored item as every export writes it (RESULT_FIELDS: its error fields are None)."""
+def result_row(
+    r: Result, it: Item, stats: dict[str, Any] | None = None, members: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """A scored item as every export writes it (RESULT_FIELDS: its error fields are None); ``members``: the
+    ensemble's, when the job's version is one (its member scores are then in components)."""
     z, pct = place(r.score, stats)
     return {
         "index": r.idx,
@@ -37,6 +40,7 @@ def result_row(r: Result, it: Item, stats: dict[str, Any] | None = None) -> dict
         "model_version": r.model_version,
         "truncated": r.truncated,
         "n_tokens": r.n_tokens,
+        "components": registry.components_of(r.components, members),
         "error_code": None,
         "error": None,
     }
@@ -45,9 +49,13 @@ def result_row(r: Result, it: Item, stats: dict[str, Any] | None = None) -> dict
 _CSV_FIELDS = list(RESULT_FIELDS)
 
 
-def _stats_of_job(session: Session, job_id: str) -> dict[str, Any] | None:
+def _stats_of_job(session: Session, job_id: str) -> tuple[dict[str, Any] | None, list[dict[str, Any]] | None]:
+    """The score distribution of the job's version, and its members if it is an ensemble."""
     job = repo.get_job(session, job_id=job_id)
-    return registry.score_stats(session, version=job.model_version) if job else None
+    if job is None:
+        return None, None
+    version = job.model_version
+    return registry.score_stats(session, version=version), registry.members(session, version=version)
 
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
@@ -72,6 +80,7 @@ def _failed_row(e: Any, it: Item) -> dict[str, Any]:
         "model_version": None,
         "truncated": None,
         "n_tokens": None,
+        "components": None,
         "error_code": e.code,
         "error": e.message,
     }
@@ -83,8 +92,9 @@ _EXPORT_PAGE_BYTES = 8 << 20  # an export reads this much text from the database
 def stream_openai_batch(url: str, job: Job) -> Iterator[str]:
     """One output line per batch-file request, its pairs' scored and failed rows merged in index order."""
     with get_sessionmaker(url)() as session:
+        members = registry.members(session, version=job.model_version)
         scored = (
-            result_row(r, it)
+            result_row(r, it, None, members)
             for r, it in results.iter_results(session, job_id=job.id, sort="index", max_bytes=_EXPORT_PAGE_BYTES)
         )
         failed = (_failed_row(e, it) for e, it in results.iter_errors(session, job_id=job.id))
@@ -118,16 +128,17 @@ def stream_rows(
         if fmt == "csv":
             writer.writeheader()
         n = 0
-        stats = _stats_of_job(session, job_id)
+        stats, members = _stats_of_job(session, job_id)
         scored = (
-            result_row(r, it, stats)
+            result_row(r, it, stats, members)
             for r, it in results.iter_results(session, job_id=job_id, sort=sort, max_bytes=_EXPORT_PAGE_BYTES)
         )
         # Failed items follow the scored ones, with no score and their reason code.
         failed = (_failed_row(e, it) for e, it in results.iter_errors(session, job_id=job_id))
         for row in itertools.chain(scored, failed):
             if fmt == "csv":
-                row["cos"] = json.dumps(row["cos"]) if row["cos"] is not None else ""
+                for key in ("cos", "components"):  # lists as JSON in one cell
+                    row[key] = json.dumps(row[key]) if row[key] is not None else ""
                 writer.writerow({k: _cell(v) for k, v in row.items()})
             else:
                 buf.write(json.dumps(row, ensure_ascii=False) + "\n")

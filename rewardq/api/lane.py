@@ -72,12 +72,17 @@ async def resolve_version(session: Session, tenant: str, requested: str | None) 
 
 
 def kind_of(session: Session, version: str) -> str:
-    """The version's kind (run in a thread; the session's connection goes back to the pool after)."""
+    """The version's kind as the protocol routes read it (an ensemble of classifiers counts as a classifier: each of
+    its members scores a text alone); run in a thread, the session's connection goes back to the pool after."""
     from rewardq.storage import registry
 
     try:
         mv = registry.get_version(session, version=version)
-        return mv.kind if mv is not None else "unknown"
+        if mv is None:
+            return "unknown"
+        if mv.kind == "ensemble" and set(mv.config.get("member_kinds") or ()) == {"classifier"}:
+            return "classifier"
+        return mv.kind
     finally:
         session.close()
 

@@ -21,7 +21,7 @@ from rewardq.api.deps import check_auth_setup
 from rewardq.api.errors import ApiError, FieldError
 from rewardq.api.integrations import openrlhf, vllm
 from rewardq.api.routes import feedback, jobs, models, ops, score, training
-from rewardq.api.schemas import JobCreate, ScoreRequest
+from rewardq.api.schemas import EnsembleCreate, JobCreate, ScoreRequest
 from rewardq.storage.migrate import unmigrated
 from rewardq.storage.settings import Settings, get_settings
 
@@ -179,7 +179,7 @@ def _document_raw_bodies(app: FastAPI) -> None:
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for model in (JobCreate, ScoreRequest):
+            for model in (JobCreate, ScoreRequest, EnsembleCreate):
                 doc = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 components.update(doc.pop("$defs", {}))
                 components[model.__name__] = doc

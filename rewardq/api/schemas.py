@@ -98,6 +98,15 @@ class JobList(BaseModel):
     jobs: list[JobOut]
 
 
+class Component(BaseModel):
+    version: str = Field(description="a member of the ensemble")
+    weight: float
+    score: float = Field(description="the member's own score of the pair (the result's score is the weighted sum)")
+
+
+COMPONENTS_DOC = "an ensemble's member scores, in its order; other versions: None"
+
+
 class ResultOut(BaseModel):
     index: int
     id: str
@@ -112,6 +121,7 @@ class ResultOut(BaseModel):
     model_version: str
     truncated: bool = Field(description="the text was cut to the version's token limit")
     n_tokens: int | None = Field(default=None, description="likelihood: the response tokens the reward is over")
+    components: list[Component] | None = Field(default=None, description=COMPONENTS_DOC)
 
 
 class ResultPage(BaseModel):
@@ -301,6 +311,22 @@ class ModelList(BaseModel):
     models: list[ModelVersionOut]
 
 
+class EnsembleMember(BaseModel):
+    model_config = {"extra": "forbid"}
+
+    version: str = Field(min_length=1, max_length=256, description="a version's id or name (yours or shared)")
+    weight: float = Field(allow_inf_nan=False, description="its share of the reward: R = sum of weight x R_member")
+
+
+class EnsembleCreate(BaseModel):
+    """POST /v1/models/ensemble: a weighted sum of versions, usable wherever a version is named."""
+
+    model_config = {"extra": "forbid"}
+
+    members: list[EnsembleMember] = Field(min_length=2, max_length=8, description="2 to 8 distinct versions")
+    name: str | None = Field(default=None, min_length=1, max_length=256, description="unique among your versions")
+
+
 class ModelImport(BaseModel):
     """A local Hugging Face folder on the API's machine to register as a shared version (admin keys only)."""
 
@@ -372,6 +398,7 @@ class ScoreRow(BaseModel):
     cos: list[float] | None = Field(default=None, description="sim_exp: the K head similarities; other kinds: []")
     truncated: bool = False
     n_tokens: int | None = Field(default=None, description="likelihood: response tokens scored")
+    components: list[Component] | None = Field(default=None, description=COMPONENTS_DOC)
     error: dict[str, str] | None = Field(default=None, description="{code, message} for a pair that failed alone")
 
 

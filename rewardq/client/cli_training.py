@@ -327,6 +327,29 @@ def models_import(ctx: click.Context, /, path: str, kind: str, name: str | None,
         echo_json({k: mv[k] for k in ("version", "kind", "name", "base_model", "settings")})
 
 
+@models.command("ensemble")
+@click.argument("members", nargs=-1, required=True)
+@click.option("--name", default=None, help="a name to use in place of its id (unique among your versions)")
+@connection
+@click.pass_context
+def models_ensemble(ctx: click.Context, /, members: tuple[str, ...], name: str | None) -> None:
+    """A weighted sum of versions, as a version of your own: MEMBERS are VERSION=WEIGHT (ids or names), 2 to 8 of
+    them, e.g. `rewardq models ensemble helpful-rm=0.7 safety-rm=0.3 --name mix`. Name it with --model wherever a
+    version is named; each result keeps its member scores (components)."""
+    weights: dict[str, float] = {}
+    for m in members:
+        version, sep, weight = m.rpartition("=")
+        try:
+            if not sep or not version:
+                raise ValueError
+            weights[version] = float(weight)
+        except ValueError:
+            raise click.BadParameter(f"{m!r}: write VERSION=WEIGHT, e.g. my-rm=0.5", param_hint="MEMBERS") from None
+    with errors(ctx), client(ctx) as c:
+        mv = c.ensemble(weights, name=name)
+        echo_json({k: mv[k] for k in ("version", "kind", "name", "settings")})
+
+
 @click.group()
 def schedule() -> None:
     """Retraining schedules (fired by `rewardq beat`)."""

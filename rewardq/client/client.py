@@ -167,7 +167,7 @@ class Client:
         self,
         items: Iterable[Mapping[str, Any]] | str | Path,
         *,
-        model_version: str | None = None,
+        model_version: str | Mapping[str, float] | None = None,
         metadata: dict[str, Any] | None = None,
         idempotency_key: str | None = None,
         progress: bool = False,
@@ -177,8 +177,10 @@ class Client:
         """Create a job from a list of {id?, prompt, response} dicts or a file (streamed, with an upload progress
         bar when ``progress``): JSON Lines, a JSON array, CSV, Parquet, a Hugging Face dataset folder or an
         OpenAI batch file (``fmt`` auto-detects; ``columns`` maps prompt, response and id columns). Returns the
-        job's id. An Idempotency-Key is made when none is given, so a retried submission never creates two jobs."""
+        job's id. An Idempotency-Key is made when none is given, so a retried submission never creates two jobs.
+        ``model_version``: a version's id or name, or ``{version: weight}`` for their weighted ensemble."""
         headers = {"Idempotency-Key": idempotency_key or uuid.uuid4().hex}
+        model_version = self._version(model_version)
         if isinstance(items, str | Path):
             path = Path(items)
             fmt = detect(path) if fmt == "auto" else fmt
@@ -342,12 +344,14 @@ class Client:
 
     def score(
         self,
-        pairs: Sequence[tuple[str, str]] | Sequence[Mapping[str, Any]],
-        model_version: str | None = None,
+        pairs: Sequence[tuple[Any, str]] | Sequence[Mapping[str, Any]],
+        model_version: str | Mapping[str, float] | None = None,
         persist: bool = False,
     ) -> dict[str, Any]:
         """Score pairs now through the interactive lane (POST /v1/score): (prompt, response) tuples or
-        {id?, prompt, response} dicts, at most the server's REWARDQ_INTERACTIVE_MAX_ITEMS (2,048)."""
+        {id?, prompt, response} dicts, at most the server's REWARDQ_INTERACTIVE_MAX_ITEMS (2,048); ``model_version``
+        as for submit."""
+        model_version = self._version(model_version)
         items = [dict(p) if isinstance(p, Mapping) else {"prompt": p[0], "response": p[1]} for p in pairs]
         body: dict[str, Any] = {"items": items, **({"model_version": model_version} if model_version else {})}
         if persist:
@@ -441,6 +445,20 @@ class Client:
         'classifier' or 'likelihood'; options: max_length, truncation_side, reduction, dtype."""
         body = {"path": str(Path(path).expanduser().resolve()), "kind": kind, "name": name, **options}
         return dict(self._request("POST", "/v1/models/import", json={k: v for k, v in body.items() if v is not None}))
+
+    def ensemble(self, weights: Mapping[str, float], name: str | None = None) -> dict[str, Any]:
+        """The ensemble of these versions (ids or names) with these weights, R = sum of weight x R_member, as a version
+        of your own: made on first use, the same one after (POST /v1/models/ensemble)."""
+        body: dict[str, Any] = {"members": [{"version": v, "weight": float(w)} for v, w in weights.items()]}
+        if name:
+            body["name"] = name
+        return dict(self._request("POST", "/v1/models/ensemble", json=body))
+
+    def _version(self, model_version: str | Mapping[str, float] | None) -> str | None:
+        """A version as named (its id or name), or the ensemble that ``{version: weight}`` stands for."""
+        if model_version is None or isinstance(model_version, str):
+            return model_version
+        return str(self.ensemble(model_version)["version"])
 
     def schedules(self) -> list[dict[str, Any]]:
         return list(self._request("GET", "/v1/schedules")["schedules"])

@@ -344,7 +344,7 @@ def batch_output(rows: Iterable[dict[str, Any]], version: str, job_id: str) -> I
 # The columns of every export of a job's results (JSON Lines, CSV, Parquet), in order: a failed item has no score
 # and says why in error_code and error; a scored one has None there.
 RESULT_FIELDS = ("index", "id", "prompt", "response", "score", "score_z", "percentile", "cos", "model_version",
-                 "truncated", "n_tokens", "error_code", "error")  # fmt: skip
+                 "truncated", "n_tokens", "components", "error_code", "error")  # fmt: skip
 
 
 def write_parquet(lines: Iterable[str | bytes], path: Path, rows_per_group: int = 10_000) -> int:
@@ -353,7 +353,9 @@ def write_parquet(lines: Iterable[str | bytes], path: Path, rows_per_group: int 
     import pyarrow.parquet as pq
 
     types = {"index": pa.int64(), "score": pa.float64(), "score_z": pa.float64(), "percentile": pa.float64(),
-             "cos": pa.list_(pa.float64()), "truncated": pa.bool_(), "n_tokens": pa.int64()}  # fmt: skip
+             "cos": pa.list_(pa.float64()), "truncated": pa.bool_(), "n_tokens": pa.int64(),
+             "components": pa.list_(pa.struct([("version", pa.string()), ("weight", pa.float64()),
+                                               ("score", pa.float64())]))}  # fmt: skip
     schema = pa.schema([(name, types.get(name, pa.string())) for name in RESULT_FIELDS])
     n = 0
     pending: list[dict[str, Any]] = []

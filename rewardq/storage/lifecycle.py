@@ -24,6 +24,7 @@ from rewardq.storage.models import (
     FINISHED,
     ActiveVersion,
     Batch,
+    EnsembleMember,
     Feedback,
     Item,
     ItemError,
@@ -181,8 +182,13 @@ def finished_before(cutoff: datetime) -> ColumnElement[bool]:
 
 
 def _unused(mv: Any) -> ColumnElement[bool]:
-    """A version nothing uses: active in no scope, and named by no job (a job keeps the version it was scored with)."""
-    return ~exists().where(ActiveVersion.version == mv.version) & ~exists().where(Job.model_version == mv.version)
+    """A version nothing uses: active in no scope, named by no job (a job keeps the version it was scored with), and a
+    member of no ensemble."""
+    return (
+        ~exists().where(ActiveVersion.version == mv.version)
+        & ~exists().where(Job.model_version == mv.version)
+        & ~exists().where(EnsembleMember.member == mv.version)
+    )
 
 
 def collectable_versions(

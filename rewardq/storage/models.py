@@ -93,6 +93,16 @@ class ModelVersion(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class EnsembleMember(Base):
+    """A version an ensemble sums (its weight is in the ensemble's config): a member cannot be deleted while an
+    ensemble names it (the foreign key refuses; storage.lifecycle's collection skips it)."""
+
+    __tablename__ = "ensemble_members"
+
+    ensemble: Mapped[str] = mapped_column(ForeignKey("model_versions.version", ondelete="CASCADE"), primary_key=True)
+    member: Mapped[str] = mapped_column(ForeignKey("model_versions.version"), primary_key=True, index=True)
+
+
 class ActiveVersion(Base):
     """The version new jobs use: one row per tenant that chose one, and DEFAULT_SCOPE for everyone else.
 
@@ -208,6 +218,8 @@ class Result(Base):
     model_version: Mapped[str] = mapped_column(String(64))
     truncated: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     n_tokens: Mapped[int | None] = mapped_column(Integer)  # likelihood: the response tokens scored
+    # An ensemble's: the member scores in the order of its members (score is their weighted sum); else None.
+    components: Mapped[list[Any] | None] = mapped_column(JSON(none_as_null=True), nullable=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

@@ -86,6 +86,21 @@ def register(
     return mv
 
 
+def members(session: Session, *, version: str) -> list[dict[str, Any]] | None:
+    """An ensemble's members ({version, weight}, in order), or None for any other version."""
+    row = session.execute(select(ModelVersion.kind, ModelVersion.config).where(ModelVersion.version == version)).first()
+    if row is None or row.kind != "ensemble":
+        return None
+    return [{"version": str(m["version"]), "weight": float(m["weight"])} for m in row.config.get("members") or []]
+
+
+def components_of(scores: list[Any] | None, members: list[dict[str, Any]] | None) -> list[Any] | None:
+    """A result's member scores as its readers see them: [{version, weight, score}] in the ensemble's order."""
+    if scores is None or members is None or len(scores) != len(members):
+        return None
+    return [{**m, "score": float(x)} for m, x in zip(members, scores, strict=True)]
+
+
 def set_score_stats(session: Session, *, version: str, stats: dict[str, Any], overwrite: bool = False) -> bool:
     """Store a version's score distribution (once, unless ``overwrite``): True if this call stored it."""
     q = update(ModelVersion).where(ModelVersion.version == version)

@@ -282,6 +282,7 @@ def save_results(
     model_version: str,
     truncated: Sequence[bool] | None = None,
     n_tokens: Sequence[int | None] | None = None,
+    components: Sequence[Sequence[float]] | None = None,
     skip: frozenset[int] = frozenset(),
     cache_hits: int = 0,
     cache_misses: int = 0,
@@ -307,10 +308,11 @@ def save_results(
     now = now_sql(session)
     flags = truncated or [False] * len(scores)
     counts = n_tokens or [None] * len(scores)
+    parts: Sequence[Sequence[float] | None] = components or [None] * len(scores)
     rows = [
         {"job_id": job_id, "idx": start_idx + i, "score": s, "cos": list(c), "model_version": model_version,
-         "truncated": t, "n_tokens": n}
-        for i, (s, c, t, n) in enumerate(zip(scores, cos, flags, counts, strict=True)) if i not in skip
+         "truncated": t, "n_tokens": n, "components": None if m is None else list(m)}
+        for i, (s, c, t, n, m) in enumerate(zip(scores, cos, flags, counts, parts, strict=True)) if i not in skip
     ]  # fmt: skip
     inserted = _insert_new(session, Result, rows)
     session.execute(

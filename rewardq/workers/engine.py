@@ -265,6 +265,7 @@ def _take_and_score(msg: ScoreBatch, queue: str | None, settings: Settings, work
             model_version=msg.model_version,
             truncated=scores.truncated,
             n_tokens=scores.n_tokens,
+            components=scores.components,
             skip=frozenset(failed),
             cache_hits=int(stats.get("embed_cache_hits", 0)),
             cache_misses=int(stats.get("embed_cache_misses", 0)),
@@ -345,8 +346,11 @@ def non_finite(scores: Scores, failed: dict[int, tuple[str, str]]) -> dict[int, 
 def _rows(scores: Scores) -> list[dict[str, Any]]:
     scores.errors.update(non_finite(scores, scores.errors))
     n_tokens = scores.n_tokens or [None] * len(scores.reward)
+    parts: list[list[float] | None] = [None for _ in scores.reward]
+    if scores.components is not None:
+        parts = list(scores.components)
     rows: list[dict[str, Any]] = []
-    for i, (r, c, t, n) in enumerate(zip(scores.reward, scores.cos, scores.truncated, n_tokens, strict=True)):
+    for i, (r, c, t, n, m) in enumerate(zip(scores.reward, scores.cos, scores.truncated, n_tokens, parts, strict=True)):
         err = scores.errors.get(i)
         rows.append(
             {
@@ -354,6 +358,7 @@ def _rows(scores: Scores) -> list[dict[str, Any]]:
                 "cos": None if err else c,
                 "truncated": t,
                 "n_tokens": n,
+                "components": None if err else m,
                 "error": {"code": err[0], "message": err[1]} if err else None,
             }
         )
@@ -385,6 +390,7 @@ def score_interactive(msg: InteractiveBatch) -> dict[str, Any]:
                         "cos": None,
                         "truncated": False,
                         "n_tokens": None,
+                        "components": None,
                         "error": {"code": reason_code(one), "message": public_message(one, log, "a pair")[:500]},
                     }
                 )

@@ -11,7 +11,7 @@ every request has a timeout. Needs only httpx: ``pip install '.[client]'`` on th
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 from rewardq.client.client import Client
@@ -64,26 +64,35 @@ def trl_reward_func(
     retries: int = 8,
     name: str = "rewardq",
     normalize: Literal["none", "z"] = "none",
+    reward_weights: Mapping[str, float] | None = None,
 ) -> RewardFunc:
     """A reward function for TRL trainers that scores each (prompt, completion) with rewardq.
 
     ``base_url``/``api_key`` default to REWARDQ_API_URL/REWARDQ_API_KEY; ``model_version`` to the key's active
     version (pin one for a reproducible run). ``name`` is what TRL logs the rewards under (``rewards/<name>``).
     ``normalize="z"``: each reward as its z-score in the version's distribution (``score_z``), so the reward model's
-    scale does not set the policy's step size.
+    scale does not set the policy's step size. ``reward_weights={version: weight, ...}`` (in place of
+    ``model_version``): their weighted sum, scored by rewardq as one ensemble version (TRL's ``reward_weights``, with
+    the models scored once each on the workers and every member's score kept).
     """
     if normalize not in ("none", "z"):
         raise ValueError(f"normalize must be 'none' or 'z', not {normalize!r}")
+    if reward_weights is not None and model_version is not None:
+        raise ValueError("name model_version or reward_weights, not both")
     field = "score_z" if normalize == "z" else "score"
     client = Client(base_url, api_key or os.environ.get("REWARDQ_API_KEY"), timeout=timeout, retries=retries)
+
+    pinned: list[str | None] = [model_version]
 
     def reward(prompts: Sequence[Any], completions: Sequence[Any], **_: Any) -> list[float]:
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts for {len(completions)} completions")
+        if reward_weights is not None and pinned[0] is None:  # made (or found) once, on the first call
+            pinned[0] = str(client.ensemble(reward_weights)["version"])
         pairs = [(as_messages(p), as_completion(c)) for p, c in zip(prompts, completions, strict=True)]
         out: list[float] = []
         for lo in range(0, len(pairs), batch_size):
-            rows = client.score(pairs[lo : lo + batch_size], model_version=model_version)["results"]
+            rows = client.score(pairs[lo : lo + batch_size], model_version=pinned[0])["results"]
             for row in rows:
                 if row["score"] is None:
                     raise RuntimeError(f"rewardq could not score a completion: {row['error']}")

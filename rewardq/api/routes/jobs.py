@@ -405,7 +405,12 @@ def job_results(
         )
     except results.CursorError as exc:
         raise invalid([FieldError("cursor", str(exc))]) from exc
-    stats = registry.score_stats(session, version=job.model_version)
+    stats, members = (
+        registry.score_stats(session, version=job.model_version),
+        registry.members(session, version=job.model_version),
+    )
     return ResultPage(
-        job_id=job.id, results=[ResultOut(**exports.result_row(r, it, stats)) for r, it in rows], next_cursor=nxt
+        job_id=job.id,
+        results=[ResultOut(**exports.result_row(r, it, stats, members)) for r, it in rows],
+        next_cursor=nxt,
     )

@@ -3,23 +3,30 @@ keys, importing shared models and setting the operator's default."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
+from pydantic import ValidationError
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from rewardq.api.deps import AdminDep, CallerDep, SessionDep, SettingsDep, TenantDep
+from rewardq.api.deps import AdminDep, CallerDep, SessionDep, SettingsDep, TenantDep, read_body
 from rewardq.api.errors import ApiError, FieldError, invalid
-from rewardq.api.schemas import ErrorOut, ModelImport, ModelList, ModelVersionOut
+from rewardq.api.schemas import EnsembleCreate, ErrorOut, ModelImport, ModelList, ModelVersionOut
 from rewardq.storage import registry
-from rewardq.storage.models import DEFAULT_SCOPE, ModelVersion
+from rewardq.storage.models import DEFAULT_SCOPE, EnsembleMember, ModelVersion
 from rewardq.workers.importer import ImportRefused, import_folder
+from rewardq.workers.models import ENSEMBLE
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
-_SETTINGS = ("max_length", "truncation_side", "reduction", "dtype", "input", "pooling", "format", "normalize")
+_SETTINGS = (
+    "max_length", "truncation_side", "reduction", "dtype", "input", "pooling", "format", "normalize", "members"
+)  # fmt: skip
 
 
 def _model_out(mv: ModelVersion, active: str | None, default: str | None) -> ModelVersionOut:
@@ -129,3 +136,108 @@ async def import_model(
     mv, existed = await run_in_threadpool(register)
     response.status_code = 200 if existed else 201
     return _model_out(mv, registry.active_version(session, tenant=caller.tenant), registry.default_version(session))
+
+
+def _name_taken(session: Session, tenant: str, name: str, version: str) -> None:
+    taken = registry.resolve(session, ref=name, tenant=tenant)
+    if taken is not None and taken.owner == tenant and taken.name == name and taken.version != version:
+        raise ApiError(
+            409,
+            f"your version {taken.version} is already named {name!r}: a name stands for one version, give this "
+            "one another",
+            [FieldError("name", "taken")],
+        )
+
+
+_ENSEMBLE_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/EnsembleCreate"}}},
+    }
+}
+_ENSEMBLE_MAX_BYTES = 64 << 10  # 8 members of 256-character names: a few KiB; read no more than this
+
+
+async def _ensemble_body(request: Request) -> EnsembleCreate:
+    """The body, read up to _ENSEMBLE_MAX_BYTES (413 past it) before it is parsed."""
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+        raise ApiError(415, "use application/json", [FieldError("content-type", "unsupported")])
+    raw = await read_body(request, _ENSEMBLE_MAX_BYTES)
+    try:
+        return EnsembleCreate.model_validate_json(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(x) for x in first["loc"]) or "body"
+        raise invalid([FieldError(where, str(first["msg"]))]) from exc
+
+
+@router.post(
+    "/ensemble",
+    response_model=ModelVersionOut,
+    openapi_extra=_ENSEMBLE_BODY,
+    responses={c: {"model": ErrorOut} for c in (409, 413, 415, 422)},
+)
+async def create_ensemble(
+    request: Request, response: Response, session: SessionDep, tenant: TenantDep
+) -> ModelVersionOut:
+    """A weighted sum of versions (yours or shared), R = sum of weight x R_member, as a version of your own: name it
+    (by its id or name) wherever a version is named, in a job, /v1/score or a protocol route. Each result keeps its
+    member scores (`components`). The same members and weights are the same ensemble (200); a new one is 201."""
+    body = await _ensemble_body(request)
+    return await run_in_threadpool(_create_ensemble, body, response, session, tenant)
+
+
+def _create_ensemble(body: EnsembleCreate, response: Response, session: Session, tenant: str) -> ModelVersionOut:
+    members: list[dict[str, float | str]] = []
+    kinds: list[str] = []
+    for i, m in enumerate(body.members):
+        mv = registry.resolve(session, ref=m.version, tenant=tenant)
+        if mv is None:
+            raise invalid([FieldError("members", f"unknown model version {m.version!r} (an id or a name)", i)])
+        if mv.kind == ENSEMBLE:
+            raise invalid([FieldError("members", f"{m.version!r} is an ensemble: name its members instead", i)])
+        if any(x["version"] == mv.version for x in members):
+            raise invalid([FieldError("members", f"{m.version!r} ({mv.version}) is named twice", i)])
+        members.append({"version": mv.version, "weight": m.weight})
+        kinds.append(mv.kind)
+    if not any(m["weight"] for m in members):
+        raise invalid([FieldError("members", "every weight is 0: the ensemble would score every pair 0")])
+    digest = hashlib.sha256(f"{tenant}\0{json.dumps(members, sort_keys=True)}".encode()).hexdigest()[:12]
+    version = f"ens-{digest}"  # the owner's and the members': the same ensemble of the same tenant is one version
+    existing = registry.get_version(session, version=version, tenant=tenant)
+    if existing is None:
+        if body.name:
+            _name_taken(session, tenant, body.name, version)
+        try:
+            registry.register(
+                session,
+                version=version,
+                kind=ENSEMBLE,
+                name=body.name,
+                base_model=ENSEMBLE,
+                path=None,
+                config={"members": members, "member_kinds": kinds},
+                owner=tenant,
+            )
+            session.add_all([EnsembleMember(ensemble=version, member=str(m["version"])) for m in members])
+            session.commit()
+        except IntegrityError as exc:  # the same request at once (the id), or the name taken meanwhile
+            session.rollback()
+            existing = registry.get_version(session, version=version, tenant=tenant)
+            if existing is None:
+                taken = [FieldError("name", "taken")]
+                raise ApiError(409, f"the name {body.name!r} was taken meanwhile", taken) from exc
+    if existing is not None:
+        if body.name and existing.name != body.name:
+            raise ApiError(
+                409,
+                f"this ensemble exists already as {existing.version}"
+                + (f", named {existing.name!r}" if existing.name else ", without a name"),
+                [FieldError("name", "differs")],
+            )
+        response.status_code = 200
+    else:
+        response.status_code = 201
+    mv = registry.get_version(session, version=version, tenant=tenant)
+    assert mv is not None
+    return _model_out(mv, registry.active_version(session, tenant=tenant), registry.default_version(session))

@@ -83,10 +83,12 @@ async def score(
             return await _persisted(session, settings, tenant, version, items, doc.get("metadata") or {}, response)
     scored = await score_pairs(settings, tenant, version, [it.prompt for it in items], [it.response for it in items])
     stats = await run_in_threadpool(registry.score_stats, session, version=version)
+    members = await run_in_threadpool(registry.members, session, version=version)
     rows = []
     for i, (it, row) in enumerate(zip(items, scored.rows, strict=True)):
         z, pct = place(row["score"], stats)
-        rows.append(ScoreRow(index=i, id=it.item_id, score_z=z, percentile=pct, **row))
+        parts = registry.components_of(row.get("components"), members)
+        rows.append(ScoreRow(index=i, id=it.item_id, score_z=z, percentile=pct, **{**row, "components": parts}))
     return ScoreOut(model_version=version, kind=scored.kind, results=rows)
 
 
@@ -134,7 +136,7 @@ async def _persisted(
         if job.status not in FINISHED:
             response.status_code = 202
             return ScoreOut(model_version=version, kind=kind, results=[], job_id=job_id, status=job.status)
-        stats = registry.score_stats(session, version=version)
+        stats, members = registry.score_stats(session, version=version), registry.members(session, version=version)
         rows, _ = results.results_page(session, job_id=job_id, sort="index", cursor=None, limit=len(items))
         by_idx = {r.idx: r for r, _ in rows}
         errors = {e.idx: e for e, _ in results.item_errors(session, job_id=job_id, limit=None)}
@@ -152,6 +154,7 @@ async def _persisted(
                     cos=r.cos if r else None,
                     truncated=bool(r and r.truncated),
                     n_tokens=r.n_tokens if r else None,
+                    components=registry.components_of(r.components, members) if r else None,
                     error={"code": e.code, "message": e.message} if e else None,
                 )
             )

@@ -13,6 +13,9 @@ if TYPE_CHECKING:
     from rewardq.workers.models.base import RewardModel
 
 KINDS = ("sim_exp", "classifier", "likelihood")
+# A weighted sum of versions of the kinds above (workers.models.ensemble): made by a tenant, never trained or imported.
+ENSEMBLE = "ensemble"
+MAX_MEMBERS = 8  # an ensemble's members at most: each is a model every worker holds in memory while it scores
 # The prompt of a pair that is one text, scored as it is (OpenRLHF's query alone, /get_reward without prompts): no
 # user text can be it, since texts with NUL are refused. Only a classifier scores such a pair.
 TEXT_ONLY = "\x00"
@@ -28,6 +31,10 @@ def version_dir(path: str, artifacts_dir: Path) -> Path:
 
 def load_model(kind: str, version: str, path: str | None, config: dict[str, Any], settings: Settings) -> RewardModel:
     """The model of one registered version, ready to score on this machine's device."""
+    if kind == ENSEMBLE:
+        from rewardq.workers.models.ensemble import load_ensemble
+
+        return load_ensemble(version, config, settings)
     common: dict[str, Any] = {"encode_batch_size": settings.encode_batch_size, "token_budget": settings.token_budget}
     if kind == "sim_exp":
         from rewardq.workers.models.sim_exp import load_sim_exp
@@ -46,4 +53,4 @@ def load_model(kind: str, version: str, path: str | None, config: dict[str, Any]
         from rewardq.workers.models.likelihood import LikelihoodModel
 
         return LikelihoodModel(version, where, reduction=config.get("reduction", "mean"), **options, **common)
-    raise ValueError(f"unknown model kind {kind!r}; known: {', '.join(KINDS)}")
+    raise ValueError(f"unknown model kind {kind!r}; known: {', '.join((*KINDS, ENSEMBLE))}")

@@ -45,6 +45,8 @@ class Scores:
     n_tokens: list[int | None] | None = None  # likelihood: response tokens the reward averages (or sums) over
     # Offsets of pairs that cannot be scored, with a reason code and a message (their reward is a placeholder).
     errors: dict[int, tuple[str, str]] = field(default_factory=dict)
+    # An ensemble's: each pair's member scores, in the order of its members (reward is their weighted sum).
+    components: list[list[float]] | None = None
 
 
 class Preempted(Exception):

@@ -72,6 +72,7 @@ class SimExpModel(RewardModel):
         super().__init__()
         self.version = version
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.encoder_path = encoder_path  # versions on one encoder folder share its embeddings (an ensemble's)
         self.tokenizer = AutoTokenizer.from_pretrained(encoder_path)
         # safetensors only: a pickle checkpoint can run code when loaded (a sim-exp version's own encoder folder,
         # or an operator's REWARDQ_MODEL, is refused rather than unpickled).
@@ -274,8 +275,19 @@ class SimExpModel(RewardModel):
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
 
-    @torch.inference_mode()
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> Scores:
+        return self.score_heads(prompts, responses, [self.heads])[0]
+
+    @property
+    def shares_with(self) -> tuple[str, str, int, str]:
+        """What two versions must have in common to share embeddings: the encoder's files, pooling, token limit and
+        precision (an ensemble's members with the same key are encoded once, for all their heads)."""
+        return (self.encoder_path, self.pooling, self.max_length, f"{self.autocast}:{self.passes}")
+
+    @torch.inference_mode()
+    def score_heads(self, prompts: Sequence[str], responses: Sequence[str], heads: Sequence[Heads]) -> list[Scores]:
+        """The pairs' scores under each of ``heads`` (this model's own, or other versions' on the same encoder): every
+        distinct text is encoded once, whatever the number of heads."""
         if len(prompts) != len(responses):
             raise ValueError("prompts and responses differ in length")
         prompts = [conversations.text(p) for p in prompts]  # a conversation is embedded as one text
@@ -289,12 +301,15 @@ class SimExpModel(RewardModel):
         # An identical (prompt, response) pair repeated in the batch goes through the kernel once.
         pairs = list(zip(prompts, responses, strict=True))
         distinct = list(dict.fromkeys(pairs))
-        reward, cos = self.heads.reward(emb[[pos[p] for p, _ in distinct]], emb[[pos[r] for _, r in distinct]])
         at = {pr: i for i, pr in enumerate(distinct)}
         rows = [at[pr] for pr in pairs]
-        rewards, coss = reward.cpu().tolist(), cos.cpu().tolist()
-        out = Scores(reward=[rewards[i] for i in rows], cos=[coss[i] for i in rows],
-                     truncated=[cut[pos[p]] or cut[pos[r]] for p, r in pairs])  # fmt: skip
+        emb_p, emb_r = emb[[pos[p] for p, _ in distinct]], emb[[pos[r] for _, r in distinct]]
+        truncated = [cut[pos[p]] or cut[pos[r]] for p, r in pairs]
+        out = []
+        for h in heads:
+            reward, cos = h.reward(emb_p, emb_r)
+            rewards, coss = reward.cpu().tolist(), cos.cpu().tolist()
+            out.append(Scores([rewards[i] for i in rows], [coss[i] for i in rows], list(truncated)))
         self._count(encode_seconds=t1 - t0, kernel_seconds=time.perf_counter() - t1)
         return out
 

@@ -1,0 +1,190 @@
+"""Weighted reward ensembles (issue #38, item 6): a tenant's version that sums several versions, R = sum w_m R_m.
+
+Through the whole pipeline (API -> Redis -> Celery worker -> SQL): two imported classifiers and the sim-exp base,
+every member score kept with the result and equal to what the member scores alone; sim-exp members on one encoder
+encode a batch once; the registry refuses what cannot be an ensemble, and never deletes a version one names."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests import tiny_models
+from tests.support import Stack
+from tests.test_model_kinds import PROMPTS, RESPONSES, _direct_classifier
+from tests.test_pipeline_kinds import _import, _score, _tenant_client
+
+
+def _create(client, members: list[tuple[str, float]], name: str | None = None, headers=None):  # type: ignore[no-untyped-def]
+    body: dict[str, object] = {"members": [{"version": v, "weight": w} for v, w in members]}
+    if name:
+        body["name"] = name
+    return client.post("/v1/models/ensemble", json=body, headers=headers)
+
+
+@pytest.mark.slow
+def test_two_imported_classifiers_and_the_sim_exp_base_as_one_ensemble(stack: Stack, tmp_path: Path):
+    c = stack.client
+    bert = _import(c, tiny_models.save_bert_classifier(tmp_path / "bert-rm", seed=1), "classifier", name="ens-bert")
+    llama = _import(c, tiny_models.save_llama_classifier(tmp_path / "llama-rm", seed=2), "classifier", name="ens-ll")
+    base = c.get("/v1/models").json()["default"]
+    members = [("ens-bert", 0.5), (llama, -0.25), (base, 2.0)]
+
+    resp = _create(c, members, name="mix")
+    assert resp.status_code == 201, resp.text
+    mix = resp.json()
+    assert mix["kind"] == "ensemble" and mix["owner"] == "own" and mix["name"] == "mix"
+    weights = [0.5, -0.25, 2.0]
+    want = [{"version": v, "weight": w} for v, w in zip([bert, llama, base], weights, strict=True)]
+    assert mix["settings"]["members"] == want
+    again = _create(c, members, name="mix")  # the same members and weights: the same version
+    assert again.status_code == 200 and again.json()["version"] == mix["version"]
+
+    named = c.post("/v1/jobs", json={"items": [{"prompt": "q", "response": "a"}], "model_version": "mix"})
+    assert named.status_code == 202 and named.json()["model_version"] == mix["version"]  # by name, as any version
+    got = _score(c, mix["version"], PROMPTS, RESPONSES)
+    alone = {
+        bert: _direct_classifier(tmp_path / "bert-rm"),
+        llama: _direct_classifier(tmp_path / "llama-rm"),
+        base: [r["score"] for _, r in sorted(_score(c, base, PROMPTS, RESPONSES).items()) if _ != "_job"],
+    }
+    for i in range(len(PROMPTS)):
+        row = got[str(i)]
+        parts = row["components"]
+        assert [p["version"] for p in parts] == [bert, llama, base] and [p["weight"] for p in parts] == weights
+        for p in parts:  # each member scores as it does alone (transformers for the classifiers)
+            assert abs(p["score"] - alone[p["version"]][i]) < 1e-4, (p, alone[p["version"]][i])
+        assert math.isclose(row["score"], sum(p["weight"] * p["score"] for p in parts), abs_tol=1e-9)
+        assert row["cos"] == [] and row["model_version"] == mix["version"]
+
+    # Every export carries the components: JSON Lines, CSV (a JSON cell) and Parquet.
+    job_id = got["_job"]["job_id"]
+    lines = c.get(f"/v1/jobs/{job_id}/results", params={"format": "jsonl"}).text.splitlines()
+    assert json.loads(lines[0])["components"][2]["version"] == base
+    csv_text = c.get(f"/v1/jobs/{job_id}/results", params={"format": "csv"}).text
+    assert '""version"": ' in csv_text and "components" in csv_text.splitlines()[0]
+    import pyarrow.parquet as pq
+
+    from rewardq.client.formats import write_parquet
+
+    write_parquet(lines, tmp_path / "out.parquet")
+    table = pq.read_table(tmp_path / "out.parquet").to_pylist()
+    assert table[0]["components"] == json.loads(lines[0])["components"]
+
+    # The interactive lane answers with the components too, and the protocols with the weighted sum.
+    one = [{"prompt": PROMPTS[0], "response": RESPONSES[0]}]
+    now = c.post("/v1/score", json={"items": one, "model_version": "mix"})
+    assert now.status_code == 200, now.text
+    assert now.json()["kind"] == "ensemble" and abs(now.json()["results"][0]["score"] - got["0"]["score"]) < 1e-5
+    assert len(now.json()["results"][0]["components"]) == 3
+    body = {"query": [PROMPTS[0] + RESPONSES[0]], "prompts": [PROMPTS[0]]}
+    rm = c.post("/get_reward", json=body, params={"model_version": "mix"})
+    assert rm.status_code == 200, rm.text
+    assert abs(rm.json()["rewards"][0] - got["0"]["score"]) < 1e-5
+
+    # Another tenant neither sees it nor can name it, nor build one on it.
+    other, auth = _tenant_client(stack, "ens-other")
+    with other:
+        assert all(m["version"] != mix["version"] for m in other.get("/v1/models", headers=auth).json()["models"])
+        items = [{"prompt": "q", "response": "a"}]
+        refused = other.post("/v1/jobs", headers=auth, json={"items": items, "model_version": mix["version"]})
+        assert refused.status_code == 422
+        nested = _create(other, [(mix["version"], 1.0), (bert, 1.0)], headers=auth)
+        assert nested.status_code == 422 and "unknown model version" in nested.text
+
+
+@pytest.mark.parametrize(
+    ("members", "message"),
+    [
+        ([("nope", 1.0), ("*base*", 1.0)], "unknown model version 'nope'"),
+        ([("*base*", 1.0), ("*base*", 2.0)], "is named twice"),
+        ([("*base*", 0.0), ("*other*", 0.0)], "every weight is 0"),
+        ([("*base*", 1.0)], "at least 2"),
+        ([("*base*", 1.0)] * 9, "at most 8"),
+    ],
+)
+def test_what_cannot_be_an_ensemble_is_refused(api, db_url, members, message):
+    base = api.get("/v1/models").json()["default"]
+    other = _second_version(db_url)
+    named = [(base if v == "*base*" else other if v == "*other*" else v, w) for v, w in members]
+    resp = _create(api, named)
+    assert resp.status_code == 422 and message in resp.text, resp.text
+
+
+def test_an_ensemble_cannot_be_a_member_and_names_are_unique(api, db_url):
+    base, other = api.get("/v1/models").json()["default"], _second_version(db_url)
+    first = _create(api, [(base, 1.0), (other, 0.5)], name="pair")
+    assert first.status_code in (200, 201), first.text
+    nested = _create(api, [("pair", 1.0), (base, 1.0)])
+    assert nested.status_code == 422 and "is an ensemble" in nested.text
+    clash = _create(api, [(base, 1.0), (other, 0.25)], name="pair")
+    assert clash.status_code == 409 and "already named 'pair'" in clash.text
+    renamed = _create(api, [(base, 1.0), (other, 0.5)], name="another")
+    assert renamed.status_code == 409 and "exists already" in renamed.text
+    bad = api.post(
+        "/v1/models/ensemble",
+        content=json.dumps({"members": [{"version": base, "weight": math.nan}, {"version": other, "weight": 1}]}),
+        headers={"content-type": "application/json"},
+    )
+    assert bad.status_code == 422
+    huge = json.dumps({"members": [{"version": base, "weight": 1}] * 2, "name": "x" * (70 << 10)})
+    too_big = api.post("/v1/models/ensemble", content=huge, headers={"content-type": "application/json"})
+    assert too_big.status_code == 413  # read no further than 64 KiB: never parsed
+    form = api.post("/v1/models/ensemble", content="members=a", headers={"content-type": "text/plain"})
+    assert form.status_code == 415
+
+
+def test_a_member_of_an_ensemble_is_never_collected(api, db_url):
+    from rewardq.storage import lifecycle
+    from rewardq.storage.db import get_sessionmaker
+
+    base, other = api.get("/v1/models").json()["default"], _second_version(db_url)
+    made = _create(api, [(base, 1.0), (other, 3.0)])
+    assert made.status_code in (200, 201)
+    with get_sessionmaker(db_url)() as s:
+        assert not lifecycle.delete_version(s, version=other)  # the ensemble names it
+        s.commit()
+    assert any(m["version"] == other for m in api.get("/v1/models").json()["models"])
+
+
+def _second_version(db_url: str) -> str:
+    """A second shared sim-exp version to combine with the base (rows only: nothing here scores with it)."""
+    from rewardq.storage import registry
+    from rewardq.storage.db import get_sessionmaker
+
+    with get_sessionmaker(db_url)() as s:
+        registry.register(s, version="ens-test-other", kind="sim_exp", base_model="x", path=None, config={})
+        s.commit()
+    return "ens-test-other"
+
+
+def test_sim_exp_members_on_one_encoder_encode_a_batch_once(tmp_path: Path):
+    """The base and a version trained on top of its encoder (heads only) share one encoding of the batch: the
+    ensemble encodes as many tokens as one member alone, and each member's score is the one it gives alone."""
+    from rewardq.workers.models.ensemble import EnsembleModel, _heads_only
+    from rewardq.workers.models.sim_exp import Heads, SimExpModel
+    from rewardq.workers.registry import resolve_encoder
+
+    path, _ = resolve_encoder("")
+    base = SimExpModel("base", path)
+    torch.manual_seed(0)
+    tuned = SimExpModel("tuned", path, heads=Heads(base.dim, n_heads=3, trained=True, init_noise=0.3))
+    tuned.heads.alpha.data.uniform_(0.5, 2.0)
+    want_base, want_tuned = base.score(PROMPTS, RESPONSES), tuned.score(PROMPTS, RESPONSES)
+    alone = base.take_stats()
+    tuned.take_stats()
+    assert base.shares_with == tuned.shares_with
+
+    ensemble = EnsembleModel("ens", ["base", "tuned"], [1.0, 0.5], [base, _heads_only(base, tuned)])
+    assert len(ensemble.groups) == 1 and len(ensemble.groups[0].heads) == 2  # one encoder, two heads
+    got = ensemble.score(PROMPTS, RESPONSES)
+    stats = ensemble.take_stats()
+    assert stats["tokens"] == alone["tokens"] and stats["encoder_batches"] == alone["encoder_batches"]
+    assert got.components is not None
+    for i, (a, b) in enumerate(zip(want_base.reward, want_tuned.reward, strict=True)):
+        assert got.components[i] == pytest.approx([a, b], abs=1e-6)
+        assert got.reward[i] == pytest.approx(a + 0.5 * b, abs=1e-6)
