@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import redis
 
-from rewardq.api.lane import LANE_PAIRS
+from rewardq.api.lane import LANE_PAIRS, lane_held, lane_share
 from tests.conftest import make_client
 
 pytestmark = pytest.mark.usefixtures("redis_url")
@@ -40,7 +40,7 @@ def test_one_tenant_cannot_take_the_whole_interactive_lane(db_url: str, redis_ur
             )
             flood.start()
             deadline = time.monotonic() + 30
-            while int(r.get(LANE_PAIRS + a) or 0) != 3000:  # A's request is on the lane: its share is held
+            while lane_held(r, a) != 3000:  # A's request is on the lane: its share is held
                 assert time.monotonic() < deadline and flood.is_alive(), out
                 time.sleep(0.02)
             more = c.post("/v1/score", json={"items": _items(2000, "a")}, headers=as_a)
@@ -52,13 +52,55 @@ def test_one_tenant_cannot_take_the_whole_interactive_lane(db_url: str, redis_ur
             assert other.status_code == 504, other.text  # let through; no worker here to answer it
             flood.join(30)
             assert out["first"].status_code == 504  # no worker: it timed out, and gave its share back
-            assert int(r.get(LANE_PAIRS + a) or 0) == 0
+            assert lane_held(r, a) == 0
             again = c.post("/v1/score", json={"items": _items(2000, "a")}, headers=as_a)
             assert again.status_code == 504, again.text  # within its share again
     finally:
         for name in r.scan_iter(f"{queue}*"):
             r.delete(name)
         r.delete(LANE_PAIRS + a, LANE_PAIRS + b)
+
+
+_DEAD: list[Any] = []  # the share of an API process that died holding it: kept alive, never closed
+
+
+def test_a_dead_api_s_share_lapses_though_the_tenant_keeps_sending(db_url: str, redis_url: str):
+    """An API process that dies while a request waits never gives its share back. It used to be one counter per
+    tenant whose expiry every new request pushed back, so a tenant that kept sending (an RLHF loop) never got the
+    dead request's pairs back. Forced: a request takes 3,000 of 4,096 pairs and its process "dies" (the share is
+    entered and never left); the tenant then asks for 2,000 every half second. Refused while the dead request could
+    still be waiting (2 x 1 s + 10 s), let through once it could not."""
+    import asyncio
+
+    from rewardq.storage.settings import Settings
+
+    tenant, key = f"lane-d-{uuid.uuid4().hex[:6]}", f"kd-{uuid.uuid4().hex}"
+    queue = f"test-lane-dead-{uuid.uuid4().hex[:8]}"
+    r = redis.Redis.from_url(redis_url)
+    limits: dict[str, Any] = dict(interactive_timeout_s=1.0, interactive_max_items=5000,
+                                  interactive_tenant_max_pairs=4096)  # fmt: skip
+    dead = lane_share(Settings(redis_url=redis_url, **limits), tenant, 3000)  # type: ignore[arg-type]
+    loop = asyncio.new_event_loop()  # no asyncgen shutdown: nothing ever leaves the share
+    loop.run_until_complete(dead.__aenter__())
+    _DEAD.append((dead, loop))
+    t0 = time.monotonic()
+    codes = []
+    try:
+        with make_client(db_url, queue, api_keys=f"{tenant}:{key}", **limits) as c:
+            headers = {"Authorization": f"Bearer {key}"}
+            while time.monotonic() - t0 < 25:
+                resp = c.post("/v1/score", json={"items": _items(2000, "d")}, headers=headers)
+                codes.append((round(time.monotonic() - t0, 1), resp.status_code))
+                if resp.status_code != 429:
+                    break
+                time.sleep(0.5)
+        assert codes[0][1] == 429 and len(codes) > 10, codes  # held while the dead request could still wait
+        assert codes[-1][1] == 504, codes  # then let through (no worker here: it times out)
+        assert codes[-1][0] >= 10, codes  # not before its deadline
+    finally:
+        for name in r.scan_iter(f"{queue}*"):
+            r.delete(name)
+        r.delete(LANE_PAIRS + tenant)
 
 
 def test_a_request_waiting_for_the_workers_holds_no_database_connection(db_url: str, redis_url: str):

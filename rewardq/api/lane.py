@@ -87,40 +87,68 @@ def kind_of(session: Session, version: str) -> str:
         session.close()
 
 
-LANE_PAIRS = "rewardq:interactive:pairs:"  # + tenant: its pairs on the interactive lane now (a Redis counter)
+# + tenant: its requests on the interactive lane now (a Redis sorted set; not the counter "rewardq:interactive:pairs:"
+# older versions kept, which an API of each version may meet during an upgrade)
+LANE_PAIRS = "rewardq:interactive:share:"
+
+# One member per request on the lane, "<request id>:<pairs>", scored by the time it must be gone by (its wait, and
+# some): the share held is the sum over the live members. A request gives its member back when it ends; one whose API
+# process died is dropped at its own deadline, whatever the tenant sends since (a single counter's expiry would be
+# pushed back by every new request, and a steady loop would never get the dead request's pairs back).
+_TAKE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local held = 0
+for _, m in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+    held = held + tonumber(string.match(m, ':(%d+)$'))
+end
+local n, limit, hold = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+if held + n > limit then
+    return {0, held}
+end
+redis.call('ZADD', KEYS[1], now + hold, ARGV[4])
+redis.call('EXPIRE', KEYS[1], math.ceil(hold) + 1)
+return {1, held}
+"""
+
+
+def lane_held(client: redis.Redis, tenant: str) -> int:
+    """The pairs the tenant's live requests hold on the lane (expired members left out)."""
+    now = float(client.time()[0])
+    members: list[Any] = list(client.zrangebyscore(LANE_PAIRS + tenant, now, "+inf"))
+    return sum(int(bytes(m).rsplit(b":", 1)[1]) for m in members)
 
 
 @asynccontextmanager
 async def lane_share(settings: Settings, tenant: str, n: int) -> AsyncIterator[None]:
     """Hold ``n`` of the tenant's REWARDQ_INTERACTIVE_TENANT_MAX_PAIRS on the interactive lane while the body runs;
     429 when they would pass it. The workers serve the lane before bulk work, so without a share one tenant's
-    stream of large requests would hold every other tenant's requests, and all bulk work, behind it. The counter
-    expires on its own should an API process die holding it."""
+    stream of large requests would hold every other tenant's requests, and all bulk work, behind it. A request's
+    share lapses on its own at its deadline should its API process die holding it (_TAKE)."""
     client = metrics.client(settings.redis_url)
     key = LANE_PAIRS + tenant
-    ttl = int(settings.interactive_timeout_s * 2) + 10
+    member = f"{uuid.uuid4().hex}:{n}"
+    hold = settings.interactive_timeout_s * 2 + 10  # the request's wait for the workers, with room to spare
     try:
-        pipe = client.pipeline()
-        pipe.incrby(key, n)
-        pipe.expire(key, ttl)
-        held = int(pipe.execute()[0])
+        took, held = client.eval(_TAKE, 1, key, n, settings.interactive_tenant_max_pairs, hold, member)
     except redis.RedisError as exc:
         raise ApiError(503, "could not reach the queue (is Redis up?)", headers={"Retry-After": "5"}) from exc
+    if not took:
+        raise ApiError(
+            429,
+            f"this tenant already has {held} pairs on the interactive lane; {n} more would pass the "
+            f"{settings.interactive_tenant_max_pairs} allowed (REWARDQ_INTERACTIVE_TENANT_MAX_PAIRS): retry when "
+            "they are answered, or submit a job",
+            headers={"Retry-After": "1"},
+        )
     try:
-        if held > settings.interactive_tenant_max_pairs:
-            raise ApiError(
-                429,
-                f"this tenant already has {held - n} pairs on the interactive lane; {n} more would pass the "
-                f"{settings.interactive_tenant_max_pairs} allowed (REWARDQ_INTERACTIVE_TENANT_MAX_PAIRS): retry when "
-                "they are answered, or submit a job",
-                headers={"Retry-After": "1"},
-            )
         yield
     finally:
         try:
-            client.decrby(key, n)
+            client.zrem(key, member)
         except redis.RedisError:
-            pass  # it expires
+            pass  # it lapses at its deadline
 
 
 async def score_pairs(
