@@ -92,7 +92,12 @@ def worker(queues: str | None, concurrency: int, pool: str, loglevel: str) -> No
         click.echo(f"warning: could not advertise the queues consumed: {exc}", err=True)
     try:
         argv = ["worker", "-Q", queues, "-c", str(concurrency), "--pool", pool, "--loglevel", loglevel]
-        app.worker_main([*argv, "-n", f"rewardq-{os.getpid()}@%h"])
+        # Celery's worker-to-worker chatter is off: rewardq never uses remote control or Celery's events (its own
+        # heartbeats are in rewardq.workers.liveness). Mingle cost each start a second, and after a Redis restart the
+        # gossip and pidbox channels' reconnection exited workers with kombu's "'NoneType' object has no attribute
+        # 'hostname'" (celery/kombu#582).
+        quiet = ["--without-gossip", "--without-mingle", "--without-heartbeat"]
+        app.worker_main([*argv, *quiet, "-n", f"rewardq-{os.getpid()}@%h"])
     finally:
         if stop is not None:
             stop.set()
