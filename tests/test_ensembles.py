@@ -102,7 +102,8 @@ def test_two_imported_classifiers_and_the_sim_exp_base_as_one_ensemble(stack: St
     [
         ([("nope", 1.0), ("*base*", 1.0)], "unknown model version 'nope'"),
         ([("*base*", 1.0), ("*base*", 2.0)], "is named twice"),
-        ([("*base*", 0.0), ("*other*", 0.0)], "every weight is 0"),
+        ([("*base*", 1.0), ("*other*", 0.0)], "has weight 0: leave it out"),
+        ([("*base*", 1.0), ("*other*", 1e9)], "less than or equal to 1000000"),
         ([("*base*", 1.0)], "at least 2"),
         ([("*base*", 1.0)] * 9, "at most 8"),
     ],
@@ -125,6 +126,8 @@ def test_an_ensemble_cannot_be_a_member_and_names_are_unique(api, db_url):
     assert clash.status_code == 409 and "already named 'pair'" in clash.text
     renamed = _create(api, [(base, 1.0), (other, 0.5)], name="another")
     assert renamed.status_code == 409 and "exists already" in renamed.text
+    reordered = _create(api, [(other, 0.5), (base, 1.0)])  # the same members and weights in another order
+    assert reordered.status_code == 200 and reordered.json()["version"] == first.json()["version"]
     bad = api.post(
         "/v1/models/ensemble",
         content=json.dumps({"members": [{"version": base, "weight": math.nan}, {"version": other, "weight": 1}]}),
@@ -149,6 +152,40 @@ def test_a_member_of_an_ensemble_is_never_collected(api, db_url):
         assert not lifecycle.delete_version(s, version=other)  # the ensemble names it
         s.commit()
     assert any(m["version"] == other for m in api.get("/v1/models").json()["models"])
+
+
+def test_own_ensembles_are_deleted_unless_in_use_and_runs_refuse_an_active_one(api, db_url):
+    base, other = api.get("/v1/models").json()["default"], _second_version(db_url)
+    made = _create(api, [(base, 1.0), (other, -1.0)], name="to-go")
+    assert made.status_code in (200, 201), made.text
+    version = made.json()["version"]
+    assert api.delete(f"/v1/models/{base}").status_code == 409  # not an ensemble of yours
+    assert api.delete("/v1/models/nope").status_code == 404
+
+    # While it is active, no run: the gate would replace it with one model.
+    rows = [{"prompt": f"q{i}", "response": f"a{i}", "rating": i % 5} for i in range(4)]
+    assert api.post("/v1/feedback", json=rows).status_code == 201
+    assert api.post(f"/v1/models/{version}/activate").status_code == 200
+    try:
+        run = api.post("/v1/training-runs", json={})
+        assert run.status_code == 409 and "is an ensemble" in run.text, run.text
+        assert api.delete("/v1/models/to-go").status_code == 409  # active
+    finally:
+        api.delete("/v1/models/active")
+    resp = api.post("/v1/jobs", json={"items": [{"prompt": "q", "response": "a"}], "model_version": version})
+    assert resp.status_code == 202
+    in_use = api.delete("/v1/models/to-go")
+    assert in_use.status_code == 409 and "job" in in_use.text  # the job keeps its version
+    assert api.delete(f"/v1/jobs/{resp.json()['job_id']}").status_code == 200
+    assert api.delete("/v1/models/to-go").status_code == 200
+    assert all(m["version"] != version for m in api.get("/v1/models").json()["models"])
+    from sqlalchemy import select
+
+    from rewardq.storage.db import get_sessionmaker
+    from rewardq.storage.models import EnsembleMember
+
+    with get_sessionmaker(db_url)() as s:  # its members are free again (the rows went with it)
+        assert s.scalars(select(EnsembleMember).where(EnsembleMember.ensemble == version)).all() == []
 
 
 def _second_version(db_url: str) -> str:
@@ -181,6 +218,7 @@ def test_sim_exp_members_on_one_encoder_encode_a_batch_once(tmp_path: Path):
 
     ensemble = EnsembleModel("ens", ["base", "tuned"], [1.0, 0.5], [base, _heads_only(base, tuned)])
     assert len(ensemble.groups) == 1 and len(ensemble.groups[0].heads) == 2  # one encoder, two heads
+    assert ensemble.n_models == 1  # as the worker's model cache counts it
     got = ensemble.score(PROMPTS, RESPONSES)
     stats = ensemble.take_stats()
     assert stats["tokens"] == alone["tokens"] and stats["encoder_batches"] == alone["encoder_batches"]
@@ -188,3 +226,27 @@ def test_sim_exp_members_on_one_encoder_encode_a_batch_once(tmp_path: Path):
     for i, (a, b) in enumerate(zip(want_base.reward, want_tuned.reward, strict=True)):
         assert got.components[i] == pytest.approx([a, b], abs=1e-6)
         assert got.reward[i] == pytest.approx(a + 0.5 * b, abs=1e-6)
+
+
+def test_members_that_resume_after_a_stop_are_scored_first():
+    """A stop for interactive work (Preempted) is taken only between a sim-exp member's encoder passes, which its
+    embedding cache keeps: so sim-exp members go first, and no finished pass of a member that cannot resume (a
+    classifier's, a likelihood model's) is thrown away by a later stop."""
+    from rewardq.workers.models.base import RewardModel, Scores
+    from rewardq.workers.models.ensemble import EnsembleModel
+    from rewardq.workers.models.sim_exp import SimExpModel
+    from rewardq.workers.registry import resolve_encoder
+
+    class Constant(RewardModel):  # a member of another kind, scored after the sim-exp one
+        kind = "classifier"
+        device = torch.device("cpu")
+        token_budget = 0
+
+        def score(self, prompts, responses):  # type: ignore[no-untyped-def]
+            return Scores(reward=[2.0] * len(prompts), cos=[[] for _ in prompts], truncated=[False] * len(prompts))
+
+    sim = SimExpModel("base", resolve_encoder("")[0])
+    ensemble = EnsembleModel("ens", ["c", "base"], [1.0, 1.0], [Constant(), sim])
+    assert ensemble.groups[0].model is sim and ensemble.n_models == 2
+    got = ensemble.score(PROMPTS[:2], RESPONSES[:2])
+    assert got.components is not None and [c[0] for c in got.components] == [2.0, 2.0]  # members keep their order

@@ -314,8 +314,12 @@ class ModelList(BaseModel):
 class EnsembleMember(BaseModel):
     model_config = {"extra": "forbid"}
 
-    version: str = Field(min_length=1, max_length=256, description="a version's id or name (yours or shared)")
-    weight: float = Field(allow_inf_nan=False, description="its share of the reward: R = sum of weight x R_member")
+    version: str = Field(
+        min_length=1, max_length=256, pattern=r"^[^\x00-\x1f]+$", description="a version's id or name (yours or shared)"
+    )
+    weight: float = Field(
+        allow_inf_nan=False, ge=-1e6, le=1e6, description="its share of the reward: R = sum of weight x R_member"
+    )
 
 
 class EnsembleCreate(BaseModel):
@@ -324,7 +328,9 @@ class EnsembleCreate(BaseModel):
     model_config = {"extra": "forbid"}
 
     members: list[EnsembleMember] = Field(min_length=2, max_length=8, description="2 to 8 distinct versions")
-    name: str | None = Field(default=None, min_length=1, max_length=256, description="unique among your versions")
+    name: str | None = Field(
+        default=None, min_length=1, max_length=256, pattern=r"^[^\x00-\x1f]+$", description="unique among your versions"
+    )
 
 
 class ModelImport(BaseModel):

@@ -334,8 +334,8 @@ def models_import(ctx: click.Context, /, path: str, kind: str, name: str | None,
 @click.pass_context
 def models_ensemble(ctx: click.Context, /, members: tuple[str, ...], name: str | None) -> None:
     """A weighted sum of versions, as a version of your own: MEMBERS are VERSION=WEIGHT (ids or names), 2 to 8 of
-    them, e.g. `rewardq models ensemble helpful-rm=0.7 safety-rm=0.3 --name mix`. Name it with --model wherever a
-    version is named; each result keeps its member scores (components)."""
+    them, e.g. `rewardq models ensemble helpful-rm=0.7 safety-rm=0.3 --name mix`. Name it with --model-version
+    wherever a version is named; each result keeps its member scores (components)."""
     weights: dict[str, float] = {}
     for m in members:
         version, sep, weight = m.rpartition("=")

@@ -20,6 +20,8 @@ def _visible(tenant: str | None) -> Any:
 
 def get_version(session: Session, *, version: str, tenant: str | None = None) -> ModelVersion | None:
     """The version, or None when it does not exist or belongs to another tenant (``tenant`` None: any)."""
+    if "\x00" in version:  # no id or name holds NUL (and PostgreSQL's text cannot even be compared with one)
+        return None
     return session.scalar(select(ModelVersion).where(ModelVersion.version == version, _visible(tenant)))
 
 
@@ -27,7 +29,7 @@ def resolve(session: Session, *, ref: str, tenant: str | None) -> ModelVersion |
     """The version ``ref`` names, by id or by name: the tenant's own version of that name first, then a shared one
     (names are unique within an owner). None when neither exists or the version is another tenant's."""
     mv = get_version(session, version=ref, tenant=tenant)
-    if mv is not None:
+    if mv is not None or "\x00" in ref:
         return mv
     owners = (
         [ModelVersion.owner.is_(None)]

@@ -43,7 +43,7 @@ from rewardq.workers.messages import (
     enqueue_score_batches,
     note_served,
 )
-from rewardq.workers.models import load_model
+from rewardq.workers.models import ENSEMBLE, load_model
 from rewardq.workers.models.base import Preempted
 
 if TYPE_CHECKING:
@@ -68,7 +68,10 @@ def get_model(version: str) -> RewardModel:
             if mv is None:
                 raise ModelUnavailable(version)
             kind, path, config = mv.kind, mv.path, dict(mv.config)
-        while len(_models) >= _MAX_LOADED:  # make room first: at most _MAX_LOADED models, the new one included
+        # Make room first: at most _MAX_LOADED models held, the new one included (an ensemble counts each model it
+        # holds; one larger than that is held alone).
+        need = len(config.get("members") or ()) if kind == ENSEMBLE else 1
+        while _models and sum(m.n_models for m in _models.values()) + need > max(_MAX_LOADED, need):
             _models.popitem(last=False)
         t0 = time.perf_counter()
         try:

@@ -28,6 +28,7 @@ from rewardq.workers.errors import public_message
 from rewardq.workers.evaluation import PRIMARY_METRIC, BestEpoch, evaluate
 from rewardq.workers.feedback import Feedback, Preference, Rating, clean, comparisons, refusal, warnings
 from rewardq.workers.messages import run_key
+from rewardq.workers.models import ENSEMBLE, ensemble_active
 from rewardq.workers.registry import resolve_encoder
 from rewardq.workers.train_params import TrainParams, params_for, planned_steps
 
@@ -62,9 +63,13 @@ def _base_start(kind: str) -> Start:
 
 def start_of(session: Any, params: TrainParams, tenant: str, active: str | None) -> Start:
     """Where a run starts: the version it names (checked again: it may have gone since the run was made), else the
-    tenant's active version when it is of the run's kind, else the configured encoder (a new model of the kind)."""
+    tenant's active version when it is of the run's kind, else the configured encoder (a new model of the kind). A
+    tenant whose active version is an ensemble has no run (RunError): the gate would replace the ensemble."""
     from rewardq.workers.models import version_dir
 
+    incumbent = registry.get_version(session, version=active) if active else None
+    if incumbent is not None and incumbent.kind == ENSEMBLE:
+        raise RunError(ensemble_active(incumbent.version))
     chosen = params.start_version or active
     mv = registry.get_version(session, version=chosen, tenant=tenant) if chosen else None
     if params.start_version and mv is None:
@@ -341,6 +346,10 @@ def _train_and_gate(
     version, path, config = _save(model, params, base_name, margin, tenant, start)
     compared = active_version
     for _ in range(MAX_GATES):
+        with session_scope() as s:
+            now = registry.get_version(s, version=compared)
+            if now is not None and now.kind == ENSEMBLE:  # activated while the run trained
+                raise RunError(ensemble_active(compared))
         incumbent = evaluate(engine.get_model(compared), held)
         passes = gate(candidate, incumbent, margin)
         with session_scope() as s:

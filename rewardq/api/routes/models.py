@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from rewardq.api.deps import AdminDep, CallerDep, SessionDep, SettingsDep, TenantDep, read_body
 from rewardq.api.errors import ApiError, FieldError, invalid
 from rewardq.api.schemas import EnsembleCreate, ErrorOut, ModelImport, ModelList, ModelVersionOut
-from rewardq.storage import registry
+from rewardq.storage import lifecycle, registry
 from rewardq.storage.models import DEFAULT_SCOPE, EnsembleMember, ModelVersion
 from rewardq.workers.importer import ImportRefused, import_folder
 from rewardq.workers.models import ENSEMBLE
@@ -198,12 +198,14 @@ def _create_ensemble(body: EnsembleCreate, response: Response, session: Session,
             raise invalid([FieldError("members", f"{m.version!r} is an ensemble: name its members instead", i)])
         if any(x["version"] == mv.version for x in members):
             raise invalid([FieldError("members", f"{m.version!r} ({mv.version}) is named twice", i)])
+        if m.weight == 0:
+            raise invalid([FieldError("members", f"{m.version!r} has weight 0: leave it out", i)])
         members.append({"version": mv.version, "weight": m.weight})
         kinds.append(mv.kind)
-    if not any(m["weight"] for m in members):
-        raise invalid([FieldError("members", "every weight is 0: the ensemble would score every pair 0")])
-    digest = hashlib.sha256(f"{tenant}\0{json.dumps(members, sort_keys=True)}".encode()).hexdigest()[:12]
-    version = f"ens-{digest}"  # the owner's and the members': the same ensemble of the same tenant is one version
+    # The owner's and the members' (in any order): the same ensemble of the same tenant is one version, never another
+    # tenant's.
+    key = json.dumps(sorted((str(m["version"]), float(m["weight"])) for m in members))
+    version = "ens-" + hashlib.sha256(f"{tenant}\0{key}".encode()).hexdigest()[:20]
     existing = registry.get_version(session, version=version, tenant=tenant)
     if existing is None:
         if body.name:
@@ -221,12 +223,12 @@ def _create_ensemble(body: EnsembleCreate, response: Response, session: Session,
             )
             session.add_all([EnsembleMember(ensemble=version, member=str(m["version"])) for m in members])
             session.commit()
-        except IntegrityError as exc:  # the same request at once (the id), or the name taken meanwhile
+        except (IntegrityError, ValueError) as exc:  # the same request at once, a name or a member gone meanwhile
             session.rollback()
             existing = registry.get_version(session, version=version, tenant=tenant)
             if existing is None:
-                taken = [FieldError("name", "taken")]
-                raise ApiError(409, f"the name {body.name!r} was taken meanwhile", taken) from exc
+                message = "the ensemble could not be made: its name was taken or a member removed meanwhile; try again"
+                raise ApiError(409, message, [FieldError("members", "changed meanwhile")]) from exc
     if existing is not None:
         if body.name and existing.name != body.name:
             raise ApiError(
@@ -241,3 +243,21 @@ def _create_ensemble(body: EnsembleCreate, response: Response, session: Session,
     mv = registry.get_version(session, version=version, tenant=tenant)
     assert mv is not None
     return _model_out(mv, registry.active_version(session, tenant=tenant), registry.default_version(session))
+
+
+@router.delete("/{version}", response_model=ModelList, responses={c: {"model": ErrorOut} for c in (404, 409)})
+def delete_ensemble(version: str, session: SessionDep, tenant: TenantDep) -> ModelList:
+    """Delete one of your ensembles (by its id or name), unless something uses it: your active version, or a job that
+    was scored with it (it keeps its version: delete the job first). Other versions are collected by retention."""
+    mv = _visible(session, version, tenant)
+    if mv.kind != ENSEMBLE or mv.owner != tenant:
+        raise ApiError(409, f"{version!r} is not one of your ensembles: only those are deleted here")
+    if not lifecycle.delete_version(session, version=mv.version):
+        session.rollback()
+        raise ApiError(
+            409,
+            f"{mv.version} is in use: it is an active version, or a job was scored with it (delete the job first)",
+            [FieldError("version", "in use")],
+        )
+    session.commit()
+    return model_list(session, tenant)

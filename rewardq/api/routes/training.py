@@ -26,7 +26,7 @@ from rewardq.storage.clock import utcnow
 from rewardq.storage.models import RunStatus, Schedule, TrainingRun
 from rewardq.workers import liveness
 from rewardq.workers.messages import enqueue_training_run
-from rewardq.workers.models import TRAINABLE
+from rewardq.workers.models import ENSEMBLE, TRAINABLE, ensemble_active
 from rewardq.workers.train_params import params_for, planned_steps, resolved, window_rows
 
 runs = APIRouter(prefix="/v1/training-runs", tags=["training"])
@@ -70,6 +70,10 @@ def _start(session: Session, params: TrainingParams, tenant: str) -> dict[str, o
 
 def _params(params: TrainingParams, admin: bool, session: Session, tenant: str) -> dict[str, object]:
     """Every parameter the run will use (the kind's defaults filled in)."""
+    active = registry.active_version(session, tenant=tenant)
+    incumbent = registry.get_version(session, version=active) if active else None
+    if incumbent is not None and incumbent.kind == ENSEMBLE:
+        raise ApiError(409, ensemble_active(incumbent.version), [FieldError("active_version", "an ensemble")])
     if params.gate_margin is not None and params.gate_margin < 0 and not admin:
         # A negative margin promotes a worse model: only the operator may waive the gate.
         raise ApiError(403, "gate_margin below 0 needs an admin key", [FieldError("gate_margin", "admin only")])

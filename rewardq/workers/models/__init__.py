@@ -23,6 +23,15 @@ TRAINABLE = ("sim_exp", "classifier")  # what a training run can fine-tune (a li
 IMPORTABLE = ("classifier", "likelihood", "sim_exp")  # sim_exp: a sentence-transformers folder (its encoder)
 
 
+def ensemble_active(version: str) -> str:
+    """Why no training run goes on while the tenant's active version is an ensemble."""
+    return (
+        f"your active version {version} is an ensemble: a run promotes one model into your active version, which "
+        "would drop the ensemble. Activate one version to retrain it (rewardq models activate VERSION), then make "
+        "the ensemble again with the result"
+    )
+
+
 def version_dir(path: str, artifacts_dir: Path) -> Path:
     """A version's files: ``path`` is relative to REWARDQ_ARTIFACTS_DIR (older rows hold absolute paths)."""
     p = Path(path)

@@ -68,6 +68,7 @@ class RewardModel(ABC):
     # Set by the engine around each batch: whose texts these are. Cached embeddings are kept per scope, so a cache
     # hit never tells one tenant what another scored (workers.engine.cache_scope).
     cache_scope: str = ""
+    n_models: int = 1  # models held in memory (an ensemble: one per encoder it runs), as the engine LRU counts them
 
     def __init__(self) -> None:
         self.stats: dict[str, float] = {}

@@ -48,6 +48,10 @@ class EnsembleModel(RewardModel):
             if key is not None:
                 shared[key] = group
             self.groups.append(group)
+        # Sim-exp groups first: they alone stop between passes for interactive work (Preempted) and resume from their
+        # embedding cache, so no finished pass of a member that cannot resume is thrown away by a later stop.
+        self.groups.sort(key=lambda g: not g.heads)
+        self.n_models = len(self.groups)
         self.max_length = min(int(getattr(g.model, "max_length", 1 << 30)) for g in self.groups)
 
     def settings(self) -> dict[str, Any]:
