@@ -250,3 +250,26 @@ def test_members_that_resume_after_a_stop_are_scored_first():
     assert ensemble.groups[0].model is sim and ensemble.n_models == 2
     got = ensemble.score(PROMPTS[:2], RESPONSES[:2])
     assert got.components is not None and [c[0] for c in got.components] == [2.0, 2.0]  # members keep their order
+
+
+def test_a_job_or_a_score_request_names_its_ensemble_inline(api, db_url):
+    """`model_version: {version: weight, ...}` in a job or a /v1/score body: the tenant's ensemble of those versions,
+    made on first use and the same one after (as POST /v1/models/ensemble makes it)."""
+    base, other = api.get("/v1/models").json()["default"], _second_version(db_url)
+    items = [{"prompt": "q", "response": "a"}]
+    first = api.post("/v1/jobs", json={"items": items, "model_version": {base: 0.25, other: 4}})
+    assert first.status_code == 202, first.text
+    version = first.json()["model_version"]
+    assert version.startswith("ens-")
+    again = api.post("/v1/jobs", json={"items": items, "model_version": {other: 4.0, base: 0.25}})
+    assert again.status_code == 202 and again.json()["model_version"] == version
+    listed = {m["version"]: m for m in api.get("/v1/models").json()["models"]}[version]
+    assert listed["kind"] == "ensemble" and listed["settings"]["members"][0] == {"version": base, "weight": 0.25}
+    for bad, message in [
+        ({"nope": 1, base: 1}, "unknown model version 'nope'"),
+        ({base: 1}, "at least 2"),
+        ({base: "x", other: 1}, "valid number"),
+    ]:
+        for route in ("/v1/jobs", "/v1/score"):
+            resp = api.post(route, json={"items": items, "model_version": bad})
+            assert resp.status_code == 422 and message in resp.text, (route, bad, resp.text)

@@ -58,7 +58,7 @@ def check_items(raw: Any, settings: Settings) -> list[NewItem]:
     return validate_items(raw, max_items=settings.interactive_max_items, max_chars=settings.max_text_chars)
 
 
-async def resolve_version(session: Session, tenant: str, requested: str | None) -> str:
+async def resolve_version(session: Session, tenant: str, requested: str | dict[str, Any] | None) -> str:
     """The version to score with; the session's pooled connection goes back to the pool after, so a request that
     then waits for the workers holds none (the session takes a new one if it is used again)."""
 

@@ -40,7 +40,7 @@ def loads(text: str | bytes) -> Any:
 @dataclass
 class JobRequest:
     items: list[NewItem]
-    model_version: str | None
+    model_version: str | dict[str, Any] | None  # a dict: {version: weight}, their ensemble
     metadata: dict[str, Any]
 
 
@@ -182,8 +182,8 @@ def parse_json_job(body: bytes, *, max_items: int, max_chars: int) -> JobRequest
     if "items" not in doc:
         raise invalid([FieldError("items", "field required")])
     model_version = doc.get("model_version")
-    if model_version is not None and not isinstance(model_version, str):
-        raise invalid([FieldError("model_version", "must be a string")])
+    if model_version is not None and not isinstance(model_version, str | dict):
+        raise invalid([FieldError("model_version", "must be a version's id or name, or {version: weight, ...}")])
     metadata = check_metadata(doc.get("metadata") or {})
     items = validate_items(doc["items"], max_items=max_items, max_chars=max_chars)
     return JobRequest(items, model_version, metadata)

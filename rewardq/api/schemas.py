@@ -14,9 +14,12 @@ class ItemIn(BaseModel):
     response: str
 
 
+INLINE_ENSEMBLE = "an id or a name (default: your active version), or {version: weight, ...} for their ensemble"
+
+
 class JobCreate(BaseModel):
     items: list[ItemIn] = Field(min_length=1)
-    model_version: str | None = Field(default=None, description="defaults to the active version")
+    model_version: str | dict[str, float] | None = Field(default=None, description=INLINE_ENSEMBLE)
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -390,7 +393,7 @@ class ScoreRequest(BaseModel):
     """POST /v1/score: pairs answered in the same response (the interactive lane)."""
 
     items: list[ItemIn] = Field(min_length=1, description="at most REWARDQ_INTERACTIVE_MAX_ITEMS (2,048)")
-    model_version: str | None = Field(default=None, description="defaults to your active version")
+    model_version: str | dict[str, float] | None = Field(default=None, description=INLINE_ENSEMBLE)
     persist: bool = Field(default=False, description="also keep the pairs and scores as a job (its id is returned)")
     metadata: dict[str, Any] = Field(default_factory=dict, description="with persist: the job's metadata")
 

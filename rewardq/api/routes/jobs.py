@@ -118,9 +118,14 @@ def _load_job(session: Session, job_id: str, tenant: str) -> Job:
     return job
 
 
-def pinned_version(session: Session, tenant: str, requested: str | None) -> str:
+def pinned_version(session: Session, tenant: str, requested: str | dict[str, Any] | None) -> str:
     """The model version a new job is pinned to: the one asked for (shared or the tenant's own), or the
-    tenant's active one. Another tenant's version is as unknown as one that does not exist."""
+    tenant's active one. Another tenant's version is as unknown as one that does not exist. ``{version: weight}``
+    names the tenant's ensemble of those versions (made on first use, as POST /v1/models/ensemble makes it)."""
+    if isinstance(requested, dict):
+        from rewardq.api.routes.models import inline_ensemble
+
+        return inline_ensemble(session, tenant, requested)
     if requested is None:
         active = registry.active_version(session, tenant=tenant)
         if active is None:

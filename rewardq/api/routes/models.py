@@ -187,6 +187,16 @@ async def create_ensemble(
     return await run_in_threadpool(_create_ensemble, body, response, session, tenant)
 
 
+def inline_ensemble(session: Session, tenant: str, weights: dict[str, Any]) -> str:
+    """The id of the ensemble ``{version: weight, ...}`` names in a job or a /v1/score body (made on first use)."""
+    try:
+        body = EnsembleCreate.model_validate({"members": [{"version": v, "weight": w} for v, w in weights.items()]})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise invalid([FieldError("model_version", f"{first['msg']} ({'.'.join(map(str, first['loc']))})")]) from exc
+    return _create_ensemble(body, Response(), session, tenant).version
+
+
 def _create_ensemble(body: EnsembleCreate, response: Response, session: Session, tenant: str) -> ModelVersionOut:
     members: list[dict[str, float | str]] = []
     kinds: list[str] = []

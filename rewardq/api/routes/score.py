@@ -50,8 +50,8 @@ def _parse(doc: Any) -> dict[str, Any]:
         raise invalid([FieldError(sorted(unknown)[0], "unknown field")])
     if "items" not in doc:
         raise invalid([FieldError("items", "field required")])
-    if doc.get("model_version") is not None and not isinstance(doc["model_version"], str):
-        raise invalid([FieldError("model_version", "must be a string")])
+    if doc.get("model_version") is not None and not isinstance(doc["model_version"], str | dict):
+        raise invalid([FieldError("model_version", "must be a version's id or name, or {version: weight, ...}")])
     if not isinstance(doc.get("persist", False), bool):
         raise invalid([FieldError("persist", "must be true or false")])
     return doc
