@@ -273,3 +273,29 @@ def test_a_job_or_a_score_request_names_its_ensemble_inline(api, db_url):
         for route in ("/v1/jobs", "/v1/score"):
             resp = api.post(route, json={"items": items, "model_version": bad})
             assert resp.status_code == 422 and message in resp.text, (route, bad, resp.text)
+
+
+def test_another_tenant_s_ensemble_is_not_found_by_any_route(db_url, redis_url):
+    """Deleting, naming as a member, naming inline, activating: another tenant's ensemble is unknown (404 or 422), as a
+    version that does not exist, and is left as it was."""
+    import uuid
+
+    from tests.conftest import make_client
+
+    a, b = f"ens-a-{uuid.uuid4().hex[:6]}", f"ens-b-{uuid.uuid4().hex[:6]}"
+    ka, kb = f"ka-{uuid.uuid4().hex}", f"kb-{uuid.uuid4().hex}"
+    with make_client(db_url, f"test-ens-{uuid.uuid4().hex[:8]}", api_keys=f"{a}:{ka},{b}:{kb}") as c:
+        as_a, as_b = {"Authorization": f"Bearer {ka}"}, {"Authorization": f"Bearer {kb}"}
+        base, other = c.get("/v1/models", headers=as_a).json()["default"], _second_version(db_url)
+        made = _create(c, [(base, 1.0), (other, 2.0)], name="mine", headers=as_a)
+        assert made.status_code == 201, made.text
+        version = made.json()["version"]
+        for ref in (version, "mine"):
+            assert c.delete(f"/v1/models/{ref}", headers=as_b).status_code == 404
+            assert c.post(f"/v1/models/{ref}/activate", headers=as_b).status_code == 404
+            member = _create(c, [(ref, 1.0), (base, 1.0)], headers=as_b)
+            assert member.status_code == 422 and "unknown model version" in member.text
+            items = [{"prompt": "q", "response": "a"}]
+            inline = c.post("/v1/jobs", headers=as_b, json={"items": items, "model_version": {ref: 1, base: 1}})
+            assert inline.status_code == 422 and "unknown model version" in inline.text
+        assert any(m["version"] == version for m in c.get("/v1/models", headers=as_a).json()["models"])
