@@ -6,6 +6,9 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.rewardq-installed
 PYTEST_ARGS ?=
+# The suite runs in this many processes (pytest-xdist; each file stays in one, with its own Redis database and
+# PostgreSQL database). 0 runs it in this process.
+PYTEST_WORKERS ?= 2
 # The versions the suite last passed with: `make install` takes exactly these, so a new upstream release cannot
 # break a fresh clone. pyproject.toml keeps open ranges for those who install rewardq into their own stack.
 CONSTRAINTS := constraints.txt
@@ -34,10 +37,10 @@ demo: $(STAMP)
 	$(BIN)/rewardq demo
 
 test: $(STAMP) lint typecheck
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile -m "not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

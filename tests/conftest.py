@@ -5,17 +5,26 @@ Locally a missing service skips the tests that need it; under CI=true it fails t
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 # Before anything imports triton or reads settings.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 RUN_ID = uuid.uuid4().hex[:8]
 POISON = "<<rewardq-test-poison>>"  # workers under test fail any text that contains it
-TEST_REDIS_URL = os.environ.get("REWARDQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+# `make test` runs the suite in two processes (pytest-xdist, one per core): each takes a Redis database of its own
+# (gw0 15, gw1 14, ...), so its queues, heartbeats, metrics and lane shares are its own, as its PostgreSQL database
+# (RUN_ID) and SQLite files are.
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+_REDIS_DB = 15 - int(XDIST_WORKER[2:] or 0) if XDIST_WORKER.startswith("gw") else 15
+TEST_REDIS_URL = os.environ.get("REWARDQ_TEST_REDIS_URL", f"redis://127.0.0.1:6379/{_REDIS_DB}")
 TEST_PG_ADMIN_URL = os.environ.get("REWARDQ_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 os.environ["REWARDQ_REDIS_URL"] = TEST_REDIS_URL
 os.environ["REWARDQ_DATABASE_URL"] = "sqlite:///:memory:"  # each test picks its own database below
@@ -184,28 +193,63 @@ class Ledger:
         self.rows.append((kind, what, backend, outcome))
 
 
-@pytest.fixture(scope="session")
-def ledger() -> Iterator[Ledger]:
-    book = Ledger()
-    yield book
-    if not book.rows:
+LEDGER_HEADER = [
+    "# Reliability: faults injected and bad inputs tried",
+    "",
+    "Written by the test suite (`tests/test_reliability.py`, `tests/test_faults.py`, `tests/test_fuzz.py`);",
+    "every row is an assertion that passed.",
+    "",
+    "| kind | injected or sent | databases | outcome |",
+    "|---|---|---|---|",
+]
+
+
+def write_reliability(rows: list[tuple[str, str, str, str]]) -> None:
+    """docs/reliability.md from the ledger's rows (of every process of the run)."""
+    if not rows:
         return
-    lines = [
-        "# Reliability: faults injected and bad inputs tried",
-        "",
-        "Written by the test suite (`tests/test_reliability.py`, `tests/test_faults.py`, `tests/test_fuzz.py`);",
-        "every row is an assertion that passed.",
-        "",
-        "| kind | injected or sent | databases | outcome |",
-        "|---|---|---|---|",
-    ]
     backends: dict[tuple[str, str, str], set[str]] = {}
-    path = ROOT / "docs" / "reliability.md"
-    for k, w, b, o in book.rows:
+    for k, w, b, o in rows:
         backends.setdefault((k, w, o), set()).add(b)
-    lines += [f"| {k} | {w} | {', '.join(sorted(backends[(k, w, o)]))} | {o} |" for k, w, o in sorted(backends)]
+    lines = LEDGER_HEADER + [
+        f"| {k} | {w} | {', '.join(sorted(backends[(k, w, o)]))} | {o} |" for k, w, o in sorted(backends)
+    ]
     campaign = ROOT / "benchmarks" / "results" / "fault_campaign.md"  # the full campaign's last run (tests/campaign.py)
     if campaign.exists():
         lines += ["", "## The fault campaign", "", campaign.read_text().rstrip()]
+    path = ROOT / "docs" / "reliability.md"
     path.parent.mkdir(exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
+
+
+_LEDGER_DIR: list[str] = []  # in pytest-xdist's controller: where its workers leave their ledger rows
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """pytest-xdist's controller, per worker: the folder it leaves its rows in (merged in pytest_sessionfinish)."""
+    if not _LEDGER_DIR:
+        _LEDGER_DIR.append(tempfile.mkdtemp(prefix="rewardq-ledger-"))
+    node.workerinput["ledger_dir"] = _LEDGER_DIR[0]
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if not _LEDGER_DIR:  # a plain run (its fixture wrote the page), or a worker
+        return
+    folder = _LEDGER_DIR[0]
+    rows: list[tuple[str, str, str, str]] = []
+    for part in sorted(Path(folder).glob("*.json")):
+        rows += [tuple(r) for r in json.loads(part.read_text())]  # type: ignore[misc]
+    shutil.rmtree(folder, ignore_errors=True)
+    write_reliability(rows)
+
+
+@pytest.fixture(scope="session")
+def ledger(request: pytest.FixtureRequest) -> Iterator[Ledger]:
+    book = Ledger()
+    yield book
+    folder = getattr(request.config, "workerinput", {}).get("ledger_dir")
+    if folder is None:
+        write_reliability(book.rows)
+    else:
+        (Path(folder) / f"{XDIST_WORKER or 'main'}.json").write_text(json.dumps(book.rows))
