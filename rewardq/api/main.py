@@ -73,6 +73,59 @@ class SecurityHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
+# Routes that read their own body within their own limits (REWARDQ_MAX_JSON_BYTES, the upload caps), in chunks:
+# jobs and feedback spool uploads of many MiB, the scoring routes take up to the interactive lane's pairs.
+STREAMED_BODIES = frozenset(
+    {"/v1/jobs", "/v1/feedback", "/v1/score", "/score", "/classify", "/v1/classify", "/pooling", "/v1/pooling",
+     "/get_reward", "/openrlhf/get_reward"}
+)  # fmt: skip
+SMALL_BODY_BYTES = 1 << 20
+
+
+class BodyLimit:
+    """Every other route's body is read here first, up to SMALL_BODY_BYTES (1 MiB), and refused with 413 past it
+    (at once when Content-Length says so). FastAPI would read a body of any size into memory before validating it,
+    so one request to, say, POST /v1/training-runs could take the API's memory. Those bodies are a few hundred
+    bytes. A new route is limited unless it reads its body itself and is named in STREAMED_BODIES."""
+
+    def __init__(self, app: ASGIApp, limit: int = SMALL_BODY_BYTES) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in STREAMED_BODIES:
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            await self._refuse(scope, receive, send, f"request body of {int(declared)} bytes exceeds the limit")
+            return
+        messages: list[Message] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                messages.append(message)
+                break
+            size += len(message.get("body", b""))
+            if size > self.limit:
+                await self._refuse(scope, receive, send, "request body exceeds the limit")
+                return
+            messages.append(message)
+            if not message.get("more_body", False):
+                break
+        replay = iter(messages)
+
+        async def replayed() -> Message:
+            return next(replay, None) or await receive()
+
+        await self.app(scope, replayed, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, message: str) -> None:
+        error = ApiError(413, f"{message} of {self.limit} bytes for {scope['path']}", [FieldError("body", "too large")])
+        await JSONResponse(error.body(), status_code=413)(scope, receive, send)
+
+
 def _settings_of(app: FastAPI) -> Settings:
     """The settings the app's routes see (a test may override them)."""
     return app.dependency_overrides.get(get_settings, get_settings)()  # type: ignore[no-any-return]
@@ -153,6 +206,7 @@ def create_app() -> FastAPI:
         headers = {"X-Request-ID": rid, "Content-Security-Policy": API_CSP, **dict(_ALWAYS)}
         return JSONResponse(body, status_code=500, headers=headers)
 
+    app.add_middleware(BodyLimit)
     app.add_middleware(SecurityHeaders)
     app.add_exception_handler(ui.LoginRequired, ui.login_redirect)  # type: ignore[arg-type]
     app.add_middleware(RequestIds)
