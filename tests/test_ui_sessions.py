@@ -48,7 +48,14 @@ def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     os.environ.pop("REWARDQ_DATABASE_URL")
     os.environ.update({"REWARDQ_DATABASE_URL": before} if before else {})
     get_settings.cache_clear()
+    with session_scope(url) as s:
+        keys_before = set(s.scalars(select(ApiKey.key_hash)))
     yield url
+    # The PostgreSQL database is the session's: a key left there would make every later test's anonymous request a 401
+    # (a stored key, even revoked, turns authentication on), in whatever order a process runs the files.
+    with session_scope(url) as s:
+        s.execute(delete(UiSession))
+        s.execute(delete(ApiKey).where(ApiKey.key_hash.not_in(keys_before)))
 
 
 def _client(db: str, base: str = HTTPS, api_keys: str = f"env:{ENV_KEY}", **extra: object) -> TestClient:
