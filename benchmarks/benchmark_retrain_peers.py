@@ -6,6 +6,8 @@ MiniLM (nothing is downloaded), trains on all of STS-B train and is scored once 
 (1,379 pairs no recipe here was tuned on):
 
 - ``rewardq_sim_exp``: the product's default sim_exp run (benchmarks/benchmark_retrain.py, in a child process);
+- ``rewardq_sim_exp_cosent_cos`` and ``rewardq_sim_exp_angle``: that run with ``objective`` ``cosent_cos`` or
+  ``angle`` (sentence-transformers' CoSENT and AnglE losses on the heads' cosine margins);
 - ``rewardq_classifier``: the product's default classifier run, ``--symmetric`` (STS pairs are unordered);
 - ``st_bi_cosine``: sentence-transformers' STS example recipe for a bi-encoder (SentenceTransformerTrainer,
   CosineSimilarityLoss on score / 5, batch 16, 4 epochs, 10 % warmup, its default learning rate), mean pooling;
@@ -40,7 +42,11 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-WAYS = ["rewardq_sim_exp", "rewardq_classifier", "st_bi_cosine", "st_bi_cosent", "st_bi_angle", "st_cross_bce"]
+# The default sim_exp run with another objective (run parameter "objective"): sentence-transformers' CoSENT and AnglE
+# on the heads' cosine margins.
+REWARDQ_OBJECTIVES = {"rewardq_sim_exp_cosent_cos": "cosent_cos", "rewardq_sim_exp_angle": "angle"}
+WAYS = ["rewardq_sim_exp", *REWARDQ_OBJECTIVES, "rewardq_classifier", "st_bi_cosine", "st_bi_cosent", "st_bi_angle",
+        "st_cross_bce"]  # fmt: skip
 ST_BI_LOSSES = {"st_bi_cosine": "CosineSimilarityLoss", "st_bi_cosent": "CoSENTLoss", "st_bi_angle": "AnglELoss"}
 
 
@@ -165,6 +171,8 @@ def run_rewardq(
            "--out", str(out)]  # fmt: skip
     if way == "rewardq_classifier":
         cmd += ["--kind", "classifier", "--symmetric"]
+    if way in REWARDQ_OBJECTIVES:
+        cmd += ["--set", f"objective={json.dumps(REWARDQ_OBJECTIVES[way])}"]
     subprocess.run(cmd + _smoke_flags(limit, epochs, eval_limit, sample), check=True, cwd=ROOT)
     run = json.loads(out.read_text())
     return {

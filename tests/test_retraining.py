@@ -88,6 +88,12 @@ def test_bad_training_parameters_and_unknown_ids(api: TestClient):
     assert api.delete("/v1/schedules/nope").status_code == 404
     resp = api.post("/v1/schedules", json={"cron": "every tuesday"})
     assert resp.status_code == 422 and resp.json()["errors"][0]["field"] == "cron"
+    for objective in ("angle", "cosent_cos"):  # a classifier has no similarity to train: refused, run or schedule
+        for path, body in (("/v1/training-runs", {}), ("/v1/schedules", {"cron": "0 3 * * *"})):
+            params = {"kind": "classifier", "objective": objective}
+            resp = api.post(path, json={**body, "params": params} if body else params)
+            assert resp.status_code == 422 and resp.json()["errors"][0]["field"] == "objective", resp.text
+            assert "sim_exp" in resp.json()["detail"]
 
 
 def _scores(client: TestClient, items: list[dict], wait: bool = True) -> tuple[str, dict]:

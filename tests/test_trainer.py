@@ -148,6 +148,48 @@ def test_cosent_objective_is_the_ranking_loss_and_trains(sts: Feedback):
     assert after["spearman"] > 0.5 and after["pairwise_accuracy"] > 0.7
 
 
+@pytest.mark.parametrize("objective", ["cosent_cos", "angle"])
+def test_similarity_objectives_are_sentence_transformers_losses_and_train(sts: Feedback, objective: str):
+    """cosent_cos and angle are sentence-transformers' CoSENTLoss and AnglELoss (lambda 20) on the heads' projected
+    embeddings, for ratings as ST computes them; a run with either trains, and R then ranks the pairs as their
+    cosine does in the direction the warm start fit (AnglE, as in sentence-transformers, trains on |cos + sin| and
+    scores with the cosine)."""
+    from sentence_transformers.sentence_transformer.losses import AnglELoss, CoSENTLoss
+
+    from rewardq.workers.models.sim_exp import Heads
+    from rewardq.workers.trainer import _bt_loss, direction, similarity
+
+    torch.manual_seed(0)
+    heads = Heads(8, 1, trained=True, init_noise=0.3).double()
+    with torch.no_grad():
+        heads.alpha.fill_(-1.5)  # R grows with the cosine: direction +1
+    emb = torch.randn(12, 8, dtype=torch.float64)
+    rates = [Rating(f"p{i}", f"r{i}", float(y)) for i, y in enumerate([0, 3, 1, 5, 2, 2])]
+    index = {**{f"p{i}": i for i in range(6)}, **{f"r{i}": 6 + i for i in range(6)}}
+    ours = _bt_loss(heads, emb, rates, index, objective)
+    loss = (AnglELoss if objective == "angle" else CoSENTLoss)(torch.nn.Module())  # type: ignore[arg-type]
+    a, b = heads.project(emb[:6], "prompt")[:, 0], heads.project(emb[6:], "response")[:, 0]
+    want = loss.compute_loss_from_embeddings([a, b], torch.tensor([x.rating for x in rates], dtype=torch.float64))
+    assert ours is not None
+    torch.testing.assert_close(ours, want)
+    assert direction(heads).tolist() == [1.0]
+    with torch.no_grad():
+        heads.alpha.fill_(2.0)  # R falls as the cosine grows: the similarity is trained with its sign flipped
+    flipped = similarity(heads, emb[:6], emb[6:], objective, direction(heads))
+    torch.testing.assert_close(flipped, -similarity(heads, emb[:6], emb[6:], objective, torch.ones(1)))
+
+    train, held = sts.split(0.2, seed=0)
+    model = _model()
+    fit(model, train, TrainParams(epochs=2, train_layers=0, batch_size=32, objective=objective))
+    after = evaluate(model, held)
+    assert after["spearman"] > 0.5 and after["pairwise_accuracy"] > 0.7, after
+    emb_p, emb_r = model.embed([x.prompt for x in held.ratings]), model.embed([x.response for x in held.ratings])
+    with torch.no_grad():
+        r = model.heads.reward(emb_p, emb_r)[0]
+        cos = similarity(model.heads, emb_p, emb_r, "cosent_cos", direction(model.heads))
+    assert torch.equal(torch.argsort(r), torch.argsort(cos))  # one head: R is monotone in the cosine
+
+
 def test_rating_margin_is_trls_margin_from_the_ratings_and_reaches_both_kinds(sts, tmp_path, monkeypatch):
     """bt with rating_margin m: -log sigmoid(R(better) - R(worse) - m * (rating(better) - rating(worse))), each
     comparison its own margin; 0 is plain Bradley-Terry; a run's rating_margin reaches the loss for both kinds."""

@@ -185,8 +185,11 @@ class TrainingParams(BaseModel):
         default=0.05, ge=0, lt=1, description="the validation slice: picks the best epoch (0: keep the last epoch)"
     )
     patience: int = Field(default=2, ge=1, le=100, description="stop after this many epochs without a better one")
-    objective: Literal["bt", "cosent"] = Field(
-        default="bt", description="bt: Bradley-Terry; cosent: a ranking loss weighing the worst-ordered comparisons"
+    objective: Literal["bt", "cosent", "cosent_cos", "angle"] = Field(
+        default="bt",
+        description="bt: Bradley-Terry; cosent: a ranking loss on reward margins weighing the worst-ordered "
+        "comparisons; sim_exp only: cosent_cos and angle, sentence-transformers' CoSENTLoss and AnglELoss on the "
+        "heads' cosine (AnglE: |cos + sin|) margins",
     )
     rating_margin: float | None = Field(
         default=None,

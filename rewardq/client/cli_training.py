@@ -95,9 +95,10 @@ _TRAIN_OPTIONS = [
     ),
     click.option(
         "--objective",
-        type=click.Choice(["bt", "cosent"]),
+        type=click.Choice(["bt", "cosent", "cosent_cos", "angle"]),
         default=None,
-        help="bt: Bradley-Terry; cosent: a ranking loss on the worst-ordered comparisons  [default: bt]",
+        help="bt: Bradley-Terry; cosent: a ranking loss on the worst-ordered comparisons; sim_exp only: cosent_cos, "
+        "angle (sentence-transformers' CoSENT and AnglE on cosine margins)  [default: bt]",
     ),
     click.option(
         "--rating-margin",

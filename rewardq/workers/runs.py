@@ -30,7 +30,7 @@ from rewardq.workers.feedback import Feedback, Preference, Rating, clean, compar
 from rewardq.workers.messages import run_key
 from rewardq.workers.models import ENSEMBLE, ensemble_active
 from rewardq.workers.registry import resolve_encoder
-from rewardq.workers.train_params import TrainParams, params_for, planned_steps
+from rewardq.workers.train_params import TrainParams, objective_refused, params_for, planned_steps
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,9 @@ def start_of(session: Any, params: TrainParams, tenant: str, active: str | None)
     incumbent = registry.get_version(session, version=active) if active else None
     if incumbent is not None and incumbent.kind == ENSEMBLE:
         raise RunError(ensemble_active(incumbent.version))
+    refused = objective_refused(params.kind, params.objective)
+    if refused:
+        raise RunError(refused)
     chosen = params.start_version or active
     mv = registry.get_version(session, version=chosen, tenant=tenant) if chosen else None
     if params.start_version and mv is None:

@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+# sim_exp objectives on the heads' similarity, as sentence-transformers' CoSENTLoss and AnglELoss define them (lambda
+# 20), not on R's margins: "cosent_cos" CoSENT over cosine margins, "angle" over AnglE's |cos + sin| margins.
+SIMILARITY_OBJECTIVES = ("cosent_cos", "angle")
+
 
 @dataclass
 class TrainParams:
@@ -19,7 +23,8 @@ class TrainParams:
     heldout_fraction: float = 0.1  # the gate slice: scored once, by the gate only
     validation_fraction: float = 0.05  # the validation slice: picks the best epoch (0: the last epoch is kept)
     patience: int = 2  # stop after this many epochs without a better validation score (epochs is the most)
-    objective: str = "bt"  # or "cosent": a ranking loss that weighs the worst-ordered comparisons most
+    objective: str = "bt"  # "cosent": a ranking loss that weighs the worst-ordered comparisons most; sim_exp also
+    # takes SIMILARITY_OBJECTIVES
     rating_margin: float = 0.0  # bt: R(better) - R(worse) must pass this times the rating gap (TRL's margin)
     seed: int = 0
     symmetric: bool = False  # also train on (response, prompt): for feedback whose pairs are unordered (STS)
@@ -39,6 +44,13 @@ class TrainParams:
 KIND_DEFAULTS: dict[str, dict[str, Any]] = {
     "classifier": {"epochs": 2, "lr": 1e-4, "head_lr": 2e-3, "batch_size": 64},
 }
+
+
+def objective_refused(kind: str, objective: str) -> str | None:
+    """Why a run of ``kind`` cannot train with ``objective``, or None."""
+    if kind != "sim_exp" and objective in SIMILARITY_OBJECTIVES:
+        return f"{objective} trains a sim_exp version's similarity; a {kind} run takes bt or cosent"
+    return None
 
 
 def params_for(raw: dict[str, Any]) -> TrainParams:

@@ -19,7 +19,7 @@ from rewardq.workers.evaluation import BestEpoch, CachedScorer, evaluate
 from rewardq.workers.feedback import Feedback, Preference, Rating, symmetric
 from rewardq.workers.models.classifier import ClassifierModel
 from rewardq.workers.models.sim_exp import Heads, SimExpModel
-from rewardq.workers.train_params import TrainParams
+from rewardq.workers.train_params import SIMILARITY_OBJECTIVES, TrainParams
 
 SORT_WINDOW = 50  # batches whose rows are sorted by length together (cross-encoder training)
 CURVE_POINTS = 50  # a run's loss curve holds about this many points, each the mean loss of a window of steps
@@ -73,6 +73,33 @@ def _cosent(margins: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(torch.cat([margins.new_zeros(1), -COSENT_SCALE * margins]), dim=0)
 
 
+def angle_sim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """AnglE's similarity as sentence-transformers computes it (``util.pairwise_angle_sim``): |cos + sin| of the
+    L2-normalised vectors, dimension i paired with i + D/2 for the sine, over the last dimension (odd D padded)."""
+    if a.shape[-1] % 2:
+        a, b = F.pad(a, (0, 1)), F.pad(b, (0, 1))
+    a, b = F.normalize(a, p=2, dim=-1), F.normalize(b, p=2, dim=-1)
+    cos = (a * b).sum(-1)
+    a1, a2 = a.chunk(2, dim=-1)
+    b1, b2 = b.chunk(2, dim=-1)
+    return (cos + (a2 * b1 - a1 * b2).sum(-1)).abs()
+
+
+def direction(heads: Heads) -> torch.Tensor:
+    """Per head, +1 where R grows with the head's cosine (alpha * weight < 0), else -1: the similarity objectives
+    train the heads' similarity in the direction R reads it, so R ranks pairs as the trained similarity does."""
+    return torch.where(heads.alpha.detach() * heads.weight.detach() < 0, 1.0, -1.0)
+
+
+def similarity(heads: Heads, emb_p: torch.Tensor, emb_r: torch.Tensor, objective: str, sign: torch.Tensor
+               ) -> torch.Tensor:  # fmt: skip
+    """The heads' similarity of each pair for a similarity objective: the mean over heads of sign_k times the
+    cosine ("cosent_cos") or AnglE's similarity ("angle") of head k's projections."""
+    a, b = heads.project(emb_p, "prompt"), heads.project(emb_r, "response")
+    sims = angle_sim(a, b) if objective == "angle" else F.cosine_similarity(a, b, dim=-1, eps=1e-8)
+    return (sims * sign.to(sims.dtype)).mean(dim=1)
+
+
 def _bt_loss(
     heads: Heads,
     emb: torch.Tensor,
@@ -80,13 +107,18 @@ def _bt_loss(
     index: dict[str, int],
     objective: str = "bt",
     rating_margin: float = 0.0,
+    sign: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
-    """bt_loss on embeddings already computed (``index``: text -> row of ``emb``)."""
+    """bt_loss on embeddings already computed (``index``: text -> row of ``emb``). A similarity objective is CoSENT
+    over the margins of ``similarity`` (``sign``: ``direction(heads)``), not of R."""
 
     def reward_of(prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
-        return heads.reward(emb[[index[p] for p in prompts]], emb[[index[r] for r in responses]])[0]
+        p, r = emb[[index[p] for p in prompts]], emb[[index[r] for r in responses]]
+        if objective in SIMILARITY_OBJECTIVES:
+            return similarity(heads, p, r, objective, direction(heads) if sign is None else sign)
+        return heads.reward(p, r)[0]
 
-    return bt_loss(batch, reward_of, objective, rating_margin)
+    return bt_loss(batch, reward_of, "cosent" if objective in SIMILARITY_OBJECTIVES else objective, rating_margin)
 
 
 class Steps:
@@ -294,6 +326,9 @@ def fit(
     model.heads = Heads(model.dim, params.n_heads, trained=True, init_noise=0.05 if params.n_heads > 1 else 0.0)
     model.heads.to(model.device).train()
     _warm_start(model.heads, frozen_emb, data, index, params.seed)
+    # A similarity objective leaves alpha and weight as the warm start fit them (its loss does not read them): R
+    # then ranks as the trained similarity does in each head's direction.
+    sign = direction(model.heads)
 
     layers = _top_layers(model, params.train_layers)
     for p in model.encoder.parameters():
@@ -318,10 +353,11 @@ def fit(
 
     def loss_of(batch: list[Rating | Preference]) -> torch.Tensor | None:
         if not layers:
-            return _bt_loss(model.heads, frozen_emb, batch, index, params.objective, params.rating_margin)
+            return _bt_loss(model.heads, frozen_emb, batch, index, params.objective, params.rating_margin, sign)
         batch_texts = list(dict.fromkeys(t for x in batch for t in _texts_of(x)))
         where = {t: i for i, t in enumerate(batch_texts)}
-        return _bt_loss(model.heads, model.encode(batch_texts), batch, where, params.objective, params.rating_margin)
+        emb = model.encode(batch_texts)
+        return _bt_loss(model.heads, emb, batch, where, params.objective, params.rating_margin, sign)
 
     average = WeightAverage([p for group in opt.param_groups for p in group["params"]], params.ema_decay)
     with dropout_rate([model.encoder, model.heads], params.dropout):

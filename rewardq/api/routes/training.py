@@ -27,7 +27,7 @@ from rewardq.storage.models import RunStatus, Schedule, TrainingRun
 from rewardq.workers import liveness
 from rewardq.workers.messages import enqueue_training_run
 from rewardq.workers.models import ENSEMBLE, TRAINABLE, ensemble_active
-from rewardq.workers.train_params import params_for, planned_steps, resolved, window_rows
+from rewardq.workers.train_params import objective_refused, params_for, planned_steps, resolved, window_rows
 
 runs = APIRouter(prefix="/v1/training-runs", tags=["training"])
 schedules = APIRouter(prefix="/v1/schedules", tags=["schedules"])
@@ -80,7 +80,11 @@ def _params(params: TrainingParams, admin: bool, session: Session, tenant: str) 
     if params.heldout_fraction + params.validation_fraction >= 0.9:
         message = "heldout_fraction + validation_fraction must leave at least 10 % of the feedback to train on"
         raise invalid([FieldError("validation_fraction", message)])
-    return resolved({**params.model_dump(exclude_none=True), **_start(session, params, tenant)})
+    chosen = resolved({**params.model_dump(exclude_none=True), **_start(session, params, tenant)})
+    refused = objective_refused(str(chosen["kind"]), str(chosen["objective"]))
+    if refused:
+        raise invalid([FieldError("objective", refused)])
+    return chosen
 
 
 @runs.post("", status_code=202, response_model=TrainingRunOut)
