@@ -286,7 +286,7 @@ def test_schedules_are_added_and_deleted_from_the_page(ui: Ui, browser: Any) -> 
     _loaded(page)
     # The blank fields show the kind's defaults, as the API lists them (GET /v1/training-runs/defaults).
     placeholders = "() => ['epochs', 'train_layers'].map((n) => document.querySelector(`input[name=${n}]`).placeholder)"
-    page.wait_for_function(f"({placeholders})()[0] !== ''")
+    wait_js(page, f"({placeholders})()[0] !== ''")
     assert page.evaluate(placeholders) == [str(TrainParams().epochs), str(TrainParams().train_layers)]
     page.fill("input[name=cron]", "17 3 * * 1")
     page.fill("input[name=min_new_feedback]", "25")
@@ -330,7 +330,7 @@ def test_schedules_are_added_and_deleted_from_the_page(ui: Ui, browser: Any) -> 
     other = {"sim_exp": {"epochs": 7, "train_layers": 5}, "classifier": {"epochs": 9, "train_layers": 4}}
     page.route("**/v1/training-runs/defaults", lambda route: route.fulfill(json={"kinds": other}))
     page.goto(ui.base + "/ui/schedules")
-    page.wait_for_function(f"({placeholders})()[0] !== ''")
+    wait_js(page, f"({placeholders})()[0] !== ''")
     assert page.evaluate(placeholders) == ["7", "5"]
     page.select_option("select[name=kind]", "classifier")
     assert page.evaluate(placeholders) == ["9", "all"]
