@@ -22,15 +22,18 @@ class Settings(BaseSettings):
     kernel: Literal["auto", "triton", "torch"] = "auto"
 
     batch_size: int = Field(default=256, ge=1, le=4096, description="pairs per queued message")
-    encode_batch_size: int = Field(default=64, ge=1, le=4096, description="most texts per encoder forward")
+    encode_batch_size: int = Field(
+        default=0, ge=0, le=4096, description="most texts per encoder forward; 0: 64 on a CPU, no count on a GPU"
+    )
     token_budget: int = Field(default=0, ge=0, description="padded tokens per encoder forward; 0: 1024 CPU, 16384 GPU")
     autocast: Literal["off", "fp16", "bf16"] = Field(
         default="off", description="encoder precision, forced (otherwise REWARDQ_PRECISION decides)"
     )
-    precision: Literal["exact", "fast"] = Field(
-        default="exact",
+    precision: Literal["auto", "exact", "fast"] = Field(
+        default="auto",
         description="exact: the encoder in fp32; fast: bf16 on a GPU or a CPU with AMX or AVX512-BF16 (fp32 "
-        "elsewhere), in fixed shapes so a pair scores the same in any batch",
+        "elsewhere; on a CPU in fixed shapes, so a pair scores the same in any batch); auto: fast on a GPU, exact on "
+        "a CPU",
     )
     sqlite_worker_cache_mib: int = Field(
         default=32, ge=1, le=4096, description="SQLite page cache per worker connection (the API keeps SQLite's 2 MiB)"

@@ -47,7 +47,7 @@ def triton_device(settings: Settings) -> str | None:
 def dtypes_in_use(settings: Settings, device: str) -> list[str]:
     """fp32 always (the kernels' inputs in the exact profile), plus the encoder's autocast dtype when one is set."""
     extra = _DTYPE.get(settings.autocast)
-    if extra is None and settings.precision == "fast" and device == "cuda":
+    if extra is None and settings.precision in ("fast", "auto") and device == "cuda":
         extra = "bfloat16"
     return ["float32", *([extra] if extra else [])]
 

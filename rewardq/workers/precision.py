@@ -41,10 +41,11 @@ def cpu_bf16_flag(cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
 
 def resolve_autocast(settings: Any, device_type: str, cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     """What the encoder runs in: REWARDQ_AUTOCAST when set; else bf16 for REWARDQ_PRECISION=fast on a GPU or on a
-    CPU with native bf16 (fp32 elsewhere, saying why); else fp32 ("off")."""
+    CPU with native bf16 (fp32 elsewhere, saying why); else fp32 ("off"). REWARDQ_PRECISION=auto, the default, is
+    fast on a GPU and exact on a CPU."""
     if settings.autocast != "off":
         return str(settings.autocast)
-    if settings.precision != "fast":
+    if settings.precision == "exact" or (settings.precision == "auto" and device_type != "cuda"):
         return "off"
     if device_type == "cuda":
         import torch

@@ -106,6 +106,67 @@ def length_groups(lengths: Sequence[int], max_items: int, token_budget: int) -> 
     return groups
 
 
+def texts_per_pass(setting: int, device_type: str) -> int:
+    """The most texts in one encoder pass: REWARDQ_ENCODE_BATCH_SIZE when set; else 64 on a CPU, and on a GPU no count
+    at all (the token budget alone bounds a pass: 64 texts would leave most of a GPU's 16,384 tokens unused)."""
+    return setting or (64 if device_type == "cpu" else 1 << 30)
+
+
+def bucket(n: int, floor: int = 1) -> int:
+    """The smallest size of the set floor x {1, 1.5, 2, 3, 4, 6, 8, ...} that holds ``n`` (each power of two and 1.5
+    times it): a pass padded to these sizes has one of few shapes, and wastes at most a third of its rows."""
+    size = floor
+    while True:
+        if n <= size:
+            return size
+        if size >= 2 and n <= size * 3 // 2:
+            return size * 3 // 2
+        size *= 2
+
+
+BUCKET_WIDTH = 16  # the smallest padded width of a bucketed pass; widths then go 24, 32, 48, 64, 96, ...
+
+
+def bucket_width(longest: int, cap: int) -> int:
+    """A bucketed pass's padded width for its longest text: its bucket, at most ``cap`` (the token limit)."""
+    return max(longest, min(bucket(longest, BUCKET_WIDTH), cap))
+
+
+def bucket_groups(lengths: Sequence[int], max_items: int, token_budget: int, cap: int) -> list[tuple[list[int], int]]:
+    """A GPU's passes: indices sorted by length and cut into groups whose padded shape (rows, width) comes from the
+    bucket sets, rows x width within ``token_budget``; each group with the row count it is padded to. Every group but
+    the last holds exactly a bucket's count of texts, so only the last gets pad rows (copies of a text, dropped after).
+    A process then sees a few dozen shapes, where padding to each group's longest text made a new one almost every
+    pass (what cuBLAS, the attention kernels and the allocator pay for). A single text past the budget has its own."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    groups: list[tuple[list[int], int]] = []
+    lo = 0
+    while lo < len(order):
+        hi = lo + 1
+        while hi < len(order) and hi - lo < max_items:
+            width = bucket_width(lengths[order[hi]], cap)
+            if (hi - lo + 1) * width > token_budget:
+                break
+            hi += 1
+        count = hi - lo
+        width = bucket_width(lengths[order[hi - 1]], cap)
+        rows = bucket(count)
+        if rows != count and (hi < len(order) or rows * width > token_budget or rows > max_items):
+            # Not the last group, or its padding would pass the budget: the largest bucket's count, the rest later.
+            rows = max(b for b in _buckets_to(count) if b <= count)
+            count = rows
+        groups.append((order[lo : lo + count], rows))
+        lo += count
+    return groups
+
+
+def _buckets_to(n: int) -> list[int]:
+    out = [1]
+    while out[-1] < n:
+        out.append(bucket(out[-1] + 1))
+    return out
+
+
 def pad_rows(rows: Sequence[Sequence[int]], value: int) -> tuple[list[list[int]], list[list[int]]]:
     """Right-padded copies of ``rows`` and their attention masks."""
     width = max((len(r) for r in rows), default=0)

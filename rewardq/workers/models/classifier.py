@@ -20,7 +20,15 @@ import torch
 
 from rewardq import conversations
 from rewardq.workers.models import TEXT_ONLY
-from rewardq.workers.models.base import RewardModel, Scores, half_precision, length_groups, no_cudnn_attention, pad_rows
+from rewardq.workers.models.base import (
+    RewardModel,
+    Scores,
+    half_precision,
+    length_groups,
+    no_cudnn_attention,
+    pad_rows,
+    texts_per_pass,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -58,7 +66,7 @@ class ClassifierModel(RewardModel):
         max_length: int = 512,
         truncation_side: str = "left",
         dtype: str = "float32",
-        encode_batch_size: int = 64,
+        encode_batch_size: int = 0,
         token_budget: int = 0,
         device: str | None = None,
         model: Any = None,
@@ -98,7 +106,7 @@ class ClassifierModel(RewardModel):
         self.truncation_side = truncation_side
         self.chat = bool(getattr(self.tokenizer, "chat_template", None))
         self.chat_start = template_start(self.tokenizer) if self.chat else ""
-        self.encode_batch_size = encode_batch_size
+        self.encode_batch_size = texts_per_pass(encode_batch_size, self.device.type)
         self.token_budget = token_budget or (16384 if self.device.type == "cuda" else 2048)
         self.train_autocast = "off"  # "bf16": fine-tuning's forward passes in bf16 autocast; scoring runs in ``dtype``
 

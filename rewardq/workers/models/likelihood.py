@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from rewardq import conversations, kernels
-from rewardq.workers.models.base import RewardModel, Scores, length_groups, no_cudnn_attention, pad_rows
+from rewardq.workers.models.base import RewardModel, Scores, length_groups, no_cudnn_attention, pad_rows, texts_per_pass
 from rewardq.workers.models.classifier import DTYPES
 
 
@@ -32,7 +32,7 @@ class LikelihoodModel(RewardModel):
         truncation_side: str = "left",
         reduction: str = "mean",
         dtype: str = "float32",
-        encode_batch_size: int = 64,
+        encode_batch_size: int = 0,
         token_budget: int = 0,
         device: str | None = None,
         model: Any = None,
@@ -65,7 +65,7 @@ class LikelihoodModel(RewardModel):
         self.truncation_side = truncation_side
         self.chat = bool(getattr(self.tokenizer, "chat_template", None))
         self.fill_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.encode_batch_size = encode_batch_size
+        self.encode_batch_size = texts_per_pass(encode_batch_size, self.device.type)
         self.token_budget = token_budget or (16384 if self.device.type == "cuda" else 4096)
 
     def settings(self) -> dict[str, Any]:

@@ -15,7 +15,16 @@ from torch import nn
 
 from rewardq import conversations, kernels
 from rewardq.workers.models import packed
-from rewardq.workers.models.base import Preempted, RewardModel, Scores, half_precision, length_groups
+from rewardq.workers.models.base import (
+    Preempted,
+    RewardModel,
+    Scores,
+    bucket_groups,
+    bucket_width,
+    half_precision,
+    length_groups,
+    texts_per_pass,
+)
 from rewardq.workers.precision import resolve_autocast
 
 if TYPE_CHECKING:
@@ -65,7 +74,7 @@ class SimExpModel(RewardModel):
     kind = "sim_exp"
 
     def __init__(self, version: str, encoder_path: str, heads: Heads | None = None, max_length: int = 256,
-                 encode_batch_size: int = 64, device: str | None = None, token_budget: int = 0,
+                 encode_batch_size: int = 0, device: str | None = None, token_budget: int = 0,
                  cache_size: int = 0, pooling: str = "mean"):  # fmt: skip
         from transformers import AutoModel, AutoTokenizer
 
@@ -83,7 +92,7 @@ class SimExpModel(RewardModel):
         self.pooling = pooling  # over the attention mask, or the first token's state (a sentence-transformers folder's)
         self.heads = (heads or Heads(dim)).to(self.device).eval()
         self.max_length = min(max_length, int(getattr(self.tokenizer, "model_max_length", max_length) or max_length))
-        self.encode_batch_size = encode_batch_size
+        self.encode_batch_size = texts_per_pass(encode_batch_size, self.device.type)
         # Padded tokens per encoder pass: small on a CPU (padding costs as much as text there), large on a GPU.
         self.token_budget = token_budget or (16384 if self.device.type == "cuda" else 1024)
         # Embeddings of recent texts (a prompt scored against many responses, a pair seen in an earlier
@@ -94,6 +103,8 @@ class SimExpModel(RewardModel):
         self.fixed_shapes = False  # pad every encoder pass to fixed shapes (bf16 on a CPU: batch invariance)
         # In fixed shapes, a BERT encoder's real tokens packed into one matrix, no pad rows (workers.models.packed).
         self.packed = False
+        # On a GPU, passes padded to bucketed shapes (base.bucket_groups), in either precision: few shapes per process.
+        self.bucketed = self.device.type == "cuda"
         self._cache: OrderedDict[bytes, tuple[torch.Tensor, bool]] = OrderedDict()
         # Second level, shared by every worker (workers.embed_store.RedisEmbeddingStore), or None.
         self.shared: Any = None
@@ -118,8 +129,11 @@ class SimExpModel(RewardModel):
     def passes(self) -> str:
         """How the encoder's passes are shaped: "packed" (fast profile, BERT on a CPU: no pad rows), "fixed" (fast
         profile, other encoders on a CPU: padded to fixed shapes) or "dynamic" (padded to the longest text, as
-        transformers does: exact, and low precision on a GPU). Embeddings made in different ways differ in the last
-        bits, so the shared cache keeps them apart and each batch records it."""
+        transformers does: exact on a CPU) or "bucketed" (a GPU's, either precision: rows and width from small fixed
+        sets, base.bucket_groups). Embeddings made in different ways differ in the last bits, so the shared cache keeps
+        them apart and each batch records it."""
+        if self.bucketed:
+            return "bucketed"
         return "packed" if self.packed else "fixed" if self.fixed_shapes else "dynamic"
 
     def settings(self) -> dict[str, Any]:
@@ -166,22 +180,32 @@ class SimExpModel(RewardModel):
                 # At the limit: cut, unless the text is exactly that long (rare; tokenize it whole to tell).
                 if n >= self.max_length:
                     cut[todo[j]] = len(self.tokenizer(texts[todo[j]], truncation=False)["input_ids"]) > n
-            groups = length_groups(lengths, self.encode_batch_size, self.token_budget)
+            if self.bucketed:
+                shaped = bucket_groups(lengths, self.encode_batch_size, self.token_budget, self.max_length)
+            else:
+                shaped = [(g, len(g)) for g in length_groups(lengths, self.encode_batch_size, self.token_budget)]
+            groups = [g for g, _ in shaped]
+            pad_to = {id(g): n for g, n in shaped}
 
             def collate(group: list[int]) -> Any:
                 rows = [ids[j] for j in group]
                 masks = [[1] * lengths[j] for j in group]
-                if self.fixed_shapes:
+                pad: dict[str, Any] = {"pad_to_multiple_of": _WIDTH if self.fixed_shapes else None}
+                if self.bucketed:
+                    # A bucketed shape: pad rows (copies of the last text, dropped after) and the bucket's width.
+                    extra = pad_to[id(group)] - len(rows)
+                    pad = {"padding": "max_length", "max_length": bucket_width(max(map(len, rows)), self.max_length)}
+                elif self.fixed_shapes:
                     # bf16 on a CPU: the matrix kernel oneDNN picks (and so the rounding) depends on the shapes.
                     # Sequences padded to a multiple of _WIDTH and at least _MIN_ROWS token rows in all (copies of the
                     # last text, dropped after) keep every pass on one kernel: a text's embedding is then the same
                     # in any batch (tests/test_precision.py).
                     width = packed.round_up(max(len(r) for r in rows), _WIDTH, _WIDTH)
                     extra = max(0, -(-_MIN_ROWS // width) - len(rows))
-                    rows, masks = rows + [rows[-1]] * extra, masks + [masks[-1]] * extra
-                batch = self.tokenizer.pad({"input_ids": rows, "attention_mask": masks},
-                                           pad_to_multiple_of=_WIDTH if self.fixed_shapes else None,
-                                           return_tensors="pt")  # fmt: skip
+                else:
+                    extra = 0
+                rows, masks = rows + [rows[-1]] * extra, masks + [masks[-1]] * extra
+                batch = self.tokenizer.pad({"input_ids": rows, "attention_mask": masks}, return_tensors="pt", **pad)
                 if self.device.type == "cuda":  # pinned host memory: the copy to the GPU does not block
                     return {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
                 return batch.to(self.device)
@@ -190,7 +214,10 @@ class SimExpModel(RewardModel):
             # is padded and copied while the current one runs, and the results come back once, at the end.
             pooled_groups = []
             for g, group in enumerate(groups):
-                sizes = (float(sum(lengths[j] for j in group)), float(len(group) * max(lengths[j] for j in group)))
+                longest = max(lengths[j] for j in group)
+                sizes = (float(sum(lengths[j] for j in group)), float(len(group) * longest))
+                if self.bucketed:
+                    sizes = (sizes[0], float(pad_to[id(group)] * bucket_width(longest, self.max_length)))
                 if self.packed:
                     pooled_groups.append(self._pool_packed([ids[j] for j in group], sizes[0]))
                 else:
