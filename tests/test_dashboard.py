@@ -136,6 +136,7 @@ def _wait_job(ui: Ui, tenant: str, job_id: str) -> dict[str, Any]:
         return c.wait(job_id, progress=False, timeout=180)
 
 
+@pytest.mark.one_backend("postgresql")  # the page's live view; the queries behind it run on both elsewhere
 def test_job_page_shows_live_progress_then_the_histogram(ui: Ui, browser: Any) -> None:
     worker = ui.stack.worker
     worker.kill(signal.SIGSTOP)  # hold the worker so the page sees the job queued first

@@ -192,14 +192,14 @@ def test_a_killed_workers_batch_is_queued_again_within_30_s_at_default_settings(
 
 
 def test_a_healthy_worker_on_a_long_batch_is_never_preempted(rig_factory, tmp_path: Path):
-    """One batch of 256 long pairs (many heartbeat TTLs of encoder time) with a 2 s heartbeat TTL and a sweep
-    every second: the worker's heartbeat thread keeps beating while torch runs, so the batch is never queued
-    again (claimed once) and no other worker is needed to finish it."""
+    """One batch of 128 long pairs (many heartbeat TTLs of encoder time: 256 texts of 256 tokens) with a 2 s heartbeat
+    TTL and a sweep every second: the worker's heartbeat thread keeps beating while torch runs, so the batch is never
+    queued again (claimed once) and no other worker is needed to finish it."""
     words = " ".join(f"word{j}" for j in range(150))
-    items = [{"prompt": f"{i} {words}", "response": f"{words} {i}"} for i in range(256)]
+    items = [{"prompt": f"{i} {words}", "response": f"{words} {i}"} for i in range(128)]
     rig = rig_factory(
         migrated(f"sqlite:///{tmp_path / 'long.db'}"),
-        REWARDQ_BATCH_SIZE="256",
+        REWARDQ_BATCH_SIZE="128",
         REWARDQ_HEARTBEAT_TTL_S="2",
         REWARDQ_BATCH_DEADLINE_S=None,
     )

