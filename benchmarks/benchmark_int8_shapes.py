@@ -222,7 +222,7 @@ def main() -> int:
     from rewardq.workers.models.sim_exp import load_sim_exp
     from rewardq.workers.precision import cpu_bf16_flag, cpu_model, matrix_flags
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 2))  # the 2 cores, unless told (the tests: 1)
     if cpu_bf16_flag() is None:
         print("this CPU has neither AMX nor AVX512-BF16: the fast profile is fp32 here; nothing to measure")
         return 0

@@ -21,7 +21,7 @@ def test_client_extra_installs_alone_and_drives_a_live_api(live: Live, tmp_path:
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     pip = subprocess.run(
-        [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", f"{ROOT}[client]"],
+        [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-compile", f"{ROOT}[client]"],
         capture_output=True,
         text=True,
         timeout=600,
