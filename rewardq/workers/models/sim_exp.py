@@ -185,15 +185,14 @@ class SimExpModel(RewardModel):
             else:
                 shaped = [(g, len(g)) for g in length_groups(lengths, self.encode_batch_size, self.token_budget)]
             groups = [g for g, _ in shaped]
-            pad_to = {id(g): n for g, n in shaped}
 
-            def collate(group: list[int]) -> Any:
+            def collate(group: list[int], padded_rows: int) -> Any:
                 rows = [ids[j] for j in group]
                 masks = [[1] * lengths[j] for j in group]
                 pad: dict[str, Any] = {"pad_to_multiple_of": _WIDTH if self.fixed_shapes else None}
                 if self.bucketed:
                     # A bucketed shape: pad rows (copies of the last text, dropped after) and the bucket's width.
-                    extra = pad_to[id(group)] - len(rows)
+                    extra = padded_rows - len(rows)
                     pad = {"padding": "max_length", "max_length": bucket_width(max(map(len, rows)), self.max_length)}
                 elif self.fixed_shapes:
                     # bf16 on a CPU: the matrix kernel oneDNN picks (and so the rounding) depends on the shapes.
@@ -213,15 +212,14 @@ class SimExpModel(RewardModel):
             # On a GPU nothing here waits for the device: each forward pass is queued, so the next group
             # is padded and copied while the current one runs, and the results come back once, at the end.
             pooled_groups = []
-            for g, group in enumerate(groups):
+            for g, (group, padded_rows) in enumerate(shaped):
                 longest = max(lengths[j] for j in group)
-                sizes = (float(sum(lengths[j] for j in group)), float(len(group) * longest))
-                if self.bucketed:
-                    sizes = (sizes[0], float(pad_to[id(group)] * bucket_width(longest, self.max_length)))
+                width = bucket_width(longest, self.max_length) if self.bucketed else longest
+                sizes = (float(sum(lengths[j] for j in group)), float(padded_rows * width))
                 if self.packed:
                     pooled_groups.append(self._pool_packed([ids[j] for j in group], sizes[0]))
                 else:
-                    pooled_groups.append(self._pool(collate(group), sizes))
+                    pooled_groups.append(self._pool(collate(group, padded_rows), sizes))
                 if g + 1 < len(groups) and self.preempt and self.cache_size >= len(todo) and self.preempt():
                     # Interactive work waits: keep the passes done (the batch resumes from the cache) and stop.
                     for done, pooled_dev in zip(groups, pooled_groups, strict=False):
