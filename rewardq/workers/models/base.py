@@ -153,18 +153,16 @@ def bucket_groups(lengths: Sequence[int], max_items: int, token_budget: int, cap
         rows = bucket(count)
         if rows != count and (hi < len(order) or rows * width > token_budget or rows > max_items):
             # Not the last group, or its padding would pass the budget: the largest bucket's count, the rest later.
-            rows = max(b for b in _buckets_to(count) if b <= count)
-            count = rows
+            rows = count = bucket_below(count)
         groups.append((order[lo : lo + count], rows))
         lo += count
     return groups
 
 
-def _buckets_to(n: int) -> list[int]:
-    out = [1]
-    while out[-1] < n:
-        out.append(bucket(out[-1] + 1))
-    return out
+def bucket_below(n: int) -> int:
+    """The largest size of ``bucket``'s set (floor 1) that is at most ``n`` (n >= 1)."""
+    power = 1 << (n.bit_length() - 1)
+    return power * 3 // 2 if power >= 2 and power * 3 // 2 <= n else power
 
 
 def pad_rows(rows: Sequence[Sequence[int]], value: int) -> tuple[list[list[int]], list[list[int]]]:

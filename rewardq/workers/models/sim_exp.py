@@ -186,14 +186,14 @@ class SimExpModel(RewardModel):
                 shaped = [(g, len(g)) for g in length_groups(lengths, self.encode_batch_size, self.token_budget)]
             groups = [g for g, _ in shaped]
 
-            def collate(group: list[int], padded_rows: int) -> Any:
+            def collate(group: list[int], padded_rows: int, width: int) -> Any:
                 rows = [ids[j] for j in group]
                 masks = [[1] * lengths[j] for j in group]
                 pad: dict[str, Any] = {"pad_to_multiple_of": _WIDTH if self.fixed_shapes else None}
                 if self.bucketed:
                     # A bucketed shape: pad rows (copies of the last text, dropped after) and the bucket's width.
                     extra = padded_rows - len(rows)
-                    pad = {"padding": "max_length", "max_length": bucket_width(max(map(len, rows)), self.max_length)}
+                    pad = {"padding": "max_length", "max_length": width}
                 elif self.fixed_shapes:
                     # bf16 on a CPU: the matrix kernel oneDNN picks (and so the rounding) depends on the shapes.
                     # Sequences padded to a multiple of _WIDTH and at least _MIN_ROWS token rows in all (copies of the
@@ -219,7 +219,7 @@ class SimExpModel(RewardModel):
                 if self.packed:
                     pooled_groups.append(self._pool_packed([ids[j] for j in group], sizes[0]))
                 else:
-                    pooled_groups.append(self._pool(collate(group, padded_rows), sizes))
+                    pooled_groups.append(self._pool(collate(group, padded_rows, width), sizes))
                 if g + 1 < len(groups) and self.preempt and self.cache_size >= len(todo) and self.preempt():
                     # Interactive work waits: keep the passes done (the batch resumes from the cache) and stop.
                     for done, pooled_dev in zip(groups, pooled_groups, strict=False):
@@ -361,7 +361,7 @@ def load_sim_exp(version: str, path: Path | None, settings: Settings) -> SimExpM
         from rewardq.workers.embed_store import RedisEmbeddingStore
 
         # How the encoder runs is part of the key: fp32 and bf16 workers never share embeddings, nor bf16 workers whose
-        # passes are shaped differently (a CPU's packed or fixed shapes, a GPU's dynamic ones: the last bits differ).
+        # passes are shaped differently (a CPU's packed or fixed shapes, a GPU's bucketed ones: the last bits differ).
         how = model.autocast if model.autocast == "off" else f"{model.autocast}:{model.passes}"
         model.shared = RedisEmbeddingStore(settings.embed_cache_url(), namespace=f"{version}:{model.max_length}:{how}",
                                            dim=model.dim, ttl_s=settings.embed_shared_ttl_s)  # fmt: skip
