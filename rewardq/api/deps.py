@@ -17,6 +17,7 @@ from fastapi import Depends, Request
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
+from rewardq.api import last_good
 from rewardq.api.errors import ApiError, FieldError
 from rewardq.api.parsing import NDJSON_TYPES
 from rewardq.storage import keys, ui_sessions
@@ -42,7 +43,10 @@ UI_HEADER = "x-rewardq-ui"  # sent by the dashboard's scripts; a cross-site form
 def auth_required(settings: Settings, session: Session) -> bool:
     """Auth is on unless the operator allowed anonymous use (REWARDQ_ALLOW_ANONYMOUS) and no key was ever made, in
     REWARDQ_API_KEYS or with `rewardq keys create`: revoking the last key never opens the API."""
-    return not settings.allow_anonymous or bool(settings.api_key_map()) or keys.any_keys(session, revoked_too=True)
+    if not settings.allow_anonymous or settings.api_key_map():
+        return True
+    made = lambda: keys.any_keys(session, revoked_too=True)  # noqa: E731
+    return last_good.read(session, ("keys made",), made, settings.score_stale_s)  # through a brief outage: last_good
 
 
 NO_KEYS = (
@@ -93,7 +97,11 @@ def caller_for_key(settings: Settings, session: Session, token: str) -> Caller |
         # Compare against every key, in constant time, so timing says nothing about which one matched.
         if hmac.compare_digest(key.encode(), token.encode()):
             found = principal
-    found = found or keys.principal_for(session, key=token)
+    if found is None:
+        # Through a brief database outage, the answer this process read last for this key (last_good: a scoring
+        # request needs nothing else from the database), keyed by the key's hash, never the key.
+        lookup = lambda: keys.principal_for(session, key=token)  # noqa: E731
+        found = last_good.read(session, ("key", keys.hash_key(token)), lookup, settings.score_stale_s)
     return Caller(*found) if found else None
 
 

@@ -14,6 +14,7 @@ import redis
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
+from rewardq.api import last_good
 from rewardq.api.errors import ApiError, FieldError, invalid
 from rewardq.api.parsing import validate_items
 from rewardq.api.routes.jobs import pinned_version
@@ -58,33 +59,54 @@ def check_items(raw: Any, settings: Settings) -> list[NewItem]:
     return validate_items(raw, max_items=settings.interactive_max_items, max_chars=settings.max_text_chars)
 
 
-async def resolve_version(session: Session, tenant: str, requested: str | dict[str, Any] | None) -> str:
+async def resolve_version(
+    session: Session, settings: Settings, tenant: str, requested: str | dict[str, Any] | None
+) -> str:
     """The version to score with; the session's pooled connection goes back to the pool after, so a request that
-    then waits for the workers holds none (the session takes a new one if it is used again)."""
+    then waits for the workers holds none (the session takes a new one if it is used again). Through a brief
+    database outage, the last version this process resolved for the same request (last_good); an inline ensemble
+    (a mapping, which may create its version) always needs the database."""
 
     def resolve() -> str:
         try:
-            return pinned_version(session, tenant, requested)
+            if isinstance(requested, dict):
+                return pinned_version(session, tenant, requested)
+            fetch = lambda: pinned_version(session, tenant, requested)  # noqa: E731
+            return last_good.read(session, ("version", tenant, requested), fetch, settings.score_stale_s)
         finally:
             session.close()
 
     return await run_in_threadpool(resolve)
 
 
-def kind_of(session: Session, version: str) -> str:
+def kind_of(session: Session, settings: Settings, version: str) -> str:
     """The version's kind as the protocol routes read it (an ensemble of classifiers counts as a classifier: each of
     its members scores a text alone); run in a thread, the session's connection goes back to the pool after."""
-    from rewardq.storage import registry
 
-    try:
+    def fetch() -> str:
         mv = registry.get_version(session, version=version)
         if mv is None:
             return "unknown"
         if mv.kind == "ensemble" and set(mv.config.get("member_kinds") or ()) == {"classifier"}:
             return "classifier"
         return mv.kind
+
+    try:
+        return last_good.read(session, ("kind", version), fetch, settings.score_stale_s)
     finally:
         session.close()
+
+
+def score_facts(
+    session: Session, settings: Settings, version: str
+) -> tuple[dict[str, Any] | None, list[dict[str, Any]] | None]:
+    """The version's score statistics (for score_z and percentile) and its ensemble members, as last read through a
+    brief database outage (last_good)."""
+
+    def fetch() -> tuple[dict[str, Any] | None, list[dict[str, Any]] | None]:
+        return registry.score_stats(session, version=version), registry.members(session, version=version)
+
+    return last_good.read(session, ("facts", version), fetch, settings.score_stale_s)
 
 
 # + tenant: its requests on the interactive lane now (a Redis sorted set; not the counter "rewardq:interactive:pairs:"
@@ -217,12 +239,14 @@ NORMALIZE_DOC = (
 )
 
 
-async def normalized(session: Session, version: str, scores: list[float], how: Normalize) -> list[float]:
+async def normalized(
+    session: Session, settings: Settings, version: str, scores: list[float], how: Normalize
+) -> list[float]:
     """``scores`` as asked: raw, or each one's z-score in the version's distribution (409 when the version has none
     yet: a worker records it when it first loads the version, so it exists once anything was scored with it)."""
     if how == "none":
         return scores
-    stats = await run_in_threadpool(registry.score_stats, session, version=version)
+    stats, _ = await run_in_threadpool(score_facts, session, settings, version)
     zs = [place(x, stats)[0] for x in scores]
     if any(z is None for z in zs):
         raise ApiError(409, f"no score distribution is known for version {version} yet: ask again without normalize")

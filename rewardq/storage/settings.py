@@ -204,6 +204,13 @@ class Settings(BaseSettings):
     interactive_timeout_s: float = Field(
         default=60.0, gt=0, le=600, description="an interactive request waits this long"
     )
+    score_stale_s: float = Field(
+        default=30.0,
+        ge=0,
+        le=600,
+        description="while the database is unreachable, scoring requests use the version, statistics and members "
+        "they read last, if at most this old (0: answer 503 instead)",
+    )
     interactive_tenant_max_pairs: int = Field(
         default=4096,
         ge=1,

@@ -83,9 +83,9 @@ async def get_reward(
         items = check_items([{"prompt": "", "response": q} for q in queries], settings)
     else:
         items = check_items(split_queries(queries, prompts), settings)
-    version = await resolve_version(session, tenant, model_version)
+    version = await resolve_version(session, settings, tenant, model_version)
     if prompts is None:
-        kind = await run_in_threadpool(kind_of, session, version)
+        kind = await run_in_threadpool(kind_of, session, settings, version)
         if kind != "classifier":
             raise invalid(
                 [
@@ -98,7 +98,7 @@ async def get_reward(
             )
     texts = [TEXT_ONLY if prompts is None else it.prompt for it in items]
     scored = await score_pairs(settings, tenant, version, texts, [it.response for it in items])
-    rewards = await normalized(session, version, scored.scores("query"), normalize)
+    rewards = await normalized(session, settings, version, scored.scores("query"), normalize)
     extra = {"rewardq_truncated": [float(row["truncated"]) for row in scored.rows]}
     if scored.kind == "likelihood":
         extra["rewardq_n_tokens"] = [float(row["n_tokens"] or 0) for row in scored.rows]

@@ -51,9 +51,9 @@ async def score_doc(
         raise invalid([FieldError(field, message)]) from exc
     items = check_items([{"prompt": a, "response": b} for a, b in pairs], settings)
     model = doc.get("model")
-    version = await resolve_version(session, tenant, model if isinstance(model, str) and model else None)
+    version = await resolve_version(session, settings, tenant, model if isinstance(model, str) and model else None)
     scored = await score_pairs(settings, tenant, version, [it.prompt for it in items], [it.response for it in items])
-    scores = await normalized(session, version, scored.scores("text_2"), normalize)
+    scores = await normalized(session, settings, version, scored.scores("text_2"), normalize)
     return score_response(version, scores, scored.tokens)
 
 
@@ -95,8 +95,8 @@ async def _score_texts(doc: Any, session: Session, settings: Settings, tenant: s
     """Each text scored as it is by a classifier version (the version's id, the rewards, the tokens)."""
     prompts, texts = _texts(doc, settings)
     model = doc.get("model")
-    version = await resolve_version(session, tenant, model if isinstance(model, str) and model else None)
-    kind = await run_in_threadpool(kind_of, session, version)
+    version = await resolve_version(session, settings, tenant, model if isinstance(model, str) and model else None)
+    kind = await run_in_threadpool(kind_of, session, settings, version)
     if kind != "classifier":
         message = f"{version} is a {kind} version, which scores (prompt, response) pairs: use /score or /v1/score"
         raise invalid([FieldError("model", message)])

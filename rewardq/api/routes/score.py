@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from rewardq.api.deps import SessionDep, SettingsDep, TenantDep, read_body
 from rewardq.api.errors import ApiError, FieldError, invalid
 from rewardq.api.integrations import vllm
-from rewardq.api.lane import check_items, lane_share, resolve_version, score_pairs
+from rewardq.api.lane import check_items, lane_share, resolve_version, score_facts, score_pairs
 from rewardq.api.parsing import check_metadata, loads
 from rewardq.api.routes.jobs import wait_for_job
 from rewardq.api.schemas import ErrorOut, ScoreOut, ScoreRow
@@ -76,14 +76,13 @@ async def score(
         return JSONResponse(await vllm.score_doc(raw, session, settings, tenant))  # type: ignore[return-value]
     doc = _parse(raw)
     items = check_items(doc["items"], settings)
-    version = await resolve_version(session, tenant, doc.get("model_version"))
+    version = await resolve_version(session, settings, tenant, doc.get("model_version"))
     if doc.get("persist"):
         # Within the same share as answer-only requests: persisted batches go onto the lane too.
         async with lane_share(settings, tenant, len(items)):
             return await _persisted(session, settings, tenant, version, items, doc.get("metadata") or {}, response)
     scored = await score_pairs(settings, tenant, version, [it.prompt for it in items], [it.response for it in items])
-    stats = await run_in_threadpool(registry.score_stats, session, version=version)
-    members = await run_in_threadpool(registry.members, session, version=version)
+    stats, members = await run_in_threadpool(score_facts, session, settings, version)
     rows = []
     for i, (it, row) in enumerate(zip(items, scored.rows, strict=True)):
         z, pct = place(row["score"], stats)
