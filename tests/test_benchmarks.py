@@ -24,25 +24,6 @@ def test_kernel_benchmark_without_gpu_checks_correctness():
     assert "no CUDA GPU found" in out.stdout and out.stdout.strip().endswith("OK")
 
 
-def test_kernel_benchmark_gpu_code_path_runs_as_a_dry_run_on_cpu(tmp_path):
-    """The GPU table code (timings, GB/s, ratios, JSON) exercised on CPU at toy sizes."""
-    import json
-
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "benchmark_sim_exp.py"), "--dry-run", "--out-dir", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    doc = json.loads((tmp_path / "sim_exp_dry_run_cpu.json").read_text())
-    assert len(doc["rows"]) == 4 and doc["meta"]["copy_gbs"] > 0
-    for row in doc["rows"]:
-        assert row["max_err"] < 1e-4
-        for key in ("fwd_gbs", "fwd_pct_copy", "fwd_x_eager", "fwd_x_compile", "fwdbwd_gbs", "fwdbwd_x_compile"):
-            assert row[key] > 0, key
-
-
 # Loaded by the benchmark's worker processes only (sitecustomize, on their PYTHONPATH): each batch's metrics reach
 # Redis a while after its results are committed, as they may on a busy worker, so a count read from the metrics
 # when the job ends misses the last batch's.
@@ -258,7 +239,7 @@ def test_retrain_peers_trains_each_way_from_the_bundled_encoder_and_scores_dev_a
     script = str(ROOT / "benchmarks" / "benchmark_retrain_peers.py")
     out = tmp_path / "peers.json"
     cmd = [sys.executable, script, "--ways", "rewardq_sim_exp,st_bi_cosent,st_cross_bce", "--sample", "48"]
-    cmd += ["--epochs", "1", "--eval-limit", "120", "--precision", "exact", "--out", str(out)]
+    cmd += ["--epochs", "1", "--eval-limit", "48", "--precision", "exact", "--out", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())

@@ -106,6 +106,13 @@ def test_the_device_script_dry_run(tmp_path: Path, how: str):
     assert {"sim_exp", "logprob", "pipeline_fp32", "probe"} <= set(bench), bench
     assert all(r["exit"] == 0 for r in bench.values()), bench
     assert set(bench["probe"]["figures"]["profiles"]) == {"exact", "fast"}
+    # benchmark_sim_exp.py --dry-run: the GPU table's code (timings, GB/s, ratios) on the CPU at toy sizes.
+    kernel = bench["sim_exp"]["figures"]
+    assert len(kernel["rows"]) == 4 and kernel["meta"]["copy_gbs"] > 0
+    for row in kernel["rows"]:
+        assert row["max_err"] < 1e-4
+        for key in ("fwd_gbs", "fwd_pct_copy", "fwd_x_eager", "fwd_x_compile", "fwdbwd_gbs", "fwdbwd_x_compile"):
+            assert row[key] > 0, key
     assert [r["pairs"] for r in bench["pipeline_fp32"]["figures"]["rows"]] == [32, 32]
 
 

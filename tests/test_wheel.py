@@ -87,8 +87,9 @@ def _versions(v: Path) -> dict[str, str]:
     return json.loads(run([str(v / "bin" / "python"), "-c", code]).stdout)  # type: ignore[no-any-return]
 
 
-def _score_a_job(v: Path, cwd: Path, rewardq: list[str], tmp: Path) -> None:
-    """db upgrade, a key, a worker and the API started by ``rewardq``; a 12-pair job submitted and waited for."""
+def _score_a_job(v: Path, cwd: Path, rewardq: list[str], tmp: Path, worker: tuple[list[str], Path]) -> None:
+    """db upgrade, a key and the API started by ``rewardq`` in ``cwd``, the worker by ``worker`` (its command and
+    directory); a 12-pair job submitted and waited for."""
     tag = uuid.uuid4().hex[:8]
     env = {
         "PATH": f"{v / 'bin'}:/usr/bin:/bin",
@@ -107,7 +108,7 @@ def _score_a_job(v: Path, cwd: Path, rewardq: list[str], tmp: Path) -> None:
     env |= {"REWARDQ_API_KEY": key, "REWARDQ_API_URL": f"http://127.0.0.1:{port}"}
     procs: list[Proc] = []
     try:
-        procs.append(Proc("worker", [*rewardq, "worker", "--pool", "solo"], env, tmp / "w.log", cwd))
+        procs.append(Proc("worker", [*worker[0], "worker", "--pool", "solo"], env, tmp / "w.log", worker[1]))
         procs.append(Proc("api", [*rewardq, "api", "--port", str(port)], env, tmp / "api.log", cwd))
         probe = f"import urllib.request as u; u.urlopen('{env['REWARDQ_API_URL']}/healthz')"
         health = [str(v / "bin" / "python"), "-c", probe]
@@ -128,20 +129,19 @@ def _score_a_job(v: Path, cwd: Path, rewardq: list[str], tmp: Path) -> None:
             print(f"--- {p.name} ---\n{p.tail(15)}")
 
 
-def test_console_scripts_score_a_job_from_outside_the_repository(venv: Path, tmp_path: Path):
+def test_console_scripts_outside_the_repository_and_python_m_rewardq_in_it_score_a_job(venv: Path, tmp_path: Path):
+    """The API and the CLI as console scripts from outside the repository; the worker, which imports transformers
+    and so Hugging Face's `kernels`, as `python -m rewardq` from the repository root, where our source tree is on
+    sys.path. One stack for both entry points: each starts the encoder, the suite's costliest step."""
     newest = _versions(venv)
     assert int(newest["transformers"].split(".")[0]) >= 5, newest  # the release that brought in `kernels`
-    _score_a_job(venv, tmp_path, [str(venv / "bin" / "rewardq")], tmp_path)
-
-
-def test_python_m_rewardq_scores_a_job_from_the_repository_root(venv: Path, tmp_path: Path):
     python = str(venv / "bin" / "python")
     where = run(
         [python, "-c", "import kernels; print(kernels.__file__); print(kernels.get_kernel.__module__)"], cwd=ROOT
     )
     path, module = where.stdout.split()
     assert Path(path).is_relative_to(venv) and module.startswith("kernels"), where.stdout  # Hugging Face's
-    _score_a_job(venv, ROOT, [python, "-m", "rewardq"], tmp_path)
+    _score_a_job(venv, tmp_path, [str(venv / "bin" / "rewardq")], tmp_path, worker=([python, "-m", "rewardq"], ROOT))
 
 
 def test_the_dockerfile_builds_its_image_from_the_same_wheel():
