@@ -123,20 +123,15 @@ def test_int8_and_widths_benchmark_runs_and_the_shipped_width_is_batch_invariant
 
 
 @pytest.mark.slow
-def test_logprob_benchmark_gpu_path_as_a_dry_run_and_the_cpu_memory_comparison(tmp_path):
-    """benchmark_logprob.py: the GPU table code on CPU at toy sizes, and its CPU measurement at a small batch (the
-    chunked scorer and eager score the same tokens alike, in a fraction of eager's peak memory)."""
+def test_logprob_benchmark_cpu_memory_comparison(tmp_path):
+    """benchmark_logprob.py's CPU measurement at a small batch: the chunked scorer and eager score the same tokens
+    alike, in a fraction of eager's peak memory. (Its GPU table code runs at toy sizes in the device script's dry
+    run, tests/test_selfcheck.py.)"""
     import json
 
-    script = str(ROOT / "benchmarks" / "benchmark_logprob.py")
-    dry = subprocess.run(
-        [sys.executable, script, "--dry-run", "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=300
-    )
-    assert dry.returncode == 0, dry.stderr[-2000:]
-    [row] = json.loads((tmp_path / "logprob_dry_run_cpu.json").read_text())["rows"]
-    assert row["triton_max_err"] < 1e-4 and row["speed_x_eager"] > 0 and row["speed_x_compile"] > 0
     if torch.cuda.is_available():
-        return
+        return  # on a GPU the benchmark is a long run, not a test
+    script = str(ROOT / "benchmarks" / "benchmark_logprob.py")
     cpu = subprocess.run(
         [sys.executable, script, "--quick", "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=600
     )

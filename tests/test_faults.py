@@ -118,28 +118,6 @@ def _backend(url: str) -> str:
     return "PostgreSQL" if url.startswith("postgresql") else "SQLite"
 
 
-def test_worker_sigkilled_mid_job(rig_factory, pg_url: str, ledger: Ledger):
-    rig = rig_factory(migrated(pg_url))
-    for name in ("redis", "api", "beat", "worker1"):
-        rig.start(name)
-    job_id = rig.submit()
-    rig.wait_done(job_id, 96, 120)
-    rig.procs["worker1"].kill()  # SIGKILL to the whole process group: the main process and its child
-    rig.procs["worker1"].popen.wait(10)
-    assert rig.job(job_id)["status"] == "running" and rig.job(job_id)["done"] < len(ITEMS)
-    t0 = time.monotonic()
-    rig.start("worker2")
-    wait_for(lambda: rig.job(job_id)["status"] == "succeeded", 180, "job finished after the worker was killed")
-    took = time.monotonic() - t0
-    rig.exactly_once(job_id)
-    ledger.add(
-        "fault",
-        "SIGKILL a worker's process tree mid-job, start another",
-        _backend(rig.db_url),
-        f"job finished {took:.0f} s later, each of {len(ITEMS)} items exactly once",
-    )
-
-
 def _under_way(db_url: str, job_id: str) -> list[tuple[int, str | None]]:
     """(batch_no, worker) of the job's batches a worker has taken and not finished."""
     with get_sessionmaker(db_url)() as s:

@@ -113,6 +113,9 @@ def test_the_device_script_dry_run(tmp_path: Path, how: str):
         assert row["max_err"] < 1e-4
         for key in ("fwd_gbs", "fwd_pct_copy", "fwd_x_eager", "fwd_x_compile", "fwdbwd_gbs", "fwdbwd_x_compile"):
             assert row[key] > 0, key
+    # benchmark_logprob.py --dry-run: its GPU table's code, likewise.
+    [row] = bench["logprob"]["figures"]["rows"]
+    assert row["triton_max_err"] < 1e-4 and row["speed_x_eager"] > 0 and row["speed_x_compile"] > 0
     assert [r["pairs"] for r in bench["pipeline_fp32"]["figures"]["rows"]] == [32, 32]
 
 
