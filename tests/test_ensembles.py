@@ -228,6 +228,41 @@ def test_sim_exp_members_on_one_encoder_encode_a_batch_once(tmp_path: Path):
         assert got.reward[i] == pytest.approx(a + 0.5 * b, abs=1e-6)
 
 
+@pytest.mark.one_backend("sqlite")  # the registry's rows only; the loading is the same on either
+def test_an_ensembles_members_on_one_encoder_folder_read_and_hold_it_once(db_url: str, monkeypatch):
+    """load_ensemble, as a worker loads an ensemble version: two sim-exp versions on the bundled encoder read its
+    weights once and hold one encoder module (before, each member loaded a copy and the second was then dropped: a
+    second read of the files, and two copies in memory while loading)."""
+    from transformers import AutoModel
+
+    from rewardq.storage import registry
+    from rewardq.storage.db import get_sessionmaker
+    from rewardq.storage.settings import get_settings
+    from rewardq.workers.models.ensemble import load_ensemble
+
+    with get_sessionmaker(db_url)() as s:
+        for v in ("ens-load-a", "ens-load-b"):
+            registry.register(s, version=v, kind="sim_exp", base_model="x", path=None, config={})
+        s.commit()
+    reads: list[str] = []
+    real = AutoModel.from_pretrained
+
+    def counted(*args, **kwargs):
+        reads.append(str(args[0]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(AutoModel, "from_pretrained", counted)
+    members = [{"version": "ens-load-a", "weight": 1.0}, {"version": "ens-load-b", "weight": 0.5}]
+    ensemble = load_ensemble("ens-load", {"members": members}, get_settings())
+    assert len(reads) == 1, reads
+    assert len(ensemble.groups) == 1 and len(ensemble.groups[0].heads) == 2
+    alone = load_ensemble("ens-load-alone", {"members": members[:1]}, get_settings())  # another load reads again
+    assert len(reads) == 2 and alone.groups[0].model.encoder is not ensemble.groups[0].model.encoder
+    got, want = ensemble.score(PROMPTS, RESPONSES), alone.score(PROMPTS, RESPONSES)
+    for i, x in enumerate(want.reward):
+        assert got.reward[i] == pytest.approx(1.5 * x, abs=1e-5)  # the same untrained heads, weights 1 and 0.5
+
+
 def test_members_that_resume_after_a_stop_are_scored_first():
     """A stop for interactive work (Preempted) is taken only between a sim-exp member's encoder passes, which its
     embedding cache keeps: so sim-exp members go first, and no finished pass of a member that cannot resume (a

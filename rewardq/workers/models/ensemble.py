@@ -105,6 +105,7 @@ def load_ensemble(version: str, config: dict[str, Any], settings: Settings) -> E
     from rewardq.storage import registry
     from rewardq.storage.db import session_scope
     from rewardq.workers.models import load_model
+    from rewardq.workers.models.sim_exp import one_encoder_per_folder
 
     members = list(config.get("members") or [])
     rows = []
@@ -116,16 +117,17 @@ def load_ensemble(version: str, config: dict[str, Any], settings: Settings) -> E
             rows.append((mv.kind, mv.version, mv.path, dict(mv.config)))
     models: list[RewardModel] = []
     loaded: dict[Any, SimExpModel] = {}
-    for kind, member, path, member_config in rows:
-        if kind == "ensemble":
-            raise ValueError(f"ensemble {version} names another ensemble ({member}): members are scoring versions")
-        model = load_model(kind, member, path, member_config, settings)
-        key = getattr(model, "shares_with", None)
-        if key is not None and key in loaded:  # a later member on the same encoder: only its heads are used
-            model = _heads_only(loaded[key], model)  # type: ignore[arg-type]
-        elif key is not None:
-            loaded[key] = model  # type: ignore[assignment]
-        models.append(model)
+    with one_encoder_per_folder():  # a later member on the same encoder files gets the first one's, never a copy
+        for kind, member, path, member_config in rows:
+            if kind == "ensemble":
+                raise ValueError(f"ensemble {version} names another ensemble ({member}): members are scoring versions")
+            model = load_model(kind, member, path, member_config, settings)
+            key = getattr(model, "shares_with", None)
+            if key is not None and key in loaded:  # and its batches are encoded once, for every member's heads
+                model = _heads_only(loaded[key], model)  # type: ignore[arg-type]
+            elif key is not None:
+                loaded[key] = model  # type: ignore[assignment]
+            models.append(model)
     return EnsembleModel(version, [str(m["version"]) for m in members], [float(m["weight"]) for m in members], models)
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from copy import deepcopy
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -68,6 +70,21 @@ class Heads(nn.Module):
                                       self.alpha, self.weight)  # fmt: skip
 
 
+# While an ensemble loads its members (one_encoder_per_folder): (encoder folder, device) -> (tokenizer, encoder).
+_loading: ContextVar[dict[tuple[str, str], tuple[Any, Any]] | None] = ContextVar("_loading", default=None)
+
+
+@contextmanager
+def one_encoder_per_folder() -> Iterator[None]:
+    """Models made inside share the encoder of each folder (and device) the first of them loaded: an ensemble of
+    versions trained on one encoder holds it once, and reads its files once. Serving only: nothing trains them."""
+    token = _loading.set({})
+    try:
+        yield
+    finally:
+        _loading.reset(token)
+
+
 class SimExpModel(RewardModel):
     """Encoder + heads, loaded once per worker process and reused for every batch."""
 
@@ -82,10 +99,17 @@ class SimExpModel(RewardModel):
         self.version = version
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.encoder_path = encoder_path  # versions on one encoder folder share its embeddings (an ensemble's)
-        self.tokenizer = AutoTokenizer.from_pretrained(encoder_path)
-        # safetensors only: a pickle checkpoint can run code when loaded (a sim-exp version's own encoder folder,
-        # or an operator's REWARDQ_MODEL, is refused rather than unpickled).
-        self.encoder = AutoModel.from_pretrained(encoder_path, use_safetensors=True).to(self.device).eval()
+        loaded = _loading.get()
+        if loaded is not None and (encoder_path, str(self.device)) in loaded:
+            # Another member of the ensemble being loaded has this encoder's files: its modules, not a second copy.
+            self.tokenizer, self.encoder = loaded[(encoder_path, str(self.device))]
+        else:
+            self.tokenizer = AutoTokenizer.from_pretrained(encoder_path)
+            # safetensors only: a pickle checkpoint can run code when loaded (a sim-exp version's own encoder folder,
+            # or an operator's REWARDQ_MODEL, is refused rather than unpickled).
+            self.encoder = AutoModel.from_pretrained(encoder_path, use_safetensors=True).to(self.device).eval()
+            if loaded is not None:
+                loaded[(encoder_path, str(self.device))] = (self.tokenizer, self.encoder)
         dim = int(self.encoder.config.hidden_size)
         if pooling not in ("mean", "cls"):
             raise ValueError(f"pooling must be mean or cls, got {pooling!r}")
