@@ -68,3 +68,18 @@ def test_a_healthy_database_is_always_read_and_zero_turns_it_off(down, monkeypat
     # Errors other than an unreachable database are never hidden.
     with pytest.raises(ZeroDivisionError):
         last_good.read(down, "k", lambda: 1 / 0, 30)
+
+
+def test_a_key_that_stops_resolving_is_forgotten_at_once(down, monkeypatch):
+    """A revoked key's lookup answers None: its earlier good answer is dropped then, not served in the next outage;
+    and None answers take no room (made-up keys cannot push the real ones out)."""
+    unreachable = lambda: down.execute(text("SELECT 1")).scalar()  # noqa: E731
+    assert last_good.read(down, ("key", "h1"), lambda: ("alice", False), 30) == ("alice", False)
+    assert last_good.read(down, ("key", "h1"), lambda: None, 30) is None  # revoked
+    with pytest.raises(OperationalError):
+        last_good.read(down, ("key", "h1"), unreachable, 30)
+    for i in range(5000):
+        last_good.read(down, ("key", f"made-up-{i}"), lambda: None, 30)
+    assert last_good.read(down, ("key", "h2"), lambda: ("bob", True), 30) == ("bob", True)
+    assert last_good.read(down, ("key", "h2"), unreachable, 30) == ("bob", True)
+    assert len(last_good._store) == 1

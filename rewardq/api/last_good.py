@@ -42,8 +42,12 @@ def read(session: Session, key: Hashable, fetch: Callable[[], T], max_age_s: flo
         if hit is None or max_age_s <= 0 or time.monotonic() - hit[0] > max_age_s:
             raise
         return hit[1]  # type: ignore[no-any-return]
-    if max_age_s > 0:
-        with _lock:
+    with _lock:
+        if value is None or max_age_s <= 0:
+            # Nothing to serve later (an unknown or revoked key: its earlier answer goes, and a stream of made-up
+            # keys cannot push the real ones out).
+            _store.pop(key, None)
+        else:
             _store[key] = (time.monotonic(), value)
             _store.move_to_end(key)
             while len(_store) > _SIZE:
