@@ -45,8 +45,10 @@ def auth_required(settings: Settings, session: Session) -> bool:
     REWARDQ_API_KEYS or with `rewardq keys create`: revoking the last key never opens the API."""
     if not settings.allow_anonymous or settings.api_key_map():
         return True
-    made = lambda: keys.any_keys(session, revoked_too=True)  # noqa: E731
-    return last_good.read(session, ("keys made",), made, settings.score_stale_s)  # through a brief outage: last_good
+    # Through a brief outage (last_good) only "keys were made" is remembered: a "none yet" is asked again, so a key
+    # made just before a cut can never leave the API anonymous during it.
+    made = lambda: keys.any_keys(session, revoked_too=True) or None  # noqa: E731
+    return bool(last_good.read(session, ("keys made",), made, settings.score_stale_s))
 
 
 NO_KEYS = (
