@@ -17,6 +17,7 @@ import pytest
 from sqlalchemy import func, select
 
 from rewardq.api.procs import Proc, free_port, start_api, start_beat, start_redis, start_worker, wait_for
+from rewardq.storage import keys
 from rewardq.storage.db import get_sessionmaker
 from rewardq.storage.models import Batch, Item, Job, Result
 from tests.conftest import Ledger, migrated, worker_env
@@ -38,6 +39,7 @@ class Rig:
     procs: dict[str, Proc] = field(default_factory=dict)
     # Settings for this rig; None removes one (the default then applies).
     overrides: dict[str, str | None] = field(default_factory=dict)
+    key: str | None = None  # an API key the rig's client sends (a stored one turns authentication on)
 
     @property
     def env(self) -> dict[str, str]:
@@ -67,7 +69,8 @@ class Rig:
         return proc
 
     def api(self) -> httpx.Client:
-        return httpx.Client(base_url=f"http://127.0.0.1:{self.api_port}", timeout=30)
+        headers = {"Authorization": f"Bearer {self.key}"} if self.key else None
+        return httpx.Client(base_url=f"http://127.0.0.1:{self.api_port}", timeout=30, headers=headers)
 
     def submit(self) -> str:
         with self.api() as c:
@@ -298,6 +301,9 @@ def test_postgresql_unreachable_for_a_while_mid_job(rig_factory, pg_url: str, le
     try:
         rig = rig_factory(base.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}"))
         need("127.0.0.1:5432" in base, "PostgreSQL on 127.0.0.1:5432")
+        with get_sessionmaker(base)() as s:  # a stored key, as `rewardq keys create` makes: authentication reads SQL
+            rig.key = keys.create_key(s, tenant="default")
+            s.commit()
         for name in ("redis", "api", "beat", "worker1"):
             rig.start(name)
         job_id = rig.submit()
@@ -312,14 +318,18 @@ def test_postgresql_unreachable_for_a_while_mid_job(rig_factory, pg_url: str, le
         with rig.api() as c:
             resp = c.get(f"/v1/jobs/{job_id}")
             assert resp.status_code == 503 and resp.headers["Retry-After"], resp.text
-            # Scoring needs the database only for the version and its statistics, which the API read last before
-            # the cut (REWARDQ_SCORE_STALE_S): the workers answer from Redis, so the request is answered.
+            # Scoring needs the database only for the key, the version and its statistics, which the API read last
+            # before the cut (REWARDQ_SCORE_STALE_S): the workers answer from Redis, so the request is answered.
             during = c.post("/v1/score", json=pairs)
             assert during.status_code == 200, during.text
             assert during.json() == before.json()
             # A version never resolved in this process cannot be: still the retryable 503.
             other = c.post("/v1/score", json={**pairs, "model_version": "some-other-version"})
             assert other.status_code == 503 and other.headers["Retry-After"], other.text
+            # Nor can a key never checked: 503, not a pass (nor a 401: the database cannot say).
+            c.headers["Authorization"] = "Bearer rq_never-seen-by-this-api-process-0123456789"
+            unknown = c.post("/v1/score", json=pairs)
+            assert unknown.status_code == 503, unknown.text
         time.sleep(4)
         with get_sessionmaker(base)() as s:
             assert s.get(Job, job_id).status == "running"
