@@ -14,12 +14,12 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 
 from rewardq.api.procs import Proc, free_port, start_api, start_beat, start_redis, start_worker, wait_for
 from rewardq.storage import keys
 from rewardq.storage.db import get_sessionmaker
-from rewardq.storage.models import Batch, Item, Job, Result
+from rewardq.storage.models import ApiKey, Batch, Item, Job, Result
 from tests.conftest import Ledger, migrated, worker_env
 from tests.support import TcpProxy, need
 
@@ -345,6 +345,13 @@ def test_postgresql_unreachable_for_a_while_mid_job(rig_factory, pg_url: str, le
             assert n == len(ITEMS) and s.get(Job, job_id).n_done == len(ITEMS)
     finally:
         proxy.close()
+        if rig.key:
+            # The database is the session's: a stored key left there, even revoked, turns authentication on for the
+            # later tests of this process (their anonymous requests would get 401).
+            rig.stop()
+            with get_sessionmaker(base)() as s:
+                s.execute(delete(ApiKey).where(ApiKey.key_hash == keys.hash_key(rig.key)))
+                s.commit()
     ledger.add(
         "fault",
         "PostgreSQL unreachable for 6 s mid-job (connections cut, new ones refused)",
