@@ -19,6 +19,9 @@ the way: the timed job's texts (100 prompts, 1,000 responses by default) were al
 one is in the embedding cache. Timed from the upload to the last result, on a fresh database of each backend.
 
     python benchmarks/benchmark_orchestration.py --pipeline --pairs 100000
+
+With ``--device-ms 10,25`` each message's scoring also waits that long with the GIL released, as on a GPU: what
+the write stage (REWARDQ_WRITE_BEHIND, ``--write-behind both`` measures it off and on, back to back) overlaps.
 """
 
 from __future__ import annotations
@@ -189,10 +192,40 @@ def _wait_job(c: Any, job_id: str, timeout: float, every: float = 0.25) -> dict[
         time.sleep(every)
 
 
-def run_pipeline(backends: list[str], pairs: int, n_prompts: int, n_responses: int) -> dict[str, Any]:
+# Loaded by the worker's interpreter at start (it is first on its PYTHONPATH): each message's scoring ends with a
+# sleep of REWARDQ_BENCH_DEVICE_MS, which releases the GIL as a wait on a GPU does. Benchmarks only.
+_EMULATED_DEVICE = """
+import os, time
+
+_ms = float(os.environ.get("REWARDQ_BENCH_DEVICE_MS") or 0)
+if _ms > 0:
+    from rewardq.workers.models.sim_exp import SimExpModel
+
+    _score = SimExpModel.score
+
+    def score(self, prompts, responses):
+        out = _score(self, prompts, responses)
+        time.sleep(_ms / 1000)
+        return out
+
+    SimExpModel.score = score
+"""
+
+
+def run_pipeline(
+    backends: list[str],
+    pairs: int,
+    n_prompts: int,
+    n_responses: int,
+    device_ms: float = 0.0,
+    write_behind: bool = True,
+) -> dict[str, Any]:
     """(a): one worker process through API -> Redis -> worker -> SQL with every text in the embedding cache (a first
     job of the same texts warms it), so what is timed is the orchestration around the encoder: the upload, the
-    ledger, the queue, the cache lookups, the kernel and the result writes."""
+    ledger, the queue, the cache lookups, the kernel and the result writes.
+
+    ``device_ms``: each message's scoring also waits this long with the GIL released, as a worker waits on its GPU
+    (an emulated device: what the host's stages can overlap with); ``write_behind``: REWARDQ_WRITE_BEHIND."""
     import httpx
     import redis
 
@@ -223,10 +256,18 @@ def run_pipeline(backends: list[str], pairs: int, n_prompts: int, n_responses: i
                 "TRANSFORMERS_OFFLINE": "1",
                 "PYTHONPATH": os.environ.get("PYTHONPATH", str(ROOT)),
             }
+            env["REWARDQ_WRITE_BEHIND"] = "on" if write_behind else "off"
+            worker_env = dict(env)
+            if device_ms:
+                site = Path(tmp) / "emulated-device"
+                site.mkdir(exist_ok=True)
+                (site / "sitecustomize.py").write_text(_EMULATED_DEVICE)
+                worker_env["PYTHONPATH"] = f"{site}{os.pathsep}{env['PYTHONPATH']}"
+                worker_env["REWARDQ_BENCH_DEVICE_MS"] = str(device_ms)
             worker = api = None
             try:
                 upgrade(url)
-                worker = start_worker(env, Path(tmp) / f"worker-{backend}.log",
+                worker = start_worker(worker_env, Path(tmp) / f"worker-{backend}.log",
                                       queues=f"{queues['interactive']},{queues['scoring']}")  # fmt: skip
                 wait_for(lambda w=worker: "consuming" in w.tail(80), 300, "the worker", worker.popen)
                 port = free_port()
@@ -243,6 +284,8 @@ def run_pipeline(backends: list[str], pairs: int, n_prompts: int, n_responses: i
                 assert job["status"] == "succeeded", job
                 row = {
                     "pairs": pairs,
+                    "device_ms_per_message": device_ms,
+                    "write_behind": write_behind,
                     "seconds_submit_to_last_result": round(total_s, 2),
                     "seconds_ingest": round(ingest_s, 2),
                     "pairs_per_s": round(pairs / total_s),
@@ -251,7 +294,8 @@ def run_pipeline(backends: list[str], pairs: int, n_prompts: int, n_responses: i
                     "embed_cache_hits": job["embed_cache_hits"],
                 }
                 out[backend] = row
-                print(f"{backend:10s} {pairs} pairs: {row['pairs_per_s']} pairs/s ({total_s:.1f} s, ingest "
+                print(f"{backend:10s} {pairs} pairs, device {device_ms:g} ms/message, write-behind "
+                      f"{'on' if write_behind else 'off'}: {row['pairs_per_s']} pairs/s ({total_s:.1f} s, ingest "
                       f"{ingest_s:.1f} s, {row['embed_cache_misses']} misses)", flush=True)  # fmt: skip
             finally:
                 for proc in (api, worker):
@@ -270,6 +314,8 @@ def main() -> None:
     parser.add_argument("--pipeline", action="store_true", help="(a): pairs/s of one worker, every text cached")
     parser.add_argument("--pairs", type=int, default=100_000, help="--pipeline: pairs in the timed job")
     parser.add_argument("--texts", default="100,1000", help="--pipeline: distinct prompts,responses (all cached)")
+    parser.add_argument("--device-ms", default="0", help="--pipeline: emulated device ms per message, a list")
+    parser.add_argument("--write-behind", choices=["on", "off", "both"], default="on", help="--pipeline")
     parser.add_argument("--sizes", default="1000,10000,100000,400000")
     parser.add_argument("--db", choices=["sqlite", "postgresql", "both"], default="both")
     parser.add_argument("--repeats", type=int, default=50)
@@ -282,7 +328,13 @@ def main() -> None:
     result: dict[str, Any] = {"benchmark": "orchestration", "label": args.label, "cpu": _cpu(), "cores": os.cpu_count()}
     if args.pipeline:
         n_prompts, n_responses = (int(x) for x in args.texts.split(","))
-        result["pipeline"] = run_pipeline(backends, args.pairs, n_prompts, n_responses)
+        modes = {"on": [True], "off": [False], "both": [False, True]}[args.write_behind]
+        runs = [
+            {"device_ms": ms, "write_behind": wb, **run_pipeline(backends, args.pairs, n_prompts, n_responses, ms, wb)}
+            for ms in (float(x) for x in args.device_ms.split(","))
+            for wb in modes
+        ]
+        result["pipeline"] = runs[0] if len(runs) == 1 else runs
     if args.ledger:
         sizes = [int(x) for x in args.sizes.split(",")]
         result["repeats"] = args.repeats

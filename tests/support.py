@@ -221,6 +221,14 @@ def queued_messages(r: Any, queue: str) -> list[bytes]:
     return [m for name in queue_lists(queue) for m in r.lrange(name, 0, -1)]
 
 
+def payloads(messages: list[bytes]) -> list[dict[str, Any]]:
+    """The task payload of each Celery message (a scoring message's job_id, batch_no, texts, ...)."""
+    import base64
+    import json
+
+    return [json.loads(base64.b64decode(json.loads(m)["body"]))[1]["payload"] for m in messages]
+
+
 def take_messages(r: Any, queue: str, n: int) -> list[bytes]:
     """Take ``n`` messages as a worker would: the first-served step first, oldest first."""
     from rewardq.workers.celery_app import queue_lists

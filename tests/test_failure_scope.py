@@ -28,7 +28,7 @@ def test_a_redis_error_publishing_a_splits_halves_retries_and_the_sweeper_recove
     from rewardq.workers.errors import is_transient
     from rewardq.workers.messages import ScoreBatch, enqueue_score_batches
     from rewardq.workers.sweeper import sweep
-    from tests.support import delete_queue, queued_messages
+    from tests.support import delete_queue, payloads, queued_messages
 
     queue = f"test-split-outage-{RUN_ID}"
     monkeypatch.setenv("REWARDQ_DATABASE_URL", db_url)
@@ -60,7 +60,7 @@ def test_a_redis_error_publishing_a_splits_halves_retries_and_the_sweeper_recove
             later = db_now(s) + timedelta(seconds=get_settings().lost_after_s + 1)
         monkeypatch.setattr(engine, "enqueue_score_batches", enqueue_score_batches)  # Redis is back
         sweep(now=later)  # (it also enqueues what earlier tests left unfinished in this database: not this job's)
-        ours = [m for m in map(ScoreBatch.model_validate, _payloads(queued_messages(r, queue))) if m.job_id == job_id]
+        ours = [m for m in map(ScoreBatch.model_validate, payloads(queued_messages(r, queue))) if m.job_id == job_id]
         assert sorted(m.batch_no for m in ours) == sorted(h.batch_no for h in halves)
         for half in ours:
             engine.score_batch(half)
@@ -70,18 +70,6 @@ def test_a_redis_error_publishing_a_splits_halves_retries_and_the_sweeper_recove
     finally:
         get_settings.cache_clear()
         delete_queue(r, queue)
-
-
-def _payloads(messages: list[bytes]) -> list[dict[str, object]]:
-    import base64
-    import json
-
-    out = []
-    for m in messages:
-        body = json.loads(m)["body"]
-        kwargs = json.loads(base64.b64decode(body))[1]
-        out.append(kwargs["payload"])
-    return out
 
 
 def test_a_non_finite_score_is_the_items_failure_and_results_stay_readable(

@@ -202,25 +202,45 @@ def test_a_batch_that_kills_its_workers_is_split_and_the_item_fails_as_worker_lo
     """An item whose scoring kills the worker process (as an OOM kill would): Celery hands its batch back each time
     the process dies. After REWARDQ_MAX_WORKER_DEATHS (3) deaths the batch is split, and so on, until the item is
     alone and goes to the error ledger as worker_lost; every other item is scored, and the job ends. (Before, the
-    batch was redelivered forever and the job never ended.)"""
+    batch was redelivered forever and the job never ended.)
+
+    Forced on the first kill: batch 0's write is held (REWARDQ_FAULT_WRITE_HOLD_FILE), so the killer batch 1 kills
+    the process while batch 0's results are in its writer (workers.writer). Batch 0 goes back through the sweeper
+    with no death counted on it: its worker's last words say it was writing it."""
+    hold = tmp_path / "hold-writes"
+    hold.touch()
     rig = rig_factory(
         migrated(f"sqlite:///{tmp_path / 'killer.db'}"),
         REWARDQ_BATCH_SIZE="4",
         REWARDQ_FAULT_KILL_MARKER="KILL-ME",
+        REWARDQ_FAULT_WRITE_HOLD_FILE=str(hold),
+        REWARDQ_WRITE_BEHIND="on",  # (auto: on PostgreSQL only)
         REWARDQ_BATCH_DEADLINE_S=None,  # the default: a 6 s deadline re-enqueued the batch before a slow respawn
     )
     for name in ("redis", "api", "beat", "worker1"):
         rig.start(name)
     items = [{"id": f"k{i}", "prompt": f"prompt {i}", "response": f"response {i}"} for i in range(8)]
     items[5]["response"] = "KILL-ME"
+
+    def batch(n: int) -> Batch:
+        with get_sessionmaker(rig.db_url)() as s:
+            b = s.get(Batch, (job_id, n))
+            assert b is not None
+            return b
+
     with rig.api() as c:
         resp = c.post("/v1/jobs", json={"items": items})
         assert resp.status_code == 202, resp.text
         job_id = resp.json()["job_id"]
+        wait_for(lambda: (batch(1).deaths or 0) >= 1, 120, "the killer's first kill")
+        assert not batch(0).done  # its write was held when the process died
+        wait_for(lambda: (batch(0).attempts or 0) >= 2, 60, "batch 0 queued again by the sweeper")
+        hold.unlink()
         wait_for(lambda: rig.job(job_id)["status"] == "succeeded", 240, "the job to end despite the killer item")
         assert rig.job(job_id) == {"status": "succeeded", "done": 7, "failed": 1}
         [err] = c.get(f"/v1/jobs/{job_id}/errors").json()
         assert (err["id"], err["code"]) == ("k5", "worker_lost") and "died 3 times" in err["message"]
+    assert batch(0).deaths == 0  # the process died writing it, not scoring it
     assert rig.procs["worker1"].alive()  # Celery replaced each killed process; the worker itself lives on
 
 

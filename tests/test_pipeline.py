@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 import uuid
+from typing import Any
 
 import numpy as np
 import pytest
@@ -347,22 +348,25 @@ def test_reject_mode_fails_too_long_items(db_url: str, redis_url: str, monkeypat
 
 def test_a_jobs_last_batch_is_counted_in_metrics_before_its_end_is_announced(db_url: str, redis_url: str, monkeypatch):
     """Whoever waited for a job (GET /v1/jobs/{id}?wait=) and then reads /metrics sees the job's last batch: the
-    engine counts a batch before it announces the end. Read at the very moment of the announcement."""
+    engine counts a batch before it announces the end. Both go in the write's one Redis round trip, which Redis runs
+    in order: every command the engine sends is read as it goes out, and the counters must come before the notice."""
     from rewardq.storage import repository as repo
     from rewardq.storage.db import session_scope
     from rewardq.storage.settings import get_settings
-    from rewardq.workers import engine, metrics
+    from rewardq.workers import engine, events, metrics
     from rewardq.workers.messages import ScoreBatch
 
     monkeypatch.setenv("REWARDQ_DATABASE_URL", db_url)
     monkeypatch.setenv("REWARDQ_SCORING_QUEUE", "test-metrics-unused")
     get_settings.cache_clear()
-    seen: list[dict[str, float]] = []
+    sent: list[list[tuple[Any, ...]]] = []
+    execute = redis.client.Pipeline.execute
 
-    def publish_finished(url: str, job_id: str) -> None:
-        seen.append(metrics.read(url))
+    def reading(self: redis.client.Pipeline, *args: Any, **kwargs: Any) -> Any:
+        sent.append([command for command, _ in self.command_stack])
+        return execute(self, *args, **kwargs)
 
-    monkeypatch.setattr(engine.events, "publish_finished", publish_finished)
+    monkeypatch.setattr(redis.client.Pipeline, "execute", reading)
     try:
         tag = uuid.uuid4().hex[:8]
         with session_scope(db_url) as s:
@@ -374,9 +378,13 @@ def test_a_jobs_last_batch_is_counted_in_metrics_before_its_end_is_announced(db_
         texts = {"prompts": [f"q {tag}"] * 3, "responses": [f"answer {i}" for i in range(3)]}
         msg = ScoreBatch(job_id=job_id, batch_no=0, start_idx=0, model_version=version, tenant="default", **texts)
         assert engine.score_batch(msg) == 3
-        [at_announcement] = seen  # the job's end was announced once
-        assert at_announcement.get("items_scored", 0) - before.get("items_scored", 0) >= 3
-        assert at_announcement.get("batches", 0) - before.get("batches", 0) >= 1
+        notice = ("PUBLISH", events.channel(job_id), b"1")
+        [commands] = [c for c in sent if notice in c]  # the job's end was announced once
+        counted = {c[2] for c in commands[: commands.index(notice)] if c[:2] == ("HINCRBYFLOAT", metrics.KEY)}
+        assert {"items_scored", "batches"} <= counted
+        after = metrics.read(redis_url)
+        assert after.get("items_scored", 0) - before.get("items_scored", 0) >= 3
+        assert after.get("batches", 0) - before.get("batches", 0) >= 1
     finally:
         get_settings.cache_clear()
         redis.Redis.from_url(redis_url).delete("test-metrics-unused")

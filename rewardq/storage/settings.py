@@ -97,6 +97,12 @@ class Settings(BaseSettings):
     batch_time_limit_s: float = Field(
         default=3600.0, gt=0, description="hard time limit of one scoring task (its worker process is replaced)"
     )
+    write_behind: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="a worker process writes a scored batch's results on a thread of its own while it takes and scores "
+        "the next message (workers.writer); auto: on PostgreSQL only (SQLite takes one writer at a time, so the take "
+        "and the write would wait on each other's lock)",
+    )
     run_time_limit_s: float = Field(
         default=2 * 3600.0, gt=0, description="a training run still going after this long fails (soft time limit)"
     )
@@ -119,6 +125,10 @@ class Settings(BaseSettings):
     )
     fault_load_fail_file: str = Field(
         default="", description="testing aid: while this file exists, loading a model fails on this worker"
+    )
+    fault_write_hold_file: str = Field(
+        default="",
+        description="testing aid: while this file exists, a worker holds each batch's write before its transaction",
     )
     fault_transient_file: str = Field(
         default="",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -11,6 +12,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -21,8 +23,9 @@ from rewardq.storage import repository as repo
 from rewardq.storage.db import session_scope
 from rewardq.storage.models import FINISHED
 from rewardq.storage.settings import Settings, get_settings
-from rewardq.workers import events, liveness, metrics
+from rewardq.workers import events, liveness, metrics, writer
 from rewardq.workers.calibration import calibrate
+from rewardq.workers.celery_app import queue_lists
 from rewardq.workers.errors import (
     InjectedFault,
     InjectedOutage,
@@ -36,12 +39,13 @@ from rewardq.workers.errors import (
 from rewardq.workers.feeder import feed_quietly, refill_room
 from rewardq.workers.messages import (
     QUEUED_BATCHES,
+    SERVED,
+    SERVED_SEQ,
     InteractiveBatch,
     ScoreBatch,
     batch_key,
     build_messages,
     enqueue_score_batches,
-    note_served,
 )
 from rewardq.workers.models import ENSEMBLE, load_model
 from rewardq.workers.models.base import Preempted
@@ -52,6 +56,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _MAX_LOADED = 2
+_running: OrderedDict[str, None] = OrderedDict()  # jobs this process has seen out of 'queued' (newest last)
+_RUNNING_KEPT = 1024
 _models: OrderedDict[str, RewardModel] = OrderedDict()
 _lock = threading.Lock()
 
@@ -156,21 +162,24 @@ def _hand_back(msg: ScoreBatch, queue: str, why: Preempted, lease: int) -> None:
     metrics.record(get_settings().redis_url, {"batches_preempted": 1.0})
 
 
-def release_for_retry(msg: ScoreBatch, lease: int) -> None:
+def release_for_retry(msg: ScoreBatch, lease: int) -> bool:
     """A batch that failed for a transient reason (a database or Redis outage) or a model this worker cannot load,
     and will be retried: note it as enqueued again, so its next take is not counted as a worker death, unless
     another worker took it since (``lease``). Best effort: the outage may still last."""
     try:
         with session_scope() as s:
-            repo.hand_back_batch(s, job_id=msg.job_id, batch_no=msg.batch_no, lease=lease)
+            return repo.hand_back_batch(s, job_id=msg.job_id, batch_no=msg.batch_no, lease=lease)
     except Exception as exc:
         log.warning("batch %s/%d: could not note the retry (%s)", msg.job_id, msg.batch_no, exc)
+        return False
 
 
 def score_batch(msg: ScoreBatch, queue: str | None = None) -> int:
-    """Score one message and upsert its results with the job's progress in one transaction.
+    """Score one message and upsert its results with the job's progress in one transaction: on this thread, or on
+    the process's writer (workers.writer) when it has one, which lets this thread take the next message at once.
 
-    Returns the number of new result rows (0 for a redelivered, superseded, cancelled or stopped batch).
+    Returns the number of new result rows (handed to the writer: the rows it will write, unless the batch was taken
+    by another worker meanwhile), 0 for a redelivered, superseded, cancelled or stopped batch.
     A batch that fails for a reason of its own (not a service outage) is split in halves until
     the failing item is alone; that item goes to the error ledger and the rest is scored.
     A batch taken from the bulk queue (``queue``) stops between encoder passes when interactive work waits and
@@ -178,37 +187,69 @@ def score_batch(msg: ScoreBatch, queue: str | None = None) -> int:
     """
     settings = get_settings()
     worker = liveness.ensure_heartbeat(settings.redis_url, settings.heartbeat_ttl_s)
-    # Said in the heartbeat before the take, so a sweeper that sees the take also sees the work.
     key = batch_key(msg.job_id, msg.batch_no)
-    liveness.working_on(settings.redis_url, settings.heartbeat_ttl_s, key)
+    # Said in the heartbeat before the take, so a sweeper that sees the take also sees the work; in the same round
+    # trip, its message no longer waits in a queue (the sweeper's membership test for lost messages).
+    if (
+        liveness.working_on(
+            settings.redis_url, settings.heartbeat_ttl_s, key, also=lambda p: p.srem(QUEUED_BATCHES, key)
+        )
+        is None
+    ):
+        log.warning("could not note batch %s/%d as taken", msg.job_id, msg.batch_no)
     took: list[int] = []  # the take's lease, once taken
+    handed = False  # to the writer, or written: the heartbeat is then cleared by the write
     try:
-        return _take_and_score(msg, queue, settings, worker, took)
+        scored = _take_and_score(msg, queue, settings, worker, took)
+        if scored is None:
+            return 0
+        behind = writer.current()
+        handed = True
+        if behind is None:
+            return _write(scored, settings)
+        liveness.writing(key)
+        behind.submit(functools.partial(_write_behind, scored, settings))
+        return len(msg.prompts) - len(scored.failed)
     except Exception as exc:
+        handed = False
         if took and (is_transient(exc) or isinstance(exc, ModelLoadFailed)):
             release_for_retry(msg, took[0])  # tasks.score_batch retries it
         raise
     finally:
-        liveness.working_on(settings.redis_url, settings.heartbeat_ttl_s, key, done=True)
+        if not handed:
+            liveness.working_on(settings.redis_url, settings.heartbeat_ttl_s, key, done=True)
 
 
-def _take_and_score(msg: ScoreBatch, queue: str | None, settings: Settings, worker: str, took: list[int]) -> int:
-    try:  # no longer waiting in a queue (the sweeper's membership test for lost messages)
-        metrics.client(settings.redis_url).srem(QUEUED_BATCHES, batch_key(msg.job_id, msg.batch_no))
-    except redis.RedisError:
-        log.warning("could not note batch %s/%d as taken", msg.job_id, msg.batch_no)
+@dataclass
+class _Scored:
+    """A batch scored and not yet written: what the write stage needs."""
+
+    msg: ScoreBatch
+    queue: str | None
+    lease: int
+    scores: Scores
+    failed: dict[int, tuple[str, str]]
+    stats: dict[str, float]
+    how: str
+
+
+def _take_and_score(
+    msg: ScoreBatch, queue: str | None, settings: Settings, worker: str, took: list[int]
+) -> _Scored | None:
     with session_scope() as s:
-        status = repo.job_status(s, job_id=msg.job_id)
-        live = status is not None and status not in FINISHED
-        take = repo.start_batch(s, job_id=msg.job_id, batch_no=msg.batch_no, worker=worker) if live else None
+        take = repo.start_batch(s, job_id=msg.job_id, batch_no=msg.batch_no, worker=worker, live_job=True)
         if take is None:
-            log.info("skipping batch %s/%d: job %s or batch done", msg.job_id, msg.batch_no, status or "gone")
-            return 0
-        repo.mark_running(s, job_id=msg.job_id)
+            log.info("skipping batch %s/%d: its job ended or is gone, or the batch is done", *_ref(msg))
+            return None
+        if msg.job_id not in _running:  # a job leaves 'queued' once: a take of its next batch needs no statement
+            repo.mark_running(s, job_id=msg.job_id)
+    _running[msg.job_id] = None
+    while len(_running) > _RUNNING_KEPT:
+        _running.popitem(last=False)
     took.append(take.lease)
     if take.deaths >= settings.max_worker_deaths:  # it kills its workers (OOM, a crash, the time limit): no more
         _quarantine(msg, WorkerLost(f"its worker died {take.deaths} times scoring it"), take.lease)
-        return 0
+        return None
     preemptible = settings.interactive_preempt and queue is not None and queue != settings.interactive_queue
     try:
         model = get_model(msg.model_version)
@@ -220,17 +261,16 @@ def _take_and_score(msg: ScoreBatch, queue: str | None, settings: Settings, work
     except Preempted as why:
         assert queue is not None
         _hand_back(msg, queue, why, take.lease)
-        return 0
+        return None
     except (ModelUnavailable, ModelLoadFailed):
         raise  # the job's failure (no such version) or this worker's (tasks.score_batch): never split for it
     except Exception as exc:
         if is_transient(exc):
             raise
         _quarantine(msg, exc, take.lease)
-        return 0
+        return None
     stats = model.take_stats()
     how = scored_with(model, stats)
-    t0 = time.perf_counter()
     failed = dict(scores.errors)  # pairs the model cannot score (an empty response for a likelihood, ...)
     failed.update(non_finite(scores, failed))
     if settings.truncation == "reject":
@@ -242,59 +282,110 @@ def _take_and_score(msg: ScoreBatch, queue: str | None, settings: Settings, work
                 if t and i not in failed
             }
         )
+    return _Scored(msg, queue, take.lease, scores, failed, stats, how)
+
+
+# A worker finished a batch of a tenant (messages.note_served), in one command, so it can go in a pipeline.
+_NOTE_SERVED = "redis.call('HSET', KEYS[1], ARGV[1], redis.call('INCR', KEYS[2]))"
+
+
+def _write(b: _Scored, settings: Settings) -> int:
+    """The write stage: the batch's results and failures, fenced on its lease, in one transaction; then one Redis
+    round trip for the counters, the tenant served, the job's finish notice, the heartbeat and the queue's depth;
+    then a feed if the queue has room for a quarter of its high-water mark."""
+    msg = b.msg
+    key = batch_key(msg.job_id, msg.batch_no)
+    while settings.fault_write_hold_file and os.path.exists(settings.fault_write_hold_file):
+        time.sleep(0.02)  # testing aid: a write held, as a slow database holds it
+    t0 = time.perf_counter()
     with session_scope() as s:
         # Fenced once for the whole transaction (the job's and the batch's row locks are held until it commits), so
         # the writes below need not check the lease again.
-        if not repo.fence_batch(s, job_id=msg.job_id, batch_no=msg.batch_no, lease=take.lease):
+        if not repo.fence_batch(s, job_id=msg.job_id, batch_no=msg.batch_no, lease=b.lease):
             log.warning("batch %s/%d: another worker took it since, or its job is gone: dropped", *_ref(msg))
-            metrics.record(settings.redis_url, {"batches_fenced": 1.0})
+            liveness.working_on(settings.redis_url, settings.heartbeat_ttl_s, key, done=True,
+                                also=lambda p: p.hincrbyfloat(metrics.KEY, "batches_fenced", 1.0))  # fmt: skip
             return 0
-        for i in sorted(failed):
+        for i in sorted(b.failed):
             repo.record_item_failure(
                 s,
                 job_id=msg.job_id,
                 batch_no=msg.batch_no,
                 idx=msg.start_idx + i,
-                code=failed[i][0],
-                message=failed[i][1],
+                code=b.failed[i][0],
+                message=b.failed[i][1],
             )
         inserted = repo.save_results(
             s,
             job_id=msg.job_id,
             batch_no=msg.batch_no,
             start_idx=msg.start_idx,
-            scores=scores.reward,
-            cos=scores.cos,
+            scores=b.scores.reward,
+            cos=b.scores.cos,
             model_version=msg.model_version,
-            truncated=scores.truncated,
-            n_tokens=scores.n_tokens,
-            components=scores.components,
-            skip=frozenset(failed),
-            cache_hits=int(stats.get("embed_cache_hits", 0)),
-            cache_misses=int(stats.get("embed_cache_misses", 0)),
-            scored_with=how,
+            truncated=b.scores.truncated,
+            n_tokens=b.scores.n_tokens,
+            components=b.scores.components,
+            skip=frozenset(b.failed),
+            cache_hits=int(b.stats.get("embed_cache_hits", 0)),
+            cache_misses=int(b.stats.get("embed_cache_misses", 0)),
+            scored_with=b.how,
         )
         ended = repo.job_status(s, job_id=msg.job_id) in FINISHED  # this batch may have been the job's last
-    # Counted as soon as its results are committed, before anyone is told the job ended: a client that waited for
-    # the job and then reads /metrics sees its last batch.
-    metrics.record(
-        settings.redis_url,
-        {
-            **stats,
-            "items_scored": inserted,
-            "batches": 1,
-            "items_failed": float(len(failed)),
-            "db_seconds": time.perf_counter() - t0,
-        },
-    )
-    if ended:
-        events.publish_finished(settings.redis_url, msg.job_id)  # wakes GET /v1/jobs/{id}?wait=
-    try:
-        note_served(settings.redis_url, msg.tenant)  # fair share: this tenant does not jump the queue for a while
-    except redis.RedisError:
-        log.warning("could not note tenant %s as served", msg.tenant)
-    feed_quietly(refill_room(settings))  # keep the queue topped up from SQL as batches complete, a few at a time
+    counters = {
+        **b.stats,
+        "items_scored": inserted,
+        "batches": 1,
+        "items_failed": float(len(b.failed)),
+        "db_seconds": time.perf_counter() - t0,
+    }
+    lists = queue_lists(settings.scoring_queue)
+
+    def also(pipe: Any) -> None:
+        # Counted as soon as its results are committed, before anyone is told the job ended (commands run in order):
+        # a client that waited for the job and then reads /metrics sees its last batch.
+        for k, v in counters.items():
+            if v:
+                pipe.hincrbyfloat(metrics.KEY, k, v)
+        if ended:
+            pipe.publish(events.channel(msg.job_id), b"1")  # wakes GET /v1/jobs/{id}?wait=
+        if msg.tenant:  # fair share: this tenant does not jump the queue for a while
+            pipe.eval(_NOTE_SERVED, 2, SERVED, SERVED_SEQ, msg.tenant)
+        for name in lists:
+            pipe.llen(name)
+
+    replies = liveness.working_on(settings.redis_url, settings.heartbeat_ttl_s, key, done=True, also=also)
+    if replies is None:
+        log.warning("batch %s/%d written; its counters and notices not sent: Redis unreachable", *_ref(msg))
+        feed_quietly(refill_room(settings))  # it says whether Redis is back
+    elif settings.queue_high_water - sum(int(n) for n in replies[-len(lists) :]) >= refill_room(settings):
+        feed_quietly(refill_room(settings))  # keep the queue topped up from SQL as batches complete, a few at a time
     return inserted
+
+
+def _write_behind(b: _Scored, settings: Settings) -> None:
+    """_write on the writer's thread. Its message is acked already, so a failure is handled here, as the task did:
+    a transient one hands the batch back and queues it again (scored again, by this worker or another); any other
+    fails the job."""
+    msg = b.msg
+    try:
+        _write(b, settings)
+        return
+    except Exception as exc:
+        failure = exc
+    try:
+        if is_transient(failure):
+            log.warning("batch %s/%d: its results could not be written (%s): queued again", *_ref(msg), failure)
+            if release_for_retry(msg, b.lease):  # else the sweeper takes it back: this worker no longer works on it
+                enqueue_score_batches([msg], queue=b.queue or settings.scoring_queue)
+        else:
+            fail_job(msg.job_id, public_message(failure, log, f"job {msg.job_id}"))
+    except Exception:
+        log.exception("batch %s/%d: its failed write could not be handed back; the sweeper will", *_ref(msg))
+    finally:
+        liveness.working_on(
+            settings.redis_url, settings.heartbeat_ttl_s, batch_key(msg.job_id, msg.batch_no), done=True
+        )
 
 
 def _announce_if_finished(job_id: str) -> None:

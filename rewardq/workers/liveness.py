@@ -9,7 +9,8 @@ import os
 import secrets
 import socket
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import redis
 
@@ -19,6 +20,9 @@ log = logging.getLogger(__name__)
 
 PREFIX = "rewardq:worker:"
 IDLE = "idle"
+WRITING = "@write"  # a batch scored, its results being written (workers.writer): not what a death is counted on
+LAST_WORDS = ":last"  # a beat's value kept long after the heartbeat expires: what a dead worker was doing
+LAST_WORDS_TTL_S = 3600
 _lock = threading.Lock()
 _started_in: int | None = None  # the pid whose heartbeat thread runs (a forked child starts its own)
 _doing: set[str] = set()  # what this process works on now (a batch or a run)
@@ -37,13 +41,27 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{_token[1]}"
 
 
-def _beat(client: redis.Redis, key: str, ttl_s: float) -> bool:
+def _beat_into(pipe: Any, key: str, ttl_s: float) -> None:
+    """The beat's two writes, queued on ``pipe`` (the caller holds _beat_lock): the heartbeat, which expires with the
+    TTL, and the last words, which outlive it, so the sweeper can tell a batch a dead worker was scoring (a death,
+    counted) from one whose results it was writing when it died (not counted: the next batch may have killed it)."""
+    value = ",".join(sorted(_doing)) or IDLE
+    pipe.set(key, value, px=max(1, int(ttl_s * 1000)))
+    pipe.set(key + LAST_WORDS, value, ex=LAST_WORDS_TTL_S)
+
+
+def _beat(client: redis.Redis, key: str, ttl_s: float, also: Callable[[Any], None] | None = None) -> list[Any] | None:
+    """One beat, with the commands ``also`` adds after it in the same round trip; their replies, or None when Redis
+    did not answer."""
     try:
         with _beat_lock:
-            client.set(key, ",".join(sorted(_doing)) or IDLE, px=max(1, int(ttl_s * 1000)))
-        return True
+            pipe = client.pipeline(transaction=False)
+            _beat_into(pipe, key, ttl_s)
+            if also is not None:
+                also(pipe)
+            return list(pipe.execute()[2:])
     except (redis.RedisError, OSError):
-        return False
+        return None
 
 
 def ensure_heartbeat(url: str, ttl_s: float) -> str:
@@ -62,7 +80,7 @@ def ensure_heartbeat(url: str, ttl_s: float) -> str:
         def run() -> None:
             # A third of the TTL: two beats may fail (a Redis blip) before the key expires.
             while not stop.wait(ttl_s / 3):
-                if not _beat(client, key, ttl_s):
+                if _beat(client, key, ttl_s) is None:
                     log.warning("heartbeat to Redis failed; retrying")
 
         threading.Thread(target=run, name="rewardq-heartbeat", daemon=True).start()
@@ -70,16 +88,29 @@ def ensure_heartbeat(url: str, ttl_s: float) -> str:
         return wid
 
 
-def working_on(url: str, ttl_s: float, what: str, done: bool = False) -> None:
+def working_on(
+    url: str, ttl_s: float, what: str, done: bool = False, also: Callable[[Any], None] | None = None
+) -> list[Any] | None:
     """Say in this process's heartbeat, at once, that it works on ``what`` (a batch or a run) now, or (``done``) no
     longer: a batch or run that its live worker no longer works on (a retry waiting in memory, a message lost with
-    it) is then taken back by the sweeper, not left to the deadline."""
+    it) is then taken back by the sweeper, not left to the deadline. ``also`` adds commands to the same round trip
+    (after the beat), whose replies are returned; None when Redis did not answer (the heartbeat thread says it
+    again)."""
     with _beat_lock:
         if done:
             _doing.discard(what)
+            _doing.discard(what + WRITING)
         else:
             _doing.add(what)
-    _beat(metrics.client(url), PREFIX + worker_id(), ttl_s)
+    return _beat(metrics.client(url), PREFIX + worker_id(), ttl_s, also)
+
+
+def writing(what: str) -> None:
+    """``what`` is scored and its results are being written: said with the next beat (the next take's, or the
+    heartbeat thread's), not at once, so it costs no round trip."""
+    with _beat_lock:
+        _doing.discard(what)
+        _doing.add(what + WRITING)
 
 
 def doing(url: str, workers: Iterable[str]) -> dict[str, str]:
@@ -92,9 +123,24 @@ def doing(url: str, workers: Iterable[str]) -> dict[str, str]:
 
 
 def abandoned(beat: str | None, what: str) -> bool:
-    """A live worker whose heartbeat names other work (or none) than ``what`` it took. A heartbeat from before
-    workers said what they do ('1') never counts as abandoning."""
-    return beat is not None and beat != "1" and what not in beat.split(",")
+    """A live worker whose heartbeat names other work (or none) than ``what`` it took (scoring it, or writing its
+    results). A heartbeat from before workers said what they do ('1') never counts as abandoning."""
+    return beat is not None and beat != "1" and not {what, what + WRITING} & set(beat.split(","))
+
+
+def last_words(url: str, workers: Iterable[str]) -> dict[str, str]:
+    """What each of these workers said in its last beat (kept an hour after its heartbeat expired)."""
+    ids = sorted(set(workers))
+    if not ids:
+        return {}
+    found = metrics.client(url).mget([PREFIX + w + LAST_WORDS for w in ids])
+    return {w: v.decode() if isinstance(v, bytes) else str(v) for w, v in zip(ids, found, strict=True) if v is not None}
+
+
+def died_writing(words: str | None, what: str) -> bool:
+    """Whether a dead worker's last words say it was writing ``what``'s results, not scoring it: its death is not
+    ``what``'s doing (the next batch, or something else, killed it)."""
+    return words is not None and what + WRITING in words.split(",")
 
 
 def trusted(url: str, ttl_s: float) -> bool:

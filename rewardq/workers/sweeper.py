@@ -3,7 +3,8 @@ enqueued again.
 
 - A batch whose worker's heartbeat has expired (killed, frozen, cut off from Redis) goes back at once: within
   REWARDQ_HEARTBEAT_TTL_S plus one sweep interval of the worker's end. A healthy worker keeps beating, however long
-  its batch takes.
+  its batch takes. It counts as a death on the batch unless the worker's last words say it was writing the batch's
+  results then (workers.writer), not scoring it.
 - A batch queued REWARDQ_LOST_AFTER_S ago, never taken, whose message is not waiting in a queue, was lost (a Redis
   restart): found under any load, without waiting for the queue to drain.
 - REWARDQ_BATCH_DEADLINE_S is the last resort for a worker that beats but never finishes (6 hours by default).
@@ -65,7 +66,12 @@ def sweep(now: datetime | None = None) -> int:
         beats = liveness.doing(settings.redis_url, [row[7] for row in taken_rows if row[7]])
     else:  # Redis has just restarted: every worker looks dead until it beats again
         beats = {row[7]: "1" for row in taken_rows if row[7]}
-    orphaned = [row[:7] for row in taken_rows if row[7] and row[7] not in beats and row[8] < fresh]
+    gone = [row for row in taken_rows if row[7] and row[7] not in beats and row[8] < fresh]
+    # Its worker died while writing its results (workers.writer), not scoring it: the batch did not kill it (the
+    # next one may have), so no death is counted, or an innocent batch would be quarantined beside a killer.
+    words = liveness.last_words(settings.redis_url, [str(row[7]) for row in gone]) if gone else {}
+    written = [row[:7] for row in gone if liveness.died_writing(words.get(str(row[7])), batch_key(row[0], row[1]))]
+    orphaned = [row[:7] for row in gone if row[:7] not in written]
     # A live worker that no longer works on a batch it took (a retry waiting in its memory, lost with a Redis
     # restart) left it: no death, but no reason to wait for the deadline either.
     left = [
@@ -99,13 +105,15 @@ def sweep(now: datetime | None = None) -> int:
             or f"'job_id': '{row[0]}', 'batch_no': {row[1]},".encode() not in queued
         ]
     requeued = enqueue_claimed(orphaned, died=True) if orphaned else 0
-    rows = left + overdue + lost_rows
+    rows = written + left + overdue + lost_rows
     requeued += enqueue_claimed(rows) if rows else 0
     if requeued:
         log.warning(
-            "re-enqueued %d batch(es): %d whose worker is gone, %d it left, %d past the deadline, %d lost",
+            "re-enqueued %d batch(es): %d whose worker is gone (%d of them while writing), %d it left, %d past the "
+            "deadline, %d lost",
             requeued,
-            len(orphaned),
+            len(orphaned) + len(written),
+            len(written),
             len(left),
             len(overdue),
             len(lost_rows),

@@ -6,13 +6,13 @@ import logging
 from datetime import datetime, timezone
 from typing import Any
 
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_process_shutdown
 from celery.utils.time import get_exponential_backoff_interval, maybe_iso8601
 from sqlalchemy.exc import OperationalError
 
 from rewardq.storage import db
 from rewardq.storage.settings import get_settings
-from rewardq.workers import engine, events
+from rewardq.workers import engine, events, writer
 from rewardq.workers.celery_app import SCORE_BATCH, SCORE_INTERACTIVE, TRAIN, app
 from rewardq.workers.errors import (
     LOAD_RETRY_MAX_S,
@@ -33,6 +33,9 @@ def _preload(**_: Any) -> None:
     from rewardq.storage import registry
     from rewardq.storage.db import session_scope
 
+    if writer.wanted(get_settings()):
+        writer.start()
+
     try:
         with session_scope() as s:
             version = registry.default_version(s)
@@ -40,6 +43,17 @@ def _preload(**_: Any) -> None:
             engine.get_model(version)
     except Exception:  # a missing DB here must not kill the worker; the first task retries
         log.exception("could not preload the active model")
+
+
+@worker_process_shutdown.connect
+def _drain(**_: Any) -> None:
+    # A pool process that ends cleanly (a warm shutdown, a recycled child) writes the results it holds first; what a
+    # process killed before that holds goes back to the queue through the sweeper (workers.writer).
+    if not writer.drain(DRAIN_S):
+        log.warning("exiting with %d batch write(s) unfinished: the sweeper queues them again", writer.pending())
+
+
+DRAIN_S = 60.0
 
 
 class _ScoringTask(app.Task):  # type: ignore[misc]

@@ -1,0 +1,156 @@
+"""The worker's write stage on a thread of its own (issue #36, item 1; rewardq/workers/writer.py), on SQLite and
+PostgreSQL with the real encoder, Redis and the real engine.
+
+The interleavings are forced with the write hold (REWARDQ_FAULT_WRITE_HOLD_FILE: a write waits before its
+transaction while the file exists), not hoped for:
+- while a batch's write is held, the task thread has acked it and takes and scores the next batch;
+- a worker that dies while it writes a batch (its heartbeat expired, its last words say ``@write``) gives the
+  batch back to the sweeper without a death counted on it; one that dies scoring it does count one;
+- a write that meets an outage hands its batch back and queues it again, as the task's own retry did.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from sqlalchemy.exc import OperationalError
+
+from rewardq.storage import ledger, registry
+from rewardq.storage import repository as repo
+from rewardq.storage.db import session_scope
+from rewardq.storage.models import Batch, Job, db_now
+from rewardq.storage.settings import get_settings
+from rewardq.workers import liveness, writer
+from rewardq.workers.messages import ScoreBatch, batch_key, build_messages
+from tests.support import payloads, queued_messages, wait_for
+
+pytestmark = pytest.mark.usefixtures("redis_url")
+
+PAIRS = [("What is the capital of France?", "Paris."), ("2 + 2?", "4"), ("Name a colour.", "Blue."), ("Hi", "Hello")]
+
+
+@pytest.fixture()
+def hold(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """Settings for the engine in this process, and the write hold's file (absent: writes go through)."""
+    name = f"test-write-behind-{uuid.uuid4().hex[:8]}"
+    path = tmp_path / "hold"
+    monkeypatch.setenv("REWARDQ_DATABASE_URL", db_url)
+    monkeypatch.setenv("REWARDQ_SCORING_QUEUE", name)
+    monkeypatch.setenv("REWARDQ_FAULT_WRITE_HOLD_FILE", str(path))
+    get_settings.cache_clear()
+    yield path
+    path.unlink(missing_ok=True)
+    assert writer.stop(30)
+    redis.Redis.from_url(get_settings().redis_url).delete(name)
+    get_settings.cache_clear()
+
+
+def _enqueued_job(db_url: str) -> ScoreBatch:
+    with session_scope(db_url) as s:
+        version = registry.default_version(s)
+        assert version is not None
+        items = [repo.NewItem(f"i{i}", p, r) for i, (p, r) in enumerate(PAIRS)]
+        job = repo.create_job(s, tenant=f"wb-{uuid.uuid4().hex[:6]}", items=items, model_version=version,
+                              batch_size=len(PAIRS))  # fmt: skip
+        job_id = job.id
+    with session_scope(db_url) as s:
+        assert ledger.claim_requeue(s, job_id=job_id, batch_no=0, seen=None)
+        [msg] = build_messages(s, job_id=job_id, model_version=version, batches=[repo.BatchRef(0, 0, len(PAIRS))])
+    return msg
+
+
+def _job(db_url: str, job_id: str) -> tuple[str, int]:
+    with session_scope(db_url) as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        return job.status, job.n_done
+
+
+def _beat() -> str:
+    raw = redis.Redis.from_url(get_settings().redis_url).get(liveness.PREFIX + liveness.worker_id())
+    return raw.decode() if raw else ""
+
+
+def test_the_next_batch_is_scored_while_a_write_is_held(db_url: str, hold: Path):
+    from rewardq.workers import engine
+
+    writer.start()
+    first, second = _enqueued_job(db_url), _enqueued_job(db_url)
+    hold.touch()
+    assert engine.score_batch(first) == len(PAIRS)  # handed to the writer, which holds it
+    assert writer.pending() == 1 and _job(db_url, first.job_id) == ("running", 0)
+    # The task thread goes on: the next batch is taken and scored while the first one's write waits. Its take's
+    # beat says what the process does: the first batch's write, and the second batch.
+    assert engine.score_batch(second) == len(PAIRS)
+    assert set(_beat().split(",")) == {batch_key(first.job_id, 0) + liveness.WRITING, batch_key(second.job_id, 0)}
+    with session_scope(db_url) as s:
+        b = s.get(Batch, (second.job_id, 0))
+        assert b is not None and b.lease == 1 and not b.done  # taken, scored, its write queued behind the first
+    assert writer.pending() == 2 and _job(db_url, first.job_id) == ("running", 0)
+    hold.unlink()
+    assert writer.drain(30)
+    assert _job(db_url, first.job_id) == ("succeeded", 4) and _job(db_url, second.job_id) == ("succeeded", 4)
+    assert _beat() == liveness.IDLE  # both writes said they were done, in their own round trips
+
+
+@pytest.mark.parametrize("was", ["writing", "scoring"])
+def test_a_worker_that_died_writing_a_batch_counts_no_death_on_it(db_url: str, hold: Path, was: str):
+    """A dead worker's batch goes back either way; a death is counted only when it died scoring it (the next
+    batch may have killed it while this one's results were being written: counting that quarantined innocent
+    batches beside a killer after three kills)."""
+    from rewardq.workers import sweeper
+
+    msg = _enqueued_job(db_url)
+    dead = f"gone-host:1:{uuid.uuid4().hex[:8]}"
+    with session_scope(db_url) as s:
+        assert repo.start_batch(s, job_id=msg.job_id, batch_no=0, worker=dead) is not None
+    client = redis.Redis.from_url(get_settings().redis_url)
+    words = batch_key(msg.job_id, 0) + (liveness.WRITING if was == "writing" else "")
+    client.set(liveness.PREFIX + dead + liveness.LAST_WORDS, f"other:3,{words}", ex=60)  # its heartbeat expired
+    with session_scope(db_url) as s:
+        later = db_now(s) + timedelta(seconds=get_settings().heartbeat_ttl_s + 1)
+    sweeper.sweep(now=later)  # (it also queues what earlier tests left unfinished in this database: not this job's)
+    with session_scope(db_url) as s:
+        b = s.get(Batch, (msg.job_id, 0))
+        assert b is not None
+        assert (b.attempts, b.deaths) == (2, 0 if was == "writing" else 1)
+    again = [p for p in payloads(queued_messages(client, get_settings().scoring_queue)) if p["job_id"] == msg.job_id]
+    assert [p["batch_no"] for p in again] == [0]
+    client.delete(liveness.PREFIX + dead + liveness.LAST_WORDS)
+
+
+def test_a_write_that_meets_an_outage_queues_its_batch_again(db_url: str, hold: Path, monkeypatch: pytest.MonkeyPatch):
+    """Its message is acked already, so the writer does what the task's retry did: the batch goes back (no death)
+    and its message is queued again; the worker's heartbeat no longer names it."""
+    from rewardq.workers import engine
+
+    writer.start()
+    msg = _enqueued_job(db_url)
+    real = repo.save_results
+
+    def outage(*args: Any, **kwargs: Any) -> int:
+        raise OperationalError("INSERT", {}, ConnectionRefusedError("the database went away"))
+
+    monkeypatch.setattr(repo, "save_results", outage)
+    assert engine.score_batch(msg) == len(PAIRS)
+    assert writer.drain(30)
+    monkeypatch.setattr(repo, "save_results", real)
+    with session_scope(db_url) as s:
+        b = s.get(Batch, (msg.job_id, 0))
+        assert b is not None and not b.done and b.deaths == 0 and b.lease == 1
+    assert _job(db_url, msg.job_id) == ("running", 0)
+    assert batch_key(msg.job_id, 0) not in _beat()
+    [again] = payloads(queued_messages(redis.Redis.from_url(get_settings().redis_url), get_settings().scoring_queue))
+    assert again["job_id"] == msg.job_id and again["batch_no"] == 0
+    # Taken again from that message, it is scored and written, counted as no death (it was handed back).
+    assert engine.score_batch(ScoreBatch.model_validate(again)) == len(PAIRS)
+    wait_for(lambda: _job(db_url, msg.job_id) == ("succeeded", 4), 30, "the batch written on its second take")
+    with session_scope(db_url) as s:
+        b = s.get(Batch, (msg.job_id, 0))
+        assert b is not None and b.deaths == 0 and b.lease == 2
