@@ -212,6 +212,46 @@ if _ms > 0:
 """
 
 
+class _LockWaits:
+    """Samples pg_stat_activity every 10 ms (item 4c): of the samples of the database's backends that were busy in a
+    statement or its transaction (the benchmark's own sampling connection left out), the share waiting on a lock."""
+
+    def __init__(self, url: str) -> None:
+        import threading
+
+        self.url, self.busy, self.waiting = url, 0, 0
+        self.what: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> _LockWaits:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        engine = create_engine(self.url, isolation_level="AUTOCOMMIT")
+        q = text(
+            "SELECT wait_event_type, wait_event FROM pg_stat_activity WHERE datname = current_database() "
+            "AND pid <> pg_backend_pid() AND state IN ('active', 'idle in transaction')"
+        )
+        with engine.connect() as c:
+            while not self._stop.wait(0.01):
+                for kind, event in c.execute(q):
+                    self.busy += 1
+                    if kind == "Lock":
+                        self.waiting += 1
+                        self.what[str(event)] = self.what.get(str(event), 0) + 1
+        engine.dispose()
+
+    def report(self) -> dict[str, Any]:
+        share = self.waiting / self.busy if self.busy else 0.0
+        return {"busy_backend_samples": self.busy, "lock_wait_share": round(share, 4), "lock_waits_on": self.what}
+
+
 def run_pipeline(
     backends: list[str],
     pairs: int,
@@ -219,13 +259,16 @@ def run_pipeline(
     n_responses: int,
     device_ms: float = 0.0,
     write_behind: bool = True,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """(a): one worker process through API -> Redis -> worker -> SQL with every text in the embedding cache (a first
     job of the same texts warms it), so what is timed is the orchestration around the encoder: the upload, the
     ledger, the queue, the cache lookups, the kernel and the result writes.
 
     ``device_ms``: each message's scoring also waits this long with the GIL released, as a worker waits on its GPU
-    (an emulated device: what the host's stages can overlap with); ``write_behind``: REWARDQ_WRITE_BEHIND."""
+    (an emulated device: what the host's stages can overlap with); ``write_behind``: REWARDQ_WRITE_BEHIND;
+    ``workers``: worker processes on the one job (on PostgreSQL the share of its busy backends' samples that waited
+    on a lock is reported, item 4c)."""
     import httpx
     import redis
 
@@ -264,27 +307,38 @@ def run_pipeline(
                 (site / "sitecustomize.py").write_text(_EMULATED_DEVICE)
                 worker_env["PYTHONPATH"] = f"{site}{os.pathsep}{env['PYTHONPATH']}"
                 worker_env["REWARDQ_BENCH_DEVICE_MS"] = str(device_ms)
-            worker = api = None
+            procs: list[Any] = []
             try:
                 upgrade(url)
-                worker = start_worker(worker_env, Path(tmp) / f"worker-{backend}.log",
-                                      queues=f"{queues['interactive']},{queues['scoring']}")  # fmt: skip
-                wait_for(lambda w=worker: "consuming" in w.tail(80), 300, "the worker", worker.popen)
+                for n in range(workers):
+                    worker = start_worker(worker_env, Path(tmp) / f"worker{n}-{backend}.log",
+                                          queues=f"{queues['interactive']},{queues['scoring']}")  # fmt: skip
+                    procs.append(worker)
+                    wait_for(lambda w=worker: "consuming" in w.tail(80), 300, "the worker", worker.popen)
                 port = free_port()
                 api = start_api(env, Path(tmp) / f"api-{backend}.log", port)
+                procs.append(api)
                 with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600) as c:
                     first = c.post("/v1/jobs", json={"items": warm}).json()["job_id"]
                     assert _wait_job(c, first, 600)["status"] == "succeeded"
+                    waits = _LockWaits(url) if backend == "postgresql" else None
                     t0 = time.perf_counter()
                     resp = c.post("/v1/jobs", content=body, headers={"Content-Type": "application/x-ndjson"})
                     ingest_s = time.perf_counter() - t0
                     assert resp.status_code == 202, resp.text
-                    job = _wait_job(c, resp.json()["job_id"], 1800)
+                    if waits is not None:  # from the upload's end: the workers' share only
+                        waits.__enter__()
+                    try:
+                        job = _wait_job(c, resp.json()["job_id"], 1800)
+                    finally:
+                        if waits is not None:
+                            waits.__exit__()
                     total_s = time.perf_counter() - t0
                 assert job["status"] == "succeeded", job
                 row = {
                     "pairs": pairs,
                     "device_ms_per_message": device_ms,
+                    "workers": workers,
                     "write_behind": write_behind,
                     "seconds_submit_to_last_result": round(total_s, 2),
                     "seconds_ingest": round(ingest_s, 2),
@@ -292,15 +346,17 @@ def run_pipeline(
                     "host_us_per_pair": round(total_s / pairs * 1e6, 1),
                     "embed_cache_misses": job["embed_cache_misses"],
                     "embed_cache_hits": job["embed_cache_hits"],
+                    **(waits.report() if waits is not None else {}),
                 }
                 out[backend] = row
-                print(f"{backend:10s} {pairs} pairs, device {device_ms:g} ms/message, write-behind "
-                      f"{'on' if write_behind else 'off'}: {row['pairs_per_s']} pairs/s ({total_s:.1f} s, ingest "
-                      f"{ingest_s:.1f} s, {row['embed_cache_misses']} misses)", flush=True)  # fmt: skip
+                locks = f", lock waits {row['lock_wait_share']:.1%} of busy samples" if waits is not None else ""
+                wb = "on" if write_behind else "off"
+                print(f"{backend:10s} {pairs} pairs, {workers} worker(s), device {device_ms:g} ms/message, "
+                      f"write-behind {wb}: {row['pairs_per_s']} pairs/s ({total_s:.1f} s, ingest {ingest_s:.1f} s, "
+                      f"{row['embed_cache_misses']} misses{locks})", flush=True)  # fmt: skip
             finally:
-                for proc in (api, worker):
-                    if proc is not None:
-                        proc.stop()
+                for proc in reversed(procs):
+                    proc.stop()
                 drop()
                 r = redis.Redis.from_url(REDIS)
                 for name in r.scan_iter(f"bench-{tag}*"):
@@ -316,6 +372,7 @@ def main() -> None:
     parser.add_argument("--texts", default="100,1000", help="--pipeline: distinct prompts,responses (all cached)")
     parser.add_argument("--device-ms", default="0", help="--pipeline: emulated device ms per message, a list")
     parser.add_argument("--write-behind", choices=["on", "off", "both"], default="on", help="--pipeline")
+    parser.add_argument("--workers", default="1", help="--pipeline: worker processes on the job, a list (4c)")
     parser.add_argument("--sizes", default="1000,10000,100000,400000")
     parser.add_argument("--db", choices=["sqlite", "postgresql", "both"], default="both")
     parser.add_argument("--repeats", type=int, default=50)
@@ -330,7 +387,13 @@ def main() -> None:
         n_prompts, n_responses = (int(x) for x in args.texts.split(","))
         modes = {"on": [True], "off": [False], "both": [False, True]}[args.write_behind]
         runs = [
-            {"device_ms": ms, "write_behind": wb, **run_pipeline(backends, args.pairs, n_prompts, n_responses, ms, wb)}
+            {
+                "device_ms": ms,
+                "write_behind": wb,
+                "workers": nw,
+                **run_pipeline(backends, args.pairs, n_prompts, n_responses, ms, wb, nw),
+            }
+            for nw in (int(x) for x in args.workers.split(","))
             for ms in (float(x) for x in args.device_ms.split(","))
             for wb in modes
         ]

@@ -270,17 +270,21 @@ def test_orchestration_ledger_benchmark_runs_on_both_databases(tmp_path):
 
 
 def test_orchestration_pipeline_benchmark_times_cached_pairs_end_to_end(tmp_path):
-    """benchmark_orchestration.py --pipeline at a toy size, on SQLite: a real worker and API process, a warm-up job,
-    then a timed job whose every text is in the embedding cache (no misses), with an emulated device: 3 messages of
-    at least 400 ms each bound it to under 500 pairs/s (the cached path alone runs at thousands)."""
+    """benchmark_orchestration.py --pipeline at a toy size, on PostgreSQL with two workers on the job (item 4c): real
+    worker and API processes, a warm-up job, then a timed job whose every text is in the embedding cache (no misses),
+    with an emulated device: 3 messages of at least 400 ms each, two at a time, bound it to under 1,000 pairs/s (the
+    cached path alone runs at thousands); the workers' backends were sampled for lock waits."""
+    from tests.conftest import TEST_PG_ADMIN_URL
+
     out = tmp_path / "pipeline.json"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "benchmark_orchestration.py"), "--pipeline", "--pairs", "600",
-         "--texts", "10,50", "--db", "sqlite", "--device-ms", "400", "--out", str(out)],
-        capture_output=True, text=True, timeout=300,
+         "--texts", "10,50", "--db", "postgresql", "--workers", "2", "--device-ms", "400", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "REWARDQ_TEST_PG_URL": TEST_PG_ADMIN_URL},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     row = json.loads(out.read_text())["pipeline"]
-    assert row["device_ms"] == 400 and row["write_behind"] is True
-    assert row["sqlite"]["pairs"] == 600 and row["sqlite"]["embed_cache_misses"] == 0
-    assert 0 < row["sqlite"]["pairs_per_s"] < 500
+    assert row["device_ms"] == 400 and row["write_behind"] is True and row["workers"] == 2
+    pg = row["postgresql"]
+    assert pg["pairs"] == 600 and pg["embed_cache_misses"] == 0 and 0 < pg["pairs_per_s"] < 1000
+    assert pg["busy_backend_samples"] > 0 and 0 <= pg["lock_wait_share"] <= 1
