@@ -6,7 +6,8 @@ transaction while the file exists), not hoped for:
 - while a batch's write is held, the task thread has acked it and takes and scores the next batch;
 - a worker that dies while it writes a batch (its heartbeat expired, its last words say ``@write``) gives the
   batch back to the sweeper without a death counted on it; one that dies scoring it does count one;
-- a write that meets an outage hands its batch back and queues it again, as the task's own retry did.
+- a write that meets a brief outage is tried again with its scores; past the retry budget it hands its batch back
+  and queues it again, as the task's own retry did.
 """
 
 from __future__ import annotations
@@ -125,9 +126,41 @@ def test_a_worker_that_died_writing_a_batch_counts_no_death_on_it(db_url: str, h
     client.delete(liveness.PREFIX + dead + liveness.LAST_WORDS)
 
 
-def test_a_write_that_meets_an_outage_queues_its_batch_again(db_url: str, hold: Path, monkeypatch: pytest.MonkeyPatch):
-    """Its message is acked already, so the writer does what the task's retry did: the batch goes back (no death)
-    and its message is queued again; the worker's heartbeat no longer names it."""
+def test_a_write_that_meets_a_brief_outage_is_tried_again_with_its_scores(
+    db_url: str, hold: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The writer keeps the scores and tries the write again after a backoff (the lease still fences each try): the
+    batch is written on its first take, nothing is queued again, nothing is scored twice."""
+    from rewardq.workers import engine
+
+    writer.start()
+    msg = _enqueued_job(db_url)
+    real = repo.save_results
+    calls: list[int] = []
+
+    def once_down(*args: Any, **kwargs: Any) -> int:
+        calls.append(1)
+        if len(calls) == 1:
+            raise OperationalError("INSERT", {}, ConnectionRefusedError("the database went away"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(repo, "save_results", once_down)
+    assert engine.score_batch(msg) == len(PAIRS)
+    assert writer.drain(30)
+    assert len(calls) == 2 and _job(db_url, msg.job_id) == ("succeeded", 4)
+    with session_scope(db_url) as s:
+        b = s.get(Batch, (msg.job_id, 0))
+        assert b is not None and b.done and b.deaths == 0 and b.lease == 1 and b.attempts == 1
+    assert queued_messages(redis.Redis.from_url(get_settings().redis_url), get_settings().scoring_queue) == []
+    assert batch_key(msg.job_id, 0) not in _beat()
+
+
+def test_a_write_that_meets_a_long_outage_queues_its_batch_again(
+    db_url: str, hold: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Past the writer's retry budget (WRITE_RETRY_S, 60 s; 1 s here), the message being acked already, the writer
+    does what the task's retry did: the batch goes back (no death) and its message is queued again; the worker's
+    heartbeat no longer names it."""
     from rewardq.workers import engine
 
     writer.start()
@@ -137,15 +170,25 @@ def test_a_write_that_meets_an_outage_queues_its_batch_again(db_url: str, hold: 
     def outage(*args: Any, **kwargs: Any) -> int:
         raise OperationalError("INSERT", {}, ConnectionRefusedError("the database went away"))
 
+    monkeypatch.setattr(engine, "WRITE_RETRY_S", 1.0)
     monkeypatch.setattr(repo, "save_results", outage)
+    key = batch_key(msg.job_id, 0)
+    hold.touch()
     assert engine.score_batch(msg) == len(PAIRS)
+    # Forced: while the write waits, this process's task thread says it works on the batch again (as when it takes
+    # the batch's next message). The writer's giving up must not unsay that: it clears only its own entry.
+    settings = get_settings()
+    liveness.working_on(settings.redis_url, settings.heartbeat_ttl_s, key)
+    hold.unlink()
     assert writer.drain(30)
+    assert _beat().split(",") == [key]
+    liveness.working_on(settings.redis_url, settings.heartbeat_ttl_s, key, done=True)
     monkeypatch.setattr(repo, "save_results", real)
     with session_scope(db_url) as s:
         b = s.get(Batch, (msg.job_id, 0))
         assert b is not None and not b.done and b.deaths == 0 and b.lease == 1
     assert _job(db_url, msg.job_id) == ("running", 0)
-    assert batch_key(msg.job_id, 0) not in _beat()
+    assert key not in _beat()
     [again] = payloads(queued_messages(redis.Redis.from_url(get_settings().redis_url), get_settings().scoring_queue))
     assert again["job_id"] == msg.job_id and again["batch_no"] == 0
     # Taken again from that message, it is scored and written, counted as no death (it was handed back).

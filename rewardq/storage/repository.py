@@ -397,10 +397,10 @@ def _insert_results_pg(session: Session, rows: list[dict[str, Any]]) -> int:
             "job_id": job_id,
             "model_version": version,
             "idx": [r["idx"] for r in group],
-            "score": [r["score"] for r in group],
+            "score": [float(r["score"]) for r in group],  # one element type per array (psycopg refuses a mix)
             "cos": [json.dumps(r["cos"]) for r in group],
             "truncated": [bool(r["truncated"]) for r in group],
-            "n_tokens": [r["n_tokens"] for r in group],
+            "n_tokens": [None if r["n_tokens"] is None else int(r["n_tokens"]) for r in group],
             "components": [None if r["components"] is None else json.dumps(r["components"]) for r in group],
         }
         new += len(session.execute(_RESULTS_PG, params).all())

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 from billiard.exceptions import SoftTimeLimitExceeded
+from celery.utils.time import get_exponential_backoff_interval
 
 from rewardq.storage import registry
 from rewardq.storage import repository as repo
@@ -27,6 +28,7 @@ from rewardq.workers import events, liveness, metrics, writer
 from rewardq.workers.calibration import calibrate
 from rewardq.workers.celery_app import queue_lists
 from rewardq.workers.errors import (
+    RETRY_BACKOFF_MAX_S,
     InjectedFault,
     InjectedOutage,
     ModelLoadFailed,
@@ -289,12 +291,13 @@ def _take_and_score(
 _NOTE_SERVED = "redis.call('HSET', KEYS[1], ARGV[1], redis.call('INCR', KEYS[2]))"
 
 
-def _write(b: _Scored, settings: Settings) -> int:
+def _write(b: _Scored, settings: Settings, behind: bool = False) -> int:
     """The write stage: the batch's results and failures, fenced on its lease, in one transaction; then one Redis
     round trip for the counters, the tenant served, the job's finish notice, the heartbeat and the queue's depth;
-    then a feed if the queue has room for a quarter of its high-water mark."""
+    then a feed if the queue has room for a quarter of its high-water mark. ``behind``: on the writer's thread, which
+    clears only the heartbeat's ``batch@write`` (this process may have taken the batch again meanwhile)."""
     msg = b.msg
-    key = batch_key(msg.job_id, msg.batch_no)
+    key = batch_key(msg.job_id, msg.batch_no) + (liveness.WRITING if behind else "")
     while settings.fault_write_hold_file and os.path.exists(settings.fault_write_hold_file):
         time.sleep(0.02)  # testing aid: a write held, as a slow database holds it
     t0 = time.perf_counter()
@@ -363,17 +366,33 @@ def _write(b: _Scored, settings: Settings) -> int:
     return inserted
 
 
+WRITE_RETRY_S = float(RETRY_BACKOFF_MAX_S)  # how long the writer retries a write that meets a transient error
+
+
 def _write_behind(b: _Scored, settings: Settings) -> None:
-    """_write on the writer's thread. Its message is acked already, so a failure is handled here, as the task did:
-    a transient one hands the batch back and queues it again (scored again, by this worker or another); any other
-    fails the job."""
+    """_write on the writer's thread. Its message is acked already, so a failure is handled here. A transient one (the
+    database gone, a deadlock) is retried with backoff for up to WRITE_RETRY_S, the scores kept and the lease still
+    fencing each try (the task's own retry backed off likewise, but scored the batch again); then the batch is
+    handed back and queued again. Any other fails the job, as the task's failure did."""
     msg = b.msg
+    writing = batch_key(msg.job_id, msg.batch_no) + liveness.WRITING
+    deadline = time.monotonic() + WRITE_RETRY_S
+    tries = 0
+    while True:
+        try:
+            _write(b, settings, behind=True)
+            return
+        except Exception as exc:
+            failure = exc
+        tries += 1
+        wait = get_exponential_backoff_interval(2, tries, 10, full_jitter=True)
+        if not is_transient(failure) or time.monotonic() + wait > deadline:
+            break
+        log.warning("batch %s/%d: write failed (%s); try %d again in %.1f s", *_ref(msg), failure, tries + 1, wait)
+        time.sleep(wait)
     try:
-        _write(b, settings)
-        return
-    except Exception as exc:
-        failure = exc
-    try:
+        # Said first, so a take of the batch again by this process is never undone by it.
+        liveness.working_on(settings.redis_url, settings.heartbeat_ttl_s, writing, done=True)
         if is_transient(failure):
             log.warning("batch %s/%d: its results could not be written (%s): queued again", *_ref(msg), failure)
             if release_for_retry(msg, b.lease):  # else the sweeper takes it back: this worker no longer works on it
@@ -382,10 +401,6 @@ def _write_behind(b: _Scored, settings: Settings) -> None:
             fail_job(msg.job_id, public_message(failure, log, f"job {msg.job_id}"))
     except Exception:
         log.exception("batch %s/%d: its failed write could not be handed back; the sweeper will", *_ref(msg))
-    finally:
-        liveness.working_on(
-            settings.redis_url, settings.heartbeat_ttl_s, batch_key(msg.job_id, msg.batch_no), done=True
-        )
 
 
 def _announce_if_finished(job_id: str) -> None:

@@ -11,8 +11,9 @@ What a message's early ack changes, and why nothing is lost or counted twice:
 - the batch stays taken, with this worker named on it and in its heartbeat (``batch@write``), until its results
   commit. If the process dies first, its heartbeat expires and the sweeper queues the batch again; its last words
   (liveness.LAST_WORDS) say it was writing, so no death is counted on it (the next batch may be the killer);
-- a write that fails for a transient reason (the database gone) hands the batch back and queues it again, as the
-  task's own retry did; a write that fails otherwise fails the job, as the task's failure did;
+- a write that fails for a transient reason (the database gone) is tried again with backoff, its scores kept; past
+  engine.WRITE_RETRY_S it hands the batch back and queues it again, as the task's own retry did; a write that fails
+  otherwise fails the job, as the task's failure did;
 - a warm shutdown waits for the writes in hand (worker_process_shutdown, tasks); at most ``DEPTH`` writes wait
   behind the one in progress, so a slow database slows the task thread down rather than piling results up in
   memory.
