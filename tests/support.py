@@ -252,3 +252,26 @@ def delete_queue(r: Any, queue: str) -> None:
     from rewardq.workers.celery_app import queue_lists
 
     r.delete(*queue_lists(queue))
+
+
+def enqueued_job(db_url: str, pairs: list[tuple[str, str]], tenant: str) -> Any:
+    """A job of one batch of ``pairs`` (tenant ``tenant`` plus a random suffix), enqueued by the feeder's claim; its
+    message, built as the worker will receive it (a ScoreBatch)."""
+    import uuid
+
+    from rewardq.storage import ledger, registry
+    from rewardq.storage import repository as repo
+    from rewardq.storage.db import session_scope
+    from rewardq.workers.messages import build_messages
+
+    with session_scope(db_url) as s:
+        version = registry.default_version(s)
+        assert version is not None
+        items = [repo.NewItem(f"i{i}", p, r) for i, (p, r) in enumerate(pairs)]
+        job = repo.create_job(s, tenant=f"{tenant}-{uuid.uuid4().hex[:6]}", items=items, model_version=version,
+                              batch_size=len(pairs))  # fmt: skip
+        job_id = job.id
+    with session_scope(db_url) as s:
+        assert ledger.claim_requeue(s, job_id=job_id, batch_no=0, seen=None)
+        [msg] = build_messages(s, job_id=job_id, model_version=version, batches=[repo.BatchRef(0, 0, len(pairs))])
+    return msg

@@ -18,15 +18,14 @@ import pytest
 import redis
 from sqlalchemy import func, select
 
-from rewardq.storage import ledger, registry
+from rewardq.storage import ledger
 from rewardq.storage import repository as repo
 from rewardq.storage.db import session_scope
 from rewardq.storage.models import Batch, ItemError, Job, Result
 from rewardq.storage.settings import get_settings
 from rewardq.workers.errors import InjectedFault, InjectedOutage
-from rewardq.workers.messages import ScoreBatch, build_messages
 from rewardq.workers.models.base import Preempted
-from tests.support import queued_messages
+from tests.support import enqueued_job, queued_messages
 
 pytestmark = pytest.mark.usefixtures("redis_url")
 
@@ -42,21 +41,6 @@ def queue(db_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     yield name
     redis.Redis.from_url(get_settings().redis_url).delete(name)
     get_settings.cache_clear()
-
-
-def _enqueued_job(db_url: str) -> ScoreBatch:
-    """A job of one 4-pair batch, enqueued by the feeder (its message built, as the worker will receive it)."""
-    with session_scope(db_url) as s:
-        version = registry.default_version(s)
-        assert version is not None
-        items = [repo.NewItem(f"i{i}", p, r) for i, (p, r) in enumerate(PAIRS)]
-        job = repo.create_job(s, tenant=f"fence-{uuid.uuid4().hex[:6]}", items=items, model_version=version,
-                              batch_size=len(PAIRS))  # fmt: skip
-        job_id = job.id
-    with session_scope(db_url) as s:
-        assert ledger.claim_requeue(s, job_id=job_id, batch_no=0, seen=None)
-        [msg] = build_messages(s, job_id=job_id, model_version=version, batches=[repo.BatchRef(0, 0, len(PAIRS))])
-    return msg
 
 
 def _state(db_url: str, job_id: str) -> dict[str, Any]:
@@ -90,7 +74,7 @@ def test_a_worker_that_lost_its_batch_to_another_writes_nothing_for_it(
 ):
     from rewardq.workers import engine
 
-    msg = _enqueued_job(db_url)
+    msg = enqueued_job(db_url, PAIRS, "fence")
     real_score = engine._score
     after_take_over: dict[str, Any] = {}
 
@@ -134,7 +118,7 @@ def test_a_worker_that_holds_its_batch_writes_as_before(db_url: str, queue: str)
     """The fence is no obstacle to the holder: the same engine path with no takeover scores and finishes the job."""
     from rewardq.workers import engine
 
-    msg = _enqueued_job(db_url)
+    msg = enqueued_job(db_url, PAIRS, "fence")
     assert engine.score_batch(msg, queue=None) == len(PAIRS)
     state = _state(db_url, msg.job_id)
     assert state["batch"][:2] == (True, 1) and state["job"][:2] == ("succeeded", 4) and state["results"] == 4

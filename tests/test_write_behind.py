@@ -22,14 +22,13 @@ import pytest
 import redis
 from sqlalchemy.exc import OperationalError
 
-from rewardq.storage import ledger, registry
 from rewardq.storage import repository as repo
 from rewardq.storage.db import session_scope
 from rewardq.storage.models import Batch, Job, db_now
 from rewardq.storage.settings import get_settings
 from rewardq.workers import liveness, writer
-from rewardq.workers.messages import ScoreBatch, batch_key, build_messages
-from tests.support import payloads, queued_messages, wait_for
+from rewardq.workers.messages import ScoreBatch, batch_key
+from tests.support import enqueued_job, payloads, queued_messages, wait_for
 
 pytestmark = pytest.mark.usefixtures("redis_url")
 
@@ -52,20 +51,6 @@ def hold(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterat
     get_settings.cache_clear()
 
 
-def _enqueued_job(db_url: str) -> ScoreBatch:
-    with session_scope(db_url) as s:
-        version = registry.default_version(s)
-        assert version is not None
-        items = [repo.NewItem(f"i{i}", p, r) for i, (p, r) in enumerate(PAIRS)]
-        job = repo.create_job(s, tenant=f"wb-{uuid.uuid4().hex[:6]}", items=items, model_version=version,
-                              batch_size=len(PAIRS))  # fmt: skip
-        job_id = job.id
-    with session_scope(db_url) as s:
-        assert ledger.claim_requeue(s, job_id=job_id, batch_no=0, seen=None)
-        [msg] = build_messages(s, job_id=job_id, model_version=version, batches=[repo.BatchRef(0, 0, len(PAIRS))])
-    return msg
-
-
 def _job(db_url: str, job_id: str) -> tuple[str, int]:
     with session_scope(db_url) as s:
         job = s.get(Job, job_id)
@@ -82,7 +67,7 @@ def test_the_next_batch_is_scored_while_a_write_is_held(db_url: str, hold: Path)
     from rewardq.workers import engine
 
     writer.start()
-    first, second = _enqueued_job(db_url), _enqueued_job(db_url)
+    first, second = enqueued_job(db_url, PAIRS, "wb"), enqueued_job(db_url, PAIRS, "wb")
     hold.touch()
     assert engine.score_batch(first) == len(PAIRS)  # handed to the writer, which holds it
     assert writer.pending() == 1 and _job(db_url, first.job_id) == ("running", 0)
@@ -107,7 +92,7 @@ def test_a_worker_that_died_writing_a_batch_counts_no_death_on_it(db_url: str, h
     batches beside a killer after three kills)."""
     from rewardq.workers import sweeper
 
-    msg = _enqueued_job(db_url)
+    msg = enqueued_job(db_url, PAIRS, "wb")
     dead = f"gone-host:1:{uuid.uuid4().hex[:8]}"
     with session_scope(db_url) as s:
         assert repo.start_batch(s, job_id=msg.job_id, batch_no=0, worker=dead) is not None
@@ -134,7 +119,7 @@ def test_a_write_that_meets_a_brief_outage_is_tried_again_with_its_scores(
     from rewardq.workers import engine
 
     writer.start()
-    msg = _enqueued_job(db_url)
+    msg = enqueued_job(db_url, PAIRS, "wb")
     real = repo.save_results
     calls: list[int] = []
 
@@ -164,7 +149,7 @@ def test_a_write_that_meets_a_long_outage_queues_its_batch_again(
     from rewardq.workers import engine
 
     writer.start()
-    msg = _enqueued_job(db_url)
+    msg = enqueued_job(db_url, PAIRS, "wb")
     real = repo.save_results
 
     def outage(*args: Any, **kwargs: Any) -> int:

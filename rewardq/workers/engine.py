@@ -41,13 +41,12 @@ from rewardq.workers.errors import (
 from rewardq.workers.feeder import feed_quietly, refill_room
 from rewardq.workers.messages import (
     QUEUED_BATCHES,
-    SERVED,
-    SERVED_SEQ,
     InteractiveBatch,
     ScoreBatch,
     batch_key,
     build_messages,
     enqueue_score_batches,
+    note_served_into,
 )
 from rewardq.workers.models import ENSEMBLE, load_model
 from rewardq.workers.models.base import Preempted
@@ -287,10 +286,6 @@ def _take_and_score(
     return _Scored(msg, queue, take.lease, scores, failed, stats, how)
 
 
-# A worker finished a batch of a tenant (messages.note_served), in one command, so it can go in a pipeline.
-_NOTE_SERVED = "redis.call('HSET', KEYS[1], ARGV[1], redis.call('INCR', KEYS[2]))"
-
-
 def _write(b: _Scored, settings: Settings, behind: bool = False) -> int:
     """The write stage: the batch's results and failures, fenced on its lease, in one transaction; then one Redis
     round trip for the counters, the tenant served, the job's finish notice, the heartbeat and the queue's depth;
@@ -307,7 +302,7 @@ def _write(b: _Scored, settings: Settings, behind: bool = False) -> int:
         if not repo.fence_batch(s, job_id=msg.job_id, batch_no=msg.batch_no, lease=b.lease):
             log.warning("batch %s/%d: another worker took it since, or its job is gone: dropped", *_ref(msg))
             liveness.working_on(settings.redis_url, settings.heartbeat_ttl_s, key, done=True,
-                                also=lambda p: p.hincrbyfloat(metrics.KEY, "batches_fenced", 1.0))  # fmt: skip
+                                also=lambda p: metrics.record_into(p, {"batches_fenced": 1.0}))  # fmt: skip
             return 0
         for i in sorted(b.failed):
             repo.record_item_failure(
@@ -347,13 +342,10 @@ def _write(b: _Scored, settings: Settings, behind: bool = False) -> int:
     def also(pipe: Any) -> None:
         # Counted as soon as its results are committed, before anyone is told the job ended (commands run in order):
         # a client that waited for the job and then reads /metrics sees its last batch.
-        for k, v in counters.items():
-            if v:
-                pipe.hincrbyfloat(metrics.KEY, k, v)
+        metrics.record_into(pipe, counters)
         if ended:
             pipe.publish(events.channel(msg.job_id), b"1")  # wakes GET /v1/jobs/{id}?wait=
-        if msg.tenant:  # fair share: this tenant does not jump the queue for a while
-            pipe.eval(_NOTE_SERVED, 2, SERVED, SERVED_SEQ, msg.tenant)
+        note_served_into(pipe, msg.tenant)  # fair share: this tenant does not jump the queue for a while
         for name in lists:
             pipe.llen(name)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 import redis
 from pydantic import BaseModel
@@ -91,11 +92,21 @@ SERVED = "rewardq:tenant-served"  # tenant -> the SERVED_SEQ value when a worker
 SERVED_SEQ = "rewardq:served-seq"  # batches finished, all tenants
 
 
+# The next SERVED_SEQ value, stored as the tenant's: one command, so it can share a pipeline with other work.
+_NOTE_SERVED = "redis.call('HSET', KEYS[1], ARGV[1], redis.call('INCR', KEYS[2]))"
+
+
+def note_served_into(pipe: Any, tenant: str) -> None:
+    """note_served(), as a command queued on the caller's pipeline."""
+    if tenant:
+        pipe.eval(_NOTE_SERVED, 2, SERVED, SERVED_SEQ, tenant)
+
+
 def note_served(url: str, tenant: str) -> None:
     """A worker finished a batch of ``tenant`` (read by the feeder's fair_priority); best effort."""
-    if tenant:
-        client = metrics.client(url)
-        client.hset(SERVED, tenant, int(client.incr(SERVED_SEQ)))
+    pipe = metrics.client(url).pipeline(transaction=False)
+    note_served_into(pipe, tenant)
+    pipe.execute()
 
 
 def served_last(url: str, tenants: Sequence[str]) -> set[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from functools import lru_cache
+from typing import Any
 
 import redis
 
@@ -46,13 +47,18 @@ def client(url: str) -> redis.Redis:
     return redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
 
 
+def record_into(pipe: Any, values: Mapping[str, float]) -> None:
+    """record(), as commands queued on the caller's pipeline (one round trip with other work)."""
+    for k, v in values.items():
+        if v:
+            pipe.hincrbyfloat(KEY, k, v)
+
+
 def record(url: str, values: Mapping[str, float]) -> None:
     """Add to the shared counters; metrics never fail the work they describe."""
     try:
         pipe = client(url).pipeline()
-        for k, v in values.items():
-            if v:
-                pipe.hincrbyfloat(KEY, k, v)
+        record_into(pipe, values)
         pipe.execute()
     except (redis.RedisError, OSError):
         log.debug("metrics not recorded: Redis unreachable")

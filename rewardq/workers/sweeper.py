@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime, timedelta
+from typing import Any
 
 from rewardq.storage import ledger
 from rewardq.storage import training_repository as trepo
@@ -70,8 +71,11 @@ def sweep(now: datetime | None = None) -> int:
     # Its worker died while writing its results (workers.writer), not scoring it: the batch did not kill it (the
     # next one may have), so no death is counted, or an innocent batch would be quarantined beside a killer.
     words = liveness.last_words(settings.redis_url, [str(row[7]) for row in gone]) if gone else {}
-    written = [row[:7] for row in gone if liveness.died_writing(words.get(str(row[7])), batch_key(row[0], row[1]))]
-    orphaned = [row[:7] for row in gone if row[:7] not in written]
+    written: list[tuple[Any, ...]] = []
+    orphaned: list[tuple[Any, ...]] = []
+    for row in gone:
+        died_writing = liveness.died_writing(words.get(str(row[7])), batch_key(row[0], row[1]))
+        (written if died_writing else orphaned).append(row[:7])
     # A live worker that no longer works on a batch it took (a retry waiting in its memory, lost with a Redis
     # restart) left it: no death, but no reason to wait for the deadline either.
     left = [

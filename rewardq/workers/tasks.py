@@ -45,15 +45,15 @@ def _preload(**_: Any) -> None:
         log.exception("could not preload the active model")
 
 
+DRAIN_S = 60.0  # how long a pool process that exits cleanly waits for its writer
+
+
 @worker_process_shutdown.connect
 def _drain(**_: Any) -> None:
     # A pool process that ends cleanly (a warm shutdown, a recycled child) writes the results it holds first; what a
     # process killed before that holds goes back to the queue through the sweeper (workers.writer).
     if not writer.drain(DRAIN_S):
         log.warning("exiting with %d batch write(s) unfinished: the sweeper queues them again", writer.pending())
-
-
-DRAIN_S = 60.0
 
 
 class _ScoringTask(app.Task):  # type: ignore[misc]
