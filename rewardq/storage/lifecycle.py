@@ -85,12 +85,13 @@ def delete_job(
 ) -> JobDeletion | None:
     """Delete a job (``tenant``'s, when given) and every row it holds; None when there is no such job.
 
-    1. Under the job's row lock, a job still queued or running is cancelled (the compare-and-set of POST /cancel),
-       so the feeder and the sweeper stop enqueuing its batches and workers skip the ones they take.
+    1. Under the job's exclusive row lock (repository.lock_job, which waits for the writes in flight), a job still
+       queued or running is cancelled (the compare-and-set of POST /cancel), so the feeder and the sweeper stop
+       enqueuing its batches and workers skip the ones they take.
     2. Results, error ledger and items go ``chunk`` rows per transaction, each under the job's lock.
     3. One last transaction, under the lock, deletes what a worker that was mid-batch wrote meanwhile, the batches
        and the job row. A worker finishing a batch after that finds no job and drops the batch
-       (repository.lock_job).
+       (repository.hold_job).
     ``max_rows`` bounds the rows deleted in steps 2 and 3 (beat's purge per tick): ``complete`` says if it got
     there; running it again resumes. ``where`` is checked on the job row at each step (the purge's age test)."""
     out = JobDeletion(job_id)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, cast
 
-from sqlalchemy import ColumnElement, Table, case, exists, func, insert, select, text, true, update
+from sqlalchemy import ColumnElement, Table, and_, case, exists, func, insert, select, text, true, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -232,22 +232,28 @@ def start_batch(
 
 
 def fence_batch(session: Session, *, job_id: str, batch_no: int, lease: int | None) -> bool:
-    """The first statement of a transaction that writes for a batch: the job's row lock (lock_job), then the batch's
-    row, locked, on the condition that it still carries ``lease``. False, and the caller writes nothing, when the job
-    is gone or another worker took the batch since (the sweeper gave it back after this worker froze past its
+    """The first statement of a transaction that writes for a batch: the job's row held (hold_job: shared among the
+    job's writers, so workers on one job do not wait on each other; only its deleter waits for them), then the
+    batch's row, locked, on the condition that it still carries ``lease``. False, and the caller writes nothing, when
+    the job is gone or another worker took the batch since (the sweeper gave it back after this worker froze past its
     heartbeat, or the broker redelivered it): a stale worker never finishes, fails, splits or hands back a batch that
-    is someone else's. ``lease`` None: no take to check (a writer that is not a worker's take)."""
-    if not lock_job(session, job_id=job_id):
+    is someone else's. ``lease`` None: the batch's row is locked with no take to check (a writer that is not a
+    worker's take, or one that fenced earlier in its transaction).
+
+    The batch's row lock is what keeps one outcome per item: every outcome of an item is written under the lock of
+    the one live batch that holds it (a split marks its batch done, under that lock, before its halves exist, and
+    takes of a done batch are refused), and the ``(job_id, idx)`` keys refuse a second row in each ledger."""
+    if not hold_job(session, job_id=job_id):
         return False
-    if lease is None:
-        return True
     res = session.execute(
         update(Batch)
-        .where(Batch.job_id == job_id, Batch.batch_no == batch_no, Batch.lease == lease)
+        .where(
+            Batch.job_id == job_id, Batch.batch_no == batch_no, Batch.lease == lease if lease is not None else true()
+        )
         .values(lease=Batch.lease),
         execution_options={"synchronize_session": False},
     )
-    return bool(res.rowcount)  # type: ignore[attr-defined]
+    return lease is None or bool(res.rowcount)  # type: ignore[attr-defined]
 
 
 def hand_back_batch(session: Session, *, job_id: str, batch_no: int, lease: int | None = None) -> bool:
@@ -292,23 +298,25 @@ def save_results(
     cache_misses: int = 0,
     scored_with: str | None = None,
     lease: int | None = None,
+    failed: int = 0,
 ) -> int:
-    """Upsert one batch's results and advance the job's progress in the caller's transaction.
+    """Upsert one batch's results and advance the job's progress in the caller's transaction (``failed``: items
+    this transaction put in the error ledger with ``advance=False``, counted in the same statement).
 
     Idempotent: a redelivered batch inserts nothing new and counts nothing twice. Offsets in
     ``skip``, and items already in the error ledger, are not stored: an item is scored or failed,
-    never both (the job's row lock orders this against record_item_failure). Returns the number of
+    never both (the batch's row lock orders this against record_item_failure: fence_batch). Returns the number of
     rows actually inserted: 0 when the job was deleted meanwhile, or another worker took the batch since ``lease``
     (fence_batch): the batch is dropped, nothing is written.
     """
     if not fence_batch(session, job_id=job_id, batch_no=batch_no, lease=lease):
         return 0
-    failed = session.scalars(
+    errors = session.scalars(
         select(ItemError.idx).where(
             ItemError.job_id == job_id, ItemError.idx >= start_idx, ItemError.idx < start_idx + len(scores)
         )
     )
-    skip = skip | {idx - start_idx for idx in failed}  # failed meanwhile (a split copy): an item has one outcome
+    skip = skip | {idx - start_idx for idx in errors}  # failed meanwhile (a split copy): an item has one outcome
     now = now_sql(session)
     flags = truncated or [False] * len(scores)
     counts = n_tokens or [None] * len(scores)
@@ -324,30 +332,78 @@ def save_results(
         .where(Batch.job_id == job_id, Batch.batch_no == batch_no)
         .values(done=True, done_at=now, **({"scored_with": scored_with[:128]} if scored_with else {}))
     )
-    if inserted:  # a redelivery inserts nothing and counts nothing, cache lookups included
-        session.execute(
-            update(Job)
-            .where(Job.id == job_id)
-            .values(
-                n_done=Job.n_done + inserted,
-                cache_hits=Job.cache_hits + cache_hits,
-                cache_misses=Job.cache_misses + cache_misses,
-            )  # fmt: skip
-        )
-    _finish_if_complete(session, job_id=job_id)
+    # A redelivery inserts nothing and counts nothing, cache lookups included; the job may still close (its last
+    # batch's outcomes were failures recorded in this transaction).
+    advance_job(
+        session,
+        job_id=job_id,
+        done=inserted,
+        failed=failed,
+        cache_hits=cache_hits if inserted else 0,
+        cache_misses=cache_misses if inserted else 0,
+    )
     return inserted
 
 
 def lock_job(session: Session, *, job_id: str, where: ColumnElement[bool] | None = None) -> bool:
-    """Take the job's row lock first (a no-op update: PostgreSQL's row lock, SQLite's write lock), so writers of
-    its items' outcomes go one at a time and each sees what the previous one committed; always job before batch.
-    The first statement of each transaction (on SQLite: the write lock before any read). False when the job is gone
-    (storage.lifecycle deleted it, under this same lock) or does not match ``where``: write nothing for it then."""
+    """Take the job's row lock, exclusive: it waits for every writer that holds the job (hold_job) and keeps new ones
+    out until the transaction ends; always job before batch. On PostgreSQL ``SELECT ... FOR UPDATE``; on SQLite a
+    no-op update, which takes the database's write lock before any read. The first statement of its transaction.
+    False when the job is gone (storage.lifecycle deleted it, under this same lock) or does not match ``where``."""
+    cond = and_(Job.id == job_id, where if where is not None else true())
+    if _dialect(session) == "postgresql":
+        return session.scalar(select(Job.id).where(cond).with_for_update()) is not None
     res = session.execute(
-        update(Job).where(Job.id == job_id, where if where is not None else true()).values(n_done=Job.n_done),
-        execution_options={"synchronize_session": False},
+        update(Job).where(cond).values(n_done=Job.n_done), execution_options={"synchronize_session": False}
     )
     return bool(res.rowcount)  # type: ignore[attr-defined]
+
+
+def hold_job(session: Session, *, job_id: str) -> bool:
+    """The job's row held for a writer of its items' outcomes, until its transaction ends: on PostgreSQL
+    ``FOR KEY SHARE``, which writers share with each other (and with the counters' update, advance_job) and only
+    lock_job's exclusive lock excludes, so workers on one job write in parallel and meet only at advance_job; on
+    SQLite, which has one writer at a time, the write lock (lock_job). False when the job is gone."""
+    if _dialect(session) == "postgresql":
+        q = select(Job.id).where(Job.id == job_id).with_for_update(read=True, key_share=True)
+        return session.scalar(q) is not None
+    return lock_job(session, job_id=job_id)
+
+
+def advance_job(
+    session: Session, *, job_id: str, done: int = 0, failed: int = 0, cache_hits: int = 0, cache_misses: int = 0
+) -> str | None:
+    """Count a write's outcomes into the job's progress and close the job when every item has one (succeeded, or
+    failed when nothing could be scored), in one statement; returns the job's status after it (None: gone).
+
+    The last statement of its transaction on purpose: it takes the job's row lock (one writer at a time, until
+    commit), so the job's writers wait on each other only for this statement and their commit, not for their whole
+    write. The new counts are the row's latest, under that lock, so exactly one write closes the job."""
+    new_done = Job.n_done + done
+    complete = and_(LIVE_JOB, new_done + Job.n_failed + failed >= Job.n_items)
+    now = now_sql(session)
+    values: dict[str, Any] = {
+        "status": case((complete, case((new_done > 0, JobStatus.succeeded.value), else_=JobStatus.failed.value)),
+                       else_=Job.status),
+        "error": case((and_(complete, new_done <= 0), "no item could be scored; see the job's failed items"),
+                      else_=Job.error),
+        "finished_at": case((complete, now), else_=Job.finished_at),
+        "started_at": case((complete, func.coalesce(Job.started_at, now)), else_=Job.started_at),
+    }  # fmt: skip
+    if done:
+        values["n_done"] = new_done
+    if failed:
+        values["n_failed"] = Job.n_failed + failed
+    if cache_hits:
+        values["cache_hits"] = Job.cache_hits + cache_hits
+    if cache_misses:
+        values["cache_misses"] = Job.cache_misses + cache_misses
+    stmt = update(Job).where(Job.id == job_id).values(**values).returning(Job.status)
+    return session.execute(stmt, execution_options={"synchronize_session": False}).scalar_one_or_none()
+
+
+def _dialect(session: Session) -> str:
+    return session.get_bind().dialect.name
 
 
 def _insert_new(session: Session, table: type[Result] | type[ItemError], rows: list[dict[str, Any]]) -> int:
@@ -407,44 +463,33 @@ def _insert_results_pg(session: Session, rows: list[dict[str, Any]]) -> int:
     return new
 
 
-def _finish_if_complete(session: Session, *, job_id: str) -> None:
-    """Close a job whose every item is scored or failed: succeeded, or failed when nothing could be scored."""
-    now = now_sql(session)
-    session.execute(
-        update(Job)
-        .where(
-            Job.id == job_id,
-            LIVE_JOB,
-            Job.n_done + Job.n_failed >= Job.n_items,
-        )
-        .values(
-            status=case((Job.n_done > 0, JobStatus.succeeded.value), else_=JobStatus.failed.value),
-            error=case((Job.n_done > 0, Job.error), else_="no item could be scored; see the job's failed items"),
-            finished_at=now,
-            started_at=func.coalesce(Job.started_at, now),
-        )
-    )
-
-
 def record_item_failure(
-    session: Session, *, job_id: str, batch_no: int, idx: int, code: str, message: str, lease: int | None = None
+    session: Session,
+    *,
+    job_id: str,
+    batch_no: int,
+    idx: int,
+    code: str,
+    message: str,
+    lease: int | None = None,
+    advance: bool = True,
 ) -> bool:
     """Put one item in the error ledger (once), count it failed, close its batch; True if newly recorded. An item
     that another copy of its batch scored meanwhile stays scored (an item has one outcome). False, writing nothing,
-    when the job was deleted meanwhile, or another worker took the batch since ``lease`` (fence_batch)."""
+    when the job was deleted meanwhile, or another worker took the batch since ``lease`` (fence_batch).
+    ``advance=False``: the caller counts it (save_results' ``failed``), in its transaction's one advance_job."""
     if not fence_batch(session, job_id=job_id, batch_no=batch_no, lease=lease):
         return False
     scored = session.scalar(select(Result.idx).where(Result.job_id == job_id, Result.idx == idx))
     row = {"job_id": job_id, "idx": idx, "code": code, "message": message[:2000]}
     new = scored is None and bool(_insert_new(session, ItemError, [row]))
-    if new:
-        session.execute(update(Job).where(Job.id == job_id).values(n_failed=Job.n_failed + 1))
     session.execute(
         update(Batch)
         .where(Batch.job_id == job_id, Batch.batch_no == batch_no)
         .values(done=True, done_at=now_sql(session))
     )
-    _finish_if_complete(session, job_id=job_id)
+    if advance:
+        advance_job(session, job_id=job_id, failed=int(new))
     return new
 
 

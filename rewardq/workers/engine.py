@@ -297,21 +297,23 @@ def _write(b: _Scored, settings: Settings, behind: bool = False) -> int:
         time.sleep(0.02)  # testing aid: a write held, as a slow database holds it
     t0 = time.perf_counter()
     with session_scope() as s:
-        # Fenced once for the whole transaction (the job's and the batch's row locks are held until it commits), so
-        # the writes below need not check the lease again.
+        # Fenced once for the whole transaction (the job held and the batch's row locked until it commits), so the
+        # writes below need not check the lease again.
         if not repo.fence_batch(s, job_id=msg.job_id, batch_no=msg.batch_no, lease=b.lease):
             log.warning("batch %s/%d: another worker took it since, or its job is gone: dropped", *_ref(msg))
             liveness.working_on(settings.redis_url, settings.heartbeat_ttl_s, key, done=True,
                                 also=lambda p: metrics.record_into(p, {"batches_fenced": 1.0}))  # fmt: skip
             return 0
+        new_failures = 0
         for i in sorted(b.failed):
-            repo.record_item_failure(
+            new_failures += repo.record_item_failure(
                 s,
                 job_id=msg.job_id,
                 batch_no=msg.batch_no,
                 idx=msg.start_idx + i,
                 code=b.failed[i][0],
                 message=b.failed[i][1],
+                advance=False,  # counted in save_results' advance_job: the job's row is locked once, at the end
             )
         inserted = repo.save_results(
             s,
@@ -328,6 +330,7 @@ def _write(b: _Scored, settings: Settings, behind: bool = False) -> int:
             cache_hits=int(b.stats.get("embed_cache_hits", 0)),
             cache_misses=int(b.stats.get("embed_cache_misses", 0)),
             scored_with=b.how,
+            failed=new_failures,
         )
         ended = repo.job_status(s, job_id=msg.job_id) in FINISHED  # this batch may have been the job's last
     counters = {

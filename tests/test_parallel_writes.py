@@ -1,0 +1,169 @@
+"""Workers on one job write in parallel on PostgreSQL (issue #36, item 3: no serialising lock).
+
+A write holds its job's row shared (FOR KEY SHARE) and locks its batch's row; only its last statement, the job's
+counters (advance_job), takes the job's row lock, until commit. So one worker's write never waits for another's
+whole transaction, the two last writes of a job still close it once with exact counts, and a deletion (the one
+exclusive holder) still waits for every write in flight. Each interleaving is forced: a write is held inside its
+transaction (a pause in the real repository function, on that thread only), and a blocked statement is seen in
+pg_stat_activity, not guessed from a sleep. SQLite has one writer at a time: nothing to show there."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select, text
+from sqlalchemy.orm import Session
+
+from rewardq.storage import lifecycle, registry
+from rewardq.storage import repository as repo
+from rewardq.storage.db import get_sessionmaker, session_scope
+from rewardq.storage.models import Job, Result
+from tests.conftest import migrated
+
+
+@pytest.fixture()
+def url(pg_url: str) -> str:
+    return migrated(pg_url)
+
+
+def _job(url: str) -> tuple[str, str, list[int]]:
+    """A job of 8 items in two batches of 4, both taken (each by its worker): its id, version and the two leases."""
+    with session_scope(url) as s:
+        version = registry.default_version(s)
+        assert version is not None
+        items = [repo.NewItem(f"i{i}", f"prompt {i}", f"response {i}") for i in range(8)]
+        job_id = repo.create_job(s, tenant="parallel", items=items, model_version=version, batch_size=4).id
+    leases = []
+    for batch_no in (0, 1):
+        with session_scope(url) as s:
+            take = repo.start_batch(s, job_id=job_id, batch_no=batch_no, worker=f"w{batch_no}")
+            assert take is not None
+            leases.append(take.lease)
+    return job_id, version, leases
+
+
+def _save(s: Session, job_id: str, version: str, batch_no: int, lease: int) -> int:
+    return repo.save_results(
+        s, job_id=job_id, batch_no=batch_no, start_idx=4 * batch_no, scores=[0.5] * 4, cos=[[0.1]] * 4,
+        model_version=version, lease=lease,
+    )  # fmt: skip
+
+
+class Held:
+    """Pause the thread that runs ``name`` in the repository (after the real call) until released."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+        self.reached, self.release = threading.Event(), threading.Event()
+        self.thread: threading.Thread | None = None
+        real: Callable[..., Any] = getattr(repo, name)
+
+        def held(*args: Any, **kwargs: Any) -> Any:
+            out = real(*args, **kwargs)
+            if threading.current_thread() is self.thread:
+                self.reached.set()
+                assert self.release.wait(30), "never released"
+            return out
+
+        monkeypatch.setattr(repo, name, held)
+
+    def run(self, fn: Callable[[], None]) -> threading.Thread:
+        self.thread = threading.Thread(target=fn, daemon=True)
+        self.thread.start()
+        assert self.reached.wait(30), "the held write never got there"
+        return self.thread
+
+
+def _writer(url: str, job_id: str, version: str, batch_no: int, lease: int, out: list[Any]) -> Callable[[], None]:
+    def write() -> None:
+        with session_scope(url) as s:
+            out.append(_save(s, job_id, version, batch_no, lease))
+
+    return write
+
+
+def _a_write_waits(url: str, done: threading.Thread, timeout: float = 20.0) -> bool:
+    """True once a backend of this database waits on a lock (the only writer that can is the one under test); False
+    if ``done`` ended first (it did not wait)."""
+    q = text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'")
+    deadline = time.monotonic() + timeout
+    with get_sessionmaker(url)() as s:
+        while time.monotonic() < deadline and done.is_alive():
+            if s.execute(q).scalar():
+                return True
+            s.rollback()  # a fresh snapshot of pg_stat_activity
+            time.sleep(0.01)
+    return False
+
+
+def _progress(url: str, job_id: str) -> tuple[str, int, int, bool]:
+    with session_scope(url) as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        n = s.scalar(select(func.count()).select_from(Result).where(Result.job_id == job_id))
+        return job.status, job.n_done, int(n or 0), job.finished_at is not None
+
+
+def test_a_write_does_not_wait_for_another_writes_transaction(url: str, monkeypatch: pytest.MonkeyPatch):
+    """Worker A's write is held after its results are inserted, its transaction open. Worker B writes its own batch
+    of the same job meanwhile, with a 5 s lock timeout: before item 3, A's job row lock (taken by its fence) made B
+    wait for A's whole transaction (LockNotAvailable here)."""
+    job_id, version, (lease0, lease1) = _job(url)
+    held = Held(monkeypatch, "_insert_new")
+    out_a: list[Any] = []
+    a = held.run(_writer(url, job_id, version, 0, lease0, out_a))
+    with session_scope(url) as s:
+        s.execute(text("SET LOCAL lock_timeout = '5s'"))
+        assert _save(s, job_id, version, 1, lease1) == 4
+    assert _progress(url, job_id) == ("queued", 4, 4, False)  # B committed while A's write is still open
+    held.release.set()
+    a.join(30)
+    assert out_a == [4]
+    assert _progress(url, job_id) == ("succeeded", 8, 8, True)
+
+
+def test_the_last_two_writes_of_a_job_close_it_once_with_exact_counts(url: str, monkeypatch: pytest.MonkeyPatch):
+    """A's write is held after its counters' update (the job's row locked, not committed). B's write goes as far as
+    its own counters' update and waits there; when A commits, B's update counts on A's committed row and closes the
+    job: 8 done, succeeded."""
+    job_id, version, (lease0, lease1) = _job(url)
+    held = Held(monkeypatch, "advance_job")
+    out_a: list[Any] = []
+    a = held.run(_writer(url, job_id, version, 0, lease0, out_a))
+    out_b: list[Any] = []
+    b = threading.Thread(target=_writer(url, job_id, version, 1, lease1, out_b), daemon=True)
+    b.start()
+    assert _a_write_waits(url, b), "B's counters' update did not wait for A's"
+    assert _progress(url, job_id) == ("queued", 0, 0, False)  # neither committed
+    held.release.set()
+    a.join(30)
+    b.join(30)
+    assert (out_a, out_b) == ([4], [4])
+    assert _progress(url, job_id) == ("succeeded", 8, 8, True)
+
+
+def test_a_deletion_waits_for_a_write_in_flight_then_deletes_its_rows(url: str, monkeypatch: pytest.MonkeyPatch):
+    """A write is held after its results are inserted, before its counters (it holds the job shared, not locked).
+    A deletion of the job must wait for it (its lock is exclusive) and then delete what it wrote: were the deleter's
+    lock the writers' kind, it would go ahead and the write would commit results of a deleted job."""
+    job_id, version, (lease0, _) = _job(url)
+    held = Held(monkeypatch, "_insert_new")
+    out_a: list[Any] = []
+    a = held.run(_writer(url, job_id, version, 0, lease0, out_a))
+    gone: list[Any] = []
+
+    deleter = threading.Thread(target=lambda: gone.append(lifecycle.delete_job(url, job_id=job_id)), daemon=True)
+    deleter.start()
+    assert _a_write_waits(url, deleter), "the deletion did not wait for the write in flight"
+    held.release.set()
+    a.join(30)
+    deleter.join(30)
+    assert out_a == [4]
+    deletion = gone[0]
+    assert deletion is not None and deletion.complete and deletion.results == 4
+    with session_scope(url) as s:
+        assert s.get(Job, job_id) is None
+        assert not s.scalar(select(func.count()).select_from(Result).where(Result.job_id == job_id))
