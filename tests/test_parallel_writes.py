@@ -147,8 +147,8 @@ def test_the_last_two_writes_of_a_job_close_it_once_with_exact_counts(url: str, 
 
 def test_a_deletion_waits_for_a_write_in_flight_then_deletes_its_rows(url: str, monkeypatch: pytest.MonkeyPatch):
     """A write is held after its results are inserted, before its counters (it holds the job shared, not locked).
-    A deletion of the job must wait for it (its lock is exclusive) and then delete what it wrote: were the deleter's
-    lock the writers' kind, it would go ahead and the write would commit results of a deleted job."""
+    A deletion of the job cancels it at once, then waits for the write (its lock is exclusive) and deletes what it
+    wrote: were the deleter's lock the writers' kind, it would not wait for the write."""
     job_id, version, (lease0, _) = _job(url)
     held = Held(monkeypatch, "_insert_new")
     out_a: list[Any] = []
@@ -158,6 +158,12 @@ def test_a_deletion_waits_for_a_write_in_flight_then_deletes_its_rows(url: str, 
     deleter = threading.Thread(target=lambda: gone.append(lifecycle.delete_job(url, job_id=job_id)), daemon=True)
     deleter.start()
     assert _a_write_waits(url, deleter), "the deletion did not wait for the write in flight"
+    # It waits cancelled: no new take starts a write that would keep it waiting (PostgreSQL grants a new shared
+    # holder before a waiting exclusive lock, so with the cancel under that lock, as it was, a busy job's deletion
+    # waited as long as the job ran and the job stayed running).
+    with session_scope(url) as s:
+        assert repo.job_status(s, job_id=job_id) == "cancelled"
+        assert repo.start_batch(s, job_id=job_id, batch_no=1, worker="w3", live_job=True) is None
     held.release.set()
     a.join(30)
     deleter.join(30)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, delete, exists, func, select, true, update
+from sqlalchemy import ColumnElement, and_, delete, exists, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
@@ -85,10 +85,10 @@ def delete_job(
 ) -> JobDeletion | None:
     """Delete a job (``tenant``'s, when given) and every row it holds; None when there is no such job.
 
-    1. Under the job's exclusive row lock (repository.lock_job, which waits for the writes in flight), a job still
-       queued or running is cancelled (the compare-and-set of POST /cancel), so the feeder and the sweeper stop
-       enqueuing its batches and workers skip the ones they take.
-    2. Results, error ledger and items go ``chunk`` rows per transaction, each under the job's lock.
+    1. A job still queued or running is cancelled (the compare-and-set of POST /cancel), so the feeder and the
+       sweeper stop enqueuing its batches and workers skip the ones they take.
+    2. Results, error ledger and items go ``chunk`` rows per transaction, each under the job's exclusive row lock
+       (repository.lock_job, which waits for the writes in flight).
     3. One last transaction, under the lock, deletes what a worker that was mid-batch wrote meanwhile, the batches
        and the job row. A worker finishing a batch after that finds no job and drops the batch
        (repository.hold_job).
@@ -96,12 +96,15 @@ def delete_job(
     there; running it again resumes. ``where`` is checked on the job row at each step (the purge's age test)."""
     out = JobDeletion(job_id)
     with session_scope(url) as s:
+        # Not under the exclusive lock: writers hold the job shared and keep arriving while it runs (PostgreSQL grants
+        # a new shared holder before a waiting exclusive one), so the lock could wait for as long as the job runs.
+        # Cancelled first, no new batch is taken, and the writes in flight (a batch or two per worker) let it go.
         conds = [c for c in (where, Job.tenant == tenant if tenant is not None else None) if c is not None]
-        if not lock_job(s, job_id=job_id, where=and_(true(), *conds)):
+        if s.scalar(select(Job.id).where(Job.id == job_id, *conds)) is None:
             return None
         res = s.execute(
             update(Job)
-            .where(Job.id == job_id, Job.status.not_in(FINISHED))
+            .where(Job.id == job_id, Job.status.not_in(FINISHED), *conds)
             .values(status=JobStatus.cancelled.value, finished_at=now_sql(s)),
             execution_options={"synchronize_session": False},
         )

@@ -237,12 +237,15 @@ def fence_batch(session: Session, *, job_id: str, batch_no: int, lease: int | No
     batch's row, locked, on the condition that it still carries ``lease``. False, and the caller writes nothing, when
     the job is gone or another worker took the batch since (the sweeper gave it back after this worker froze past its
     heartbeat, or the broker redelivered it): a stale worker never finishes, fails, splits or hands back a batch that
-    is someone else's. ``lease`` None: the batch's row is locked with no take to check (a writer that is not a
-    worker's take, or one that fenced earlier in its transaction).
+    is someone else's. ``lease`` None: the batch's row is locked, with no take to check (tests' writers, which
+    model copies of a batch under one batch number; a worker always names its take).
 
-    The batch's row lock is what keeps one outcome per item: every outcome of an item is written under the lock of
-    the one live batch that holds it (a split marks its batch done, under that lock, before its halves exist, and
-    takes of a done batch are refused), and the ``(job_id, idx)`` keys refuse a second row in each ledger."""
+    The lease and the batch's row lock are what keep one outcome per item: a worker writes an item's outcome only
+    under the lock of the batch it took, with that take's lease, and a split closes its batch under that lock
+    before its halves exist (a closed batch cannot be taken, and the split's taker writes nothing more for it); the
+    writers of one batch go one at a time and each skips items that have the other outcome, and the
+    ``(job_id, idx)`` keys refuse a second row in each ledger. (Two lease-less writers of one item under different
+    batch numbers would not meet on a lock: no code writes so.)"""
     if not hold_job(session, job_id=job_id):
         return False
     res = session.execute(
@@ -398,6 +401,8 @@ def advance_job(
         values["cache_hits"] = Job.cache_hits + cache_hits
     if cache_misses:
         values["cache_misses"] = Job.cache_misses + cache_misses
+    if not (done or failed):  # a redelivery: nothing changed, and whoever wrote the last count closed the job if due
+        return job_status(session, job_id=job_id)
     stmt = update(Job).where(Job.id == job_id).values(**values).returning(Job.status)
     return session.execute(stmt, execution_options={"synchronize_session": False}).scalar_one_or_none()
 

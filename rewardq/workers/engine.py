@@ -313,6 +313,7 @@ def _write(b: _Scored, settings: Settings, behind: bool = False) -> int:
                 idx=msg.start_idx + i,
                 code=b.failed[i][0],
                 message=b.failed[i][1],
+                lease=b.lease,
                 advance=False,  # counted in save_results' advance_job: the job's row is locked once, at the end
             )
         inserted = repo.save_results(
@@ -330,6 +331,7 @@ def _write(b: _Scored, settings: Settings, behind: bool = False) -> int:
             cache_hits=int(b.stats.get("embed_cache_hits", 0)),
             cache_misses=int(b.stats.get("embed_cache_misses", 0)),
             scored_with=b.how,
+            lease=b.lease,
             failed=new_failures,
         )
         ended = repo.job_status(s, job_id=msg.job_id) in FINISHED  # this batch may have been the job's last
