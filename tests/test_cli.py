@@ -90,6 +90,7 @@ def test_the_cli_says_no_api_at_once_and_rides_out_a_restart_once_it_has_reached
         assert len(slept) == 5, slept
 
 
+@pytest.mark.one_backend("sqlite")  # the CLI's parsing and output; the API's storage runs on both elsewhere
 def test_options_after_the_subcommand_short_ids_and_status(live: Live, tmp_path: Path):
     out = rewardq("submit", str(_pairs(tmp_path / "p.jsonl", 5, "short")), "--wait", "--url", live.url)
     assert out.returncode == 0, out.stderr
@@ -183,6 +184,7 @@ def test_every_option_of_every_verb_has_help_and_shows_its_default():
     )
 
 
+@pytest.mark.one_backend("postgresql")  # the CLI's waits; the run's storage runs on both in test_retraining
 def test_retrain_runs_and_waits_show_briefly_and_time_out(live: Live):
     from rewardq.client.samples import load_sts
 
@@ -223,6 +225,7 @@ def test_retrain_runs_and_waits_show_briefly_and_time_out(live: Live):
     assert base["score_stats"]["n"] == 40 and len(base["score_stats"]["quantiles"]) == 101
 
 
+@pytest.mark.one_backend("postgresql")  # file sniffing in the CLI; uploads' storage runs on both in test_uploads
 def test_first_hour_files_long_lines_gzip_and_empty(live: Live, tmp_path: Path):
     """A JSON Lines file whose first line is longer than any sniff, the same file gzipped (by name or not), and an
     empty file's message without Python's bytes notation."""

@@ -26,6 +26,7 @@ def _create(client, members: list[tuple[str, float]], name: str | None = None, h
     return client.post("/v1/models/ensemble", json=body, headers=headers)
 
 
+@pytest.mark.one_backend("postgresql")  # the ensemble's scores; its registry rows run on both below
 @pytest.mark.slow
 def test_two_imported_classifiers_and_the_sim_exp_base_as_one_ensemble(stack: Stack, tmp_path: Path):
     c = stack.client

@@ -27,6 +27,7 @@ def _counts(db_url: str) -> tuple[int, int]:
         return s.query(Job).count(), s.query(Item).count()
 
 
+@pytest.mark.one_backend("sqlite")  # the lane's scores; the queued path's storage runs on both elsewhere
 def test_interactive_scores_equal_bulk_scores_and_write_nothing(stack: Stack):
     c = stack.client
     items = [{"id": f"p{i}", "prompt": p, "response": r} for i, (p, r) in enumerate(PAIRS)]

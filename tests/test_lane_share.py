@@ -64,6 +64,7 @@ def test_one_tenant_cannot_take_the_whole_interactive_lane(db_url: str, redis_ur
 _DEAD: list[Any] = []  # the share of an API process that died holding it: kept alive, never closed
 
 
+@pytest.mark.one_backend("sqlite")  # the share is in Redis; the one-tenant test below runs on both
 def test_a_dead_api_s_share_lapses_though_the_tenant_keeps_sending(db_url: str, redis_url: str):
     """An API process that dies while a request waits never gives its share back. It used to be one counter per
     tenant whose expiry every new request pushed back, so a tenant that kept sending (an RLHF loop) never got the

@@ -43,6 +43,7 @@ def reference_model():
     return SentenceTransformer(default_encoder_path(), device="cpu")
 
 
+@pytest.mark.one_backend("sqlite")  # the client's polling; the summary's query runs on both elsewhere
 def test_client_wait_polls_without_the_summary_and_returns_the_finished_job_with_it(stack: Stack, sts_dev_300):
     """The summary reads every result, so `rewardq submit --wait` must not ask for it on every poll."""
     from rewardq.client.client import Client

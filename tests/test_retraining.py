@@ -372,6 +372,7 @@ def test_schedule_fires_once_per_slot_with_two_beats_and_stops_when_deleted(db_u
     redis.Redis.from_url(env["REWARDQ_REDIS_URL"]).delete(queue)
 
 
+@pytest.mark.one_backend("postgresql")  # the CLI's flow; the run's storage is tested on both
 @pytest.mark.slow
 def test_cli_feedback_retrain_models_and_schedules(stack: Stack, tmp_path):
     import subprocess

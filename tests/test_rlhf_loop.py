@@ -30,6 +30,7 @@ def _lane_scores(live: Live, pairs: list[tuple[str, str]]) -> list[float]:
         return [r["score"] for r in c.score(pairs)["results"]]
 
 
+@pytest.mark.one_backend("postgresql")  # OpenRLHF's client and the protocol; storage runs on both elsewhere
 def test_openrlhf_reward_client_gets_rewardq_scores(live: Live):
     from openrlhf.utils.agent import SingleTurnAgentExecutor
 
