@@ -301,10 +301,10 @@ def save_results(
     cache_misses: int = 0,
     scored_with: str | None = None,
     lease: int | None = None,
-    failed: int = 0,
+    advance: bool = True,
 ) -> int:
-    """Upsert one batch's results and advance the job's progress in the caller's transaction (``failed``: items
-    this transaction put in the error ledger with ``advance=False``, counted in the same statement).
+    """Upsert one batch's results and advance the job's progress in the caller's transaction (``advance=False``: the
+    caller counts them, in its transaction's one advance_job, with the failures it recorded).
 
     Idempotent: a redelivered batch inserts nothing new and counts nothing twice. Offsets in
     ``skip``, and items already in the error ledger, are not stored: an item is scored or failed,
@@ -335,16 +335,8 @@ def save_results(
         .where(Batch.job_id == job_id, Batch.batch_no == batch_no)
         .values(done=True, done_at=now, **({"scored_with": scored_with[:128]} if scored_with else {}))
     )
-    # A redelivery inserts nothing and counts nothing, cache lookups included; the job may still close (its last
-    # batch's outcomes were failures recorded in this transaction).
-    advance_job(
-        session,
-        job_id=job_id,
-        done=inserted,
-        failed=failed,
-        cache_hits=cache_hits if inserted else 0,
-        cache_misses=cache_misses if inserted else 0,
-    )
+    if advance:
+        advance_job(session, job_id=job_id, done=inserted, cache_hits=cache_hits, cache_misses=cache_misses)
     return inserted
 
 
@@ -381,7 +373,10 @@ def advance_job(
 
     The last statement of its transaction on purpose: it takes the job's row lock (one writer at a time, until
     commit), so the job's writers wait on each other only for this statement and their commit, not for their whole
-    write. The new counts are the row's latest, under that lock, so exactly one write closes the job."""
+    write. The new counts are the row's latest, under that lock, so exactly one write closes the job. Cache lookups
+    count only with results: a redelivery inserts nothing and counts nothing."""
+    if not (done or failed):  # a redelivery: nothing changed, and whoever wrote the last count closed the job if due
+        return job_status(session, job_id=job_id)
     new_done = Job.n_done + done
     complete = and_(LIVE_JOB, new_done + Job.n_failed + failed >= Job.n_items)
     now = now_sql(session)
@@ -397,12 +392,10 @@ def advance_job(
         values["n_done"] = new_done
     if failed:
         values["n_failed"] = Job.n_failed + failed
-    if cache_hits:
+    if done and cache_hits:
         values["cache_hits"] = Job.cache_hits + cache_hits
-    if cache_misses:
+    if done and cache_misses:
         values["cache_misses"] = Job.cache_misses + cache_misses
-    if not (done or failed):  # a redelivery: nothing changed, and whoever wrote the last count closed the job if due
-        return job_status(session, job_id=job_id)
     stmt = update(Job).where(Job.id == job_id).values(**values).returning(Job.status)
     return session.execute(stmt, execution_options={"synchronize_session": False}).scalar_one_or_none()
 
@@ -482,7 +475,7 @@ def record_item_failure(
     """Put one item in the error ledger (once), count it failed, close its batch; True if newly recorded. An item
     that another copy of its batch scored meanwhile stays scored (an item has one outcome). False, writing nothing,
     when the job was deleted meanwhile, or another worker took the batch since ``lease`` (fence_batch).
-    ``advance=False``: the caller counts it (save_results' ``failed``), in its transaction's one advance_job."""
+    ``advance=False``: the caller counts it, in its transaction's one advance_job."""
     if not fence_batch(session, job_id=job_id, batch_no=batch_no, lease=lease):
         return False
     scored = session.scalar(select(Result.idx).where(Result.job_id == job_id, Result.idx == idx))

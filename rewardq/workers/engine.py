@@ -314,7 +314,7 @@ def _write(b: _Scored, settings: Settings, behind: bool = False) -> int:
                 code=b.failed[i][0],
                 message=b.failed[i][1],
                 lease=b.lease,
-                advance=False,  # counted in save_results' advance_job: the job's row is locked once, at the end
+                advance=False,  # counted below: the job's row is locked once, by the transaction's last statement
             )
         inserted = repo.save_results(
             s,
@@ -328,13 +328,19 @@ def _write(b: _Scored, settings: Settings, behind: bool = False) -> int:
             n_tokens=b.scores.n_tokens,
             components=b.scores.components,
             skip=frozenset(b.failed),
-            cache_hits=int(b.stats.get("embed_cache_hits", 0)),
-            cache_misses=int(b.stats.get("embed_cache_misses", 0)),
             scored_with=b.how,
             lease=b.lease,
-            failed=new_failures,
+            advance=False,
         )
-        ended = repo.job_status(s, job_id=msg.job_id) in FINISHED  # this batch may have been the job's last
+        status = repo.advance_job(
+            s,
+            job_id=msg.job_id,
+            done=inserted,
+            failed=new_failures,
+            cache_hits=int(b.stats.get("embed_cache_hits", 0)),
+            cache_misses=int(b.stats.get("embed_cache_misses", 0)),
+        )
+        ended = status in FINISHED  # this batch may have been the job's last
     counters = {
         **b.stats,
         "items_scored": inserted,
