@@ -574,7 +574,9 @@ class Campaign:
         r = self.report
         ids = list(self.submitted.values())
         jobs = self.sql(
-            "SELECT j.id, j.status, j.n_items, j.n_done, j.n_failed,"
+            "SELECT j.id, j.status, j.n_items,"
+            " j.n_done + (SELECT coalesce(sum(p.n_done), 0) FROM job_progress p WHERE p.job_id = j.id),"
+            " j.n_failed + (SELECT coalesce(sum(p.n_failed), 0) FROM job_progress p WHERE p.job_id = j.id),"
             " (SELECT count(*) FROM items i WHERE i.job_id = j.id),"
             " (SELECT count(*) FROM results x WHERE x.job_id = j.id),"
             " (SELECT count(*) FROM item_errors e WHERE e.job_id = j.id),"

@@ -275,3 +275,15 @@ def enqueued_job(db_url: str, pairs: list[tuple[str, str]], tenant: str) -> Any:
         assert ledger.claim_requeue(s, job_id=job_id, batch_no=0, seen=None)
         [msg] = build_messages(s, job_id=job_id, model_version=version, batches=[repo.BatchRef(0, 0, len(pairs))])
     return msg
+
+
+def job_done(session: Any, job_id: str) -> tuple[str, int, int]:
+    """A job's status and its done and failed counts as the API reports them: its row's and its progress rows'
+    (a live job's counts are in its progress rows until it closes)."""
+    from rewardq.storage import repository as repo
+    from rewardq.storage.models import Job
+
+    job = session.get(Job, job_id, populate_existing=True)
+    assert job is not None
+    counts = repo.job_counts(session, job_ids=[job_id])[job_id]
+    return job.status, counts.done, counts.failed

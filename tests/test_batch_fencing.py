@@ -25,7 +25,7 @@ from rewardq.storage.models import Batch, ItemError, Job, Result
 from rewardq.storage.settings import get_settings
 from rewardq.workers.errors import InjectedFault, InjectedOutage
 from rewardq.workers.models.base import Preempted
-from tests.support import enqueued_job, queued_messages
+from tests.support import enqueued_job, job_done, queued_messages
 
 pytestmark = pytest.mark.usefixtures("redis_url")
 
@@ -51,7 +51,7 @@ def _state(db_url: str, job_id: str) -> dict[str, Any]:
         assert b is not None and job is not None
         return {
             "batch": (b.done, b.lease, b.worker, b.attempts, b.deaths, b.enqueued_at, b.started_at),
-            "job": (job.status, job.n_done, job.n_failed, job.n_batches),
+            "job": (*job_done(s, job_id), job.n_batches),
             "results": s.scalar(select(func.count()).select_from(Result).where(Result.job_id == job_id)),
             "errors": s.scalar(select(func.count()).select_from(ItemError).where(ItemError.job_id == job_id)),
         }

@@ -21,7 +21,7 @@ from rewardq.storage import keys
 from rewardq.storage.db import get_sessionmaker
 from rewardq.storage.models import ApiKey, Batch, Item, Job, Result
 from tests.conftest import Ledger, migrated, worker_env
-from tests.support import TcpProxy, need
+from tests.support import TcpProxy, job_done, need
 
 pytestmark = pytest.mark.slow
 ITEMS = [{"id": f"f{i}", "prompt": f"Question number {i}?", "response": f"An answer of some length, number {i}."}
@@ -80,9 +80,8 @@ class Rig:
 
     def job(self, job_id: str) -> dict:
         with get_sessionmaker(self.db_url)() as s:
-            job = s.get(Job, job_id)
-            assert job is not None
-            return {"status": job.status, "done": job.n_done, "failed": job.n_failed}
+            status, done, failed = job_done(s, job_id)
+            return {"status": status, "done": done, "failed": failed}
 
     def wait_done(self, job_id: str, at_least: int, timeout: float) -> None:
         wait_for(lambda: self.job(job_id)["done"] >= at_least, timeout, f"{at_least} items scored")
@@ -328,7 +327,7 @@ def test_postgresql_unreachable_for_a_while_mid_job(rig_factory, pg_url: str, le
             rig.start(name)
         job_id = rig.submit()
         with get_sessionmaker(base)() as s:  # watch through the direct connection
-            wait_for(lambda: (s.get(Job, job_id, populate_existing=True).n_done or 0) >= 96, 120, "scoring started")
+            wait_for(lambda: job_done(s, job_id)[1] >= 96, 120, "scoring started")
         pairs = {"items": ITEMS[:3]}
         with rig.api() as c:
             before = c.post("/v1/score", json=pairs)

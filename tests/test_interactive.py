@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from rewardq.storage.db import get_sessionmaker
 from rewardq.storage.models import Item, Job
 from tests.conftest import make_client
-from tests.support import Stack, wait_job
+from tests.support import Stack, job_done, wait_job
 
 pytestmark = pytest.mark.slow
 
@@ -120,7 +120,7 @@ def _score_while_paused(stack: Stack, c: TestClient, items: list[dict], job_id: 
     def interactive() -> None:
         box["resp"] = c.post("/v1/score", json={"items": items})
         with get_sessionmaker(stack.db_url)() as s:
-            box["bulk_done_then"] = s.get(Job, job_id).n_done
+            box["bulk_done_then"] = job_done(s, job_id)[1]
 
     t = threading.Thread(target=interactive)
     t.start()
@@ -182,7 +182,7 @@ def test_a_bulk_batch_under_way_stops_for_interactive_work_and_resumes(stack: St
         stack.worker.kill(signal.SIGSTOP)
         try:
             with Session() as s:
-                assert s.get(Job, job_id).n_done == 0, "a bulk batch finished before the pause: texts too short"
+                assert job_done(s, job_id)[1] == 0, "a bulk batch finished before the pause: texts too short"
             resp, bulk_done_then = _score_while_paused(stack, c, bulk[:16], job_id, parts=1)
         finally:
             stack.worker.kill(signal.SIGCONT)

@@ -1,8 +1,9 @@
 """Workers on one job write in parallel on PostgreSQL (issue #36, item 3: no serialising lock).
 
-A write holds its job's row shared (FOR KEY SHARE) and locks its batch's row; only its last statement, the job's
-counters (advance_job), takes the job's row lock, until commit. So one worker's write never waits for another's
-whole transaction, the two last writes of a job still close it once with exact counts, and a deletion (the one
+A write holds its job's row shared (FOR KEY SHARE), locks its batch's row, and counts its outcomes in its batch's
+progress row (one of a few per job, by batch number): no statement of one batch's write waits for another batch's
+write. The job closes after the commit of whichever write completes it, in a compare-and-set on the job's row, so the
+last two writes still close it once with exact counts, whatever order they commit in; and a deletion (the one
 exclusive holder) still waits for every write in flight. Each interleaving is forced: a write is held inside its
 transaction (a pause in the real repository function, on that thread only), and a blocked statement is seen in
 pg_stat_activity, not guessed from a sleep. SQLite has one writer at a time: nothing to show there."""
@@ -21,8 +22,9 @@ from sqlalchemy.orm import Session
 from rewardq.storage import lifecycle, registry
 from rewardq.storage import repository as repo
 from rewardq.storage.db import get_sessionmaker, session_scope
-from rewardq.storage.models import Job, Result
+from rewardq.storage.models import Job, JobProgress, Result
 from tests.conftest import migrated
+from tests.support import job_done
 
 
 @pytest.fixture()
@@ -54,18 +56,24 @@ def _save(s: Session, job_id: str, version: str, batch_no: int, lease: int) -> i
 
 
 class Held:
-    """Pause the thread that runs ``name`` in the repository (after the real call) until released."""
+    """Pause the thread that runs ``name`` in the repository (after the real call, or ``before`` it) until released."""
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, name: str, before: bool = False) -> None:
         self.reached, self.release = threading.Event(), threading.Event()
         self.thread: threading.Thread | None = None
         real: Callable[..., Any] = getattr(repo, name)
 
-        def held(*args: Any, **kwargs: Any) -> Any:
-            out = real(*args, **kwargs)
+        def pause() -> None:
             if threading.current_thread() is self.thread:
                 self.reached.set()
                 assert self.release.wait(30), "never released"
+
+        def held(*args: Any, **kwargs: Any) -> Any:
+            if before:
+                pause()
+            out = real(*args, **kwargs)
+            if not before:
+                pause()
             return out
 
         monkeypatch.setattr(repo, name, held)
@@ -101,10 +109,10 @@ def _a_write_waits(url: str, done: threading.Thread, timeout: float = 20.0) -> b
 
 def _progress(url: str, job_id: str) -> tuple[str, int, int, bool]:
     with session_scope(url) as s:
-        job = s.get(Job, job_id)
-        assert job is not None
+        status, done, _ = job_done(s, job_id)
         n = s.scalar(select(func.count()).select_from(Result).where(Result.job_id == job_id))
-        return job.status, job.n_done, int(n or 0), job.finished_at is not None
+        finished = s.scalar(select(Job.finished_at).where(Job.id == job_id)) is not None
+        return status, done, int(n or 0), finished
 
 
 def test_a_write_does_not_wait_for_another_writes_transaction(url: str, monkeypatch: pytest.MonkeyPatch):
@@ -125,23 +133,76 @@ def test_a_write_does_not_wait_for_another_writes_transaction(url: str, monkeypa
     assert _progress(url, job_id) == ("succeeded", 8, 8, True)
 
 
-def test_the_last_two_writes_of_a_job_close_it_once_with_exact_counts(url: str, monkeypatch: pytest.MonkeyPatch):
-    """A's write is held after its counters' update (the job's row locked, not committed). B's write goes as far as
-    its own counters' update and waits there; when A commits, B's update counts on A's committed row and closes the
-    job: 8 done, succeeded."""
+def test_the_counters_of_a_write_do_not_wait_for_another_writes_commit(url: str, monkeypatch: pytest.MonkeyPatch):
+    """A's write is held after it counted its outcomes (its progress row updated, not committed). B's write of the
+    job's other batch, with a 5 s lock timeout, counts its own and commits without waiting: before, both counted in
+    the job's one row, and B waited for A's commit (LockNotAvailable here). B's commit cannot close the job (A's
+    counts are not committed); A's, after it, does: 8 done, succeeded, once."""
     job_id, version, (lease0, lease1) = _job(url)
     held = Held(monkeypatch, "advance_job")
     out_a: list[Any] = []
     a = held.run(_writer(url, job_id, version, 0, lease0, out_a))
-    out_b: list[Any] = []
-    b = threading.Thread(target=_writer(url, job_id, version, 1, lease1, out_b), daemon=True)
-    b.start()
-    assert _a_write_waits(url, b), "B's counters' update did not wait for A's"
-    assert _progress(url, job_id) == ("queued", 0, 0, False)  # neither committed
+    with session_scope(url) as s:
+        s.execute(text("SET LOCAL lock_timeout = '5s'"))
+        assert _save(s, job_id, version, 1, lease1) == 4
+    assert _progress(url, job_id) == ("queued", 4, 4, False)  # B's counts only: A's are not committed
     held.release.set()
     a.join(30)
+    assert out_a == [4]
+    assert _progress(url, job_id) == ("succeeded", 8, 8, True)
+    with session_scope(url) as s:  # closed with its counts folded into its row
+        job = s.get(Job, job_id)
+        assert job is not None and (job.n_done, job.n_failed) == (8, 0)
+        assert not s.scalar(select(func.count()).select_from(JobProgress).where(JobProgress.job_id == job_id))
+
+
+def test_the_last_two_writes_of_a_job_close_it_once(url: str, monkeypatch: pytest.MonkeyPatch):
+    """A's write commits and its closing step (after the commit) is held before it looks; B's write commits, so the
+    job is complete when each step looks, and B's step closes it. A's step then finds it closed and does nothing: the
+    job is succeeded once, 8 done, and only B's write says it closed it."""
+    job_id, version, (lease0, lease1) = _job(url)
+    held = Held(monkeypatch, "close_if_complete", before=True)
+    closed: dict[str, dict[str, str]] = {}
+
+    def write(name: str, batch_no: int, lease: int) -> Callable[[], None]:
+        def run() -> None:
+            with session_scope(url) as s:
+                _save(s, job_id, version, batch_no, lease)
+            closed[name] = dict(s.info.get(repo.CLOSED, {}))
+
+        return run
+
+    a = held.run(write("a", 0, lease0))  # A committed; its closing step is held before it looks
+    assert _progress(url, job_id) == ("queued", 4, 4, False)
+    b = threading.Thread(target=write("b", 1, lease1), daemon=True)
+    b.start()
     b.join(30)
-    assert (out_a, out_b) == ([4], [4])
+    assert closed["b"] == {job_id: "succeeded"}
+    held.release.set()
+    a.join(30)
+    assert closed["a"] == {}
+    assert _progress(url, job_id) == ("succeeded", 8, 8, True)
+
+
+def test_a_job_left_open_by_a_stopped_writer_is_closed_by_the_sweeper(url: str, monkeypatch: pytest.MonkeyPatch):
+    """The last write commits and its worker stops before the closing step (here the step is dropped): the job stays
+    running with every item done, until the sweeper's pass closes it."""
+    from rewardq.storage import db
+    from rewardq.storage.settings import get_settings
+    from rewardq.workers import sweeper
+
+    job_id, version, (lease0, lease1) = _job(url)
+    for batch_no, lease in ((0, lease0), (1, lease1)):
+        with session_scope(url) as s:
+            _save(s, job_id, version, batch_no, lease)
+            s.info.pop(db.AFTER_COMMIT)  # the worker stops between its commit and its closing step
+    assert _progress(url, job_id) == ("queued", 8, 8, False)
+    monkeypatch.setenv("REWARDQ_DATABASE_URL", url)
+    get_settings.cache_clear()
+    try:
+        assert job_id in sweeper.close_complete_jobs()
+    finally:
+        get_settings.cache_clear()
     assert _progress(url, job_id) == ("succeeded", 8, 8, True)
 
 

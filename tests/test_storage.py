@@ -9,7 +9,7 @@ from rewardq.storage import registry, results
 from rewardq.storage import repository as repo
 from rewardq.storage.db import get_engine, session_scope
 from rewardq.storage.models import Batch, Job, Result
-from tests.support import delete_queue, drop_message, queued_messages
+from tests.support import delete_queue, drop_message, job_done, queued_messages
 
 
 def _job(db_url: str, n: int, batch_size: int = 4) -> str:
@@ -78,7 +78,7 @@ def test_a_partly_new_batch_counts_only_its_new_rows_and_keeps_nulls(db_url: str
             (4, 9.0, None),
             (5, 9.0, 5),
         ]
-        assert all(r.created_at is not None for r in rows) and s.get(Job, job_id).n_done == 6
+        assert all(r.created_at is not None for r in rows) and job_done(s, job_id)[1] == 6
 
 
 def test_redelivered_batch_counts_once_and_job_finishes(db_url: str):
@@ -88,8 +88,7 @@ def test_redelivered_batch_counts_once_and_job_finishes(db_url: str):
     assert _save(db_url, job_id, 0, 0, [1.0, 2.0, 3.0, 4.0]) == 4
     assert _save(db_url, job_id, 0, 0, [9.0, 9.0, 9.0, 9.0]) == 0  # redelivery: nothing new, nothing overwritten
     with session_scope(db_url) as s:
-        job = s.get(Job, job_id)
-        assert (job.status, job.n_done) == ("running", 4)
+        assert job_done(s, job_id)[:2] == ("running", 4)
     assert _save(db_url, job_id, 1, 4, [5.0, 6.0]) == 2
     with session_scope(db_url) as s:
         job = s.get(Job, job_id)
@@ -106,8 +105,7 @@ def test_results_after_cancel_are_kept_but_status_stays(db_url: str):
         repo.cancel_job(s, job=s.get(Job, job_id))
     assert _save(db_url, job_id, 0, 0, [1.0] * 4) == 4
     with session_scope(db_url) as s:
-        job = s.get(Job, job_id)
-        assert (job.status, job.n_done) == ("cancelled", 4)
+        assert job_done(s, job_id)[:2] == ("cancelled", 4)
 
 
 def test_a_cancel_never_overwrites_a_job_that_ended_meanwhile(db_url: str):
@@ -212,7 +210,8 @@ def _outcomes(db_url: str, job_id: str) -> tuple[list[int], list[int], tuple[int
         scored = [r.idx for r in s.query(Result).filter_by(job_id=job_id).order_by(Result.idx)]
         failed = [e.idx for e in s.query(ItemError).filter_by(job_id=job_id).order_by(ItemError.idx)]
         job = s.get(Job, job_id)
-        return scored, failed, (job.n_done, job.n_failed, job.n_items, job.status)
+        _, done, n_failed = job_done(s, job_id)
+        return scored, failed, (done, n_failed, job.n_items, job.status)
 
 
 def _fail(db_url: str, job_id: str, batch_no: int, idx: int) -> bool:

@@ -24,11 +24,11 @@ from sqlalchemy.exc import OperationalError
 
 from rewardq.storage import repository as repo
 from rewardq.storage.db import session_scope
-from rewardq.storage.models import Batch, Job, db_now
+from rewardq.storage.models import Batch, db_now
 from rewardq.storage.settings import get_settings
 from rewardq.workers import liveness, writer
 from rewardq.workers.messages import ScoreBatch, batch_key
-from tests.support import enqueued_job, payloads, queued_messages, wait_for
+from tests.support import enqueued_job, job_done, payloads, queued_messages, wait_for
 
 pytestmark = pytest.mark.usefixtures("redis_url")
 
@@ -53,9 +53,7 @@ def hold(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterat
 
 def _job(db_url: str, job_id: str) -> tuple[str, int]:
     with session_scope(db_url) as s:
-        job = s.get(Job, job_id)
-        assert job is not None
-        return job.status, job.n_done
+        return job_done(s, job_id)[:2]
 
 
 def _beat() -> str:

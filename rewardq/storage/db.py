@@ -69,8 +69,21 @@ def _sessionmaker(url: str) -> sessionmaker[Session]:
     return sessionmaker(_engine(url), expire_on_commit=False)
 
 
+# session.info: {key: step(session)}, what must follow the commit of the session's transaction, in a transaction of
+# its own (session_scope runs them): a job's closing after a write on PostgreSQL (repository.advance_job).
+AFTER_COMMIT = "rewardq.after_commit"
+
+
 @contextmanager
 def session_scope(url: str | None = None) -> Iterator[Session]:
-    """A session whose transaction commits on success and rolls back on error."""
-    with get_sessionmaker(url)() as session, session.begin():
-        yield session
+    """A session whose transaction commits on success and rolls back on error; then the steps its writes asked to
+    follow their commit (AFTER_COMMIT) run in one more transaction. Should those fail, the first transaction's writes
+    stand and the error is raised: the caller retries, as for any write (each step is safe to run again)."""
+    with get_sessionmaker(url)() as session:
+        with session.begin():
+            yield session
+        steps = session.info.pop(AFTER_COMMIT, None)
+        if steps:
+            with session.begin():
+                for step in steps.values():
+                    step(session)

@@ -146,6 +146,23 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column()
 
 
+class JobProgress(Base):
+    """A job's progress, counted in a few rows per job (issue #36, item 3): each write of a batch's outcomes adds its
+    counts to the row of its batch number modulo PROGRESS_STRIPES, so workers writing other batches of one job update
+    other rows, and no writer waits on a hot row for its commit. A job's counts are its row's (what was counted
+    before these rows existed, and the totals folded in when it closed) plus these rows' sums
+    (repository.job_counts); the job is closed when they reach its items (repository.close_if_complete)."""
+
+    __tablename__ = "job_progress"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    stripe: Mapped[int] = mapped_column(Integer, primary_key=True)
+    n_done: Mapped[int] = mapped_column(Integer, default=0)
+    n_failed: Mapped[int] = mapped_column(Integer, default=0)
+    cache_hits: Mapped[int] = mapped_column(Integer, default=0)
+    cache_misses: Mapped[int] = mapped_column(Integer, default=0)
+
+
 class Item(Base):
     __tablename__ = "items"
     __table_args__ = (Index("ux_items_job_item", "job_id", "item_id", unique=True),)

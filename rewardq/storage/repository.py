@@ -8,13 +8,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, cast
 
-from sqlalchemy import ColumnElement, Table, and_, case, exists, func, insert, select, text, true, update
+from sqlalchemy import ColumnElement, Table, and_, case, delete, exists, func, insert, select, text, true, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from rewardq.storage.db import AFTER_COMMIT
 from rewardq.storage.ledger import LIVE_JOB, TAKEN_SINCE_ENQUEUED
-from rewardq.storage.models import FINISHED, Batch, Item, ItemError, Job, JobStatus, Result, now_sql
+from rewardq.storage.models import FINISHED, Batch, Item, ItemError, Job, JobProgress, JobStatus, Result, now_sql
 
 _CHUNK = 5000
 
@@ -336,7 +337,9 @@ def save_results(
         .values(done=True, done_at=now, **({"scored_with": scored_with[:128]} if scored_with else {}))
     )
     if advance:
-        advance_job(session, job_id=job_id, done=inserted, cache_hits=cache_hits, cache_misses=cache_misses)
+        advance_job(
+            session, job_id=job_id, batch_no=batch_no, done=inserted, cache_hits=cache_hits, cache_misses=cache_misses
+        )
     return inserted
 
 
@@ -356,48 +359,120 @@ def lock_job(session: Session, *, job_id: str, where: ColumnElement[bool] | None
 
 def hold_job(session: Session, *, job_id: str) -> bool:
     """The job's row held for a writer of its items' outcomes, until its transaction ends: on PostgreSQL
-    ``FOR KEY SHARE``, which writers share with each other (and with the counters' update, advance_job) and only
-    lock_job's exclusive lock excludes, so workers on one job write in parallel and meet only at advance_job; on
-    SQLite, which has one writer at a time, the write lock (lock_job). False when the job is gone."""
+    ``FOR KEY SHARE``, which writers share with each other (and with the job's closing, close_if_complete) and only
+    lock_job's exclusive lock excludes, so workers on one job write in parallel (each counts in its batch's progress
+    row, advance_job); on SQLite, which has one writer at a time, the write lock (lock_job). False when the job is
+    gone."""
     if _dialect(session) == "postgresql":
         q = select(Job.id).where(Job.id == job_id).with_for_update(read=True, key_share=True)
         return session.scalar(q) is not None
     return lock_job(session, job_id=job_id)
 
 
-def advance_job(
-    session: Session, *, job_id: str, done: int = 0, failed: int = 0, cache_hits: int = 0, cache_misses: int = 0
-) -> str | None:
-    """Count a write's outcomes into the job's progress and close the job when every item has one (succeeded, or
-    failed when nothing could be scored), in one statement; returns the job's status after it (None: gone).
+# Progress rows per job: two writers of one job meet on a row only when their batch numbers do, modulo this.
+PROGRESS_STRIPES = 16
+CLOSED = "rewardq.closed"  # session.info: {job id: status} of the jobs the session's writes closed
 
-    The last statement of its transaction on purpose: it takes the job's row lock (one writer at a time, until
-    commit), so the job's writers wait on each other only for this statement and their commit, not for their whole
-    write. The new counts are the row's latest, under that lock, so exactly one write closes the job. Cache lookups
-    count only with results: a redelivery inserts nothing and counts nothing."""
-    if not (done or failed):  # a redelivery: nothing changed, and whoever wrote the last count closed the job if due
-        return job_status(session, job_id=job_id)
-    new_done = Job.n_done + done
-    complete = and_(LIVE_JOB, new_done + Job.n_failed + failed >= Job.n_items)
+
+class Counts(NamedTuple):
+    done: int
+    failed: int
+    cache_hits: int
+    cache_misses: int
+
+
+def advance_job(
+    session: Session,
+    *,
+    job_id: str,
+    batch_no: int = 0,
+    done: int = 0,
+    failed: int = 0,
+    cache_hits: int = 0,
+    cache_misses: int = 0,
+) -> str | None:
+    """Count a write's outcomes into the job's progress, in the progress row of ``batch_no``'s stripe (JobProgress):
+    workers writing other batches of the job update other rows, so none waits on another's commit (issue #36, item
+    3). Then the job is closed when every item has an outcome (close_if_complete): on SQLite here, where writers go
+    one at a time and the sums are exact; on PostgreSQL after the commit (db.session_scope runs it), because two
+    writes in flight do not see each other's counts, and the later of the two to commit then sees both. Returns the
+    status this call closed the job with, else None (not complete; closed by another write; or closing after the
+    commit, whose outcome session.info[CLOSED] holds then).
+
+    Cache lookups count only with results: a redelivery inserts nothing and counts nothing, but still checks that the
+    job is closed (its first write may have stopped between its commit and the closing)."""
+    if done or failed:
+        table = cast(Table, JobProgress.__table__)
+        row = {"job_id": job_id, "stripe": batch_no % PROGRESS_STRIPES, "n_done": done, "n_failed": failed,
+               "cache_hits": cache_hits if done else 0, "cache_misses": cache_misses if done else 0}  # fmt: skip
+        ins = (postgresql.insert if _dialect(session) == "postgresql" else sqlite.insert)(table).values(**row)
+        excluded = ins.excluded
+        session.execute(
+            ins.on_conflict_do_update(
+                index_elements=["job_id", "stripe"],
+                set_={c: getattr(table.c, c) + getattr(excluded, c) for c in ("n_done", "n_failed", "cache_hits",
+                                                                             "cache_misses")},
+            )
+        )  # fmt: skip
+    if _dialect(session) == "postgresql":
+        steps = session.info.setdefault(AFTER_COMMIT, {})
+        steps[("close", job_id)] = lambda s: close_if_complete(s, job_id=job_id)
+        return None
+    return close_if_complete(session, job_id=job_id)
+
+
+def _stripes(column: Any) -> Any:
+    """The sum of a progress column over a job's stripes, correlated with the job's row of the enclosing statement."""
+    return (
+        select(func.coalesce(func.sum(column), 0)).where(JobProgress.job_id == Job.id).correlate(Job).scalar_subquery()
+    )
+
+
+def close_if_complete(session: Session, *, job_id: str | None = None) -> str | None:
+    """Close the job (every live job when ``job_id`` is None: the sweeper's pass, for a writer that stopped between
+    its commit and this) if every item has an outcome: succeeded, or failed when nothing could be scored, its counts
+    folded from its progress rows into its own row. One compare-and-set on the job's row, so a job closes once; its
+    row is locked only if it closes (PostgreSQL skips a row that does not match without locking it). Returns the
+    status the job closed with (the last one's when ``job_id`` is None), else None."""
+    done, failed = Job.n_done + _stripes(JobProgress.n_done), Job.n_failed + _stripes(JobProgress.n_failed)
     now = now_sql(session)
-    values: dict[str, Any] = {
-        "status": case((complete, case((new_done > 0, JobStatus.succeeded.value), else_=JobStatus.failed.value)),
-                       else_=Job.status),
-        "error": case((and_(complete, new_done <= 0), "no item could be scored; see the job's failed items"),
-                      else_=Job.error),
-        "finished_at": case((complete, now), else_=Job.finished_at),
-        "started_at": case((complete, func.coalesce(Job.started_at, now)), else_=Job.started_at),
-    }  # fmt: skip
-    if done:
-        values["n_done"] = new_done
-    if failed:
-        values["n_failed"] = Job.n_failed + failed
-    if done and cache_hits:
-        values["cache_hits"] = Job.cache_hits + cache_hits
-    if done and cache_misses:
-        values["cache_misses"] = Job.cache_misses + cache_misses
-    stmt = update(Job).where(Job.id == job_id).values(**values).returning(Job.status)
-    return session.execute(stmt, execution_options={"synchronize_session": False}).scalar_one_or_none()
+    cond = and_(LIVE_JOB, done + failed >= Job.n_items, Job.id == job_id if job_id is not None else true())
+    stmt = (
+        update(Job)
+        .where(cond)
+        .values(
+            status=case((done > 0, JobStatus.succeeded.value), else_=JobStatus.failed.value),
+            error=case((done <= 0, "no item could be scored; see the job's failed items"), else_=Job.error),
+            finished_at=now,
+            started_at=func.coalesce(Job.started_at, now),
+            n_done=done,
+            n_failed=failed,
+            cache_hits=Job.cache_hits + _stripes(JobProgress.cache_hits),
+            cache_misses=Job.cache_misses + _stripes(JobProgress.cache_misses),
+        )
+        .returning(Job.id, Job.status)
+    )
+    closed = dict(session.execute(stmt, execution_options={"synchronize_session": False}).tuples().all())
+    if closed:
+        # Folded into the jobs' rows above: no outcome can be counted after the last (each item has one).
+        session.execute(delete(JobProgress).where(JobProgress.job_id.in_(list(closed))))
+        session.info.setdefault(CLOSED, {}).update(closed)
+    return next(reversed(closed.values()), None) if closed else None
+
+
+def job_counts(session: Session, *, job_ids: Sequence[str]) -> dict[str, Counts]:
+    """Each job's counts: its row's plus its progress rows' (a closed job's are all in its row). Jobs not found are
+    left out."""
+    if not job_ids:
+        return {}
+    q = select(
+        Job.id,
+        Job.n_done + _stripes(JobProgress.n_done),
+        Job.n_failed + _stripes(JobProgress.n_failed),
+        Job.cache_hits + _stripes(JobProgress.cache_hits),
+        Job.cache_misses + _stripes(JobProgress.cache_misses),
+    ).where(Job.id.in_(list(job_ids)))
+    return {r[0]: Counts(*(int(x or 0) for x in r[1:])) for r in session.execute(q)}
 
 
 def _dialect(session: Session) -> str:
@@ -487,7 +562,7 @@ def record_item_failure(
         .values(done=True, done_at=now_sql(session))
     )
     if advance:
-        advance_job(session, job_id=job_id, failed=int(new))
+        advance_job(session, job_id=job_id, batch_no=batch_no, failed=int(new))
     return new
 
 

@@ -314,7 +314,7 @@ def _write(b: _Scored, settings: Settings, behind: bool = False) -> int:
                 code=b.failed[i][0],
                 message=b.failed[i][1],
                 lease=b.lease,
-                advance=False,  # counted below: the job's row is locked once, by the transaction's last statement
+                advance=False,  # counted below, with the results, in one statement
             )
         inserted = repo.save_results(
             s,
@@ -332,15 +332,18 @@ def _write(b: _Scored, settings: Settings, behind: bool = False) -> int:
             lease=b.lease,
             advance=False,
         )
-        status = repo.advance_job(
+        repo.advance_job(
             s,
             job_id=msg.job_id,
+            batch_no=msg.batch_no,
             done=inserted,
             failed=new_failures,
             cache_hits=int(b.stats.get("embed_cache_hits", 0)),
             cache_misses=int(b.stats.get("embed_cache_misses", 0)),
         )
-        ended = status in FINISHED  # this batch may have been the job's last
+    # This write closed the job (its batch was the last to commit): in its transaction on SQLite, right after its
+    # commit on PostgreSQL (session_scope).
+    ended = msg.job_id in s.info.get(repo.CLOSED, {})
     counters = {
         **b.stats,
         "items_scored": inserted,

@@ -8,6 +8,8 @@ enqueued again.
 - A batch queued REWARDQ_LOST_AFTER_S ago, never taken, whose message is not waiting in a queue, was lost (a Redis
   restart): found under any load, without waiting for the queue to drain.
 - REWARDQ_BATCH_DEADLINE_S is the last resort for a worker that beats but never finishes (6 hours by default).
+- A job whose every item has an outcome but that is still open is closed: on PostgreSQL a write closes its job after
+  its commit (repository.advance_job), and its worker may have stopped in between.
 A re-enqueued batch that its first worker still finishes is harmless: results are upserted once per (job, item).
 """
 
@@ -18,12 +20,13 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from rewardq.storage import ledger
+from rewardq.storage import repository as repo
 from rewardq.storage import training_repository as trepo
 from rewardq.storage.clock import as_utc
 from rewardq.storage.db import session_scope
 from rewardq.storage.models import db_now
 from rewardq.storage.settings import get_settings
-from rewardq.workers import liveness, metrics
+from rewardq.workers import events, liveness, metrics
 from rewardq.workers.celery_app import queue_lists
 from rewardq.workers.errors import RETRY_BACKOFF_MAX_S
 from rewardq.workers.feeder import enqueue_claimed
@@ -34,8 +37,9 @@ log = logging.getLogger(__name__)
 
 def sweep(now: datetime | None = None) -> int:
     """Re-enqueue every batch whose worker is gone, or that is lost or overdue, once (a compare-and-set per batch);
-    return how many."""
+    return how many. Jobs left open with every item done are closed first (close_complete_jobs)."""
     settings = get_settings()
+    close_complete_jobs()
     with session_scope() as s:
         now = now or db_now(s)  # the clock the times compared here were written with, whichever host wrote them
     deadline = now - timedelta(seconds=settings.batch_deadline_s)
@@ -124,6 +128,22 @@ def sweep(now: datetime | None = None) -> int:
         )
         metrics.record(settings.redis_url, {"batches_requeued": requeued})
     return requeued
+
+
+def close_complete_jobs() -> list[str]:
+    """Close the live jobs whose every item has an outcome and wake their waiters; return their ids. On PostgreSQL a
+    write closes its job after its commit, in a transaction of its own (repository.advance_job): a worker stopped in
+    between (killed, cut off) left it open. On SQLite a write closes its job in its own transaction: nothing to do."""
+    with session_scope() as s:
+        if s.get_bind().dialect.name != "postgresql":
+            return []
+        repo.close_if_complete(s)
+        closed = list(s.info.get(repo.CLOSED, {}))
+    if closed:
+        log.warning("closed job(s) %s: every item had an outcome, and their last writer did not close them", closed)
+        for job_id in closed:
+            events.publish_finished(get_settings().redis_url, job_id)
+    return closed
 
 
 def sweep_runs(now: datetime | None = None) -> list[str]:

@@ -68,9 +68,10 @@ def _job_detail(session: Session, job: Job, summary: bool = True) -> JobOut:
     whatever polls a running job asks without it and fetches it once at the end; a succeeded job's is stored the
     first time, and read from its row after.
     """
-    out = _job_out(job, results.job_summary(session, job) if summary else None)
+    counts = _counts(session, [job])[job.id]
+    out = _job_out(job, counts, results.job_summary(session, job) if summary else None)
     out.scored_with = repo.scored_with(session, job_id=job.id)
-    if job.n_failed:
+    if counts.failed:
         out.error_counts = results.error_counts(session, job_id=job.id)
         out.failed_items = [
             FailedItem(index=e.idx, id=it.item_id, code=e.code, message=e.message)
@@ -80,7 +81,14 @@ def _job_detail(session: Session, job: Job, summary: bool = True) -> JobOut:
     return out
 
 
-def _job_out(job: Job, summary: dict[str, Any] | None = None) -> JobOut:
+def _counts(session: Session, jobs: list[Job]) -> dict[str, repo.Counts]:
+    """Each job's progress: its row's counts and its progress rows' (repository.job_counts), one query for all."""
+    counts = {j.id: repo.Counts(j.n_done, j.n_failed, j.cache_hits, j.cache_misses) for j in jobs}
+    counts.update(repo.job_counts(session, job_ids=[j.id for j in jobs]))  # a job deleted meanwhile: its row's
+    return counts
+
+
+def _job_out(job: Job, counts: repo.Counts, summary: dict[str, Any] | None = None) -> JobOut:
     end = as_utc(job.finished_at or utcnow())
     elapsed = None
     if job.started_at is not None:
@@ -90,20 +98,20 @@ def _job_out(job: Job, summary: dict[str, Any] | None = None) -> JobOut:
         status=job.status,
         model_version=job.model_version,
         progress=Progress(
-            done=job.n_done,
-            failed=job.n_failed,
+            done=counts.done,
+            failed=counts.failed,
             total=job.n_items,
-            fraction=(job.n_done + job.n_failed) / job.n_items if job.n_items else 1.0,
+            fraction=(counts.done + counts.failed) / job.n_items if job.n_items else 1.0,
         ),
         created_at=job.created_at,
         started_at=job.started_at,
         finished_at=job.finished_at,
         elapsed_s=elapsed,
-        pairs_per_s=(job.n_done / elapsed) if elapsed else None,
+        pairs_per_s=(counts.done / elapsed) if elapsed else None,
         metadata=job.meta,
         error=job.error,
-        embed_cache_hits=job.cache_hits,
-        embed_cache_misses=job.cache_misses,
+        embed_cache_hits=counts.cache_hits,
+        embed_cache_misses=counts.cache_misses,
         summary=ScoreSummary(**summary) if summary is not None else None,
     )
 
@@ -240,7 +248,9 @@ def list_jobs(
     status: Annotated[str | None, Query(pattern="^(queued|running|succeeded|failed|cancelled)$")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
 ) -> JobList:
-    return JobList(jobs=[_job_out(j) for j in repo.list_jobs(session, tenant=tenant, limit=limit, status=status)])
+    jobs = repo.list_jobs(session, tenant=tenant, limit=limit, status=status)
+    counts = _counts(session, jobs)
+    return JobList(jobs=[_job_out(j, counts[j.id]) for j in jobs])
 
 
 @router.delete("/{job_id}", response_model=JobDeleted, responses={404: {"model": ErrorOut}})
@@ -391,8 +401,9 @@ def job_results(
     partial = None
     headers: dict[str, str] = {}
     if job.status not in FINISHED:
-        partial = {"status": job.status, "done": job.n_done, "failed": job.n_failed, "total": job.n_items}
-        headers = {"X-Rewardq-Partial": "true", "X-Rewardq-Progress": f"{job.n_done + job.n_failed}/{job.n_items}"}
+        counts = _counts(session, [job])[job.id]
+        partial = {"status": job.status, "done": counts.done, "failed": counts.failed, "total": job.n_items}
+        headers = {"X-Rewardq-Partial": "true", "X-Rewardq-Progress": f"{counts.done + counts.failed}/{job.n_items}"}
     if format == "openai-batch":
         headers["Content-Disposition"] = f'attachment; filename="{job.id}.batch_output.jsonl"'
         return StreamingResponse(
