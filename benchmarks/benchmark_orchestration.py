@@ -221,6 +221,7 @@ class _LockWaits:
 
         self.url, self.busy, self.waiting = url, 0, 0
         self.what: dict[str, int] = {}
+        self.pairs: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -234,22 +235,30 @@ class _LockWaits:
 
     def _run(self) -> None:
         engine = create_engine(self.url, isolation_level="AUTOCOMMIT")
+        # A waiting backend's statement and the statement of the first backend it waits for (its blocker's last
+        # one, when the blocker is idle in its transaction), each cut to its first words: what waits on what.
         q = text(
-            "SELECT wait_event_type, wait_event FROM pg_stat_activity WHERE datname = current_database() "
-            "AND pid <> pg_backend_pid() AND state IN ('active', 'idle in transaction')"
+            "SELECT a.wait_event_type, a.wait_event, left(a.query, 48),"
+            " (SELECT left(b.query, 48) FROM pg_stat_activity b WHERE b.pid = (pg_blocking_pids(a.pid))[1])"
+            " FROM pg_stat_activity a WHERE a.datname = current_database() "
+            "AND a.pid <> pg_backend_pid() AND a.state IN ('active', 'idle in transaction')"
         )
         with engine.connect() as c:
             while not self._stop.wait(0.01):
-                for kind, event in c.execute(q):
+                for kind, event, query, blocker in c.execute(q):
                     self.busy += 1
                     if kind == "Lock":
                         self.waiting += 1
                         self.what[str(event)] = self.what.get(str(event), 0) + 1
+                        pair = f"{' '.join(str(query).split())} <- {' '.join(str(blocker).split())}"
+                        self.pairs[pair] = self.pairs.get(pair, 0) + 1
         engine.dispose()
 
     def report(self) -> dict[str, Any]:
         share = self.waiting / self.busy if self.busy else 0.0
-        return {"busy_backend_samples": self.busy, "lock_wait_share": round(share, 4), "lock_waits_on": self.what}
+        top = dict(sorted(self.pairs.items(), key=lambda kv: -kv[1])[:5])
+        return {"busy_backend_samples": self.busy, "lock_wait_share": round(share, 4), "lock_waits_on": self.what,
+                "waiting_on_blocker": top}  # fmt: skip
 
 
 def run_pipeline(

@@ -19,7 +19,7 @@ import pytest
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
-from rewardq.storage import lifecycle, registry
+from rewardq.storage import ledger, lifecycle, registry
 from rewardq.storage import repository as repo
 from rewardq.storage.db import get_sessionmaker, session_scope
 from rewardq.storage.models import Job, JobProgress, Result
@@ -234,3 +234,29 @@ def test_a_deletion_waits_for_a_write_in_flight_then_deletes_its_rows(url: str, 
     with session_scope(url) as s:
         assert s.get(Job, job_id) is None
         assert not s.scalar(select(func.count()).select_from(Result).where(Result.job_id == job_id))
+
+
+def test_two_feeders_claiming_one_batch_do_not_wait_for_each_other(url: str):
+    """Feeder A has claimed a batch, its transaction still open (it is building the batch's message). Feeder B read
+    the same next batch and claims it too, with a 5 s lock timeout: it leaves the batch to A at once. Before, B waited
+    for A's commit only to find the batch claimed (LockNotAvailable here). After A commits, the batch is claimed
+    once."""
+    with session_scope(url) as s:
+        items = [repo.NewItem(f"x{i}", f"prompt {i}", f"response {i}") for i in range(4)]
+        fresh = repo.create_job(s, tenant="parallel", items=items, model_version=_job_version(s), batch_size=4).id
+        s.execute(text("UPDATE batches SET enqueued_at = NULL WHERE job_id = :j"), {"j": fresh})
+    with session_scope(url) as a:
+        assert ledger.claim_requeue(a, job_id=fresh, batch_no=0, seen=None)
+        with session_scope(url) as b:
+            b.execute(text("SET LOCAL lock_timeout = '5s'"))
+            assert not ledger.claim_requeue(b, job_id=fresh, batch_no=0, seen=None)
+    with session_scope(url) as s:
+        attempts = s.scalar(text("SELECT attempts FROM batches WHERE job_id = :j AND batch_no = 0"), {"j": fresh})
+        assert s.scalar(text("SELECT enqueued_at IS NOT NULL FROM batches WHERE job_id = :j"), {"j": fresh})
+    assert attempts == 1
+
+
+def _job_version(s: Session) -> str:
+    version = registry.default_version(s)
+    assert version is not None
+    return version

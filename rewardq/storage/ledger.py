@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import heapq
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import and_, func, select, text, update
-from sqlalchemy.orm import Session
+from sqlalchemy import ColumnElement, and_, func, select, text, update
+from sqlalchemy.orm import Session, aliased
 
 from rewardq.storage.models import Batch, Job, JobStatus, now_sql
 
@@ -181,11 +182,24 @@ def claim_requeue(
     ``taken``), so two feeders or sweepers enqueue a batch once, and a batch a worker took since it was read (a
     slow message, a redelivery) is not queued a second time. ``died``: it goes back because its worker died on it
     (counted)."""
-    seen_cond = Batch.enqueued_at.is_(None) if seen is None else Batch.enqueued_at == seen
-    taken_cond = Batch.started_at.is_(None) if taken is None else Batch.started_at == taken
+
+    def claimable(b: Any) -> ColumnElement[bool]:
+        seen_cond = b.enqueued_at.is_(None) if seen is None else b.enqueued_at == seen
+        taken_cond = b.started_at.is_(None) if taken is None else b.started_at == taken
+        return and_(b.job_id == job_id, b.batch_no == batch_no, b.done.is_(False), seen_cond, taken_cond)
+
+    cond = claimable(Batch)
+    if session.get_bind().dialect.name == "postgresql":
+        # A batch whose row another transaction holds is left to it: another feeder claiming it (every worker feeds
+        # after its writes, and two read the same next batches), the sweeper, or its worker taking or writing it.
+        # Waiting for it would only find the row changed, and the compare-and-set failed: 4 % of two workers' busy
+        # time on one job was that wait (benchmark_orchestration.py's lock samples). SQLite has one writer anyway.
+        row = aliased(Batch)
+        locked = select(row.batch_no).where(claimable(row)).with_for_update(skip_locked=True).scalar_subquery()
+        cond = and_(Batch.job_id == job_id, Batch.batch_no == locked)
     res = session.execute(
         update(Batch)
-        .where(Batch.job_id == job_id, Batch.batch_no == batch_no, Batch.done.is_(False), seen_cond, taken_cond)
+        .where(cond)
         .values(enqueued_at=now_sql(session), attempts=Batch.attempts + 1, deaths=Batch.deaths + int(died))
     )
     return bool(res.rowcount)  # type: ignore[attr-defined]

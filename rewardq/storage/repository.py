@@ -6,9 +6,24 @@ import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, NamedTuple, cast
 
-from sqlalchemy import ColumnElement, Table, and_, case, delete, exists, func, insert, select, text, true, update
+from sqlalchemy import (
+    ColumnElement,
+    Table,
+    and_,
+    bindparam,
+    case,
+    delete,
+    exists,
+    func,
+    insert,
+    select,
+    text,
+    true,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -402,18 +417,9 @@ def advance_job(
     Cache lookups count only with results: a redelivery inserts nothing and counts nothing, but still checks that the
     job is closed (its first write may have stopped between its commit and the closing)."""
     if done or failed:
-        table = cast(Table, JobProgress.__table__)
         row = {"job_id": job_id, "stripe": batch_no % PROGRESS_STRIPES, "n_done": done, "n_failed": failed,
                "cache_hits": cache_hits if done else 0, "cache_misses": cache_misses if done else 0}  # fmt: skip
-        ins = (postgresql.insert if _dialect(session) == "postgresql" else sqlite.insert)(table).values(**row)
-        excluded = ins.excluded
-        session.execute(
-            ins.on_conflict_do_update(
-                index_elements=["job_id", "stripe"],
-                set_={c: getattr(table.c, c) + getattr(excluded, c) for c in ("n_done", "n_failed", "cache_hits",
-                                                                             "cache_misses")},
-            )
-        )  # fmt: skip
+        session.connection().execute(_count_stmt(_dialect(session)), row)
     if _dialect(session) == "postgresql":
         steps = session.info.setdefault(AFTER_COMMIT, {})
         steps[("close", job_id)] = lambda s: close_if_complete(s, job_id=job_id)
@@ -428,16 +434,27 @@ def _stripes(column: Any) -> Any:
     )
 
 
-def close_if_complete(session: Session, *, job_id: str | None = None) -> str | None:
-    """Close the job (every live job when ``job_id`` is None: the sweeper's pass, for a writer that stopped between
-    its commit and this) if every item has an outcome: succeeded, or failed when nothing could be scored, its counts
-    folded from its progress rows into its own row. One compare-and-set on the job's row, so a job closes once; its
-    row is locked only if it closes (PostgreSQL skips a row that does not match without locking it). Returns the
-    status the job closed with (the last one's when ``job_id`` is None), else None."""
+@lru_cache(maxsize=4)
+def _count_stmt(dialect: str) -> Any:
+    """The upsert that adds a write's counts to its progress row; built once per dialect (building it costs more
+    than running it)."""
+    table = cast(Table, JobProgress.__table__)
+    ins = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
+    counted = ("n_done", "n_failed", "cache_hits", "cache_misses")
+    return ins.on_conflict_do_update(
+        index_elements=["job_id", "stripe"], set_={c: getattr(table.c, c) + getattr(ins.excluded, c) for c in counted}
+    )
+
+
+@lru_cache(maxsize=8)
+def _close_stmt(dialect: str, one: bool) -> Any:
+    """close_if_complete's compare-and-set, for the job named by the ``job_id`` parameter (``one``) or for every live
+    job; built once per dialect (it runs after every write on PostgreSQL, and building it took 1 ms, twice what
+    running it takes). The time is the database's on PostgreSQL, the ``now`` parameter on SQLite (models.now_sql)."""
     done, failed = Job.n_done + _stripes(JobProgress.n_done), Job.n_failed + _stripes(JobProgress.n_failed)
-    now = now_sql(session)
-    cond = and_(LIVE_JOB, done + failed >= Job.n_items, Job.id == job_id if job_id is not None else true())
-    stmt = (
+    now = func.statement_timestamp() if dialect == "postgresql" else bindparam("now")
+    cond = and_(LIVE_JOB, done + failed >= Job.n_items, Job.id == bindparam("job_id") if one else true())
+    return (
         update(Job)
         .where(cond)
         .values(
@@ -452,7 +469,20 @@ def close_if_complete(session: Session, *, job_id: str | None = None) -> str | N
         )
         .returning(Job.id, Job.status)
     )
-    closed = dict(session.execute(stmt, execution_options={"synchronize_session": False}).tuples().all())
+
+
+def close_if_complete(session: Session, *, job_id: str | None = None) -> str | None:
+    """Close the job (every live job when ``job_id`` is None: the sweeper's pass, for a writer that stopped between
+    its commit and this) if every item has an outcome: succeeded, or failed when nothing could be scored, its counts
+    folded from its progress rows into its own row. One compare-and-set on the job's row, so a job closes once; its
+    row is locked only if it closes (PostgreSQL skips a row that does not match without locking it). Returns the
+    status the job closed with (the last one's when ``job_id`` is None), else None."""
+    dialect = _dialect(session)
+    params: dict[str, Any] = {} if job_id is None else {"job_id": job_id}
+    if dialect != "postgresql":
+        params["now"] = now_sql(session)
+    stmt = _close_stmt(dialect, job_id is not None)
+    closed = dict(session.connection().execute(stmt, params).tuples().all())  # Core: no ORM bookkeeping to do
     if closed:
         # Folded into the jobs' rows above: no outcome can be counted after the last (each item has one).
         session.execute(delete(JobProgress).where(JobProgress.job_id.in_(list(closed))))
