@@ -149,6 +149,39 @@ def test_cosent_objective_is_the_ranking_loss_and_trains(sts: Feedback):
     assert after["spearman"] > 0.5 and after["pairwise_accuracy"] > 0.7
 
 
+def test_similarity_objectives_clip_gradients_as_sentence_transformers_does(sts: Feedback):
+    """A cosent_cos run clips every step's gradients to norm 1 by default (sentence-transformers' trainer does; the
+    CoSENT scale of 20 makes them large), a bt run does not, and ``max_grad_norm`` sets the limit, 0 turning it off.
+    Seen by the optimiser before each step: the trained weights' gradient norm."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    data = Feedback(ratings=sts.ratings[:96])
+    norms: list[float] = []
+
+    def seen(opt: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+        if type(opt) is not torch.optim.AdamW:  # the warm start's Adam fits alpha and weight alone, unclipped
+            return
+        grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        norms.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x) for x in grads]))))
+
+    def largest(**params: object) -> float:
+        norms.clear()
+        fit(_model(), data, TrainParams(epochs=1, train_layers=0, batch_size=32, **params))  # type: ignore[arg-type]
+        assert norms, "no step taken"
+        return max(norms)
+
+    handle = register_optimizer_step_pre_hook(seen)
+    try:
+        assert TrainParams(objective="cosent_cos").grad_norm_limit() == 1.0
+        assert TrainParams(objective="bt").grad_norm_limit() == 0.0
+        unclipped = largest(objective="cosent_cos", max_grad_norm=0.0)
+        assert unclipped > 0.5  # so a limit of 0.25 has something to clip
+        assert largest(objective="cosent_cos", max_grad_norm=0.25) <= 0.25 + 1e-4
+        assert largest(objective="cosent_cos") <= 1.0 + 1e-4
+    finally:
+        handle.remove()
+
+
 @pytest.mark.parametrize("objective", ["cosent_cos", "angle"])
 def test_similarity_objectives_are_sentence_transformers_losses_and_train(sts: Feedback, objective: str):
     """cosent_cos and angle are sentence-transformers' CoSENTLoss and AnglELoss (lambda 20) on the heads' projected

@@ -253,6 +253,13 @@ class TrainingParams(BaseModel):
         description="each trained encoder layer's learning rate is this times the one above's (the embeddings' "
         "below the lowest layer's); default 1, one rate for every layer",
     )
+    max_grad_norm: float | None = Field(
+        default=None,
+        ge=0,
+        le=1e6,
+        description="clip every step's gradients to this norm (0: off); default 1 for cosent_cos and angle, as "
+        "sentence-transformers does, off for bt and cosent",
+    )
 
 
 class TrainingRunOut(BaseModel):

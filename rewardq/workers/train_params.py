@@ -37,6 +37,16 @@ class TrainParams:
     window: int | None = None  # the newest feedback rows the run uses (None: REWARDQ_TRAIN_WINDOW; 0: all)
     window_sample: int = 0  # and this many of the older rows beside them, drawn uniformly (seeded)
     start_version: str | None = None  # train from this version (None: the active one when of this kind, else the base)
+    # Every step's gradients scaled to at most this norm, over every trained weight (0: off). None: 1.0 for the
+    # SIMILARITY_OBJECTIVES, as sentence-transformers' trainer clips them (without it they trailed by 0.01-0.015
+    # Spearman), off for bt and cosent on R, which Adam's scaling already tames (the same with and without).
+    max_grad_norm: float | None = None
+
+    def grad_norm_limit(self) -> float:
+        """The norm every step's gradients are clipped to, 0 for none (see max_grad_norm)."""
+        if self.max_grad_norm is not None:
+            return self.max_grad_norm
+        return 1.0 if self.kind == "sim_exp" and self.objective in SIMILARITY_OBJECTIVES else 0.0
 
 
 # What differs from the defaults above for a kind (chosen on held-out training feedback, see docs/retraining.md). A kind
@@ -56,7 +66,9 @@ def objective_refused(kind: str, objective: str) -> str | None:
 def params_for(raw: dict[str, Any]) -> TrainParams:
     """TrainParams from a run's parameters: the kind's defaults, then what the user gave (unknown keys ignored)."""
     known = {k: v for k, v in raw.items() if k in TrainParams.__dataclass_fields__ and v is not None}
-    return TrainParams(**{**KIND_DEFAULTS.get(str(known.get("kind", "sim_exp")), {}), **known})
+    params = TrainParams(**{**KIND_DEFAULTS.get(str(known.get("kind", "sim_exp")), {}), **known})
+    params.max_grad_norm = params.grad_norm_limit()  # the run shows the limit it used
+    return params
 
 
 def resolved(raw: dict[str, Any]) -> dict[str, Any]:

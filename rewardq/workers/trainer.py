@@ -129,6 +129,7 @@ class Steps:
     def __init__(self, opt: torch.optim.Optimizer, params: TrainParams, batches: int, progress: ProgressFn | None):
         self.total, self.epochs, self.progress = max(1, params.epochs * batches), params.epochs, progress
         self.opt = opt
+        self.clip = params.grad_norm_limit()
         self.factor = lr_factor(params, self.total)
         self.sched = torch.optim.lr_scheduler.LambdaLR(opt, self.factor)
         self.window = max(1, self.total // CURVE_POINTS)
@@ -149,6 +150,8 @@ class Steps:
         if loss is not None:
             self.opt.zero_grad()
             loss.backward()  # type: ignore[no-untyped-call]
+            if self.clip > 0:
+                torch.nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], self.clip)
             self.opt.step()
         self.sched.step()
         self.step += 1
