@@ -260,3 +260,63 @@ def _job_version(s: Session) -> str:
     version = registry.default_version(s)
     assert version is not None
     return version
+
+
+def test_a_failed_closing_step_leaves_the_write_standing_and_the_sweeper_closes_the_job(
+    url: str, monkeypatch: pytest.MonkeyPatch
+):
+    """The last write commits and its closing step fails (the database drops the connection then): the write is not
+    undone, retried or failed (its caller would otherwise retry a done batch, or fail a fully scored job); the job
+    stays open until the sweeper's pass closes it."""
+    from sqlalchemy.exc import OperationalError
+
+    from rewardq.storage.settings import get_settings
+    from rewardq.workers import sweeper
+
+    job_id, version, (lease0, lease1) = _job(url)
+    with session_scope(url) as s:
+        assert _save(s, job_id, version, 0, lease0) == 4
+    real = repo.close_if_complete
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise OperationalError("UPDATE jobs ...", {}, Exception("server closed the connection unexpectedly"))
+
+    monkeypatch.setattr(repo, "close_if_complete", broken)
+    with session_scope(url) as s:
+        assert _save(s, job_id, version, 1, lease1) == 4  # no exception: the write committed
+    assert _progress(url, job_id) == ("queued", 8, 8, False)
+    monkeypatch.setattr(repo, "close_if_complete", real)
+    monkeypatch.setenv("REWARDQ_DATABASE_URL", url)
+    get_settings.cache_clear()
+    try:
+        assert job_id in sweeper.close_complete_jobs()
+    finally:
+        get_settings.cache_clear()
+    assert _progress(url, job_id) == ("succeeded", 8, 8, True)
+
+
+def test_a_count_that_lands_while_the_job_closes_is_kept(url: str, monkeypatch: pytest.MonkeyPatch):
+    """The closing folds the progress rows' sums into the job's row, then deletes them, in two statements. No
+    outcome can be counted after the last, but should a count land between them, it is added to the job's row,
+    not lost with its progress row: forced here by a commit from another connection just before the deletion."""
+    job_id, version, (lease0, lease1) = _job(url)
+    with session_scope(url) as s:
+        assert _save(s, job_id, version, 0, lease0) == 4
+    real_delete = repo.delete
+
+    def delete_after_a_late_count(*args: Any, **kwargs: Any) -> Any:
+        with get_sessionmaker(url)() as other:
+            other.execute(
+                text("UPDATE job_progress SET cache_hits = cache_hits + 5 WHERE job_id = :j AND stripe = 0"),
+                {"j": job_id},
+            )
+            other.commit()
+        return real_delete(*args, **kwargs)
+
+    monkeypatch.setattr(repo, "delete", delete_after_a_late_count)
+    with session_scope(url) as s:
+        assert _save(s, job_id, version, 1, lease1) == 4
+    with session_scope(url) as s:
+        job = s.get(Job, job_id)
+        assert job is not None and (job.status, job.n_done, job.cache_hits) == ("succeeded", 8, 5)
+        assert not s.scalar(select(func.count()).select_from(JobProgress).where(JobProgress.job_id == job_id))

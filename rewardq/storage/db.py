@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,6 +13,8 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 from rewardq.storage.settings import get_settings
+
+log = logging.getLogger(__name__)
 
 # SQLite's default page cache, 2 MiB per connection, unless the process asks for more (use_sqlite_cache).
 _sqlite_cache_kib = 2000
@@ -77,13 +80,18 @@ AFTER_COMMIT = "rewardq.after_commit"
 @contextmanager
 def session_scope(url: str | None = None) -> Iterator[Session]:
     """A session whose transaction commits on success and rolls back on error; then the steps its writes asked to
-    follow their commit (AFTER_COMMIT) run in one more transaction. Should those fail, the first transaction's writes
-    stand and the error is raised: the caller retries, as for any write (each step is safe to run again)."""
+    follow their commit (AFTER_COMMIT) run in one more transaction. Those are best effort: should they fail, the
+    first transaction's writes stand, the failure is logged, and the caller goes on as after any successful write
+    (a step's work has a backstop: the sweeper closes a job its last write did not). Raising would make the caller
+    retry or fail a write that has committed."""
     with get_sessionmaker(url)() as session:
         with session.begin():
             yield session
         steps = session.info.pop(AFTER_COMMIT, None)
         if steps:
-            with session.begin():
-                for step in steps.values():
-                    step(session)
+            try:
+                with session.begin():
+                    for step in steps.values():
+                        step(session)
+            except Exception:
+                log.warning("steps after a commit failed: %s; the sweeper will finish them", list(steps), exc_info=True)

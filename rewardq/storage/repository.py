@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ from rewardq.storage.ledger import LIVE_JOB, TAKEN_SINCE_ENQUEUED
 from rewardq.storage.models import FINISHED, Batch, Item, ItemError, Job, JobProgress, JobStatus, Result, now_sql
 
 _CHUNK = 5000
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -467,8 +470,11 @@ def _close_stmt(dialect: str, one: bool) -> Any:
             cache_hits=Job.cache_hits + _stripes(JobProgress.cache_hits),
             cache_misses=Job.cache_misses + _stripes(JobProgress.cache_misses),
         )
-        .returning(Job.id, Job.status)
+        .returning(Job.id, Job.status, *(_stripes(c) for c in _COUNTED))
     )
+
+
+_COUNTED = (JobProgress.n_done, JobProgress.n_failed, JobProgress.cache_hits, JobProgress.cache_misses)
 
 
 def close_if_complete(session: Session, *, job_id: str | None = None) -> str | None:
@@ -481,13 +487,31 @@ def close_if_complete(session: Session, *, job_id: str | None = None) -> str | N
     params: dict[str, Any] = {} if job_id is None else {"job_id": job_id}
     if dialect != "postgresql":
         params["now"] = now_sql(session)
-    stmt = _close_stmt(dialect, job_id is not None)
-    closed = dict(session.connection().execute(stmt, params).tuples().all())  # Core: no ORM bookkeeping to do
-    if closed:
-        # Folded into the jobs' rows above: no outcome can be counted after the last (each item has one).
-        session.execute(delete(JobProgress).where(JobProgress.job_id.in_(list(closed))))
-        session.info.setdefault(CLOSED, {}).update(closed)
-    return next(reversed(closed.values()), None) if closed else None
+    conn = session.connection()  # Core: no ORM bookkeeping to do
+    rows = conn.execute(_close_stmt(dialect, job_id is not None), params).tuples().all()
+    if not rows:
+        return None
+    closed: dict[str, str] = {str(r[0]): str(r[1]) for r in rows}
+    folded = {r[0]: tuple(int(x) for x in r[2:]) for r in rows}  # the progress rows' sums the closing read
+    # Their rows go, and what the deletion found is checked against what was folded. No outcome can be counted after
+    # the last (each item has one, by the ledgers' keys and the batches' locks), so they agree; should a count have
+    # landed in between, it is added to the job's row rather than lost with its progress row.
+    gone: dict[str, list[int]] = {j: [0, 0, 0, 0] for j in closed}
+    deleted = delete(JobProgress).where(JobProgress.job_id.in_(list(closed))).returning(JobProgress.job_id, *_COUNTED)
+    for job, *counts in conn.execute(deleted):
+        gone[job] = [a + int(b) for a, b in zip(gone[job], counts, strict=True)]
+    for job, counts in gone.items():
+        late = [a - b for a, b in zip(counts, folded[job], strict=True)]
+        if any(late):
+            log.warning("job %s: %s counted while it closed; added to its row", job, late)
+            cols = ("n_done", "n_failed", "cache_hits", "cache_misses")
+            conn.execute(
+                update(Job)
+                .where(Job.id == job)
+                .values({c: getattr(Job, c) + d for c, d in zip(cols, late, strict=True)})
+            )
+    session.info.setdefault(CLOSED, {}).update(closed)
+    return next(reversed(closed.values()))
 
 
 def job_counts(session: Session, *, job_ids: Sequence[str]) -> dict[str, Counts]:

@@ -39,7 +39,10 @@ def sweep(now: datetime | None = None) -> int:
     """Re-enqueue every batch whose worker is gone, or that is lost or overdue, once (a compare-and-set per batch);
     return how many. Jobs left open with every item done are closed first (close_complete_jobs)."""
     settings = get_settings()
-    close_complete_jobs()
+    try:
+        close_complete_jobs()
+    except Exception:  # the batches below must not wait for it
+        log.exception("could not close the jobs left open")
     with session_scope() as s:
         now = now or db_now(s)  # the clock the times compared here were written with, whichever host wrote them
     deadline = now - timedelta(seconds=settings.batch_deadline_s)
