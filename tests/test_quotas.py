@@ -44,8 +44,11 @@ def test_a_tenant_has_one_open_run_and_each_run_is_capped_in_steps(tenant_client
     big = c.post("/v1/training-runs", json={"epochs": 100, "batch_size": 2})
     assert big.status_code == 422 and big.json()["errors"][0]["field"] == "epochs"
     assert "REWARDQ_MAX_TRAIN_STEPS" in big.json()["detail"]
-    first = c.post("/v1/training-runs", json={"epochs": 1})
+    bad = c.post("/v1/training-runs", json={"epochs": 1, "max_grad_norm": -1})
+    assert bad.status_code == 422 and bad.json()["errors"][0]["field"] == "max_grad_norm"
+    first = c.post("/v1/training-runs", json={"epochs": 1, "objective": "cosent_cos"})
     assert first.status_code == 202, first.text
+    assert first.json()["params"]["max_grad_norm"] == 1.0  # the similarity objectives' default, shown resolved
     second = c.post("/v1/training-runs", json={"epochs": 1})
     assert second.status_code == 409 and first.json()["run_id"] in second.json()["detail"]
     with session_scope(db_url) as s:

@@ -142,6 +142,12 @@ _TRAIN_OPTIONS = [
         help="each trained encoder layer's learning rate is this times the one above's  [default: 1]",
     ),
     click.option(
+        "--max-grad-norm",
+        type=float,
+        default=None,
+        help="clip every step's gradients to this norm; 0 turns it off  [default: 1 for cosent_cos and angle, else 0]",
+    ),
+    click.option(
         "--window",
         type=int,
         default=None,
