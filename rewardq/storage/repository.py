@@ -321,9 +321,11 @@ def save_results(
     scored_with: str | None = None,
     lease: int | None = None,
     advance: bool = True,
+    fenced: bool = False,
 ) -> int:
     """Upsert one batch's results and advance the job's progress in the caller's transaction (``advance=False``: the
-    caller counts them, in its transaction's one advance_job, with the failures it recorded).
+    caller counts them, in its transaction's one advance_job, with the failures it recorded; ``fenced``: the caller
+    called fence_batch for this batch and lease in this transaction already, and it passed).
 
     Idempotent: a redelivered batch inserts nothing new and counts nothing twice. Offsets in
     ``skip``, and items already in the error ledger, are not stored: an item is scored or failed,
@@ -331,7 +333,7 @@ def save_results(
     rows actually inserted: 0 when the job was deleted meanwhile, or another worker took the batch since ``lease``
     (fence_batch): the batch is dropped, nothing is written.
     """
-    if not fence_batch(session, job_id=job_id, batch_no=batch_no, lease=lease):
+    if not fenced and not fence_batch(session, job_id=job_id, batch_no=batch_no, lease=lease):
         return 0
     errors = session.scalars(
         select(ItemError.idx).where(
@@ -600,12 +602,14 @@ def record_item_failure(
     message: str,
     lease: int | None = None,
     advance: bool = True,
+    fenced: bool = False,
 ) -> bool:
     """Put one item in the error ledger (once), count it failed, close its batch; True if newly recorded. An item
     that another copy of its batch scored meanwhile stays scored (an item has one outcome). False, writing nothing,
     when the job was deleted meanwhile, or another worker took the batch since ``lease`` (fence_batch).
-    ``advance=False``: the caller counts it, in its transaction's one advance_job."""
-    if not fence_batch(session, job_id=job_id, batch_no=batch_no, lease=lease):
+    ``advance=False``: the caller counts it, in its transaction's one advance_job; ``fenced``: the caller called
+    fence_batch for this batch and lease in this transaction already, and it passed."""
+    if not fenced and not fence_batch(session, job_id=job_id, batch_no=batch_no, lease=lease):
         return False
     scored = session.scalar(select(Result.idx).where(Result.job_id == job_id, Result.idx == idx))
     row = {"job_id": job_id, "idx": idx, "code": code, "message": message[:2000]}
