@@ -115,6 +115,19 @@ def _progress(url: str, job_id: str) -> tuple[str, int, int, bool]:
         return status, done, int(n or 0), finished
 
 
+def _sweeper_closes(url: str, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The sweeper's closing pass on ``url``'s database: the jobs it closed."""
+    from rewardq.storage.settings import get_settings
+    from rewardq.workers import sweeper
+
+    monkeypatch.setenv("REWARDQ_DATABASE_URL", url)
+    get_settings.cache_clear()
+    try:
+        return sweeper.close_complete_jobs()
+    finally:
+        get_settings.cache_clear()
+
+
 def test_a_write_does_not_wait_for_another_writes_transaction(url: str, monkeypatch: pytest.MonkeyPatch):
     """Worker A's write is held after its results are inserted, its transaction open. Worker B writes its own batch
     of the same job meanwhile, with a 5 s lock timeout: before item 3, A's job row lock (taken by its fence) made B
@@ -188,8 +201,6 @@ def test_a_job_left_open_by_a_stopped_writer_is_closed_by_the_sweeper(url: str, 
     """The last write commits and its worker stops before the closing step (here the step is dropped): the job stays
     running with every item done, until the sweeper's pass closes it."""
     from rewardq.storage import db
-    from rewardq.storage.settings import get_settings
-    from rewardq.workers import sweeper
 
     job_id, version, (lease0, lease1) = _job(url)
     for batch_no, lease in ((0, lease0), (1, lease1)):
@@ -197,12 +208,7 @@ def test_a_job_left_open_by_a_stopped_writer_is_closed_by_the_sweeper(url: str, 
             _save(s, job_id, version, batch_no, lease)
             s.info.pop(db.AFTER_COMMIT)  # the worker stops between its commit and its closing step
     assert _progress(url, job_id) == ("queued", 8, 8, False)
-    monkeypatch.setenv("REWARDQ_DATABASE_URL", url)
-    get_settings.cache_clear()
-    try:
-        assert job_id in sweeper.close_complete_jobs()
-    finally:
-        get_settings.cache_clear()
+    assert job_id in _sweeper_closes(url, monkeypatch)
     assert _progress(url, job_id) == ("succeeded", 8, 8, True)
 
 
@@ -270,9 +276,6 @@ def test_a_failed_closing_step_leaves_the_write_standing_and_the_sweeper_closes_
     stays open until the sweeper's pass closes it."""
     from sqlalchemy.exc import OperationalError
 
-    from rewardq.storage.settings import get_settings
-    from rewardq.workers import sweeper
-
     job_id, version, (lease0, lease1) = _job(url)
     with session_scope(url) as s:
         assert _save(s, job_id, version, 0, lease0) == 4
@@ -286,12 +289,7 @@ def test_a_failed_closing_step_leaves_the_write_standing_and_the_sweeper_closes_
         assert _save(s, job_id, version, 1, lease1) == 4  # no exception: the write committed
     assert _progress(url, job_id) == ("queued", 8, 8, False)
     monkeypatch.setattr(repo, "close_if_complete", real)
-    monkeypatch.setenv("REWARDQ_DATABASE_URL", url)
-    get_settings.cache_clear()
-    try:
-        assert job_id in sweeper.close_complete_jobs()
-    finally:
-        get_settings.cache_clear()
+    assert job_id in _sweeper_closes(url, monkeypatch)
     assert _progress(url, job_id) == ("succeeded", 8, 8, True)
 
 

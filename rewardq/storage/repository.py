@@ -401,6 +401,15 @@ class Counts(NamedTuple):
     cache_misses: int
 
 
+# The counters a job's row and its progress rows both hold, in Counts' order.
+COUNTERS = ("n_done", "n_failed", "cache_hits", "cache_misses")
+
+
+def _totals() -> list[Any]:
+    """Each counter's total for the job's row of the enclosing statement: its row's plus its progress rows' sum."""
+    return [getattr(Job, c) + _stripes(getattr(JobProgress, c)) for c in COUNTERS]
+
+
 def advance_job(
     session: Session,
     *,
@@ -445,9 +454,8 @@ def _count_stmt(dialect: str) -> Any:
     than running it)."""
     table = cast(Table, JobProgress.__table__)
     ins = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
-    counted = ("n_done", "n_failed", "cache_hits", "cache_misses")
     return ins.on_conflict_do_update(
-        index_elements=["job_id", "stripe"], set_={c: getattr(table.c, c) + getattr(ins.excluded, c) for c in counted}
+        index_elements=["job_id", "stripe"], set_={c: getattr(table.c, c) + getattr(ins.excluded, c) for c in COUNTERS}
     )
 
 
@@ -456,7 +464,7 @@ def _close_stmt(dialect: str, one: bool) -> Any:
     """close_if_complete's compare-and-set, for the job named by the ``job_id`` parameter (``one``) or for every live
     job; built once per dialect (it runs after every write on PostgreSQL, and building it took 1 ms, twice what
     running it takes). The time is the database's on PostgreSQL, the ``now`` parameter on SQLite (models.now_sql)."""
-    done, failed = Job.n_done + _stripes(JobProgress.n_done), Job.n_failed + _stripes(JobProgress.n_failed)
+    done, failed, hits, misses = _totals()
     now = func.statement_timestamp() if dialect == "postgresql" else bindparam("now")
     cond = and_(LIVE_JOB, done + failed >= Job.n_items, Job.id == bindparam("job_id") if one else true())
     return (
@@ -469,14 +477,11 @@ def _close_stmt(dialect: str, one: bool) -> Any:
             started_at=func.coalesce(Job.started_at, now),
             n_done=done,
             n_failed=failed,
-            cache_hits=Job.cache_hits + _stripes(JobProgress.cache_hits),
-            cache_misses=Job.cache_misses + _stripes(JobProgress.cache_misses),
+            cache_hits=hits,
+            cache_misses=misses,
         )
-        .returning(Job.id, Job.status, *(_stripes(c) for c in _COUNTED))
+        .returning(Job.id, Job.status, *(_stripes(getattr(JobProgress, c)) for c in COUNTERS))
     )
-
-
-_COUNTED = (JobProgress.n_done, JobProgress.n_failed, JobProgress.cache_hits, JobProgress.cache_misses)
 
 
 def close_if_complete(session: Session, *, job_id: str | None = None) -> str | None:
@@ -499,19 +504,16 @@ def close_if_complete(session: Session, *, job_id: str | None = None) -> str | N
     # the last (each item has one, by the ledgers' keys and the batches' locks), so they agree; should a count have
     # landed in between, it is added to the job's row rather than lost with its progress row.
     gone: dict[str, list[int]] = {j: [0, 0, 0, 0] for j in closed}
-    deleted = delete(JobProgress).where(JobProgress.job_id.in_(list(closed))).returning(JobProgress.job_id, *_COUNTED)
+    counted = [getattr(JobProgress, c) for c in COUNTERS]
+    deleted = delete(JobProgress).where(JobProgress.job_id.in_(list(closed))).returning(JobProgress.job_id, *counted)
     for job, *counts in conn.execute(deleted):
         gone[job] = [a + int(b) for a, b in zip(gone[job], counts, strict=True)]
     for job, counts in gone.items():
         late = [a - b for a, b in zip(counts, folded[job], strict=True)]
         if any(late):
             log.warning("job %s: %s counted while it closed; added to its row", job, late)
-            cols = ("n_done", "n_failed", "cache_hits", "cache_misses")
-            conn.execute(
-                update(Job)
-                .where(Job.id == job)
-                .values({c: getattr(Job, c) + d for c, d in zip(cols, late, strict=True)})
-            )
+            added = {c: getattr(Job, c) + d for c, d in zip(COUNTERS, late, strict=True)}
+            conn.execute(update(Job).where(Job.id == job).values(added))
     session.info.setdefault(CLOSED, {}).update(closed)
     return next(reversed(closed.values()))
 
@@ -521,13 +523,7 @@ def job_counts(session: Session, *, job_ids: Sequence[str]) -> dict[str, Counts]
     left out."""
     if not job_ids:
         return {}
-    q = select(
-        Job.id,
-        Job.n_done + _stripes(JobProgress.n_done),
-        Job.n_failed + _stripes(JobProgress.n_failed),
-        Job.cache_hits + _stripes(JobProgress.cache_hits),
-        Job.cache_misses + _stripes(JobProgress.cache_misses),
-    ).where(Job.id.in_(list(job_ids)))
+    q = select(Job.id, *_totals()).where(Job.id.in_(list(job_ids)))
     return {r[0]: Counts(*(int(x or 0) for x in r[1:])) for r in session.execute(q)}
 
 
